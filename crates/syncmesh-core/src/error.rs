@@ -1,0 +1,144 @@
+//! The engine's error type, with the Sync Maps code and HTTP status of every variant.
+
+use crate::limits;
+
+/// Everything an engine operation can refuse, each with what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No live map has this sid or unique name.
+    #[error("map not found: {0}")]
+    MapNotFound(String),
+    /// The map was removed (or expired); it accepts no writes until it is created again.
+    #[error("map {0} has been removed; create it again to write to it")]
+    MapRemoved(String),
+    /// `create_new` was asked for a unique name this replica already holds.
+    #[error("a map with unique name {0:?} already exists")]
+    MapNameTaken(String),
+    /// No item has this key (or it has expired).
+    #[error("item not found: {0:?}")]
+    ItemNotFound(String),
+    /// A create-only write found the key already present.
+    #[error("item {0:?} already exists")]
+    ItemExists(String),
+    /// The conditional write's revision is not the item's current one.
+    #[error("revision mismatch for item {key:?}: expected {expected}, current is {current}")]
+    RevisionMismatch {
+        /// The item's key.
+        key: String,
+        /// The revision the caller gave (If-Match).
+        expected: String,
+        /// The revision the item has now (empty when the item is absent).
+        current: String,
+    },
+    /// Item data must be a JSON object.
+    #[error("item data must be a JSON object: {0}")]
+    InvalidData(String),
+    /// The item data, serialized as UTF-8 JSON, is over the limit.
+    #[error(
+        "item data is {size} bytes; the limit is {} bytes",
+        limits::MAX_DATA_BYTES
+    )]
+    DataTooLarge {
+        /// Serialized size of the refused data.
+        size: usize,
+    },
+    /// The item key is empty or too long.
+    #[error("invalid item key: {0}")]
+    InvalidKey(String),
+    /// The unique name is empty, too long, or shaped like a sid.
+    #[error("invalid unique name: {0}")]
+    InvalidName(String),
+    /// The TTL is outside 0..=31,536,000 seconds.
+    #[error("invalid TTL {0}: must be whole seconds from 0 to {max}", max = limits::MAX_TTL_SECS)]
+    InvalidTtl(i64),
+    /// The page size is outside 1..=100.
+    #[error("invalid page size {0}: must be from 1 to {max}", max = limits::MAX_PAGE_SIZE)]
+    InvalidPageSize(i64),
+    /// The page token is not one this engine produced.
+    #[error("invalid page token")]
+    InvalidPageToken,
+    /// A change from a peer could not be decoded or applied; nothing was applied.
+    #[error("invalid change from a peer: {0}")]
+    InvalidChange(String),
+    /// Stored map state could not be decoded.
+    #[error("corrupt map state: {0}")]
+    Corrupt(String),
+}
+
+/// Shorthand for results of engine operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The Sync Maps error code (the `code` field of a REST error body).
+    pub fn code(&self) -> u32 {
+        match self {
+            Error::MapNotFound(_) | Error::MapRemoved(_) => 54200,
+            Error::ItemNotFound(_) => 54201,
+            Error::RevisionMismatch { .. } => 54205,
+            Error::InvalidData(_) => 54206,
+            Error::ItemExists(_) => 54208,
+            Error::InvalidKey(_) => 54209,
+            Error::MapNameTaken(_) => 54301,
+            Error::InvalidName(_) => 54302,
+            Error::DataTooLarge { .. } => 54006,
+            Error::InvalidTtl(_) => 54011,
+            Error::InvalidPageSize(_) | Error::InvalidPageToken => 54455,
+            Error::InvalidChange(_) => 54007,
+            Error::Corrupt(_) => 20500,
+        }
+    }
+
+    /// The HTTP status the REST API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::MapNotFound(_) | Error::MapRemoved(_) | Error::ItemNotFound(_) => 404,
+            Error::RevisionMismatch { .. } => 412,
+            Error::ItemExists(_) | Error::MapNameTaken(_) => 409,
+            Error::DataTooLarge { .. } => 413,
+            Error::InvalidData(_)
+            | Error::InvalidKey(_)
+            | Error::InvalidName(_)
+            | Error::InvalidTtl(_)
+            | Error::InvalidPageSize(_)
+            | Error::InvalidPageToken => 400,
+            Error::InvalidChange(_) => 403,
+            Error::Corrupt(_) => 500,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_statuses_follow_the_reference() {
+        let table: &[(Error, u32, u16)] = &[
+            (Error::MapNotFound("m".into()), 54200, 404),
+            (Error::MapRemoved("m".into()), 54200, 404),
+            (Error::ItemNotFound("k".into()), 54201, 404),
+            (
+                Error::RevisionMismatch {
+                    key: "k".into(),
+                    expected: "a".into(),
+                    current: "b".into(),
+                },
+                54205,
+                412,
+            ),
+            (Error::InvalidData("x".into()), 54206, 400),
+            (Error::ItemExists("k".into()), 54208, 409),
+            (Error::InvalidKey("k".into()), 54209, 400),
+            (Error::MapNameTaken("n".into()), 54301, 409),
+            (Error::InvalidName("n".into()), 54302, 400),
+            (Error::DataTooLarge { size: 20000 }, 54006, 413),
+            (Error::InvalidTtl(-1), 54011, 400),
+            (Error::InvalidPageSize(0), 54455, 400),
+        ];
+        for (err, code, status) in table {
+            assert_eq!(err.code(), *code, "{err}");
+            assert_eq!(err.http_status(), *status, "{err}");
+        }
+    }
+}

@@ -1,0 +1,1274 @@
+//! One map on one replica: Sync Maps operations in, Automerge changes and events out.
+//!
+//! Writes are *write-behind*: an operation validates, updates the replica's read view, queues
+//! the slot writes it implies and emits its event at once; [`MapReplica::flush`] turns the queued
+//! writes into one Automerge change per touched shard. The durable shell flushes once per group
+//! commit, so Automerge's per-operation cost is paid once per slot per batch, and reads never
+//! touch Automerge at all. Before a remote change is merged into a shard, that shard's queue is
+//! flushed, so local writes are ordered exactly as Automerge would have ordered them had they
+//! been committed one by one.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{
+    ActorId, Automerge, Change, PatchAction, PatchLog, Prop, ReadDoc, ScalarValue, Value, ROOT,
+};
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::error::{Error, Result};
+use crate::event::{Event, EventKind, Item, MapInfo};
+use crate::ids::{hash64, MapSid, NodeId, Revision, Timestamp};
+use crate::json::{self, Encoded};
+use crate::layout::{self, ItemMeta, Slot, SHARDS};
+use crate::limits::{self, Ttl};
+use crate::paging::{self, Page, PageRequest};
+use crate::JsonObject;
+
+/// Which Automerge document of a map a change belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DocAddr {
+    /// The map document: name, incarnation, creation, TTL, removal.
+    Meta,
+    /// One shard of one incarnation of the map.
+    Shard {
+        /// The incarnation (bumped each time a removed map is created again).
+        inc: u64,
+        /// Shard index, below [`SHARDS`].
+        index: u16,
+    },
+}
+
+/// A change made on this replica, to be stored and sent to peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutgoingChange {
+    /// The map it belongs to.
+    pub map: MapSid,
+    /// The document it belongs to.
+    pub doc: DocAddr,
+    /// The encoded Automerge change.
+    pub bytes: Vec<u8>,
+}
+
+/// Who is writing: the node (shown as `created_by`) and the Automerge actor it writes as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The node's id.
+    pub node: NodeId,
+    /// The Automerge actor id; unique per node *and* per copy of its data (see ARCHITECTURE).
+    pub actor: Vec<u8>,
+}
+
+impl Identity {
+    /// An identity whose actor is the node id followed by `session` bytes.
+    pub fn new(node: NodeId, session: &[u8]) -> Self {
+        let mut actor = node.0.to_vec();
+        actor.extend_from_slice(session);
+        Identity { node, actor }
+    }
+}
+
+/// Options of a write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Set the item's TTL (from now); `None` keeps the current expiry.
+    pub ttl: Option<Ttl>,
+    /// Only write if the item's current revision is this one (REST `If-Match`).
+    pub if_match: Option<Revision>,
+}
+
+impl WriteOptions {
+    /// Options with a TTL.
+    pub fn ttl(ttl: Ttl) -> Self {
+        WriteOptions {
+            ttl: Some(ttl),
+            if_match: None,
+        }
+    }
+
+    /// Options with an If-Match revision.
+    pub fn if_match(rev: Revision) -> Self {
+        WriteOptions {
+            ttl: None,
+            if_match: Some(rev),
+        }
+    }
+}
+
+/// Every concurrent value of an item, for the conflicts API.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ItemConflicts {
+    /// The item's key.
+    pub key: String,
+    /// For each field with concurrent values: all of them, the visible (winning) one first.
+    pub fields: BTreeMap<String, Vec<Json>>,
+    /// The nodes whose concurrent writes to the item are all still current, winner first
+    /// (one entry when there is no conflict).
+    pub writers: Vec<NodeId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ItemState {
+    data: JsonObject,
+    meta: ItemMeta,
+    max_stamp: u64,
+    revision: Revision,
+}
+
+impl ItemState {
+    fn to_item(&self, key: &str) -> Item {
+        Item {
+            key: key.to_string(),
+            data: self.data.clone(),
+            revision: self.revision.clone(),
+            date_created: self.meta.created,
+            date_updated: self.meta.updated,
+            date_expires: self.meta.expires,
+            created_by: self.meta.created_by,
+        }
+    }
+
+    fn expired(&self, now: Timestamp) -> bool {
+        self.meta.expires.is_some_and(|e| e <= now)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Pending {
+    Field(Json),
+    Meta(Vec<u8>),
+    Delete,
+}
+
+struct Shard {
+    doc: Automerge,
+    pending: BTreeMap<String, Pending>,
+}
+
+/// The map-level state, decoded from the map document.
+#[derive(Debug, Clone, PartialEq)]
+struct MapState {
+    name: Option<String>,
+    inc: u64,
+    created: Option<Timestamp>,
+    created_by: NodeId,
+    expires: Option<Timestamp>,
+    removed: Option<Timestamp>,
+    updated: Timestamp,
+    revision: Revision,
+}
+
+impl MapState {
+    fn exists(&self) -> bool {
+        self.created.is_some()
+    }
+
+    fn live(&self, now: Timestamp) -> bool {
+        self.exists() && self.removed.is_none() && !self.expires.is_some_and(|e| e <= now)
+    }
+}
+
+/// Upper bound on changes buffered for an incarnation this replica has not seen yet.
+const MAX_FUTURE_CHANGES: usize = 100_000;
+
+/// One map held by one replica.
+pub struct MapReplica {
+    id: Identity,
+    actor: ActorId,
+    sid: MapSid,
+    meta_doc: Automerge,
+    state: MapState,
+    shards: Vec<Option<Shard>>,
+    dirty: BTreeSet<u16>,
+    view: BTreeMap<String, ItemState>,
+    expiry: BTreeSet<(Timestamp, String)>,
+    future: Vec<(DocAddr, Change)>,
+    events: Vec<Event>,
+    next_event_id: u64,
+    outbox: Vec<OutgoingChange>,
+    clock: u64,
+    last_change: Timestamp,
+    /// Whether a `MapRemoved` event was emitted for the current incarnation.
+    removal_announced: bool,
+}
+
+impl std::fmt::Debug for MapReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapReplica")
+            .field("sid", &self.sid)
+            .field("items", &self.view.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn tx_err(e: automerge::AutomergeError) -> Error {
+    Error::Corrupt(format!("automerge: {e}"))
+}
+
+impl MapReplica {
+    /// A replica that knows nothing of the map yet: it fills in from peers' changes.
+    pub fn empty(id: Identity, sid: MapSid) -> Self {
+        let actor = ActorId::from(id.actor.clone());
+        let mut meta_doc = Automerge::new();
+        meta_doc.set_actor(actor.clone());
+        let state = read_map_state(&meta_doc);
+        MapReplica {
+            id,
+            actor,
+            sid,
+            meta_doc,
+            state,
+            shards: (0..SHARDS).map(|_| None).collect(),
+            dirty: BTreeSet::new(),
+            view: BTreeMap::new(),
+            expiry: BTreeSet::new(),
+            future: Vec::new(),
+            events: Vec::new(),
+            next_event_id: 1,
+            outbox: Vec::new(),
+            clock: 0,
+            last_change: Timestamp::from_millis(0),
+            removal_announced: false,
+        }
+    }
+
+    /// Creates a map. `name` must already be validated by the caller (see [`crate::Catalog`]);
+    /// a named map's `sid` must be [`MapSid::for_name`] of it.
+    pub fn create(
+        id: Identity,
+        sid: MapSid,
+        name: Option<&str>,
+        ttl: Option<Ttl>,
+        now: Timestamp,
+    ) -> Result<Self> {
+        if let Some(n) = name {
+            limits::validate_name(n)?;
+        }
+        let mut m = MapReplica::empty(id, sid);
+        m.write_incarnation(0, name, ttl, now)?;
+        Ok(m)
+    }
+
+    /// Creates the map again after it was removed: a fresh, empty incarnation.
+    pub fn recreate(&mut self, ttl: Option<Ttl>, now: Timestamp) -> Result<()> {
+        self.expire(now);
+        if self.state.live(now) {
+            return Err(Error::MapNameTaken(self.display_name()));
+        }
+        let inc = if self.state.exists() {
+            self.state.inc + 1
+        } else {
+            self.state.inc
+        };
+        let name = self.state.name.clone();
+        self.write_incarnation(inc, name.as_deref(), ttl, now)
+    }
+
+    fn write_incarnation(
+        &mut self,
+        inc: u64,
+        name: Option<&str>,
+        ttl: Option<Ttl>,
+        now: Timestamp,
+    ) -> Result<()> {
+        let mut tx = self.meta_doc.transaction();
+        if let Some(n) = name {
+            tx.put(ROOT, "name", n).map_err(tx_err)?;
+        }
+        if inc > 0 {
+            tx.put(ROOT, "inc", ScalarValue::Uint(inc))
+                .map_err(tx_err)?;
+        }
+        tx.put(ROOT, format!("c{inc}"), now.millis())
+            .map_err(tx_err)?;
+        tx.put(ROOT, format!("b{inc}"), self.id.node.0.to_vec())
+            .map_err(tx_err)?;
+        if let Some(e) = ttl.and_then(|t| t.expires_at(now)) {
+            tx.put(ROOT, format!("e{inc}"), e.millis())
+                .map_err(tx_err)?;
+        }
+        tx.commit_with(commit_opts(now));
+        self.after_meta_commit(now);
+        Ok(())
+    }
+
+    fn commit_meta(
+        &mut self,
+        now: Timestamp,
+        f: impl FnOnce(&mut automerge::transaction::Transaction<'_>) -> Result<()>,
+    ) -> Result<()> {
+        // Queued item writes go out first, so peers see them in the order they were made.
+        self.flush(now)?;
+        let mut tx = self.meta_doc.transaction();
+        f(&mut tx)?;
+        tx.commit_with(commit_opts(now));
+        self.after_meta_commit(now);
+        Ok(())
+    }
+
+    fn after_meta_commit(&mut self, now: Timestamp) {
+        if let Some(ch) = self.meta_doc.get_last_local_change() {
+            self.outbox.push(OutgoingChange {
+                map: self.sid.clone(),
+                doc: DocAddr::Meta,
+                bytes: ch.raw_bytes().to_vec(),
+            });
+        }
+        self.refresh_map_state(true, now);
+    }
+
+    /// The map's sid.
+    pub fn sid(&self) -> &MapSid {
+        &self.sid
+    }
+
+    /// The map's unique name, if known.
+    pub fn unique_name(&self) -> Option<&str> {
+        self.state.name.as_deref()
+    }
+
+    /// The current incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.state.inc
+    }
+
+    /// Whether the map exists and is neither removed nor expired at `now`.
+    pub fn is_live(&self, now: Timestamp) -> bool {
+        self.state.live(now)
+    }
+
+    /// Whether this replica has heard of the map's creation at all.
+    pub fn exists(&self) -> bool {
+        self.state.exists()
+    }
+
+    fn display_name(&self) -> String {
+        self.state
+            .name
+            .clone()
+            .unwrap_or_else(|| self.sid.to_string())
+    }
+
+    fn check_live(&self, now: Timestamp) -> Result<()> {
+        if !self.state.exists() {
+            Err(Error::MapNotFound(self.sid.to_string()))
+        } else if !self.state.live(now) {
+            Err(Error::MapRemoved(self.display_name()))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The map's description.
+    pub fn info(&self, now: Timestamp) -> Result<MapInfo> {
+        self.check_live(now)?;
+        let created = self.state.created.unwrap_or(Timestamp::from_millis(0));
+        Ok(MapInfo {
+            sid: self.sid.clone(),
+            unique_name: self.state.name.clone(),
+            revision: self.state.revision.clone(),
+            date_created: created,
+            date_updated: self.state.updated.max(self.last_change).max(created),
+            date_expires: self.state.expires,
+            created_by: self.state.created_by,
+        })
+    }
+
+    /// Sets (or with a TTL of 0, clears) the map's expiry, counted from `now`.
+    pub fn set_ttl(&mut self, ttl: Ttl, now: Timestamp) -> Result<MapInfo> {
+        self.expire(now);
+        self.check_live(now)?;
+        let inc = self.state.inc;
+        let exp = ttl.expires_at(now);
+        self.commit_meta(now, |tx| {
+            match exp {
+                Some(e) => tx.put(ROOT, format!("e{inc}"), e.millis()),
+                None => tx.delete(ROOT, format!("e{inc}")),
+            }
+            .map_err(tx_err)?;
+            tx.put(ROOT, format!("u{inc}"), now.millis())
+                .map_err(tx_err)
+        })?;
+        self.info(now)
+    }
+
+    /// Removes the map: a replicated tombstone. Emits `MapRemoved`; later writes are refused.
+    pub fn remove_map(&mut self, now: Timestamp) -> Result<()> {
+        self.expire(now);
+        self.check_live(now)?;
+        let inc = self.state.inc;
+        self.commit_meta(now, |tx| {
+            tx.put(ROOT, format!("r{inc}"), now.millis())
+                .map_err(tx_err)
+        })
+    }
+
+    // ----- items -----
+
+    /// Reads one item.
+    pub fn get(&self, key: &str, now: Timestamp) -> Result<Item> {
+        self.check_live(now)?;
+        match self.view.get(key) {
+            Some(st) if !st.expired(now) => Ok(st.to_item(key)),
+            _ => Err(Error::ItemNotFound(key.to_string())),
+        }
+    }
+
+    /// Number of live items.
+    pub fn len(&self, now: Timestamp) -> usize {
+        self.view.values().filter(|s| !s.expired(now)).count()
+    }
+
+    /// Whether the map has no live items.
+    pub fn is_empty(&self, now: Timestamp) -> bool {
+        self.len(now) == 0
+    }
+
+    /// Replaces an item's data (creating it if absent).
+    pub fn set(
+        &mut self,
+        key: &str,
+        data: JsonObject,
+        opts: &WriteOptions,
+        now: Timestamp,
+    ) -> Result<Item> {
+        self.write(key, opts, now, Require::Any, |_| Some(data))
+            .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
+    }
+
+    /// Creates an item; fails with [`Error::ItemExists`] if the key is present.
+    pub fn create_item(
+        &mut self,
+        key: &str,
+        data: JsonObject,
+        ttl: Option<Ttl>,
+        now: Timestamp,
+    ) -> Result<Item> {
+        let opts = WriteOptions {
+            ttl,
+            if_match: None,
+        };
+        self.write(key, &opts, now, Require::Absent, |_| Some(data))
+            .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
+    }
+
+    /// Shallow-merges `patch` into the item's top level (creating it if absent).
+    pub fn update(
+        &mut self,
+        key: &str,
+        patch: JsonObject,
+        opts: &WriteOptions,
+        now: Timestamp,
+    ) -> Result<Item> {
+        self.write(key, opts, now, Require::Any, |cur| {
+            let mut d = cur.cloned().unwrap_or_default();
+            for (k, v) in patch {
+                d.insert(k, v);
+            }
+            Some(d)
+        })
+        .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
+    }
+
+    /// Runs `f` on the current data (or `None`) and writes what it returns; `None` cancels and
+    /// returns `Ok(None)`. Only fields whose values changed become Automerge operations.
+    pub fn mutate<F>(
+        &mut self,
+        key: &str,
+        opts: &WriteOptions,
+        now: Timestamp,
+        f: F,
+    ) -> Result<Option<Item>>
+    where
+        F: FnOnce(Option<&JsonObject>) -> Option<JsonObject>,
+    {
+        self.write(key, opts, now, Require::Any, f)
+    }
+
+    /// Changes only the item's TTL (counted from now; 0 clears it).
+    pub fn set_item_ttl(&mut self, key: &str, ttl: Ttl, now: Timestamp) -> Result<Item> {
+        let opts = WriteOptions::ttl(ttl);
+        self.write(key, &opts, now, Require::Present, |cur| cur.cloned())
+            .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
+    }
+
+    /// Removes an item, optionally only if its revision matches.
+    pub fn remove(&mut self, key: &str, if_match: Option<&Revision>, now: Timestamp) -> Result<()> {
+        self.expire(now);
+        self.check_live(now)?;
+        limits::validate_key(key)?;
+        let Some(cur) = self.view.get(key) else {
+            return Err(Error::ItemNotFound(key.to_string()));
+        };
+        if let Some(rev) = if_match {
+            if rev != &cur.revision {
+                return Err(Error::RevisionMismatch {
+                    key: key.to_string(),
+                    expected: rev.to_string(),
+                    current: cur.revision.to_string(),
+                });
+            }
+        }
+        self.delete_item(key, true, now);
+        Ok(())
+    }
+
+    fn write<F>(
+        &mut self,
+        key: &str,
+        opts: &WriteOptions,
+        now: Timestamp,
+        require: Require,
+        f: F,
+    ) -> Result<Option<Item>>
+    where
+        F: FnOnce(Option<&JsonObject>) -> Option<JsonObject>,
+    {
+        self.expire(now);
+        self.check_live(now)?;
+        limits::validate_key(key)?;
+        let cur = self.view.get(key);
+        match (require, cur) {
+            (Require::Absent, Some(_)) => return Err(Error::ItemExists(key.to_string())),
+            (Require::Present, None) => return Err(Error::ItemNotFound(key.to_string())),
+            _ => {}
+        }
+        if let Some(rev) = &opts.if_match {
+            let current = cur.map(|c| c.revision.to_string()).unwrap_or_default();
+            if rev.as_str() != current {
+                return Err(Error::RevisionMismatch {
+                    key: key.to_string(),
+                    expected: rev.to_string(),
+                    current,
+                });
+            }
+        }
+        let Some(new_data) = f(cur.map(|c| &c.data)) else {
+            return Ok(None);
+        };
+        limits::validate_data(&new_data)?;
+
+        let stamp_floor = cur.map_or(0, |c| c.max_stamp);
+        let created = cur.map_or(now, |c| c.meta.created);
+        let created_by = cur.map_or(self.id.node, |c| c.meta.created_by);
+        let old_expires = cur.and_then(|c| c.meta.expires);
+        let slot_ops = diff_slots(key, cur.map(|c| &c.data), &new_data);
+
+        let stamp = self.next_stamp(stamp_floor, now);
+        let meta = ItemMeta {
+            stamp,
+            created,
+            updated: now,
+            expires: match opts.ttl {
+                Some(t) => t.expires_at(now),
+                None => old_expires,
+            },
+            created_by,
+            writer: self.id.node,
+        };
+        let meta_bytes = meta.encode();
+        let revision = Revision::from_hash(hash64([meta_bytes.as_slice()]));
+
+        let shard = layout::shard_of(key);
+        let sh = self.shard_mut(shard);
+        sh.pending.extend(slot_ops);
+        sh.pending
+            .insert(layout::meta_key(key), Pending::Meta(meta_bytes));
+        self.dirty.insert(shard);
+
+        let st = ItemState {
+            data: new_data,
+            meta,
+            max_stamp: stamp,
+            revision,
+        };
+        let item = st.to_item(key);
+        self.replace_view(key, Some(st), true, now);
+        Ok(Some(item))
+    }
+
+    fn next_stamp(&mut self, floor: u64, now: Timestamp) -> u64 {
+        let wall = u64::try_from(now.millis())
+            .unwrap_or(0)
+            .saturating_mul(1024);
+        let s = floor
+            .saturating_add(1)
+            .max(self.clock.saturating_add(1))
+            .max(wall);
+        self.clock = s;
+        s
+    }
+
+    fn shard_mut(&mut self, index: u16) -> &mut Shard {
+        let actor = &self.actor;
+        self.shards[usize::from(index)].get_or_insert_with(|| {
+            let mut doc = Automerge::new();
+            doc.set_actor(actor.clone());
+            Shard {
+                doc,
+                pending: BTreeMap::new(),
+            }
+        })
+    }
+
+    /// Deletes an item's slots (queued) and drops it from the view with an event.
+    fn delete_item(&mut self, key: &str, is_local: bool, now: Timestamp) {
+        let fields: Vec<String> = self
+            .view
+            .get(key)
+            .map(|c| c.data.keys().cloned().collect())
+            .unwrap_or_default();
+        let shard = layout::shard_of(key);
+        let sh = self.shard_mut(shard);
+        for f in fields {
+            sh.pending
+                .insert(layout::field_key(key, &f), Pending::Delete);
+        }
+        sh.pending.insert(layout::meta_key(key), Pending::Delete);
+        self.dirty.insert(shard);
+        self.replace_view(key, None, is_local, now);
+    }
+
+    /// Puts `new` in the view for `key` and emits the event the difference implies.
+    fn replace_view(&mut self, key: &str, new: Option<ItemState>, is_local: bool, now: Timestamp) {
+        let old = match &new {
+            Some(st) => self.view.insert(key.to_string(), st.clone()),
+            None => self.view.remove(key),
+        };
+        if let Some(o) = &old {
+            if let Some(e) = o.meta.expires {
+                self.expiry.remove(&(e, key.to_string()));
+            }
+        }
+        if let Some(n) = &new {
+            if let Some(e) = n.meta.expires {
+                self.expiry.insert((e, key.to_string()));
+            }
+            self.last_change = self.last_change.max(n.meta.updated);
+        }
+        let kind = match (old, new) {
+            (None, Some(n)) => EventKind::ItemAdded {
+                item: n.to_item(key),
+            },
+            (Some(o), Some(n)) => {
+                if o.revision == n.revision && o.data == n.data && o.meta == n.meta {
+                    return;
+                }
+                EventKind::ItemUpdated {
+                    item: n.to_item(key),
+                    previous_data: o.data,
+                }
+            }
+            (Some(o), None) => EventKind::ItemRemoved {
+                key: key.to_string(),
+                previous_data: o.data,
+            },
+            (None, None) => return,
+        };
+        self.emit(kind, is_local, now);
+    }
+
+    fn emit(&mut self, kind: EventKind, is_local: bool, now: Timestamp) {
+        let id = self.next_event_id;
+        self.next_event_id += 1;
+        self.events.push(Event {
+            id,
+            map: self.sid.clone(),
+            kind,
+            is_local,
+            date: now,
+        });
+    }
+
+    /// Removes every item (and the map itself) whose TTL has passed, with replicated deletes.
+    /// Returns how many items expired. Reads already hide expired items before this runs.
+    pub fn expire(&mut self, now: Timestamp) -> usize {
+        if self.state.exists() && self.state.removed.is_none() {
+            if let Some(e) = self.state.expires.filter(|e| *e <= now) {
+                // Every replica writes the same value, so concurrent expiries cannot diverge.
+                let inc = self.state.inc;
+                let _ = self.commit_meta(now, |tx| {
+                    tx.put(ROOT, format!("r{inc}"), e.millis()).map_err(tx_err)
+                });
+                return 0;
+            }
+        }
+        let mut n = 0;
+        while let Some((t, key)) = self.expiry.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.delete_item(&key, true, now);
+            n += 1;
+        }
+        n
+    }
+
+    /// The next instant at which [`Self::expire`] has work, so a shell can schedule it.
+    pub fn next_expiry(&self) -> Option<Timestamp> {
+        let item = self.expiry.first().map(|(t, _)| *t);
+        let map = self
+            .state
+            .expires
+            .filter(|_| self.state.removed.is_none() && self.state.exists());
+        match (item, map) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A page of items in key order.
+    pub fn items(&self, req: &PageRequest, now: Timestamp) -> Result<Page> {
+        self.check_live(now)?;
+        paging::page(
+            &self.view,
+            req,
+            |st| !st.expired(now),
+            |k, st| st.to_item(k),
+        )
+    }
+
+    /// Every concurrent value of an item's fields and the writers of its concurrent writes.
+    pub fn conflicts(&mut self, key: &str, now: Timestamp) -> Result<ItemConflicts> {
+        self.get(key, now)?;
+        let shard = layout::shard_of(key);
+        self.flush_shard(shard, now)?;
+        let Some(sh) = &self.shards[usize::from(shard)] else {
+            return Err(Error::ItemNotFound(key.to_string()));
+        };
+        let doc = &sh.doc;
+        let mut fields = BTreeMap::new();
+        for root_key in field_slots(doc, key) {
+            let mut vals: Vec<Json> = doc
+                .get_all(ROOT, root_key.as_str())
+                .map_err(tx_err)?
+                .iter()
+                .map(|(v, id)| json::read(doc, v, id))
+                .collect();
+            if vals.len() > 1 {
+                vals.reverse();
+                let field = root_key[layout::field_prefix(key).len()..].to_string();
+                fields.insert(field, vals);
+            }
+        }
+        let mut writers: Vec<NodeId> = doc
+            .get_all(ROOT, layout::meta_key(key))
+            .map_err(tx_err)?
+            .iter()
+            .filter_map(|(v, _)| decode_meta_value(v))
+            .map(|m| m.writer)
+            .collect();
+        writers.reverse();
+        Ok(ItemConflicts {
+            key: key.to_string(),
+            fields,
+            writers,
+        })
+    }
+
+    // ----- changes in and out -----
+
+    /// Commits every queued write as one Automerge change per touched shard. Returns how many
+    /// changes were made; they wait in [`Self::take_outgoing`].
+    pub fn flush(&mut self, now: Timestamp) -> Result<usize> {
+        let dirty: Vec<u16> = std::mem::take(&mut self.dirty).into_iter().collect();
+        let before = self.outbox.len();
+        for s in dirty {
+            self.flush_shard(s, now)?;
+        }
+        Ok(self.outbox.len() - before)
+    }
+
+    /// Whether writes are queued that [`Self::flush`] would commit.
+    pub fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    fn flush_shard(&mut self, index: u16, now: Timestamp) -> Result<()> {
+        let Some(sh) = self.shards[usize::from(index)].as_mut() else {
+            return Ok(());
+        };
+        self.dirty.remove(&index);
+        if sh.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut sh.pending);
+        let mut tx = sh.doc.transaction();
+        for (slot, op) in pending {
+            match op {
+                Pending::Field(v) => match json::encode(&v) {
+                    Encoded::Scalar(s) => tx.put(ROOT, slot, s).map_err(tx_err)?,
+                    Encoded::Object(h) => {
+                        tx.batch_create_object(ROOT, slot, &h, false)
+                            .map_err(tx_err)?;
+                    }
+                },
+                Pending::Meta(b) => tx.put(ROOT, slot, ScalarValue::Bytes(b)).map_err(tx_err)?,
+                Pending::Delete => tx.delete(ROOT, slot).map_err(tx_err)?,
+            }
+        }
+        let (hash, _) = tx.commit_with(commit_opts(now));
+        if hash.is_some() {
+            if let Some(ch) = sh.doc.get_last_local_change() {
+                self.outbox.push(OutgoingChange {
+                    map: self.sid.clone(),
+                    doc: DocAddr::Shard {
+                        inc: self.state.inc,
+                        index,
+                    },
+                    bytes: ch.raw_bytes().to_vec(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the changes made on this replica since the last call, oldest first.
+    pub fn take_outgoing(&mut self) -> Vec<OutgoingChange> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Takes the events emitted since the last call, in id order.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Id the next event will get (so a shell can resume numbering after a restart).
+    pub fn next_event_id(&self) -> u64 {
+        self.next_event_id
+    }
+
+    /// Continues event numbering after `last` (restored from storage).
+    pub fn set_last_event_id(&mut self, last: u64) {
+        self.next_event_id = self.next_event_id.max(last + 1);
+    }
+
+    /// Merges encoded changes from a peer into one document of the map. Duplicates are ignored,
+    /// changes whose dependencies are missing wait inside Automerge until those arrive.
+    /// Undecodable input is refused as a whole and changes nothing.
+    pub fn apply_changes(
+        &mut self,
+        doc: DocAddr,
+        changes: &[Vec<u8>],
+        now: Timestamp,
+    ) -> Result<()> {
+        let mut decoded = Vec::with_capacity(changes.len());
+        for (i, bytes) in changes.iter().enumerate() {
+            let c = Change::from_bytes(bytes.clone())
+                .map_err(|e| Error::InvalidChange(format!("change {i}: {e}")))?;
+            decoded.push(c);
+        }
+        self.apply_decoded(doc, decoded, now)
+    }
+
+    fn apply_decoded(&mut self, doc: DocAddr, changes: Vec<Change>, now: Timestamp) -> Result<()> {
+        match doc {
+            DocAddr::Meta => {
+                self.meta_doc
+                    .apply_changes(changes)
+                    .map_err(|e| Error::InvalidChange(e.to_string()))?;
+                self.refresh_map_state(false, now);
+                Ok(())
+            }
+            DocAddr::Shard { inc, index } => {
+                if index >= SHARDS {
+                    return Err(Error::InvalidChange(format!(
+                        "shard {index} out of range (0..{SHARDS})"
+                    )));
+                }
+                if inc < self.state.inc || (inc == self.state.inc && self.state.removed.is_some()) {
+                    return Ok(()); // an old incarnation: its items are gone for good
+                }
+                if inc > self.state.inc || !self.state.exists() {
+                    let room = MAX_FUTURE_CHANGES.saturating_sub(self.future.len());
+                    self.future
+                        .extend(changes.into_iter().take(room).map(|c| (doc, c)));
+                    return Ok(());
+                }
+                self.apply_to_shard(index, changes, now)
+            }
+        }
+    }
+
+    fn apply_to_shard(&mut self, index: u16, changes: Vec<Change>, now: Timestamp) -> Result<()> {
+        self.flush_shard(index, now)?;
+        let sh = self.shard_mut(index);
+        let mut log = PatchLog::active();
+        sh.doc
+            .apply_changes_log_patches(changes, &mut log)
+            .map_err(|e| Error::InvalidChange(e.to_string()))?;
+        let patches = sh.doc.make_patches(&mut log);
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        for p in &patches {
+            let root_key = match p.path.first() {
+                Some((_, Prop::Map(k))) => Some(k.as_str()),
+                Some(_) => None,
+                None => match &p.action {
+                    PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
+                        Some(key.as_str())
+                    }
+                    PatchAction::Conflict { prop: Prop::Map(k) }
+                    | PatchAction::Increment {
+                        prop: Prop::Map(k), ..
+                    } => Some(k.as_str()),
+                    _ => None,
+                },
+            };
+            if let Some(slot) = root_key.and_then(layout::parse_slot) {
+                let key = match slot {
+                    Slot::Meta(k) | Slot::Field(k, _) => k,
+                };
+                if limits::validate_key(key).is_ok() {
+                    touched.insert(key.to_string());
+                }
+            }
+        }
+        for key in touched {
+            let (fresh, seen_stamp) = {
+                let doc = &self.shard_mut(index).doc;
+                let st = read_item(doc, &key);
+                let s = st.as_ref().map_or(0, |s| s.max_stamp);
+                (st, s)
+            };
+            self.clock = self.clock.max(seen_stamp);
+            match fresh {
+                Some(st) if st.expired(now) => {
+                    // Already dead here: remove it for everyone rather than show it.
+                    self.view_set_for_expired(&key, st, now);
+                }
+                other => self.replace_view(&key, other, false, now),
+            }
+        }
+        Ok(())
+    }
+
+    /// An item merged in already expired: drop it from the view and delete every slot it has.
+    fn view_set_for_expired(&mut self, key: &str, st: ItemState, now: Timestamp) {
+        let shard = layout::shard_of(key);
+        let old = self.view.get(key).cloned();
+        // Make the view hold the merged state so the delete covers every field, then delete.
+        if let Some(o) = &old {
+            if let Some(e) = o.meta.expires {
+                self.expiry.remove(&(e, key.to_string()));
+            }
+        }
+        let fields: Vec<String> = st.data.keys().cloned().collect();
+        let sh = self.shard_mut(shard);
+        for f in fields {
+            sh.pending
+                .insert(layout::field_key(key, &f), Pending::Delete);
+        }
+        sh.pending.insert(layout::meta_key(key), Pending::Delete);
+        self.dirty.insert(shard);
+        if old.is_some() {
+            self.replace_view(key, None, false, now);
+        }
+    }
+
+    fn refresh_map_state(&mut self, is_local: bool, now: Timestamp) {
+        let new = read_map_state(&self.meta_doc);
+        let old = std::mem::replace(&mut self.state, new);
+        if self.state.inc != old.inc {
+            // A new incarnation: the previous one's items are gone.
+            self.reset_items(is_local, now, !self.removal_announced && old.exists());
+            self.removal_announced = false;
+            let future = std::mem::take(&mut self.future);
+            let mut by_doc: BTreeMap<DocAddr, Vec<Change>> = BTreeMap::new();
+            for (d, c) in future {
+                by_doc.entry(d).or_default().push(c);
+            }
+            for (d, cs) in by_doc {
+                let _ = self.apply_decoded(d, cs, now);
+            }
+        } else if !old.exists() && self.state.exists() {
+            let future = std::mem::take(&mut self.future);
+            let mut by_doc: BTreeMap<DocAddr, Vec<Change>> = BTreeMap::new();
+            for (d, c) in future {
+                by_doc.entry(d).or_default().push(c);
+            }
+            for (d, cs) in by_doc {
+                let _ = self.apply_decoded(d, cs, now);
+            }
+        }
+        if self.state.exists() && self.state.removed.is_some() && !self.removal_announced {
+            self.reset_items(is_local, now, true);
+            self.removal_announced = true;
+        }
+    }
+
+    fn reset_items(&mut self, is_local: bool, now: Timestamp, announce: bool) {
+        self.view.clear();
+        self.expiry.clear();
+        self.dirty.clear();
+        for s in self.shards.iter_mut() {
+            *s = None;
+        }
+        if announce {
+            self.emit(EventKind::MapRemoved, is_local, now);
+        }
+    }
+
+    // ----- persistence -----
+
+    /// Every document of the map, saved (compacted) for storage or a full transfer.
+    /// Queued writes are flushed first.
+    pub fn save_all(&mut self, now: Timestamp) -> Result<Vec<(DocAddr, Vec<u8>)>> {
+        self.flush(now)?;
+        let mut out = vec![(DocAddr::Meta, self.meta_doc.save())];
+        for (i, s) in self.shards.iter().enumerate() {
+            if let Some(s) = s {
+                out.push((
+                    DocAddr::Shard {
+                        inc: self.state.inc,
+                        index: i as u16,
+                    },
+                    s.doc.save(),
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds a replica from saved documents (as from [`Self::save_all`]). Emits no events.
+    pub fn load(
+        id: Identity,
+        sid: MapSid,
+        docs: &[(DocAddr, Vec<u8>)],
+        now: Timestamp,
+    ) -> Result<Self> {
+        let mut m = MapReplica::empty(id, sid);
+        for (addr, bytes) in docs {
+            if *addr == DocAddr::Meta {
+                let mut d = Automerge::load(bytes)
+                    .map_err(|e| Error::Corrupt(format!("map document: {e}")))?;
+                d.set_actor(m.actor.clone());
+                m.meta_doc = d;
+            }
+        }
+        m.state = read_map_state(&m.meta_doc);
+        m.removal_announced = m.state.removed.is_some();
+        if !m.state.live(now) && m.state.removed.is_some() {
+            return Ok(m);
+        }
+        for (addr, bytes) in docs {
+            if let DocAddr::Shard { inc, index } = *addr {
+                if inc != m.state.inc || index >= SHARDS {
+                    continue;
+                }
+                let mut d = Automerge::load(bytes)
+                    .map_err(|e| Error::Corrupt(format!("shard {index}: {e}")))?;
+                d.set_actor(m.actor.clone());
+                let keys = item_keys(&d);
+                for k in keys {
+                    if let Some(st) = read_item(&d, &k) {
+                        m.clock = m.clock.max(st.max_stamp);
+                        m.last_change = m.last_change.max(st.meta.updated);
+                        if let Some(e) = st.meta.expires {
+                            m.expiry.insert((e, k.clone()));
+                        }
+                        m.view.insert(k, st);
+                    }
+                }
+                m.shards[usize::from(index)] = Some(Shard {
+                    doc: d,
+                    pending: BTreeMap::new(),
+                });
+            }
+        }
+        Ok(m)
+    }
+
+    /// Every live item, in key order (for tests and exports).
+    pub fn all_items(&self, now: Timestamp) -> Vec<Item> {
+        self.view
+            .iter()
+            .filter(|(_, s)| !s.expired(now))
+            .map(|(k, s)| s.to_item(k))
+            .collect()
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Require {
+    Any,
+    Absent,
+    Present,
+}
+
+/// The slot writes that turn `old` into `new`: only fields whose values changed.
+fn diff_slots(key: &str, old: Option<&JsonObject>, new: &JsonObject) -> Vec<(String, Pending)> {
+    let mut ops = Vec::new();
+    if let Some(old) = old {
+        for field in old.keys() {
+            if !new.contains_key(field) {
+                ops.push((layout::field_key(key, field), Pending::Delete));
+            }
+        }
+    }
+    for (field, v) in new {
+        if old.and_then(|o| o.get(field)) != Some(v) {
+            ops.push((layout::field_key(key, field), Pending::Field(v.clone())));
+        }
+    }
+    ops
+}
+
+fn commit_opts(now: Timestamp) -> CommitOptions {
+    CommitOptions::default().with_time(now.millis() / 1000)
+}
+
+fn decode_meta_value(v: &Value<'_>) -> Option<ItemMeta> {
+    match v {
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Bytes(b) => ItemMeta::decode(b),
+            _ => None,
+        },
+        Value::Object(_) => None,
+    }
+}
+
+fn raw_meta(v: &Value<'_>) -> Option<Vec<u8>> {
+    match v {
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Bytes(b) if ItemMeta::decode(b).is_some() => Some(b.clone()),
+            _ => None,
+        },
+        Value::Object(_) => None,
+    }
+}
+
+/// Root keys of every field slot of `key` in a shard document.
+fn field_slots(doc: &Automerge, key: &str) -> Vec<String> {
+    let prefix = layout::field_prefix(key);
+    doc.map_range(ROOT, prefix.clone()..)
+        .map(|it| it.key.into_owned())
+        .take_while(|k| k.starts_with(&prefix))
+        .collect()
+}
+
+/// Keys of every item with a meta slot in a shard document.
+fn item_keys(doc: &Automerge) -> Vec<String> {
+    doc.keys(ROOT)
+        .filter_map(|k| match layout::parse_slot(&k) {
+            Some(Slot::Meta(key)) => Some(key.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads an item's state straight from its shard document.
+fn read_item(doc: &Automerge, key: &str) -> Option<ItemState> {
+    let mk = layout::meta_key(key);
+    let all = doc.get_all(ROOT, mk.as_str()).ok()?;
+    let mut raws: Vec<Vec<u8>> = all.iter().filter_map(|(v, _)| raw_meta(v)).collect();
+    if raws.is_empty() {
+        return None;
+    }
+    // The visible meta: Automerge's winner if it decodes, else the highest decodable one.
+    let meta = doc
+        .get(ROOT, mk.as_str())
+        .ok()
+        .flatten()
+        .and_then(|(v, _)| decode_meta_value(&v))
+        .or_else(|| all.iter().rev().find_map(|(v, _)| decode_meta_value(v)))?;
+    let max_stamp = raws
+        .iter()
+        .filter_map(|b| ItemMeta::decode(b))
+        .map(|m| m.stamp)
+        .max()
+        .unwrap_or(0);
+    raws.sort();
+    let revision = Revision::from_hash(hash64(raws.iter().map(|r| r.as_slice())));
+    let prefix_len = layout::field_prefix(key).len();
+    let mut data = JsonObject::new();
+    for slot in field_slots(doc, key) {
+        if let Ok(Some((v, id))) = doc.get(ROOT, slot.as_str()) {
+            data.insert(slot[prefix_len..].to_string(), json::read(doc, &v, &id));
+        }
+    }
+    Some(ItemState {
+        data,
+        meta,
+        max_stamp,
+        revision,
+    })
+}
+
+fn read_i64(doc: &Automerge, key: &str) -> Option<i64> {
+    match doc.get(ROOT, key).ok()??.0 {
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Int(i) => Some(*i),
+            ScalarValue::Uint(u) => i64::try_from(*u).ok(),
+            ScalarValue::Timestamp(t) => Some(*t),
+            _ => None,
+        },
+        Value::Object(_) => None,
+    }
+}
+
+fn read_map_state(doc: &Automerge) -> MapState {
+    // The incarnation is the largest ever written: re-creations only ever move it forward.
+    let inc = doc
+        .get_all(ROOT, "inc")
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(v, _)| match v {
+            Value::Scalar(s) => match s.as_ref() {
+                ScalarValue::Uint(u) => Some(*u),
+                ScalarValue::Int(i) => u64::try_from(*i).ok(),
+                _ => None,
+            },
+            Value::Object(_) => None,
+        })
+        .max()
+        .unwrap_or(0);
+    let name = match doc.get(ROOT, "name").ok().flatten() {
+        Some((Value::Scalar(s), _)) => match s.as_ref() {
+            ScalarValue::Str(n) => Some(n.to_string()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let created = read_i64(doc, &format!("c{inc}")).map(Timestamp::from_millis);
+    let created_by = match doc.get(ROOT, format!("b{inc}").as_str()).ok().flatten() {
+        Some((Value::Scalar(s), _)) => match s.as_ref() {
+            ScalarValue::Bytes(b) => NodeId::from_slice(b),
+            _ => None,
+        },
+        _ => None,
+    }
+    .unwrap_or(NodeId([0; 16]));
+    let expires = read_i64(doc, &format!("e{inc}")).map(Timestamp::from_millis);
+    let removed = read_i64(doc, &format!("r{inc}")).map(Timestamp::from_millis);
+    let updated = read_i64(doc, &format!("u{inc}"))
+        .map(Timestamp::from_millis)
+        .or(created)
+        .unwrap_or(Timestamp::from_millis(0));
+    let mut heads = doc.get_heads();
+    heads.sort();
+    let revision = Revision::from_hash(hash64(heads.iter().map(|h| h.0.as_slice())));
+    MapState {
+        name,
+        inc,
+        created,
+        created_by,
+        expires,
+        removed,
+        updated,
+        revision,
+    }
+}
+
+/// A digest of the replicated state, equal on replicas that hold the same changes (for tests).
+pub fn digest(m: &MapReplica, now: Timestamp) -> Vec<(String, Json, String)> {
+    m.all_items(now)
+        .into_iter()
+        .map(|i| (i.key, Json::Object(i.data), i.revision.to_string()))
+        .collect()
+}
+
+#[allow(dead_code)]
+fn assert_send(m: MapReplica) -> impl Send {
+    m
+}
