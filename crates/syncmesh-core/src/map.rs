@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use automerge::legacy::{Key, ObjectId};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
     ActorId, Automerge, Change, PatchAction, PatchLog, Prop, ReadDoc, ScalarValue, Value, ROOT,
@@ -893,6 +894,16 @@ impl MapReplica {
 
     fn apply_to_shard(&mut self, index: u16, changes: Vec<Change>, now: Timestamp) -> Result<()> {
         self.flush_shard(index, now)?;
+        // Slots the changes write at the root. Patches alone miss a concurrent value that loses
+        // to the current winner (nothing visible changes), yet it changes the revision.
+        let mut slots: BTreeSet<String> = BTreeSet::new();
+        for c in &changes {
+            for op in c.decode().operations {
+                if let (ObjectId::Root, Key::Map(k)) = (&op.obj, &op.key) {
+                    slots.insert(k.to_string());
+                }
+            }
+        }
         let sh = self.shard_mut(index);
         let mut log = PatchLog::active();
         sh.doc
@@ -900,21 +911,21 @@ impl MapReplica {
             .map_err(|e| Error::InvalidChange(e.to_string()))?;
         let patches = sh.doc.make_patches(&mut log);
         let mut touched: BTreeSet<String> = BTreeSet::new();
-        for p in &patches {
-            let root_key = match p.path.first() {
-                Some((_, Prop::Map(k))) => Some(k.as_str()),
-                Some(_) => None,
-                None => match &p.action {
-                    PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
-                        Some(key.as_str())
-                    }
-                    PatchAction::Conflict { prop: Prop::Map(k) }
-                    | PatchAction::Increment {
-                        prop: Prop::Map(k), ..
-                    } => Some(k.as_str()),
-                    _ => None,
-                },
-            };
+        let nested = patches.iter().map(|p| match p.path.first() {
+            Some((_, Prop::Map(k))) => Some(k.as_str()),
+            Some(_) => None,
+            None => match &p.action {
+                PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
+                    Some(key.as_str())
+                }
+                PatchAction::Conflict { prop: Prop::Map(k) }
+                | PatchAction::Increment {
+                    prop: Prop::Map(k), ..
+                } => Some(k.as_str()),
+                _ => None,
+            },
+        });
+        for root_key in nested.chain(slots.iter().map(|s| Some(s.as_str()))) {
             if let Some(slot) = root_key.and_then(layout::parse_slot) {
                 let key = match slot {
                     Slot::Meta(k) | Slot::Field(k, _) => k,
