@@ -109,20 +109,42 @@ pub struct ItemConflicts {
     pub writers: Vec<NodeId>,
 }
 
+/// One item in the read view. The data is kept as compact JSON text: a parsed
+/// `serde_json::Map` costs several times more memory per item than its text.
 #[derive(Debug, Clone, PartialEq)]
 struct ItemState {
-    data: JsonObject,
+    data: Box<str>,
     meta: ItemMeta,
     max_stamp: u64,
-    revision: Revision,
+    revision: u64,
 }
 
 impl ItemState {
+    fn new(data: &JsonObject, meta: ItemMeta, max_stamp: u64, revision: u64) -> Self {
+        ItemState {
+            data: serde_json::to_string(data)
+                .unwrap_or_default()
+                .into_boxed_str(),
+            meta,
+            max_stamp,
+            revision,
+        }
+    }
+
+    fn data(&self) -> JsonObject {
+        // The text was produced by serde_json from a Map, so it always parses back.
+        serde_json::from_str(&self.data).unwrap_or_default()
+    }
+
+    fn revision(&self) -> Revision {
+        Revision::from_hash(self.revision)
+    }
+
     fn to_item(&self, key: &str) -> Item {
         Item {
             key: key.to_string(),
-            data: self.data.clone(),
-            revision: self.revision.clone(),
+            data: self.data(),
+            revision: self.revision(),
             date_created: self.meta.created,
             date_updated: self.meta.updated,
             date_expires: self.meta.expires,
@@ -142,9 +164,53 @@ enum Pending {
     Delete,
 }
 
+/// A shard document is either in memory or kept as its saved (compressed) bytes: Automerge
+/// holds ~300 bytes per item plus ~10 KiB per document in memory against ~25 bytes per item
+/// saved, so idle shards are parked ([`MapReplica::unload_idle`]) and reloaded on use.
+enum Body {
+    Live(Automerge),
+    Cold(Vec<u8>),
+}
+
 struct Shard {
-    doc: Automerge,
+    body: Body,
+    actor: ActorId,
     pending: BTreeMap<String, Pending>,
+    last_used: u64,
+}
+
+impl Shard {
+    fn new(actor: &ActorId) -> Self {
+        let mut doc = Automerge::new();
+        doc.set_actor(actor.clone());
+        Shard {
+            body: Body::Live(doc),
+            actor: actor.clone(),
+            pending: BTreeMap::new(),
+            last_used: 0,
+        }
+    }
+
+    /// The document, loading it if it was parked.
+    fn doc(&mut self) -> Result<&mut Automerge> {
+        if let Body::Cold(bytes) = &self.body {
+            let mut d = Automerge::load(bytes)
+                .map_err(|e| Error::Corrupt(format!("parked shard document: {e}")))?;
+            d.set_actor(self.actor.clone());
+            self.body = Body::Live(d);
+        }
+        match &mut self.body {
+            Body::Live(d) => Ok(d),
+            Body::Cold(_) => Err(Error::Corrupt("shard document failed to load".into())),
+        }
+    }
+
+    fn saved(&self) -> Vec<u8> {
+        match &self.body {
+            Body::Live(d) => d.save(),
+            Body::Cold(b) => b.clone(),
+        }
+    }
 }
 
 /// The map-level state, decoded from the map document.
@@ -192,6 +258,7 @@ pub struct MapReplica {
     last_change: Timestamp,
     /// Whether a `MapRemoved` event was emitted for the current incarnation.
     removal_announced: bool,
+    use_counter: u64,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -231,6 +298,7 @@ impl MapReplica {
             clock: 0,
             last_change: Timestamp::from_millis(0),
             removal_announced: false,
+            use_counter: 0,
         }
     }
 
@@ -503,11 +571,11 @@ impl MapReplica {
             return Err(Error::ItemNotFound(key.to_string()));
         };
         if let Some(rev) = if_match {
-            if rev != &cur.revision {
+            if rev != &cur.revision() {
                 return Err(Error::RevisionMismatch {
                     key: key.to_string(),
                     expected: rev.to_string(),
-                    current: cur.revision.to_string(),
+                    current: cur.revision().to_string(),
                 });
             }
         }
@@ -536,7 +604,7 @@ impl MapReplica {
             _ => {}
         }
         if let Some(rev) = &opts.if_match {
-            let current = cur.map(|c| c.revision.to_string()).unwrap_or_default();
+            let current = cur.map(|c| c.revision().to_string()).unwrap_or_default();
             if rev.as_str() != current {
                 return Err(Error::RevisionMismatch {
                     key: key.to_string(),
@@ -545,7 +613,8 @@ impl MapReplica {
                 });
             }
         }
-        let Some(new_data) = f(cur.map(|c| &c.data)) else {
+        let cur_data = cur.map(ItemState::data);
+        let Some(new_data) = f(cur_data.as_ref()) else {
             return Ok(None);
         };
         limits::validate_data(&new_data)?;
@@ -554,7 +623,7 @@ impl MapReplica {
         let created = cur.map_or(now, |c| c.meta.created);
         let created_by = cur.map_or(self.id.node, |c| c.meta.created_by);
         let old_expires = cur.and_then(|c| c.meta.expires);
-        let slot_ops = diff_slots(key, cur.map(|c| &c.data), &new_data);
+        let slot_ops = diff_slots(key, cur_data.as_ref(), &new_data);
 
         let stamp = self.next_stamp(stamp_floor, now);
         let meta = ItemMeta {
@@ -569,7 +638,7 @@ impl MapReplica {
             writer: self.id.node,
         };
         let meta_bytes = meta.encode();
-        let revision = Revision::from_hash(hash64([meta_bytes.as_slice()]));
+        let revision = hash64([meta_bytes.as_slice()]);
 
         let shard = layout::shard_of(key);
         let sh = self.shard_mut(shard);
@@ -578,14 +647,17 @@ impl MapReplica {
             .insert(layout::meta_key(key), Pending::Meta(meta_bytes));
         self.dirty.insert(shard);
 
-        let st = ItemState {
+        let st = ItemState::new(&new_data, meta, stamp, revision);
+        let item = Item {
+            key: key.to_string(),
             data: new_data,
-            meta,
-            max_stamp: stamp,
-            revision,
+            revision: st.revision(),
+            date_created: st.meta.created,
+            date_updated: st.meta.updated,
+            date_expires: st.meta.expires,
+            created_by: st.meta.created_by,
         };
-        let item = st.to_item(key);
-        self.replace_view(key, Some(st), true, now);
+        self.replace_view_with(key, Some(st), Some(&item), true, now);
         Ok(Some(item))
     }
 
@@ -603,14 +675,56 @@ impl MapReplica {
 
     fn shard_mut(&mut self, index: u16) -> &mut Shard {
         let actor = &self.actor;
-        self.shards[usize::from(index)].get_or_insert_with(|| {
-            let mut doc = Automerge::new();
-            doc.set_actor(actor.clone());
-            Shard {
-                doc,
-                pending: BTreeMap::new(),
+        self.use_counter += 1;
+        let sh = self.shards[usize::from(index)].get_or_insert_with(|| Shard::new(actor));
+        sh.last_used = self.use_counter;
+        sh
+    }
+
+    /// Parks every idle shard document except the `keep` most recently used ones, as saved
+    /// bytes (see [`Body`]). Returns how many were parked. Queued writes are flushed first.
+    pub fn unload_idle(&mut self, keep: usize, now: Timestamp) -> Result<usize> {
+        self.flush(now)?;
+        let mut live: Vec<(u64, usize)> = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Some(Shard {
+                    body: Body::Live(_),
+                    last_used,
+                    ..
+                }) => Some((*last_used, i)),
+                _ => None,
+            })
+            .collect();
+        live.sort_unstable_by(|a, b| b.cmp(a));
+        let mut parked = 0;
+        for (_, i) in live.into_iter().skip(keep) {
+            if let Some(sh) = self.shards[i].as_mut() {
+                if let Body::Live(d) = &sh.body {
+                    sh.body = Body::Cold(d.save());
+                    parked += 1;
+                }
             }
-        })
+        }
+        Ok(parked)
+    }
+
+    /// Number of shard documents held in memory (not parked).
+    pub fn live_shards(&self) -> usize {
+        self.shards
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s,
+                    Some(Shard {
+                        body: Body::Live(_),
+                        ..
+                    })
+                )
+            })
+            .count()
     }
 
     /// Deletes an item's slots (queued) and drops it from the view with an event.
@@ -618,7 +732,7 @@ impl MapReplica {
         let fields: Vec<String> = self
             .view
             .get(key)
-            .map(|c| c.data.keys().cloned().collect())
+            .map(|c| c.data().keys().cloned().collect())
             .unwrap_or_default();
         let shard = layout::shard_of(key);
         let sh = self.shard_mut(shard);
@@ -633,6 +747,18 @@ impl MapReplica {
 
     /// Puts `new` in the view for `key` and emits the event the difference implies.
     fn replace_view(&mut self, key: &str, new: Option<ItemState>, is_local: bool, now: Timestamp) {
+        self.replace_view_with(key, new, None, is_local, now);
+    }
+
+    /// [`Self::replace_view`] with the new item already built (saves parsing it again).
+    fn replace_view_with(
+        &mut self,
+        key: &str,
+        new: Option<ItemState>,
+        built: Option<&Item>,
+        is_local: bool,
+        now: Timestamp,
+    ) {
         let old = match &new {
             Some(st) => self.view.insert(key.to_string(), st.clone()),
             None => self.view.remove(key),
@@ -650,20 +776,20 @@ impl MapReplica {
         }
         let kind = match (old, new) {
             (None, Some(n)) => EventKind::ItemAdded {
-                item: n.to_item(key),
+                item: built.cloned().unwrap_or_else(|| n.to_item(key)),
             },
             (Some(o), Some(n)) => {
                 if o.revision == n.revision && o.data == n.data && o.meta == n.meta {
                     return;
                 }
                 EventKind::ItemUpdated {
-                    item: n.to_item(key),
-                    previous_data: o.data,
+                    item: built.cloned().unwrap_or_else(|| n.to_item(key)),
+                    previous_data: o.data(),
                 }
             }
             (Some(o), None) => EventKind::ItemRemoved {
                 key: key.to_string(),
-                previous_data: o.data,
+                previous_data: o.data(),
             },
             (None, None) => return,
         };
@@ -735,10 +861,10 @@ impl MapReplica {
         self.get(key, now)?;
         let shard = layout::shard_of(key);
         self.flush_shard(shard, now)?;
-        let Some(sh) = &self.shards[usize::from(shard)] else {
+        let Some(sh) = self.shards[usize::from(shard)].as_mut() else {
             return Err(Error::ItemNotFound(key.to_string()));
         };
-        let doc = &sh.doc;
+        let doc: &Automerge = sh.doc()?;
         let mut fields = BTreeMap::new();
         for root_key in field_slots(doc, key) {
             let mut vals: Vec<Json> = doc
@@ -795,7 +921,8 @@ impl MapReplica {
             return Ok(());
         }
         let pending = std::mem::take(&mut sh.pending);
-        let mut tx = sh.doc.transaction();
+        let doc = sh.doc()?;
+        let mut tx = doc.transaction();
         for (slot, op) in pending {
             match op {
                 Pending::Field(v) => match json::encode(&v) {
@@ -811,7 +938,7 @@ impl MapReplica {
         }
         let (hash, _) = tx.commit_with(commit_opts(now));
         if hash.is_some() {
-            if let Some(ch) = sh.doc.get_last_local_change() {
+            if let Some(ch) = doc.get_last_local_change() {
                 self.outbox.push(OutgoingChange {
                     map: self.sid.clone(),
                     doc: DocAddr::Shard {
@@ -904,12 +1031,11 @@ impl MapReplica {
                 }
             }
         }
-        let sh = self.shard_mut(index);
+        let doc = self.shard_mut(index).doc()?;
         let mut log = PatchLog::active();
-        sh.doc
-            .apply_changes_log_patches(changes, &mut log)
+        doc.apply_changes_log_patches(changes, &mut log)
             .map_err(|e| Error::InvalidChange(e.to_string()))?;
-        let patches = sh.doc.make_patches(&mut log);
+        let patches = doc.make_patches(&mut log);
         let mut touched: BTreeSet<String> = BTreeSet::new();
         let nested = patches.iter().map(|p| match p.path.first() {
             Some((_, Prop::Map(k))) => Some(k.as_str()),
@@ -937,7 +1063,7 @@ impl MapReplica {
         }
         for key in touched {
             let (fresh, seen_stamp) = {
-                let doc = &self.shard_mut(index).doc;
+                let doc = self.shard_mut(index).doc()?;
                 let st = read_item(doc, &key);
                 let s = st.as_ref().map_or(0, |s| s.max_stamp);
                 (st, s)
@@ -964,7 +1090,7 @@ impl MapReplica {
                 self.expiry.remove(&(e, key.to_string()));
             }
         }
-        let fields: Vec<String> = st.data.keys().cloned().collect();
+        let fields: Vec<String> = st.data().keys().cloned().collect();
         let sh = self.shard_mut(shard);
         for f in fields {
             sh.pending
@@ -1034,7 +1160,7 @@ impl MapReplica {
                         inc: self.state.inc,
                         index: i as u16,
                     },
-                    s.doc.save(),
+                    s.saved(),
                 ));
             }
         }
@@ -1081,9 +1207,12 @@ impl MapReplica {
                         m.view.insert(k, st);
                     }
                 }
+                // The view is built; the document waits, compressed, until first used.
                 m.shards[usize::from(index)] = Some(Shard {
-                    doc: d,
+                    body: Body::Cold(bytes.clone()),
+                    actor: m.actor.clone(),
                     pending: BTreeMap::new(),
+                    last_used: 0,
                 });
             }
         }
@@ -1190,7 +1319,7 @@ fn read_item(doc: &Automerge, key: &str) -> Option<ItemState> {
         .max()
         .unwrap_or(0);
     raws.sort();
-    let revision = Revision::from_hash(hash64(raws.iter().map(|r| r.as_slice())));
+    let revision = hash64(raws.iter().map(|r| r.as_slice()));
     let prefix_len = layout::field_prefix(key).len();
     let mut data = JsonObject::new();
     for slot in field_slots(doc, key) {
@@ -1198,12 +1327,7 @@ fn read_item(doc: &Automerge, key: &str) -> Option<ItemState> {
             data.insert(slot[prefix_len..].to_string(), json::read(doc, &v, &id));
         }
     }
-    Some(ItemState {
-        data,
-        meta,
-        max_stamp,
-        revision,
-    })
+    Some(ItemState::new(&data, meta, max_stamp, revision))
 }
 
 fn read_i64(doc: &Automerge, key: &str) -> Option<i64> {

@@ -122,7 +122,8 @@ fn random_op(rng: &mut Rng, p: &mut Peer, now: Timestamp) {
         85..=88 => drop(m.expire(now)),
         89..=90 => drop(m.set_ttl(Ttl::from_secs(rng.below(3) as i64 * 50).expect("ttl"), now)),
         91 => drop(m.remove_map(now)),
-        92..=95 => drop(m.conflicts(key, now)),
+        92..=94 => drop(m.conflicts(key, now)),
+        95..=96 => drop(m.unload_idle(rng.below(4) as usize, now)),
         _ => drop(m.flush(now)),
     }
 }
