@@ -4,6 +4,9 @@
 //! `cargo bench -p syncmesh-core --bench engine -- 1000 100000` (chosen sizes).
 //! Figures and the machine they were taken on go to `docs/benchmarks.md`.
 
+// The only unsafe code in the workspace: a counting allocator for exact memory figures.
+#![allow(unsafe_code)]
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -17,6 +20,35 @@ fn item(i: u64) -> JsonObject {
         .as_object()
         .cloned()
         .unwrap_or_default()
+}
+
+/// Counts live heap bytes, so memory per item is exact rather than what RSS happens to show
+/// (freed memory often stays in the allocator's arenas).
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
+        LIVE.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        unsafe { std::alloc::System.realloc(p, l, n) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn heap_bytes() -> u64 {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed) as u64
 }
 
 fn rss_bytes() -> u64 {
@@ -82,6 +114,7 @@ fn bench_size(n: u64) {
     let sid = MapSid::for_name("users");
     let id_a = Identity::new(NodeId([1; 16]), b"bench-a");
     let rss0 = rss_bytes();
+    let heap0 = heap_bytes();
     let build = Instant::now();
     let mut a =
         MapReplica::create(id_a.clone(), sid.clone(), Some("users"), None, now).expect("create");
@@ -99,10 +132,19 @@ fn bench_size(n: u64) {
     let built = build.elapsed();
     let rss1 = rss_bytes();
     println!(
-        "  build: {:.2} s ({:.1} µs/item incl. flush), resident {:.0} bytes/item",
+        "  build: {:.2} s ({:.1} µs/item incl. flush); heap {:.0} bytes/item, RSS {:.0} bytes/item",
         built.as_secs_f64(),
         us(built) / n as f64,
+        (heap_bytes().saturating_sub(heap0)) as f64 / n as f64,
         (rss1.saturating_sub(rss0)) as f64 / n as f64
+    );
+
+    let t = Instant::now();
+    let parked = a.unload_idle(0, now).expect("park");
+    println!(
+        "  parked {parked} idle shard documents in {:.0} ms: heap {:.0} bytes/item",
+        us(t.elapsed()) / 1000.0,
+        (heap_bytes().saturating_sub(heap0)) as f64 / n as f64
     );
 
     // A second replica with the same content, to produce remote changes.
@@ -241,6 +283,14 @@ fn bench_size(n: u64) {
         a.take_outgoing();
     }
     s.report("apply remote single-item change");
+    let live = a.live_shards();
+    a.unload_idle(0, now).expect("park");
+    drop(b);
+    drop(changes);
+    println!(
+        "  after the run: {live} live shards; parked again: heap {:.0} bytes/item",
+        (heap_bytes().saturating_sub(heap0)) as f64 / n as f64
+    );
     println!();
 }
 

@@ -114,21 +114,93 @@ pub struct ItemConflicts {
 #[derive(Debug, Clone, PartialEq)]
 struct ItemState {
     data: Box<str>,
+    meta: ViewMeta,
+    max_stamp: u64,
+    revision: u64,
+}
+
+/// The winning meta record as the view keeps it: node ids interned, no option tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ViewMeta {
+    created: i64,
+    updated: i64,
+    /// `i64::MIN` when the item has no TTL.
+    expires: i64,
+    created_by: u32,
+}
+
+impl ViewMeta {
+    fn created(self) -> Timestamp {
+        Timestamp::from_millis(self.created)
+    }
+    fn updated(self) -> Timestamp {
+        Timestamp::from_millis(self.updated)
+    }
+    fn expires(self) -> Option<Timestamp> {
+        (self.expires != i64::MIN).then(|| Timestamp::from_millis(self.expires))
+    }
+}
+
+/// Node ids seen in a map, interned so each view entry stores 4 bytes instead of 16.
+#[derive(Debug, Default)]
+struct Nodes {
+    list: Vec<NodeId>,
+    index: std::collections::HashMap<NodeId, u32>,
+}
+
+impl Nodes {
+    fn intern(&mut self, n: NodeId) -> u32 {
+        if let Some(i) = self.index.get(&n) {
+            return *i;
+        }
+        let i = self.list.len() as u32;
+        self.list.push(n);
+        self.index.insert(n, i);
+        i
+    }
+    fn get(&self, i: u32) -> NodeId {
+        self.list
+            .get(i as usize)
+            .copied()
+            .unwrap_or(NodeId([0; 16]))
+    }
+}
+
+/// An item as read from a shard document, before it enters the view.
+struct RawItem {
+    data: JsonObject,
     meta: ItemMeta,
     max_stamp: u64,
     revision: u64,
 }
 
 impl ItemState {
-    fn new(data: &JsonObject, meta: ItemMeta, max_stamp: u64, revision: u64) -> Self {
+    fn new(
+        data: &JsonObject,
+        meta: &ItemMeta,
+        max_stamp: u64,
+        revision: u64,
+        nodes: &mut Nodes,
+    ) -> Self {
         ItemState {
             data: serde_json::to_string(data)
                 .unwrap_or_default()
                 .into_boxed_str(),
-            meta,
+            meta: ViewMeta {
+                created: meta.created.millis(),
+                updated: meta.updated.millis(),
+                expires: meta
+                    .expires
+                    .map_or(i64::MIN, |e| e.millis().max(i64::MIN + 1)),
+                created_by: nodes.intern(meta.created_by),
+            },
             max_stamp,
             revision,
         }
+    }
+
+    fn from_raw(raw: RawItem, nodes: &mut Nodes) -> Self {
+        ItemState::new(&raw.data, &raw.meta, raw.max_stamp, raw.revision, nodes)
     }
 
     fn data(&self) -> JsonObject {
@@ -140,20 +212,20 @@ impl ItemState {
         Revision::from_hash(self.revision)
     }
 
-    fn to_item(&self, key: &str) -> Item {
+    fn to_item(&self, key: &str, nodes: &Nodes) -> Item {
         Item {
             key: key.to_string(),
             data: self.data(),
             revision: self.revision(),
-            date_created: self.meta.created,
-            date_updated: self.meta.updated,
-            date_expires: self.meta.expires,
-            created_by: self.meta.created_by,
+            date_created: self.meta.created(),
+            date_updated: self.meta.updated(),
+            date_expires: self.meta.expires(),
+            created_by: nodes.get(self.meta.created_by),
         }
     }
 
     fn expired(&self, now: Timestamp) -> bool {
-        self.meta.expires.is_some_and(|e| e <= now)
+        self.meta.expires().is_some_and(|e| e <= now)
     }
 }
 
@@ -259,6 +331,7 @@ pub struct MapReplica {
     /// Whether a `MapRemoved` event was emitted for the current incarnation.
     removal_announced: bool,
     use_counter: u64,
+    nodes: Nodes,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -299,6 +372,7 @@ impl MapReplica {
             last_change: Timestamp::from_millis(0),
             removal_announced: false,
             use_counter: 0,
+            nodes: Nodes::default(),
         }
     }
 
@@ -479,7 +553,7 @@ impl MapReplica {
     pub fn get(&self, key: &str, now: Timestamp) -> Result<Item> {
         self.check_live(now)?;
         match self.view.get(key) {
-            Some(st) if !st.expired(now) => Ok(st.to_item(key)),
+            Some(st) if !st.expired(now) => Ok(st.to_item(key, &self.nodes)),
             _ => Err(Error::ItemNotFound(key.to_string())),
         }
     }
@@ -620,9 +694,9 @@ impl MapReplica {
         limits::validate_data(&new_data)?;
 
         let stamp_floor = cur.map_or(0, |c| c.max_stamp);
-        let created = cur.map_or(now, |c| c.meta.created);
-        let created_by = cur.map_or(self.id.node, |c| c.meta.created_by);
-        let old_expires = cur.and_then(|c| c.meta.expires);
+        let created = cur.map_or(now, |c| c.meta.created());
+        let created_by = cur.map_or(self.id.node, |c| self.nodes.get(c.meta.created_by));
+        let old_expires = cur.and_then(|c| c.meta.expires());
         let slot_ops = diff_slots(key, cur_data.as_ref(), &new_data);
 
         let stamp = self.next_stamp(stamp_floor, now);
@@ -647,15 +721,15 @@ impl MapReplica {
             .insert(layout::meta_key(key), Pending::Meta(meta_bytes));
         self.dirty.insert(shard);
 
-        let st = ItemState::new(&new_data, meta, stamp, revision);
+        let st = ItemState::new(&new_data, &meta, stamp, revision, &mut self.nodes);
         let item = Item {
             key: key.to_string(),
             data: new_data,
             revision: st.revision(),
-            date_created: st.meta.created,
-            date_updated: st.meta.updated,
-            date_expires: st.meta.expires,
-            created_by: st.meta.created_by,
+            date_created: meta.created,
+            date_updated: meta.updated,
+            date_expires: meta.expires,
+            created_by: meta.created_by,
         };
         self.replace_view_with(key, Some(st), Some(&item), true, now);
         Ok(Some(item))
@@ -764,26 +838,30 @@ impl MapReplica {
             None => self.view.remove(key),
         };
         if let Some(o) = &old {
-            if let Some(e) = o.meta.expires {
+            if let Some(e) = o.meta.expires() {
                 self.expiry.remove(&(e, key.to_string()));
             }
         }
         if let Some(n) = &new {
-            if let Some(e) = n.meta.expires {
+            if let Some(e) = n.meta.expires() {
                 self.expiry.insert((e, key.to_string()));
             }
-            self.last_change = self.last_change.max(n.meta.updated);
+            self.last_change = self.last_change.max(n.meta.updated());
         }
         let kind = match (old, new) {
             (None, Some(n)) => EventKind::ItemAdded {
-                item: built.cloned().unwrap_or_else(|| n.to_item(key)),
+                item: built
+                    .cloned()
+                    .unwrap_or_else(|| n.to_item(key, &self.nodes)),
             },
             (Some(o), Some(n)) => {
                 if o.revision == n.revision && o.data == n.data && o.meta == n.meta {
                     return;
                 }
                 EventKind::ItemUpdated {
-                    item: built.cloned().unwrap_or_else(|| n.to_item(key)),
+                    item: built
+                        .cloned()
+                        .unwrap_or_else(|| n.to_item(key, &self.nodes)),
                     previous_data: o.data(),
                 }
             }
@@ -852,7 +930,7 @@ impl MapReplica {
             &self.view,
             req,
             |st| !st.expired(now),
-            |k, st| st.to_item(k),
+            |k, st| st.to_item(k, &self.nodes),
         )
     }
 
@@ -1069,6 +1147,7 @@ impl MapReplica {
                 (st, s)
             };
             self.clock = self.clock.max(seen_stamp);
+            let fresh = fresh.map(|raw| ItemState::from_raw(raw, &mut self.nodes));
             match fresh {
                 Some(st) if st.expired(now) => {
                     // Already dead here: remove it for everyone rather than show it.
@@ -1086,7 +1165,7 @@ impl MapReplica {
         let old = self.view.get(key).cloned();
         // Make the view hold the merged state so the delete covers every field, then delete.
         if let Some(o) = &old {
-            if let Some(e) = o.meta.expires {
+            if let Some(e) = o.meta.expires() {
                 self.expiry.remove(&(e, key.to_string()));
             }
         }
@@ -1198,10 +1277,11 @@ impl MapReplica {
                 d.set_actor(m.actor.clone());
                 let keys = item_keys(&d);
                 for k in keys {
-                    if let Some(st) = read_item(&d, &k) {
+                    if let Some(raw) = read_item(&d, &k) {
+                        let st = ItemState::from_raw(raw, &mut m.nodes);
                         m.clock = m.clock.max(st.max_stamp);
-                        m.last_change = m.last_change.max(st.meta.updated);
-                        if let Some(e) = st.meta.expires {
+                        m.last_change = m.last_change.max(st.meta.updated());
+                        if let Some(e) = st.meta.expires() {
                             m.expiry.insert((e, k.clone()));
                         }
                         m.view.insert(k, st);
@@ -1224,7 +1304,7 @@ impl MapReplica {
         self.view
             .iter()
             .filter(|(_, s)| !s.expired(now))
-            .map(|(k, s)| s.to_item(k))
+            .map(|(k, s)| s.to_item(k, &self.nodes))
             .collect()
     }
 }
@@ -1298,7 +1378,7 @@ fn item_keys(doc: &Automerge) -> Vec<String> {
 }
 
 /// Reads an item's state straight from its shard document.
-fn read_item(doc: &Automerge, key: &str) -> Option<ItemState> {
+fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
     let mk = layout::meta_key(key);
     let all = doc.get_all(ROOT, mk.as_str()).ok()?;
     let mut raws: Vec<Vec<u8>> = all.iter().filter_map(|(v, _)| raw_meta(v)).collect();
@@ -1327,7 +1407,12 @@ fn read_item(doc: &Automerge, key: &str) -> Option<ItemState> {
             data.insert(slot[prefix_len..].to_string(), json::read(doc, &v, &id));
         }
     }
-    Some(ItemState::new(&data, meta, max_stamp, revision))
+    Some(RawItem {
+        data,
+        meta,
+        max_stamp,
+        revision,
+    })
 }
 
 fn read_i64(doc: &Automerge, key: &str) -> Option<i64> {
