@@ -2,6 +2,8 @@
 //!
 //! Run with `cargo run --example merge_demo`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the report
+
 use serde_json::json;
 use syncmesh_core::{
     Catalog, Event, EventKind, Identity, MapReplica, MapSpec, NodeId, PageRequest, Timestamp,

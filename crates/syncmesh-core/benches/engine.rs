@@ -4,6 +4,9 @@
 //! `cargo bench -p syncmesh-core --bench engine -- 1000 100000` (chosen sizes).
 //! Figures and the machine they were taken on go to `docs/benchmarks.md`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// test and bench code: a panic is the report
+
 // The only unsafe code in the workspace: a counting allocator for exact memory figures.
 #![allow(unsafe_code)]
 

@@ -240,7 +240,8 @@ enum Pending {
 /// holds ~300 bytes per item plus ~10 KiB per document in memory against ~25 bytes per item
 /// saved, so idle shards are parked ([`MapReplica::unload_idle`]) and reloaded on use.
 enum Body {
-    Live(Automerge),
+    /// Boxed: an `Automerge` is ~3.5 KiB inline, which a parked shard should not pay.
+    Live(Box<Automerge>),
     Cold(Vec<u8>),
 }
 
@@ -256,7 +257,7 @@ impl Shard {
         let mut doc = Automerge::new();
         doc.set_actor(actor.clone());
         Shard {
-            body: Body::Live(doc),
+            body: Body::Live(Box::new(doc)),
             actor: actor.clone(),
             pending: BTreeMap::new(),
             last_used: 0,
@@ -269,7 +270,7 @@ impl Shard {
             let mut d = Automerge::load(bytes)
                 .map_err(|e| Error::Corrupt(format!("parked shard document: {e}")))?;
             d.set_actor(self.actor.clone());
-            self.body = Body::Live(d);
+            self.body = Body::Live(Box::new(d));
         }
         match &mut self.body {
             Body::Live(d) => Ok(d),
@@ -304,7 +305,7 @@ impl MapState {
     }
 
     fn live(&self, now: Timestamp) -> bool {
-        self.exists() && self.removed.is_none() && !self.expires.is_some_and(|e| e <= now)
+        self.exists() && self.removed.is_none() && self.expires.is_none_or(|e| e > now)
     }
 }
 
@@ -777,7 +778,10 @@ impl MapReplica {
         for (_, i) in live.into_iter().skip(keep) {
             if let Some(sh) = self.shards[i].as_mut() {
                 if let Body::Live(d) = &sh.body {
-                    sh.body = Body::Cold(d.save());
+                    let mut saved = d.save();
+                    // save() over-allocates; parked bytes are kept for a long time.
+                    saved.shrink_to_fit();
+                    sh.body = Body::Cold(saved);
                     parked += 1;
                 }
             }

@@ -5,6 +5,8 @@
 //!
 //! `SYNCMESH_SEED=<n>` replays one case; `SYNCMESH_CASES=<n>` sets how many run (default 2000).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the report
+
 mod support;
 
 use std::collections::{BTreeMap, VecDeque};

@@ -1,5 +1,7 @@
 //! Every operation, limit, error code and concurrency rule of the engine (docs/semantics.md).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the report
+
 mod support;
 
 use serde_json::json;
@@ -747,7 +749,9 @@ fn garbage_from_a_peer_is_refused_and_changes_nothing() {
     let before = m.all_items(t(0));
     let shard = DocAddr::Shard { inc: 0, index: 3 };
     for junk in [vec![], vec![0u8; 10], b"\x85\x6f\x4a\x83garbage".to_vec()] {
-        let err = m.apply_changes(shard, &[junk.clone()], t(1)).unwrap_err();
+        let err = m
+            .apply_changes(shard, std::slice::from_ref(&junk), t(1))
+            .unwrap_err();
         assert_eq!(err.http_status(), 403);
         assert!(m.apply_changes(DocAddr::Meta, &[junk], t(1)).is_err());
     }

@@ -1,5 +1,6 @@
 //! Shared helpers for the engine's integration tests: replicas and a hand-driven network.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the report
 
 use serde_json::Value;
 use syncmesh_core::{
@@ -96,9 +97,9 @@ pub fn sync_all(peers: &mut [Peer], now: Timestamp) {
                 continue;
             }
             moved = true;
-            for j in 0..peers.len() {
+            for (j, peer) in peers.iter_mut().enumerate() {
                 if i != j {
-                    peers[j].receive(&out, now);
+                    peer.receive(&out, now);
                 }
             }
         }
