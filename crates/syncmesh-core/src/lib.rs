@@ -49,7 +49,10 @@ pub use error::{Error, Result};
 pub use event::{Event, EventKind, EventView, Item, MapInfo};
 pub use ids::{MapSid, NodeId, Revision, Timestamp};
 pub use limits::Ttl;
-pub use map::{digest, DocAddr, Identity, ItemConflicts, MapReplica, OutgoingChange, WriteOptions};
+pub use map::{
+    digest, DocAddr, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges,
+    WriteOptions,
+};
 pub use paging::{Bounds, Order, Page, PageRequest};
 
 /// A JSON object: the data of an item.

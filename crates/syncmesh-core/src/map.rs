@@ -97,6 +97,53 @@ impl WriteOptions {
     }
 }
 
+/// How a map's read view changed, for a store that keeps a copy of it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ViewChanges {
+    /// The view was emptied first (the map was removed or created again).
+    pub reset: bool,
+    /// Entries to write (`Some`) or delete (`None`), by item key, in key order.
+    pub entries: Vec<(String, Option<Vec<u8>>)>,
+}
+
+const ENTRY_VERSION: u8 = 1;
+const ENTRY_HEADER: usize = 1 + 8 * 5 + 16;
+
+/// A view entry as stored: version, stamps, revision, dates, creator, then the JSON text.
+fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ENTRY_HEADER + st.data.len());
+    b.push(ENTRY_VERSION);
+    b.extend_from_slice(&st.max_stamp.to_le_bytes());
+    b.extend_from_slice(&st.revision.to_le_bytes());
+    b.extend_from_slice(&st.meta.created.to_le_bytes());
+    b.extend_from_slice(&st.meta.updated.to_le_bytes());
+    b.extend_from_slice(&st.meta.expires.to_le_bytes());
+    b.extend_from_slice(&nodes.get(st.meta.created_by).0);
+    b.extend_from_slice(st.data.as_bytes());
+    b
+}
+
+fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
+    if b.len() < ENTRY_HEADER || b[0] != ENTRY_VERSION {
+        return None;
+    }
+    let w = |i: usize| -> Option<[u8; 8]> { b.get(i..i + 8)?.try_into().ok() };
+    let data = std::str::from_utf8(&b[ENTRY_HEADER..]).ok()?;
+    // Only JSON objects are ever stored; anything else means the entry is damaged.
+    serde_json::from_str::<JsonObject>(data).ok()?;
+    Some(ItemState {
+        data: data.into(),
+        meta: ViewMeta {
+            created: i64::from_le_bytes(w(17)?),
+            updated: i64::from_le_bytes(w(25)?),
+            expires: i64::from_le_bytes(w(33)?),
+            created_by: nodes.intern(NodeId::from_slice(b.get(41..57)?)?),
+        },
+        max_stamp: u64::from_le_bytes(w(1)?),
+        revision: u64::from_le_bytes(w(9)?),
+    })
+}
+
 /// Every concurrent value of an item, for the conflicts API.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ItemConflicts {
@@ -242,7 +289,41 @@ enum Pending {
 enum Body {
     /// Boxed: an `Automerge` is ~3.5 KiB inline, which a parked shard should not pay.
     Live(Box<Automerge>),
-    Cold(Vec<u8>),
+    Cold(StoredDoc),
+}
+
+/// A document as a store keeps it: a saved snapshot (Automerge's `save`) and the changes made
+/// or received after it, in any order (changes whose dependencies are missing wait inside
+/// Automerge until those arrive, as they do when received from a peer).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// Output of `save()`, if a snapshot was taken.
+    pub snapshot: Option<Vec<u8>>,
+    /// Encoded changes after the snapshot.
+    pub changes: Vec<Vec<u8>>,
+}
+
+impl StoredDoc {
+    /// Rebuilds the document; `what` names it in errors.
+    fn load(&self, actor: &ActorId, what: &str) -> Result<Automerge> {
+        let mut d = match &self.snapshot {
+            Some(s) => {
+                Automerge::load(s).map_err(|e| Error::Corrupt(format!("{what}: snapshot: {e}")))?
+            }
+            None => Automerge::new(),
+        };
+        let mut changes = Vec::with_capacity(self.changes.len());
+        for (i, c) in self.changes.iter().enumerate() {
+            changes.push(
+                Change::from_bytes(c.clone())
+                    .map_err(|e| Error::Corrupt(format!("{what}: change {i}: {e}")))?,
+            );
+        }
+        d.apply_changes(changes)
+            .map_err(|e| Error::Corrupt(format!("{what}: {e}")))?;
+        d.set_actor(actor.clone());
+        Ok(d)
+    }
 }
 
 struct Shard {
@@ -266,10 +347,8 @@ impl Shard {
 
     /// The document, loading it if it was parked.
     fn doc(&mut self) -> Result<&mut Automerge> {
-        if let Body::Cold(bytes) = &self.body {
-            let mut d = Automerge::load(bytes)
-                .map_err(|e| Error::Corrupt(format!("parked shard document: {e}")))?;
-            d.set_actor(self.actor.clone());
+        if let Body::Cold(stored) = &self.body {
+            let d = stored.load(&self.actor, "shard document")?;
             self.body = Body::Live(Box::new(d));
         }
         match &mut self.body {
@@ -278,10 +357,14 @@ impl Shard {
         }
     }
 
-    fn saved(&self) -> Vec<u8> {
+    fn saved(&mut self) -> Result<Vec<u8>> {
         match &self.body {
-            Body::Live(d) => d.save(),
-            Body::Cold(b) => b.clone(),
+            Body::Live(d) => Ok(d.save()),
+            Body::Cold(StoredDoc {
+                snapshot: Some(s),
+                changes,
+            }) if changes.is_empty() => Ok(s.clone()),
+            Body::Cold(_) => Ok(self.doc()?.save()),
         }
     }
 }
@@ -333,6 +416,8 @@ pub struct MapReplica {
     removal_announced: bool,
     use_counter: u64,
     nodes: Nodes,
+    dirty_keys: BTreeSet<String>,
+    view_reset: bool,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -374,6 +459,8 @@ impl MapReplica {
             removal_announced: false,
             use_counter: 0,
             nodes: Nodes::default(),
+            dirty_keys: BTreeSet::new(),
+            view_reset: false,
         }
     }
 
@@ -781,7 +868,10 @@ impl MapReplica {
                     let mut saved = d.save();
                     // save() over-allocates; parked bytes are kept for a long time.
                     saved.shrink_to_fit();
-                    sh.body = Body::Cold(saved);
+                    sh.body = Body::Cold(StoredDoc {
+                        snapshot: Some(saved),
+                        changes: Vec::new(),
+                    });
                     parked += 1;
                 }
             }
@@ -852,6 +942,7 @@ impl MapReplica {
             }
             self.last_change = self.last_change.max(n.meta.updated());
         }
+        self.dirty_keys.insert(key.to_string());
         let kind = match (old, new) {
             (None, Some(n)) => EventKind::ItemAdded {
                 item: built
@@ -1219,6 +1310,8 @@ impl MapReplica {
 
     fn reset_items(&mut self, is_local: bool, now: Timestamp, announce: bool) {
         self.view.clear();
+        self.view_reset = true;
+        self.dirty_keys.clear();
         self.expiry.clear();
         self.dirty.clear();
         for s in self.shards.iter_mut() {
@@ -1231,19 +1324,84 @@ impl MapReplica {
 
     // ----- persistence -----
 
+    /// How the read view changed since the last call, so a store can keep a copy of it and
+    /// reopen a map without replaying its Automerge documents ([`Self::restore`]).
+    pub fn take_view_changes(&mut self) -> ViewChanges {
+        let reset = std::mem::take(&mut self.view_reset);
+        let keys = std::mem::take(&mut self.dirty_keys);
+        let entries = keys
+            .into_iter()
+            .map(|k| {
+                let e = self.view.get(&k).map(|st| encode_entry(st, &self.nodes));
+                (k, e)
+            })
+            .collect();
+        ViewChanges { reset, entries }
+    }
+
+    /// Reopens a map from stored state: its documents ([`StoredDoc`]) and the view entries kept
+    /// from [`Self::take_view_changes`]. Shard documents stay parked until first used, so this
+    /// costs one pass over the entries. Emits no events; numbering continues after
+    /// `last_event_id`.
+    pub fn restore(
+        id: Identity,
+        sid: MapSid,
+        docs: Vec<(DocAddr, StoredDoc)>,
+        entries: impl IntoIterator<Item = (String, Vec<u8>)>,
+        last_event_id: u64,
+    ) -> Result<Self> {
+        let mut m = MapReplica::empty(id, sid);
+        m.set_last_event_id(last_event_id);
+        let mut shard_docs = Vec::new();
+        for (addr, bytes) in docs {
+            match addr {
+                DocAddr::Meta => m.meta_doc = bytes.load(&m.actor, "map document")?,
+                DocAddr::Shard { inc, index } => shard_docs.push((inc, index, bytes)),
+            }
+        }
+        m.state = read_map_state(&m.meta_doc);
+        m.removal_announced = m.state.removed.is_some();
+        if m.state.removed.is_some() {
+            return Ok(m);
+        }
+        for (inc, index, bytes) in shard_docs {
+            if inc != m.state.inc || index >= SHARDS {
+                continue;
+            }
+            m.shards[usize::from(index)] = Some(Shard {
+                body: Body::Cold(bytes),
+                actor: m.actor.clone(),
+                pending: BTreeMap::new(),
+                last_used: 0,
+            });
+        }
+        for (key, bytes) in entries {
+            let st = decode_entry(&bytes, &mut m.nodes)
+                .ok_or_else(|| Error::Corrupt(format!("stored view entry of item {key:?}")))?;
+            m.clock = m.clock.max(st.max_stamp);
+            m.last_change = m.last_change.max(st.meta.updated());
+            if let Some(e) = st.meta.expires() {
+                m.expiry.insert((e, key.clone()));
+            }
+            m.view.insert(key, st);
+        }
+        Ok(m)
+    }
+
     /// Every document of the map, saved (compacted) for storage or a full transfer.
     /// Queued writes are flushed first.
     pub fn save_all(&mut self, now: Timestamp) -> Result<Vec<(DocAddr, Vec<u8>)>> {
         self.flush(now)?;
         let mut out = vec![(DocAddr::Meta, self.meta_doc.save())];
-        for (i, s) in self.shards.iter().enumerate() {
+        let inc = self.state.inc;
+        for (i, s) in self.shards.iter_mut().enumerate() {
             if let Some(s) = s {
                 out.push((
                     DocAddr::Shard {
-                        inc: self.state.inc,
+                        inc,
                         index: i as u16,
                     },
-                    s.saved(),
+                    s.saved()?,
                 ));
             }
         }
@@ -1293,7 +1451,10 @@ impl MapReplica {
                 }
                 // The view is built; the document waits, compressed, until first used.
                 m.shards[usize::from(index)] = Some(Shard {
-                    body: Body::Cold(bytes.clone()),
+                    body: Body::Cold(StoredDoc {
+                        snapshot: Some(bytes.clone()),
+                        changes: Vec::new(),
+                    }),
                     actor: m.actor.clone(),
                     pending: BTreeMap::new(),
                     last_used: 0,

@@ -311,6 +311,24 @@ fn run_case(seed: u64) {
             "replica {i}: reload differs"
         );
         assert_eq!(loaded.is_live(end), m.is_live(end));
+        // what a store kept (change logs and view entries) reopens to the same state
+        let live_items = m.all_items(end);
+        let live = m.is_live(end);
+        let mut restored = p.restore(&sid);
+        assert_eq!(
+            restored.all_items(end),
+            live_items,
+            "replica {i}: restore differs"
+        );
+        assert_eq!(restored.is_live(end), live);
+        if live {
+            for it in &live_items {
+                restored
+                    .conflicts(&it.key, end)
+                    .expect("restored shard documents load");
+            }
+        }
+        let m = p.map(MAP);
         if m.is_live(end) {
             let page = m
                 .items(

@@ -2,10 +2,12 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the report
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 use syncmesh_core::{
-    Catalog, Event, EventView, Identity, JsonObject, MapReplica, MapSid, MapSpec, NodeId,
-    OutgoingChange, Timestamp,
+    Catalog, DocAddr, Event, EventView, Identity, JsonObject, MapReplica, MapSid, MapSpec, NodeId,
+    OutgoingChange, StoredDoc, Timestamp,
 };
 
 pub const T0: i64 = 1_700_000_000_000;
@@ -18,11 +20,15 @@ pub fn obj(v: Value) -> JsonObject {
     v.as_object().cloned().expect("test data is an object")
 }
 
-/// A replica of one catalog plus everything it has sent and every event it has emitted.
+/// A replica of one catalog plus everything it has sent and every event it has emitted, and
+/// what a store would hold for it (every change it made or received, per document, and the
+/// view entries from `take_view_changes`).
 pub struct Peer {
     pub cat: Catalog,
     pub sent: Vec<OutgoingChange>,
     pub events: Vec<Event>,
+    pub stored_docs: BTreeMap<(MapSid, DocAddr), StoredDoc>,
+    pub stored_view: BTreeMap<MapSid, BTreeMap<String, Vec<u8>>>,
 }
 
 impl Peer {
@@ -31,6 +37,8 @@ impl Peer {
             cat: Catalog::new(Identity::new(NodeId([n; 16]), &[n, 0xAA])),
             sent: Vec::new(),
             events: Vec::new(),
+            stored_docs: BTreeMap::new(),
+            stored_view: BTreeMap::new(),
         }
     }
 
@@ -51,9 +59,59 @@ impl Peer {
     pub fn pump(&mut self, now: Timestamp) {
         for m in self.cat.maps_mut() {
             m.flush(now).expect("flush");
-            self.sent.extend(m.take_outgoing());
+            let out = m.take_outgoing();
+            for c in &out {
+                self.stored_docs
+                    .entry((c.map.clone(), c.doc))
+                    .or_default()
+                    .changes
+                    .push(c.bytes.clone());
+            }
+            self.sent.extend(out);
             self.events.extend(m.take_events());
+            let vc = m.take_view_changes();
+            let view = self.stored_view.entry(m.sid().clone()).or_default();
+            if vc.reset {
+                view.clear();
+            }
+            for (k, e) in vc.entries {
+                match e {
+                    Some(e) => view.insert(k, e),
+                    None => view.remove(&k),
+                };
+            }
         }
+    }
+
+    /// Reopens a map from what the store would hold.
+    pub fn restore(&self, sid: &MapSid) -> MapReplica {
+        let docs: Vec<(DocAddr, StoredDoc)> = self
+            .stored_docs
+            .iter()
+            .filter(|((m, _), _)| m == sid)
+            .map(|((_, d), b)| (*d, b.clone()))
+            .collect();
+        let entries = self
+            .stored_view
+            .get(sid)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter();
+        let last = self
+            .events
+            .iter()
+            .filter(|e| &e.map == sid)
+            .map(|e| e.id)
+            .max()
+            .unwrap_or(0);
+        MapReplica::restore(
+            self.cat.identity().clone(),
+            sid.clone(),
+            docs,
+            entries,
+            last,
+        )
+        .expect("restore")
     }
 
     /// Collects events only (no flush).
@@ -65,6 +123,11 @@ impl Peer {
 
     pub fn receive(&mut self, changes: &[OutgoingChange], now: Timestamp) {
         for c in changes {
+            self.stored_docs
+                .entry((c.map.clone(), c.doc))
+                .or_default()
+                .changes
+                .push(c.bytes.clone());
             self.cat
                 .apply_changes(&c.map, c.doc, std::slice::from_ref(&c.bytes), now)
                 .expect("apply change");
