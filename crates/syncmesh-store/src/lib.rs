@@ -1,0 +1,845 @@
+//! Durable storage for syncmesh on [redb]: one file, `syncmesh.redb`, in the data directory.
+//!
+//! What is kept, per map:
+//!
+//! - every Automerge change made or received, appended per document, until a snapshot of that
+//!   document replaces them ([`Store::compact_doc`]);
+//! - the map's read-view entries ([`syncmesh_core::ViewChanges`]), so reopening a map is one
+//!   pass over its entries, not a replay of its documents;
+//! - the event feed, by event id, so a subscriber can resume from any retained id.
+//!
+//! Every [`Store::commit`] is one redb write transaction: all of a batch or none of it is on
+//! disk, and with [`StoreOptions::durable`] (the default) it is fsynced before `commit` returns.
+//! Callers group many writes into one batch (group commit) so that fsyncs are shared.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
+
+/// Version of the on-disk layout; bumped on any incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Name of the database file inside the data directory.
+pub const DB_FILE: &str = "syncmesh.redb";
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const MAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("maps");
+const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
+const CHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
+const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
+const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+
+/// Everything that can go wrong with the store, each saying which file and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another running node (or another handle in this process) has the store open.
+    #[error("{path} is in use by another running syncmesh node; stop that node or use another data directory")]
+    InUse {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The store was written by a newer (or unknown) version of syncmesh.
+    #[error("{path} has storage schema version {found}, this syncmesh reads version {supported}; use a syncmesh release that supports version {found}")]
+    UnknownSchema {
+        /// The database file.
+        path: PathBuf,
+        /// Version found in the file.
+        found: u32,
+        /// Version this build reads and writes.
+        supported: u32,
+    },
+    /// The file is damaged or is not a syncmesh store.
+    #[error("{path} is damaged or not a syncmesh store ({detail}); restore it from a backup, or move it aside to start with an empty store")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What was found wrong.
+        detail: String,
+    },
+    /// The directory or file cannot be written.
+    #[error("{path} cannot be written ({detail}); check its permissions and that its file system is not mounted read-only")]
+    ReadOnly {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's words.
+        detail: String,
+    },
+    /// The disk is full.
+    #[error("no space left for {path}; free space on its disk and retry (nothing was lost: the failed write was not acknowledged)")]
+    DiskFull {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// Any other I/O failure.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A failure inside the database engine.
+    #[error("storage engine error on {path}: {detail}")]
+    Engine {
+        /// The database file.
+        path: PathBuf,
+        /// What the engine said.
+        detail: String,
+    },
+}
+
+/// Shorthand for store results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Fsync every commit before it returns (default). When false, commits are acknowledged
+    /// before they reach the disk: a crash can lose the most recent ones (never corrupt).
+    pub durable: bool,
+    /// Events kept per map for resuming subscribers; older ones are pruned.
+    pub event_retention: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durable: true,
+            event_retention: 100_000,
+        }
+    }
+}
+
+/// A map as stored, ready for [`syncmesh_core::MapReplica::restore`].
+#[derive(Debug, Default)]
+pub struct LoadedMap {
+    /// Every stored document of the map.
+    pub docs: Vec<(DocAddr, StoredDoc)>,
+    /// View entries by item key.
+    pub entries: Vec<(String, Vec<u8>)>,
+    /// Id of the last stored event (0 if none).
+    pub last_event_id: u64,
+}
+
+/// Writes for one map inside a [`Batch`].
+#[derive(Debug, Default)]
+pub struct MapWrite {
+    /// The map.
+    pub sid: Option<MapSid>,
+    /// Its unique name, recorded in the catalog of maps.
+    pub name: Option<String>,
+    /// Automerge changes made or received, in order.
+    pub changes: Vec<(DocAddr, Vec<u8>)>,
+    /// How its view changed.
+    pub view: ViewChanges,
+    /// New events: id and encoded event.
+    pub events: Vec<(u64, Vec<u8>)>,
+}
+
+/// One atomic commit.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Per-map writes.
+    pub maps: Vec<MapWrite>,
+    /// Node-level metadata to set.
+    pub meta: Vec<(String, Vec<u8>)>,
+}
+
+impl Batch {
+    /// Whether the batch writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty()
+            && self.maps.iter().all(|m| {
+                m.changes.is_empty()
+                    && m.view.entries.is_empty()
+                    && !m.view.reset
+                    && m.events.is_empty()
+                    && m.name.is_none()
+            })
+    }
+}
+
+/// The store. Cheap to share behind an `Arc`; commits are serialised by redb.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    opts: StoreOptions,
+    /// Next change sequence number per document key.
+    seqs: Mutex<HashMap<Vec<u8>, u64>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn classify_io(path: &Path, e: std::io::Error) -> StoreError {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::PermissionDenied | K::ReadOnlyFilesystem => StoreError::ReadOnly {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        K::StorageFull => StoreError::DiskFull {
+            path: path.to_path_buf(),
+        },
+        K::UnexpectedEof | K::InvalidData => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        _ => StoreError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    }
+}
+
+fn classify(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::DatabaseAlreadyOpen => StoreError::InUse {
+            path: path.to_path_buf(),
+        },
+        redb::Error::Corrupted(detail) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail,
+        },
+        redb::Error::UpgradeRequired(v) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("redb file format {v} needs an upgrade"),
+        },
+        redb::Error::Io(io) => classify_io(path, io),
+        other => StoreError::Engine {
+            path: path.to_path_buf(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+fn doc_key(sid: &MapSid, doc: DocAddr) -> Vec<u8> {
+    let mut k = Vec::with_capacity(45);
+    k.extend_from_slice(sid.as_str().as_bytes());
+    match doc {
+        DocAddr::Meta => {
+            k.push(0);
+            k.extend_from_slice(&0u64.to_be_bytes());
+            k.extend_from_slice(&0u16.to_be_bytes());
+        }
+        DocAddr::Shard { inc, index } => {
+            k.push(1);
+            k.extend_from_slice(&inc.to_be_bytes());
+            k.extend_from_slice(&index.to_be_bytes());
+        }
+    }
+    k
+}
+
+fn parse_doc_key(k: &[u8]) -> Option<DocAddr> {
+    let rest = k.get(34..45)?;
+    let inc = u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?);
+    let index = u16::from_be_bytes(rest.get(9..11)?.try_into().ok()?);
+    match rest[0] {
+        0 => Some(DocAddr::Meta),
+        1 => Some(DocAddr::Shard { inc, index }),
+        _ => None,
+    }
+}
+
+fn item_key(sid: &MapSid, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(34 + key.len());
+    k.extend_from_slice(sid.as_str().as_bytes());
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn event_key(sid: &MapSid, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(42);
+    k.extend_from_slice(sid.as_str().as_bytes());
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| classify_io(dir, e))?;
+        let path = dir.join(DB_FILE);
+        let db = Database::builder()
+            .create(&path)
+            .map_err(|e| classify(&path, e))?;
+        Store::init(db, path, opts)
+    }
+
+    /// A store held in memory only (tests, ephemeral nodes).
+    pub fn in_memory(opts: StoreOptions) -> Result<Store> {
+        let path = PathBuf::from(":memory:");
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .map_err(|e| classify(&path, e))?;
+        Store::init(db, path, opts)
+    }
+
+    fn init(db: Database, path: PathBuf, opts: StoreOptions) -> Result<Store> {
+        let store = Store {
+            db,
+            path,
+            opts,
+            seqs: Mutex::new(HashMap::new()),
+        };
+        let tx = store.begin_write()?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| store.err(e))?;
+            let found = meta
+                .get("schema_version")
+                .map_err(|e| store.err(e))?
+                .map(|v| v.value().to_vec());
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
+                        .map_err(|e| store.err(e))?;
+                }
+                Some(v) => {
+                    let found = <[u8; 4]>::try_from(v.as_slice())
+                        .map(u32::from_le_bytes)
+                        .map_err(|_| StoreError::Corrupt {
+                            path: store.path.clone(),
+                            detail: "schema version record is malformed".into(),
+                        })?;
+                    if found != SCHEMA_VERSION {
+                        return Err(StoreError::UnknownSchema {
+                            path: store.path.clone(),
+                            found,
+                            supported: SCHEMA_VERSION,
+                        });
+                    }
+                }
+            }
+            for t in [MAPS, SNAPSHOTS, CHANGES, ITEMS, EVENTS] {
+                tx.open_table(t).map_err(|e| store.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| store.err(e))?;
+        Ok(store)
+    }
+
+    /// The database file (or `:memory:`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        classify(&self.path, e)
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let d = if self.opts.durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
+        tx.set_durability(d).map_err(|e| StoreError::Engine {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(tx)
+    }
+
+    /// A node-level metadata value.
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(META).map_err(|e| self.err(e))?;
+        Ok(t.get(key)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Every map in the catalog, with its unique name.
+    pub fn list_maps(&self) -> Result<Vec<(MapSid, Option<String>)>> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(MAPS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let sid = std::str::from_utf8(k.value())
+                .ok()
+                .and_then(MapSid::parse)
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: "a map catalog key is not a map sid".into(),
+                })?;
+            let name =
+                (!v.value().is_empty()).then(|| String::from_utf8_lossy(v.value()).into_owned());
+            out.push((sid, name));
+        }
+        Ok(out)
+    }
+
+    /// Everything stored for one map, or `None` if the catalog does not hold it.
+    pub fn load_map(&self, sid: &MapSid) -> Result<Option<LoadedMap>> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let maps = tx.open_table(MAPS).map_err(|e| self.err(e))?;
+        if maps
+            .get(sid.as_str().as_bytes())
+            .map_err(|e| self.err(e))?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        let prefix = sid.as_str().as_bytes().to_vec();
+        let end = prefix_end(&prefix);
+        let mut docs: std::collections::BTreeMap<DocAddr, StoredDoc> = Default::default();
+        let snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+        for row in snaps
+            .range(prefix.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let addr = parse_doc_key(k.value()).ok_or_else(|| self.corrupt("snapshot key"))?;
+            docs.entry(addr).or_default().snapshot = Some(v.value().to_vec());
+        }
+        let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+        for row in changes
+            .range(prefix.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let addr = parse_doc_key(k.value()).ok_or_else(|| self.corrupt("change key"))?;
+            docs.entry(addr)
+                .or_default()
+                .changes
+                .push(v.value().to_vec());
+        }
+        let items = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
+        let mut entries = Vec::new();
+        for row in items
+            .range(prefix.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let key = std::str::from_utf8(&k.value()[34..])
+                .map_err(|_| self.corrupt("item key is not UTF-8"))?
+                .to_string();
+            entries.push((key, v.value().to_vec()));
+        }
+        let events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let last_event_id = events
+            .range(prefix.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.err(e))?
+            .and_then(|(k, _)| k.value().get(34..42).map(|b| b.to_vec()))
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(Some(LoadedMap {
+            docs: docs.into_iter().collect(),
+            entries,
+            last_event_id,
+        }))
+    }
+
+    fn corrupt(&self, what: &str) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: format!("malformed {what}"),
+        }
+    }
+
+    /// Stored events of a map with ids after `after`, oldest first, at most `limit`.
+    pub fn events_after(
+        &self,
+        sid: &MapSid,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let start = event_key(sid, after.saturating_add(1));
+        let end = prefix_end(sid.as_str().as_bytes());
+        let mut out = Vec::new();
+        for row in t
+            .range(start.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let id = k
+                .value()
+                .get(34..42)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| self.corrupt("event key"))?;
+            out.push((id, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The oldest retained event id of a map (events before it were pruned), if any.
+    pub fn first_event_id(&self, sid: &MapSid) -> Result<Option<u64>> {
+        Ok(self.events_after(sid, 0, 1)?.first().map(|(id, _)| *id))
+    }
+
+    fn next_seq(
+        &self,
+        seqs: &mut HashMap<Vec<u8>, u64>,
+        changes: &redb::Table<&[u8], &[u8]>,
+        dk: &[u8],
+    ) -> Result<u64> {
+        if let Some(s) = seqs.get_mut(dk) {
+            *s += 1;
+            return Ok(*s);
+        }
+        let end = prefix_end(dk);
+        let last = changes
+            .range(dk..end.as_slice())
+            .map_err(|e| self.err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.err(e))?
+            .and_then(|(k, _)| k.value().get(45..53).map(|b| b.to_vec()))
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        seqs.insert(dk.to_vec(), last + 1);
+        Ok(last + 1)
+    }
+
+    /// Writes a batch atomically (and, when durable, fsyncs it) before returning.
+    pub fn commit(&self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self.begin_write()?;
+        let mut seqs = self
+            .seqs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let snapshot_of_seqs = seqs.clone();
+        let result = self.write_batch(&tx, batch, &mut seqs);
+        let result = result.and_then(|()| tx.commit().map_err(|e| self.err(e)));
+        if result.is_err() {
+            // Nothing was written: forget the sequence numbers this batch took.
+            *seqs = snapshot_of_seqs;
+        }
+        result
+    }
+
+    fn write_batch(
+        &self,
+        tx: &WriteTransaction,
+        batch: &Batch,
+        seqs: &mut HashMap<Vec<u8>, u64>,
+    ) -> Result<()> {
+        let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+        for (k, v) in &batch.meta {
+            meta.insert(k.as_str(), v.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        let mut maps = tx.open_table(MAPS).map_err(|e| self.err(e))?;
+        let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+        let mut items = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
+        let mut events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        for m in &batch.maps {
+            let Some(sid) = &m.sid else { continue };
+            let sid_bytes = sid.as_str().as_bytes();
+            if m.name.is_some() || maps.get(sid_bytes).map_err(|e| self.err(e))?.is_none() {
+                let name = m.name.as_deref().unwrap_or("").as_bytes().to_vec();
+                maps.insert(sid_bytes, name.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            for (doc, bytes) in &m.changes {
+                let dk = doc_key(sid, *doc);
+                let seq = self.next_seq(seqs, &changes, &dk)?;
+                let mut ck = dk;
+                ck.extend_from_slice(&seq.to_be_bytes());
+                changes
+                    .insert(ck.as_slice(), bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
+            if m.view.reset {
+                let start = sid_bytes.to_vec();
+                let end = prefix_end(&start);
+                items
+                    .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
+                    .map_err(|e| self.err(e))?;
+            }
+            for (key, entry) in &m.view.entries {
+                let ik = item_key(sid, key);
+                match entry {
+                    Some(e) => {
+                        items
+                            .insert(ik.as_slice(), e.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    None => {
+                        items.remove(ik.as_slice()).map_err(|e| self.err(e))?;
+                    }
+                }
+            }
+            let mut prune_below = None;
+            for (id, bytes) in &m.events {
+                events
+                    .insert(event_key(sid, *id).as_slice(), bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+                if id % 1024 == 0 && *id > self.opts.event_retention {
+                    prune_below = Some(id - self.opts.event_retention);
+                }
+            }
+            if let Some(below) = prune_below {
+                let start = event_key(sid, 0);
+                let end = event_key(sid, below);
+                events
+                    .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces a document's stored changes by a snapshot that contains them all. Must be
+    /// ordered after every commit whose changes the snapshot includes, and before any commit
+    /// of changes it does not include (one writer thread makes both true).
+    pub fn compact_doc(&self, sid: &MapSid, doc: DocAddr, snapshot: &[u8]) -> Result<()> {
+        let tx = self.begin_write()?;
+        {
+            let dk = doc_key(sid, doc);
+            let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+            snaps
+                .insert(dk.as_slice(), snapshot)
+                .map_err(|e| self.err(e))?;
+            let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+            let end = prefix_end(&dk);
+            changes
+                .retain_in(dk.as_slice()..end.as_slice(), |_, _| false)
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Forgets a document (e.g. the shards of a removed incarnation).
+    pub fn drop_doc(&self, sid: &MapSid, doc: DocAddr) -> Result<()> {
+        let tx = self.begin_write()?;
+        {
+            let dk = doc_key(sid, doc);
+            let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+            snaps.remove(dk.as_slice()).map_err(|e| self.err(e))?;
+            let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+            let end = prefix_end(&dk);
+            changes
+                .retain_in(dk.as_slice()..end.as_slice(), |_, _| false)
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Bytes used on disk by the database file (0 in memory).
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// Rewrites the file to release free space (redb compaction). Call when idle.
+    pub fn compact_file(&mut self) -> Result<bool> {
+        self.db.compact().map_err(|e| StoreError::Engine {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syncmesh_core::ViewChanges;
+
+    fn sid() -> MapSid {
+        MapSid::for_name("users")
+    }
+
+    fn write(
+        store: &Store,
+        changes: Vec<(DocAddr, Vec<u8>)>,
+        entries: Vec<(&str, Option<&[u8]>)>,
+        events: Vec<u64>,
+    ) {
+        let batch = Batch {
+            maps: vec![MapWrite {
+                sid: Some(sid()),
+                name: Some("users".into()),
+                changes,
+                view: ViewChanges {
+                    reset: false,
+                    entries: entries
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.map(|v| v.to_vec())))
+                        .collect(),
+                },
+                events: events
+                    .into_iter()
+                    .map(|i| (i, format!("e{i}").into_bytes()))
+                    .collect(),
+            }],
+            meta: vec![],
+        };
+        store.commit(&batch).unwrap();
+    }
+
+    #[test]
+    fn roundtrip_on_disk_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = DocAddr::Shard { inc: 0, index: 7 };
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            write(
+                &s,
+                vec![(DocAddr::Meta, b"m1".to_vec()), (shard, b"c1".to_vec())],
+                vec![("a", Some(b"A")), ("b", Some(b"B"))],
+                vec![1, 2],
+            );
+            write(
+                &s,
+                vec![(shard, b"c2".to_vec())],
+                vec![("a", None)],
+                vec![3],
+            );
+        }
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(
+            s.list_maps().unwrap(),
+            vec![(sid(), Some("users".to_string()))]
+        );
+        let m = s.load_map(&sid()).unwrap().unwrap();
+        assert_eq!(m.entries, vec![("b".to_string(), b"B".to_vec())]);
+        assert_eq!(m.last_event_id, 3);
+        let docs: std::collections::BTreeMap<_, _> = m.docs.into_iter().collect();
+        assert_eq!(docs[&shard].changes, vec![b"c1".to_vec(), b"c2".to_vec()]);
+        assert_eq!(docs[&DocAddr::Meta].changes, vec![b"m1".to_vec()]);
+        // sequence numbers continue after reopen
+        write(&s, vec![(shard, b"c3".to_vec())], vec![], vec![]);
+        let m = s.load_map(&sid()).unwrap().unwrap();
+        let docs: std::collections::BTreeMap<_, _> = m.docs.into_iter().collect();
+        assert_eq!(docs[&shard].changes.len(), 3);
+        assert_eq!(
+            s.events_after(&sid(), 1, 10)
+                .unwrap()
+                .iter()
+                .map(|e| e.0)
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        // compaction replaces the changes with a snapshot
+        s.compact_doc(&sid(), shard, b"SNAP").unwrap();
+        write(&s, vec![(shard, b"c4".to_vec())], vec![], vec![]);
+        let m = s.load_map(&sid()).unwrap().unwrap();
+        let docs: std::collections::BTreeMap<_, _> = m.docs.into_iter().collect();
+        assert_eq!(docs[&shard].snapshot.as_deref(), Some(b"SNAP".as_slice()));
+        assert_eq!(docs[&shard].changes, vec![b"c4".to_vec()]);
+        assert!(s.load_map(&MapSid::for_name("other")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_second_open_is_refused_while_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let err = Store::open(dir.path(), StoreOptions::default()).unwrap_err();
+        assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("syncmesh.redb"));
+    }
+
+    #[test]
+    fn unknown_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 99u32.to_le_bytes().as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Store::open(dir.path(), StoreOptions::default()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::UnknownSchema {
+                    found: 99,
+                    supported: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn garbage_and_truncated_files_give_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(DB_FILE),
+            b"this is not a database at all, just text",
+        )
+        .unwrap();
+        let err = Store::open(dir.path(), StoreOptions::default()).unwrap_err();
+        assert!(err.to_string().contains(DB_FILE), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            write(
+                &s,
+                vec![(DocAddr::Meta, vec![7; 10_000])],
+                vec![("a", Some(b"A"))],
+                vec![1],
+            );
+        }
+        let path = dir.path().join(DB_FILE);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len / 3).unwrap();
+        drop(f);
+        match Store::open(dir.path(), StoreOptions::default()) {
+            Err(e) => assert!(e.to_string().contains(DB_FILE), "{e}"),
+            // redb may recover an older consistent state; then it must be readable
+            Ok(s) => {
+                let _ = s.list_maps().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn in_memory_store_works() {
+        let s = Store::in_memory(StoreOptions::default()).unwrap();
+        write(&s, vec![], vec![("k", Some(b"v"))], vec![1]);
+        assert_eq!(s.load_map(&sid()).unwrap().unwrap().entries.len(), 1);
+    }
+
+    #[test]
+    fn events_are_pruned_past_retention() {
+        let s = Store::in_memory(StoreOptions {
+            durable: true,
+            event_retention: 1000,
+        })
+        .unwrap();
+        write(&s, vec![], vec![], (1..=2048).collect());
+        let first = s.first_event_id(&sid()).unwrap().unwrap();
+        assert_eq!(first, 1048);
+    }
+}
