@@ -116,6 +116,10 @@ impl Catalog {
                 return Err(Error::MapNotFound("(no id given)".into()));
             }
             let sid = MapSid::from_random(random);
+            if self.maps.contains_key(&sid) {
+                // 128 random bits collided: the random source is broken; never reuse a map.
+                return Err(Error::MapNameTaken(sid.to_string()));
+            }
             let m = MapReplica::create(self.id.clone(), sid.clone(), None, spec.ttl, now)?;
             return Ok((self.maps.entry(sid).or_insert(m), true));
         };
@@ -131,7 +135,7 @@ impl Catalog {
             }
             (MapRef::Name(n), _, false) => {
                 match self.maps.get_mut(&sid) {
-                    Some(m) => m.recreate(spec.ttl, now)?,
+                    Some(m) => m.recreate(Some(n), spec.ttl, now)?,
                     None => {
                         let m = MapReplica::create(
                             self.id.clone(),
@@ -159,9 +163,19 @@ impl Catalog {
         let sid = MapRef::parse(id)?.sid();
         match self.maps.get_mut(&sid) {
             Some(m) if m.is_live(now) => Ok(m),
-            Some(_) => Err(Error::MapRemoved(id.to_string())),
-            None => Err(Error::MapNotFound(id.to_string())),
+            Some(m) if m.exists() => Err(Error::MapRemoved(id.to_string())),
+            _ => Err(Error::MapNotFound(id.to_string())),
         }
+    }
+
+    /// Adds a map (e.g. restored from storage); replaces one with the same sid.
+    pub fn insert(&mut self, map: MapReplica) {
+        self.maps.insert(map.sid().clone(), map);
+    }
+
+    /// Whether this catalog holds the map, whatever its state.
+    pub fn contains(&self, sid: &MapSid) -> bool {
+        self.maps.contains_key(sid)
     }
 
     /// A map by sid, whatever its state.
@@ -178,6 +192,11 @@ impl Catalog {
     }
 
     /// Every map held, live or not.
+    pub fn maps(&self) -> impl Iterator<Item = &MapReplica> {
+        self.maps.values()
+    }
+
+    /// Every map held, live or not, for changing.
     pub fn maps_mut(&mut self) -> impl Iterator<Item = &mut MapReplica> {
         self.maps.values_mut()
     }

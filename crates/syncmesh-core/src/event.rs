@@ -2,10 +2,10 @@
 
 use crate::ids::{MapSid, NodeId, Revision, Timestamp};
 use crate::JsonObject;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// An item as read: its key, data and metadata.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {
     /// The item's key.
     pub key: String,
@@ -24,7 +24,7 @@ pub struct Item {
 }
 
 /// A map as described by the API.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MapInfo {
     /// The map's sid.
     pub sid: MapSid,
@@ -43,7 +43,7 @@ pub struct MapInfo {
 }
 
 /// What happened, in an [`Event`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     /// An item appeared.
@@ -70,7 +70,7 @@ pub enum EventKind {
 }
 
 /// One change seen by a replica, local or merged from a peer.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// Per-map, per-replica, strictly increasing from 1.
     pub id: u64,

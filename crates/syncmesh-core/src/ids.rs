@@ -80,9 +80,10 @@ impl MapSid {
 
     /// Whether `s` is shaped like a sid (`MP` + 32 hex digits, any case).
     pub fn looks_like_sid(s: &str) -> bool {
-        s.len() == 34
-            && s[..2].eq_ignore_ascii_case("MP")
-            && s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+        let b = s.as_bytes();
+        b.len() == 34
+            && b[..2].eq_ignore_ascii_case(b"MP")
+            && b[2..].iter().all(u8::is_ascii_hexdigit)
     }
 
     /// The sid as text.
@@ -116,9 +117,17 @@ impl Revision {
         Revision(format!("{h:016x}"))
     }
 
-    /// A revision given by a client (If-Match); any text is accepted and simply compared.
+    /// A revision given by a client (If-Match / ETag): surrounding quotes and a weak `W/`
+    /// prefix are dropped; the rest is compared as is.
     pub fn from_client(s: impl Into<String>) -> Self {
-        Revision(s.into().trim_matches('"').to_string())
+        let s = s.into();
+        let t = s.trim();
+        let t = t.strip_prefix("W/").unwrap_or(t);
+        let t = t
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .unwrap_or(t);
+        Revision(t.to_string())
     }
 
     /// The revision as text.
@@ -175,6 +184,18 @@ mod tests {
             Revision::from_client("\"00ff\""),
             Revision::from_client("00ff")
         );
+        assert_eq!(
+            Revision::from_client("W/\"00ff\""),
+            Revision::from_client("00ff")
+        );
         assert_eq!(Revision::from_hash(255).as_str(), "00000000000000ff");
+    }
+
+    #[test]
+    fn sid_shape_check_never_panics_on_multibyte_text() {
+        let name = format!("日{}", "a".repeat(31));
+        assert_eq!(name.len(), 34);
+        assert!(!MapSid::looks_like_sid(&name));
+        assert!(!MapSid::looks_like_sid("é"));
     }
 }

@@ -24,6 +24,12 @@ pub fn shard_of(key: &str) -> u16 {
     (hash64([key.as_bytes()]) % u64::from(SHARDS)) as u16
 }
 
+/// Whether `key` is a valid item key that lives in shard `index` (slots anywhere else are a
+/// peer's garbage and are ignored).
+pub(crate) fn belongs(key: &str, index: u16) -> bool {
+    crate::limits::validate_key(key).is_ok() && shard_of(key) == index
+}
+
 /// Root key of an item's meta record.
 pub(crate) fn meta_key(key: &str) -> String {
     let mut s = String::with_capacity(key.len() + 6);
@@ -65,7 +71,8 @@ pub(crate) enum Slot<'a> {
 /// Parses a shard root key; `None` for anything not written by this layout.
 pub(crate) fn parse_slot(root_key: &str) -> Option<Slot<'_>> {
     let tag = root_key.as_bytes().first()?;
-    let rest = &root_key[1..];
+    // A peer may send any root key; one starting with a multi-byte character is not ours.
+    let rest = root_key.get(1..)?;
     let colon = rest.find(':')?;
     let len: usize = rest[..colon].parse().ok()?;
     if rest[..colon].starts_with('0') && colon > 1 {

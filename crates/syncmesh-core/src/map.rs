@@ -107,7 +107,7 @@ pub struct ViewChanges {
 }
 
 const ENTRY_VERSION: u8 = 1;
-const ENTRY_HEADER: usize = 1 + 8 * 5 + 16;
+const ENTRY_HEADER: usize = 1 + 8 * 5 + 16 + 1;
 
 /// A view entry as stored: version, stamps, revision, dates, creator, then the JSON text.
 fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
@@ -119,6 +119,7 @@ fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
     b.extend_from_slice(&st.meta.updated.to_le_bytes());
     b.extend_from_slice(&st.meta.expires.to_le_bytes());
     b.extend_from_slice(&nodes.get(st.meta.created_by).0);
+    b.push(u8::from(st.meta.conflicted));
     b.extend_from_slice(st.data.as_bytes());
     b
 }
@@ -138,6 +139,7 @@ fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
             updated: i64::from_le_bytes(w(25)?),
             expires: i64::from_le_bytes(w(33)?),
             created_by: nodes.intern(NodeId::from_slice(b.get(41..57)?)?),
+            conflicted: *b.get(57)? == 1,
         },
         max_stamp: u64::from_le_bytes(w(1)?),
         revision: u64::from_le_bytes(w(9)?),
@@ -174,6 +176,8 @@ struct ViewMeta {
     /// `i64::MIN` when the item has no TTL.
     expires: i64,
     created_by: u32,
+    /// Some field has concurrent values (set from the documents, cleared by full writes).
+    conflicted: bool,
 }
 
 impl ViewMeta {
@@ -219,6 +223,7 @@ struct RawItem {
     meta: ItemMeta,
     max_stamp: u64,
     revision: u64,
+    conflicted: bool,
 }
 
 impl ItemState {
@@ -240,6 +245,7 @@ impl ItemState {
                     .expires
                     .map_or(i64::MIN, |e| e.millis().max(i64::MIN + 1)),
                 created_by: nodes.intern(meta.created_by),
+                conflicted: false,
             },
             max_stamp,
             revision,
@@ -247,7 +253,9 @@ impl ItemState {
     }
 
     fn from_raw(raw: RawItem, nodes: &mut Nodes) -> Self {
-        ItemState::new(&raw.data, &raw.meta, raw.max_stamp, raw.revision, nodes)
+        let mut st = ItemState::new(&raw.data, &raw.meta, raw.max_stamp, raw.revision, nodes);
+        st.meta.conflicted = raw.conflicted;
+        st
     }
 
     fn data(&self) -> JsonObject {
@@ -279,7 +287,8 @@ impl ItemState {
 #[derive(Debug, Clone)]
 enum Pending {
     Field(Json),
-    Meta(Vec<u8>),
+    /// The meta record, and whether the write creates the item.
+    Meta(Vec<u8>, bool),
     Delete,
 }
 
@@ -304,6 +313,23 @@ pub struct StoredDoc {
 }
 
 impl StoredDoc {
+    /// Every change it holds, decoded (including ones whose dependencies are missing).
+    fn decode_changes(&self, what: &str) -> Result<Vec<Change>> {
+        let mut out = match &self.snapshot {
+            Some(s) => Automerge::load(s)
+                .map_err(|e| Error::Corrupt(format!("{what}: snapshot: {e}")))?
+                .get_changes(&[]),
+            None => Vec::new(),
+        };
+        for (i, c) in self.changes.iter().enumerate() {
+            out.push(
+                Change::from_bytes(c.clone())
+                    .map_err(|e| Error::Corrupt(format!("{what}: change {i}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Rebuilds the document; `what` names it in errors.
     fn load(&self, actor: &ActorId, what: &str) -> Result<Automerge> {
         let mut d = match &self.snapshot {
@@ -387,6 +413,11 @@ impl MapState {
         self.created.is_some()
     }
 
+    /// Exists and was not removed (it may have expired).
+    fn live_or_expired(&self) -> bool {
+        self.exists() && self.removed.is_none()
+    }
+
     fn live(&self, now: Timestamp) -> bool {
         self.exists() && self.removed.is_none() && self.expires.is_none_or(|e| e > now)
     }
@@ -402,7 +433,8 @@ pub struct MapReplica {
     sid: MapSid,
     meta_doc: Automerge,
     state: MapState,
-    shards: Vec<Option<Shard>>,
+    /// Shard documents that exist, by index (a map touches few of them until it is large).
+    shards: BTreeMap<u16, Shard>,
     dirty: BTreeSet<u16>,
     view: BTreeMap<String, ItemState>,
     expiry: BTreeSet<(Timestamp, String)>,
@@ -418,6 +450,7 @@ pub struct MapReplica {
     nodes: Nodes,
     dirty_keys: BTreeSet<String>,
     view_reset: bool,
+    dropped_changes: u64,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -446,7 +479,7 @@ impl MapReplica {
             sid,
             meta_doc,
             state,
-            shards: (0..SHARDS).map(|_| None).collect(),
+            shards: BTreeMap::new(),
             dirty: BTreeSet::new(),
             view: BTreeMap::new(),
             expiry: BTreeSet::new(),
@@ -461,6 +494,7 @@ impl MapReplica {
             nodes: Nodes::default(),
             dirty_keys: BTreeSet::new(),
             view_reset: false,
+            dropped_changes: 0,
         }
     }
 
@@ -482,17 +516,21 @@ impl MapReplica {
     }
 
     /// Creates the map again after it was removed: a fresh, empty incarnation.
-    pub fn recreate(&mut self, ttl: Option<Ttl>, now: Timestamp) -> Result<()> {
+    /// `name` is used when this replica has not learnt the map's name yet (it only held
+    /// changes from peers).
+    pub fn recreate(&mut self, name: Option<&str>, ttl: Option<Ttl>, now: Timestamp) -> Result<()> {
         self.expire(now);
         if self.state.live(now) {
             return Err(Error::MapNameTaken(self.display_name()));
         }
         let inc = if self.state.exists() {
-            self.state.inc + 1
+            self.state.inc.checked_add(1).ok_or_else(|| {
+                Error::Corrupt(format!("map {} has run out of incarnations", self.sid))
+            })?
         } else {
             self.state.inc
         };
-        let name = self.state.name.clone();
+        let name = self.state.name.clone().or_else(|| name.map(str::to_string));
         self.write_incarnation(inc, name.as_deref(), ttl, now)
     }
 
@@ -547,6 +585,12 @@ impl MapReplica {
             });
         }
         self.refresh_map_state(true, now);
+    }
+
+    /// Buffered peer changes that could not be applied when their map document arrived
+    /// (a shell logs this; the peer's sync will offer them again).
+    pub fn dropped_changes(&self) -> u64 {
+        self.dropped_changes
     }
 
     /// The map's sid.
@@ -664,7 +708,7 @@ impl MapReplica {
         opts: &WriteOptions,
         now: Timestamp,
     ) -> Result<Item> {
-        self.write(key, opts, now, Require::Any, |_| Some(data))
+        self.write(key, opts, now, Require::Any, Explicit::All, |_| Some(data))
             .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
     }
 
@@ -680,8 +724,10 @@ impl MapReplica {
             ttl,
             if_match: None,
         };
-        self.write(key, &opts, now, Require::Absent, |_| Some(data))
-            .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
+        self.write(key, &opts, now, Require::Absent, Explicit::All, |_| {
+            Some(data)
+        })
+        .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
     }
 
     /// Shallow-merges `patch` into the item's top level (creating it if absent).
@@ -692,7 +738,8 @@ impl MapReplica {
         opts: &WriteOptions,
         now: Timestamp,
     ) -> Result<Item> {
-        self.write(key, opts, now, Require::Any, |cur| {
+        let fields = Explicit::Fields(patch.keys().cloned().collect());
+        self.write(key, opts, now, Require::Any, fields, |cur| {
             let mut d = cur.cloned().unwrap_or_default();
             for (k, v) in patch {
                 d.insert(k, v);
@@ -714,13 +761,14 @@ impl MapReplica {
     where
         F: FnOnce(Option<&JsonObject>) -> Option<JsonObject>,
     {
-        self.write(key, opts, now, Require::Any, f)
+        self.write(key, opts, now, Require::Any, Explicit::All, f)
     }
 
     /// Changes only the item's TTL (counted from now; 0 clears it).
     pub fn set_item_ttl(&mut self, key: &str, ttl: Ttl, now: Timestamp) -> Result<Item> {
         let opts = WriteOptions::ttl(ttl);
-        self.write(key, &opts, now, Require::Present, |cur| cur.cloned())
+        let none = Explicit::Fields(Vec::new());
+        self.write(key, &opts, now, Require::Present, none, |cur| cur.cloned())
             .and_then(|i| i.ok_or_else(|| Error::ItemNotFound(key.to_string())))
     }
 
@@ -745,12 +793,14 @@ impl MapReplica {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn write<F>(
         &mut self,
         key: &str,
         opts: &WriteOptions,
         now: Timestamp,
         require: Require,
+        explicit: Explicit,
         f: F,
     ) -> Result<Option<Item>>
     where
@@ -766,12 +816,13 @@ impl MapReplica {
             _ => {}
         }
         if let Some(rev) = &opts.if_match {
-            let current = cur.map(|c| c.revision().to_string()).unwrap_or_default();
-            if rev.as_str() != current {
+            // A missing item never matches, whatever revision was given.
+            let current = cur.map(ItemState::revision);
+            if current.as_ref() != Some(rev) {
                 return Err(Error::RevisionMismatch {
                     key: key.to_string(),
                     expected: rev.to_string(),
-                    current,
+                    current: current.map(|r| r.to_string()).unwrap_or_default(),
                 });
             }
         }
@@ -785,7 +836,25 @@ impl MapReplica {
         let created = cur.map_or(now, |c| c.meta.created());
         let created_by = cur.map_or(self.id.node, |c| self.nodes.get(c.meta.created_by));
         let old_expires = cur.and_then(|c| c.meta.expires());
-        let slot_ops = diff_slots(key, cur_data.as_ref(), &new_data);
+        // Fields the caller wrote explicitly are written even if equal to the visible value
+        // when the item has concurrent values, so that the write resolves those conflicts.
+        let conflicted = cur.is_some_and(|c| c.meta.conflicted);
+        let forced: Vec<&String> = if conflicted {
+            match &explicit {
+                Explicit::All => new_data.keys().collect(),
+                Explicit::Fields(f) => f.iter().collect(),
+            }
+        } else {
+            Vec::new()
+        };
+        let mut slot_ops = diff_slots(key, cur_data.as_ref(), &new_data);
+        for f in forced {
+            if let Some(v) = new_data.get(f) {
+                slot_ops.push((layout::field_key(key, f), Pending::Field(v.clone())));
+            }
+        }
+        let still_conflicted = conflicted && matches!(explicit, Explicit::Fields(_));
+        let creates = cur.is_none();
 
         let stamp = self.next_stamp(stamp_floor, now);
         let meta = ItemMeta {
@@ -805,11 +874,14 @@ impl MapReplica {
         let shard = layout::shard_of(key);
         let sh = self.shard_mut(shard);
         sh.pending.extend(slot_ops);
-        sh.pending
-            .insert(layout::meta_key(key), Pending::Meta(meta_bytes));
+        let mk = layout::meta_key(key);
+        // Creation survives coalescing with later writes queued before the same flush.
+        let fresh = creates || matches!(sh.pending.get(&mk), Some(Pending::Meta(_, true)));
+        sh.pending.insert(mk, Pending::Meta(meta_bytes, fresh));
         self.dirty.insert(shard);
 
-        let st = ItemState::new(&new_data, &meta, stamp, revision, &mut self.nodes);
+        let mut st = ItemState::new(&new_data, &meta, stamp, revision, &mut self.nodes);
+        st.meta.conflicted = still_conflicted;
         let item = Item {
             key: key.to_string(),
             data: new_data,
@@ -838,7 +910,10 @@ impl MapReplica {
     fn shard_mut(&mut self, index: u16) -> &mut Shard {
         let actor = &self.actor;
         self.use_counter += 1;
-        let sh = self.shards[usize::from(index)].get_or_insert_with(|| Shard::new(actor));
+        let sh = self
+            .shards
+            .entry(index)
+            .or_insert_with(|| Shard::new(actor));
         sh.last_used = self.use_counter;
         sh
     }
@@ -847,23 +922,22 @@ impl MapReplica {
     /// bytes (see [`Body`]). Returns how many were parked. Queued writes are flushed first.
     pub fn unload_idle(&mut self, keep: usize, now: Timestamp) -> Result<usize> {
         self.flush(now)?;
-        let mut live: Vec<(u64, usize)> = self
+        let mut live: Vec<(u64, u16)> = self
             .shards
             .iter()
-            .enumerate()
             .filter_map(|(i, s)| match s {
-                Some(Shard {
+                Shard {
                     body: Body::Live(_),
                     last_used,
                     ..
-                }) => Some((*last_used, i)),
+                } => Some((*last_used, *i)),
                 _ => None,
             })
             .collect();
         live.sort_unstable_by(|a, b| b.cmp(a));
         let mut parked = 0;
         for (_, i) in live.into_iter().skip(keep) {
-            if let Some(sh) = self.shards[i].as_mut() {
+            if let Some(sh) = self.shards.get_mut(&i) {
                 if let Body::Live(d) = &sh.body {
                     let mut saved = d.save();
                     // save() over-allocates; parked bytes are kept for a long time.
@@ -882,16 +956,8 @@ impl MapReplica {
     /// Number of shard documents held in memory (not parked).
     pub fn live_shards(&self) -> usize {
         self.shards
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s,
-                    Some(Shard {
-                        body: Body::Live(_),
-                        ..
-                    })
-                )
-            })
+            .values()
+            .filter(|s| matches!(s.body, Body::Live(_)))
             .count()
     }
 
@@ -995,12 +1061,15 @@ impl MapReplica {
             }
         }
         let mut n = 0;
-        while let Some((t, key)) = self.expiry.first().cloned() {
-            if t > now {
+        while self.expiry.first().is_some_and(|(t, _)| *t <= now) {
+            // pop first so the loop always progresses, whatever delete_item finds
+            let Some((_, key)) = self.expiry.pop_first() else {
                 break;
+            };
+            if self.view.contains_key(&key) {
+                self.delete_item(&key, true, now);
+                n += 1;
             }
-            self.delete_item(&key, true, now);
-            n += 1;
         }
         n
     }
@@ -1034,7 +1103,7 @@ impl MapReplica {
         self.get(key, now)?;
         let shard = layout::shard_of(key);
         self.flush_shard(shard, now)?;
-        let Some(sh) = self.shards[usize::from(shard)].as_mut() else {
+        let Some(sh) = self.shards.get_mut(&shard) else {
             return Err(Error::ItemNotFound(key.to_string()));
         };
         let doc: &Automerge = sh.doc()?;
@@ -1086,7 +1155,7 @@ impl MapReplica {
     }
 
     fn flush_shard(&mut self, index: u16, now: Timestamp) -> Result<()> {
-        let Some(sh) = self.shards[usize::from(index)].as_mut() else {
+        let Some(sh) = self.shards.get_mut(&index) else {
             return Ok(());
         };
         self.dirty.remove(&index);
@@ -1094,20 +1163,22 @@ impl MapReplica {
             return Ok(());
         }
         let pending = std::mem::take(&mut sh.pending);
-        let doc = sh.doc()?;
-        let mut tx = doc.transaction();
-        for (slot, op) in pending {
-            match op {
-                Pending::Field(v) => match json::encode(&v) {
-                    Encoded::Scalar(s) => tx.put(ROOT, slot, s).map_err(tx_err)?,
-                    Encoded::Object(h) => {
-                        tx.batch_create_object(ROOT, slot, &h, false)
-                            .map_err(tx_err)?;
-                    }
-                },
-                Pending::Meta(b) => tx.put(ROOT, slot, ScalarValue::Bytes(b)).map_err(tx_err)?,
-                Pending::Delete => tx.delete(ROOT, slot).map_err(tx_err)?,
+        let doc = match sh.doc() {
+            Ok(d) => d,
+            Err(e) => {
+                // the queued writes stay queued
+                sh.pending = pending;
+                self.dirty.insert(index);
+                return Err(e);
             }
+        };
+        let mut tx = doc.transaction();
+        if let Err(e) = write_pending(&mut tx, &pending) {
+            // Dropping the transaction rolls it back; the queued writes stay queued.
+            drop(tx);
+            sh.pending = pending;
+            self.dirty.insert(index);
+            return Err(e);
         }
         let (hash, _) = tx.commit_with(commit_opts(now));
         if hash.is_some() {
@@ -1142,7 +1213,7 @@ impl MapReplica {
 
     /// Continues event numbering after `last` (restored from storage).
     pub fn set_last_event_id(&mut self, last: u64) {
-        self.next_event_id = self.next_event_id.max(last + 1);
+        self.next_event_id = self.next_event_id.max(last.saturating_add(1));
     }
 
     /// Merges encoded changes from a peer into one document of the map. Duplicates are ignored,
@@ -1182,9 +1253,13 @@ impl MapReplica {
                     return Ok(()); // an old incarnation: its items are gone for good
                 }
                 if inc > self.state.inc || !self.state.exists() {
-                    let room = MAX_FUTURE_CHANGES.saturating_sub(self.future.len());
-                    self.future
-                        .extend(changes.into_iter().take(room).map(|c| (doc, c)));
+                    if self.future.len() + changes.len() > MAX_FUTURE_CHANGES {
+                        return Err(Error::InvalidChange(format!(
+                            "more than {MAX_FUTURE_CHANGES} changes wait for map {}'s document; send it first",
+                            self.sid
+                        )));
+                    }
+                    self.future.extend(changes.into_iter().map(|c| (doc, c)));
                     return Ok(());
                 }
                 self.apply_to_shard(index, changes, now)
@@ -1229,7 +1304,7 @@ impl MapReplica {
                 let key = match slot {
                     Slot::Meta(k) | Slot::Field(k, _) => k,
                 };
-                if limits::validate_key(key).is_ok() {
+                if layout::belongs(key, index) {
                     touched.insert(key.to_string());
                 }
             }
@@ -1284,27 +1359,32 @@ impl MapReplica {
             // A new incarnation: the previous one's items are gone.
             self.reset_items(is_local, now, !self.removal_announced && old.exists());
             self.removal_announced = false;
-            let future = std::mem::take(&mut self.future);
-            let mut by_doc: BTreeMap<DocAddr, Vec<Change>> = BTreeMap::new();
-            for (d, c) in future {
-                by_doc.entry(d).or_default().push(c);
-            }
-            for (d, cs) in by_doc {
-                let _ = self.apply_decoded(d, cs, now);
-            }
+            self.replay_future(now);
         } else if !old.exists() && self.state.exists() {
-            let future = std::mem::take(&mut self.future);
-            let mut by_doc: BTreeMap<DocAddr, Vec<Change>> = BTreeMap::new();
-            for (d, c) in future {
-                by_doc.entry(d).or_default().push(c);
-            }
-            for (d, cs) in by_doc {
-                let _ = self.apply_decoded(d, cs, now);
-            }
+            self.replay_future(now);
         }
         if self.state.exists() && self.state.removed.is_some() && !self.removal_announced {
             self.reset_items(is_local, now, true);
             self.removal_announced = true;
+        }
+    }
+
+    /// Applies the changes that were waiting for the map document (or a newer incarnation).
+    fn replay_future(&mut self, now: Timestamp) {
+        let future = std::mem::take(&mut self.future);
+        let mut by_doc: BTreeMap<DocAddr, Vec<Change>> = BTreeMap::new();
+        for (d, c) in future {
+            by_doc.entry(d).or_default().push(c);
+        }
+        for (d, cs) in by_doc {
+            if self.apply_decoded(d, cs.clone(), now).is_err() {
+                // One bad change must not take the others with it.
+                for c in cs {
+                    if self.apply_decoded(d, vec![c], now).is_err() {
+                        self.dropped_changes += 1;
+                    }
+                }
+            }
         }
     }
 
@@ -1314,9 +1394,8 @@ impl MapReplica {
         self.dirty_keys.clear();
         self.expiry.clear();
         self.dirty.clear();
-        for s in self.shards.iter_mut() {
-            *s = None;
-        }
+        self.shards.clear();
+        self.last_change = Timestamp::from_millis(0);
         if announce {
             self.emit(EventKind::MapRemoved, is_local, now);
         }
@@ -1324,9 +1403,32 @@ impl MapReplica {
 
     // ----- persistence -----
 
+    /// A snapshot (Automerge `save`) of one document, queued writes flushed first, so a store
+    /// can replace that document's stored changes with it. `None` if the map holds no such
+    /// document (another incarnation, or a shard never written).
+    pub fn snapshot(&mut self, doc: DocAddr, now: Timestamp) -> Result<Option<Vec<u8>>> {
+        match doc {
+            DocAddr::Meta => Ok(Some(self.meta_doc.save())),
+            DocAddr::Shard { inc, index } => {
+                if inc != self.state.inc || index >= SHARDS {
+                    return Ok(None);
+                }
+                self.flush_shard(index, now)?;
+                match self.shards.get_mut(&index) {
+                    Some(sh) => sh.saved().map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
+    }
+
     /// How the read view changed since the last call, so a store can keep a copy of it and
     /// reopen a map without replaying its Automerge documents ([`Self::restore`]).
-    pub fn take_view_changes(&mut self) -> ViewChanges {
+    ///
+    /// Queued writes are flushed first, so the entries never run ahead of the changes: store
+    /// both (and [`Self::take_outgoing`], taken after this) in one atomic commit.
+    pub fn take_view_changes(&mut self, now: Timestamp) -> Result<ViewChanges> {
+        self.flush(now)?;
         let reset = std::mem::take(&mut self.view_reset);
         let keys = std::mem::take(&mut self.dirty_keys);
         let entries = keys
@@ -1336,7 +1438,7 @@ impl MapReplica {
                 (k, e)
             })
             .collect();
-        ViewChanges { reset, entries }
+        Ok(ViewChanges { reset, entries })
     }
 
     /// Reopens a map from stored state: its documents ([`StoredDoc`]) and the view entries kept
@@ -1361,19 +1463,36 @@ impl MapReplica {
         }
         m.state = read_map_state(&m.meta_doc);
         m.removal_announced = m.state.removed.is_some();
-        if m.state.removed.is_some() {
-            return Ok(m);
-        }
         for (inc, index, bytes) in shard_docs {
-            if inc != m.state.inc || index >= SHARDS {
+            if index >= SHARDS {
                 continue;
             }
-            m.shards[usize::from(index)] = Some(Shard {
-                body: Body::Cold(bytes),
-                actor: m.actor.clone(),
-                pending: BTreeMap::new(),
-                last_used: 0,
-            });
+            let current = m.state.exists() && m.state.removed.is_none() && inc == m.state.inc;
+            let waiting = !m.state.exists() || inc > m.state.inc;
+            if waiting {
+                // Changes that arrived before their map document: they wait again, as they
+                // did before the restart.
+                let doc = DocAddr::Shard { inc, index };
+                for c in bytes.decode_changes("waiting shard document")? {
+                    m.future.push((doc, c));
+                }
+                continue;
+            }
+            if !current {
+                continue;
+            }
+            m.shards.insert(
+                index,
+                Shard {
+                    body: Body::Cold(bytes),
+                    actor: m.actor.clone(),
+                    pending: BTreeMap::new(),
+                    last_used: 0,
+                },
+            );
+        }
+        if !m.state.live_or_expired() {
+            return Ok(m);
         }
         for (key, bytes) in entries {
             let st = decode_entry(&bytes, &mut m.nodes)
@@ -1394,16 +1513,8 @@ impl MapReplica {
         self.flush(now)?;
         let mut out = vec![(DocAddr::Meta, self.meta_doc.save())];
         let inc = self.state.inc;
-        for (i, s) in self.shards.iter_mut().enumerate() {
-            if let Some(s) = s {
-                out.push((
-                    DocAddr::Shard {
-                        inc,
-                        index: i as u16,
-                    },
-                    s.saved()?,
-                ));
-            }
+        for (i, s) in self.shards.iter_mut() {
+            out.push((DocAddr::Shard { inc, index: *i }, s.saved()?));
         }
         Ok(out)
     }
@@ -1437,7 +1548,7 @@ impl MapReplica {
                 let mut d = Automerge::load(bytes)
                     .map_err(|e| Error::Corrupt(format!("shard {index}: {e}")))?;
                 d.set_actor(m.actor.clone());
-                let keys = item_keys(&d);
+                let keys = item_keys(&d, index);
                 for k in keys {
                     if let Some(raw) = read_item(&d, &k) {
                         let st = ItemState::from_raw(raw, &mut m.nodes);
@@ -1450,15 +1561,18 @@ impl MapReplica {
                     }
                 }
                 // The view is built; the document waits, compressed, until first used.
-                m.shards[usize::from(index)] = Some(Shard {
-                    body: Body::Cold(StoredDoc {
-                        snapshot: Some(bytes.clone()),
-                        changes: Vec::new(),
-                    }),
-                    actor: m.actor.clone(),
-                    pending: BTreeMap::new(),
-                    last_used: 0,
-                });
+                m.shards.insert(
+                    index,
+                    Shard {
+                        body: Body::Cold(StoredDoc {
+                            snapshot: Some(bytes.clone()),
+                            changes: Vec::new(),
+                        }),
+                        actor: m.actor.clone(),
+                        pending: BTreeMap::new(),
+                        last_used: 0,
+                    },
+                );
             }
         }
         Ok(m)
@@ -1474,11 +1588,61 @@ impl MapReplica {
     }
 }
 
+/// Which fields a write names explicitly (see conflict resolution in `write`).
+enum Explicit {
+    All,
+    Fields(Vec<String>),
+}
+
 #[derive(Clone, Copy)]
 enum Require {
     Any,
     Absent,
     Present,
+}
+
+/// Applies queued slot writes to a transaction.
+fn write_pending(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    pending: &BTreeMap<String, Pending>,
+) -> Result<()> {
+    for (slot, op) in pending {
+        match op {
+            Pending::Field(v) => match json::encode(v) {
+                Encoded::Scalar(s) => tx.put(ROOT, slot.as_str(), s).map_err(tx_err)?,
+                Encoded::Object(h) => {
+                    tx.batch_create_object(ROOT, slot.as_str(), &h, false)
+                        .map_err(tx_err)?;
+                }
+            },
+            Pending::Meta(b, fresh) => {
+                if *fresh {
+                    // A new item: field slots left by a foreign writer without a meta slot
+                    // would otherwise join it on every other replica.
+                    if let Some(Slot::Meta(key)) = layout::parse_slot(slot) {
+                        for f in field_slots_tx(tx, key) {
+                            if !pending.contains_key(&f) {
+                                tx.delete(ROOT, f.as_str()).map_err(tx_err)?;
+                            }
+                        }
+                    }
+                }
+                tx.put(ROOT, slot.as_str(), ScalarValue::Bytes(b.clone()))
+                    .map_err(tx_err)?
+            }
+            Pending::Delete => tx.delete(ROOT, slot.as_str()).map_err(tx_err)?,
+        }
+    }
+    Ok(())
+}
+
+/// Root keys of every field slot of `key`, inside a transaction.
+fn field_slots_tx(tx: &automerge::transaction::Transaction<'_>, key: &str) -> Vec<String> {
+    let prefix = layout::field_prefix(key);
+    tx.map_range(ROOT, prefix.clone()..)
+        .map(|it| it.key.into_owned())
+        .take_while(|k| k.starts_with(&prefix))
+        .collect()
 }
 
 /// The slot writes that turn `old` into `new`: only fields whose values changed.
@@ -1532,11 +1696,11 @@ fn field_slots(doc: &Automerge, key: &str) -> Vec<String> {
         .collect()
 }
 
-/// Keys of every item with a meta slot in a shard document.
-fn item_keys(doc: &Automerge) -> Vec<String> {
+/// Keys of every item with a meta slot in shard document `index` (that belongs there).
+fn item_keys(doc: &Automerge, index: u16) -> Vec<String> {
     doc.keys(ROOT)
         .filter_map(|k| match layout::parse_slot(&k) {
-            Some(Slot::Meta(key)) => Some(key.to_string()),
+            Some(Slot::Meta(key)) if layout::belongs(key, index) => Some(key.to_string()),
             _ => None,
         })
         .collect()
@@ -1567,9 +1731,15 @@ fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
     let revision = hash64(raws.iter().map(|r| r.as_slice()));
     let prefix_len = layout::field_prefix(key).len();
     let mut data = JsonObject::new();
+    let mut conflicted = false;
     for slot in field_slots(doc, key) {
-        if let Ok(Some((v, id))) = doc.get(ROOT, slot.as_str()) {
-            data.insert(slot[prefix_len..].to_string(), json::read(doc, &v, &id));
+        let Ok(all) = doc.get_all(ROOT, slot.as_str()) else {
+            continue;
+        };
+        conflicted |= all.len() > 1;
+        // get_all is in operation order; the last is the visible (winning) value.
+        if let (Some((v, id)), Some(field)) = (all.last(), slot.get(prefix_len..)) {
+            data.insert(field.to_string(), json::read(doc, v, id));
         }
     }
     Some(RawItem {
@@ -1577,6 +1747,7 @@ fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
         meta,
         max_stamp,
         revision,
+        conflicted,
     })
 }
 

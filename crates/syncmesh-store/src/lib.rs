@@ -494,6 +494,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The newest stored event id of a map (0 if none).
+    pub fn last_event_id(&self, sid: &MapSid) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let start = sid.as_str().as_bytes().to_vec();
+        let end = prefix_end(&start);
+        let last = t
+            .range(start.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.err(e))?
+            .and_then(|(k, _)| k.value().get(34..42).map(|b| b.to_vec()))
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(last)
+    }
+
     /// The oldest retained event id of a map (events before it were pruned), if any.
     pub fn first_event_id(&self, sid: &MapSid) -> Result<Option<u64>> {
         Ok(self.events_after(sid, 0, 1)?.first().map(|(id, _)| *id))

@@ -69,7 +69,7 @@ impl Peer {
             }
             self.sent.extend(out);
             self.events.extend(m.take_events());
-            let vc = m.take_view_changes();
+            let vc = m.take_view_changes(now).expect("view changes");
             let view = self.stored_view.entry(m.sid().clone()).or_default();
             if vc.reset {
                 view.clear();

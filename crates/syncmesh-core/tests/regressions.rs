@@ -1,0 +1,380 @@
+//! Regression tests for bugs found in review: peer input that panicked or diverged replicas,
+//! values that did not round-trip, restore losing early changes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+
+use automerge::transaction::Transactable;
+use serde_json::json;
+use support::*;
+use syncmesh_core::layout::shard_of;
+use syncmesh_core::*;
+
+fn none() -> WriteOptions {
+    WriteOptions::default()
+}
+
+/// Encoded changes of a foreign document holding `puts` at the root.
+fn foreign_change(puts: &[(&str, automerge::ScalarValue)]) -> Vec<Vec<u8>> {
+    let mut d = automerge::AutoCommit::new();
+    for (k, v) in puts {
+        d.put(automerge::ROOT, *k, v.clone()).unwrap();
+    }
+    d.get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect()
+}
+
+fn meta_bytes(stamp: u64, created: i64, updated: i64, expires: Option<i64>, by: u8) -> Vec<u8> {
+    let mut b = vec![1u8];
+    b.extend_from_slice(&stamp.to_le_bytes());
+    b.extend_from_slice(&created.to_le_bytes());
+    b.extend_from_slice(&updated.to_le_bytes());
+    b.push(u8::from(expires.is_some()));
+    b.extend_from_slice(&expires.unwrap_or(0).to_le_bytes());
+    b.extend_from_slice(&[by; 16]);
+    b.extend_from_slice(&[by; 16]);
+    b
+}
+
+#[test]
+fn r1_peer_root_key_with_multibyte_first_char_panics() {
+    let mut p = Peer::new(1);
+    let m = p.open("m", t(0));
+    let bytes = foreign_change(&[("é1:a", automerge::ScalarValue::Int(1))]);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        m.apply_changes(DocAddr::Shard { inc: 0, index: 0 }, &bytes, t(1))
+    }));
+    assert!(r.is_ok(), "apply_changes panicked on a peer's root key");
+}
+
+#[test]
+fn r2_unique_name_with_multibyte_char_at_byte_2_panics() {
+    let name = format!("日{}", "a".repeat(31)); // 34 bytes, byte 2 inside '日'
+    assert_eq!(name.len(), 34);
+    let r = std::panic::catch_unwind(|| {
+        let mut c = Catalog::new(Identity::new(NodeId([1; 16]), b"s"));
+        c.open(&MapSpec::named(name.clone()), [0; 16], t(0))
+            .map(|_| ())
+    });
+    assert!(
+        r.is_ok(),
+        "Catalog::open panicked on a client's unique name"
+    );
+}
+
+#[test]
+fn r3_if_match_empty_revision_creates_a_missing_item() {
+    let mut p = Peer::new(1);
+    let m = p.open("m", t(0));
+    let opts = WriteOptions::if_match(Revision::from_client("\"\""));
+    let r = m.set("absent", obj(json!({"v": 1})), &opts, t(1));
+    assert!(r.is_err(), "If-Match on a missing item matched: {r:?}");
+}
+
+#[test]
+fn r4_named_map_created_after_early_shard_changes_has_no_name() {
+    let mut a = Peer::new(1);
+    let mut b = Peer::new(2);
+    a.open("users", t(0));
+    a.map("users")
+        .set("k", obj(json!({"v": 1})), &none(), t(1))
+        .unwrap();
+    a.pump(t(1));
+    // b hears only the shard change (the meta change is delayed/lost)
+    let shard_only: Vec<_> = a
+        .sent
+        .iter()
+        .filter(|c| c.doc != DocAddr::Meta)
+        .cloned()
+        .collect();
+    b.receive(&shard_only, t(2));
+    let (m, created) = b.cat.open(&MapSpec::named("users"), [0; 16], t(3)).unwrap();
+    assert!(created);
+    assert_eq!(
+        m.unique_name(),
+        Some("users"),
+        "map opened by name lost its name"
+    );
+}
+
+/// Two keys in the same shard.
+fn same_shard_keys() -> (String, String) {
+    let mut seen = std::collections::HashMap::new();
+    for i in 0.. {
+        let k = format!("k{i}");
+        if let Some(o) = seen.insert(shard_of(&k), k.clone()) {
+            return (o, k);
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn r5_meta_slot_in_the_wrong_shard_diverges_replicas() {
+    // A peer (buggy or hostile) writes item "david"'s meta into shard 0 (its shard is 688).
+    let sid = MapSid::for_name("m");
+    let mut a = Peer::new(1);
+    let mut b = Peer::new(2);
+    a.open("m", t(0));
+    a.pump(t(0));
+    b.receive(&a.sent.clone(), t(0));
+    a.sent.clear();
+    a.map("m")
+        .set("david", obj(json!({"real": 1})), &none(), t(1))
+        .unwrap();
+    a.pump(t(1));
+    let real = a.sent.clone();
+    let stray = foreign_change(&[
+        (
+            "m5:david",
+            automerge::ScalarValue::Bytes(meta_bytes(1, T0, T0, None, 9)),
+        ),
+        ("f5:davidstray", automerge::ScalarValue::Int(1)),
+    ]);
+    // replica A: real change first (it made it), then the stray one
+    a.cat
+        .apply_changes(&sid, DocAddr::Shard { inc: 0, index: 0 }, &stray, t(2))
+        .unwrap();
+    // replica B: stray first, then the real one
+    b.cat
+        .apply_changes(&sid, DocAddr::Shard { inc: 0, index: 0 }, &stray, t(2))
+        .unwrap();
+    b.receive(&real, t(2));
+    let ga = a.map("m").get("david", t(3)).map(|i| i.data);
+    let gb = b.map("m").get("david", t(3)).map(|i| i.data);
+    assert_eq!(ga, gb, "same changes, different items");
+}
+
+#[test]
+fn r5b_wrong_shard_duplicate_makes_expire_loop_forever_after_reload() {
+    let sid = MapSid::for_name("m");
+    let mut a = Peer::new(1);
+    a.open("m", t(0));
+    a.map("m")
+        .set(
+            "david",
+            obj(json!({"v": 1})),
+            &WriteOptions::ttl(Ttl::from_secs(10).unwrap()),
+            t(0),
+        )
+        .unwrap();
+    a.pump(t(0));
+    let stray = foreign_change(&[(
+        "m5:david",
+        automerge::ScalarValue::Bytes(meta_bytes(1, T0, T0, Some(T0 + 5_000), 9)),
+    )]);
+    a.cat
+        .apply_changes(&sid, DocAddr::Shard { inc: 0, index: 0 }, &stray, t(1))
+        .unwrap();
+    let docs = a.map("m").save_all(t(1)).unwrap();
+    let mut loaded = MapReplica::load(a.cat.identity().clone(), sid, &docs, t(1)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        loaded.expire(t(60_000));
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok(),
+        "expire() did not return (infinite loop)"
+    );
+}
+
+#[test]
+fn r6_orphan_field_slot_from_a_peer_diverges_after_a_local_create() {
+    let mut peers = [Peer::new(1), Peer::new(2)];
+    peers[0].open("m", t(0));
+    sync_all(&mut peers, t(0));
+    let sid = MapSid::for_name("m");
+    let idx = shard_of("z");
+    let orphan = foreign_change(&[("f1:zghost", automerge::ScalarValue::Int(1))]);
+    for p in peers.iter_mut() {
+        p.cat
+            .apply_changes(&sid, DocAddr::Shard { inc: 0, index: idx }, &orphan, t(1))
+            .unwrap();
+    }
+    peers[0]
+        .map("m")
+        .set("z", obj(json!({"a": 1})), &none(), t(2))
+        .unwrap();
+    sync_all(&mut peers, t(2));
+    let a = peers[0].map("m").get("z", t(3)).unwrap().data;
+    let b = peers[1].map("m").get("z", t(3)).unwrap().data;
+    assert_eq!(a, b, "writer and receiver disagree on the item");
+}
+
+#[test]
+fn r7_float_values_do_not_round_trip_through_the_view() {
+    // find an f64 whose compact text does not parse back exactly with serde_json defaults
+    let mut x: u64 = 0x3ff0_0000_0000_0001;
+    let mut bad = None;
+    for _ in 0..2_000_000 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let f = f64::from_bits((x >> 12) | 0x3ff0_0000_0000_0000) * 1e-300_f64.powi(0) * 123.456;
+        if !f.is_finite() {
+            continue;
+        }
+        let s = serde_json::to_string(&json!(f)).unwrap();
+        let back: serde_json::Value = serde_json::from_str(&s).unwrap();
+        if back != json!(f) {
+            bad = Some(f);
+            break;
+        }
+    }
+    let Some(f) = bad else { return };
+    let mut p = Peer::new(1);
+    let m = p.open("m", t(0));
+    let written = m.set("k", obj(json!({"x": f})), &none(), t(1)).unwrap();
+    let read = m.get("k", t(1)).unwrap();
+    assert_eq!(
+        written.data, read.data,
+        "set returned {f:?}, get returns something else"
+    );
+}
+
+#[test]
+fn r8_queued_losing_meta_value_leaves_a_stale_revision() {
+    let (k1, k2) = same_shard_keys();
+    let mut p: Vec<Peer> = (1..=4).map(Peer::new).collect();
+    p[3].open("m", t(0));
+    p[3].map("m")
+        .set(&k1, obj(json!({"v": 0})), &none(), t(0))
+        .unwrap();
+    p[3].map("m")
+        .set(&k2, obj(json!({"v": 0})), &none(), t(0))
+        .unwrap();
+    sync_all(&mut p, t(0));
+    for q in p.iter_mut() {
+        q.sent.clear();
+    }
+    // B: many writes to k2 (high Lamport counter)
+    for i in 0..5 {
+        p[1].map("m")
+            .set(&k2, obj(json!({"b": i})), &none(), t(1 + i))
+            .unwrap();
+        p[1].pump(t(1 + i));
+    }
+    // C: one concurrent write to k2
+    p[2].map("m")
+        .set(&k2, obj(json!({"c": 1})), &none(), t(1))
+        .unwrap();
+    p[2].pump(t(1));
+    // A: k1 then k2, as two changes
+    p[0].map("m")
+        .set(&k1, obj(json!({"a": 1})), &none(), t(1))
+        .unwrap();
+    p[0].pump(t(1));
+    p[0].map("m")
+        .set(&k2, obj(json!({"a": 2})), &none(), t(2))
+        .unwrap();
+    p[0].pump(t(2));
+    let (b, c, a) = (p[1].sent.clone(), p[2].sent.clone(), p[0].sent.clone());
+    assert_eq!(a.len(), 2);
+    // D: B's and C's writes (k2 now in conflict), then A2 before A1
+    p[3].receive(&b, t(10));
+    p[3].receive(&c, t(10));
+    p[3].receive(&a[1..], t(10));
+    p[3].receive(&a[..1], t(10));
+    let live = p[3].map("m").get(&k2, t(10)).unwrap();
+    let docs = p[3].map("m").save_all(t(10)).unwrap();
+    let loaded = MapReplica::load(
+        p[3].cat.identity().clone(),
+        MapSid::for_name("m"),
+        &docs,
+        t(10),
+    )
+    .unwrap();
+    assert_eq!(
+        live,
+        loaded.get(&k2, t(10)).unwrap(),
+        "view differs from the documents"
+    );
+}
+
+#[test]
+fn r9_writing_the_visible_value_does_not_resolve_a_field_conflict() {
+    let mut peers = [Peer::new(1), Peer::new(2)];
+    peers[0].open("m", t(0));
+    sync_all(&mut peers, t(0));
+    peers[0]
+        .map("m")
+        .set("k", obj(json!({"f": 1})), &none(), t(1))
+        .unwrap();
+    peers[1]
+        .map("m")
+        .set("k", obj(json!({"f": 2})), &none(), t(1))
+        .unwrap();
+    sync_all(&mut peers, t(2));
+    let m = peers[0].map("m");
+    let c = m.conflicts("k", t(2)).unwrap();
+    assert_eq!(c.fields["f"].len(), 2);
+    let winner = c.fields["f"][0].clone();
+    // the user picks the visible value to resolve the conflict
+    m.set("k", obj(json!({"f": winner})), &none(), t(3))
+        .unwrap();
+    let c = m.conflicts("k", t(3)).unwrap();
+    assert!(
+        c.fields.is_empty(),
+        "conflict still there after writing the field: {c:?}"
+    );
+}
+
+#[test]
+fn r10_restore_loses_changes_that_arrived_before_the_map_document() {
+    let mut a = Peer::new(1);
+    let mut b = Peer::new(2);
+    a.open("users", t(0));
+    a.map("users")
+        .set("k", obj(json!({"v": 1})), &none(), t(1))
+        .unwrap();
+    a.pump(t(1));
+    let (meta, shard): (Vec<_>, Vec<_>) =
+        a.sent.iter().cloned().partition(|c| c.doc == DocAddr::Meta);
+    b.receive(&shard, t(2)); // buffered in `future`; the store (support) keeps it too
+                             // b restarts: reopen from its store, then the map document arrives
+    let sid = MapSid::for_name("users");
+    let mut restored = b.restore(&sid);
+    for c in &meta {
+        restored
+            .apply_changes(c.doc, std::slice::from_ref(&c.bytes), t(3))
+            .unwrap();
+    }
+    // without the restart b would show the item:
+    b.receive(&meta, t(3));
+    assert!(b.map("users").get("k", t(3)).is_ok());
+    assert!(restored.get("k", t(3)).is_ok(), "item lost across restore");
+}
+
+#[test]
+fn r11_peer_incarnation_near_u64_max_overflows_on_recreate() {
+    let mut a = Peer::new(1);
+    a.open("m", t(0));
+    a.pump(t(0));
+    let sid = MapSid::for_name("m");
+    let meta = a.map("m").save_all(t(0)).unwrap().remove(0).1;
+    let mut evil = automerge::AutoCommit::load(&meta).unwrap();
+    evil.set_actor(automerge::ActorId::from(vec![7u8; 16]));
+    let heads = evil.get_heads();
+    evil.put(
+        automerge::ROOT,
+        "inc",
+        automerge::ScalarValue::Uint(u64::MAX),
+    )
+    .unwrap();
+    evil.put(automerge::ROOT, format!("c{}", u64::MAX), T0)
+        .unwrap();
+    let ch: Vec<Vec<u8>> = evil
+        .get_changes(&heads)
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    a.cat.apply_changes(&sid, DocAddr::Meta, &ch, t(1)).unwrap();
+    a.map("m").remove_map(t(2)).unwrap();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        a.cat.open(&MapSpec::named("m"), [0; 16], t(3)).map(|_| ())
+    }));
+    assert!(r.is_ok(), "recreate panicked (inc + 1 overflow)");
+}

@@ -1,0 +1,598 @@
+//! The node's two threads: the engine (owns every map, runs operations, builds batches) and
+//! the store writer (commits batches, then acknowledges writes and publishes their events).
+//!
+//! Group commit: the engine handles every command already queued, turns what they changed
+//! into one [`Batch`], and hands it to the store writer; while that batch is being fsynced the
+//! engine goes on with the next commands, which form the next batch. A write is acknowledged
+//! only after its batch is on disk, and its events are published only then, so a subscriber
+//! never sees an event that a crash could take back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use syncmesh_core::{
+    Catalog, DocAddr, Event, Identity, Item, ItemConflicts, JsonObject, MapInfo, MapRef,
+    MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Timestamp, Ttl, WriteOptions,
+};
+use syncmesh_store::{Batch, MapWrite, Store, StoreError};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::error::{Error, Result};
+
+/// Commands queued for the engine; the capacity bounds memory under load.
+pub(crate) const COMMAND_QUEUE: usize = 4096;
+/// Most commands folded into one batch.
+const MAX_BATCH_COMMANDS: usize = 4096;
+/// Stored changes of one document after which it is replaced by a snapshot.
+const COMPACT_AFTER_CHANGES: u32 = 1000;
+/// Shard documents kept in memory per map; idle ones beyond this are parked.
+const LIVE_SHARDS_PER_MAP: usize = 256;
+
+pub(crate) fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    Timestamp::from_millis(ms)
+}
+
+pub(crate) fn random16() -> [u8; 16] {
+    let mut b = [0u8; 16];
+    if getrandom::fill(&mut b).is_err() {
+        // No OS randomness: fall back to time and address entropy (ids must only be unique).
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b.copy_from_slice(&t.to_le_bytes());
+        let addr = &b as *const _ as usize as u64;
+        for (i, x) in addr.to_le_bytes().iter().enumerate() {
+            b[i] ^= x;
+        }
+    }
+    b
+}
+
+/// A user's mutation function, run on the engine thread.
+pub(crate) type Mutator = Box<dyn FnOnce(Option<&JsonObject>) -> Option<JsonObject> + Send>;
+
+pub(crate) enum Op {
+    Info,
+    Get(String),
+    Items(PageRequest),
+    Conflicts(String),
+    Set(String, JsonObject, WriteOptions),
+    Create(String, JsonObject, Option<Ttl>),
+    Update(String, JsonObject, WriteOptions),
+    Mutate(String, WriteOptions, Mutator),
+    Remove(String, Option<Revision>),
+    SetTtl(Ttl),
+    SetItemTtl(String, Ttl),
+    RemoveMap,
+}
+
+impl Op {
+    fn is_write(&self) -> bool {
+        !matches!(self, Op::Info | Op::Get(_) | Op::Items(_))
+    }
+}
+
+pub(crate) enum Reply {
+    Info(MapInfo),
+    Item(Item),
+    MaybeItem(Option<Item>),
+    Page(Page),
+    Conflicts(ItemConflicts),
+    Unit,
+}
+
+pub(crate) enum Cmd {
+    Open {
+        spec: MapSpec,
+        reply: oneshot::Sender<Result<MapInfo>>,
+    },
+    List {
+        reply: oneshot::Sender<Result<Vec<MapInfo>>>,
+    },
+    Op {
+        id: String,
+        op: Op,
+        reply: oneshot::Sender<Result<Reply>>,
+    },
+    /// Replies once every earlier write is on disk.
+    Sync { reply: oneshot::Sender<Result<()>> },
+    /// Commits what is queued, stops both threads, then replies.
+    Shutdown { reply: oneshot::Sender<Result<()>> },
+}
+
+/// Who waits for a write's acknowledgement.
+enum AckTo {
+    Op(oneshot::Sender<Result<Reply>>),
+    Open(oneshot::Sender<Result<MapInfo>>),
+}
+
+struct Ack {
+    reply: AckTo,
+    value: Reply,
+}
+
+impl Ack {
+    fn send(self, r: Result<()>) {
+        match self.reply {
+            AckTo::Op(tx) => {
+                let _ = tx.send(r.map(|()| self.value));
+            }
+            AckTo::Open(tx) => {
+                let info = match self.value {
+                    Reply::Info(i) => Ok(i),
+                    _ => Err(Error::Closed),
+                };
+                let _ = tx.send(r.and(info));
+            }
+        }
+    }
+}
+
+enum StoreJob {
+    Commit {
+        batch: Batch,
+        acks: Vec<Ack>,
+        barriers: Vec<oneshot::Sender<Result<()>>>,
+        events: Vec<Arc<Event>>,
+    },
+    Compact {
+        sid: MapSid,
+        doc: DocAddr,
+        snapshot: Vec<u8>,
+    },
+}
+
+impl Shared {
+    /// The open store, or [`Error::Closed`].
+    pub(crate) fn store(&self) -> Result<Arc<Store>> {
+        self.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(Error::Closed)
+    }
+}
+
+/// What the engine shares with the rest of the node.
+pub(crate) struct Shared {
+    /// The store while the node is open; `None` once closed, so the file is released even
+    /// while handles remain.
+    pub store: Mutex<Option<Arc<Store>>>,
+    pub events: broadcast::Sender<Arc<Event>>,
+    /// Set by the store writer when a commit fails; writes are refused from then on.
+    pub failed: Mutex<Option<Arc<StoreError>>>,
+}
+
+pub(crate) struct Engine {
+    store: Arc<Store>,
+    catalog: Catalog,
+    shared: Arc<Shared>,
+    /// Maps the store holds, with their names; loaded into the catalog on first use.
+    on_disk: BTreeMap<MapSid, Option<String>>,
+    dirty: BTreeSet<MapSid>,
+    changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
+    pending_compactions: Vec<StoreJob>,
+    shutdown: Option<oneshot::Sender<Result<()>>>,
+    jobs: std::sync::mpsc::SyncSender<StoreJob>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    pub(crate) fn new(id: Identity, shared: Arc<Shared>) -> Result<Engine> {
+        let store = shared.store()?;
+        let on_disk = store.list_maps()?.into_iter().collect();
+        let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<StoreJob>(1);
+        let (shared2, store2) = (shared.clone(), store.clone());
+        let writer = std::thread::Builder::new()
+            .name("syncmesh-store".into())
+            .spawn(move || store_writer(shared2, store2, jobs_rx))
+            .map_err(|_| Error::Closed)?;
+        Ok(Engine {
+            store,
+            catalog: Catalog::new(id),
+            shared,
+            on_disk,
+            dirty: BTreeSet::new(),
+            changes_since_snapshot: HashMap::new(),
+            pending_compactions: Vec::new(),
+            shutdown: None,
+            jobs,
+            writer: Some(writer),
+        })
+    }
+
+    /// Runs until every handle is dropped, then commits what is left.
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("syncmesh engine cannot start its runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async {
+            loop {
+                let wait = self.next_expiry_wait();
+                let first = tokio::select! {
+                    c = rx.recv() => match c {
+                        Some(c) => Some(c),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep(wait) => None,
+                };
+                let mut acks = Vec::new();
+                let mut barriers = Vec::new();
+                let now = now();
+                self.expire_due(now);
+                if let Some(c) = first {
+                    self.handle(c, now, &mut acks, &mut barriers);
+                }
+                while acks.len() < MAX_BATCH_COMMANDS {
+                    match rx.try_recv() {
+                        Ok(c) => self.handle(c, now, &mut acks, &mut barriers),
+                        Err(_) => break,
+                    }
+                }
+                self.commit(now, acks, barriers);
+                if self.shutdown.is_some() {
+                    break;
+                }
+            }
+        });
+        // Refuse what is still queued, then commit and stop.
+        rx.close();
+        self.commit(now(), Vec::new(), Vec::new());
+        let Engine {
+            jobs,
+            writer,
+            shutdown,
+            shared,
+            store,
+            ..
+        } = self;
+        drop(jobs);
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        // Release the database file: only transient readers may still hold it.
+        *shared.store.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        drop(store);
+        if let Some(reply) = shutdown {
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// How long to sleep before the next TTL expiry among loaded maps.
+    fn next_expiry_wait(&self) -> Duration {
+        let now = now();
+        let next = self
+            .catalog
+            .maps()
+            .filter_map(MapReplica::next_expiry)
+            .min();
+        match next {
+            Some(t) => Duration::from_millis(
+                u64::try_from(t.millis().saturating_sub(now.millis())).unwrap_or(0),
+            ),
+            None => Duration::from_secs(3600),
+        }
+    }
+
+    /// Removes everything whose TTL has passed, with replicated deletes.
+    fn expire_due(&mut self, now: Timestamp) {
+        if self.write_stop().is_some() {
+            return;
+        }
+        for m in self.catalog.maps_mut() {
+            if m.next_expiry().is_some_and(|t| t <= now) {
+                m.expire(now);
+                self.dirty.insert(m.sid().clone());
+            }
+        }
+    }
+
+    fn handle(
+        &mut self,
+        cmd: Cmd,
+        now: Timestamp,
+        acks: &mut Vec<Ack>,
+        barriers: &mut Vec<oneshot::Sender<Result<()>>>,
+    ) {
+        match cmd {
+            Cmd::Sync { reply } => barriers.push(reply),
+            Cmd::Shutdown { reply } => self.shutdown = Some(reply),
+            Cmd::List { reply } => {
+                let _ = reply.send(self.list(now));
+            }
+            Cmd::Open { spec, reply } => {
+                let r = self.open(&spec, now);
+                match r {
+                    Ok((info, true)) => acks.push(Ack {
+                        reply: AckTo::Open(reply),
+                        value: Reply::Info(info),
+                    }),
+                    Ok((info, false)) => {
+                        let _ = reply.send(Ok(info));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Cmd::Op { id, op, reply } => {
+                let write = op.is_write();
+                if write {
+                    if let Some(e) = self.write_stop() {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                }
+                match self.op(&id, op, now) {
+                    Ok(value) if write => acks.push(Ack {
+                        reply: AckTo::Op(reply),
+                        value,
+                    }),
+                    other => {
+                        let _ = reply.send(other);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_stop(&self) -> Option<Error> {
+        let f = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner());
+        f.as_ref().map(|e| Error::WritesStopped(e.clone()))
+    }
+
+    /// Brings a stored map into the catalog if it is not there yet.
+    fn ensure_loaded(&mut self, sid: &MapSid) -> Result<()> {
+        if self.catalog.contains(sid) || !self.on_disk.contains_key(sid) {
+            return Ok(());
+        }
+        let Some(stored) = self.store.load_map(sid)? else {
+            return Ok(());
+        };
+        let m = MapReplica::restore(
+            self.catalog.identity().clone(),
+            sid.clone(),
+            stored.docs,
+            stored.entries,
+            stored.last_event_id,
+        )?;
+        self.catalog.insert(m);
+        Ok(())
+    }
+
+    fn open(&mut self, spec: &MapSpec, now: Timestamp) -> Result<(MapInfo, bool)> {
+        if let Some(id) = &spec.id {
+            let sid = MapRef::parse(id)?.sid();
+            self.ensure_loaded(&sid)?;
+        }
+        let stopped = self.write_stop();
+        let (m, created) = self.catalog.open(spec, random16(), now)?;
+        let info = m.info(now)?;
+        if created {
+            if let Some(e) = stopped {
+                // The creation stays in memory only; it is not acknowledged.
+                return Err(e);
+            }
+            self.dirty.insert(info.sid.clone());
+        }
+        Ok((info, created))
+    }
+
+    fn list(&mut self, now: Timestamp) -> Result<Vec<MapInfo>> {
+        let sids: Vec<MapSid> = self.on_disk.keys().cloned().collect();
+        for sid in sids {
+            self.ensure_loaded(&sid)?;
+        }
+        Ok(self.catalog.list(now))
+    }
+
+    fn op(&mut self, id: &str, op: Op, now: Timestamp) -> Result<Reply> {
+        let sid = MapRef::parse(id)?.sid();
+        self.ensure_loaded(&sid)?;
+        let m = self.catalog.get_mut(id, now)?;
+        let write = op.is_write();
+        let r = match op {
+            Op::Info => m.info(now).map(Reply::Info),
+            Op::Get(k) => m.get(&k, now).map(Reply::Item),
+            Op::Items(req) => m.items(&req, now).map(Reply::Page),
+            Op::Conflicts(k) => m.conflicts(&k, now).map(Reply::Conflicts),
+            Op::Set(k, d, o) => m.set(&k, d, &o, now).map(Reply::Item),
+            Op::Create(k, d, t) => m.create_item(&k, d, t, now).map(Reply::Item),
+            Op::Update(k, d, o) => m.update(&k, d, &o, now).map(Reply::Item),
+            Op::Mutate(k, o, f) => m.mutate(&k, &o, now, f).map(Reply::MaybeItem),
+            Op::Remove(k, rev) => m.remove(&k, rev.as_ref(), now).map(|()| Reply::Unit),
+            Op::SetTtl(t) => m.set_ttl(t, now).map(Reply::Info),
+            Op::SetItemTtl(k, t) => m.set_item_ttl(&k, t, now).map(Reply::Item),
+            Op::RemoveMap => m.remove_map(now).map(|()| Reply::Unit),
+        };
+        if write {
+            self.dirty.insert(sid);
+        }
+        Ok(r?)
+    }
+
+    /// Turns everything the handled commands changed into one batch for the store writer.
+    fn commit(
+        &mut self,
+        now: Timestamp,
+        acks: Vec<Ack>,
+        barriers: Vec<oneshot::Sender<Result<()>>>,
+    ) {
+        let mut batch = Batch::default();
+        let mut events = Vec::new();
+        let mut compactions = Vec::new();
+        let mut flush_failed = None;
+        let dirty = std::mem::take(&mut self.dirty);
+        for sid in dirty {
+            let Some(m) = self.catalog.by_sid(&sid) else {
+                continue;
+            };
+            // View entries first: this flushes queued writes, whose changes are taken next.
+            let view = match m.take_view_changes(now) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(map = %sid, "flush failed, stopping writes: {e}");
+                    flush_failed = Some(e);
+                    Default::default()
+                }
+            };
+            let changes: Vec<(DocAddr, Vec<u8>)> = m
+                .take_outgoing()
+                .into_iter()
+                .map(|c| (c.doc, c.bytes))
+                .collect();
+            for (doc, _) in &changes {
+                let n = self
+                    .changes_since_snapshot
+                    .entry((sid.clone(), *doc))
+                    .or_insert(0);
+                *n += 1;
+                if *n >= COMPACT_AFTER_CHANGES {
+                    *n = 0;
+                    compactions.push(*doc);
+                }
+            }
+            let evs = m.take_events();
+            let mut encoded = Vec::with_capacity(evs.len());
+            for e in evs {
+                match serde_json::to_vec(&e) {
+                    Ok(b) => encoded.push((e.id, b)),
+                    Err(err) => tracing::error!("event {} cannot be encoded: {err}", e.id),
+                }
+                events.push(Arc::new(e));
+            }
+            let name = if self.on_disk.contains_key(&sid) {
+                None
+            } else {
+                self.on_disk
+                    .insert(sid.clone(), m.unique_name().map(str::to_string));
+                Some(m.unique_name().unwrap_or("").to_string())
+            };
+            let mut snapshots = Vec::new();
+            for doc in compactions.drain(..) {
+                match m.snapshot(doc, now) {
+                    Ok(Some(s)) => snapshots.push((doc, s)),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(map = %sid, "snapshot for compaction failed: {e}"),
+                }
+            }
+            if m.live_shards() > LIVE_SHARDS_PER_MAP {
+                if let Err(e) = m.unload_idle(LIVE_SHARDS_PER_MAP / 2, now) {
+                    tracing::warn!(map = %sid, "parking idle shards failed: {e}");
+                }
+            }
+            batch.maps.push(MapWrite {
+                sid: Some(sid.clone()),
+                name,
+                changes,
+                view,
+                events: encoded,
+            });
+            // Compactions follow the commit of every change they include.
+            for (doc, snapshot) in snapshots {
+                let job = StoreJob::Compact {
+                    sid: sid.clone(),
+                    doc,
+                    snapshot,
+                };
+                self.pending_compactions.push(job);
+            }
+        }
+        if let Some(e) = flush_failed {
+            // Writes of this batch cannot all be stored: acknowledge none, stop writing.
+            let err = Arc::new(StoreError::Engine {
+                path: self.store.path().to_path_buf(),
+                detail: format!("a document could not be committed: {e}"),
+            });
+            *self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.clone());
+            for a in acks {
+                a.send(Err(Error::Store(err.clone())));
+            }
+            for b in barriers {
+                let _ = b.send(Err(Error::Store(err.clone())));
+            }
+            return;
+        }
+        if batch.is_empty() && acks.is_empty() && barriers.is_empty() && events.is_empty() {
+            return;
+        }
+        let job = StoreJob::Commit {
+            batch,
+            acks,
+            barriers,
+            events,
+        };
+        if self.jobs.send(job).is_err() {
+            tracing::error!("the store writer has stopped");
+        }
+        for job in self.pending_compactions.drain(..) {
+            let _ = self.jobs.send(job);
+        }
+    }
+}
+
+fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::Receiver<StoreJob>) {
+    for job in jobs {
+        match job {
+            StoreJob::Commit {
+                batch,
+                acks,
+                barriers,
+                events,
+            } => {
+                let stopped = shared
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let result = match stopped {
+                    Some(e) => Err(Error::WritesStopped(e)),
+                    None => store.commit(&batch).map_err(|e| {
+                        let e = Arc::new(e);
+                        tracing::error!("commit failed, stopping writes: {e}");
+                        *shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                        Error::Store(e)
+                    }),
+                };
+                match result {
+                    Ok(()) => {
+                        for a in acks {
+                            a.send(Ok(()));
+                        }
+                        for b in barriers {
+                            let _ = b.send(Ok(()));
+                        }
+                        for e in events {
+                            // No subscriber is not an error.
+                            let _ = shared.events.send(e);
+                        }
+                    }
+                    Err(e) => {
+                        for a in acks {
+                            a.send(Err(e.clone()));
+                        }
+                        for b in barriers {
+                            let _ = b.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            StoreJob::Compact { sid, doc, snapshot } => {
+                if let Err(e) = store.compact_doc(&sid, doc, &snapshot) {
+                    tracing::warn!(map = %sid, "compaction failed (the change log is kept): {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! The library's error type.
+
+use std::sync::Arc;
+
+use syncmesh_store::StoreError;
+
+/// What a [`crate::Node`] or [`crate::Map`] operation can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The operation was refused by the map's rules (not found, revision mismatch, limits, ...).
+    #[error(transparent)]
+    Map(#[from] syncmesh_core::Error),
+    /// The store failed; the write was not acknowledged.
+    #[error(transparent)]
+    Store(Arc<StoreError>),
+    /// An earlier storage failure stopped writes to keep memory and disk consistent.
+    #[error("writes are stopped after a storage failure ({0}); reads still work — fix the cause and reopen the node")]
+    WritesStopped(Arc<StoreError>),
+    /// The node was closed (or its engine thread ended).
+    #[error("the node is closed")]
+    Closed,
+    /// A subscriber asked to resume from an event that is no longer retained.
+    #[error("events {from}..{to} of map {map} are no longer retained; resume from {to} or later and re-read the map")]
+    EventsPruned {
+        /// The map.
+        map: String,
+        /// First missing event id.
+        from: u64,
+        /// First retained event id.
+        to: u64,
+    },
+    /// A node-wide subscriber fell behind and missed events.
+    #[error("the subscriber fell behind and missed {missed} events; resubscribe per map from the last event id seen")]
+    Lagged {
+        /// How many events were skipped.
+        missed: u64,
+    },
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Store(Arc::new(e))
+    }
+}
+
+impl Error {
+    /// The Sync Maps error code, for map errors; 20500 (internal) otherwise.
+    pub fn code(&self) -> u32 {
+        match self {
+            Error::Map(e) => e.code(),
+            _ => 20500,
+        }
+    }
+
+    /// The HTTP status the REST API answers with.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Error::Map(e) => e.http_status(),
+            Error::Closed | Error::WritesStopped(_) => 503,
+            Error::EventsPruned { .. } => 410,
+            _ => 500,
+        }
+    }
+}
+
+/// Shorthand for library results.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

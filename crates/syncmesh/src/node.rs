@@ -1,0 +1,558 @@
+//! `Node` (a data directory and its engine) and `Map` handles.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use serde_json::Value;
+use syncmesh_core::{
+    Event, Identity, Item, ItemConflicts, JsonObject, MapInfo, MapSid, MapSpec, NodeId, OpenMode,
+    Page, PageRequest, Revision, Ttl, WriteOptions,
+};
+use syncmesh_store::{Batch, Store, StoreOptions};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::engine::{random16, Cmd, Engine, Op, Reply, Shared, COMMAND_QUEUE};
+use crate::error::{Error, Result};
+
+/// Events buffered for live subscribers before a slow one is told it lagged.
+const EVENT_BUFFER: usize = 4096;
+/// Events a subscription holds for its consumer.
+const SUBSCRIBER_QUEUE: usize = 256;
+/// Stored events read per replay step.
+const REPLAY_PAGE: usize = 512;
+
+/// Whether a write is acknowledged after it is on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge after fsync (default): an acknowledged write survives a crash.
+    #[default]
+    Fsync,
+    /// Acknowledge before fsync. Faster; a crash (not a clean close) can lose the last
+    /// acknowledged writes. The store stays consistent either way.
+    Relaxed,
+}
+
+/// Builds a [`Node`].
+#[derive(Debug, Clone, Default)]
+pub struct NodeBuilder {
+    data_dir: Option<PathBuf>,
+    durability: Durability,
+    event_retention: Option<u64>,
+}
+
+impl NodeBuilder {
+    /// Keep data in `dir` (created if missing).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Keep everything in memory: nothing survives the node (tests, ephemeral use).
+    pub fn in_memory(mut self) -> Self {
+        self.data_dir = None;
+        self
+    }
+
+    /// When writes are acknowledged; see [`Durability`].
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Events retained per map for resuming subscribers (default 100,000).
+    pub fn event_retention(mut self, n: u64) -> Self {
+        self.event_retention = Some(n);
+        self
+    }
+
+    /// Opens the node: the store, its identity, and the engine thread.
+    pub async fn open(self) -> Result<Node> {
+        let opts = StoreOptions {
+            durable: self.durability == Durability::Fsync,
+            event_retention: self
+                .event_retention
+                .unwrap_or(StoreOptions::default().event_retention),
+        };
+        let dir = self.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || match dir {
+            Some(d) => Store::open(&d, opts),
+            None => Store::in_memory(opts),
+        })
+        .await
+        .map_err(|_| Error::Closed)??;
+        Node::start(store, self.data_dir)
+    }
+}
+
+/// A syncmesh node: a data directory, its maps and their events. Cheap to clone.
+///
+/// Dropping every clone (and every [`Map`]) commits what is queued and stops the engine;
+/// [`Node::close`] does the same and waits for it.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cmds: mpsc::Sender<Cmd>,
+    shared: Arc<Shared>,
+    id: NodeId,
+    data_dir: Option<PathBuf>,
+    engine: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.inner.id)
+            .field("data_dir", &self.inner.data_dir)
+            .finish()
+    }
+}
+
+impl Node {
+    /// A builder with the defaults: in memory until [`NodeBuilder::data_dir`] is set, fsync on.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// Opens a node on `dir` with the defaults.
+    pub async fn open(dir: impl Into<PathBuf>) -> Result<Node> {
+        Node::builder().data_dir(dir).open().await
+    }
+
+    /// A node held in memory only.
+    pub async fn in_memory() -> Result<Node> {
+        Node::builder().in_memory().open().await
+    }
+
+    fn start(store: Store, data_dir: Option<PathBuf>) -> Result<Node> {
+        let id = match store
+            .get_meta("node_id")?
+            .and_then(|b| NodeId::from_slice(&b))
+        {
+            Some(id) => id,
+            None => {
+                let id = NodeId(random16());
+                store.commit(&Batch {
+                    maps: Vec::new(),
+                    meta: vec![("node_id".into(), id.0.to_vec())],
+                })?;
+                id
+            }
+        };
+        // A fresh actor per process: Automerge must never see one actor reuse a sequence number,
+        // which a node restored from an older copy of its data directory would otherwise do.
+        let identity = Identity::new(id, &random16()[..8]);
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Some(Arc::new(store))),
+            events,
+            failed: Mutex::new(None),
+        });
+        let engine = Engine::new(identity, shared.clone())?;
+        let (cmds, rx) = mpsc::channel(COMMAND_QUEUE);
+        let handle = std::thread::Builder::new()
+            .name("syncmesh-engine".into())
+            .spawn(move || engine.run(rx))
+            .map_err(|_| Error::Closed)?;
+        Ok(Node {
+            inner: Arc::new(Inner {
+                cmds,
+                shared,
+                id,
+                data_dir,
+                engine: Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    /// This node's id (`created_by` of what it creates).
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The data directory, or `None` in memory.
+    pub fn data_dir(&self) -> Option<&std::path::Path> {
+        self.inner.data_dir.as_deref()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Cmd) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmds
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Opens a map by unique name or sid (open-or-create), or with a full [`MapSpec`]
+    /// (`create_new` / `open_existing` / `open_or_create`, TTL on creation).
+    pub async fn map(&self, spec: impl Into<MapOpen>) -> Result<Map> {
+        let spec = spec.into().0;
+        let info = self.call(|reply| Cmd::Open { spec, reply }).await?;
+        Ok(Map {
+            node: self.clone(),
+            sid: info.sid.clone(),
+            id: info.sid.to_string(),
+        })
+    }
+
+    /// Opens an existing map only (404/54200 if absent).
+    pub async fn open_existing(&self, id: &str) -> Result<Map> {
+        self.map(MapSpec::named(id).mode(OpenMode::OpenExisting))
+            .await
+    }
+
+    /// Every live map.
+    pub async fn maps(&self) -> Result<Vec<MapInfo>> {
+        self.call(|reply| Cmd::List { reply }).await
+    }
+
+    /// Resolves once every write acknowledged so far — and every write queued before this call
+    /// — is on disk.
+    pub async fn sync(&self) -> Result<()> {
+        self.call(|reply| Cmd::Sync { reply }).await
+    }
+
+    /// Live events of every map from now on. A subscriber that falls behind receives
+    /// [`Error::Lagged`] once and continues with newer events; to miss nothing, subscribe per
+    /// map with [`Map::subscribe_from`].
+    pub fn subscribe(&self) -> EventStream {
+        let mut live = self.inner.shared.events.subscribe();
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        spawn(async move {
+            loop {
+                let item = match live.recv().await {
+                    Ok(e) => Ok((*e).clone()),
+                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Error::Lagged { missed: n }),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        EventStream { rx }
+    }
+
+    /// Commits everything queued, stops the engine and waits for it. Every clone of this
+    /// node and every [`Map`] handle sees [`Error::Closed`] afterwards.
+    pub async fn close(self) -> Result<()> {
+        let r = self.call(|reply| Cmd::Shutdown { reply }).await;
+        let handle = self
+            .inner
+            .engine
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            tokio::task::spawn_blocking(move || {
+                let _ = h.join();
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
+        }
+        match r {
+            Err(Error::Closed) => Ok(()), // already closed by another clone
+            other => other,
+        }
+    }
+}
+
+fn spawn<F>(f: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) => {
+            h.spawn(f);
+        }
+        Err(_) => tracing::error!("syncmesh subscriptions need a tokio runtime"),
+    }
+}
+
+/// What [`Node::map`] accepts: a name or sid (open-or-create) or a [`MapSpec`].
+#[derive(Debug, Clone)]
+pub struct MapOpen(MapSpec);
+
+impl From<&str> for MapOpen {
+    fn from(s: &str) -> Self {
+        MapOpen(MapSpec::named(s))
+    }
+}
+
+impl From<String> for MapOpen {
+    fn from(s: String) -> Self {
+        MapOpen(MapSpec::named(s))
+    }
+}
+
+impl From<MapSpec> for MapOpen {
+    fn from(s: MapSpec) -> Self {
+        MapOpen(s)
+    }
+}
+
+/// A handle on one map. Cheap to clone; use it from any number of tasks.
+#[derive(Clone)]
+pub struct Map {
+    node: Node,
+    sid: MapSid,
+    id: String,
+}
+
+impl std::fmt::Debug for Map {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Map").field("sid", &self.sid).finish()
+    }
+}
+
+fn object(v: Value) -> Result<JsonObject> {
+    match v {
+        Value::Object(m) => Ok(m),
+        other => Err(Error::Map(syncmesh_core::Error::InvalidData(format!(
+            "expected a JSON object, got {other}"
+        )))),
+    }
+}
+
+macro_rules! expect_reply {
+    ($r:expr, $pat:pat => $out:expr) => {
+        match $r? {
+            $pat => Ok($out),
+            _ => Err(Error::Closed),
+        }
+    };
+}
+
+impl Map {
+    /// The map's sid.
+    pub fn sid(&self) -> &MapSid {
+        &self.sid
+    }
+
+    async fn op(&self, op: Op) -> Result<Reply> {
+        let id = self.id.clone();
+        self.node.call(|reply| Cmd::Op { id, op, reply }).await
+    }
+
+    /// The map's description.
+    pub async fn info(&self) -> Result<MapInfo> {
+        expect_reply!(self.op(Op::Info).await, Reply::Info(i) => i)
+    }
+
+    /// Replaces an item's data (creating it). `data` must be a JSON object.
+    pub async fn set(&self, key: &str, data: Value) -> Result<Item> {
+        self.set_with(key, data, WriteOptions::default()).await
+    }
+
+    /// [`Map::set`] with a TTL and/or an If-Match revision.
+    pub async fn set_with(&self, key: &str, data: Value, opts: WriteOptions) -> Result<Item> {
+        let d = object(data)?;
+        expect_reply!(self.op(Op::Set(key.into(), d, opts)).await, Reply::Item(i) => i)
+    }
+
+    /// Creates an item; 409/54208 if the key exists.
+    pub async fn create_item(&self, key: &str, data: Value, ttl: Option<Ttl>) -> Result<Item> {
+        let d = object(data)?;
+        expect_reply!(self.op(Op::Create(key.into(), d, ttl)).await, Reply::Item(i) => i)
+    }
+
+    /// Shallow-merges `patch` into the item (creating it).
+    pub async fn update(&self, key: &str, patch: Value) -> Result<Item> {
+        self.update_with(key, patch, WriteOptions::default()).await
+    }
+
+    /// [`Map::update`] with a TTL and/or an If-Match revision.
+    pub async fn update_with(&self, key: &str, patch: Value, opts: WriteOptions) -> Result<Item> {
+        let d = object(patch)?;
+        expect_reply!(self.op(Op::Update(key.into(), d, opts)).await, Reply::Item(i) => i)
+    }
+
+    /// Runs `f` on the current data (`None` if absent) and writes what it returns; returning
+    /// `None` cancels (`Ok(None)`). `f` runs on the node's engine thread: keep it quick and pure.
+    pub async fn mutate<F>(&self, key: &str, f: F) -> Result<Option<Item>>
+    where
+        F: FnOnce(Option<&JsonObject>) -> Option<JsonObject> + Send + 'static,
+    {
+        let op = Op::Mutate(key.into(), WriteOptions::default(), Box::new(f));
+        expect_reply!(self.op(op).await, Reply::MaybeItem(i) => i)
+    }
+
+    /// Reads an item; 404/54201 if absent or expired.
+    pub async fn get(&self, key: &str) -> Result<Item> {
+        expect_reply!(self.op(Op::Get(key.into())).await, Reply::Item(i) => i)
+    }
+
+    /// Removes an item; 404/54201 if absent.
+    pub async fn remove(&self, key: &str) -> Result<()> {
+        expect_reply!(self.op(Op::Remove(key.into(), None)).await, Reply::Unit => ())
+    }
+
+    /// Removes an item only if its revision is `rev` (412/54205 otherwise).
+    pub async fn remove_if(&self, key: &str, rev: Revision) -> Result<()> {
+        expect_reply!(self.op(Op::Remove(key.into(), Some(rev))).await, Reply::Unit => ())
+    }
+
+    /// A page of items in key order.
+    pub async fn items(&self, req: PageRequest) -> Result<Page> {
+        expect_reply!(self.op(Op::Items(req)).await, Reply::Page(p) => p)
+    }
+
+    /// Every concurrent value of an item's fields.
+    pub async fn conflicts(&self, key: &str) -> Result<ItemConflicts> {
+        expect_reply!(self.op(Op::Conflicts(key.into())).await, Reply::Conflicts(c) => c)
+    }
+
+    /// Sets the map's TTL from now (0 clears it).
+    pub async fn set_ttl(&self, ttl: Ttl) -> Result<MapInfo> {
+        expect_reply!(self.op(Op::SetTtl(ttl)).await, Reply::Info(i) => i)
+    }
+
+    /// Sets an item's TTL from now (0 clears it).
+    pub async fn set_item_ttl(&self, key: &str, ttl: Ttl) -> Result<Item> {
+        expect_reply!(self.op(Op::SetItemTtl(key.into(), ttl)).await, Reply::Item(i) => i)
+    }
+
+    /// Removes the map (a replicated tombstone); later writes fail with 54200.
+    pub async fn remove_map(&self) -> Result<()> {
+        expect_reply!(self.op(Op::RemoveMap).await, Reply::Unit => ())
+    }
+
+    /// Live events of this map from now on (a consumer that falls behind is caught up from
+    /// storage, so it misses nothing after subscribing).
+    pub async fn subscribe(&self) -> Result<EventStream> {
+        self.stream(None).await
+    }
+
+    /// Every event of this map after event id `after` (0 = from the first retained event),
+    /// replayed from storage, then live: a consumer that restarts and resumes from the last
+    /// id it processed misses nothing and sees nothing twice. A slow consumer never holds up
+    /// writers; when it falls behind the live feed it is caught up from storage.
+    pub async fn subscribe_from(&self, after: u64) -> Result<EventStream> {
+        self.stream(Some(after)).await
+    }
+
+    async fn stream(&self, after: Option<u64>) -> Result<EventStream> {
+        let shared = self.node.inner.shared.clone();
+        // Subscribe to the live feed first, so nothing falls between replay and live.
+        let mut live = shared.events.subscribe();
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let sid = self.sid.clone();
+        let store = shared.store()?;
+        // Where a live-only subscriber resumes from storage if it lags: the newest stored id.
+        let lagged_from = {
+            let (s2, sid2) = (store.clone(), sid.clone());
+            tokio::task::spawn_blocking(move || s2.last_event_id(&sid2))
+                .await
+                .map_err(|_| Error::Closed)??
+        };
+        if let Some(after) = after {
+            let (s2, sid2) = (store.clone(), sid.clone());
+            let first = tokio::task::spawn_blocking(move || s2.first_event_id(&sid2))
+                .await
+                .map_err(|_| Error::Closed)??;
+            if let Some(first) = first {
+                if first > after + 1 {
+                    return Err(Error::EventsPruned {
+                        map: sid.to_string(),
+                        from: after + 1,
+                        to: first,
+                    });
+                }
+            }
+        }
+        drop(store);
+        spawn(async move {
+            // `last`: id of the last event delivered; `None` = live only, nothing to replay.
+            let mut last = after;
+            loop {
+                if let Some(mut from) = last {
+                    // Replay from storage until it has nothing newer.
+                    loop {
+                        // Fetched per page: a subscriber must not keep a closed node's file open.
+                        let Ok(s2) = shared.store() else { return };
+                        let sid2 = sid.clone();
+                        let page = tokio::task::spawn_blocking(move || {
+                            s2.events_after(&sid2, from, REPLAY_PAGE)
+                        })
+                        .await;
+                        let page = match page {
+                            Ok(Ok(p)) => p,
+                            Ok(Err(e)) => {
+                                let _ = tx.send(Err(e.into())).await;
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                        let full = page.len() == REPLAY_PAGE;
+                        for (id, bytes) in page {
+                            from = id;
+                            match serde_json::from_slice::<Event>(&bytes) {
+                                Ok(ev) => {
+                                    if tx.send(Ok(ev)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(map = %sid, "stored event {id} is unreadable: {e}")
+                                }
+                            }
+                        }
+                        last = Some(from);
+                        if !full {
+                            break;
+                        }
+                    }
+                }
+                // Live, skipping what replay already delivered.
+                loop {
+                    match live.recv().await {
+                        Ok(ev) if ev.map == sid => {
+                            if last.is_some_and(|l| ev.id <= l) {
+                                continue;
+                            }
+                            last = Some(ev.id);
+                            if tx.send(Ok((*ev).clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            // Fell behind the live feed: what it missed is in storage.
+                            last = Some(last.unwrap_or(lagged_from));
+                            break;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(EventStream { rx })
+    }
+}
+
+/// A stream of events (`futures_core::Stream`), ending when the node closes.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: mpsc::Receiver<Result<Event>>,
+}
+
+impl EventStream {
+    /// The next event, or `None` once the node is closed.
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for EventStream {
+    type Item = Result<Event>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
