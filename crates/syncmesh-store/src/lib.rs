@@ -669,6 +669,16 @@ impl Store {
         tx.commit().map_err(|e| self.err(e))
     }
 
+    /// Bytes of live data in the database (keys and values plus B-tree metadata and
+    /// fragmentation), as opposed to the file's size, which redb grows in large steps.
+    pub fn used_bytes(&self) -> Result<u64> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let st = tx.stats().map_err(|e| self.err(e))?;
+        let used = st.stored_bytes() + st.metadata_bytes() + st.fragmented_bytes();
+        tx.abort().map_err(|e| self.err(e))?;
+        Ok(used)
+    }
+
     /// Bytes used on disk by the database file (0 in memory).
     pub fn disk_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())

@@ -26,8 +26,9 @@ pub(crate) const COMMAND_QUEUE: usize = 4096;
 const MAX_BATCH_COMMANDS: usize = 4096;
 /// Stored changes of one document after which it is replaced by a snapshot.
 const COMPACT_AFTER_CHANGES: u32 = 1000;
-/// Shard documents kept in memory per map; idle ones beyond this are parked.
-const LIVE_SHARDS_PER_MAP: usize = 256;
+/// How often idle shard documents are parked: a shard untouched for a whole period leaves
+/// memory (kept as its saved bytes) and is reloaded on next use.
+const PARK_PERIOD: Duration = Duration::from_secs(30);
 
 pub(crate) fn now() -> Timestamp {
     let ms = SystemTime::now()
@@ -100,6 +101,8 @@ pub(crate) enum Cmd {
     },
     /// Replies once every earlier write is on disk.
     Sync { reply: oneshot::Sender<Result<()>> },
+    /// Replaces every stored change log by a snapshot of its document, then replies.
+    Compact { reply: oneshot::Sender<Result<()>> },
     /// Commits what is queued, stops both threads, then replies.
     Shutdown { reply: oneshot::Sender<Result<()>> },
 }
@@ -177,6 +180,11 @@ pub(crate) struct Engine {
     changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
     pending_compactions: Vec<StoreJob>,
     shutdown: Option<oneshot::Sender<Result<()>>>,
+    /// Documents to snapshot at the next commit (from [`Cmd::Compact`]).
+    compact_queue: Vec<(MapSid, DocAddr)>,
+    /// Use marks taken at the last parking round, per map.
+    park_marks: HashMap<MapSid, u64>,
+    next_park: std::time::Instant,
     jobs: std::sync::mpsc::SyncSender<StoreJob>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -200,6 +208,9 @@ impl Engine {
             changes_since_snapshot: HashMap::new(),
             pending_compactions: Vec::new(),
             shutdown: None,
+            compact_queue: Vec::new(),
+            park_marks: HashMap::new(),
+            next_park: std::time::Instant::now() + PARK_PERIOD,
             jobs,
             writer: Some(writer),
         })
@@ -244,6 +255,9 @@ impl Engine {
                 if self.shutdown.is_some() {
                     break;
                 }
+                if std::time::Instant::now() >= self.next_park {
+                    self.park_idle(now);
+                }
             }
         });
         // Refuse what is still queued, then commit and stop.
@@ -285,6 +299,23 @@ impl Engine {
         }
     }
 
+    /// Parks shard documents no command touched since the previous round.
+    fn park_idle(&mut self, now: Timestamp) {
+        self.next_park = std::time::Instant::now() + PARK_PERIOD;
+        for m in self.catalog.maps_mut() {
+            let mark = m.use_mark();
+            if let Some(prev) = self.park_marks.insert(m.sid().clone(), mark) {
+                if let Err(e) = m.park_unused_since(prev, now) {
+                    tracing::warn!(map = %m.sid(), "parking idle shards failed: {e}");
+                }
+            }
+        }
+        // Parking flushes: anything it committed goes out with the next batch.
+        let sids: Vec<MapSid> = self.catalog.maps().map(|m| m.sid().clone()).collect();
+        self.dirty
+            .extend(sids.into_iter().filter(|s| self.park_marks.contains_key(s)));
+    }
+
     /// Removes everything whose TTL has passed, with replicated deletes.
     fn expire_due(&mut self, now: Timestamp) {
         if self.write_stop().is_some() {
@@ -308,6 +339,15 @@ impl Engine {
         match cmd {
             Cmd::Sync { reply } => barriers.push(reply),
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
+            Cmd::Compact { reply } => {
+                for ((sid, doc), n) in self.changes_since_snapshot.iter_mut() {
+                    if *n > 0 {
+                        *n = 0;
+                        self.compact_queue.push((sid.clone(), *doc));
+                    }
+                }
+                barriers.push(reply);
+            }
             Cmd::List { reply } => {
                 let _ = reply.send(self.list(now));
             }
@@ -433,7 +473,11 @@ impl Engine {
         let mut events = Vec::new();
         let mut compactions = Vec::new();
         let mut flush_failed = None;
-        let dirty = std::mem::take(&mut self.dirty);
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let queued = std::mem::take(&mut self.compact_queue);
+        for (sid, _) in &queued {
+            dirty.insert(sid.clone());
+        }
         for sid in dirty {
             let Some(m) = self.catalog.by_sid(&sid) else {
                 continue;
@@ -480,16 +524,12 @@ impl Engine {
                 Some(m.unique_name().unwrap_or("").to_string())
             };
             let mut snapshots = Vec::new();
+            compactions.extend(queued.iter().filter(|(s, _)| s == &sid).map(|(_, d)| *d));
             for doc in compactions.drain(..) {
                 match m.snapshot(doc, now) {
                     Ok(Some(s)) => snapshots.push((doc, s)),
                     Ok(None) => {}
                     Err(e) => tracing::warn!(map = %sid, "snapshot for compaction failed: {e}"),
-                }
-            }
-            if m.live_shards() > LIVE_SHARDS_PER_MAP {
-                if let Err(e) = m.unload_idle(LIVE_SHARDS_PER_MAP / 2, now) {
-                    tracing::warn!(map = %sid, "parking idle shards failed: {e}");
                 }
             }
             batch.maps.push(MapWrite {

@@ -218,6 +218,22 @@ impl Node {
         self.call(|reply| Cmd::Sync { reply }).await
     }
 
+    /// Bytes of live data in the store (keys, values and B-tree overhead; not the file size).
+    pub async fn used_bytes(&self) -> Result<u64> {
+        let store = self.inner.shared.store()?;
+        tokio::task::spawn_blocking(move || store.used_bytes())
+            .await
+            .map_err(|_| Error::Closed)?
+            .map_err(Error::from)
+    }
+
+    /// Replaces every document's stored change log by a snapshot (what a background
+    /// compaction does after 1,000 changes to a document), and resolves when that is on disk.
+    pub async fn compact(&self) -> Result<()> {
+        self.call(|reply| Cmd::Compact { reply }).await?;
+        self.sync().await
+    }
+
     /// Live events of every map from now on. A subscriber that falls behind receives
     /// [`Error::Lagged`] once and continues with newer events; to miss nothing, subscribe per
     /// map with [`Map::subscribe_from`].

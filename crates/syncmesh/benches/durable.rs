@@ -1,0 +1,168 @@
+//! Durable node benchmark: fsynced `set` throughput and latency with 1, 8 and 64 writers,
+//! disk bytes per item, open time of large data directories, memory per item.
+//!
+//! `cargo bench -p syncmesh --bench durable` (add `-- quick` to skip the 1,000,000-item set).
+//! Data goes to a temporary directory on the disk holding the system temp dir.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // bench code: a panic is the report
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use syncmesh::{Node, PageRequest};
+
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |p| p * 4096)
+}
+
+fn item(i: u64) -> serde_json::Value {
+    json!({"phone_number": i, "country": "UK", "n": i})
+}
+
+fn dir_bytes(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+async fn throughput(writers: usize, total: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("users").await.unwrap();
+    let per = total / writers;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let m = m.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                for i in 0..per {
+                    let n = (w * per + i) as u64;
+                    let t = Instant::now();
+                    m.set(&format!("k_{n}"), item(n)).await.unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut lat: Vec<Duration> = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_secs_f64() * 1e3;
+    println!(
+        "  {writers:>2} writers: {:>8.0} durable writes/s   latency p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} writes)",
+        lat.len() as f64 / secs,
+        p(0.5),
+        p(0.99),
+        p(1.0),
+        lat.len()
+    );
+    node.close().await.unwrap();
+}
+
+/// Fills a data directory with `maps` maps of `items` items, using 64 writers.
+async fn fill(dir: &std::path::Path, maps: usize, items: usize) -> (Duration, u64, u64) {
+    let node = Node::open(dir).await.unwrap();
+    let start = Instant::now();
+    let mut json_bytes = 0u64;
+    for mi in 0..maps {
+        let m = node.map(format!("map{mi}").as_str()).await.unwrap();
+        let per = items.div_ceil(64);
+        let tasks: Vec<_> = (0..64)
+            .map(|w| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let mut bytes = 0u64;
+                    for i in (w * per)..((w + 1) * per).min(items) {
+                        let key = format!("k_{i}");
+                        let v = item(i as u64);
+                        bytes += (key.len() + v.to_string().len()) as u64;
+                        m.set(&key, v).await.unwrap();
+                    }
+                    bytes
+                })
+            })
+            .collect();
+        for t in tasks {
+            json_bytes += t.await.unwrap();
+        }
+    }
+    let took = start.elapsed();
+    node.compact().await.unwrap();
+    let used = node.used_bytes().await.unwrap();
+    node.close().await.unwrap();
+    (took, json_bytes, used)
+}
+
+async fn open_time(label: &str, maps: usize, items: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let (fill_time, json_bytes, used) = fill(dir.path(), maps, items).await;
+    let n = (maps * items) as u64;
+    let disk = dir_bytes(dir.path());
+    println!(
+        "  {label}: filled in {:.1} s; after compaction {:.1} bytes/item used ({:.2}x the JSON of {:.1} bytes/item); file {:.1} MB",
+        fill_time.as_secs_f64(),
+        used as f64 / n as f64,
+        used as f64 / json_bytes as f64,
+        json_bytes as f64 / n as f64,
+        disk as f64 / 1e6
+    );
+    let rss0 = rss();
+    let t = Instant::now();
+    let node = Node::open(dir.path()).await.unwrap();
+    let opened = t.elapsed();
+    let t = Instant::now();
+    let m = node.map("map0").await.unwrap();
+    m.get("k_1").await.unwrap();
+    let first = t.elapsed();
+    let t = Instant::now();
+    let page = m.items(PageRequest::default()).await.unwrap();
+    assert!(!page.items.is_empty());
+    println!(
+        "  {label}: Node::open {:.1} ms; first map opened and read in {:.1} ms; a page {:.2} ms; resident after: {:.0} bytes/item of that map",
+        opened.as_secs_f64() * 1e3,
+        first.as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e3,
+        rss().saturating_sub(rss0) as f64 / items as f64
+    );
+    node.close().await.unwrap();
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        println!(
+            "durable set (fsync on every acknowledged write; concurrent writers share fsyncs)"
+        );
+        throughput(1, 2_000).await;
+        throughput(8, 8_000).await;
+        throughput(64, 32_000).await;
+        println!("data directories");
+        open_time("1,000 maps x 100 items", 1000, 100).await;
+        open_time("1 map x 100,000 items", 1, 100_000).await;
+        if !quick {
+            open_time("1 map x 1,000,000 items", 1, 1_000_000).await;
+        }
+    });
+}
