@@ -351,3 +351,38 @@ async fn a_full_disk_loses_no_acknowledged_write() {
     m.set("after", json!({})).await.unwrap();
     node.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_keeps_everything_and_later_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("c").await.unwrap();
+    for i in 0..300 {
+        m.set(&format!("k{}", i % 50), json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    let before = node.used_bytes().await.unwrap();
+    node.compact().await.unwrap();
+    let after = node.used_bytes().await.unwrap();
+    assert!(
+        after < before,
+        "snapshots replace change logs: {before} -> {after} bytes"
+    );
+    // writes after the snapshot land in the change log again
+    m.update("k1", json!({"after": true})).await.unwrap();
+    m.remove("k2").await.unwrap();
+    node.close().await.unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("c").await.unwrap();
+    let k1 = m.get("k1").await.unwrap();
+    assert_eq!(
+        k1.data,
+        *json!({"i": 251, "after": true}).as_object().unwrap()
+    );
+    assert_eq!(m.get("k2").await.unwrap_err().code(), 54201);
+    assert_eq!(m.get("k49").await.unwrap().data["i"], 299);
+    // the documents (not only the view) hold it all: conflicts reads them
+    assert!(m.conflicts("k1").await.unwrap().fields.is_empty());
+    node.close().await.unwrap();
+}

@@ -386,6 +386,21 @@ impl Shard {
         }
     }
 
+    /// Replaces a live document by its saved bytes; false if it was already parked.
+    fn park(&mut self) -> bool {
+        let Body::Live(d) = &self.body else {
+            return false;
+        };
+        let mut saved = d.save();
+        // save() over-allocates; parked bytes are kept for a long time.
+        saved.shrink_to_fit();
+        self.body = Body::Cold(StoredDoc {
+            snapshot: Some(saved),
+            changes: Vec::new(),
+        });
+        true
+    }
+
     fn saved(&mut self) -> Result<Vec<u8>> {
         match &self.body {
             Body::Live(d) => Ok(d.save()),
@@ -940,17 +955,8 @@ impl MapReplica {
         live.sort_unstable_by(|a, b| b.cmp(a));
         let mut parked = 0;
         for (_, i) in live.into_iter().skip(keep) {
-            if let Some(sh) = self.shards.get_mut(&i) {
-                if let Body::Live(d) = &sh.body {
-                    let mut saved = d.save();
-                    // save() over-allocates; parked bytes are kept for a long time.
-                    saved.shrink_to_fit();
-                    sh.body = Body::Cold(StoredDoc {
-                        snapshot: Some(saved),
-                        changes: Vec::new(),
-                    });
-                    parked += 1;
-                }
+            if self.shards.get_mut(&i).is_some_and(Shard::park) {
+                parked += 1;
             }
         }
         Ok(parked)
@@ -968,16 +974,8 @@ impl MapReplica {
         self.flush(now)?;
         let mut parked = 0;
         for sh in self.shards.values_mut() {
-            if sh.last_used <= mark {
-                if let Body::Live(d) = &sh.body {
-                    let mut saved = d.save();
-                    saved.shrink_to_fit();
-                    sh.body = Body::Cold(StoredDoc {
-                        snapshot: Some(saved),
-                        changes: Vec::new(),
-                    });
-                    parked += 1;
-                }
+            if sh.last_used <= mark && sh.park() {
+                parked += 1;
             }
         }
         Ok(parked)

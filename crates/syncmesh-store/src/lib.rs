@@ -442,15 +442,7 @@ impl Store {
             entries.push((key, v.value().to_vec()));
         }
         let events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
-        let last_event_id = events
-            .range(prefix.as_slice()..end.as_slice())
-            .map_err(|e| self.err(e))?
-            .next_back()
-            .transpose()
-            .map_err(|e| self.err(e))?
-            .and_then(|(k, _)| k.value().get(34..42).map(|b| b.to_vec()))
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
+        let last_event_id = self.last_id(&events, sid)?;
         Ok(Some(LoadedMap {
             docs: docs.into_iter().collect(),
             entries,
@@ -498,9 +490,14 @@ impl Store {
     pub fn last_event_id(&self, sid: &MapSid) -> Result<u64> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        self.last_id(&t, sid)
+    }
+
+    /// The id in the last event key of a map (0 if none).
+    fn last_id(&self, events: &redb::ReadOnlyTable<&[u8], &[u8]>, sid: &MapSid) -> Result<u64> {
         let start = sid.as_str().as_bytes().to_vec();
         let end = prefix_end(&start);
-        let last = t
+        Ok(events
             .range(start.as_slice()..end.as_slice())
             .map_err(|e| self.err(e))?
             .next_back()
@@ -508,8 +505,7 @@ impl Store {
             .map_err(|e| self.err(e))?
             .and_then(|(k, _)| k.value().get(34..42).map(|b| b.to_vec()))
             .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
-        Ok(last)
+            .map_or(0, u64::from_be_bytes))
     }
 
     /// The oldest retained event id of a map (events before it were pruned), if any.
@@ -637,29 +633,25 @@ impl Store {
     /// ordered after every commit whose changes the snapshot includes, and before any commit
     /// of changes it does not include (one writer thread makes both true).
     pub fn compact_doc(&self, sid: &MapSid, doc: DocAddr, snapshot: &[u8]) -> Result<()> {
-        let tx = self.begin_write()?;
-        {
-            let dk = doc_key(sid, doc);
-            let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-            snaps
-                .insert(dk.as_slice(), snapshot)
-                .map_err(|e| self.err(e))?;
-            let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-            let end = prefix_end(&dk);
-            changes
-                .retain_in(dk.as_slice()..end.as_slice(), |_, _| false)
-                .map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))
+        self.replace_doc(sid, doc, Some(snapshot))
     }
 
     /// Forgets a document (e.g. the shards of a removed incarnation).
     pub fn drop_doc(&self, sid: &MapSid, doc: DocAddr) -> Result<()> {
+        self.replace_doc(sid, doc, None)
+    }
+
+    /// Deletes a document's change log and sets (or removes) its snapshot, atomically.
+    fn replace_doc(&self, sid: &MapSid, doc: DocAddr, snapshot: Option<&[u8]>) -> Result<()> {
         let tx = self.begin_write()?;
         {
             let dk = doc_key(sid, doc);
             let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-            snaps.remove(dk.as_slice()).map_err(|e| self.err(e))?;
+            match snapshot {
+                Some(s) => snaps.insert(dk.as_slice(), s).map(|_| ()),
+                None => snaps.remove(dk.as_slice()).map(|_| ()),
+            }
+            .map_err(|e| self.err(e))?;
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
             let end = prefix_end(&dk);
             changes
@@ -669,12 +661,12 @@ impl Store {
         tx.commit().map_err(|e| self.err(e))
     }
 
-    /// Bytes of live data in the database (keys and values plus B-tree metadata and
-    /// fragmentation), as opposed to the file's size, which redb grows in large steps.
+    /// Bytes of live data in the database (keys and values plus B-tree metadata), as opposed
+    /// to the file's size, which redb grows in large steps and reuses from free pages.
     pub fn used_bytes(&self) -> Result<u64> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let st = tx.stats().map_err(|e| self.err(e))?;
-        let used = st.stored_bytes() + st.metadata_bytes() + st.fragmented_bytes();
+        let used = st.stored_bytes() + st.metadata_bytes();
         tx.abort().map_err(|e| self.err(e))?;
         Ok(used)
     }

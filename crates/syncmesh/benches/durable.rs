@@ -1,7 +1,7 @@
 //! Durable node benchmark: fsynced `set` throughput and latency with 1, 8 and 64 writers,
 //! disk bytes per item, open time of large data directories, memory per item.
 //!
-//! `cargo bench -p syncmesh --bench durable` (add `-- quick` to skip the 1,000,000-item set).
+//! `cargo bench -p syncmesh --bench durable` (or name sections: `-- throughput maps 100k 1m`).
 //! Data goes to a temporary directory on the disk holding the system temp dir.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench code: a panic is the report
@@ -145,23 +145,34 @@ async fn open_time(label: &str, maps: usize, items: usize) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
+    // Sections to run: `throughput`, `maps`, `100k`, `1m`; none named = all.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        println!(
-            "durable set (fsync on every acknowledged write; concurrent writers share fsyncs)"
-        );
-        throughput(1, 2_000).await;
-        throughput(8, 8_000).await;
-        throughput(64, 32_000).await;
+        if want("throughput") {
+            println!(
+                "durable set (fsync on every acknowledged write; concurrent writers share fsyncs)"
+            );
+            throughput(1, 2_000).await;
+            throughput(8, 8_000).await;
+            throughput(64, 32_000).await;
+        }
         println!("data directories");
-        open_time("1,000 maps x 100 items", 1000, 100).await;
-        open_time("1 map x 100,000 items", 1, 100_000).await;
-        if !quick {
+        if want("maps") {
+            open_time("1,000 maps x 100 items", 1000, 100).await;
+        }
+        if want("100k") {
+            open_time("1 map x 100,000 items", 1, 100_000).await;
+        }
+        if want("1m") {
             open_time("1 map x 1,000,000 items", 1, 1_000_000).await;
         }
     });
