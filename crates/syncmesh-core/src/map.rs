@@ -1522,6 +1522,8 @@ impl MapReplica {
         if !m.state.live_or_expired() {
             return Ok(m);
         }
+        let entries = entries.into_iter();
+        let mut view = Vec::with_capacity(entries.size_hint().0);
         for (key, bytes) in entries {
             let st = decode_entry(&bytes, &mut m.nodes)
                 .ok_or_else(|| Error::Corrupt(format!("stored view entry of item {key:?}")))?;
@@ -1530,8 +1532,10 @@ impl MapReplica {
             if let Some(e) = st.meta.expires() {
                 m.expiry.insert((e, key.clone()));
             }
-            m.view.insert(key, st);
+            view.push((key, st));
         }
+        // Stores hand entries over in key order: collecting builds the tree in one pass.
+        m.view = view.into_iter().collect();
         Ok(m)
     }
 

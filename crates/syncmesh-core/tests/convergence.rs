@@ -130,6 +130,59 @@ fn random_op(rng: &mut Rng, p: &mut Peer, now: Timestamp) {
     }
 }
 
+/// A change from an actor no replica knows, with slots that are garbage, misplaced or valid.
+fn foreign_change(rng: &mut Rng, inc: u64) -> OutgoingChange {
+    use automerge::transaction::Transactable;
+    let mut doc = automerge::AutoCommit::new();
+    let mut actor = vec![0xF0u8; 8];
+    actor.extend_from_slice(&rng.next().to_le_bytes());
+    doc.set_actor(automerge::ActorId::from(actor));
+    let key = *rng.pick(KEYS);
+    let home = syncmesh_core::layout::shard_of(key);
+    let index = if rng.chance(60) {
+        home
+    } else {
+        rng.below(u64::from(syncmesh_core::layout::SHARDS)) as u16
+    };
+    let meta_key = format!("m{}:{key}", key.len());
+    let field = format!("f{}:{key}{}", key.len(), rng.pick(FIELDS));
+    let mut valid_meta = vec![1u8];
+    for v in [rng.next(), 1_700_000_000_000, 1_700_000_000_000] {
+        valid_meta.extend_from_slice(&v.to_le_bytes());
+    }
+    valid_meta.push(0);
+    valid_meta.extend_from_slice(&0u64.to_le_bytes());
+    valid_meta.extend_from_slice(&[0xF0; 32]);
+    let puts: Vec<(String, automerge::ScalarValue)> = match rng.below(5) {
+        0 => vec![(field, automerge::ScalarValue::Int(7))],
+        1 => vec![(meta_key, automerge::ScalarValue::Bytes(vec![9; 5]))],
+        2 => vec![
+            (meta_key, automerge::ScalarValue::Bytes(valid_meta)),
+            (field, automerge::ScalarValue::Str("x".into())),
+        ],
+        3 => vec![
+            ("é1:a".to_string(), automerge::ScalarValue::Int(1)),
+            ("junk".to_string(), automerge::ScalarValue::Null),
+        ],
+        _ => vec![(meta_key, automerge::ScalarValue::Int(3))],
+    };
+    for (k, v) in puts {
+        doc.put(automerge::ROOT, k, v)
+            .expect("put on a fresh document");
+    }
+    let bytes = doc
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .next()
+        .expect("one change");
+    OutgoingChange {
+        map: MapSid::for_name(MAP),
+        doc: syncmesh_core::DocAddr::Shard { inc, index },
+        bytes,
+    }
+}
+
 struct Net {
     /// queue[from][to]: changes in flight.
     queues: Vec<Vec<VecDeque<OutgoingChange>>>,
@@ -239,7 +292,23 @@ fn run_case(seed: u64) {
             }
         }
         let who = rng.below(n as u64) as usize;
-        random_op(&mut rng, &mut peers[who], t(time + skew[who]));
+        if rng.chance(3) {
+            // A foreign writer's well-formed but hostile change, delivered to some now and to
+            // everyone at the end: replicas must still converge (and never panic).
+            let inc = peers[0]
+                .cat
+                .by_sid(&MapSid::for_name(MAP))
+                .map_or(0, |m| m.incarnation());
+            let c = foreign_change(&mut rng, inc);
+            net.history[0].push(c.clone());
+            for p in peers.iter_mut() {
+                if rng.chance(50) {
+                    p.receive(std::slice::from_ref(&c), t(time));
+                }
+            }
+        } else {
+            random_op(&mut rng, &mut peers[who], t(time + skew[who]));
+        }
         net.collect(&mut peers, &mut rng, t(time));
         net.deliver_some(&mut peers, &mut rng, t(time));
     }
