@@ -123,3 +123,68 @@ async fn sigkill_loses_no_acknowledged_write() {
     }
     assert!(all_acked.len() as u64 >= ROUNDS * 20);
 }
+
+/// Relaxed durability: a write acknowledged before `sync()` resolved survives SIGKILL.
+#[test]
+fn relaxed_child() {
+    let Ok(dir) = std::env::var("SYNCMESH_RELAXED_DIR") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let node = Node::builder()
+            .data_dir(&dir)
+            .durability(syncmesh::Durability::Relaxed)
+            .open()
+            .await
+            .unwrap();
+        let m = node.map("relaxed").await.unwrap();
+        for i in 0..200 {
+            m.set(&format!("k{i}"), json!({"i": i})).await.unwrap();
+        }
+        node.sync().await.unwrap();
+        println!("synced");
+        // Keep writing until killed: these may be lost, the 200 above may not.
+        for i in 200.. {
+            m.set(&format!("k{i}"), json!({"i": i})).await.unwrap();
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_writes_are_durable_once_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "relaxed_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("SYNCMESH_RELAXED_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let synced = tokio::task::spawn_blocking(move || {
+        BufReader::new(out)
+            .lines()
+            .any(|l| l.is_ok_and(|l| l.contains("synced")))
+    })
+    .await
+    .unwrap();
+    assert!(synced);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.open_existing("relaxed").await.unwrap();
+    for i in 0..200 {
+        assert_eq!(m.get(&format!("k{i}")).await.unwrap().data["i"], i);
+    }
+    node.close().await.unwrap();
+}

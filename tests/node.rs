@@ -386,3 +386,95 @@ async fn compaction_keeps_everything_and_later_writes() {
     assert!(m.conflicts("k1").await.unwrap().fields.is_empty());
     node.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_from_zero_starts_at_the_first_retained_event_and_gaps_are_reported() {
+    let node = Node::builder()
+        .in_memory()
+        .event_retention(1000)
+        .open()
+        .await
+        .unwrap();
+    let m = node.map("p").await.unwrap();
+    for i in 0..2048 {
+        m.set(&format!("k{}", i % 10), json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    let mut all = m.subscribe_from(0).await.unwrap();
+    let first = next_event(&mut all).await.id;
+    assert!(first > 1, "pruned events are not replayed");
+    let mut prev = first;
+    for _ in 0..100 {
+        let id = next_event(&mut all).await.id;
+        assert_eq!(id, prev + 1);
+        prev = id;
+    }
+    let err = m.subscribe_from(5).await.unwrap_err();
+    assert!(matches!(err, Error::EventsPruned { from: 6, .. }), "{err}");
+    // A subscriber that falls behind past retention is told, not silently skipped ahead.
+    let mut slow = m.subscribe_from(first).await.unwrap();
+    for i in 0..8192 {
+        m.set(&format!("j{}", i % 10), json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    let mut saw_gap_error = false;
+    let mut prev = first;
+    while let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(10), slow.next()).await {
+        match r {
+            Ok(ev) => {
+                assert_eq!(ev.id, prev + 1, "no silent gap");
+                prev = ev.id;
+            }
+            Err(Error::EventsPruned { .. }) => {
+                saw_gap_error = true;
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(
+        saw_gap_error || prev == 2048 + 8192,
+        "either every event or an explicit gap"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_when_the_node_closes() {
+    let node = Node::in_memory().await.unwrap();
+    let m = node.map("m").await.unwrap();
+    let mut a = m.subscribe_from(0).await.unwrap();
+    let mut b = m.subscribe().await.unwrap();
+    let mut c = node.subscribe();
+    m.set("a", json!({})).await.unwrap();
+    next_event(&mut a).await;
+    next_event(&mut b).await;
+    tokio::time::timeout(DEADLINE, c.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(m);
+    node.close().await.unwrap();
+    for s in [&mut a, &mut b, &mut c] {
+        let end = tokio::time::timeout(DEADLINE, s.next())
+            .await
+            .expect("ends within the deadline");
+        assert!(end.is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_mutate_function_does_not_take_the_node_down() {
+    let node = Node::in_memory().await.unwrap();
+    let m = node.map("m").await.unwrap();
+    m.set("a", json!({"v": 1})).await.unwrap();
+    let err = m
+        .mutate("a", |_| panic!("a bug in the caller"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), 54206, "{err}");
+    assert_eq!(m.get("a").await.unwrap().data["v"], 1);
+    m.set("b", json!({})).await.unwrap();
+}

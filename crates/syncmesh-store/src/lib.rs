@@ -70,7 +70,7 @@ pub enum StoreError {
         detail: String,
     },
     /// The disk is full.
-    #[error("no space left for {path}; free space on its disk and retry (nothing was lost: the failed write was not acknowledged)")]
+    #[error("no space left for {path}; free space on its disk, then reopen the node (nothing acknowledged was lost; the failed write was not acknowledged)")]
     DiskFull {
         /// The database file.
         path: PathBuf,
@@ -341,6 +341,11 @@ impl Store {
         Ok(store)
     }
 
+    /// Whether every commit is fsynced ([`StoreOptions::durable`]).
+    pub fn is_durable(&self) -> bool {
+        self.opts.durable
+    }
+
     /// The database file (or `:memory:`).
     pub fn path(&self) -> &Path {
         &self.path
@@ -351,8 +356,12 @@ impl Store {
     }
 
     fn begin_write(&self) -> Result<WriteTransaction> {
+        self.begin_write_with(self.opts.durable)
+    }
+
+    fn begin_write_with(&self, durable: bool) -> Result<WriteTransaction> {
         let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        let d = if self.opts.durable {
+        let d = if durable {
             Durability::Immediate
         } else {
             Durability::None
@@ -542,17 +551,27 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let tx = self.begin_write()?;
+        self.commit_with(batch, self.opts.durable)
+    }
+
+    /// Commits a batch (possibly empty) with fsync whatever the store's durability: with
+    /// `durable: false` stores this also makes every earlier commit durable.
+    pub fn commit_durable(&self, batch: &Batch) -> Result<()> {
+        self.commit_with(batch, true)
+    }
+
+    fn commit_with(&self, batch: &Batch, durable: bool) -> Result<()> {
+        let tx = self.begin_write_with(durable)?;
         let mut seqs = self
             .seqs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let snapshot_of_seqs = seqs.clone();
         let result = self.write_batch(&tx, batch, &mut seqs);
         let result = result.and_then(|()| tx.commit().map_err(|e| self.err(e)));
         if result.is_err() {
-            // Nothing was written: forget the sequence numbers this batch took.
-            *seqs = snapshot_of_seqs;
+            // Nothing was written: the cached sequence numbers may be ahead of the table;
+            // they are read back from it when next needed.
+            seqs.clear();
         }
         result
     }

@@ -4,7 +4,8 @@
 //! `cargo bench -p syncmesh --bench durable` (or name sections: `-- throughput maps 100k 1m`).
 //! Data goes to a temporary directory on the disk holding the system temp dir.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // bench code: a panic is the report
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// bench code: a panic is the report
 // A counting allocator (the only unsafe code): exact heap figures, unlike RSS.
 #![allow(unsafe_code)]
 

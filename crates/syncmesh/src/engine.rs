@@ -22,8 +22,10 @@ use crate::error::{Error, Result};
 
 /// Commands queued for the engine; the capacity bounds memory under load.
 pub(crate) const COMMAND_QUEUE: usize = 4096;
-/// Most commands folded into one batch.
-const MAX_BATCH_COMMANDS: usize = 4096;
+/// Most commands handled before a batch is committed.
+const MAX_BATCH_COMMANDS: usize = 512;
+/// With relaxed durability, the longest time an acknowledged write waits for an fsync.
+const RELAXED_WINDOW: Duration = Duration::from_millis(100);
 /// Stored changes of one document after which it is replaced by a snapshot.
 const COMPACT_AFTER_CHANGES: u32 = 1000;
 /// How often idle shard documents are parked: a shard untouched for a whole period leaves
@@ -141,6 +143,8 @@ enum StoreJob {
         acks: Vec<Ack>,
         barriers: Vec<oneshot::Sender<Result<()>>>,
         events: Vec<Arc<Event>>,
+        /// Force an fsync (relaxed stores otherwise commit without one).
+        durable: bool,
     },
     Compact {
         sid: MapSid,
@@ -166,6 +170,8 @@ pub(crate) struct Shared {
     /// while handles remain.
     pub store: Mutex<Option<Arc<Store>>>,
     pub events: broadcast::Sender<Arc<Event>>,
+    /// Becomes true when the node has closed: subscription tasks end on it.
+    pub closed: tokio::sync::watch::Sender<bool>,
     /// Set by the store writer when a commit fails; writes are refused from then on.
     pub failed: Mutex<Option<Arc<StoreError>>>,
 }
@@ -185,6 +191,9 @@ pub(crate) struct Engine {
     /// Use marks taken at the last parking round, per map.
     park_marks: HashMap<MapSid, u64>,
     next_park: std::time::Instant,
+    last_durable: std::time::Instant,
+    /// A relaxed (not fsynced) commit went out since the last fsync.
+    needs_fsync: bool,
     jobs: std::sync::mpsc::SyncSender<StoreJob>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -211,6 +220,8 @@ impl Engine {
             compact_queue: Vec::new(),
             park_marks: HashMap::new(),
             next_park: std::time::Instant::now() + PARK_PERIOD,
+            last_durable: std::time::Instant::now(),
+            needs_fsync: false,
             jobs,
             writer: Some(writer),
         })
@@ -230,7 +241,15 @@ impl Engine {
         };
         rt.block_on(async {
             loop {
-                let wait = self.next_expiry_wait();
+                // Wake for TTLs, for parking, and for the fsync that relaxed writes wait on.
+                let mut wait = self.next_expiry_wait().min(
+                    self.next_park
+                        .saturating_duration_since(std::time::Instant::now()),
+                );
+                if self.needs_fsync {
+                    wait = wait.min(RELAXED_WINDOW);
+                }
+                let wait = wait.max(Duration::from_millis(1));
                 let first = tokio::select! {
                     c = rx.recv() => match c {
                         Some(c) => Some(c),
@@ -245,11 +264,15 @@ impl Engine {
                 if let Some(c) = first {
                     self.handle(c, now, &mut acks, &mut barriers);
                 }
-                while acks.len() < MAX_BATCH_COMMANDS {
+                // Every handled command counts, reads too, so a stream of reads cannot hold
+                // back the commit (and the acknowledgement) of the writes before them.
+                let mut handled = 1;
+                while handled < MAX_BATCH_COMMANDS {
                     match rx.try_recv() {
                         Ok(c) => self.handle(c, now, &mut acks, &mut barriers),
                         Err(_) => break,
                     }
+                    handled += 1;
                 }
                 self.commit(now, acks, barriers);
                 if self.shutdown.is_some() {
@@ -278,6 +301,7 @@ impl Engine {
         // Release the database file: only transient readers may still hold it.
         *shared.store.lock().unwrap_or_else(|p| p.into_inner()) = None;
         drop(store);
+        shared.closed.send_replace(true);
         if let Some(reply) = shutdown {
             let _ = reply.send(Ok(()));
         }
@@ -285,6 +309,10 @@ impl Engine {
 
     /// How long to sleep before the next TTL expiry among loaded maps.
     fn next_expiry_wait(&self) -> Duration {
+        if self.write_stop().is_some() {
+            // Expiry writes are refused now; waking for them would only spin.
+            return Duration::from_secs(3600);
+        }
         let now = now();
         let next = self
             .catalog
@@ -450,7 +478,28 @@ impl Engine {
             Op::Set(k, d, o) => m.set(&k, d, &o, now).map(Reply::Item),
             Op::Create(k, d, t) => m.create_item(&k, d, t, now).map(Reply::Item),
             Op::Update(k, d, o) => m.update(&k, d, &o, now).map(Reply::Item),
-            Op::Mutate(k, o, f) => m.mutate(&k, &o, now, f).map(Reply::MaybeItem),
+            Op::Mutate(k, o, f) => {
+                // A panicking closure is the caller's bug: it must not take the node down.
+                let guarded = |cur: Option<&JsonObject>| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(cur)))
+                        .map_err(|_| ())
+                };
+                let mut panicked = false;
+                let r = m.mutate(&k, &o, now, |cur| match guarded(cur) {
+                    Ok(v) => v,
+                    Err(()) => {
+                        panicked = true;
+                        None
+                    }
+                });
+                if panicked {
+                    Err(syncmesh_core::Error::InvalidData(
+                        "the mutate function panicked; nothing was written".into(),
+                    ))
+                } else {
+                    r.map(Reply::MaybeItem)
+                }
+            }
             Op::Remove(k, rev) => m.remove(&k, rev.as_ref(), now).map(|()| Reply::Unit),
             Op::SetTtl(t) => m.set_ttl(t, now).map(Reply::Info),
             Op::SetItemTtl(k, t) => m.set_item_ttl(&k, t, now).map(Reply::Item),
@@ -562,16 +611,31 @@ impl Engine {
             for b in barriers {
                 let _ = b.send(Err(Error::Store(err.clone())));
             }
+            // Snapshots taken for this batch include changes that were just dropped.
+            self.pending_compactions.clear();
             return;
         }
-        if batch.is_empty() && acks.is_empty() && barriers.is_empty() && events.is_empty() {
+        // Fsync now if asked to (sync, compact, close) or if relaxed writes have waited long
+        // enough; with Durability::Fsync every commit is fsynced anyway.
+        let durable = !barriers.is_empty()
+            || self.shutdown.is_some()
+            || self.last_durable.elapsed() >= RELAXED_WINDOW;
+        let idle = batch.is_empty() && acks.is_empty() && barriers.is_empty() && events.is_empty();
+        if idle && !(self.needs_fsync && durable) {
             return;
+        }
+        if durable {
+            self.last_durable = std::time::Instant::now();
+            self.needs_fsync = false;
+        } else {
+            self.needs_fsync = !self.store.is_durable();
         }
         let job = StoreJob::Commit {
             batch,
             acks,
             barriers,
             events,
+            durable,
         };
         if self.jobs.send(job).is_err() {
             tracing::error!("the store writer has stopped");
@@ -590,6 +654,7 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                 acks,
                 barriers,
                 events,
+                durable,
             } => {
                 let stopped = shared
                     .failed
@@ -598,7 +663,12 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                     .clone();
                 let result = match stopped {
                     Some(e) => Err(Error::WritesStopped(e)),
-                    None => store.commit(&batch).map_err(|e| {
+                    None => if durable {
+                        store.commit_durable(&batch)
+                    } else {
+                        store.commit(&batch)
+                    }
+                    .map_err(|e| {
                         let e = Arc::new(e);
                         tracing::error!("commit failed, stopping writes: {e}");
                         *shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
@@ -629,6 +699,15 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                 }
             }
             StoreJob::Compact { sid, doc, snapshot } => {
+                if shared
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_some()
+                {
+                    // The commits this snapshot covers may not all be on disk.
+                    continue;
+                }
                 if let Err(e) = store.compact_doc(&sid, doc, &snapshot) {
                     tracing::warn!(map = %sid, "compaction failed (the change log is kept): {e}");
                 }

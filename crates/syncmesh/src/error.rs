@@ -21,7 +21,7 @@ pub enum Error {
     #[error("the node is closed")]
     Closed,
     /// A subscriber asked to resume from an event that is no longer retained.
-    #[error("events {from}..{to} of map {map} are no longer retained; resume from {to} or later and re-read the map")]
+    #[error("events {from} to {to} (exclusive) of map {map} are no longer retained; re-read the map, then subscribe from the newest event id")]
     EventsPruned {
         /// The map.
         map: String,

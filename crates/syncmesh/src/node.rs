@@ -29,8 +29,9 @@ pub enum Durability {
     /// Acknowledge after fsync (default): an acknowledged write survives a crash.
     #[default]
     Fsync,
-    /// Acknowledge before fsync. Faster; a crash (not a clean close) can lose the last
-    /// acknowledged writes. The store stays consistent either way.
+    /// Acknowledge before fsync; an fsync follows within 100 ms (and at `sync`, `compact` and
+    /// `close`). A crash — not a clean close — can lose writes acknowledged in that window.
+    /// The store stays consistent either way.
     Relaxed,
 }
 
@@ -129,10 +130,16 @@ impl Node {
     }
 
     fn start(store: Store, data_dir: Option<PathBuf>) -> Result<Node> {
-        let id = match store
-            .get_meta("node_id")?
-            .and_then(|b| NodeId::from_slice(&b))
-        {
+        let stored_id = match store.get_meta("node_id")? {
+            Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
+                Error::from(syncmesh_store::StoreError::Corrupt {
+                    path: store.path().to_path_buf(),
+                    detail: "the node id record is malformed".into(),
+                })
+            })?),
+            None => None,
+        };
+        let id = match stored_id {
             Some(id) => id,
             None => {
                 let id = NodeId(random16());
@@ -147,7 +154,9 @@ impl Node {
         // which a node restored from an older copy of its data directory would otherwise do.
         let identity = Identity::new(id, &random16()[..8]);
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (closed, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {
+            closed,
             store: Mutex::new(Some(Arc::new(store))),
             events,
             failed: Mutex::new(None),
@@ -239,10 +248,16 @@ impl Node {
     /// map with [`Map::subscribe_from`].
     pub fn subscribe(&self) -> EventStream {
         let mut live = self.inner.shared.events.subscribe();
+        let mut closed = self.inner.shared.closed.subscribe();
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
         spawn(async move {
             loop {
-                let item = match live.recv().await {
+                let r = tokio::select! {
+                    r = live.recv() => r,
+                    _ = closed.wait_for(|c| *c) => return,
+                    _ = tx.closed() => return,
+                };
+                let item = match r {
                     Ok(e) => Ok((*e).clone()),
                     Err(broadcast::error::RecvError::Lagged(n)) => Err(Error::Lagged { missed: n }),
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -467,25 +482,29 @@ impl Map {
                 .await
                 .map_err(|_| Error::Closed)??
         };
-        if let Some(after) = after {
+        // 0 means "from the first retained event"; any other id must still be retained.
+        if let Some(after) = after.filter(|a| *a > 0) {
             let (s2, sid2) = (store.clone(), sid.clone());
             let first = tokio::task::spawn_blocking(move || s2.first_event_id(&sid2))
                 .await
                 .map_err(|_| Error::Closed)??;
             if let Some(first) = first {
-                if first > after + 1 {
+                if first > after.saturating_add(1) {
                     return Err(Error::EventsPruned {
                         map: sid.to_string(),
-                        from: after + 1,
+                        from: after.saturating_add(1),
                         to: first,
                     });
                 }
             }
         }
         drop(store);
+        let mut closed = shared.closed.subscribe();
         spawn(async move {
             // `last`: id of the last event delivered; `None` = live only, nothing to replay.
             let mut last = after;
+            // Only a subscription from 0 may start wherever retention starts.
+            let mut gap_allowed = after == Some(0);
             loop {
                 if let Some(mut from) = last {
                     // Replay from storage until it has nothing newer.
@@ -506,6 +525,21 @@ impl Map {
                             Err(_) => return,
                         };
                         let full = page.len() == REPLAY_PAGE;
+                        if let Some((first, _)) = page.first() {
+                            if *first > from.saturating_add(1) && !gap_allowed {
+                                // Pruned while this subscriber was behind: say so and stop,
+                                // rather than silently skip.
+                                let _ = tx
+                                    .send(Err(Error::EventsPruned {
+                                        map: sid.to_string(),
+                                        from: from.saturating_add(1),
+                                        to: *first,
+                                    }))
+                                    .await;
+                                return;
+                            }
+                        }
+                        gap_allowed = false;
                         for (id, bytes) in page {
                             from = id;
                             match serde_json::from_slice::<Event>(&bytes) {
@@ -525,9 +559,15 @@ impl Map {
                         }
                     }
                 }
-                // Live, skipping what replay already delivered.
+                // Live, skipping what replay already delivered; ends when the node closes or
+                // the consumer drops the stream.
                 loop {
-                    match live.recv().await {
+                    let r = tokio::select! {
+                        r = live.recv() => r,
+                        _ = closed.wait_for(|c| *c) => return,
+                        _ = tx.closed() => return,
+                    };
+                    match r {
                         Ok(ev) if ev.map == sid => {
                             if last.is_some_and(|l| ev.id <= l) {
                                 continue;
