@@ -478,3 +478,29 @@ async fn a_panicking_mutate_function_does_not_take_the_node_down() {
     assert_eq!(m.get("a").await.unwrap().data["v"], 1);
     m.set("b", json!({})).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_after_a_restart_covers_stored_change_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("c").await.unwrap();
+    for i in 0..300 {
+        m.set(&format!("k{}", i % 50), json!({"i": i}))
+            .await
+            .unwrap();
+    }
+    node.close().await.unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("c").await.unwrap();
+    let before = node.used_bytes().await.unwrap();
+    node.compact().await.unwrap();
+    assert!(node.used_bytes().await.unwrap() < before);
+    assert_eq!(m.get("k7").await.unwrap().data["i"], 257);
+    let r = m.get("k7").await.unwrap().revision;
+    let out = m
+        .mutate_with("k7", WriteOptions::if_match(r), |d| d.cloned())
+        .await
+        .unwrap();
+    assert!(out.is_some());
+    node.close().await.unwrap();
+}

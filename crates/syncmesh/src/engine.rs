@@ -428,6 +428,13 @@ impl Engine {
         let Some(stored) = self.store.load_map(sid)? else {
             return Ok(());
         };
+        // Stored change logs count toward compaction, also across restarts.
+        for (addr, doc) in &stored.docs {
+            let n = u32::try_from(doc.changes.len()).unwrap_or(u32::MAX);
+            if n > 0 {
+                self.changes_since_snapshot.insert((sid.clone(), *addr), n);
+            }
+        }
         let m = MapReplica::restore(
             self.catalog.identity().clone(),
             sid.clone(),

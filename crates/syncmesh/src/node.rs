@@ -414,6 +414,15 @@ impl Map {
         expect_reply!(self.op(op).await, Reply::MaybeItem(i) => i)
     }
 
+    /// [`Map::mutate`] with a TTL and/or an If-Match revision.
+    pub async fn mutate_with<F>(&self, key: &str, opts: WriteOptions, f: F) -> Result<Option<Item>>
+    where
+        F: FnOnce(Option<&JsonObject>) -> Option<JsonObject> + Send + 'static,
+    {
+        let op = Op::Mutate(key.into(), opts, Box::new(f));
+        expect_reply!(self.op(op).await, Reply::MaybeItem(i) => i)
+    }
+
     /// Reads an item; 404/54201 if absent or expired.
     pub async fn get(&self, key: &str) -> Result<Item> {
         expect_reply!(self.op(Op::Get(key.into())).await, Reply::Item(i) => i)
