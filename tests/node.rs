@@ -504,3 +504,39 @@ async fn compaction_after_a_restart_covers_stored_change_logs() {
     assert!(out.is_some());
     node.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_map_forgets_its_old_incarnation_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("x").await.unwrap();
+    for i in 0..200 {
+        m.set(&format!("k{i}"), json!({"i": i})).await.unwrap();
+    }
+    m.remove_map().await.unwrap();
+    let m = node.map("x").await.unwrap();
+    m.set("fresh", json!({})).await.unwrap();
+    node.close().await.unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let before = node.used_bytes().await.unwrap();
+    let m = node.map("x").await.unwrap();
+    assert_eq!(
+        m.items(PageRequest::default()).await.unwrap().items.len(),
+        1
+    );
+    node.sync().await.unwrap();
+    node.sync().await.unwrap();
+    let after = node.used_bytes().await.unwrap();
+    assert!(
+        after < before,
+        "old incarnation's shards are dropped: {before} -> {after}"
+    );
+    // two closes at once both return only when the file is free
+    let (a, b) = (node.clone(), node.clone());
+    drop(m);
+    let (ra, rb) = tokio::join!(a.close(), b.close());
+    ra.unwrap();
+    rb.unwrap();
+    drop(node);
+    Node::open(dir.path()).await.unwrap().close().await.unwrap();
+}

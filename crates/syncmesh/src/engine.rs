@@ -151,6 +151,8 @@ enum StoreJob {
         doc: DocAddr,
         snapshot: Vec<u8>,
     },
+    /// Forget a dead document (an earlier incarnation's shard).
+    Drop { sid: MapSid, doc: DocAddr },
 }
 
 impl Shared {
@@ -428,6 +430,7 @@ impl Engine {
         let Some(stored) = self.store.load_map(sid)? else {
             return Ok(());
         };
+        let addrs: Vec<DocAddr> = stored.docs.iter().map(|(a, _)| *a).collect();
         // Stored change logs count toward compaction, also across restarts.
         for (addr, doc) in &stored.docs {
             let n = u32::try_from(doc.changes.len()).unwrap_or(u32::MAX);
@@ -442,6 +445,17 @@ impl Engine {
             stored.entries,
             stored.last_event_id,
         )?;
+        // Documents of earlier incarnations (the map was removed and created again) are dead
+        // weight: forget them, after the commits already queued.
+        let inc = m.incarnation();
+        for a in addrs {
+            if matches!(a, DocAddr::Shard { inc: i, .. } if i < inc) {
+                self.pending_compactions.push(StoreJob::Drop {
+                    sid: sid.clone(),
+                    doc: a,
+                });
+            }
+        }
         self.catalog.insert(m);
         Ok(())
     }
@@ -703,6 +717,11 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                             let _ = b.send(Err(e.clone()));
                         }
                     }
+                }
+            }
+            StoreJob::Drop { sid, doc } => {
+                if let Err(e) = store.drop_doc(&sid, doc) {
+                    tracing::warn!(map = %sid, "dropping a dead document failed: {e}");
                 }
             }
             StoreJob::Compact { sid, doc, snapshot } => {

@@ -286,6 +286,10 @@ impl Node {
             })
             .await
             .map_err(|_| Error::Closed)?;
+        } else {
+            // Another close is joining the engine: return only once the file is released.
+            let mut closed = self.inner.shared.closed.subscribe();
+            let _ = closed.wait_for(|c| *c).await;
         }
         match r {
             Err(Error::Closed) => Ok(()), // already closed by another clone
