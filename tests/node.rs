@@ -540,3 +540,37 @@ async fn a_recreated_map_forgets_its_old_incarnation_on_disk() {
     drop(node);
     Node::open(dir.path()).await.unwrap().close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_expire_in_maps_nobody_has_opened_since_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("lazy").await.unwrap();
+    m.set_with(
+        "soon",
+        json!({}),
+        WriteOptions::ttl(Ttl::from_secs(2).unwrap()),
+    )
+    .await
+    .unwrap();
+    m.set("stays", json!({})).await.unwrap();
+    node.close().await.unwrap();
+    // Reopen and never touch the map: the node loads it on its own when the TTL is due.
+    let node = Node::open(dir.path()).await.unwrap();
+    let mut all = node.subscribe();
+    let removed = loop {
+        let ev = tokio::time::timeout(DEADLINE, all.next())
+            .await
+            .expect("the expiry happens within the deadline")
+            .expect("stream open")
+            .expect("event");
+        if let EventKind::ItemRemoved { key, .. } = &ev.kind {
+            break key.clone();
+        }
+    };
+    assert_eq!(removed, "soon");
+    let m = node.map("lazy").await.unwrap();
+    assert_eq!(m.get("soon").await.unwrap_err().code(), 54201);
+    m.get("stays").await.unwrap();
+    node.close().await.unwrap();
+}

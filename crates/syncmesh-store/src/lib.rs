@@ -22,7 +22,7 @@ use redb::{
 use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
 
@@ -131,8 +131,12 @@ pub struct LoadedMap {
 pub struct MapWrite {
     /// The map.
     pub sid: Option<MapSid>,
-    /// Its unique name, recorded in the catalog of maps.
+    /// Its unique name (`Some("")` for none): when given, the catalog record is (re)written
+    /// with it and `next_expiry`.
     pub name: Option<String>,
+    /// When the map's next TTL expiry is due (ms since the epoch), so expiry can run for maps
+    /// that are not loaded.
+    pub next_expiry: Option<i64>,
     /// Automerge changes made or received, in order.
     pub changes: Vec<(DocAddr, Vec<u8>)>,
     /// How its view changed.
@@ -221,6 +225,38 @@ fn classify(path: &Path, e: impl Into<redb::Error>) -> StoreError {
             detail: other.to_string(),
         },
     }
+}
+
+/// A map in the catalog: what is known of it without loading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogEntry {
+    /// The map's sid.
+    pub sid: MapSid,
+    /// Its unique name, if it has one.
+    pub name: Option<String>,
+    /// When its next TTL expiry is due (ms since the epoch).
+    pub next_expiry: Option<i64>,
+}
+
+/// Catalog record: a flag byte, the expiry (i64 LE), then the name.
+fn encode_catalog(name: &str, next_expiry: Option<i64>) -> Vec<u8> {
+    let mut b = Vec::with_capacity(9 + name.len());
+    b.push(u8::from(next_expiry.is_some()));
+    b.extend_from_slice(&next_expiry.unwrap_or(0).to_le_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+fn decode_catalog(b: &[u8]) -> Option<(Option<String>, Option<i64>)> {
+    let flag = *b.first()?;
+    let exp = i64::from_le_bytes(b.get(1..9)?.try_into().ok()?);
+    let name = std::str::from_utf8(b.get(9..)?).ok()?;
+    let next_expiry = match flag {
+        0 => None,
+        1 => Some(exp),
+        _ => return None,
+    };
+    Some(((!name.is_empty()).then(|| name.to_string()), next_expiry))
 }
 
 fn doc_key(sid: &MapSid, doc: DocAddr) -> Vec<u8> {
@@ -382,8 +418,8 @@ impl Store {
             .map(|v| v.value().to_vec()))
     }
 
-    /// Every map in the catalog, with its unique name.
-    pub fn list_maps(&self) -> Result<Vec<(MapSid, Option<String>)>> {
+    /// Every map in the catalog.
+    pub fn list_maps(&self) -> Result<Vec<CatalogEntry>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(MAPS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -396,9 +432,13 @@ impl Store {
                     path: self.path.clone(),
                     detail: "a map catalog key is not a map sid".into(),
                 })?;
-            let name =
-                (!v.value().is_empty()).then(|| String::from_utf8_lossy(v.value()).into_owned());
-            out.push((sid, name));
+            let (name, next_expiry) =
+                decode_catalog(v.value()).ok_or_else(|| self.corrupt("map catalog record"))?;
+            out.push(CatalogEntry {
+                sid,
+                name,
+                next_expiry,
+            });
         }
         Ok(out)
     }
@@ -595,8 +635,8 @@ impl Store {
             let Some(sid) = &m.sid else { continue };
             let sid_bytes = sid.as_str().as_bytes();
             if m.name.is_some() || maps.get(sid_bytes).map_err(|e| self.err(e))?.is_none() {
-                let name = m.name.as_deref().unwrap_or("").as_bytes().to_vec();
-                maps.insert(sid_bytes, name.as_slice())
+                let rec = encode_catalog(m.name.as_deref().unwrap_or(""), m.next_expiry);
+                maps.insert(sid_bytes, rec.as_slice())
                     .map_err(|e| self.err(e))?;
             }
             for (doc, bytes) in &m.changes {
@@ -723,6 +763,7 @@ mod tests {
             maps: vec![MapWrite {
                 sid: Some(sid()),
                 name: Some("users".into()),
+                next_expiry: None,
                 changes,
                 view: ViewChanges {
                     reset: false,
@@ -763,7 +804,11 @@ mod tests {
         let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
         assert_eq!(
             s.list_maps().unwrap(),
-            vec![(sid(), Some("users".to_string()))]
+            vec![CatalogEntry {
+                sid: sid(),
+                name: Some("users".to_string()),
+                next_expiry: None
+            }]
         );
         let m = s.load_map(&sid()).unwrap().unwrap();
         assert_eq!(m.entries, vec![("b".to_string(), b"B".to_vec())]);
@@ -821,7 +866,7 @@ mod tests {
                 err,
                 StoreError::UnknownSchema {
                     found: 99,
-                    supported: 1,
+                    supported: SCHEMA_VERSION,
                     ..
                 }
             ),

@@ -184,6 +184,8 @@ pub(crate) struct Engine {
     shared: Arc<Shared>,
     /// Maps the store holds, with their names; loaded into the catalog on first use.
     on_disk: BTreeMap<MapSid, Option<String>>,
+    /// Next TTL expiry of stored maps that are not loaded: they are loaded when it is due.
+    unloaded_expiry: BTreeMap<MapSid, Timestamp>,
     dirty: BTreeSet<MapSid>,
     changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
     pending_compactions: Vec<StoreJob>,
@@ -203,7 +205,18 @@ pub(crate) struct Engine {
 impl Engine {
     pub(crate) fn new(id: Identity, shared: Arc<Shared>) -> Result<Engine> {
         let store = shared.store()?;
-        let on_disk = store.list_maps()?.into_iter().collect();
+        let catalog_entries = store.list_maps()?;
+        let unloaded_expiry = catalog_entries
+            .iter()
+            .filter_map(|e| {
+                e.next_expiry
+                    .map(|t| (e.sid.clone(), Timestamp::from_millis(t)))
+            })
+            .collect();
+        let on_disk = catalog_entries
+            .into_iter()
+            .map(|e| (e.sid, e.name))
+            .collect();
         let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<StoreJob>(1);
         let (shared2, store2) = (shared.clone(), store.clone());
         let writer = std::thread::Builder::new()
@@ -215,6 +228,7 @@ impl Engine {
             catalog: Catalog::new(id),
             shared,
             on_disk,
+            unloaded_expiry,
             dirty: BTreeSet::new(),
             changes_since_snapshot: HashMap::new(),
             pending_compactions: Vec::new(),
@@ -320,6 +334,7 @@ impl Engine {
             .catalog
             .maps()
             .filter_map(MapReplica::next_expiry)
+            .chain(self.unloaded_expiry.values().copied())
             .min();
         match next {
             Some(t) => Duration::from_millis(
@@ -350,6 +365,18 @@ impl Engine {
     fn expire_due(&mut self, now: Timestamp) {
         if self.write_stop().is_some() {
             return;
+        }
+        let due: Vec<MapSid> = self
+            .unloaded_expiry
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(s, _)| s.clone())
+            .collect();
+        for sid in due {
+            if let Err(e) = self.ensure_loaded(&sid) {
+                tracing::warn!(map = %sid, "loading a map for TTL expiry failed: {e}");
+                self.unloaded_expiry.remove(&sid);
+            }
         }
         for m in self.catalog.maps_mut() {
             if m.next_expiry().is_some_and(|t| t <= now) {
@@ -427,6 +454,7 @@ impl Engine {
         if self.catalog.contains(sid) || !self.on_disk.contains_key(sid) {
             return Ok(());
         }
+        self.unloaded_expiry.remove(sid);
         let Some(stored) = self.store.load_map(sid)? else {
             return Ok(());
         };
@@ -586,13 +614,11 @@ impl Engine {
                 }
                 events.push(Arc::new(e));
             }
-            let name = if self.on_disk.contains_key(&sid) {
-                None
-            } else {
-                self.on_disk
-                    .insert(sid.clone(), m.unique_name().map(str::to_string));
-                Some(m.unique_name().unwrap_or("").to_string())
-            };
+            // The catalog record goes with every batch of the map: it carries the next expiry.
+            self.on_disk
+                .insert(sid.clone(), m.unique_name().map(str::to_string));
+            let name = Some(m.unique_name().unwrap_or("").to_string());
+            let next_expiry = m.next_expiry().map(Timestamp::millis);
             let mut snapshots = Vec::new();
             compactions.extend(queued.iter().filter(|(s, _)| s == &sid).map(|(_, d)| *d));
             for doc in compactions.drain(..) {
@@ -605,6 +631,7 @@ impl Engine {
             batch.maps.push(MapWrite {
                 sid: Some(sid.clone()),
                 name,
+                next_expiry,
                 changes,
                 view,
                 events: encoded,
