@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // test and bench code: a panic is the report
 
-// The only unsafe code in the workspace: a counting allocator for exact memory figures.
+// The counting allocator (benches/common) is the only unsafe code in the workspace.
 #![allow(unsafe_code)]
 
 use std::hint::black_box;
@@ -25,34 +25,12 @@ fn item(i: u64) -> JsonObject {
         .unwrap_or_default()
 }
 
-/// Counts live heap bytes, so memory per item is exact rather than what RSS happens to show
-/// (freed memory often stays in the allocator's arenas).
-struct Counting;
-
-static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.realloc(p, l, n) }
-    }
-}
+#[path = "common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::heap_bytes;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn heap_bytes() -> u64 {
-    LIVE.load(std::sync::atomic::Ordering::Relaxed) as u64
-}
+static GLOBAL: counting_alloc::Counting = counting_alloc::Counting;
 
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")

@@ -50,7 +50,7 @@ pub use event::{Event, EventKind, EventView, Item, MapInfo};
 pub use ids::{MapSid, NodeId, Revision, Timestamp};
 pub use limits::Ttl;
 pub use map::{
-    digest, DocAddr, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges,
+    DocAddr, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges,
     WriteOptions,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};

@@ -1848,14 +1848,6 @@ fn read_map_state(doc: &Automerge) -> MapState {
     }
 }
 
-/// A digest of the replicated state, equal on replicas that hold the same changes (for tests).
-pub fn digest(m: &MapReplica, now: Timestamp) -> Vec<(String, Json, String)> {
-    m.all_items(now)
-        .into_iter()
-        .map(|i| (i.key, Json::Object(i.data), i.revision.to_string()))
-        .collect()
-}
-
 #[allow(dead_code)]
 fn assert_send(m: MapReplica) -> impl Send {
     m

@@ -4,36 +4,16 @@
 //! `cargo bench -p syncmesh --bench durable` (or name sections: `-- throughput maps 100k 1m`).
 //! Data goes to a temporary directory on the disk holding the system temp dir.
 
+// Bench code: a panic is the report. The shared counting allocator is the only unsafe code.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-// bench code: a panic is the report
-// A counting allocator (the only unsafe code): exact heap figures, unlike RSS.
 #![allow(unsafe_code)]
 
-struct Counting;
-static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-unsafe impl std::alloc::GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
-        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, n: usize) -> *mut u8 {
-        LIVE.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        LIVE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
-        unsafe { std::alloc::System.realloc(p, l, n) }
-    }
-}
+#[path = "../../syncmesh-core/benches/common/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::heap_bytes as heap;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn heap() -> u64 {
-    LIVE.load(std::sync::atomic::Ordering::Relaxed) as u64
-}
+static GLOBAL: counting_alloc::Counting = counting_alloc::Counting;
 
 use std::time::{Duration, Instant};
 
