@@ -43,6 +43,7 @@ pub mod layout;
 pub mod limits;
 mod map;
 pub mod paging;
+pub mod replication;
 
 pub use catalog::{Catalog, MapRef, MapSpec, OpenMode};
 pub use error::{Error, Result};
@@ -50,8 +51,8 @@ pub use event::{Event, EventKind, EventView, Item, MapInfo};
 pub use ids::{MapSid, NodeId, Revision, Timestamp};
 pub use limits::Ttl;
 pub use map::{
-    DocAddr, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges,
-    WriteOptions,
+    check_change, DocAddr, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc,
+    ViewChanges, WriteOptions,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};
 

@@ -11,11 +11,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::legacy::{Key, ObjectId};
+use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ActorId, Automerge, Change, PatchAction, PatchLog, Prop, ReadDoc, ScalarValue, Value, ROOT,
+    ActorId, Automerge, Change, ChangeHash, PatchAction, PatchLog, Prop, ReadDoc, ScalarValue,
+    Value, ROOT,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
@@ -28,7 +30,7 @@ use crate::paging::{self, Page, PageRequest};
 use crate::JsonObject;
 
 /// Which Automerge document of a map a change belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum DocAddr {
     /// The map document: name, incarnation, creation, TTL, removal.
     Meta,
@@ -360,6 +362,8 @@ struct Shard {
     actor: ActorId,
     pending: BTreeMap<String, Pending>,
     last_used: u64,
+    /// Heads of a parked document, so digests for replication need not load it.
+    cold_heads: Option<Vec<ChangeHash>>,
 }
 
 impl Shard {
@@ -371,7 +375,16 @@ impl Shard {
             actor: actor.clone(),
             pending: BTreeMap::new(),
             last_used: 0,
+            cold_heads: None,
         }
+    }
+
+    /// The document's heads (a parked one is loaded only if its heads are not known).
+    fn heads(&mut self) -> Result<Vec<ChangeHash>> {
+        if let (Body::Cold(_), Some(h)) = (&self.body, &self.cold_heads) {
+            return Ok(h.clone());
+        }
+        Ok(self.doc()?.get_heads())
     }
 
     /// The document, loading it if it was parked.
@@ -394,6 +407,7 @@ impl Shard {
         let mut saved = d.save();
         // save() over-allocates; parked bytes are kept for a long time.
         saved.shrink_to_fit();
+        self.cold_heads = Some(d.get_heads());
         self.body = Body::Cold(StoredDoc {
             snapshot: Some(saved),
             changes: Vec::new(),
@@ -460,6 +474,8 @@ pub struct MapReplica {
     events: Vec<Event>,
     next_event_id: u64,
     outbox: Vec<OutgoingChange>,
+    /// Changes merged from peers since the last [`MapReplica::take_received`], for storage.
+    received: Vec<(DocAddr, Vec<u8>)>,
     clock: u64,
     last_change: Timestamp,
     /// Whether a `MapRemoved` event was emitted for the current incarnation.
@@ -505,6 +521,7 @@ impl MapReplica {
             events: Vec::new(),
             next_event_id: 1,
             outbox: Vec::new(),
+            received: Vec::new(),
             clock: 0,
             last_change: Timestamp::from_millis(0),
             removal_announced: false,
@@ -1259,7 +1276,207 @@ impl MapReplica {
                 .map_err(|e| Error::InvalidChange(format!("change {i}: {e}")))?;
             decoded.push(c);
         }
-        self.apply_decoded(doc, decoded, now)
+        self.apply_remote(doc, decoded, now)
+    }
+
+    /// Merges decoded changes from a peer that the caller already checked
+    /// ([`check_change`]), like [`Self::apply_changes`].
+    pub fn apply_checked(
+        &mut self,
+        doc: DocAddr,
+        changes: Vec<Change>,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.apply_remote(doc, changes, now)
+    }
+
+    /// Applies changes from a peer and keeps the new ones for [`Self::take_received`].
+    fn apply_remote(&mut self, doc: DocAddr, changes: Vec<Change>, now: Timestamp) -> Result<()> {
+        if let DocAddr::Shard { index, .. } = doc {
+            if index >= SHARDS {
+                return Err(Error::InvalidChange(format!(
+                    "shard {index} out of range (0..{SHARDS})"
+                )));
+            }
+        }
+        let mut fresh = Vec::with_capacity(changes.len());
+        for c in changes {
+            if !self.knows(doc, &c.hash())? {
+                fresh.push(c);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let bytes: Vec<Vec<u8>> = fresh.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        self.apply_decoded(doc, fresh, now)?;
+        self.received.extend(bytes.into_iter().map(|b| (doc, b)));
+        Ok(())
+    }
+
+    /// Whether a document already holds a change (changes for documents this replica does
+    /// not hold yet count as unknown).
+    fn knows(&mut self, doc: DocAddr, hash: &ChangeHash) -> Result<bool> {
+        match doc {
+            DocAddr::Meta => Ok(self.meta_doc.get_change_by_hash(hash).is_some()),
+            DocAddr::Shard { inc, index } => {
+                if inc != self.state.inc || !self.state.exists() {
+                    return Ok(false);
+                }
+                match self.shards.get_mut(&index) {
+                    Some(sh) => Ok(sh.doc()?.get_change_by_hash(hash).is_some()),
+                    None => Ok(false),
+                }
+            }
+        }
+    }
+
+    /// Takes the changes merged from peers since the last call, for storage (they are not to
+    /// be sent on: the network relays them itself).
+    pub fn take_received(&mut self) -> Vec<(DocAddr, Vec<u8>)> {
+        std::mem::take(&mut self.received)
+    }
+
+    // ----- replication -----
+
+    /// Digests of every document a peer should compare: the map document and the current
+    /// incarnation's non-empty shards. Equal digests mean equal documents (same heads).
+    /// Queued writes are not included until flushed.
+    pub fn doc_digests(&mut self) -> Result<Vec<(DocAddr, u64)>> {
+        let mut out = Vec::new();
+        let meta = self.meta_doc.get_heads();
+        if !meta.is_empty() {
+            out.push((DocAddr::Meta, heads_digest(meta)));
+        }
+        if self.state.live_or_expired() {
+            let inc = self.state.inc;
+            for (i, sh) in self.shards.iter_mut() {
+                let h = sh.heads()?;
+                if !h.is_empty() {
+                    out.push((DocAddr::Shard { inc, index: *i }, heads_digest(h)));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One digest of the whole map ([`Self::doc_digests`]); 0 for a replica holding nothing.
+    pub fn digest(&mut self) -> Result<u64> {
+        let docs = self.doc_digests()?;
+        if docs.is_empty() {
+            return Ok(0);
+        }
+        let parts: Vec<[u8; 12]> = docs
+            .iter()
+            .map(|(a, d)| {
+                let mut b = [0u8; 12];
+                let tag = match a {
+                    DocAddr::Meta => u32::MAX,
+                    DocAddr::Shard { index, .. } => u32::from(*index),
+                };
+                b[..4].copy_from_slice(&tag.to_le_bytes());
+                b[4..].copy_from_slice(&d.to_le_bytes());
+                b
+            })
+            .collect();
+        Ok(hash64(parts.iter().map(|p| p.as_slice())).max(1))
+    }
+
+    /// Whether a document is one this replica syncs now (the map document, or a shard of the
+    /// current incarnation of a map not removed).
+    pub fn syncs(&self, doc: DocAddr) -> bool {
+        match doc {
+            DocAddr::Meta => true,
+            DocAddr::Shard { inc, index } => {
+                index < SHARDS && inc == self.state.inc && self.state.live_or_expired()
+            }
+        }
+    }
+
+    /// The next Automerge sync message for one document and one peer, encoded; `None` when
+    /// there is nothing to say. Messages are version 1 (one change per chunk) so that every
+    /// change a peer sends can be checked before it is applied.
+    pub fn sync_generate(
+        &mut self,
+        doc: DocAddr,
+        state: &mut sync::State,
+        now: Timestamp,
+    ) -> Result<Option<Vec<u8>>> {
+        if !self.syncs(doc) {
+            return Ok(None);
+        }
+        let d = match doc {
+            DocAddr::Meta => &mut self.meta_doc,
+            DocAddr::Shard { index, .. } => {
+                self.flush_shard(index, now)?;
+                self.shard_mut(index).doc()?
+            }
+        };
+        Ok(d.generate_sync_message(state).map(|mut m| {
+            // Without flags the peer never learns we could take version 2 messages, whose
+            // single chunk (possibly a whole saved document) could not be checked change by
+            // change before applying.
+            m.flags = None;
+            m.version = sync::MessageVersion::V1;
+            m.encode()
+        }))
+    }
+
+    /// Receives a peer's sync message for one document: every change it carries is checked
+    /// ([`check_change`]) and merged with events, then the sync state is updated. A message
+    /// that is malformed or carries a change breaking the map's layout is refused whole.
+    pub fn sync_receive(
+        &mut self,
+        doc: DocAddr,
+        state: &mut sync::State,
+        bytes: &[u8],
+        now: Timestamp,
+    ) -> Result<()> {
+        let mut msg = sync::Message::decode(bytes)
+            .map_err(|e| Error::InvalidChange(format!("sync message: {e}")))?;
+        if msg.version != sync::MessageVersion::V1 {
+            return Err(Error::InvalidChange(
+                "sync messages must be version 1".into(),
+            ));
+        }
+        msg.flags = None;
+        let mut changes = Vec::with_capacity(msg.changes.len());
+        for (i, chunk) in msg.changes.iter().enumerate() {
+            let c = Change::from_bytes(chunk.to_vec())
+                .map_err(|e| Error::InvalidChange(format!("sync message change {i}: {e}")))?;
+            check_change(doc, &c)?;
+            changes.push(c);
+        }
+        msg.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
+        if !self.syncs(doc) {
+            // Another incarnation: nothing of it is kept.
+            return Ok(());
+        }
+        self.apply_remote(doc, changes, now)?;
+        if !self.syncs(doc) {
+            return Ok(()); // the changes moved the map on (removed or re-created)
+        }
+        let d = match doc {
+            DocAddr::Meta => &mut self.meta_doc,
+            DocAddr::Shard { index, .. } => self.shard_mut(index).doc()?,
+        };
+        d.receive_sync_message(state, msg)
+            .map_err(|e| Error::InvalidChange(format!("sync message: {e}")))
+    }
+
+    /// Whether a document holds changes whose dependencies have not arrived (a change was
+    /// missed: a sync with a peer fetches it).
+    pub fn missing_deps(&mut self, doc: DocAddr) -> Result<bool> {
+        if !self.syncs(doc) {
+            return Ok(false);
+        }
+        Ok(match doc {
+            DocAddr::Meta => !self.meta_doc.get_missing_deps(&[]).is_empty(),
+            DocAddr::Shard { index, .. } => match self.shards.get_mut(&index) {
+                Some(sh) => !sh.doc()?.get_missing_deps(&[]).is_empty(),
+                None => false,
+            },
+        })
     }
 
     fn apply_decoded(&mut self, doc: DocAddr, changes: Vec<Change>, now: Timestamp) -> Result<()> {
@@ -1516,6 +1733,7 @@ impl MapReplica {
                     actor: m.actor.clone(),
                     pending: BTreeMap::new(),
                     last_used: 0,
+                    cold_heads: None,
                 },
             );
         }
@@ -1603,6 +1821,7 @@ impl MapReplica {
                         actor: m.actor.clone(),
                         pending: BTreeMap::new(),
                         last_used: 0,
+                        cold_heads: None,
                     },
                 );
             }
@@ -1793,6 +2012,64 @@ fn read_i64(doc: &Automerge, key: &str) -> Option<i64> {
         },
         Value::Object(_) => None,
     }
+}
+
+fn heads_digest(mut heads: Vec<ChangeHash>) -> u64 {
+    heads.sort_unstable();
+    hash64(heads.iter().map(|h| h.0.as_slice()))
+}
+
+/// Whether a map-document root key is one this layout writes (`inc`, `name`, or a per-
+/// incarnation field letter followed by the incarnation number).
+fn is_meta_key(k: &str) -> bool {
+    if k == "inc" || k == "name" {
+        return true;
+    }
+    let mut chars = k.chars();
+    let tag_ok = matches!(chars.next(), Some('c' | 'b' | 'e' | 'r' | 'u'));
+    let digits = chars.as_str();
+    tag_ok
+        && !digits.is_empty()
+        && digits.len() <= 20
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !(digits.len() > 1 && digits.starts_with('0'))
+}
+
+/// Checks that a peer's change writes only what the map layout allows in that document: in a
+/// shard, root slots of valid keys that belong to it; in the map document, its known fields.
+/// Anything else is a broken or hostile peer: the change is refused.
+pub fn check_change(doc: DocAddr, change: &Change) -> Result<()> {
+    if let DocAddr::Shard { index, .. } = doc {
+        if index >= SHARDS {
+            return Err(Error::InvalidChange(format!(
+                "shard {index} out of range (0..{SHARDS})"
+            )));
+        }
+    }
+    for op in change.decode().operations {
+        if op.obj != ObjectId::Root {
+            // Inside an item's object or list value: any JSON shape is fine.
+            continue;
+        }
+        let Key::Map(k) = &op.key else {
+            return Err(Error::InvalidChange(
+                "a sequence operation on a document root".into(),
+            ));
+        };
+        let ok = match doc {
+            DocAddr::Meta => is_meta_key(k),
+            DocAddr::Shard { index, .. } => match layout::parse_slot(k) {
+                Some(Slot::Meta(key) | Slot::Field(key, _)) => layout::belongs(key, index),
+                None => false,
+            },
+        };
+        if !ok {
+            return Err(Error::InvalidChange(format!(
+                "root key {k:?} does not belong in {doc:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn read_map_state(doc: &Automerge) -> MapState {

@@ -1,0 +1,664 @@
+//! Replication between nodes, sans-IO: what to tell a peer, and what to do with what a peer
+//! says. A network shell carries the bytes (direct messages to one peer, and gossip to every
+//! peer holding a map) and feeds what arrives back in; time is passed in, nothing here blocks.
+//!
+//! The conversation with one connected peer:
+//!
+//! 1. Each side sends [`Wire::Hello`]: the maps it holds, each with a digest of its documents'
+//!    heads. Equal digests mean equal maps: nothing more is said about them.
+//! 2. For a map whose digests differ, a side sends [`Wire::Docs`]: one digest per document
+//!    (the map document and each non-empty shard).
+//! 3. For each document whose digests differ, the sides run Automerge's sync protocol
+//!    ([`Wire::Sync`], messages of many documents of a map batched together), which sends
+//!    each side exactly the changes it lacks. The map document goes first when it differs:
+//!    shards are only comparable once both sides agree on the map's incarnation.
+//!
+//! Local changes are also pushed at once to every peer holding the map as [`Wire::Changes`]
+//! (gossip). A change whose dependencies were missed waits inside Automerge, and a sync of
+//! that document with the sender fetches what is missing. Hellos are repeated periodically
+//! (anti-entropy), so any divergence left over is found and repaired.
+//!
+//! Every message is size-limited and checked: a message that does not decode, names a
+//! malformed map, or carries a change that breaks the map's layout ([`check_change`]) is a
+//! [`Violation`]; the shell disconnects that peer. Nothing a peer sends can panic the node.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use automerge::sync;
+use automerge::Change;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{MapSid, Timestamp};
+use crate::map::{check_change, DocAddr, MapReplica};
+
+/// Largest direct message a peer may send (a batch of sync messages of one map).
+pub const MAX_DIRECT_MESSAGE: usize = 32 << 20;
+/// Largest gossip message (the changes of one commit of one map); larger commits are
+/// announced with [`Wire::Docs`] instead and travel by sync.
+pub const MAX_GOSSIP_MESSAGE: usize = 1 << 20;
+/// Sync messages are batched up to about this many bytes per direct message.
+const SYNC_BATCH_BYTES: usize = 4 << 20;
+
+/// A message between two nodes. Encoded with `postcard`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wire {
+    /// Maps the sender holds, each with its [`MapReplica::digest`] (0: holds nothing yet).
+    Hello {
+        /// Whether the sender holds every map it hears of.
+        hold_all: bool,
+        /// `(map, digest)` pairs.
+        maps: Vec<(MapSid, u64)>,
+    },
+    /// The sender's document digests of one map ([`MapReplica::doc_digests`]).
+    Docs {
+        /// The map.
+        sid: MapSid,
+        /// `(document, digest)` pairs.
+        docs: Vec<(DocAddr, u64)>,
+    },
+    /// Automerge sync messages for documents of one map.
+    Sync {
+        /// The map.
+        sid: MapSid,
+        /// `(document, encoded sync message)` pairs.
+        msgs: Vec<(DocAddr, Bytes)>,
+    },
+    /// New changes of one map (gossip).
+    Changes {
+        /// The map.
+        sid: MapSid,
+        /// `(document, encoded changes)` pairs.
+        docs: Vec<(DocAddr, Vec<Bytes>)>,
+    },
+}
+
+/// Bytes that encode compactly (serde's default would go element by element).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bytes(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({})", self.0.len())
+    }
+}
+
+impl Wire {
+    /// The message as bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding into a Vec cannot fail for these types.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decodes and checks a message from a peer.
+    pub fn decode(bytes: &[u8], limit: usize) -> Result<Wire, Violation> {
+        if bytes.len() > limit {
+            return Err(Violation(format!(
+                "message of {} bytes exceeds the limit of {limit}",
+                bytes.len()
+            )));
+        }
+        let w: Wire = postcard::from_bytes(bytes)
+            .map_err(|e| Violation(format!("undecodable message: {e}")))?;
+        let sids: Vec<&MapSid> = match &w {
+            Wire::Hello { maps, .. } => maps.iter().map(|(s, _)| s).collect(),
+            Wire::Docs { sid, .. } | Wire::Sync { sid, .. } | Wire::Changes { sid, .. } => {
+                vec![sid]
+            }
+        };
+        for s in sids {
+            if MapSid::parse(s.as_str()).as_ref() != Some(s) {
+                return Err(Violation(format!("malformed map sid {:?}", s.as_str())));
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// A peer broke the protocol (malformed, oversized or hostile input): disconnect it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol violation: {0}")]
+pub struct Violation(pub String);
+
+/// A direct message to send to one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The peer, as the shell names it.
+    pub peer: String,
+    /// The encoded [`Wire`] message.
+    pub bytes: Vec<u8>,
+}
+
+/// The maps of a node, as replication needs them. The node's engine implements this over its
+/// catalog and storage (maps load lazily).
+pub trait MapHost {
+    /// Every map this node holds.
+    fn held(&mut self) -> Vec<MapSid>;
+    /// A held map, loaded; `None` if this node does not hold it (or it cannot be loaded).
+    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica>;
+    /// Starts holding a map a peer has (asked only of nodes that hold every map).
+    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica>;
+    /// Replication changed a map: the host commits it (changes, view, events).
+    fn touched(&mut self, sid: &MapSid);
+}
+
+#[derive(Default)]
+struct PeerState {
+    hold_all: bool,
+    /// Maps the peer said it holds.
+    held: BTreeSet<MapSid>,
+    sessions: HashMap<(MapSid, DocAddr), sync::State>,
+    /// The peer's latest document digests per map.
+    their_docs: HashMap<MapSid, Vec<(DocAddr, u64)>>,
+}
+
+/// Replication state with every connected peer.
+pub struct Replicator {
+    hold_all: bool,
+    peers: BTreeMap<String, PeerState>,
+    /// Maps that changed through sync, with the peers the changes came from: the other
+    /// peers hear of it ([`Self::take_nudges`]), as gossip only relays what was gossiped.
+    synced: BTreeMap<MapSid, BTreeSet<String>>,
+}
+
+impl Replicator {
+    /// A replicator; `hold_all` makes this node hold every map it hears of (a cluster or
+    /// backup node).
+    pub fn new(hold_all: bool) -> Self {
+        Replicator {
+            hold_all,
+            peers: BTreeMap::new(),
+            synced: BTreeMap::new(),
+        }
+    }
+
+    /// Connected peers.
+    pub fn peers(&self) -> impl Iterator<Item = &str> {
+        self.peers.keys().map(String::as_str)
+    }
+
+    /// Whether `peer` said it holds `sid`.
+    pub fn peer_holds(&self, peer: &str, sid: &MapSid) -> bool {
+        self.peers
+            .get(peer)
+            .is_some_and(|p| p.hold_all || p.held.contains(sid))
+    }
+
+    /// A peer connected: greet it with every map this node holds.
+    pub fn peer_up(&mut self, peer: &str, host: &mut dyn MapHost) -> Vec<Outgoing> {
+        self.peers.entry(peer.to_string()).or_default();
+        let hello = self.hello(host.held(), host);
+        vec![Outgoing {
+            peer: peer.to_string(),
+            bytes: hello.encode(),
+        }]
+    }
+
+    /// A peer disconnected: its sync sessions end (a reconnect starts afresh).
+    pub fn peer_down(&mut self, peer: &str) {
+        self.peers.remove(peer);
+    }
+
+    /// Anti-entropy: a Hello with every held map to every peer.
+    pub fn tick(&mut self, host: &mut dyn MapHost) -> Vec<Outgoing> {
+        if self.peers.is_empty() {
+            return Vec::new();
+        }
+        let bytes = self.hello(host.held(), host).encode();
+        self.to_all(&bytes)
+    }
+
+    /// Tells every peer about maps this node started holding (created, opened, or wanted:
+    /// a map held empty is announced with digest 0, and peers that have it send it).
+    pub fn announce(&mut self, sids: &[MapSid], host: &mut dyn MapHost) -> Vec<Outgoing> {
+        if self.peers.is_empty() || sids.is_empty() {
+            return Vec::new();
+        }
+        let bytes = self.hello(sids.to_vec(), host).encode();
+        self.to_all(&bytes)
+    }
+
+    /// A map changed in a way gossip could not carry (a commit too large for one gossip
+    /// message): send its document digests to every peer holding it, which starts syncs.
+    pub fn nudge(&mut self, sid: &MapSid, host: &mut dyn MapHost) -> Vec<Outgoing> {
+        let Some(m) = host.get(sid) else {
+            return Vec::new();
+        };
+        let Ok(docs) = m.doc_digests() else {
+            return Vec::new();
+        };
+        let bytes = Wire::Docs {
+            sid: sid.clone(),
+            docs,
+        }
+        .encode();
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.hold_all || p.held.contains(sid))
+            .map(|(k, _)| k.clone())
+            .collect();
+        peers
+            .into_iter()
+            .map(|peer| Outgoing {
+                peer,
+                bytes: bytes.clone(),
+            })
+            .collect()
+    }
+
+    /// Hellos about maps that changed through sync since the last call, to the peers holding
+    /// them other than the ones the changes came from (so a node that reconnects spreads
+    /// what it brought to the rest of the mesh). Call it after a batch of messages, or on a
+    /// short timer: each call costs one small message per peer and map.
+    pub fn take_nudges(&mut self, host: &mut dyn MapHost) -> Vec<Outgoing> {
+        let synced = std::mem::take(&mut self.synced);
+        let mut out = Vec::new();
+        for (sid, sources) in synced {
+            let Some(digest) = host.get(&sid).and_then(|m| m.digest().ok()) else {
+                continue;
+            };
+            let bytes = Wire::Hello {
+                hold_all: self.hold_all,
+                maps: vec![(sid.clone(), digest)],
+            }
+            .encode();
+            for (peer, p) in &self.peers {
+                if !sources.contains(peer) && (p.hold_all || p.held.contains(&sid)) {
+                    out.push(Outgoing {
+                        peer: peer.clone(),
+                        bytes: bytes.clone(),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn to_all(&self, bytes: &[u8]) -> Vec<Outgoing> {
+        self.peers
+            .keys()
+            .map(|p| Outgoing {
+                peer: p.clone(),
+                bytes: bytes.to_vec(),
+            })
+            .collect()
+    }
+
+    fn hello(&self, sids: Vec<MapSid>, host: &mut dyn MapHost) -> Wire {
+        let mut maps = Vec::with_capacity(sids.len());
+        for sid in sids {
+            let d = host.get(&sid).map_or(Ok(0), MapReplica::digest);
+            match d {
+                Ok(d) => maps.push((sid, d)),
+                Err(e) => tracing::warn!(map = %sid, "cannot compute the map's digest: {e}"),
+            }
+        }
+        Wire::Hello {
+            hold_all: self.hold_all,
+            maps,
+        }
+    }
+
+    /// Encodes local changes of one map as gossip messages (each at most
+    /// [`MAX_GOSSIP_MESSAGE`]). Returns the messages, and whether some change was too large
+    /// for gossip (then call [`Self::nudge`]).
+    pub fn gossip(sid: &MapSid, changes: Vec<(DocAddr, Vec<u8>)>) -> (Vec<Vec<u8>>, bool) {
+        let mut out = Vec::new();
+        let mut too_large = false;
+        let mut docs: Vec<(DocAddr, Vec<Bytes>)> = Vec::new();
+        let mut size = 64;
+        for (doc, bytes) in changes {
+            if bytes.len() + 64 > MAX_GOSSIP_MESSAGE {
+                too_large = true;
+                continue;
+            }
+            if size + bytes.len() + 16 > MAX_GOSSIP_MESSAGE {
+                out.push(
+                    Wire::Changes {
+                        sid: sid.clone(),
+                        docs: std::mem::take(&mut docs),
+                    }
+                    .encode(),
+                );
+                size = 64;
+            }
+            size += bytes.len() + 16;
+            match docs.last_mut() {
+                Some((d, list)) if *d == doc => list.push(Bytes(bytes)),
+                _ => docs.push((doc, vec![Bytes(bytes)])),
+            }
+        }
+        if !docs.is_empty() {
+            out.push(
+                Wire::Changes {
+                    sid: sid.clone(),
+                    docs,
+                }
+                .encode(),
+            );
+        }
+        (out, too_large)
+    }
+
+    /// Handles a direct message from `peer`. Returns what to send back, or the violation for
+    /// which the peer must be disconnected (nothing of a refused message is applied).
+    pub fn receive(
+        &mut self,
+        peer: &str,
+        bytes: &[u8],
+        host: &mut dyn MapHost,
+        now: Timestamp,
+    ) -> Result<Vec<Outgoing>, Violation> {
+        let msg = Wire::decode(bytes, MAX_DIRECT_MESSAGE)?;
+        self.peers.entry(peer.to_string()).or_default();
+        match msg {
+            Wire::Hello { hold_all, maps } => Ok(self.on_hello(peer, hold_all, maps, host)),
+            Wire::Docs { sid, docs } => {
+                if !docs_well_formed(&docs) {
+                    return Err(Violation("malformed document list".into()));
+                }
+                Ok(self.on_docs(peer, sid, docs, host, now))
+            }
+            Wire::Sync { sid, msgs } => self.on_sync(peer, sid, msgs, host, now),
+            Wire::Changes { sid, docs } => self.on_changes(peer, sid, docs, host, now),
+        }
+    }
+
+    /// Handles a gossip message relayed by `peer`: only [`Wire::Changes`] travel by gossip.
+    /// `Ok` means the message is valid and may be relayed on.
+    pub fn receive_gossip(
+        &mut self,
+        peer: &str,
+        bytes: &[u8],
+        host: &mut dyn MapHost,
+        now: Timestamp,
+    ) -> Result<Vec<Outgoing>, Violation> {
+        match Wire::decode(bytes, MAX_GOSSIP_MESSAGE)? {
+            Wire::Changes { sid, docs } => self.on_changes(peer, sid, docs, host, now),
+            _ => Err(Violation("only changes travel by gossip".into())),
+        }
+    }
+
+    fn on_hello(
+        &mut self,
+        peer: &str,
+        hold_all: bool,
+        maps: Vec<(MapSid, u64)>,
+        host: &mut dyn MapHost,
+    ) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        let me_all = self.hold_all;
+        let Some(p) = self.peers.get_mut(peer) else {
+            return out;
+        };
+        p.hold_all = hold_all;
+        for (sid, theirs) in maps {
+            p.held.insert(sid.clone());
+            let m = match host.get(&sid) {
+                Some(m) => Some(m),
+                None if me_all && theirs != 0 => host.adopt(&sid),
+                None => None,
+            };
+            let Some(m) = m else { continue };
+            let ours = match m.digest() {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(map = %sid, "cannot compute the map's digest: {e}");
+                    continue;
+                }
+            };
+            if ours == theirs {
+                continue;
+            }
+            if let Ok(docs) = m.doc_digests() {
+                out.push(Outgoing {
+                    peer: peer.to_string(),
+                    bytes: Wire::Docs { sid, docs }.encode(),
+                });
+            }
+        }
+        out
+    }
+
+    fn on_docs(
+        &mut self,
+        peer: &str,
+        sid: MapSid,
+        theirs: Vec<(DocAddr, u64)>,
+        host: &mut dyn MapHost,
+        now: Timestamp,
+    ) -> Vec<Outgoing> {
+        let m = match host.get(&sid) {
+            Some(m) => m,
+            None if self.hold_all => match host.adopt(&sid) {
+                Some(m) => m,
+                None => return Vec::new(),
+            },
+            None => return Vec::new(),
+        };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return Vec::new();
+        };
+        p.held.insert(sid.clone());
+        p.their_docs.insert(sid.clone(), theirs);
+        start_sessions(peer, p, &sid, m, now)
+    }
+
+    fn on_sync(
+        &mut self,
+        peer: &str,
+        sid: MapSid,
+        msgs: Vec<(DocAddr, Bytes)>,
+        host: &mut dyn MapHost,
+        now: Timestamp,
+    ) -> Result<Vec<Outgoing>, Violation> {
+        let m = match host.get(&sid) {
+            Some(m) => m,
+            None if self.hold_all => match host.adopt(&sid) {
+                Some(m) => m,
+                None => return Ok(Vec::new()),
+            },
+            None => return Ok(Vec::new()),
+        };
+        let Some(p) = self.peers.get_mut(peer) else {
+            return Ok(Vec::new());
+        };
+        p.held.insert(sid.clone());
+        let before = m.doc_digests().unwrap_or_default();
+        let meta_before = meta_digest(&before);
+        let mut replies = Vec::new();
+        let mut result = Ok(());
+        for (doc, bytes) in msgs {
+            let state = p.sessions.entry((sid.clone(), doc)).or_default();
+            if let Err(e) = m.sync_receive(doc, state, &bytes.0, now) {
+                result = Err(Violation(format!("map {sid}: {e}")));
+                break;
+            }
+            match m.sync_generate(doc, state, now) {
+                Ok(Some(reply)) => replies.push((doc, Bytes(reply))),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(map = %sid, "sync message for {doc:?} failed: {e}"),
+            }
+        }
+        // Whatever was applied before a bad message stays (it was checked) and is committed.
+        host.touched(&sid);
+        result?;
+        let mut out = batch_sync(peer, &sid, replies);
+        // The map document moved (a new incarnation, or the map just arrived): shards are
+        // comparable now. Tell the peer our documents and sync the ones that differ.
+        let Some(m) = host.get(&sid) else {
+            return Ok(out);
+        };
+        let ours = m.doc_digests().unwrap_or_default();
+        if ours != before {
+            self.synced
+                .entry(sid.clone())
+                .or_default()
+                .insert(peer.to_string());
+        }
+        if meta_digest(&ours) != meta_before {
+            out.push(Outgoing {
+                peer: peer.to_string(),
+                bytes: Wire::Docs {
+                    sid: sid.clone(),
+                    docs: ours,
+                }
+                .encode(),
+            });
+            if let Some(p) = self.peers.get_mut(peer) {
+                out.extend(start_sessions(peer, p, &sid, m, now));
+            }
+        }
+        Ok(out)
+    }
+
+    fn on_changes(
+        &mut self,
+        peer: &str,
+        sid: MapSid,
+        docs: Vec<(DocAddr, Vec<Bytes>)>,
+        host: &mut dyn MapHost,
+        now: Timestamp,
+    ) -> Result<Vec<Outgoing>, Violation> {
+        // Check everything before applying anything.
+        let mut decoded: Vec<(DocAddr, Vec<Change>)> = Vec::with_capacity(docs.len());
+        for (doc, list) in docs {
+            let mut cs = Vec::with_capacity(list.len());
+            for b in list {
+                let c = Change::from_bytes(b.0)
+                    .map_err(|e| Violation(format!("map {sid}: undecodable change: {e}")))?;
+                check_change(doc, &c).map_err(|e| Violation(format!("map {sid}: {e}")))?;
+                cs.push(c);
+            }
+            decoded.push((doc, cs));
+        }
+        let Some(m) = host.get(&sid) else {
+            return Ok(Vec::new()); // not a map this node holds
+        };
+        let mut result = Ok(());
+        let mut lagging = Vec::new();
+        for (doc, cs) in decoded {
+            if let Err(e) = m.apply_checked(doc, cs, now) {
+                result = Err(Violation(format!("map {sid}: {e}")));
+                break;
+            }
+            if m.missing_deps(doc).unwrap_or(false) {
+                lagging.push(doc);
+            }
+        }
+        host.touched(&sid);
+        result?;
+        if lagging.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A change was missed: sync those documents with the sender.
+        let Some(m) = host.get(&sid) else {
+            return Ok(Vec::new());
+        };
+        let p = self.peers.entry(peer.to_string()).or_default();
+        let mut msgs = Vec::new();
+        for doc in lagging {
+            let state = p.sessions.entry((sid.clone(), doc)).or_default();
+            *state = sync::State::new();
+            if let Ok(Some(b)) = m.sync_generate(doc, state, now) {
+                msgs.push((doc, Bytes(b)));
+            }
+        }
+        Ok(batch_sync(peer, &sid, msgs))
+    }
+}
+
+fn docs_well_formed(docs: &[(DocAddr, u64)]) -> bool {
+    docs.len() <= usize::from(crate::layout::SHARDS) + 1
+        && docs.iter().all(|(d, _)| match d {
+            DocAddr::Meta => true,
+            DocAddr::Shard { index, .. } => *index < crate::layout::SHARDS,
+        })
+}
+
+fn meta_digest(docs: &[(DocAddr, u64)]) -> Option<u64> {
+    docs.iter()
+        .find(|(d, _)| *d == DocAddr::Meta)
+        .map(|(_, h)| *h)
+}
+
+/// Starts (fresh) sync sessions with a peer for every document of `sid` whose digests differ,
+/// the map document alone first when it differs.
+fn start_sessions(
+    peer: &str,
+    p: &mut PeerState,
+    sid: &MapSid,
+    m: &mut MapReplica,
+    now: Timestamp,
+) -> Vec<Outgoing> {
+    let Some(theirs) = p.their_docs.get(sid) else {
+        return Vec::new();
+    };
+    let ours = match m.doc_digests() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(map = %sid, "cannot compute document digests: {e}");
+            return Vec::new();
+        }
+    };
+    let ours: BTreeMap<DocAddr, u64> = ours.into_iter().collect();
+    let theirs: BTreeMap<DocAddr, u64> = theirs.iter().copied().collect();
+    let differs = |d: &DocAddr| ours.get(d) != theirs.get(d);
+    let docs: Vec<DocAddr> = if differs(&DocAddr::Meta) {
+        vec![DocAddr::Meta]
+    } else {
+        ours.keys()
+            .chain(theirs.keys())
+            .filter(|d| differs(d) && m.syncs(**d))
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    };
+    let mut msgs = Vec::new();
+    for doc in docs {
+        let state = p.sessions.entry((sid.clone(), doc)).or_default();
+        // A fresh state: an earlier exchange may have stalled (a lost message).
+        *state = sync::State::new();
+        match m.sync_generate(doc, state, now) {
+            Ok(Some(b)) => msgs.push((doc, Bytes(b))),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(map = %sid, "sync message for {doc:?} failed: {e}"),
+        }
+    }
+    batch_sync(peer, sid, msgs)
+}
+
+/// Packs sync messages into direct messages of about [`SYNC_BATCH_BYTES`].
+fn batch_sync(peer: &str, sid: &MapSid, msgs: Vec<(DocAddr, Bytes)>) -> Vec<Outgoing> {
+    let mut out = Vec::new();
+    let mut batch = Vec::new();
+    let mut size = 0;
+    for (doc, b) in msgs {
+        if size + b.0.len() > SYNC_BATCH_BYTES && !batch.is_empty() {
+            out.push(Outgoing {
+                peer: peer.to_string(),
+                bytes: Wire::Sync {
+                    sid: sid.clone(),
+                    msgs: std::mem::take(&mut batch),
+                }
+                .encode(),
+            });
+            size = 0;
+        }
+        size += b.0.len();
+        batch.push((doc, b));
+    }
+    if !batch.is_empty() {
+        out.push(Outgoing {
+            peer: peer.to_string(),
+            bytes: Wire::Sync {
+                sid: sid.clone(),
+                msgs: batch,
+            }
+            .encode(),
+        });
+    }
+    out
+}

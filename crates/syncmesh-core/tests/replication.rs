@@ -1,0 +1,509 @@
+//! The replication protocol without a network: nodes exchange [`Wire`] messages through an
+//! in-memory queue that can drop, and every scenario must end with identical maps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde_json::json;
+use syncmesh_core::replication::{MapHost, Outgoing, Replicator, Wire};
+use syncmesh_core::{
+    Catalog, DocAddr, Event, Identity, MapReplica, MapSid, MapSpec, NodeId, Timestamp, WriteOptions,
+};
+
+fn now() -> Timestamp {
+    Timestamp::from_millis(1_700_000_000_000)
+}
+
+fn obj(v: serde_json::Value) -> syncmesh_core::JsonObject {
+    v.as_object().cloned().unwrap()
+}
+
+struct Host {
+    catalog: Catalog,
+}
+
+impl MapHost for Host {
+    fn held(&mut self) -> Vec<MapSid> {
+        self.catalog.maps().map(|m| m.sid().clone()).collect()
+    }
+    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        self.catalog.by_sid(sid)
+    }
+    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        let id = self.catalog.identity().clone();
+        self.catalog.insert(MapReplica::empty(id, sid.clone()));
+        self.catalog.by_sid(sid)
+    }
+    fn touched(&mut self, _sid: &MapSid) {}
+}
+
+struct Node {
+    host: Host,
+    /// Gossip already seen (gossipsub de-duplicates by message id, a hash of the payload).
+    seen: std::collections::HashSet<Vec<u8>>,
+    rep: Replicator,
+    events: Vec<Event>,
+}
+
+enum Msg {
+    Direct(String, String, Vec<u8>),
+    Gossip(String, String, Vec<u8>),
+}
+
+struct Net {
+    nodes: BTreeMap<String, Node>,
+    links: Vec<(String, String)>,
+    queue: VecDeque<Msg>,
+    /// Drop every n-th gossip message (0: none).
+    drop_every: usize,
+    gossip_seen: usize,
+    violations: Vec<(String, String)>,
+}
+
+impl Net {
+    fn new(names: &[&str], hold_all: &[&str]) -> Net {
+        let mut nodes = BTreeMap::new();
+        for (i, n) in names.iter().enumerate() {
+            let id = Identity::new(NodeId([i as u8 + 1; 16]), n.as_bytes());
+            nodes.insert(
+                n.to_string(),
+                Node {
+                    seen: Default::default(),
+                    host: Host {
+                        catalog: Catalog::new(id),
+                    },
+                    rep: Replicator::new(hold_all.contains(n)),
+                    events: Vec::new(),
+                },
+            );
+        }
+        Net {
+            nodes,
+            links: Vec::new(),
+            queue: VecDeque::new(),
+            drop_every: 0,
+            gossip_seen: 0,
+            violations: Vec::new(),
+        }
+    }
+
+    fn node(&mut self, n: &str) -> &mut Node {
+        self.nodes.get_mut(n).unwrap()
+    }
+
+    fn linked(&self, a: &str, b: &str) -> bool {
+        self.links
+            .iter()
+            .any(|(x, y)| (x == a && y == b) || (x == b && y == a))
+    }
+
+    fn connect(&mut self, a: &str, b: &str) {
+        self.links.push((a.to_string(), b.to_string()));
+        for (x, y) in [(a, b), (b, a)] {
+            let node = self.nodes.get_mut(x).unwrap();
+            let out = node.rep.peer_up(y, &mut node.host);
+            self.send(x, out);
+        }
+    }
+
+    fn disconnect(&mut self, a: &str, b: &str) {
+        self.links
+            .retain(|(x, y)| !((x == a && y == b) || (x == b && y == a)));
+        self.node(a).rep.peer_down(b);
+        self.node(b).rep.peer_down(a);
+    }
+
+    fn send(&mut self, from: &str, out: Vec<Outgoing>) {
+        for o in out {
+            self.queue
+                .push_back(Msg::Direct(from.to_string(), o.peer, o.bytes));
+        }
+    }
+
+    /// Flushes every node's local writes and gossips them to its direct neighbours (who relay
+    /// once more, like gossipsub's mesh).
+    fn flush(&mut self) {
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for n in names {
+            let node = self.nodes.get_mut(&n).unwrap();
+            let mut by_map: BTreeMap<MapSid, Vec<(DocAddr, Vec<u8>)>> = BTreeMap::new();
+            for m in node.host.catalog.maps_mut() {
+                m.flush(now()).unwrap();
+                for c in m.take_outgoing() {
+                    by_map.entry(c.map).or_default().push((c.doc, c.bytes));
+                }
+                node.events.extend(m.take_events());
+                m.take_received();
+            }
+            for (sid, changes) in by_map {
+                let (msgs, _) = Replicator::gossip(&sid, changes);
+                for bytes in msgs {
+                    self.nodes.get_mut(&n).unwrap().seen.insert(bytes.clone());
+                    self.gossip_from(&n, &n, bytes);
+                }
+            }
+        }
+    }
+
+    fn gossip_from(&mut self, origin: &str, from: &str, bytes: Vec<u8>) {
+        let peers: Vec<String> = self
+            .nodes
+            .keys()
+            .filter(|p| *p != from && *p != origin && self.linked(from, p))
+            .cloned()
+            .collect();
+        for p in peers {
+            self.queue
+                .push_back(Msg::Gossip(from.to_string(), p, bytes.clone()));
+        }
+    }
+
+    /// Delivers messages until none is left.
+    fn run(&mut self) {
+        let mut steps = 0;
+        loop {
+            self.flush();
+            if self.queue.is_empty() {
+                let names: Vec<String> = self.nodes.keys().cloned().collect();
+                for n in names {
+                    let node = self.nodes.get_mut(&n).unwrap();
+                    let out = node.rep.take_nudges(&mut node.host);
+                    self.send(&n, out);
+                }
+            }
+            let Some(msg) = self.queue.pop_front() else {
+                break;
+            };
+            steps += 1;
+            assert!(steps < 200_000, "the protocol does not quiesce");
+            match msg {
+                Msg::Direct(from, to, bytes) => {
+                    if !self.linked(&from, &to) {
+                        continue;
+                    }
+                    let node = self.nodes.get_mut(&to).unwrap();
+                    match node.rep.receive(&from, &bytes, &mut node.host, now()) {
+                        Ok(out) => self.send(&to, out),
+                        Err(v) => self.violations.push((to.clone(), v.0)),
+                    }
+                }
+                Msg::Gossip(from, to, bytes) => {
+                    if !self.linked(&from, &to) {
+                        continue;
+                    }
+                    self.gossip_seen += 1;
+                    if self.drop_every > 0 && self.gossip_seen.is_multiple_of(self.drop_every) {
+                        continue;
+                    }
+                    let node = self.nodes.get_mut(&to).unwrap();
+                    if !node.seen.insert(bytes.clone()) {
+                        continue;
+                    }
+                    match node
+                        .rep
+                        .receive_gossip(&from, &bytes, &mut node.host, now())
+                    {
+                        Ok(out) => {
+                            self.send(&to, out);
+                            // Valid: relay it on (gossipsub forwards to its mesh).
+                            self.gossip_from(&from, &to, bytes);
+                        }
+                        Err(v) => self.violations.push((to.clone(), v.0)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Anti-entropy round on every node.
+    fn tick(&mut self) {
+        let names: Vec<String> = self.nodes.keys().cloned().collect();
+        for n in names {
+            let node = self.nodes.get_mut(&n).unwrap();
+            let out = node.rep.tick(&mut node.host);
+            self.send(&n, out);
+        }
+        self.run();
+    }
+
+    fn items(&mut self, n: &str, map: &str) -> Vec<(String, serde_json::Value, String)> {
+        let node = self.node(n);
+        let sid = syncmesh_core::MapRef::parse(map).unwrap().sid();
+        match node.host.catalog.by_sid(&sid) {
+            Some(m) => m
+                .all_items(now())
+                .into_iter()
+                .map(|i| {
+                    (
+                        i.key.clone(),
+                        serde_json::Value::Object(i.data.clone()),
+                        i.revision.to_string(),
+                    )
+                })
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    fn digest(&mut self, n: &str, map: &str) -> u64 {
+        let sid = syncmesh_core::MapRef::parse(map).unwrap().sid();
+        let node = self.node(n);
+        node.host
+            .catalog
+            .by_sid(&sid)
+            .map_or(0, |m| m.digest().unwrap())
+    }
+}
+
+fn write(net: &mut Net, n: &str, map: &str, key: &str, v: serde_json::Value) {
+    let node = net.node(n);
+    let (m, _) = node
+        .host
+        .catalog
+        .open(&MapSpec::named(map), [7; 16], now())
+        .unwrap();
+    m.set(key, obj(v), &WriteOptions::default(), now()).unwrap();
+}
+
+/// `n` starts holding `map` empty (opening a map that only peers have).
+fn hold(net: &mut Net, n: &str, map: &str) {
+    let sid = MapSid::for_name(map);
+    let node = net.node(n);
+    let id = node.host.catalog.identity().clone();
+    node.host.catalog.insert(MapReplica::empty(id, sid.clone()));
+    let out = node.rep.announce(&[sid], &mut node.host);
+    net.send(n, out);
+}
+
+#[test]
+fn a_late_peer_catches_up_and_sees_remote_events() {
+    let mut net = Net::new(&["a", "b"], &[]);
+    for i in 0..300 {
+        write(&mut net, "a", "users", &format!("k_{i}"), json!({"n": i}));
+    }
+    net.flush();
+    // B holds the map (opened it empty) and connects only now.
+    net.node("b").host.catalog.insert(MapReplica::empty(
+        Identity::new(NodeId([2; 16]), b"b"),
+        MapSid::for_name("users"),
+    ));
+    net.connect("a", "b");
+    net.run();
+    assert_eq!(net.items("a", "users"), net.items("b", "users"));
+    assert_eq!(net.items("b", "users").len(), 300);
+    assert_eq!(net.digest("a", "users"), net.digest("b", "users"));
+    let b_events = &net.node("b").events;
+    let added = b_events
+        .iter()
+        .filter(|e| matches!(e.kind, syncmesh_core::EventKind::ItemAdded { .. }))
+        .count();
+    assert_eq!(added, 300, "one added event per item, exactly once");
+    assert!(b_events.iter().all(|e| !e.is_local));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
+fn gossip_spreads_writes_and_lost_messages_are_fetched() {
+    let mut net = Net::new(&["a", "b", "c"], &[]);
+    for n in ["a", "b", "c"] {
+        write(&mut net, n, "users", &format!("from_{n}"), json!({"x": 1}));
+    }
+    net.connect("a", "b");
+    net.connect("b", "c");
+    net.run();
+    // Line topology: A's writes reach C through B.
+    net.drop_every = 3;
+    for i in 0..60 {
+        let n = ["a", "b", "c"][i % 3];
+        write(
+            &mut net,
+            n,
+            "users",
+            &format!("k_{}", i % 7),
+            json!({"by": n, "i": i}),
+        );
+        net.run();
+    }
+    net.drop_every = 0;
+    // Some gossip was lost; missing dependencies were fetched on the next change, and an
+    // anti-entropy round repairs whatever is left.
+    net.tick();
+    let a = net.items("a", "users");
+    assert_eq!(a, net.items("b", "users"));
+    assert_eq!(a, net.items("c", "users"));
+    assert_eq!(a.len(), 10);
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
+fn partition_heals_to_identical_state() {
+    let mut net = Net::new(&["a", "b", "c"], &[]);
+    write(&mut net, "a", "users", "x", json!({"v": 0}));
+    net.connect("a", "b");
+    net.connect("b", "c");
+    net.connect("a", "c");
+    hold(&mut net, "b", "users");
+    hold(&mut net, "c", "users");
+    net.run();
+    assert_eq!(net.items("c", "users").len(), 1);
+    net.disconnect("a", "c");
+    net.disconnect("b", "c");
+    for i in 0..20 {
+        write(
+            &mut net,
+            "a",
+            "users",
+            &format!("k{i}"),
+            json!({"side": "ab", "i": i}),
+        );
+        write(
+            &mut net,
+            "c",
+            "users",
+            &format!("k{i}"),
+            json!({"side": "c", "i": i}),
+        );
+        write(
+            &mut net,
+            "c",
+            "users",
+            &format!("c_only{i}"),
+            json!({"i": i}),
+        );
+    }
+    net.run();
+    assert_ne!(net.items("a", "users"), net.items("c", "users"));
+    net.connect("b", "c");
+    net.run();
+    let a = net.items("a", "users");
+    assert_eq!(a, net.items("b", "users"));
+    assert_eq!(a, net.items("c", "users"));
+    assert_eq!(a.len(), 41);
+}
+
+#[test]
+fn removal_and_recreation_spread() {
+    let mut net = Net::new(&["a", "b"], &[]);
+    write(&mut net, "a", "users", "x", json!({"v": 1}));
+    net.connect("a", "b");
+    // B opens the map by name and receives it.
+    hold(&mut net, "b", "users");
+    net.run();
+    assert_eq!(net.items("b", "users").len(), 1);
+    net.node("a")
+        .host
+        .catalog
+        .get_mut("users", now())
+        .unwrap()
+        .remove_map(now())
+        .unwrap();
+    net.run();
+    let b = net.node("b");
+    assert!(
+        b.host.catalog.get_mut("users", now()).is_err(),
+        "removed on B too"
+    );
+    assert!(b
+        .events
+        .iter()
+        .any(|e| matches!(e.kind, syncmesh_core::EventKind::MapRemoved) && !e.is_local));
+    write(&mut net, "b", "users", "y", json!({"v": 2}));
+    net.run();
+    assert_eq!(net.items("a", "users"), net.items("b", "users"));
+    assert_eq!(net.items("a", "users").len(), 1);
+}
+
+#[test]
+fn hold_all_nodes_adopt_every_map() {
+    let mut net = Net::new(&["a", "backup"], &["backup"]);
+    for m in ["one", "two", "three"] {
+        write(&mut net, "a", m, "k", json!({"map": m}));
+    }
+    net.flush();
+    net.connect("a", "backup");
+    net.run();
+    for m in ["one", "two", "three"] {
+        assert_eq!(net.items("backup", m), net.items("a", m));
+        assert_eq!(net.items("backup", m).len(), 1);
+    }
+    // A map created later reaches it through the next anti-entropy round.
+    write(&mut net, "a", "four", "k", json!({}));
+    net.run();
+    net.tick();
+    assert_eq!(net.items("backup", "four").len(), 1);
+}
+
+#[test]
+fn hostile_input_is_a_violation_and_changes_nothing() {
+    let mut net = Net::new(&["a", "b"], &[]);
+    write(&mut net, "a", "users", "x", json!({"v": 1}));
+    net.connect("a", "b");
+    net.run();
+    let before = net.items("a", "users");
+    let sid = MapSid::for_name("users");
+    let node = net.node("a");
+    // Garbage, truncated and oversized input.
+    for bytes in [
+        vec![0xff; 10],
+        vec![],
+        Wire::Hello {
+            hold_all: false,
+            maps: vec![],
+        }
+        .encode()[..1]
+            .to_vec(),
+    ] {
+        assert!(
+            node.rep
+                .receive("b", &bytes, &mut node.host, now())
+                .is_err()
+                || bytes.len() == 1
+        );
+    }
+    assert!(node
+        .rep
+        .receive("b", &vec![0; 33 << 20], &mut node.host, now())
+        .is_err());
+    // A well-formed Automerge change writing a slot that belongs in another shard.
+    let mut doc = automerge::AutoCommit::new();
+    use automerge::transaction::Transactable;
+    let misplaced_key = "m5:david"; // "david" lives in shard 688
+    doc.put(automerge::ROOT, misplaced_key, 1).unwrap();
+    let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+    let (msgs, _) = Replicator::gossip(
+        &sid,
+        vec![(DocAddr::Shard { inc: 0, index: 3 }, change.clone())],
+    );
+    let err = node
+        .rep
+        .receive_gossip("b", &msgs[0], &mut node.host, now())
+        .unwrap_err();
+    assert!(err.0.contains("does not belong"), "{err}");
+    // A change writing an unknown field of the map document.
+    let mut meta = automerge::AutoCommit::new();
+    meta.put(automerge::ROOT, "owner", "mallory").unwrap();
+    let c = meta.get_last_local_change().unwrap().raw_bytes().to_vec();
+    let (msgs, _) = Replicator::gossip(&sid, vec![(DocAddr::Meta, c)]);
+    assert!(node
+        .rep
+        .receive_gossip("b", &msgs[0], &mut node.host, now())
+        .is_err());
+    // A malformed sid.
+    let bad = postcard_bad_sid();
+    assert!(node.rep.receive("b", &bad, &mut node.host, now()).is_err());
+    assert_eq!(net.items("a", "users"), before);
+}
+
+fn postcard_bad_sid() -> Vec<u8> {
+    // A Docs message naming a sid that is not of the sid shape.
+    let good = Wire::Docs {
+        sid: MapSid::for_name("users"),
+        docs: vec![],
+    }
+    .encode();
+    let mut bad = good.clone();
+    // The sid text starts after the variant tag and the length byte: break its "MP" prefix.
+    bad[2] = b'X';
+    bad
+}
