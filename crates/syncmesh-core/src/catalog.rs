@@ -173,6 +173,11 @@ impl Catalog {
         self.maps.insert(map.sid().clone(), map);
     }
 
+    /// Stops holding a map (one that never arrived, for instance); returns it.
+    pub fn remove(&mut self, sid: &MapSid) -> Option<MapReplica> {
+        self.maps.remove(sid)
+    }
+
     /// Whether this catalog holds the map, whatever its state.
     pub fn contains(&self, sid: &MapSid) -> bool {
         self.maps.contains_key(sid)

@@ -1516,19 +1516,30 @@ impl MapReplica {
         self.flush_shard(index, now)?;
         // Slots the changes write at the root. Patches alone miss a concurrent value that loses
         // to the current winner (nothing visible changes), yet it changes the revision.
+        // Read them from what was applied, not from what was given: a change that waited for
+        // a missing dependency is applied together with it.
+        let doc = self.shard_mut(index).doc()?;
+        // Only a document holding such waiting changes needs the (costlier) exact answer.
+        let waiting = !doc.get_missing_deps(&[]).is_empty();
+        let before = waiting.then(|| doc.get_heads());
         let mut slots: BTreeSet<String> = BTreeSet::new();
-        for c in &changes {
+        let mut scan = |c: &Change| {
             for op in c.decode().operations {
                 if let (ObjectId::Root, Key::Map(k)) = (&op.obj, &op.key) {
                     slots.insert(k.to_string());
                 }
             }
+        };
+        if before.is_none() {
+            changes.iter().for_each(&mut scan);
         }
-        let doc = self.shard_mut(index).doc()?;
         let mut log = PatchLog::active();
         doc.apply_changes_log_patches(changes, &mut log)
             .map_err(|e| Error::InvalidChange(e.to_string()))?;
         let patches = doc.make_patches(&mut log);
+        if let Some(before) = before {
+            doc.get_changes(&before).iter().for_each(&mut scan);
+        }
         let mut touched: BTreeSet<String> = BTreeSet::new();
         let nested = patches.iter().map(|p| match p.path.first() {
             Some((_, Prop::Map(k))) => Some(k.as_str()),

@@ -20,6 +20,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
 
+mod replication;
+pub(crate) use replication::Net;
+
 /// Commands queued for the engine; the capacity bounds memory under load.
 pub(crate) const COMMAND_QUEUE: usize = 4096;
 /// Most commands handled before a batch is committed.
@@ -200,10 +203,12 @@ pub(crate) struct Engine {
     needs_fsync: bool,
     jobs: std::sync::mpsc::SyncSender<StoreJob>,
     writer: Option<std::thread::JoinHandle<()>>,
+    /// Replication, when the node is on a network.
+    net: Option<Net>,
 }
 
 impl Engine {
-    pub(crate) fn new(id: Identity, shared: Arc<Shared>) -> Result<Engine> {
+    pub(crate) fn new(id: Identity, shared: Arc<Shared>, net: Option<Net>) -> Result<Engine> {
         let store = shared.store()?;
         let catalog_entries = store.list_maps()?;
         let unloaded_expiry = catalog_entries
@@ -240,6 +245,11 @@ impl Engine {
             needs_fsync: false,
             jobs,
             writer: Some(writer),
+            net,
+        })
+        .map(|mut e| {
+            e.subscribe_stored();
+            e
         })
     }
 
@@ -257,39 +267,55 @@ impl Engine {
         };
         rt.block_on(async {
             loop {
-                // Wake for TTLs, for parking, and for the fsync that relaxed writes wait on.
-                let mut wait = self.next_expiry_wait().min(
-                    self.next_park
-                        .saturating_duration_since(std::time::Instant::now()),
-                );
+                // Wake for TTLs, for parking, for the network's timers, and for the fsync
+                // that relaxed writes wait on.
+                let mut wake = self.next_park;
+                if let Some(n) = &self.net {
+                    wake = wake.min(n.next_wake());
+                }
+                let mut wait = self
+                    .next_expiry_wait()
+                    .min(wake.saturating_duration_since(std::time::Instant::now()));
                 if self.needs_fsync {
                     wait = wait.min(RELAXED_WINDOW);
                 }
                 let wait = wait.max(Duration::from_millis(1));
                 let first = tokio::select! {
                     c = rx.recv() => match c {
-                        Some(c) => Some(c),
+                        Some(c) => Some(Input::Cmd(c)),
                         None => break,
                     },
+                    ev = net_recv(&mut self.net) => ev.map(Input::Net),
                     _ = tokio::time::sleep(wait) => None,
                 };
                 let mut acks = Vec::new();
                 let mut barriers = Vec::new();
                 let now = now();
                 self.expire_due(now);
-                if let Some(c) = first {
-                    self.handle(c, now, &mut acks, &mut barriers);
+                match first {
+                    Some(Input::Cmd(c)) => self.handle(c, now, &mut acks, &mut barriers),
+                    Some(Input::Net(ev)) => self.on_net(ev, now),
+                    None => {}
                 }
                 // Every handled command counts, reads too, so a stream of reads cannot hold
                 // back the commit (and the acknowledgement) of the writes before them.
                 let mut handled = 1;
                 while handled < MAX_BATCH_COMMANDS {
-                    match rx.try_recv() {
-                        Ok(c) => self.handle(c, now, &mut acks, &mut barriers),
-                        Err(_) => break,
+                    let mut any = false;
+                    if let Ok(c) = rx.try_recv() {
+                        self.handle(c, now, &mut acks, &mut barriers);
+                        any = true;
+                    }
+                    if let Some(ev) = self.net.as_mut().and_then(|n| n.rx.try_recv().ok()) {
+                        self.on_net(ev, now);
+                        any = true;
+                    }
+                    if !any {
+                        break;
                     }
                     handled += 1;
                 }
+                self.net_housekeeping(now);
                 self.commit(now, acks, barriers);
                 if self.shutdown.is_some() {
                     break;
@@ -298,6 +324,7 @@ impl Engine {
                     self.park_idle(now);
                 }
             }
+            self.stop_net().await;
         });
         // Refuse what is still queued, then commit and stop.
         rx.close();
@@ -410,6 +437,12 @@ impl Engine {
             }
             Cmd::Open { spec, reply } => {
                 let r = self.open(&spec, now);
+                if let Err(Error::Map(syncmesh_core::Error::MapNotFound(_))) = &r {
+                    if let Some(sid) = self.should_fetch(&spec) {
+                        self.fetch(sid, spec, reply);
+                        return;
+                    }
+                }
                 match r {
                     Ok((info, true)) => acks.push(Ack {
                         reply: AckTo::Open(reply),
@@ -502,6 +535,7 @@ impl Engine {
                 return Err(e);
             }
             self.dirty.insert(info.sid.clone());
+            self.announce(&info.sid);
         }
         Ok((info, created))
     }
@@ -571,6 +605,7 @@ impl Engine {
         let mut events = Vec::new();
         let mut compactions = Vec::new();
         let mut flush_failed = None;
+        let mut to_gossip = Vec::new();
         let mut dirty = std::mem::take(&mut self.dirty);
         let queued = std::mem::take(&mut self.compact_queue);
         for (sid, _) in &queued {
@@ -589,11 +624,24 @@ impl Engine {
                     Default::default()
                 }
             };
-            let changes: Vec<(DocAddr, Vec<u8>)> = m
+            let mut changes: Vec<(DocAddr, Vec<u8>)> = m
                 .take_outgoing()
                 .into_iter()
                 .map(|c| (c.doc, c.bytes))
                 .collect();
+            let local = changes.len();
+            changes.extend(m.take_received());
+            if !m.exists()
+                && changes.is_empty()
+                && view.entries.is_empty()
+                && !self.on_disk.contains_key(&sid)
+            {
+                // A map waited for that has not arrived: nothing to store yet.
+                continue;
+            }
+            if local > 0 && self.net.is_some() {
+                to_gossip.push((sid.clone(), changes[..local].to_vec()));
+            }
             for (doc, _) in &changes {
                 let n = self
                     .changes_since_snapshot
@@ -663,6 +711,12 @@ impl Engine {
             self.pending_compactions.clear();
             return;
         }
+        // Peers get the changes while they are being fsynced here: each process writes as a
+        // fresh Automerge actor, so a change lost to a crash is never re-made differently,
+        // and peers hand it back on the next sync.
+        for (sid, changes) in to_gossip {
+            self.gossip(&sid, &changes);
+        }
         // Fsync now if asked to (sync, compact, close) or if relaxed writes have waited long
         // enough; with Durability::Fsync every commit is fsynced anyway.
         let durable = !barriers.is_empty()
@@ -691,6 +745,20 @@ impl Engine {
         for job in self.pending_compactions.drain(..) {
             let _ = self.jobs.send(job);
         }
+    }
+}
+
+/// What woke the engine.
+enum Input {
+    Cmd(Cmd),
+    Net(syncmesh_net::NetEvent),
+}
+
+/// The next network event, or never when the node has no network.
+async fn net_recv(net: &mut Option<Net>) -> Option<syncmesh_net::NetEvent> {
+    match net {
+        Some(n) => n.rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -30,12 +30,24 @@ pub enum Error {
         /// First retained event id.
         to: u64,
     },
+    /// The network could not be set up (identity, swarm key, listen address).
+    #[error(transparent)]
+    Net(Arc<syncmesh_net::NetError>),
+    /// A network operation on a node opened without a network.
+    #[error("this node is not on a network (give it a listen address, a peer, or mDNS)")]
+    NoNetwork,
     /// A node-wide subscriber fell behind and missed events.
     #[error("the subscriber fell behind and missed {missed} events; resubscribe per map from the last event id seen")]
     Lagged {
         /// How many events were skipped.
         missed: u64,
     },
+}
+
+impl From<syncmesh_net::NetError> for Error {
+    fn from(e: syncmesh_net::NetError) -> Self {
+        Error::Net(Arc::new(e))
+    }
 }
 
 impl From<StoreError> for Error {

@@ -54,4 +54,5 @@ pub use syncmesh_core::{
     Bounds, Event, EventKind, Item, ItemConflicts, JsonObject, MapInfo, MapSid, MapSpec, NodeId,
     OpenMode, Order, Page, PageRequest, Revision, Timestamp, Ttl, WriteOptions,
 };
+pub use syncmesh_net::{Multiaddr, NetStatus, PeerId, SwarmKey};
 pub use syncmesh_store::StoreError;

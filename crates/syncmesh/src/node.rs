@@ -13,7 +13,9 @@ use syncmesh_core::{
 use syncmesh_store::{Batch, Store, StoreOptions};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::engine::{random16, Cmd, Engine, Op, Reply, Shared, COMMAND_QUEUE};
+use syncmesh_net::{Multiaddr, NetConfig, NetHandle, NetStatus, PeerId, SwarmKey};
+
+use crate::engine::{random16, Cmd, Engine, Net, Op, Reply, Shared, COMMAND_QUEUE};
 use crate::error::{Error, Result};
 
 /// Events buffered for live subscribers before a slow one is told it lagged.
@@ -41,6 +43,12 @@ pub struct NodeBuilder {
     data_dir: Option<PathBuf>,
     durability: Durability,
     event_retention: Option<u64>,
+    listen: Vec<Multiaddr>,
+    peers: Vec<Multiaddr>,
+    mdns: Option<bool>,
+    swarm_key: Option<SwarmKey>,
+    allow: Option<Vec<PeerId>>,
+    hold_all: bool,
 }
 
 impl NodeBuilder {
@@ -68,6 +76,49 @@ impl NodeBuilder {
         self
     }
 
+    /// Listen for peers on `addr` (e.g. `/ip4/0.0.0.0/tcp/7701`; port 0 picks one, see
+    /// [`Node::network`]). Joins the node to the mesh.
+    pub fn listen(mut self, addr: Multiaddr) -> Self {
+        self.listen.push(addr);
+        self
+    }
+
+    /// Keep a connection to the peer at `addr` (redialed with backoff whenever it drops).
+    /// Joins the node to the mesh.
+    pub fn peer(mut self, addr: Multiaddr) -> Self {
+        self.peers.push(addr);
+        self
+    }
+
+    /// Discover peers on the local network with mDNS: on by default once the node is on a
+    /// network; `mdns(true)` alone also joins it to the mesh.
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.mdns = Some(on);
+        self
+    }
+
+    /// A private mesh: only nodes with the same pre-shared key can connect (TCP only).
+    pub fn swarm_key(mut self, key: SwarmKey) -> Self {
+        self.swarm_key = Some(key);
+        self
+    }
+
+    /// Only these peers may connect (in addition to holding the swarm key, if one is set).
+    pub fn allow_peers(mut self, peers: impl IntoIterator<Item = PeerId>) -> Self {
+        self.allow = Some(peers.into_iter().collect());
+        self
+    }
+
+    /// Hold every map any peer has (a cluster or backup node), not only the maps opened here.
+    pub fn hold_all_maps(mut self, on: bool) -> Self {
+        self.hold_all = on;
+        self
+    }
+
+    fn networked(&self) -> bool {
+        !self.listen.is_empty() || !self.peers.is_empty() || self.mdns == Some(true)
+    }
+
     /// Opens the node: the store, its identity, and the engine thread.
     pub async fn open(self) -> Result<Node> {
         let opts = StoreOptions {
@@ -83,7 +134,22 @@ impl NodeBuilder {
         })
         .await
         .map_err(|_| Error::Closed)??;
-        Node::start(store, self.data_dir)
+        let net = if self.networked() {
+            let keypair = match &self.data_dir {
+                Some(d) => syncmesh_net::load_or_create_identity(&d.join("identity.key"))?,
+                None => syncmesh_net::Keypair::generate_ed25519(),
+            };
+            let mut cfg = NetConfig::new(keypair);
+            cfg.listen = self.listen.clone();
+            cfg.peers = self.peers.clone();
+            cfg.mdns = self.mdns.unwrap_or(true);
+            cfg.swarm_key = self.swarm_key.clone();
+            cfg.allow = self.allow.clone();
+            Some(syncmesh_net::start(cfg)?)
+        } else {
+            None
+        };
+        Node::start(store, self.data_dir, net, self.hold_all)
     }
 }
 
@@ -102,6 +168,7 @@ struct Inner {
     id: NodeId,
     data_dir: Option<PathBuf>,
     engine: Mutex<Option<std::thread::JoinHandle<()>>>,
+    net: Option<NetHandle>,
 }
 
 impl std::fmt::Debug for Node {
@@ -129,7 +196,12 @@ impl Node {
         Node::builder().in_memory().open().await
     }
 
-    fn start(store: Store, data_dir: Option<PathBuf>) -> Result<Node> {
+    fn start(
+        store: Store,
+        data_dir: Option<PathBuf>,
+        net: Option<(NetHandle, mpsc::Receiver<syncmesh_net::NetEvent>)>,
+        hold_all: bool,
+    ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
                 Error::from(syncmesh_store::StoreError::Corrupt {
@@ -161,9 +233,11 @@ impl Node {
             events,
             failed: Mutex::new(None),
         });
-        let engine = Engine::new(identity, shared.clone())?;
+        let handle = net.as_ref().map(|(h, _)| h.clone());
+        let net = net.map(|(h, rx)| Net::new(h, rx, hold_all));
+        let engine = Engine::new(identity, shared.clone(), net)?;
         let (cmds, rx) = mpsc::channel(COMMAND_QUEUE);
-        let handle = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("syncmesh-engine".into())
             .spawn(move || engine.run(rx))
             .map_err(|_| Error::Closed)?;
@@ -173,7 +247,8 @@ impl Node {
                 shared,
                 id,
                 data_dir,
-                engine: Mutex::new(Some(handle)),
+                engine: Mutex::new(Some(thread)),
+                net: handle,
             }),
         })
     }
@@ -181,6 +256,23 @@ impl Node {
     /// This node's id (`created_by` of what it creates).
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// The node's network: its peer id, listen addresses (with `/p2p/<peer id>`) and
+    /// connected peers; `None` for a node not on a network.
+    pub fn network(&self) -> Option<NetStatus> {
+        self.inner.net.as_ref().map(NetHandle::status)
+    }
+
+    /// Dials a peer once (peers given to [`NodeBuilder::peer`] are redialed on their own).
+    pub fn dial(&self, addr: Multiaddr) -> Result<()> {
+        match &self.inner.net {
+            Some(n) => {
+                n.dial(addr);
+                Ok(())
+            }
+            None => Err(Error::NoNetwork),
+        }
     }
 
     /// The data directory, or `None` in memory.

@@ -1,0 +1,181 @@
+//! Framing of direct messages: a request is a batch of opaque messages (the node's replication
+//! layer decodes them), each length-prefixed; the response is a one-byte acknowledgement.
+//! Sizes are checked before anything is allocated.
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::request_response;
+use libp2p::StreamProtocol;
+
+/// The direct-message protocol.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/direct/1");
+
+/// Limits of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest single message.
+    pub max_message: usize,
+    /// Largest batch (sum of its messages).
+    pub max_batch: usize,
+    /// Most messages in one batch.
+    pub max_count: usize,
+}
+
+/// The request-response codec: requests are `Vec<Vec<u8>>`, responses `()`.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec {
+    limits: Limits,
+}
+
+impl Codec {
+    /// A codec enforcing `limits` on what it reads.
+    pub fn new(limits: Limits) -> Self {
+        Codec { limits }
+    }
+}
+
+fn too_large(what: &str, n: usize, max: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{what} of {n} exceeds the limit of {max}"),
+    )
+}
+
+async fn read_u32<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<usize> {
+    let mut b = [0u8; 4];
+    io.read_exact(&mut b).await?;
+    Ok(u32::from_be_bytes(b) as usize)
+}
+
+fn u32_of(n: usize) -> io::Result<[u8; 4]> {
+    u32::try_from(n)
+        .map(u32::to_be_bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "message too large"))
+}
+
+impl request_response::Codec for Codec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<Vec<u8>>;
+    type Response = ();
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<Vec<u8>>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let count = read_u32(io).await?;
+        if count > self.limits.max_count {
+            return Err(too_large("batch count", count, self.limits.max_count));
+        }
+        let mut total = 0usize;
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = read_u32(io).await?;
+            if len > self.limits.max_message {
+                return Err(too_large("message size", len, self.limits.max_message));
+            }
+            total = total.saturating_add(len);
+            if total > self.limits.max_batch {
+                return Err(too_large("batch size", total, self.limits.max_batch));
+            }
+            let mut buf = vec![0u8; len];
+            io.read_exact(&mut buf).await?;
+            out.push(buf);
+        }
+        Ok(out)
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<()>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await?;
+        Ok(())
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<Vec<u8>>,
+    ) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&u32_of(req.len())?).await?;
+        for m in &req {
+            io.write_all(&u32_of(m.len())?).await?;
+            io.write_all(m).await?;
+        }
+        io.close().await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, (): ()) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        io.write_all(&[1]).await?;
+        io.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::request_response::Codec as _;
+
+    fn codec() -> Codec {
+        Codec::new(Limits {
+            max_message: 100,
+            max_batch: 150,
+            max_count: 3,
+        })
+    }
+
+    fn run<F: std::future::Future>(f: F) -> F::Output {
+        futures::executor::block_on(f)
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut buf = Vec::new();
+        let msgs = vec![b"hello".to_vec(), vec![], vec![7; 100]];
+        run(codec().write_request(
+            &PROTOCOL,
+            &mut futures::io::Cursor::new(&mut buf),
+            msgs.clone(),
+        ))
+        .unwrap();
+        let got =
+            run(codec().read_request(&PROTOCOL, &mut futures::io::Cursor::new(&buf))).unwrap();
+        assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn limits_and_truncation_are_errors() {
+        let enc = |msgs: Vec<Vec<u8>>| {
+            let mut buf = Vec::new();
+            let mut big = Codec::new(Limits {
+                max_message: usize::MAX,
+                max_batch: usize::MAX,
+                max_count: usize::MAX,
+            });
+            run(big.write_request(&PROTOCOL, &mut futures::io::Cursor::new(&mut buf), msgs))
+                .unwrap();
+            buf
+        };
+        let read =
+            |buf: &[u8]| run(codec().read_request(&PROTOCOL, &mut futures::io::Cursor::new(buf)));
+        assert!(read(&enc(vec![vec![0; 101]])).is_err(), "message too large");
+        assert!(
+            read(&enc(vec![vec![0; 100], vec![0; 60]])).is_err(),
+            "batch too large"
+        );
+        assert!(read(&enc(vec![vec![]; 4])).is_err(), "too many messages");
+        let ok = enc(vec![b"abc".to_vec()]);
+        assert!(read(&ok[..ok.len() - 1]).is_err(), "truncated");
+        // A length prefix claiming 4 GiB is refused before allocating.
+        assert!(read(&[0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+}

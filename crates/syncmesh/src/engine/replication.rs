@@ -1,0 +1,351 @@
+//! The engine's side of replication: it hosts the maps for the sans-IO [`Replicator`], feeds
+//! it what the network delivers, and hands what it says to the network thread.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use syncmesh_core::replication::{MapHost, Outgoing, Replicator};
+use syncmesh_core::{DocAddr, MapInfo, MapRef, MapReplica, MapSid, MapSpec, OpenMode, Timestamp};
+use syncmesh_net::{NetEvent, NetHandle, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Engine;
+use crate::error::{Error, Result};
+
+/// How often every peer is sent a Hello with every map's digest (anti-entropy).
+const ANTI_ENTROPY: Duration = Duration::from_secs(10);
+/// How long opening a map that only peers have waits for it to arrive.
+pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gossip topic of a map.
+pub(crate) fn topic(sid: &MapSid) -> String {
+    format!("syncmesh/1/map/{sid}")
+}
+
+/// An `open` waiting for a map to arrive from peers.
+struct Want {
+    sid: MapSid,
+    spec: MapSpec,
+    reply: oneshot::Sender<Result<MapInfo>>,
+    deadline: Instant,
+}
+
+/// The network part of an engine.
+pub(crate) struct Net {
+    pub handle: NetHandle,
+    pub rx: mpsc::Receiver<NetEvent>,
+    rep: Option<Replicator>,
+    peers: HashMap<String, PeerId>,
+    subscribed: HashSet<MapSid>,
+    next_tick: Instant,
+    wants: Vec<Want>,
+}
+
+impl Net {
+    pub(crate) fn new(handle: NetHandle, rx: mpsc::Receiver<NetEvent>, hold_all: bool) -> Net {
+        Net {
+            handle,
+            rx,
+            rep: Some(Replicator::new(hold_all)),
+            peers: HashMap::new(),
+            subscribed: HashSet::new(),
+            next_tick: Instant::now() + ANTI_ENTROPY,
+            wants: Vec::new(),
+        }
+    }
+
+    /// When the engine must wake next for the network (anti-entropy, open deadlines).
+    pub(crate) fn next_wake(&self) -> Instant {
+        self.wants
+            .iter()
+            .map(|w| w.deadline)
+            .chain(std::iter::once(self.next_tick))
+            .min()
+            .unwrap_or(self.next_tick)
+    }
+}
+
+impl MapHost for Engine {
+    fn held(&mut self) -> Vec<MapSid> {
+        let mut all: Vec<MapSid> = self.on_disk.keys().cloned().collect();
+        all.extend(
+            self.catalog
+                .maps()
+                .map(|m| m.sid().clone())
+                .filter(|s| !self.on_disk.contains_key(s)),
+        );
+        all
+    }
+
+    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        if !self.catalog.contains(sid) && !self.on_disk.contains_key(sid) {
+            return None;
+        }
+        if let Err(e) = self.ensure_loaded(sid) {
+            tracing::warn!(map = %sid, "cannot load the map for replication: {e}");
+            return None;
+        }
+        self.catalog.by_sid(sid)
+    }
+
+    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        if !self.catalog.contains(sid) {
+            let id = self.catalog.identity().clone();
+            self.catalog.insert(MapReplica::empty(id, sid.clone()));
+            self.subscribe(sid);
+        }
+        self.catalog.by_sid(sid)
+    }
+
+    fn touched(&mut self, sid: &MapSid) {
+        self.dirty.insert(sid.clone());
+    }
+}
+
+impl Engine {
+    /// Runs `f` with the replicator taken out of the engine (it needs the engine as host).
+    fn with_rep<T>(&mut self, f: impl FnOnce(&mut Replicator, &mut Engine) -> T) -> Option<T> {
+        let mut rep = self.net.as_mut()?.rep.take()?;
+        let r = f(&mut rep, self);
+        if let Some(n) = self.net.as_mut() {
+            n.rep = Some(rep);
+        }
+        Some(r)
+    }
+
+    fn send_all(&mut self, out: Vec<Outgoing>) {
+        let Some(n) = &self.net else { return };
+        for o in out {
+            if let Some(p) = n.peers.get(&o.peer) {
+                n.handle.send(*p, o.bytes);
+            }
+        }
+    }
+
+    /// Subscribes to a map's gossip.
+    pub(super) fn subscribe(&mut self, sid: &MapSid) {
+        if let Some(n) = self.net.as_mut() {
+            if n.subscribed.insert(sid.clone()) {
+                n.handle.subscribe(&topic(sid));
+            }
+        }
+    }
+
+    /// Subscribes to every stored map (at start).
+    pub(super) fn subscribe_stored(&mut self) {
+        let sids: Vec<MapSid> = self.on_disk.keys().cloned().collect();
+        for s in sids {
+            self.subscribe(&s);
+        }
+    }
+
+    /// A map this node just started holding: subscribe, and tell the peers.
+    pub(super) fn announce(&mut self, sid: &MapSid) {
+        if self.net.is_none() {
+            return;
+        }
+        self.subscribe(sid);
+        let sid = sid.clone();
+        if let Some(out) = self.with_rep(|rep, host| rep.announce(&[sid], host)) {
+            self.send_all(out);
+        }
+    }
+
+    /// Gossips the local changes of one commit of a map.
+    pub(super) fn gossip(&mut self, sid: &MapSid, changes: &[(DocAddr, Vec<u8>)]) {
+        let Some(n) = &self.net else { return };
+        if changes.is_empty() {
+            return;
+        }
+        let (msgs, too_large) = Replicator::gossip(sid, changes.to_vec());
+        let t = topic(sid);
+        for m in msgs {
+            n.handle.publish(&t, m);
+        }
+        if too_large {
+            let sid = sid.clone();
+            if let Some(out) = self.with_rep(|rep, host| rep.nudge(&sid, host)) {
+                self.send_all(out);
+            }
+        }
+    }
+
+    /// Handles one network event.
+    pub(super) fn on_net(&mut self, ev: NetEvent, now: Timestamp) {
+        match ev {
+            NetEvent::PeerUp(p) => {
+                let key = p.to_string();
+                if let Some(n) = self.net.as_mut() {
+                    n.peers.insert(key.clone(), p);
+                }
+                if let Some(out) = self.with_rep(|rep, host| rep.peer_up(&key, host)) {
+                    self.send_all(out);
+                }
+            }
+            NetEvent::PeerDown(p) => {
+                let key = p.to_string();
+                if let Some(n) = self.net.as_mut() {
+                    n.peers.remove(&key);
+                    if let Some(rep) = n.rep.as_mut() {
+                        rep.peer_down(&key);
+                    }
+                }
+            }
+            NetEvent::Direct { peer, msgs } => {
+                let key = peer.to_string();
+                if let Some(n) = self.net.as_mut() {
+                    // A message can race the connection event.
+                    n.peers.entry(key.clone()).or_insert(peer);
+                }
+                for bytes in msgs {
+                    let r = self.with_rep(|rep, host| rep.receive(&key, &bytes, host, now));
+                    match r {
+                        Some(Ok(out)) => self.send_all(out),
+                        Some(Err(v)) => {
+                            self.punish(peer, v.0);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            NetEvent::Gossip {
+                peer,
+                id,
+                topic: t,
+                data,
+            } => {
+                let key = peer.to_string();
+                let r = self.with_rep(|rep, host| rep.receive_gossip(&key, &data, host, now));
+                let valid = match r {
+                    Some(Ok(out)) => {
+                        self.send_all(out);
+                        true
+                    }
+                    Some(Err(v)) => {
+                        self.punish(peer, format!("gossip on {t}: {}", v.0));
+                        false
+                    }
+                    None => false,
+                };
+                if let Some(n) = &self.net {
+                    n.handle.verdict(id, peer, valid);
+                }
+            }
+        }
+    }
+
+    fn punish(&mut self, peer: PeerId, reason: String) {
+        if let Some(n) = self.net.as_mut() {
+            n.handle.punish(peer, reason);
+            n.peers.remove(&peer.to_string());
+            if let Some(rep) = n.rep.as_mut() {
+                rep.peer_down(&peer.to_string());
+            }
+        }
+    }
+
+    /// After a batch of work: spread what sync brought, run anti-entropy when due, and
+    /// settle opens waiting for maps from peers.
+    pub(super) fn net_housekeeping(&mut self, now: Timestamp) {
+        if self.net.is_none() {
+            return;
+        }
+        if let Some(out) = self.with_rep(|rep, host| rep.take_nudges(host)) {
+            self.send_all(out);
+        }
+        let due = self
+            .net
+            .as_ref()
+            .is_some_and(|n| Instant::now() >= n.next_tick);
+        if due {
+            if let Some(n) = self.net.as_mut() {
+                n.next_tick = Instant::now() + ANTI_ENTROPY;
+            }
+            if let Some(out) = self.with_rep(|rep, host| rep.tick(host)) {
+                self.send_all(out);
+            }
+        }
+        self.settle_wants(now);
+    }
+
+    /// Whether an open that found nothing should wait for peers to send the map.
+    pub(super) fn should_fetch(&self, spec: &MapSpec) -> Option<MapSid> {
+        let n = self.net.as_ref()?;
+        if n.peers.is_empty() {
+            return None;
+        }
+        let id = spec.id.as_ref()?;
+        let r = MapRef::parse(id).ok()?;
+        let by_sid = matches!(r, MapRef::Sid(_));
+        if spec.mode != OpenMode::OpenExisting && !by_sid {
+            return None;
+        }
+        let sid = r.sid();
+        // A map known here and removed is not fetched again.
+        let known = self.catalog.maps().any(|m| m.sid() == &sid && m.exists());
+        (!known && !self.on_disk.contains_key(&sid)).then_some(sid)
+    }
+
+    /// Waits (up to [`FETCH_TIMEOUT`]) for peers to send a map this node does not have.
+    pub(super) fn fetch(
+        &mut self,
+        sid: MapSid,
+        spec: MapSpec,
+        reply: oneshot::Sender<Result<MapInfo>>,
+    ) {
+        if !self.catalog.contains(&sid) {
+            let id = self.catalog.identity().clone();
+            self.catalog.insert(MapReplica::empty(id, sid.clone()));
+        }
+        self.announce(&sid);
+        if let Some(n) = self.net.as_mut() {
+            n.wants.push(Want {
+                sid,
+                spec,
+                reply,
+                deadline: Instant::now() + FETCH_TIMEOUT,
+            });
+        }
+    }
+
+    fn settle_wants(&mut self, now: Timestamp) {
+        let Some(n) = self.net.as_mut() else { return };
+        if n.wants.is_empty() {
+            return;
+        }
+        let wants = std::mem::take(&mut n.wants);
+        let mut keep = Vec::new();
+        for w in wants {
+            let arrived = self.catalog.maps().any(|m| m.sid() == &w.sid && m.exists());
+            if arrived {
+                let r = self.open(&w.spec, now).map(|(info, _)| info);
+                let _ = w.reply.send(r);
+            } else if Instant::now() >= w.deadline || w.reply.is_closed() {
+                if self
+                    .catalog
+                    .by_sid(&w.sid)
+                    .is_some_and(|m| !m.exists() && m.doc_digests().is_ok_and(|d| d.is_empty()))
+                {
+                    self.catalog.remove(&w.sid);
+                }
+                let id = w.spec.id.clone().unwrap_or_default();
+                let _ = w
+                    .reply
+                    .send(Err(Error::Map(syncmesh_core::Error::MapNotFound(id))));
+            } else {
+                keep.push(w);
+            }
+        }
+        if let Some(n) = self.net.as_mut() {
+            n.wants.extend(keep);
+        }
+    }
+
+    /// Shuts the network thread down.
+    pub(super) async fn stop_net(&mut self) {
+        if let Some(n) = self.net.take() {
+            n.handle.shutdown().await;
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! Replication between real nodes over libp2p on 127.0.0.1: fan-out, convergence of
+//! concurrent writes, catch-up after a restart, a healed partition, relaying along a line,
+//! maps only a peer has, hold-all nodes, and a private mesh that strangers cannot enter.
+//!
+//! No test waits a fixed time: each waits for a condition, with a generous deadline.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use syncmesh::{EventKind, Map, MapSpec, Multiaddr, Node, OpenMode, PageRequest, SwarmKey};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn local() -> Multiaddr {
+    "/ip4/127.0.0.1/tcp/0".parse().unwrap()
+}
+
+/// A node on 127.0.0.1 (mDNS off: tests must not find strangers on the LAN).
+async fn node(dir: Option<&Path>, peers: &[Multiaddr]) -> Node {
+    let mut b = Node::builder().listen(local()).mdns(false);
+    if let Some(d) = dir {
+        b = b.data_dir(d);
+    }
+    for p in peers {
+        b = b.peer(p.clone());
+    }
+    b.open().await.unwrap()
+}
+
+/// The node's first listen address (with `/p2p/`), once it is listening.
+async fn addr(n: &Node) -> Multiaddr {
+    let mut out = None;
+    wait_for("a listen address", || {
+        let a = n.network().unwrap().listen_addrs.first().cloned();
+        out = a.clone();
+        async move { a.is_some() }
+    })
+    .await;
+    out.unwrap().parse().unwrap()
+}
+
+async fn connected(n: &Node, count: usize) {
+    wait_for(&format!("{count} connected peers"), || {
+        let c = n.network().unwrap().connected.len();
+        async move { c >= count }
+    })
+    .await;
+}
+
+async fn items(m: &Map) -> Vec<(String, serde_json::Value, String)> {
+    let mut out = Vec::new();
+    let mut token = None;
+    loop {
+        let req = PageRequest {
+            page_size: Some(100),
+            token: token.take(),
+            ..PageRequest::default()
+        };
+        let page = m.items(req).await.unwrap();
+        for i in page.items {
+            out.push((
+                i.key,
+                serde_json::Value::Object(i.data),
+                i.revision.to_string(),
+            ));
+        }
+        match page.next_token {
+            Some(t) => token = Some(t),
+            None => return out,
+        }
+    }
+}
+
+async fn same_items(maps: &[&Map], count: usize) {
+    wait_for(&format!("identical maps of {count} items"), || async {
+        let first = items(maps[0]).await;
+        if first.len() != count {
+            return false;
+        }
+        for m in &maps[1..] {
+            if items(m).await != first {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+}
+
+async fn has(m: &Map, key: &str) -> bool {
+    m.get(key).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_see_each_others_writes_as_remote_events() {
+    let a = node(None, &[]).await;
+    let a_addr = addr(&a).await;
+    let b = node(None, std::slice::from_ref(&a_addr)).await;
+    let b_addr = addr(&b).await;
+    let c = node(None, &[a_addr, b_addr]).await;
+    connected(&a, 2).await;
+    connected(&c, 2).await;
+    let (ma, mb, mc) = (
+        a.map("users").await.unwrap(),
+        b.map("users").await.unwrap(),
+        c.map("users").await.unwrap(),
+    );
+    let mut events_b = mb.subscribe().await.unwrap();
+    ma.set("from_a", json!({"n": 1})).await.unwrap();
+    mb.set("from_b", json!({"n": 2})).await.unwrap();
+    mc.set("from_c", json!({"n": 3})).await.unwrap();
+    for m in [&ma, &mb, &mc] {
+        for k in ["from_a", "from_b", "from_c"] {
+            wait_for(&format!("{k} everywhere"), || has(m, k)).await;
+        }
+    }
+    same_items(&[&ma, &mb, &mc], 3).await;
+    // B's subscription: its own write local, the others remote, each exactly once.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let e = tokio::time::timeout(DEADLINE, events_b.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let EventKind::ItemAdded { item } = &e.kind {
+            seen.push((item.key.clone(), e.is_local));
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("from_a".to_string(), false),
+            ("from_b".to_string(), true),
+            ("from_c".to_string(), false)
+        ]
+    );
+    // Nothing more arrives for those keys (exactly once), even after anti-entropy rounds.
+    mb.set("marker", json!({})).await.unwrap();
+    let e = tokio::time::timeout(DEADLINE, events_b.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        e.kind.key(),
+        Some("marker"),
+        "no extra event before the marker"
+    );
+    for n in [a, b, c] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_the_same_keys_converge() {
+    let a = node(None, &[]).await;
+    let a_addr = addr(&a).await;
+    let b = node(None, std::slice::from_ref(&a_addr)).await;
+    let c = node(None, &[a_addr]).await;
+    connected(&a, 2).await;
+    let maps = [
+        a.map("users").await.unwrap(),
+        b.map("users").await.unwrap(),
+        c.map("users").await.unwrap(),
+    ];
+    let mut tasks = Vec::new();
+    for (i, m) in maps.iter().enumerate() {
+        let m = m.clone();
+        tasks.push(tokio::spawn(async move {
+            for r in 0..30 {
+                let key = format!("k{}", r % 5);
+                m.update(
+                    &key,
+                    json!({"country": format!("n{i}"), format!("f{i}"): r}),
+                )
+                .await
+                .unwrap();
+                if r % 7 == 0 {
+                    m.set(&key, json!({"phone_number": r, "by": i}))
+                        .await
+                        .unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    same_items(&[&maps[0], &maps[1], &maps[2]], 5).await;
+    for n in [a, b, c] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_and_a_partition_heals() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = node(Some(dirs[0].path()), &[]).await;
+    let a_addr = addr(&a).await;
+    let b = node(Some(dirs[1].path()), std::slice::from_ref(&a_addr)).await;
+    let c = node(Some(dirs[2].path()), std::slice::from_ref(&a_addr)).await;
+    connected(&a, 2).await;
+    let (ma, mb, mc) = (
+        a.map("users").await.unwrap(),
+        b.map("users").await.unwrap(),
+        c.map("users").await.unwrap(),
+    );
+    for i in 0..50 {
+        ma.set(&format!("k{i}"), json!({"n": i})).await.unwrap();
+    }
+    wait_for("C has the first writes", || has(&mc, "k49")).await;
+    // C stops while A keeps writing.
+    let writer = {
+        let ma = ma.clone();
+        tokio::spawn(async move {
+            for i in 50..400 {
+                ma.set(&format!("k{i}"), json!({"n": i})).await.unwrap();
+            }
+        })
+    };
+    drop(mc);
+    c.close().await.unwrap();
+    writer.await.unwrap();
+    // Partition {A, B} | {C}: C writes offline, A and B write too, some keys on both sides.
+    let c = Node::open(dirs[2].path()).await.unwrap();
+    let mc = c.open_existing("users").await.unwrap();
+    for i in 0..20 {
+        mc.set(&format!("c{i}"), json!({"side": "c"}))
+            .await
+            .unwrap();
+        mc.update(&format!("k{i}"), json!({"side": "c"}))
+            .await
+            .unwrap();
+        mb.update(&format!("k{i}"), json!({"side": "ab", "other": i}))
+            .await
+            .unwrap();
+    }
+    c.close().await.unwrap();
+    // C comes back on the network: it catches up and the sides merge.
+    let c = node(Some(dirs[2].path()), &[a_addr]).await;
+    let mc = c.open_existing("users").await.unwrap();
+    same_items(&[&ma, &mb, &mc], 420).await;
+    let k3 = mc.get("k3").await.unwrap();
+    assert_eq!(k3.data["other"], 3, "fields written on both sides merge");
+    for n in [a, b, c] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_relays_and_maps_only_a_peer_has_can_be_opened() {
+    // A - B - C: A and C are not connected.
+    let a = node(None, &[]).await;
+    let a_addr = addr(&a).await;
+    let b = node(None, &[a_addr]).await;
+    let b_addr = addr(&b).await;
+    let c = node(None, &[b_addr]).await;
+    connected(&b, 2).await;
+    let ma = a.map("users").await.unwrap();
+    ma.set("before", json!({"v": 1})).await.unwrap();
+    // B and C open the map that only A has, by name and by sid.
+    let mb = b
+        .map(MapSpec::named("users").mode(OpenMode::OpenExisting))
+        .await
+        .unwrap();
+    let mc = c.map(ma.sid().as_str()).await.unwrap();
+    wait_for("B has A's item", || has(&mb, "before")).await;
+    wait_for("C has A's item", || has(&mc, "before")).await;
+    assert!(!c
+        .network()
+        .unwrap()
+        .connected
+        .contains(&a.network().unwrap().peer_id));
+    let mut events_c = mc.subscribe().await.unwrap();
+    ma.set("relayed", json!({"v": 2})).await.unwrap();
+    let e = loop {
+        let e = tokio::time::timeout(DEADLINE, events_c.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if e.kind.key() == Some("relayed") {
+            break e;
+        }
+    };
+    assert!(!e.is_local);
+    // A map no peer has is not found (after asking).
+    let err = c
+        .map(MapSpec::named("nobody-has-it").mode(OpenMode::OpenExisting))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), 54200);
+    // Removing the map spreads along the line.
+    ma.remove_map().await.unwrap();
+    wait_for("removal reaches C", || async { mc.info().await.is_err() }).await;
+    for n in [a, b, c] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_all_node_keeps_every_map() {
+    let a = node(None, &[]).await;
+    let a_addr = addr(&a).await;
+    let backup = Node::builder()
+        .listen(local())
+        .mdns(false)
+        .peer(a_addr)
+        .hold_all_maps(true)
+        .open()
+        .await
+        .unwrap();
+    connected(&a, 1).await;
+    for name in ["one", "two", "three"] {
+        a.map(name)
+            .await
+            .unwrap()
+            .set("k", json!({"map": name}))
+            .await
+            .unwrap();
+    }
+    wait_for("the backup holds all three maps", || async {
+        backup.maps().await.unwrap().len() == 3
+    })
+    .await;
+    let two = backup.open_existing("two").await.unwrap();
+    wait_for("the backup has the item", || has(&two, "k")).await;
+    a.close().await.unwrap();
+    backup.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_without_the_key_or_off_the_list_get_nothing() {
+    let key = SwarmKey::parse(&SwarmKey::generate().unwrap()).unwrap();
+    let other_key = SwarmKey::parse(&SwarmKey::generate().unwrap()).unwrap();
+    let with = |k: &SwarmKey| {
+        Node::builder()
+            .listen(local())
+            .mdns(false)
+            .swarm_key(k.clone())
+    };
+    let a = with(&key).open().await.unwrap();
+    let a_addr = addr(&a).await;
+    let b = with(&key).peer(a_addr.clone()).open().await.unwrap();
+    let stranger = with(&other_key).peer(a_addr.clone()).open().await.unwrap();
+    let keyless = node(None, std::slice::from_ref(&a_addr)).await;
+    let ma = a.map("secret").await.unwrap();
+    ma.set("k", json!({"v": 1})).await.unwrap();
+    let mb = b.map("secret").await.unwrap();
+    let ms = stranger.map("secret").await.unwrap();
+    let mk = keyless.map("secret").await.unwrap();
+    wait_for("B (with the key) syncs", || has(&mb, "k")).await;
+    // The strangers wrote too; nothing of theirs reaches A, nothing of A's reaches them.
+    ms.set("evil", json!({})).await.unwrap();
+    mk.set("evil2", json!({})).await.unwrap();
+    mb.set("after", json!({})).await.unwrap();
+    wait_for("A has B's later write", || has(&ma, "after")).await;
+    assert!(!has(&ms, "k").await && !has(&mk, "k").await);
+    assert!(!has(&ma, "evil").await && !has(&ma, "evil2").await);
+    assert!(stranger.network().unwrap().connected.is_empty());
+    assert!(keyless.network().unwrap().connected.is_empty());
+
+    // An allow-list: only B may connect to D.
+    let b_id: syncmesh::PeerId = b.network().unwrap().peer_id.parse().unwrap();
+    let d = with(&key).allow_peers([b_id]).open().await.unwrap();
+    let d_addr = addr(&d).await;
+    let off_list = with(&key).peer(d_addr.clone()).open().await.unwrap();
+    b.dial(d_addr).unwrap();
+    connected(&d, 1).await;
+    let md = d.map("secret").await.unwrap();
+    wait_for("D syncs with B", || has(&md, "k")).await;
+    let mo = off_list.map("secret").await.unwrap();
+    mo.set("evil3", json!({})).await.unwrap();
+    md.set("after-d", json!({})).await.unwrap();
+    wait_for("B has D's write", || has(&mb, "after-d")).await;
+    assert!(!has(&mo, "k").await && !has(&md, "evil3").await);
+    assert_eq!(d.network().unwrap().connected.len(), 1);
+    for n in [a, b, stranger, keyless, d, off_list] {
+        n.close().await.unwrap();
+    }
+}
+
+/// A raw libp2p peer speaking the syncmesh protocols, to send what a real node never would.
+async fn raw_peer(
+    to: &Multiaddr,
+) -> (
+    syncmesh_net::NetHandle,
+    tokio::sync::mpsc::Receiver<syncmesh_net::NetEvent>,
+    syncmesh::PeerId,
+) {
+    let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());
+    cfg.peers = vec![to.clone()];
+    cfg.mdns = false;
+    let (h, mut rx) = syncmesh_net::start(cfg).unwrap();
+    let peer = tokio::time::timeout(DEADLINE, async {
+        loop {
+            if let Some(syncmesh_net::NetEvent::PeerUp(p)) = rx.recv().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    (h, rx, peer)
+}
+
+/// Waits until `rx` reports that `peer` disconnected, running `poke` until then.
+async fn dropped(
+    rx: &mut tokio::sync::mpsc::Receiver<syncmesh_net::NetEvent>,
+    peer: syncmesh::PeerId,
+    mut poke: impl FnMut(u32),
+) {
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    loop {
+        poke(i);
+        i += 1;
+        let r = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+        if let Ok(Some(syncmesh_net::NetEvent::PeerDown(p))) = r {
+            if p == peer {
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the hostile peer was not dropped"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
+    use syncmesh_core::replication::Replicator;
+    use syncmesh_core::{DocAddr, MapSid};
+    let a = node(None, &[]).await;
+    let a_addr = addr(&a).await;
+    let b = node(None, std::slice::from_ref(&a_addr)).await;
+    let ma = a.map("users").await.unwrap();
+    let mb = b.map("users").await.unwrap();
+    ma.set("first", json!({})).await.unwrap();
+    wait_for("B syncs", || has(&mb, "first")).await;
+
+    // Garbage on the direct protocol.
+    let (h, mut rx, a_peer) = raw_peer(&a_addr).await;
+    dropped(&mut rx, a_peer, |i| {
+        if i == 0 {
+            h.send(a_peer, b"\xff\x00garbage".to_vec());
+        }
+    })
+    .await;
+
+    // Well-formed gossip carrying a well-formed Automerge change that breaks the map's
+    // layout (a slot in the wrong shard).
+    let (h2, mut rx2, a_peer2) = raw_peer(&a_addr).await;
+    let sid = MapSid::for_name("users");
+    let topic = format!("syncmesh/1/map/{sid}");
+    h2.subscribe(&topic);
+    dropped(&mut rx2, a_peer2, |i| {
+        use automerge::transaction::Transactable;
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(
+            automerge::ROOT,
+            format!("m{}:evil{i}", 4 + i.to_string().len()),
+            1,
+        )
+        .unwrap();
+        let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        // Shard 0 is not where these keys live.
+        let (msgs, _) =
+            Replicator::gossip(&sid, vec![(DocAddr::Shard { inc: 0, index: 0 }, change)]);
+        h2.publish(&topic, msgs[0].clone());
+    })
+    .await;
+
+    // The honest pair never stopped.
+    ma.set("after", json!({})).await.unwrap();
+    wait_for("B still syncs", || has(&mb, "after")).await;
+    assert!(!a
+        .network()
+        .unwrap()
+        .connected
+        .contains(&a_peer2.to_string()));
+    assert_eq!(
+        items(&ma).await.len(),
+        2,
+        "nothing of the garbage was applied"
+    );
+    same_items(&[&ma, &mb], 2).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
