@@ -51,8 +51,8 @@ pub use event::{Event, EventKind, EventView, Item, MapInfo};
 pub use ids::{MapSid, NodeId, Revision, Timestamp};
 pub use limits::Ttl;
 pub use map::{
-    check_change, DocAddr, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc,
-    ViewChanges, WriteOptions,
+    check_change, check_changes, decode_sync, Checked, DecodedSync, DocAddr, Identity,
+    ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges, WriteOptions,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};
 

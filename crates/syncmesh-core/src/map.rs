@@ -457,6 +457,8 @@ impl MapState {
 
 /// Upper bound on changes buffered for an incarnation this replica has not seen yet.
 const MAX_FUTURE_CHANGES: usize = 100_000;
+/// Upper bound on the bytes of those changes (a peer must not park unbounded memory here).
+const MAX_FUTURE_BYTES: usize = 2 << 20;
 
 /// One map held by one replica.
 pub struct MapReplica {
@@ -476,6 +478,8 @@ pub struct MapReplica {
     outbox: Vec<OutgoingChange>,
     /// Changes merged from peers since the last [`MapReplica::take_received`], for storage.
     received: Vec<(DocAddr, Vec<u8>)>,
+    /// Root slots of the changes being applied, when the caller already decoded them.
+    prescanned: Option<BTreeSet<String>>,
     clock: u64,
     last_change: Timestamp,
     /// Whether a `MapRemoved` event was emitted for the current incarnation.
@@ -522,6 +526,7 @@ impl MapReplica {
             next_event_id: 1,
             outbox: Vec::new(),
             received: Vec::new(),
+            prescanned: None,
             clock: 0,
             last_change: Timestamp::from_millis(0),
             removal_announced: false,
@@ -1279,15 +1284,20 @@ impl MapReplica {
         self.apply_remote(doc, decoded, now)
     }
 
-    /// Merges decoded changes from a peer that the caller already checked
-    /// ([`check_change`]), like [`Self::apply_changes`].
+    /// Merges decoded changes from a peer that the caller already checked, like
+    /// [`Self::apply_changes`]; `checked` comes from [`check_changes`] on the same changes
+    /// (it saves decoding them again).
     pub fn apply_checked(
         &mut self,
         doc: DocAddr,
         changes: Vec<Change>,
+        checked: Checked,
         now: Timestamp,
     ) -> Result<()> {
-        self.apply_remote(doc, changes, now)
+        self.prescanned = Some(checked.0);
+        let r = self.apply_remote(doc, changes, now);
+        self.prescanned = None;
+        r
     }
 
     /// Applies changes from a peer and keeps the new ones for [`Self::take_received`].
@@ -1422,9 +1432,8 @@ impl MapReplica {
         }))
     }
 
-    /// Receives a peer's sync message for one document: every change it carries is checked
-    /// ([`check_change`]) and merged with events, then the sync state is updated. A message
-    /// that is malformed or carries a change breaking the map's layout is refused whole.
+    /// Receives a peer's sync message for one document ([`decode_sync`] then
+    /// [`Self::sync_apply`]).
     pub fn sync_receive(
         &mut self,
         doc: DocAddr,
@@ -1432,27 +1441,30 @@ impl MapReplica {
         bytes: &[u8],
         now: Timestamp,
     ) -> Result<()> {
-        let mut msg = sync::Message::decode(bytes)
-            .map_err(|e| Error::InvalidChange(format!("sync message: {e}")))?;
-        if msg.version != sync::MessageVersion::V1 {
-            return Err(Error::InvalidChange(
-                "sync messages must be version 1".into(),
-            ));
-        }
-        msg.flags = None;
-        let mut changes = Vec::with_capacity(msg.changes.len());
-        for (i, chunk) in msg.changes.iter().enumerate() {
-            let c = Change::from_bytes(chunk.to_vec())
-                .map_err(|e| Error::InvalidChange(format!("sync message change {i}: {e}")))?;
-            check_change(doc, &c)?;
-            changes.push(c);
-        }
-        msg.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
+        let msg = decode_sync(doc, bytes)?;
+        self.sync_apply(doc, state, msg, now)
+    }
+
+    /// Merges a decoded and checked sync message ([`decode_sync`]) with events, then updates
+    /// the sync state. An error here is about this replica's state (a change Automerge refuses
+    /// against it), not proof that the sender misbehaves.
+    pub fn sync_apply(
+        &mut self,
+        doc: DocAddr,
+        state: &mut sync::State,
+        msg: DecodedSync,
+        now: Timestamp,
+    ) -> Result<()> {
+        let DecodedSync {
+            msg,
+            changes,
+            checked,
+        } = msg;
         if !self.syncs(doc) {
             // Another incarnation: nothing of it is kept.
             return Ok(());
         }
-        self.apply_remote(doc, changes, now)?;
+        self.apply_checked(doc, changes, checked, now)?;
         if !self.syncs(doc) {
             return Ok(()); // the changes moved the map on (removed or re-created)
         }
@@ -1498,7 +1510,15 @@ impl MapReplica {
                     return Ok(()); // an old incarnation: its items are gone for good
                 }
                 if inc > self.state.inc || !self.state.exists() {
-                    if self.future.len() + changes.len() > MAX_FUTURE_CHANGES {
+                    let bytes: usize = self
+                        .future
+                        .iter()
+                        .map(|(_, c)| c.raw_bytes().len())
+                        .chain(changes.iter().map(|c| c.raw_bytes().len()))
+                        .sum();
+                    if self.future.len() + changes.len() > MAX_FUTURE_CHANGES
+                        || bytes > MAX_FUTURE_BYTES
+                    {
                         return Err(Error::InvalidChange(format!(
                             "more than {MAX_FUTURE_CHANGES} changes wait for map {}'s document; send it first",
                             self.sid
@@ -1518,11 +1538,17 @@ impl MapReplica {
         // to the current winner (nothing visible changes), yet it changes the revision.
         // Read them from what was applied, not from what was given: a change that waited for
         // a missing dependency is applied together with it.
+        let prescanned = self.prescanned.take();
         let doc = self.shard_mut(index).doc()?;
         // Only a document holding such waiting changes needs the (costlier) exact answer.
         let waiting = !doc.get_missing_deps(&[]).is_empty();
         let before = waiting.then(|| doc.get_heads());
-        let mut slots: BTreeSet<String> = BTreeSet::new();
+        let mut slots: BTreeSet<String> = match (&before, prescanned) {
+            (None, Some(pre)) => pre,
+            _ => BTreeSet::new(),
+        };
+        // A change with no root operation scans to nothing: scanning twice is harmless.
+        let scan_now = before.is_none() && slots.is_empty();
         let mut scan = |c: &Change| {
             for op in c.decode().operations {
                 if let (ObjectId::Root, Key::Map(k)) = (&op.obj, &op.key) {
@@ -1530,7 +1556,7 @@ impl MapReplica {
                 }
             }
         };
-        if before.is_none() {
+        if scan_now {
             changes.iter().for_each(&mut scan);
         }
         let mut log = PatchLog::active();
@@ -2046,10 +2072,20 @@ fn is_meta_key(k: &str) -> bool {
         && !(digits.len() > 1 && digits.starts_with('0'))
 }
 
+/// Root slots written by changes that passed [`check_changes`], so that applying them
+/// ([`MapReplica::apply_checked`]) need not decode them again.
+#[derive(Debug, Default)]
+pub struct Checked(BTreeSet<String>);
+
 /// Checks that a peer's change writes only what the map layout allows in that document: in a
 /// shard, root slots of valid keys that belong to it; in the map document, its known fields.
 /// Anything else is a broken or hostile peer: the change is refused.
 pub fn check_change(doc: DocAddr, change: &Change) -> Result<()> {
+    check_changes(doc, std::slice::from_ref(change)).map(|_| ())
+}
+
+/// [`check_change`] for several changes of one document.
+pub fn check_changes(doc: DocAddr, changes: &[Change]) -> Result<Checked> {
     if let DocAddr::Shard { index, .. } = doc {
         if index >= SHARDS {
             return Err(Error::InvalidChange(format!(
@@ -2057,28 +2093,102 @@ pub fn check_change(doc: DocAddr, change: &Change) -> Result<()> {
             )));
         }
     }
-    for op in change.decode().operations {
-        if op.obj != ObjectId::Root {
-            // Inside an item's object or list value: any JSON shape is fine.
-            continue;
+    let mut slots = BTreeSet::new();
+    for change in changes {
+        for op in change.decode().operations {
+            if op.obj != ObjectId::Root {
+                // Inside an item's object or list value: any JSON shape is fine.
+                continue;
+            }
+            let Key::Map(k) = &op.key else {
+                return Err(Error::InvalidChange(
+                    "a sequence operation on a document root".into(),
+                ));
+            };
+            let ok = match doc {
+                DocAddr::Meta => is_meta_key(k),
+                DocAddr::Shard { index, .. } => match layout::parse_slot(k) {
+                    Some(Slot::Meta(key) | Slot::Field(key, _)) => layout::belongs(key, index),
+                    None => false,
+                },
+            };
+            if !ok {
+                return Err(Error::InvalidChange(format!(
+                    "root key {k:?} does not belong in {doc:?}"
+                )));
+            }
+            slots.insert(k.to_string());
         }
-        let Key::Map(k) = &op.key else {
-            return Err(Error::InvalidChange(
-                "a sequence operation on a document root".into(),
-            ));
-        };
-        let ok = match doc {
-            DocAddr::Meta => is_meta_key(k),
-            DocAddr::Shard { index, .. } => match layout::parse_slot(k) {
-                Some(Slot::Meta(key) | Slot::Field(key, _)) => layout::belongs(key, index),
-                None => false,
-            },
-        };
-        if !ok {
-            return Err(Error::InvalidChange(format!(
-                "root key {k:?} does not belong in {doc:?}"
-            )));
+    }
+    Ok(Checked(slots))
+}
+
+/// A peer's sync message, decoded and checked: its changes are separated from it (they are
+/// merged by [`MapReplica::sync_apply`], with events).
+pub struct DecodedSync {
+    msg: sync::Message,
+    changes: Vec<Change>,
+    checked: Checked,
+}
+
+/// Decodes a peer's sync message for `doc` and checks everything that does not depend on this
+/// replica: the format (version 1 only, so every change can be checked before it is applied),
+/// the bloom filters (Automerge trusts their parameters: zero bits would divide by zero, a huge
+/// probe count would allocate gigabytes), and every change ([`check_changes`]).
+pub fn decode_sync(doc: DocAddr, bytes: &[u8]) -> Result<DecodedSync> {
+    let mut msg = sync::Message::decode(bytes)
+        .map_err(|e| Error::InvalidChange(format!("sync message: {e}")))?;
+    if msg.version != sync::MessageVersion::V1 {
+        return Err(Error::InvalidChange(
+            "sync messages must be version 1".into(),
+        ));
+    }
+    msg.flags = None;
+    if msg.have.len() > 16 {
+        return Err(Error::InvalidChange("too many bloom filters".into()));
+    }
+    for h in &msg.have {
+        check_bloom(&h.bloom.to_bytes())?;
+    }
+    let mut changes = Vec::with_capacity(msg.changes.len());
+    for (i, chunk) in msg.changes.iter().enumerate() {
+        let c = Change::from_bytes(chunk.to_vec())
+            .map_err(|e| Error::InvalidChange(format!("sync message change {i}: {e}")))?;
+        changes.push(c);
+    }
+    let checked = check_changes(doc, &changes)?;
+    msg.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
+    Ok(DecodedSync {
+        msg,
+        changes,
+        checked,
+    })
+}
+
+/// Checks an encoded bloom filter's parameters (entries, bits per entry, probes).
+fn check_bloom(b: &[u8]) -> Result<()> {
+    fn leb(b: &[u8], at: &mut usize) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *b.get(*at)?;
+            *at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
         }
+        None
+    }
+    if b.is_empty() {
+        return Ok(()); // an empty filter
+    }
+    let mut at = 0;
+    let bad = || Error::InvalidChange("malformed bloom filter".into());
+    let entries = leb(b, &mut at).ok_or_else(bad)?;
+    let bits = leb(b, &mut at).ok_or_else(bad)?;
+    let probes = leb(b, &mut at).ok_or_else(bad)?;
+    if entries > 0 && (!(1..=64).contains(&bits) || !(1..=32).contains(&probes)) {
+        return Err(bad());
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ use automerge::Change;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{MapSid, Timestamp};
-use crate::map::{check_change, DocAddr, MapReplica};
+use crate::map::{check_changes, decode_sync, Checked, DocAddr, MapReplica};
 
 /// Largest direct message a peer may send (a batch of sync messages of one map).
 pub const MAX_DIRECT_MESSAGE: usize = 32 << 20;
@@ -38,6 +38,9 @@ pub const MAX_DIRECT_MESSAGE: usize = 32 << 20;
 pub const MAX_GOSSIP_MESSAGE: usize = 1 << 20;
 /// Sync messages are batched up to about this many bytes per direct message.
 const SYNC_BATCH_BYTES: usize = 4 << 20;
+/// Maps a hold-all node starts holding per Hello (the rest follow in later rounds), so one
+/// message cannot make it create unbounded replicas.
+const MAX_ADOPT_PER_HELLO: usize = 64;
 
 /// A message between two nodes. Encoded with `postcard`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +123,16 @@ impl Wire {
 #[error("protocol violation: {0}")]
 pub struct Violation(pub String);
 
+/// What became of a gossip message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GossipOutcome {
+    /// Direct messages to send (a sync to fetch what a change depends on).
+    pub out: Vec<Outgoing>,
+    /// Whether the message may be relayed on. False when this node could not apply it for
+    /// reasons of its own state: not relayed, and the sender is not blamed.
+    pub relay: bool,
+}
+
 /// A direct message to send to one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
@@ -159,6 +172,8 @@ pub struct Replicator {
     /// Maps that changed through sync, with the peers the changes came from: the other
     /// peers hear of it ([`Self::take_nudges`]), as gossip only relays what was gossiped.
     synced: BTreeMap<MapSid, BTreeSet<String>>,
+    /// Maps whose documents may be damaged: Automerge panicked while merging a peer's data.
+    poisoned: BTreeSet<MapSid>,
 }
 
 impl Replicator {
@@ -169,6 +184,7 @@ impl Replicator {
             hold_all,
             peers: BTreeMap::new(),
             synced: BTreeMap::new(),
+            poisoned: BTreeSet::new(),
         }
     }
 
@@ -341,6 +357,31 @@ impl Replicator {
         (out, too_large)
     }
 
+    /// Whether this node has everything some peer had of `sid` when it last described its
+    /// documents (each of that peer's document digests equals ours). A map fetched from peers
+    /// is complete for the caller once this holds.
+    pub fn caught_up(&self, sid: &MapSid, host: &mut dyn MapHost) -> bool {
+        let Some(m) = host.get(sid) else {
+            return false;
+        };
+        let Ok(ours) = m.doc_digests() else {
+            return false;
+        };
+        let ours: BTreeMap<DocAddr, u64> = ours.into_iter().collect();
+        self.peers.values().any(|p| {
+            p.their_docs.get(sid).is_some_and(|theirs| {
+                !theirs.is_empty() && theirs.iter().all(|(d, h)| ours.get(d) == Some(h))
+            })
+        })
+    }
+
+    /// Maps whose in-memory documents must be dropped and reloaded from storage: merging a
+    /// peer's data panicked inside Automerge (the message was refused as a [`Violation`],
+    /// but the document may be half-changed).
+    pub fn take_poisoned(&mut self) -> Vec<MapSid> {
+        std::mem::take(&mut self.poisoned).into_iter().collect()
+    }
+
     /// Handles a direct message from `peer`. Returns what to send back, or the violation for
     /// which the peer must be disconnected (nothing of a refused message is applied).
     pub fn receive(
@@ -352,31 +393,55 @@ impl Replicator {
     ) -> Result<Vec<Outgoing>, Violation> {
         let msg = Wire::decode(bytes, MAX_DIRECT_MESSAGE)?;
         self.peers.entry(peer.to_string()).or_default();
-        match msg {
-            Wire::Hello { hold_all, maps } => Ok(self.on_hello(peer, hold_all, maps, host)),
+        let sids = msg_sids(&msg);
+        self.guard(sids, |rep| match msg {
+            Wire::Hello { hold_all, maps } => Ok(rep.on_hello(peer, hold_all, maps, host)),
             Wire::Docs { sid, docs } => {
                 if !docs_well_formed(&docs) {
                     return Err(Violation("malformed document list".into()));
                 }
-                Ok(self.on_docs(peer, sid, docs, host, now))
+                Ok(rep.on_docs(peer, sid, docs, host, now))
             }
-            Wire::Sync { sid, msgs } => self.on_sync(peer, sid, msgs, host, now),
-            Wire::Changes { sid, docs } => self.on_changes(peer, sid, docs, host, now),
-        }
+            Wire::Sync { sid, msgs } => rep.on_sync(peer, sid, msgs, host, now),
+            Wire::Changes { sid, docs } => {
+                rep.on_changes(peer, sid, docs, host, now).map(|g| g.out)
+            }
+        })
     }
 
     /// Handles a gossip message relayed by `peer`: only [`Wire::Changes`] travel by gossip.
-    /// `Ok` means the message is valid and may be relayed on.
     pub fn receive_gossip(
         &mut self,
         peer: &str,
         bytes: &[u8],
         host: &mut dyn MapHost,
         now: Timestamp,
-    ) -> Result<Vec<Outgoing>, Violation> {
+    ) -> Result<GossipOutcome, Violation> {
         match Wire::decode(bytes, MAX_GOSSIP_MESSAGE)? {
-            Wire::Changes { sid, docs } => self.on_changes(peer, sid, docs, host, now),
+            Wire::Changes { sid, docs } => {
+                let sids = vec![sid.clone()];
+                self.guard(sids, |rep| rep.on_changes(peer, sid, docs, host, now))
+            }
             _ => Err(Violation("only changes travel by gossip".into())),
+        }
+    }
+
+    /// Runs a handler; a panic inside Automerge on a peer's data becomes a [`Violation`] and
+    /// marks the maps involved for reloading ([`Self::take_poisoned`]).
+    fn guard<T>(
+        &mut self,
+        sids: Vec<MapSid>,
+        f: impl FnOnce(&mut Self) -> Result<T, Violation>,
+    ) -> Result<T, Violation> {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!(
+                    "merging a peer's data panicked inside Automerge; reloading the map"
+                );
+                self.poisoned.extend(sids);
+                Err(Violation("data that makes Automerge fail".into()))
+            }
         }
     }
 
@@ -393,14 +458,19 @@ impl Replicator {
             return out;
         };
         p.hold_all = hold_all;
+        let mut adopted = 0;
         for (sid, theirs) in maps {
-            p.held.insert(sid.clone());
             let m = match host.get(&sid) {
                 Some(m) => Some(m),
-                None if me_all && theirs != 0 => host.adopt(&sid),
+                None if me_all && theirs != 0 && adopted < MAX_ADOPT_PER_HELLO => {
+                    adopted += 1;
+                    host.adopt(&sid)
+                }
                 None => None,
             };
             let Some(m) = m else { continue };
+            // Only maps this node holds are remembered: the set is bounded by them.
+            p.held.insert(sid.clone());
             let ours = match m.digest() {
                 Ok(d) => d,
                 Err(e) => {
@@ -467,13 +537,23 @@ impl Replicator {
         p.held.insert(sid.clone());
         let before = m.doc_digests().unwrap_or_default();
         let meta_before = meta_digest(&before);
-        let mut replies = Vec::new();
-        let mut result = Ok(());
+        // Check every message before applying any: a malformed one is the sender's fault.
+        let mut decoded = Vec::with_capacity(msgs.len());
         for (doc, bytes) in msgs {
+            let d = decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
+            decoded.push((doc, d));
+        }
+        let mut replies = Vec::new();
+        for (doc, msg) in decoded {
+            if !m.syncs(doc) {
+                continue; // another incarnation: no session is kept for it
+            }
             let state = p.sessions.entry((sid.clone(), doc)).or_default();
-            if let Err(e) = m.sync_receive(doc, state, &bytes.0, now) {
-                result = Err(Violation(format!("map {sid}: {e}")));
-                break;
+            if let Err(e) = m.sync_apply(doc, state, msg, now) {
+                // Refused against this replica's state (e.g. a change that reuses a sequence
+                // number): this document's exchange stops here; the peer is not blamed.
+                tracing::warn!(map = %sid, "a sync message for {doc:?} was not applied: {e}");
+                continue;
             }
             match m.sync_generate(doc, state, now) {
                 Ok(Some(reply)) => replies.push((doc, Bytes(reply))),
@@ -481,9 +561,7 @@ impl Replicator {
                 Err(e) => tracing::warn!(map = %sid, "sync message for {doc:?} failed: {e}"),
             }
         }
-        // Whatever was applied before a bad message stays (it was checked) and is committed.
         host.touched(&sid);
-        result?;
         let mut out = batch_sync(peer, &sid, replies);
         // The map document moved (a new incarnation, or the map just arrived): shards are
         // comparable now. Tell the peer our documents and sync the ones that differ.
@@ -520,41 +598,53 @@ impl Replicator {
         docs: Vec<(DocAddr, Vec<Bytes>)>,
         host: &mut dyn MapHost,
         now: Timestamp,
-    ) -> Result<Vec<Outgoing>, Violation> {
+    ) -> Result<GossipOutcome, Violation> {
         // Check everything before applying anything.
-        let mut decoded: Vec<(DocAddr, Vec<Change>)> = Vec::with_capacity(docs.len());
+        let mut decoded: Vec<(DocAddr, Vec<Change>, Checked)> = Vec::with_capacity(docs.len());
         for (doc, list) in docs {
             let mut cs = Vec::with_capacity(list.len());
             for b in list {
                 let c = Change::from_bytes(b.0)
                     .map_err(|e| Violation(format!("map {sid}: undecodable change: {e}")))?;
-                check_change(doc, &c).map_err(|e| Violation(format!("map {sid}: {e}")))?;
                 cs.push(c);
             }
-            decoded.push((doc, cs));
+            let checked =
+                check_changes(doc, &cs).map_err(|e| Violation(format!("map {sid}: {e}")))?;
+            decoded.push((doc, cs, checked));
         }
         let Some(m) = host.get(&sid) else {
-            return Ok(Vec::new()); // not a map this node holds
+            // Not a map this node holds: valid, but nothing to do here.
+            return Ok(GossipOutcome {
+                out: Vec::new(),
+                relay: true,
+            });
         };
-        let mut result = Ok(());
+        let mut relay = true;
         let mut lagging = Vec::new();
-        for (doc, cs) in decoded {
-            if let Err(e) = m.apply_checked(doc, cs, now) {
-                result = Err(Violation(format!("map {sid}: {e}")));
-                break;
+        for (doc, cs, checked) in decoded {
+            if let Err(e) = m.apply_checked(doc, cs, checked, now) {
+                // Refused against this replica's state: not relayed, nobody blamed.
+                tracing::warn!(map = %sid, "gossip for {doc:?} was not applied: {e}");
+                relay = false;
+                continue;
             }
             if m.missing_deps(doc).unwrap_or(false) {
                 lagging.push(doc);
             }
         }
         host.touched(&sid);
-        result?;
         if lagging.is_empty() {
-            return Ok(Vec::new());
+            return Ok(GossipOutcome {
+                out: Vec::new(),
+                relay,
+            });
         }
         // A change was missed: sync those documents with the sender.
         let Some(m) = host.get(&sid) else {
-            return Ok(Vec::new());
+            return Ok(GossipOutcome {
+                out: Vec::new(),
+                relay,
+            });
         };
         let p = self.peers.entry(peer.to_string()).or_default();
         let mut msgs = Vec::new();
@@ -565,7 +655,19 @@ impl Replicator {
                 msgs.push((doc, Bytes(b)));
             }
         }
-        Ok(batch_sync(peer, &sid, msgs))
+        Ok(GossipOutcome {
+            out: batch_sync(peer, &sid, msgs),
+            relay,
+        })
+    }
+}
+
+fn msg_sids(w: &Wire) -> Vec<MapSid> {
+    match w {
+        Wire::Hello { maps, .. } => maps.iter().map(|(s, _)| s.clone()).collect(),
+        Wire::Docs { sid, .. } | Wire::Sync { sid, .. } | Wire::Changes { sid, .. } => {
+            vec![sid.clone()]
+        }
     }
 }
 
@@ -630,12 +732,68 @@ fn start_sessions(
     batch_sync(peer, sid, msgs)
 }
 
+/// Splits a large sync message into [`Wire::Changes`] messages carrying its changes and the
+/// message without them.
+fn split_sync(sid: &MapSid, doc: DocAddr, bytes: &[u8]) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
+    let mut msg = sync::Message::decode(bytes).ok()?;
+    let chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
+    msg.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
+    let mut out = Vec::new();
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut size = 0;
+    for c in chunks {
+        if c.len() + 4096 > MAX_DIRECT_MESSAGE {
+            return None; // one change larger than any message
+        }
+        if size + c.len() > SYNC_BATCH_BYTES && !batch.is_empty() {
+            out.push(
+                Wire::Changes {
+                    sid: sid.clone(),
+                    docs: vec![(doc, std::mem::take(&mut batch))],
+                }
+                .encode(),
+            );
+            size = 0;
+        }
+        size += c.len();
+        batch.push(Bytes(c));
+    }
+    if !batch.is_empty() {
+        out.push(
+            Wire::Changes {
+                sid: sid.clone(),
+                docs: vec![(doc, batch)],
+            }
+            .encode(),
+        );
+    }
+    Some((out, msg.encode()))
+}
+
 /// Packs sync messages into direct messages of about [`SYNC_BATCH_BYTES`].
 fn batch_sync(peer: &str, sid: &MapSid, msgs: Vec<(DocAddr, Bytes)>) -> Vec<Outgoing> {
     let mut out = Vec::new();
     let mut batch = Vec::new();
     let mut size = 0;
-    for (doc, b) in msgs {
+    for (doc, mut b) in msgs {
+        if b.0.len() > SYNC_BATCH_BYTES {
+            // Automerge puts every change a peer lacks into one message: send the changes
+            // ahead in batches (direct messages to a peer arrive in order), then the message
+            // without them.
+            match split_sync(sid, doc, &b.0) {
+                Some((changes, rest)) => {
+                    out.extend(changes.into_iter().map(|bytes| Outgoing {
+                        peer: peer.to_string(),
+                        bytes,
+                    }));
+                    b = Bytes(rest);
+                }
+                None => {
+                    tracing::warn!(map = %sid, "a sync message for {doc:?} cannot be split; not sent");
+                    continue;
+                }
+            }
+        }
         if size + b.0.len() > SYNC_BATCH_BYTES && !batch.is_empty() {
             out.push(Outgoing {
                 peer: peer.to_string(),

@@ -204,10 +204,12 @@ impl Net {
                         .rep
                         .receive_gossip(&from, &bytes, &mut node.host, now())
                     {
-                        Ok(out) => {
-                            self.send(&to, out);
-                            // Valid: relay it on (gossipsub forwards to its mesh).
-                            self.gossip_from(&from, &to, bytes);
+                        Ok(g) => {
+                            self.send(&to, g.out);
+                            if g.relay {
+                                // Valid: relay it on (gossipsub forwards to its mesh).
+                                self.gossip_from(&from, &to, bytes);
+                            }
                         }
                         Err(v) => self.violations.push((to.clone(), v.0)),
                     }

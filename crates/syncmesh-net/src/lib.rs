@@ -207,6 +207,17 @@ pub enum NetEvent {
     },
 }
 
+/// What the node decided about a gossip message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid: relay it on.
+    Accept,
+    /// Not relayed, and its sender is not blamed (this node could not use it).
+    Ignore,
+    /// Invalid: dropped, and its sender penalised.
+    Reject,
+}
+
 /// A gossip message id (a hash of the payload, so copies relayed by several peers are one).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct MessageId(pub(crate) libp2p::gossipsub::MessageId);
@@ -236,7 +247,7 @@ pub(crate) enum Command {
     Verdict {
         id: MessageId,
         peer: PeerId,
-        valid: bool,
+        verdict: Verdict,
     },
     Punish {
         peer: PeerId,
@@ -298,9 +309,10 @@ impl NetHandle {
         self.cmd(Command::Send { peer, msg })
     }
 
-    /// Answers a [`NetEvent::Gossip`]: relay it on, or drop it and penalise the sender.
-    pub fn verdict(&self, id: MessageId, peer: PeerId, valid: bool) {
-        self.cmd(Command::Verdict { id, peer, valid });
+    /// Answers a [`NetEvent::Gossip`]: relay it on, drop it, or drop it and penalise the
+    /// sender.
+    pub fn verdict(&self, id: MessageId, peer: PeerId, verdict: Verdict) {
+        self.cmd(Command::Verdict { id, peer, verdict });
     }
 
     /// Disconnects a peer that broke the protocol, and refuses it for a while.

@@ -19,7 +19,7 @@ use libp2p::{
 use tokio::sync::mpsc;
 
 use crate::codec::{Codec, PROTOCOL};
-use crate::{Command, MessageId, NetConfig, NetError, NetEvent, NetStatus};
+use crate::{Command, MessageId, NetConfig, NetError, NetEvent, NetStatus, Verdict};
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -500,11 +500,11 @@ impl Runner {
                 self.outbox.entry(peer).or_default().push_back(msg);
                 self.flush_outbox(peer);
             }
-            Command::Verdict { id, peer, valid } => {
-                let acceptance = if valid {
-                    gossipsub::MessageAcceptance::Accept
-                } else {
-                    gossipsub::MessageAcceptance::Reject
+            Command::Verdict { id, peer, verdict } => {
+                let acceptance = match verdict {
+                    Verdict::Accept => gossipsub::MessageAcceptance::Accept,
+                    Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+                    Verdict::Reject => gossipsub::MessageAcceptance::Reject,
                 };
                 self.swarm
                     .behaviour_mut()

@@ -121,6 +121,8 @@ enum AckTo {
 struct Ack {
     reply: AckTo,
     value: Reply,
+    /// The map written and its epoch then: a map reloaded since (see `epochs`) lost the write.
+    map: Option<(MapSid, u64)>,
 }
 
 impl Ack {
@@ -156,6 +158,8 @@ enum StoreJob {
     },
     /// Forget a dead document (an earlier incarnation's shard).
     Drop { sid: MapSid, doc: DocAddr },
+    /// Answered once every earlier job is done.
+    Fence(std::sync::mpsc::Sender<()>),
 }
 
 impl Shared {
@@ -205,6 +209,9 @@ pub(crate) struct Engine {
     writer: Option<std::thread::JoinHandle<()>>,
     /// Replication, when the node is on a network.
     net: Option<Net>,
+    /// Bumped when a map is dropped from memory to be reloaded (a peer's data damaged it):
+    /// writes made before that are not acknowledged.
+    epochs: HashMap<MapSid, u64>,
 }
 
 impl Engine {
@@ -246,6 +253,7 @@ impl Engine {
             jobs,
             writer: Some(writer),
             net,
+            epochs: HashMap::new(),
         })
         .map(|mut e| {
             e.subscribe_stored();
@@ -444,10 +452,14 @@ impl Engine {
                     }
                 }
                 match r {
-                    Ok((info, true)) => acks.push(Ack {
-                        reply: AckTo::Open(reply),
-                        value: Reply::Info(info),
-                    }),
+                    Ok((info, true)) => {
+                        let map = Some((info.sid.clone(), self.epoch(&info.sid)));
+                        acks.push(Ack {
+                            reply: AckTo::Open(reply),
+                            value: Reply::Info(info),
+                            map,
+                        })
+                    }
                     Ok((info, false)) => {
                         let _ = reply.send(Ok(info));
                     }
@@ -465,15 +477,35 @@ impl Engine {
                     }
                 }
                 match self.op(&id, op, now) {
-                    Ok(value) if write => acks.push(Ack {
-                        reply: AckTo::Op(reply),
-                        value,
-                    }),
+                    Ok(value) if write => {
+                        let map = MapRef::parse(&id).ok().map(|r| {
+                            let sid = r.sid();
+                            let e = self.epoch(&sid);
+                            (sid, e)
+                        });
+                        acks.push(Ack {
+                            reply: AckTo::Op(reply),
+                            value,
+                            map,
+                        })
+                    }
                     other => {
                         let _ = reply.send(other);
                     }
                 }
             }
+        }
+    }
+
+    fn epoch(&self, sid: &MapSid) -> u64 {
+        self.epochs.get(sid).copied().unwrap_or(0)
+    }
+
+    /// Waits until the store thread has finished every job queued so far.
+    fn fence(&mut self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.jobs.send(StoreJob::Fence(tx)).is_ok() {
+            let _ = rx.recv();
         }
     }
 
@@ -711,6 +743,18 @@ impl Engine {
             self.pending_compactions.clear();
             return;
         }
+        // Writes to a map dropped for reloading since they were made are not stored.
+        let (acks, stale): (Vec<Ack>, Vec<Ack>) = acks
+            .into_iter()
+            .partition(|a| a.map.as_ref().is_none_or(|(sid, e)| self.epoch(sid) == *e));
+        for a in stale {
+            let map = a
+                .map
+                .as_ref()
+                .map(|(s, _)| s.to_string())
+                .unwrap_or_default();
+            a.send(Err(Error::Reloaded { map }));
+        }
         // Peers get the changes while they are being fsynced here: each process writes as a
         // fresh Automerge actor, so a change lost to a crash is never re-made differently,
         // and peers hand it back on the next sync.
@@ -813,6 +857,9 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                         }
                     }
                 }
+            }
+            StoreJob::Fence(tx) => {
+                let _ = tx.send(());
             }
             StoreJob::Drop { sid, doc } => {
                 if let Err(e) = store.drop_doc(&sid, doc) {

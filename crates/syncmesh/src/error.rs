@@ -30,6 +30,13 @@ pub enum Error {
         /// First retained event id.
         to: u64,
     },
+    /// The write was not stored: its map was reloaded from disk because a peer sent data that
+    /// could not be merged into it. Nothing else was lost; retry the write.
+    #[error("the write to map {map} was not stored: the map was reloaded after a peer sent data that could not be merged; retry")]
+    Reloaded {
+        /// The map.
+        map: String,
+    },
     /// The network could not be set up (identity, swarm key, listen address).
     #[error(transparent)]
     Net(Arc<syncmesh_net::NetError>),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use syncmesh_core::replication::{MapHost, Outgoing, Replicator};
 use syncmesh_core::{DocAddr, MapInfo, MapRef, MapReplica, MapSid, MapSpec, OpenMode, Timestamp};
-use syncmesh_net::{NetEvent, NetHandle, PeerId};
+use syncmesh_net::{NetEvent, NetHandle, PeerId, Verdict};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Engine;
@@ -199,6 +199,7 @@ impl Engine {
                 }
                 for bytes in msgs {
                     let r = self.with_rep(|rep, host| rep.receive(&key, &bytes, host, now));
+                    self.reload_poisoned();
                     match r {
                         Some(Ok(out)) => self.send_all(out),
                         Some(Err(v)) => {
@@ -217,19 +218,24 @@ impl Engine {
             } => {
                 let key = peer.to_string();
                 let r = self.with_rep(|rep, host| rep.receive_gossip(&key, &data, host, now));
-                let valid = match r {
-                    Some(Ok(out)) => {
-                        self.send_all(out);
-                        true
+                self.reload_poisoned();
+                let verdict = match r {
+                    Some(Ok(g)) => {
+                        self.send_all(g.out);
+                        if g.relay {
+                            Verdict::Accept
+                        } else {
+                            Verdict::Ignore
+                        }
                     }
                     Some(Err(v)) => {
                         self.punish(peer, format!("gossip on {t}: {}", v.0));
-                        false
+                        Verdict::Reject
                     }
-                    None => false,
+                    None => Verdict::Ignore,
                 };
                 if let Some(n) = &self.net {
-                    n.handle.verdict(id, peer, valid);
+                    n.handle.verdict(id, peer, verdict);
                 }
             }
         }
@@ -317,11 +323,19 @@ impl Engine {
         let wants = std::mem::take(&mut n.wants);
         let mut keep = Vec::new();
         for w in wants {
-            let arrived = self.catalog.maps().any(|m| m.sid() == &w.sid && m.exists());
-            if arrived {
+            let exists = self.catalog.maps().any(|m| m.sid() == &w.sid && m.exists());
+            let sid = w.sid.clone();
+            let complete = exists
+                && self
+                    .with_rep(|rep, host| rep.caught_up(&sid, host))
+                    .unwrap_or(false);
+            let late = Instant::now() >= w.deadline;
+            if complete || (exists && late) {
+                // Complete as a peer described it (or, past the deadline, as far as it came:
+                // the rest keeps arriving, with events).
                 let r = self.open(&w.spec, now).map(|(info, _)| info);
                 let _ = w.reply.send(r);
-            } else if Instant::now() >= w.deadline || w.reply.is_closed() {
+            } else if late || w.reply.is_closed() {
                 if self
                     .catalog
                     .by_sid(&w.sid)
@@ -342,10 +356,38 @@ impl Engine {
         }
     }
 
-    /// Shuts the network thread down.
+    /// Drops maps whose documents a peer's data may have damaged (Automerge panicked while
+    /// merging it). What the store holds is intact: once every queued commit is on disk, the
+    /// map is forgotten in memory and reloads from the store on next use. Writes to it since
+    /// the last commit are not acknowledged (their epoch is stale).
+    fn reload_poisoned(&mut self) {
+        let Some(sids) = self
+            .net
+            .as_mut()
+            .and_then(|n| n.rep.as_mut())
+            .map(Replicator::take_poisoned)
+        else {
+            return;
+        };
+        if sids.is_empty() {
+            return;
+        }
+        self.fence();
+        for sid in sids {
+            tracing::warn!(map = %sid, "reloading the map from storage after a peer's bad data");
+            self.catalog.remove(&sid);
+            self.dirty.remove(&sid);
+            *self.epochs.entry(sid).or_insert(0) += 1;
+        }
+    }
+
+    /// Shuts the network thread down. Its events are dropped first, so a network thread
+    /// waiting to deliver one is never stuck.
     pub(super) async fn stop_net(&mut self) {
         if let Some(n) = self.net.take() {
-            n.handle.shutdown().await;
+            let Net { handle, rx, .. } = n;
+            drop(rx);
+            handle.shutdown().await;
         }
     }
 }
