@@ -32,7 +32,7 @@ use crate::ids::{MapSid, Timestamp};
 use crate::map::{check_changes, decode_sync, Checked, DocAddr, MapReplica};
 
 /// Largest direct message a peer may send (a batch of sync messages of one map).
-pub const MAX_DIRECT_MESSAGE: usize = 32 << 20;
+pub const MAX_DIRECT_MESSAGE: usize = 16 << 20;
 /// Largest gossip message (the changes of one commit of one map); larger commits are
 /// announced with [`Wire::Docs`] instead and travel by sync.
 pub const MAX_GOSSIP_MESSAGE: usize = 1 << 20;

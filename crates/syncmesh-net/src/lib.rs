@@ -168,9 +168,11 @@ impl NetConfig {
             mdns: true,
             swarm_key: None,
             allow: None,
+            // A peer sends one request at a time (two streams at most are accepted), so
+            // this bounds what one peer can make a node buffer.
             limits: Limits {
-                max_message: 32 << 20,
-                max_batch: 64 << 20,
+                max_message: 16 << 20,
+                max_batch: 32 << 20,
                 max_count: 4096,
             },
             max_gossip: 1 << 20,
@@ -260,7 +262,11 @@ pub(crate) enum Command {
 /// A handle on the running network (cheap to clone).
 #[derive(Clone)]
 pub struct NetHandle {
+    /// Data (gossip, direct messages): bounded, dropped when full.
     tx: mpsc::Sender<Command>,
+    /// Control (subscriptions, verdicts, disconnects, dials): never dropped. Bounded by what
+    /// the node does (one per map, per message received, per dial), not by peers' traffic.
+    ctl: mpsc::UnboundedSender<Command>,
     status: Arc<Mutex<NetStatus>>,
 }
 
@@ -286,14 +292,19 @@ impl NetHandle {
         }
     }
 
+    fn control(&self, c: Command) {
+        // Fails only once the network thread has stopped.
+        let _ = self.ctl.send(c);
+    }
+
     /// Starts receiving gossip on `topic`.
     pub fn subscribe(&self, topic: &str) {
-        self.cmd(Command::Subscribe(topic.to_string()));
+        self.control(Command::Subscribe(topic.to_string()));
     }
 
     /// Stops receiving gossip on `topic`.
     pub fn unsubscribe(&self, topic: &str) {
-        self.cmd(Command::Unsubscribe(topic.to_string()));
+        self.control(Command::Unsubscribe(topic.to_string()));
     }
 
     /// Gossips `data` to the peers subscribed to `topic` (best effort).
@@ -312,17 +323,17 @@ impl NetHandle {
     /// Answers a [`NetEvent::Gossip`]: relay it on, drop it, or drop it and penalise the
     /// sender.
     pub fn verdict(&self, id: MessageId, peer: PeerId, verdict: Verdict) {
-        self.cmd(Command::Verdict { id, peer, verdict });
+        self.control(Command::Verdict { id, peer, verdict });
     }
 
     /// Disconnects a peer that broke the protocol, and refuses it for a while.
     pub fn punish(&self, peer: PeerId, reason: String) {
-        self.cmd(Command::Punish { peer, reason });
+        self.control(Command::Punish { peer, reason });
     }
 
     /// Dials an address once (static peers given in the config are redialed on their own).
     pub fn dial(&self, addr: Multiaddr) {
-        self.cmd(Command::Dial(addr));
+        self.control(Command::Dial(addr));
     }
 
     /// What the network looks like now.
@@ -346,12 +357,13 @@ impl NetHandle {
 /// a slow node slows the network down rather than growing memory).
 pub fn start(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::channel(4096);
     let status = Arc::new(Mutex::new(NetStatus::default()));
     let runner = swarm::Runner::new(cfg, status.clone(), ev_tx)?;
     std::thread::Builder::new()
         .name("syncmesh-net".into())
-        .spawn(move || runner.run(rx))
+        .spawn(move || runner.run(rx, ctl_rx))
         .map_err(|e| NetError::Setup(e.to_string()))?;
-    Ok((NetHandle { tx, status }, ev_rx))
+    Ok((NetHandle { tx, ctl, status }, ev_rx))
 }

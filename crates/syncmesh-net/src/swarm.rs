@@ -124,7 +124,7 @@ fn behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
         [(PROTOCOL, request_response::ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(Duration::from_secs(60))
-            .with_max_concurrent_streams(256),
+            .with_max_concurrent_streams(2),
     );
     let mdns = if cfg.mdns {
         let peer = cfg.keypair.public().to_peer_id();
@@ -233,7 +233,11 @@ impl Runner {
         })
     }
 
-    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    pub(crate) fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut ctl: mpsc::UnboundedReceiver<Command>,
+    ) {
         let Some(rt) = self.rt.take() else {
             return;
         };
@@ -243,6 +247,7 @@ impl Runner {
             loop {
                 tokio::select! {
                     ev = self.swarm.select_next_some() => self.on_swarm(ev).await,
+                    Some(c) = ctl.recv() => self.on_command(c),
                     cmd = rx.recv() => match cmd {
                         Some(Command::Shutdown(done)) => {
                             let _ = done.send(());
