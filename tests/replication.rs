@@ -510,3 +510,87 @@ async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_peer_is_redialed_after_it_restarts_with_the_same_identity() {
+    // B listens on a fixed port so A's static address stays right across B's restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let b_listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let open_b = || {
+        Node::builder()
+            .data_dir(b_dir.path())
+            .listen(b_listen.clone())
+            .mdns(false)
+            .open()
+    };
+    let b = open_b().await.unwrap();
+    let b_id = b.network().unwrap().peer_id;
+    let a = node(None, &[b_listen.clone()]).await;
+    connected(&a, 1).await;
+    let ma = a.map("users").await.unwrap();
+    let mb = b.map("users").await.unwrap();
+    mb.set("before", json!({})).await.unwrap();
+    wait_for("A has B's write", || has(&ma, "before")).await;
+    drop(mb);
+    b.close().await.unwrap();
+    wait_for("A sees B gone", || {
+        let c = a.network().unwrap().connected.len();
+        async move { c == 0 }
+    })
+    .await;
+    // B comes back: same data directory, so the same peer id; A redials it on its own.
+    let b = open_b().await.unwrap();
+    assert_eq!(
+        b.network().unwrap().peer_id,
+        b_id,
+        "the identity key is kept"
+    );
+    connected(&a, 1).await;
+    let mb = b.open_existing("users").await.unwrap();
+    mb.set("after", json!({})).await.unwrap();
+    wait_for("A has B's write after the restart", || has(&ma, "after")).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_sync_over_quic_and_a_swarm_key_refuses_quic() {
+    let quic: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+    let a = Node::builder()
+        .listen(quic.clone())
+        .mdns(false)
+        .open()
+        .await
+        .unwrap();
+    let a_addr = addr(&a).await;
+    assert!(a_addr.to_string().contains("/quic-v1"), "{a_addr}");
+    let b = Node::builder()
+        .listen(quic.clone())
+        .peer(a_addr)
+        .mdns(false)
+        .open()
+        .await
+        .unwrap();
+    connected(&a, 1).await;
+    let ma = a.map("users").await.unwrap();
+    let mb = b.map("users").await.unwrap();
+    ma.set("over-quic", json!({})).await.unwrap();
+    wait_for("B has A's write over QUIC", || has(&mb, "over-quic")).await;
+    // A private network is enforced by a TCP handshake: QUIC would bypass it, so it is refused.
+    let key = SwarmKey::parse(&SwarmKey::generate().unwrap()).unwrap();
+    let err = Node::builder()
+        .listen(quic)
+        .swarm_key(key)
+        .mdns(false)
+        .open()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("QUIC"), "{err}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

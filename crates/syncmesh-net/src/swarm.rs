@@ -44,9 +44,22 @@ struct StaticPeer {
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// A runtime that may be dropped anywhere: tokio panics when a runtime is dropped inside an
+/// async context (as when a node fails to start from an async `open`), so it is shut down in
+/// the background instead.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 pub(crate) struct Runner {
     /// Taken out by [`Runner::run`] (a runtime must not be dropped inside itself).
-    rt: Option<tokio::runtime::Runtime>,
+    rt: Rt,
     swarm: Swarm<Behaviour>,
     status: Arc<Mutex<NetStatus>>,
     events: mpsc::Sender<NetEvent>,
@@ -175,11 +188,16 @@ impl Runner {
         status: Arc<Mutex<NetStatus>>,
         events: mpsc::Sender<NetEvent>,
     ) -> Result<Runner, NetError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(setup)?;
-        let _guard = rt.enter();
+        let rt = Rt(Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(setup)?,
+        ));
+        let Some(handle) = rt.0.as_ref().map(|r| r.handle().clone()) else {
+            return Err(setup("no runtime"));
+        };
+        let _guard = handle.enter();
         let transport = transport(&cfg)?;
         let behaviour = behaviour(&cfg)?;
         let peer_id = cfg.keypair.public().to_peer_id();
@@ -220,7 +238,7 @@ impl Runner {
             .collect();
         drop(_guard);
         Ok(Runner {
-            rt: Some(rt),
+            rt,
             swarm,
             status,
             events,
@@ -238,7 +256,7 @@ impl Runner {
         mut rx: mpsc::Receiver<Command>,
         mut ctl: mpsc::UnboundedReceiver<Command>,
     ) {
-        let Some(rt) = self.rt.take() else {
+        let Some(rt) = self.rt.0.take() else {
             return;
         };
         rt.block_on(async move {
