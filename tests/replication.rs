@@ -530,7 +530,7 @@ async fn a_static_peer_is_redialed_after_it_restarts_with_the_same_identity() {
     };
     let b = open_b().await.unwrap();
     let b_id = b.network().unwrap().peer_id;
-    let a = node(None, &[b_listen.clone()]).await;
+    let a = node(None, std::slice::from_ref(&b_listen)).await;
     connected(&a, 1).await;
     let ma = a.map("users").await.unwrap();
     let mb = b.map("users").await.unwrap();
