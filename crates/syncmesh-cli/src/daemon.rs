@@ -140,6 +140,7 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
         bail!("the token must not be empty");
     }
     let addr = http_addr(&cfg).await?;
+    let mut signals = Signals::new()?;
     let data_dir = cfg
         .data_dir
         .clone()
@@ -182,7 +183,7 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
     let stop = shutdown.clone();
     let mut server = tokio::spawn(serve(listener, app, async move { stop.cancelled().await }));
     let served_until_signal = tokio::select! {
-        sig = signal() => {
+        sig = signals.recv() => {
             tracing::info!("{sig}: shutting down");
             true
         }
@@ -196,9 +197,19 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
         }
     };
     shutdown.cancel();
-    if served_until_signal && tokio::time::timeout(DRAIN, &mut server).await.is_err() {
-        tracing::warn!("requests still running after {DRAIN:?}; closing anyway");
-        server.abort();
+    if served_until_signal {
+        tokio::select! {
+            r = tokio::time::timeout(DRAIN, &mut server) => {
+                if r.is_err() {
+                    tracing::warn!("requests still running after {DRAIN:?}; closing anyway");
+                    server.abort();
+                }
+            }
+            sig = signals.recv() => {
+                tracing::warn!("{sig} again: closing without waiting for requests");
+                server.abort();
+            }
+        }
     }
     node.close()
         .await
@@ -219,29 +230,43 @@ fn write_ready_file(path: &Path, ready: &Ready<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM with the signal's name.
-async fn signal() -> &'static str {
+/// SIGINT and SIGTERM, listened for from creation on (so a signal sent right after the ready
+/// line is never the default action, which would kill the node without closing it).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut int), Ok(mut term)) => tokio::select! {
-                _ = int.recv() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            },
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-                "interrupt"
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+                term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Resolves on the first signal, with its name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.int.recv() => "SIGINT",
+                _ = self.term.recv() => "SIGTERM",
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "interrupt"
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupt"
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use axum::Json;
 use crate::model::ErrorBody;
 
 /// Where an error's `more_info` points: the error table of the HTTP API document.
-pub const MORE_INFO: &str = "https://example.invalid/syncmesh/docs/http-api.md#errors";
+pub const MORE_INFO: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/docs/http-api.md#errors");
 
 /// Codes this server answers with besides the Sync Maps ones of [`syncmesh::Error::code`].
 pub mod codes {
