@@ -114,10 +114,10 @@ Examples:
     /// Show the node: id, addresses, peers, number of maps.
     #[command(after_help = "Examples:\n  syncmesh status\n  syncmesh status --json")]
     Status,
-    /// Write every item of a map to stdout as JSON lines ({\"key\", \"data\"}).
+    /// Write every item of a map to stdout as JSON lines ({"key", "data"}).
     #[command(after_help = "Examples:\n  syncmesh export users > users.jsonl")]
     Export(MapArg),
-    /// Set items from JSON lines ({\"key\", \"data\"}) on stdin, creating the map if needed.
+    /// Set items from JSON lines ({"key", "data"}) on stdin, creating the map if needed.
     #[command(after_help = "\
 Examples:
   syncmesh import users < users.jsonl
