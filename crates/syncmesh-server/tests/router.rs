@@ -910,7 +910,8 @@ async fn openapi_document_matches_the_router() {
     }
 }
 
-async fn sse_events(api: &Api, uri: &str, headers: &[(&str, &str)], n: usize) -> Vec<String> {
+/// Opens an SSE stream; the answer comes once the subscription is registered.
+async fn open_sse(api: &Api, uri: &str, headers: &[(&str, &str)]) -> Body {
     let mut b = Request::builder()
         .uri(uri)
         .header("accept", "text/event-stream");
@@ -925,7 +926,12 @@ async fn sse_events(api: &Api, uri: &str, headers: &[(&str, &str)], n: usize) ->
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
-    let mut body = resp.into_body().into_data_stream();
+    resp.into_body()
+}
+
+/// Reads `n` SSE frames (comments skipped).
+async fn read_sse(body: Body, n: usize) -> Vec<String> {
+    let mut body = body.into_data_stream();
     let mut text = String::new();
     let mut frames: Vec<String> = Vec::new();
     tokio::time::timeout(DEADLINE, async {
@@ -943,6 +949,10 @@ async fn sse_events(api: &Api, uri: &str, headers: &[(&str, &str)], n: usize) ->
     .await
     .expect("events within the deadline");
     frames
+}
+
+async fn sse_events(api: &Api, uri: &str, headers: &[(&str, &str)], n: usize) -> Vec<String> {
+    read_sse(open_sse(api, uri, headers).await, n).await
 }
 
 fn sse_data(frame: &str) -> Value {
@@ -998,23 +1008,14 @@ async fn sse_replays_and_resumes() {
     )
     .await;
     assert_eq!(sse_data(&frames[0])["id"], bodies[1]["id"]);
-    // live: a stream without a resume point sees the next change
-    let api2 = Api {
-        app: api.app.clone(),
-        token: None,
-    };
-    let items2 = items.clone();
-    let writer = tokio::spawn(async move {
-        // Writes until the reader has what it waits for; the reader's deadline bounds this.
-        for i in 0..200 {
-            api2.post(&items2, json!({"Key": format!("live{i}"), "Data": {}}))
-                .await;
-            tokio::task::yield_now().await;
-        }
-    });
-    let frames = sse_events(&api, &ev, &[], 1).await;
+    // live: a stream without a resume point starts with the next change
+    let live = open_sse(&api, &ev, &[]).await;
+    api.post(&items, json!({"Key": "live", "Data": {}}))
+        .await
+        .ok(201);
+    let frames = read_sse(live, 1).await;
+    assert_eq!(sse_data(&frames[0])["item_key"], "live");
     assert_eq!(sse_data(&frames[0])["type"], "map_item_added");
-    writer.abort();
     // bad resume points and a non-event Accept
     api.get(&format!("{ev}?after=x")).await.err(400, 20001);
     api.with_header(Method::GET, &ev, ("last-event-id", "-3"), None)
@@ -1056,4 +1057,49 @@ async fn resuming_past_retention_is_410() {
     api.get(&format!("{P}/Maps/r/Events?after=1"))
         .await
         .err(410, 20410);
+}
+
+#[tokio::test]
+async fn subscribers_see_the_map_removed() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "gone"}))
+        .await
+        .ok(201);
+    // The answer comes once the subscription is registered: what follows is seen.
+    let req = Request::builder()
+        .uri(format!("{P}/Maps/gone/Events"))
+        .header("accept", "text/event-stream")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    api.post(
+        &format!("{P}/Maps/gone/Items"),
+        json!({"Key": "a", "Data": {}}),
+    )
+    .await
+    .ok(201);
+    let r = api
+        .call(Method::DELETE, &format!("{P}/Maps/gone"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let mut body = resp.into_body().into_data_stream();
+    let mut text = String::new();
+    let types = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let chunk = body.next().await.expect("stream open").unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+            let types: Vec<String> = text
+                .split("\n\n")
+                .filter(|f| f.contains("data: "))
+                .map(|f| sse_data(f)["type"].as_str().unwrap().to_string())
+                .collect();
+            if types.len() >= 2 && text.ends_with("\n\n") {
+                break types;
+            }
+        }
+    })
+    .await
+    .expect("events within the deadline");
+    assert_eq!(types, ["map_item_added", "map_removed"]);
 }
