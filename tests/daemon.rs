@@ -252,6 +252,15 @@ async fn http_api_and_cli_against_a_running_node() {
         1
     );
     assert_eq!(code(&cli_at("http://127.0.0.1:1", &["maps"], None)), 5);
+    assert_eq!(
+        code(&d.cli(&["watch", "nomap"])),
+        3,
+        "watching a missing map is final"
+    );
+    let m = stdout_json(&d.cli(&["--json", "map", "ttl", "users", "3600"]));
+    assert!(m["date_expires"].is_string());
+    let m = stdout_json(&d.cli(&["--json", "map", "ttl", "users", "0"]));
+    assert!(m["date_expires"].is_null());
     let rev = item["revision"].as_str().unwrap();
     assert_eq!(
         code(&d.cli(&["remove", "users", key, "--if-match", "nope"])),
