@@ -16,8 +16,13 @@ ITEMS=${ITEMS:-10000}
 DURABILITY=${DURABILITY:-fsync}
 
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
-cargo build --release -p syncmesh-cli >&2
-BIN=$PWD/target/release/syncmesh
+# SYNCMESH_BIN=path compares another build of the binary; by default, build this one.
+if [ -n "${SYNCMESH_BIN:-}" ]; then
+  BIN=$SYNCMESH_BIN
+else
+  cargo build --release -p syncmesh-cli >&2
+  BIN=$PWD/target/release/syncmesh
+fi
 
 TMP=$(mktemp -d)
 PID=
