@@ -159,13 +159,19 @@ pub async fn serve(
 }
 
 async fn not_found(req: Request) -> ApiError {
+    let path = req.uri().path();
+    // The likeliest cause under /Items/: a key with a raw `/` spilling into more segments.
+    let hint = if path.contains("/Items/") {
+        "; percent-encode keys, `/` as %2F"
+    } else {
+        ""
+    };
     ApiError::new(
         StatusCode::NOT_FOUND,
         error::codes::NOT_FOUND,
         format!(
-            "no route {} {}: the API is under /v1/Services/default/Maps (see /v1/openapi.json)",
+            "no route {} {path}: the API is under /v1/Services/default/Maps (see /v1/openapi.json){hint}",
             req.method(),
-            req.uri().path()
         ),
     )
 }

@@ -771,9 +771,9 @@ async fn item_listing_order_from_bounds_and_pages() {
 async fn routes_and_methods() {
     let api = api().await;
     api.get("/nope").await.err(404, 20404);
-    api.get(&format!("{P}/Maps/m/Items/k/extra"))
-        .await
-        .err(404, 20404);
+    let r = api.get(&format!("{P}/Maps/m/Items/a/b")).await;
+    r.err(404, 20404);
+    assert!(r.body["message"].as_str().unwrap().contains("%2F"));
     api.get("/v1/Services/other/Maps").await.err(404, 20404);
     api.call(Method::PUT, &format!("{P}/Maps"), None)
         .await
