@@ -13,8 +13,10 @@
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7700").await?;
 //! let opts = ServerOptions::new(listener.local_addr()?);
 //! let app = router(node.clone(), opts.clone());
-//! serve(listener, app, async { let _ = tokio::signal::ctrl_c().await; }).await?;
-//! opts.shutdown.cancel();
+//! // Serves until `opts.shutdown` is cancelled (the daemon does that on SIGINT/SIGTERM),
+//! // which also ends live event streams; then the node commits what is queued.
+//! let stop = opts.shutdown.clone();
+//! serve(listener, app, async move { stop.cancelled().await }).await?;
 //! node.close().await?;
 //! # Ok(()) }
 //! ```
