@@ -92,9 +92,10 @@ impl Client {
     pub fn new(base: &str, token: Option<String>) -> Outcome<Client> {
         let base = Url::parse(base)
             .map_err(|e| Failure::Other(anyhow::anyhow!("--node {base:?} is not a URL: {e}")))?;
-        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+        // Nodes serve plain HTTP (loopback by default); this client is built without TLS.
+        if base.cannot_be_a_base() || base.scheme() != "http" {
             return Err(Failure::Other(anyhow::anyhow!(
-                "--node {base} must be an http:// URL"
+                "--node {base} must be an http:// URL (this build of the CLI does not speak TLS)"
             )));
         }
         let http = reqwest::Client::builder()
@@ -197,6 +198,7 @@ mod tests {
         assert_eq!(c.url(&["v1", "Node"]).as_str(), "http://h:1/prefix/v1/Node");
         assert!(Client::new("not a url", None).is_err());
         assert!(Client::new("ftp://x", None).is_err());
+        assert!(Client::new("https://x", None).is_err());
     }
 
     #[test]

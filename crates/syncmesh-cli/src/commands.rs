@@ -359,9 +359,8 @@ pub async fn status(c: &Client, out: Out) -> Outcome {
 /// disconnect and resuming after the last event printed, so none is missed or repeated.
 pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
     let mut url = c.api(&["Maps", map, "Events"]);
-    let ws_scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-    // Both schemes are valid for this URL, so this cannot fail; keep http on the off chance.
-    let _ = url.set_scheme(ws_scheme);
+    // http -> ws is always a valid scheme change, so this cannot fail.
+    let _ = url.set_scheme("ws");
     let mut last = after;
     let mut backoff = Duration::from_millis(100);
     let mut stdout = std::io::stdout();
