@@ -1,0 +1,576 @@
+//! The client subcommands: each one request (or a few), printed as a table or as JSON.
+
+use std::io::{IsTerminal, Write as _};
+use std::time::Duration;
+
+use anyhow::Context;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, ContentArrangement, Table};
+use futures_util::{SinkExt, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::{Method, StatusCode, Url};
+use serde_json::{json, Value};
+use tokio::io::AsyncBufReadExt;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::client::{Client, Failure, Outcome};
+
+/// Writes in flight during `import`: enough to share the node's fsyncs.
+const IMPORT_CONCURRENCY: usize = 32;
+/// Longest wait between `watch` reconnection attempts.
+const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How to print.
+#[derive(Debug, Clone, Copy)]
+pub struct Out {
+    /// JSON instead of tables.
+    pub json: bool,
+}
+
+fn print_json(v: &Value) -> Outcome {
+    let text = serde_json::to_string_pretty(v).map_err(|e| Failure::Other(e.into()))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.iter().copied());
+    t
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn parse_object(text: &str) -> Outcome<Value> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| Failure::Other(anyhow::anyhow!("the data is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "the data must be a JSON object, like '{{\"country\": \"UK\"}}'"
+        )));
+    }
+    Ok(v)
+}
+
+/// `syncmesh maps`: every map, all pages.
+pub async fn maps(c: &Client, out: Out) -> Outcome {
+    let mut url = c.api(&["Maps"]);
+    url.set_query(Some("PageSize=100"));
+    let mut all = Vec::new();
+    loop {
+        let page = c.get(url).await?;
+        all.extend(page["maps"].as_array().cloned().unwrap_or_default());
+        match next_url(c, &page)? {
+            Some(u) => url = u,
+            None => break,
+        }
+    }
+    if out.json {
+        return print_json(&Value::Array(all));
+    }
+    let mut t = table(&["SID", "UNIQUE NAME", "UPDATED", "EXPIRES"]);
+    for m in &all {
+        t.add_row([
+            s(&m["sid"]),
+            s(&m["unique_name"]),
+            s(&m["date_updated"]),
+            s(&m["date_expires"]),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// The next page's URL, rebased on `--node` (the node may have named itself differently).
+fn next_url(c: &Client, page: &Value) -> Outcome<Option<Url>> {
+    let Some(next) = page["meta"]["next_page_url"].as_str() else {
+        return Ok(None);
+    };
+    let parsed = Url::parse(next)
+        .map_err(|e| Failure::Other(anyhow::anyhow!("bad next_page_url {next:?}: {e}")))?;
+    let mut u = c.base().clone();
+    u.set_path(parsed.path());
+    u.set_query(parsed.query());
+    Ok(Some(u))
+}
+
+fn print_map(m: &Value, out: Out) -> Outcome {
+    if out.json {
+        return print_json(m);
+    }
+    let mut t = table(&["FIELD", "VALUE"]);
+    for f in [
+        "sid",
+        "unique_name",
+        "revision",
+        "date_created",
+        "date_updated",
+        "date_expires",
+        "created_by",
+        "url",
+    ] {
+        t.add_row([f.to_string(), s(&m[f])]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// `syncmesh map create [NAME] [--ttl]`.
+pub async fn map_create(c: &Client, out: Out, name: Option<String>, ttl: Option<i64>) -> Outcome {
+    let mut body = serde_json::Map::new();
+    if let Some(n) = name {
+        body.insert("UniqueName".into(), json!(n));
+    }
+    if let Some(t) = ttl {
+        body.insert("Ttl".into(), json!(t));
+    }
+    let req = c.request(Method::POST, c.api(&["Maps"])).json(&body);
+    print_map(&c.send(req).await?, out)
+}
+
+/// `syncmesh map get MAP`.
+pub async fn map_get(c: &Client, out: Out, map: &str) -> Outcome {
+    print_map(&c.get(c.api(&["Maps", map])).await?, out)
+}
+
+/// `syncmesh map ttl MAP SECONDS`.
+pub async fn map_ttl(c: &Client, out: Out, map: &str, secs: i64) -> Outcome {
+    let req = c
+        .request(Method::POST, c.api(&["Maps", map]))
+        .json(&json!({ "Ttl": secs }));
+    print_map(&c.send(req).await?, out)
+}
+
+/// `syncmesh map delete MAP`.
+pub async fn map_delete(c: &Client, out: Out, map: &str) -> Outcome {
+    c.send(c.request(Method::DELETE, c.api(&["Maps", map])))
+        .await?;
+    if out.json {
+        return print_json(&json!({"deleted": map}));
+    }
+    println!("deleted map {map}");
+    Ok(())
+}
+
+/// Which write `syncmesh set` / `update` make.
+#[derive(Debug, Clone, Copy)]
+pub enum WriteKind {
+    /// Replace the data (POST).
+    Set,
+    /// Merge into the data (PATCH).
+    Update,
+}
+
+fn print_item(it: &Value, out: Out) -> Outcome {
+    if out.json {
+        return print_json(it);
+    }
+    let mut t = table(&["FIELD", "VALUE"]);
+    for f in [
+        "key",
+        "revision",
+        "date_created",
+        "date_updated",
+        "date_expires",
+        "created_by",
+    ] {
+        t.add_row([f.to_string(), s(&it[f])]);
+    }
+    let data = serde_json::to_string_pretty(&it["data"]).unwrap_or_default();
+    t.add_row(["data".to_string(), data]);
+    println!("{t}");
+    Ok(())
+}
+
+/// `syncmesh set` / `syncmesh update`.
+#[allow(clippy::too_many_arguments)] // one per command-line argument
+pub async fn write(
+    c: &Client,
+    out: Out,
+    how: WriteKind,
+    map: &str,
+    key: &str,
+    data: &str,
+    ttl: Option<i64>,
+    if_match: Option<String>,
+) -> Outcome {
+    let data = parse_object(data)?;
+    let mut body = json!({ "Data": data });
+    if let Some(t) = ttl {
+        body["Ttl"] = json!(t);
+    }
+    let method = match how {
+        WriteKind::Set => Method::POST,
+        WriteKind::Update => Method::PATCH,
+    };
+    let mut req = c
+        .request(method, c.api(&["Maps", map, "Items", key]))
+        .json(&body);
+    if let Some(rev) = if_match {
+        req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
+    }
+    let it = c.send(req).await?;
+    if out.json {
+        return print_json(&it);
+    }
+    println!(
+        "{} {map}/{key} revision {}",
+        match how {
+            WriteKind::Set => "set",
+            WriteKind::Update => "updated",
+        },
+        s(&it["revision"])
+    );
+    Ok(())
+}
+
+/// `syncmesh get MAP KEY`.
+pub async fn get(c: &Client, out: Out, map: &str, key: &str) -> Outcome {
+    print_item(&c.get(c.api(&["Maps", map, "Items", key])).await?, out)
+}
+
+/// `syncmesh remove MAP KEY`.
+pub async fn remove(
+    c: &Client,
+    out: Out,
+    map: &str,
+    key: &str,
+    if_match: Option<String>,
+) -> Outcome {
+    let mut req = c.request(Method::DELETE, c.api(&["Maps", map, "Items", key]));
+    if let Some(rev) = if_match {
+        req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
+    }
+    c.send(req).await?;
+    if out.json {
+        return print_json(&json!({"removed": key, "map": map}));
+    }
+    println!("removed {map}/{key}");
+    Ok(())
+}
+
+/// What `syncmesh items` lists.
+#[derive(Debug, Default)]
+pub struct ItemsQuery {
+    /// Start key.
+    pub from: Option<String>,
+    /// Start after `from`.
+    pub exclusive: bool,
+    /// Descending order.
+    pub desc: bool,
+    /// Page size.
+    pub page_size: Option<u32>,
+    /// Every page.
+    pub all: bool,
+}
+
+/// `syncmesh items MAP`.
+pub async fn items(c: &Client, out: Out, map: &str, q: ItemsQuery) -> Outcome {
+    let mut url = c.api(&["Maps", map, "Items"]);
+    {
+        let mut qs = url.query_pairs_mut();
+        if q.desc {
+            qs.append_pair("Order", "desc");
+        }
+        if let Some(f) = &q.from {
+            qs.append_pair("From", f);
+            if q.exclusive {
+                qs.append_pair("Bounds", "exclusive");
+            }
+        }
+        let size = q.page_size.unwrap_or(if q.all { 100 } else { 50 });
+        qs.append_pair("PageSize", &size.to_string());
+    }
+    let mut all = Vec::new();
+    let mut more = false;
+    loop {
+        let page = c.get(url).await?;
+        all.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match next_url(c, &page)? {
+            Some(u) if q.all => url = u,
+            Some(_) => {
+                more = true;
+                break;
+            }
+            None => break,
+        }
+    }
+    let last = all.last().map(|i| s(&i["key"])).unwrap_or_default();
+    if out.json {
+        print_json(&Value::Array(all))?;
+    } else {
+        let mut t = table(&["KEY", "REVISION", "UPDATED", "DATA"]);
+        for it in &all {
+            let mut data = it["data"].to_string();
+            if data.chars().count() > 80 {
+                data = data.chars().take(77).collect::<String>() + "...";
+            }
+            t.add_row([
+                s(&it["key"]),
+                s(&it["revision"]),
+                s(&it["date_updated"]),
+                data,
+            ]);
+        }
+        println!("{t}");
+    }
+    if more {
+        eprintln!("more items: use --all, or --from {last:?} --exclusive");
+    }
+    Ok(())
+}
+
+/// `syncmesh status`.
+pub async fn status(c: &Client, out: Out) -> Outcome {
+    let n = c.get(c.url(&["v1", "Node"])).await?;
+    if out.json {
+        return print_json(&n);
+    }
+    let mut t = table(&["FIELD", "VALUE"]);
+    for f in [
+        "node_id",
+        "version",
+        "http_addr",
+        "maps",
+        "peer_id",
+        "listen_addrs",
+        "connected_peers",
+    ] {
+        let v = match &n[f] {
+            Value::Array(a) if a.is_empty() => "-".to_string(),
+            Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join("\n"),
+            other => s(other),
+        };
+        t.add_row([f.to_string(), v]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
+/// `syncmesh watch MAP`: events as JSON lines over a WebSocket, reconnecting after any
+/// disconnect and resuming after the last event printed, so none is missed or repeated.
+pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
+    let mut url = c.api(&["Maps", map, "Events"]);
+    // http -> ws is always a valid scheme change, so this cannot fail.
+    let _ = url.set_scheme("ws");
+    let mut last = after;
+    let mut backoff = Duration::from_millis(100);
+    let mut stdout = std::io::stdout();
+    loop {
+        let mut u = url.clone();
+        if let Some(a) = last {
+            u.query_pairs_mut().append_pair("after", &a.to_string());
+        }
+        let mut req = u
+            .as_str()
+            .into_client_request()
+            .map_err(|e| Failure::Other(e.into()))?;
+        if let Some(t) = c.token() {
+            let v = format!("Bearer {t}").parse().map_err(|_| {
+                Failure::Other(anyhow::anyhow!("the token is not a valid header value"))
+            })?;
+            req.headers_mut().insert("authorization", v);
+        }
+        let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
+            Ok(x) => x,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                // The node refused the stream: that is final (map gone, token, pruned events).
+                let status = resp.status();
+                let body: Value = resp
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice(b).ok())
+                    .unwrap_or(Value::Null);
+                return Err(Failure::Api {
+                    status: StatusCode::from_u16(status.as_u16())
+                        .unwrap_or(StatusCode::BAD_GATEWAY),
+                    code: body["code"].as_u64().unwrap_or(0),
+                    message: body["message"].as_str().map_or_else(
+                        || format!("the node refused the event stream: {status}"),
+                        str::to_string,
+                    ),
+                });
+            }
+            Err(e) => {
+                eprintln!("watch: cannot connect ({e}); retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(WATCH_MAX_BACKOFF);
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        while let Some(msg) = ws.next().await {
+            let text = match msg {
+                Ok(Message::Text(t)) => t,
+                Ok(Message::Ping(p)) => {
+                    let _ = ws.send(Message::Pong(p)).await;
+                    continue;
+                }
+                Ok(Message::Close(_)) | Err(_) => break,
+                Ok(_) => continue,
+            };
+            let v: Value = serde_json::from_str(text.as_str())
+                .map_err(|e| Failure::Other(anyhow::anyhow!("bad event from the node: {e}")))?;
+            if v["type"] == "error" {
+                return Err(Failure::Api {
+                    status: StatusCode::from_u16(v["status"].as_u64().unwrap_or(500) as u16)
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                    code: v["code"].as_u64().unwrap_or(0),
+                    message: s(&v["message"]),
+                });
+            }
+            if let Some(id) = v["id"].as_u64() {
+                last = Some(id);
+            }
+            // A closed stdout (e.g. `| head`) ends the watch.
+            if writeln!(stdout, "{text}")
+                .and_then(|()| stdout.flush())
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        match last {
+            Some(l) => eprintln!("watch: disconnected; resuming after event {l}"),
+            // Nothing seen yet, so no id to resume after: changes made while disconnected
+            // before the first event are not replayed (start with --after 0 to get them all).
+            None => eprintln!("watch: disconnected before any event; reconnecting live"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(WATCH_MAX_BACKOFF);
+    }
+}
+
+fn progress(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template(&format!(
+        "{{spinner}} {what} {{pos}} items ({{per_sec}}) {{elapsed}}"
+    )) {
+        pb.set_style(style);
+    }
+    pb.enable_steady_tick(Duration::from_millis(120));
+    pb
+}
+
+/// `syncmesh export MAP`: JSON lines `{"key", "data"}` (and `date_expires` when set).
+pub async fn export(c: &Client, map: &str) -> Outcome {
+    let mut url = c.api(&["Maps", map, "Items"]);
+    url.set_query(Some("PageSize=100"));
+    let pb = progress("exported");
+    let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+    loop {
+        let page = c.get(url).await?;
+        for it in page["items"].as_array().into_iter().flatten() {
+            let mut line = json!({"key": it["key"], "data": it["data"]});
+            if !it["date_expires"].is_null() {
+                line["date_expires"] = it["date_expires"].clone();
+            }
+            writeln!(stdout, "{line}").context("writing to stdout")?;
+            pb.inc(1);
+        }
+        match next_url(c, &page)? {
+            Some(u) => url = u,
+            None => break,
+        }
+    }
+    stdout.flush().context("writing to stdout")?;
+    pb.finish_and_clear();
+    eprintln!("exported {} items from {map}", pb.position());
+    Ok(())
+}
+
+/// `syncmesh import MAP`: sets every `{"key", "data"}` line of stdin, many writes in flight.
+pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
+    // Create the map if it does not exist (an existing one is fine).
+    let create = c
+        .request(Method::POST, c.api(&["Maps"]))
+        .json(&json!({ "UniqueName": map }));
+    match c.send(create).await {
+        Ok(_) => {}
+        Err(Failure::Api { status, .. })
+            if status == StatusCode::CONFLICT || status == StatusCode::BAD_REQUEST => {}
+        Err(e) => return Err(e),
+    }
+    let pb = progress("imported");
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
+    let mut n: u64 = 0;
+    let mut line_no: u64 = 0;
+    let mut failure: Option<Failure> = None;
+    loop {
+        let line = match lines.next_line().await.context("reading stdin")? {
+            Some(l) => l,
+            None => break,
+        };
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                failure = Some(Failure::Other(anyhow::anyhow!(
+                    "line {line_no}: not JSON: {e}"
+                )));
+                break;
+            }
+        };
+        let (Some(key), Some(data)) = (v["key"].as_str(), v.get("data").filter(|d| d.is_object()))
+        else {
+            failure = Some(Failure::Other(anyhow::anyhow!(
+                "line {line_no}: expected {{\"key\": \"...\", \"data\": {{...}}}}"
+            )));
+            break;
+        };
+        let req = c
+            .request(Method::POST, c.api(&["Maps", map, "Items", key]))
+            .json(&json!({ "Data": data }));
+        let key = key.to_string();
+        inflight.push(async move { (key, line_no, c.send(req).await) });
+        if inflight.len() >= IMPORT_CONCURRENCY {
+            if let Some((key, at, r)) = inflight.next().await {
+                if let Err(e) = r {
+                    failure = Some(Failure::Other(anyhow::anyhow!("line {at} ({key:?}): {e}")));
+                    break;
+                }
+                n += 1;
+                pb.inc(1);
+            }
+        }
+    }
+    // Writes already sent are waited for, also after a failure: none is left unreported.
+    while let Some((key, at, r)) = inflight.next().await {
+        match r {
+            Ok(_) => {
+                n += 1;
+                pb.inc(1);
+            }
+            Err(e) => {
+                if failure.is_none() {
+                    failure = Some(Failure::Other(anyhow::anyhow!("line {at} ({key:?}): {e}")));
+                }
+            }
+        }
+    }
+    pb.finish_and_clear();
+    if out.json {
+        print_json(&json!({"map": map, "imported": n}))?;
+    } else {
+        eprintln!("imported {n} items into {map}");
+    }
+    match failure {
+        Some(f) => Err(f),
+        None => Ok(()),
+    }
+}

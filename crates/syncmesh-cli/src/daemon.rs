@@ -1,0 +1,377 @@
+//! `syncmesh node`: the daemon. Configuration (TOML file, then flags), the node, the HTTP
+//! server, and a graceful shutdown on SIGINT/SIGTERM that closes the node so nothing is lost.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+use syncmesh::{Durability, Multiaddr, Node, NodeBuilder, SwarmKey};
+use syncmesh_server::{router, serve, ServerOptions};
+use tokio_util::sync::CancellationToken;
+
+/// Default HTTP address: loopback only.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7700";
+/// Where a node listens for peers when no `--listen` is given: every interface, a free port
+/// (mDNS tells the local network which; `GET /v1/Node` tells you).
+pub const DEFAULT_LISTEN: &str = "/ip4/0.0.0.0/tcp/0";
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "syncmesh-data";
+/// How long requests in flight get to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// When writes are acknowledged (`--durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityArg {
+    /// After fsync: an acknowledged write survives a crash (default).
+    Fsync,
+    /// Before fsync (an fsync follows within 100 ms): faster, a crash can lose that window.
+    Relaxed,
+}
+
+/// The daemon's configuration: the TOML file's shape, and what flags resolve to.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the node keeps its data.
+    pub data_dir: Option<PathBuf>,
+    /// HTTP API address, `ADDR:PORT` (port 0 picks a free one).
+    pub http: Option<String>,
+    /// Bearer token required on every HTTP request.
+    pub token: Option<String>,
+    /// When writes are acknowledged.
+    pub durability: Option<DurabilityArg>,
+    /// Multiaddrs to listen on for peers.
+    #[serde(default)]
+    pub listen: Vec<String>,
+    /// Multiaddrs of peers to connect to.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Discover peers on the local network with mDNS (`None`: the build's default).
+    pub mdns: Option<bool>,
+    /// Pre-shared key file of a private network.
+    pub swarm_key: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads a config file; unknown keys are an error.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the config file {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in the config file {}", path.display()))
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// `self` with every value `flags` sets replacing the file's.
+    pub fn overridden_by(self, flags: Config) -> Config {
+        Config {
+            data_dir: flags.data_dir.or(self.data_dir),
+            http: flags.http.or(self.http),
+            token: flags.token.or(self.token),
+            durability: flags.durability.or(self.durability),
+            listen: if flags.listen.is_empty() {
+                self.listen
+            } else {
+                flags.listen
+            },
+            peers: if flags.peers.is_empty() {
+                self.peers
+            } else {
+                flags.peers
+            },
+            mdns: flags.mdns.or(self.mdns),
+            swarm_key: flags.swarm_key.or(self.swarm_key),
+        }
+    }
+}
+
+/// Applies the networking options to the node builder: the one place where `--listen`,
+/// `--peer`, `--mdns` and `--swarm-key` reach the library. A daemon is always on the network:
+/// it listens on [`DEFAULT_LISTEN`] unless told otherwise, and mDNS is on unless `--no-mdns`.
+pub fn network_options(cfg: &Config, mut builder: NodeBuilder) -> anyhow::Result<NodeBuilder> {
+    let default = [DEFAULT_LISTEN.to_string()];
+    let listen = if cfg.listen.is_empty() {
+        &default[..]
+    } else {
+        &cfg.listen[..]
+    };
+    for l in listen {
+        let addr: Multiaddr = l.parse().with_context(|| {
+            format!("--listen {l:?} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/7701 or /ip4/0.0.0.0/udp/7701/quic-v1)")
+        })?;
+        builder = builder.listen(addr);
+    }
+    for p in &cfg.peers {
+        let addr: Multiaddr = p.parse().with_context(|| {
+            format!("--peer {p:?} is not a multiaddr (e.g. /ip4/192.0.2.7/tcp/7701)")
+        })?;
+        builder = builder.peer(addr);
+    }
+    builder = builder.mdns(cfg.mdns.unwrap_or(true));
+    if let Some(path) = &cfg.swarm_key {
+        builder = builder.swarm_key(SwarmKey::load(path)?);
+    }
+    Ok(builder)
+}
+
+/// Resolves the HTTP address and refuses a non-loopback one without a token.
+pub async fn http_addr(cfg: &Config) -> anyhow::Result<SocketAddr> {
+    let text = cfg.http.as_deref().unwrap_or(DEFAULT_HTTP);
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(text)
+        .await
+        .with_context(|| format!("--http {text:?} is not an ADDR:PORT"))?
+        .collect();
+    let Some(first) = addrs.first().copied() else {
+        bail!("--http {text:?} resolves to no address");
+    };
+    if cfg.token.is_none() {
+        if let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            bail!(
+                "refusing to serve the HTTP API on {open} without a token: anyone who can reach \
+                 that address could read and change every map. Set --token (or SYNCMESH_TOKEN, \
+                 or `token` in the config file), or bind to a loopback address such as 127.0.0.1"
+            );
+        }
+    }
+    Ok(first)
+}
+
+/// What the daemon tells its starter once it serves (stdout line and `--ready-file`).
+#[derive(Debug, serde::Serialize)]
+struct Ready<'a> {
+    http_addr: String,
+    node_id: String,
+    data_dir: &'a Path,
+}
+
+/// Runs the node until SIGINT or SIGTERM, then drains requests and closes the node.
+pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    if cfg.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        bail!("the token must not be empty");
+    }
+    let addr = http_addr(&cfg).await?;
+    let mut signals = Signals::new()?;
+    let data_dir = cfg
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let durability = match cfg.durability.unwrap_or(DurabilityArg::Fsync) {
+        DurabilityArg::Fsync => Durability::Fsync,
+        DurabilityArg::Relaxed => Durability::Relaxed,
+    };
+    let builder = Node::builder().data_dir(&data_dir).durability(durability);
+    let builder = network_options(&cfg, builder)?;
+    let node = builder
+        .open()
+        .await
+        .with_context(|| format!("cannot open the node in {}", data_dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
+    let local = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let opts = ServerOptions::new(local)
+        .with_token(cfg.token.clone())
+        .with_shutdown(shutdown.clone());
+    let app = router(node.clone(), opts);
+
+    let ready = Ready {
+        http_addr: local.to_string(),
+        node_id: node.id().to_string(),
+        data_dir: &data_dir,
+    };
+    if let Some(path) = &ready_file {
+        write_ready_file(path, &ready)?;
+    }
+    // One line on stdout that scripts can wait for; logs go to stderr.
+    println!(
+        "syncmesh node {} listening on http://{local}",
+        ready.node_id
+    );
+    tracing::info!(http = %local, data_dir = %data_dir.display(), node = %ready.node_id, "serving");
+
+    let stop = shutdown.clone();
+    let mut server = tokio::spawn(serve(listener, app, async move { stop.cancelled().await }));
+    let served_until_signal = tokio::select! {
+        sig = signals.recv() => {
+            tracing::info!("{sig}: shutting down");
+            true
+        }
+        r = &mut server => {
+            match r {
+                Ok(Ok(())) => tracing::warn!("the HTTP server stopped"),
+                Ok(Err(e)) => tracing::error!("the HTTP server failed: {e}"),
+                Err(e) => tracing::error!("the HTTP server task failed: {e}"),
+            }
+            false
+        }
+    };
+    shutdown.cancel();
+    if served_until_signal {
+        tokio::select! {
+            r = tokio::time::timeout(DRAIN, &mut server) => {
+                if r.is_err() {
+                    tracing::warn!("requests still running after {DRAIN:?}; closing anyway");
+                    server.abort();
+                }
+            }
+            sig = signals.recv() => {
+                tracing::warn!("{sig} again: closing without waiting for requests");
+                server.abort();
+            }
+        }
+    }
+    node.close()
+        .await
+        .context("closing the node (committing what is queued)")?;
+    tracing::info!("node closed");
+    if !served_until_signal {
+        bail!("the HTTP server stopped unexpectedly");
+    }
+    Ok(())
+}
+
+fn write_ready_file(path: &Path, ready: &Ready<'_>) -> anyhow::Result<()> {
+    // Written whole then renamed, so a watcher never reads half a file.
+    let tmp = path.with_extension("tmp");
+    let json = serde_json::to_string(ready)?;
+    std::fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, listened for from creation on (so a signal sent right after the ready
+/// line is never the default action, which would kill the node without closing it).
+struct Signals {
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+                term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Resolves on the first signal, with its name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.int.recv() => "SIGINT",
+                _ = self.term.recv() => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "interrupt"
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../../../examples/syncmesh.toml");
+        let cfg = Config::parse(text).unwrap();
+        assert_eq!(cfg.http.as_deref(), Some("127.0.0.1:7700"));
+        assert_eq!(cfg.data_dir, Some(PathBuf::from("syncmesh-data")));
+        assert_eq!(cfg.durability, Some(DurabilityArg::Fsync));
+        // networking is off in the example until this build has it
+        assert!(network_options(&cfg, Node::builder()).is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = Config::parse("htp = \"127.0.0.1:1\"").unwrap_err();
+        assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
+        assert!(Config::parse("mdns = \"yes\"").is_err());
+        assert!(Config::parse("durability = \"sometimes\"").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = Config::parse(
+            "http = \"127.0.0.1:1\"\ntoken = \"f\"\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\nmdns = true",
+        )
+        .unwrap();
+        let flags = Config {
+            http: Some("127.0.0.1:2".into()),
+            mdns: Some(false),
+            ..Config::default()
+        };
+        let c = file.overridden_by(flags);
+        assert_eq!(c.http.as_deref(), Some("127.0.0.1:2"));
+        assert_eq!(c.token.as_deref(), Some("f"));
+        assert_eq!(c.listen, ["/ip4/0.0.0.0/tcp/0"]);
+        assert_eq!(c.mdns, Some(false));
+    }
+
+    #[test]
+    fn networking_options_are_checked() {
+        let c = Config {
+            peers: vec!["127.0.0.1:4001".into()],
+            ..Config::default()
+        };
+        let e = network_options(&c, Node::builder()).unwrap_err();
+        assert!(e.to_string().contains("is not a multiaddr"), "{e}");
+        let c = Config {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+            peers: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            mdns: Some(false),
+            ..Config::default()
+        };
+        assert!(network_options(&c, Node::builder()).is_ok());
+        let c = Config {
+            swarm_key: Some("/nonexistent/swarm.key".into()),
+            ..Config::default()
+        };
+        let e = network_options(&c, Node::builder()).unwrap_err();
+        assert!(e.to_string().contains("swarm key"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn non_loopback_http_needs_a_token() {
+        let open = Config {
+            http: Some("0.0.0.0:0".into()),
+            ..Config::default()
+        };
+        let e = http_addr(&open).await.unwrap_err();
+        assert!(e.to_string().contains("without a token"), "{e}");
+        let with_token = Config {
+            token: Some("t".into()),
+            ..open
+        };
+        assert!(http_addr(&with_token).await.is_ok());
+        assert!(http_addr(&Config::default())
+            .await
+            .unwrap()
+            .ip()
+            .is_loopback());
+        let bad = Config {
+            http: Some("not an address".into()),
+            ..Config::default()
+        };
+        assert!(http_addr(&bad).await.is_err());
+    }
+}

@@ -1,0 +1,459 @@
+//! `syncmesh`: run a node (`syncmesh node`) or talk to a running one (every other command).
+
+mod client;
+mod commands;
+mod daemon;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::{exit, Client};
+use crate::daemon::{Config, DurabilityArg};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure (bad input, server error, ...)
+  2  usage error
+  3  not found: the map or item does not exist
+  4  conflict: the item or map name exists, or --if-match did not match
+  5  the node could not be reached
+  6  the node requires a token, or refused the one given";
+
+const MAIN_EXAMPLES: &str = "\
+Examples:
+  syncmesh node --data-dir ./data                 # run a node on 127.0.0.1:7700
+  syncmesh map create users
+  syncmesh set users david '{\"phone_number\": 12345678, \"country\": \"UK\"}'
+  syncmesh update users david '{\"country\": \"IRL\"}'
+  syncmesh get users david
+  syncmesh items users --all --json
+  syncmesh watch users                            # one JSON line per event
+  syncmesh export users > users.jsonl && syncmesh import users-copy < users.jsonl";
+
+/// syncmesh: local-first replicated JSON maps with the Sync Maps API.
+#[derive(Debug, Parser)]
+#[command(name = "syncmesh", version, after_help = format!("{MAIN_EXAMPLES}\n\n{EXIT_CODES}"))]
+struct Cli {
+    /// The node to talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCMESH_NODE",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    node: String,
+    /// Bearer token: required by the node on every request (for `syncmesh node`: the token
+    /// clients must send).
+    #[arg(long, global = true, env = "SYNCMESH_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON (the node's answers) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node in the foreground: the HTTP API over a data directory.
+    #[command(after_help = "\
+Examples:
+  syncmesh node --data-dir ./data
+  syncmesh node --http 127.0.0.1:0 --ready-file ready.json   # free port, written to ready.json
+  SYNCMESH_TOKEN=s3cret syncmesh node --http 0.0.0.0:7700    # other hosts need a token
+  syncmesh node --config examples/syncmesh.toml --durability relaxed
+
+Prints one line `syncmesh node <id> listening on http://ADDR` on stdout when it serves; logs go
+to stderr (RUST_LOG=debug for more). SIGINT or SIGTERM stop it after committing every write.")]
+    Node(NodeArgs),
+    /// List maps.
+    #[command(
+        after_help = "Examples:\n  syncmesh maps\n  syncmesh maps --json | jq -r '.[].unique_name'"
+    )]
+    Maps,
+    /// Create, show, expire or delete a map.
+    #[command(subcommand)]
+    Map(MapCommand),
+    /// Set an item's data (creating it), replacing what was there.
+    #[command(after_help = "\
+Examples:
+  syncmesh set users david '{\"phone_number\": 12345678, \"country\": \"UK\"}'
+  syncmesh set users session/42 '{}' --ttl 3600
+  syncmesh set users david '{\"country\": \"USA\"}' --if-match 3f2a9c1d0b7e6a55")]
+    Set(WriteArgs),
+    /// Show an item.
+    #[command(
+        after_help = "Examples:\n  syncmesh get users david\n  syncmesh get users david --json | jq .data"
+    )]
+    Get(ItemArgs),
+    /// Merge fields into an item's data (shallow; creating the item).
+    #[command(after_help = "Examples:\n  syncmesh update users david '{\"country\": \"IRL\"}'")]
+    Update(WriteArgs),
+    /// Remove an item.
+    #[command(
+        after_help = "Examples:\n  syncmesh remove users david\n  syncmesh remove users david --if-match 3f2a9c1d0b7e6a55"
+    )]
+    Remove(RemoveArgs),
+    /// List a map's items in key order.
+    #[command(after_help = "\
+Examples:
+  syncmesh items users
+  syncmesh items users --from m --page-size 10
+  syncmesh items users --order desc --all --json")]
+    Items(ItemsArgs),
+    /// Follow a map's events: one JSON line each; reconnects and resumes after a disconnect.
+    #[command(after_help = "\
+Examples:
+  syncmesh watch users
+  syncmesh watch users --after 0      # every retained event first, then live
+  syncmesh watch users | jq -c 'select(.type == \"map_item_updated\")'")]
+    Watch(WatchArgs),
+    /// Show the node: id, addresses, peers, number of maps.
+    #[command(after_help = "Examples:\n  syncmesh status\n  syncmesh status --json")]
+    Status,
+    /// Write every item of a map to stdout as JSON lines ({"key", "data"}).
+    #[command(after_help = "Examples:\n  syncmesh export users > users.jsonl")]
+    Export(MapArg),
+    /// Set items from JSON lines ({"key", "data"}) on stdin, creating the map if needed.
+    #[command(after_help = "\
+Examples:
+  syncmesh import users < users.jsonl
+  syncmesh export users | syncmesh --node http://127.0.0.1:7701 import users")]
+    Import(MapArg),
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// TOML config file; flags override it (see examples/syncmesh.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./syncmesh-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// HTTP API address, ADDR:PORT (port 0: any free port) [default: 127.0.0.1:7700].
+    #[arg(long)]
+    http: Option<String>,
+    /// Listen for peers on this multiaddr (repeatable).
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    listen: Vec<String>,
+    /// Connect to this peer (repeatable).
+    #[arg(long = "peer", value_name = "MULTIADDR")]
+    peers: Vec<String>,
+    /// Discover peers on the local network.
+    #[arg(long, overrides_with = "no_mdns")]
+    mdns: bool,
+    /// Do not discover peers on the local network.
+    #[arg(long = "no-mdns", overrides_with = "mdns")]
+    no_mdns: bool,
+    /// Pre-shared key file of a private network.
+    #[arg(long, value_name = "FILE")]
+    swarm_key: Option<PathBuf>,
+    /// When writes are acknowledged [default: fsync].
+    #[arg(long, value_enum)]
+    durability: Option<DurabilityArg>,
+    /// Write {"http_addr", "node_id", "data_dir"} as JSON to this file once serving.
+    #[arg(long, value_name = "FILE")]
+    ready_file: Option<PathBuf>,
+}
+
+impl NodeArgs {
+    fn config(&self, token: Option<String>) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        let mdns = match (self.mdns, self.no_mdns) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        };
+        Ok(file.overridden_by(Config {
+            data_dir: self.data_dir.clone(),
+            http: self.http.clone(),
+            token,
+            durability: self.durability,
+            listen: self.listen.clone(),
+            peers: self.peers.clone(),
+            mdns,
+            swarm_key: self.swarm_key.clone(),
+        }))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum MapCommand {
+    /// Create a map (fails with exit code 4 if the name is taken).
+    #[command(
+        after_help = "Examples:\n  syncmesh map create users\n  syncmesh map create sessions --ttl 86400\n  syncmesh map create            # unnamed: prints its sid"
+    )]
+    Create {
+        /// Unique name (omit for an unnamed map).
+        name: Option<String>,
+        /// Seconds until the map expires (0 = never).
+        #[arg(long, allow_negative_numbers = true)]
+        ttl: Option<i64>,
+    },
+    /// Show a map.
+    #[command(after_help = "Examples:\n  syncmesh map get users")]
+    Get(MapArg),
+    /// Set a map's time to live from now (0 = never expires).
+    #[command(after_help = "Examples:\n  syncmesh map ttl sessions 3600")]
+    Ttl {
+        /// Sid or unique name.
+        map: String,
+        /// Seconds from now.
+        #[arg(allow_negative_numbers = true)]
+        seconds: i64,
+    },
+    /// Delete a map and all its items.
+    #[command(after_help = "Examples:\n  syncmesh map delete users")]
+    Delete(MapArg),
+}
+
+#[derive(Debug, Args)]
+struct MapArg {
+    /// Sid or unique name.
+    map: String,
+}
+
+#[derive(Debug, Args)]
+struct ItemArgs {
+    /// Sid or unique name of the map.
+    map: String,
+    /// The item's key (any characters).
+    key: String,
+}
+
+#[derive(Debug, Args)]
+struct WriteArgs {
+    /// Sid or unique name of the map.
+    map: String,
+    /// The item's key (any characters).
+    key: String,
+    /// The data: a JSON object.
+    #[arg(value_name = "JSON")]
+    data: String,
+    /// Seconds until the item expires (0 = never).
+    #[arg(long, allow_negative_numbers = true)]
+    ttl: Option<i64>,
+    /// Write only if the item's revision is this one (exit code 4 otherwise).
+    #[arg(long, value_name = "REVISION")]
+    if_match: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RemoveArgs {
+    /// Sid or unique name of the map.
+    map: String,
+    /// The item's key.
+    key: String,
+    /// Remove only if the item's revision is this one (exit code 4 otherwise).
+    #[arg(long, value_name = "REVISION")]
+    if_match: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ItemsArgs {
+    /// Sid or unique name of the map.
+    map: String,
+    /// Start at this key.
+    #[arg(long)]
+    from: Option<String>,
+    /// Start after --from instead of at it.
+    #[arg(long, requires = "from")]
+    exclusive: bool,
+    /// Key order.
+    #[arg(long, value_parser = ["asc", "desc"], default_value = "asc")]
+    order: String,
+    /// Items per page, 1 to 100.
+    #[arg(long)]
+    page_size: Option<u32>,
+    /// Every page, not just the first.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// Sid or unique name of the map.
+    map: String,
+    /// Start after this event id (0: every retained event); default: from the next change.
+    #[arg(long)]
+    after: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let code = rt.block_on(run(cli));
+    ExitCode::from(code)
+}
+
+async fn run(cli: Cli) -> u8 {
+    if let Command::Node(args) = &cli.command {
+        init_logging();
+        let r = match args.config(cli.token.clone()) {
+            Ok(cfg) => daemon::run(cfg, args.ready_file.clone()).await,
+            Err(e) => Err(e),
+        };
+        return match r {
+            Ok(()) => exit::OK,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("error: {e:#}");
+                exit::FAILURE
+            }
+        };
+    }
+    let client = match Client::new(&cli.node, cli.token.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return e.exit_code();
+        }
+    };
+    let out = commands::Out { json: cli.json };
+    let r = match cli.command {
+        Command::Node(_) => Ok(()),
+        Command::Maps => commands::maps(&client, out).await,
+        Command::Map(MapCommand::Create { name, ttl }) => {
+            commands::map_create(&client, out, name, ttl).await
+        }
+        Command::Map(MapCommand::Get(a)) => commands::map_get(&client, out, &a.map).await,
+        Command::Map(MapCommand::Ttl { map, seconds }) => {
+            commands::map_ttl(&client, out, &map, seconds).await
+        }
+        Command::Map(MapCommand::Delete(a)) => commands::map_delete(&client, out, &a.map).await,
+        Command::Set(a) => {
+            commands::write(
+                &client,
+                out,
+                commands::WriteKind::Set,
+                &a.map,
+                &a.key,
+                &a.data,
+                a.ttl,
+                a.if_match,
+            )
+            .await
+        }
+        Command::Update(a) => {
+            commands::write(
+                &client,
+                out,
+                commands::WriteKind::Update,
+                &a.map,
+                &a.key,
+                &a.data,
+                a.ttl,
+                a.if_match,
+            )
+            .await
+        }
+        Command::Get(a) => commands::get(&client, out, &a.map, &a.key).await,
+        Command::Remove(a) => commands::remove(&client, out, &a.map, &a.key, a.if_match).await,
+        Command::Items(a) => {
+            let q = commands::ItemsQuery {
+                from: a.from,
+                exclusive: a.exclusive,
+                desc: a.order == "desc",
+                page_size: a.page_size,
+                all: a.all,
+            };
+            commands::items(&client, out, &a.map, q).await
+        }
+        Command::Watch(a) => commands::watch(&client, &a.map, a.after).await,
+        Command::Status => commands::status(&client, out).await,
+        Command::Export(a) => commands::export(&client, &a.map).await,
+        Command::Import(a) => commands::import(&client, out, &a.map).await,
+    };
+    match r {
+        Ok(()) => exit::OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed_and_every_command_has_examples() {
+        Cli::command().debug_assert();
+        fn walk(cmd: &clap::Command) {
+            for sub in cmd.get_subcommands() {
+                if sub.has_subcommands() {
+                    walk(sub);
+                    continue;
+                }
+                let help = sub
+                    .get_after_help()
+                    .map(|h| h.to_string())
+                    .unwrap_or_default();
+                assert!(
+                    help.contains("Examples:"),
+                    "{} has no examples",
+                    sub.get_name()
+                );
+            }
+        }
+        walk(&Cli::command());
+        let top = Cli::command()
+            .get_after_help()
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        assert!(top.contains("Exit codes:"));
+    }
+
+    #[test]
+    fn node_flags_resolve() {
+        let cli = Cli::try_parse_from([
+            "syncmesh",
+            "node",
+            "--http",
+            "127.0.0.1:0",
+            "--no-mdns",
+            "--peer",
+            "/ip4/1.2.3.4/tcp/1",
+            "--peer",
+            "/ip4/1.2.3.5/tcp/1",
+            "--token",
+            "t",
+        ])
+        .unwrap();
+        let Command::Node(args) = &cli.command else {
+            panic!()
+        };
+        let cfg = args.config(cli.token.clone()).unwrap();
+        assert_eq!(cfg.mdns, Some(false));
+        assert_eq!(cfg.peers.len(), 2);
+        assert_eq!(cfg.token.as_deref(), Some("t"));
+        assert_eq!(cfg.http.as_deref(), Some("127.0.0.1:0"));
+    }
+}

@@ -1,0 +1,109 @@
+//! The API's error body and how every failure maps to a Sync Maps code and HTTP status.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::model::ErrorBody;
+
+/// Where an error's `more_info` points: the error table of the HTTP API document.
+pub const MORE_INFO: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/docs/http-api.md#errors");
+
+/// Codes this server answers with besides the Sync Maps ones of [`syncmesh::Error::code`].
+pub mod codes {
+    /// A parameter, header or body is malformed (400).
+    pub const INVALID_PARAMETER: u32 = 20001;
+    /// A token is required, or the one given is wrong (401).
+    pub const UNAUTHORIZED: u32 = 20003;
+    /// The route exists but not with this method (405).
+    pub const METHOD_NOT_ALLOWED: u32 = 20004;
+    /// No such route (404).
+    pub const NOT_FOUND: u32 = 20404;
+    /// The event route was asked for neither a WebSocket nor `text/event-stream` (406).
+    pub const NOT_ACCEPTABLE: u32 = 20406;
+    /// The events asked for are no longer retained (410).
+    pub const EVENTS_PRUNED: u32 = 20410;
+    /// The body's content type is neither JSON nor form-encoded (415).
+    pub const UNSUPPORTED_MEDIA_TYPE: u32 = 20415;
+    /// The node failed (storage); nothing was acknowledged (500).
+    pub const INTERNAL: u32 = 20500;
+    /// The node is closed or has stopped writes after a storage failure (503).
+    pub const UNAVAILABLE: u32 = 20503;
+}
+
+/// An error answered as `{"code", "message", "more_info", "status"}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status} ({code}): {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Sync Maps (54xxx) or server (20xxx) error code.
+    pub code: u32,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: u32, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 / 20001: a malformed parameter, header or body.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, codes::INVALID_PARAMETER, message)
+    }
+
+    /// The body this error is answered with.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.code,
+            message: self.message.clone(),
+            more_info: MORE_INFO.to_string(),
+            status: self.status.as_u16(),
+        }
+    }
+}
+
+impl From<syncmesh::Error> for ApiError {
+    fn from(e: syncmesh::Error) -> Self {
+        let (status, code) = match &e {
+            syncmesh::Error::Map(m) => (
+                StatusCode::from_u16(m.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+                m.code(),
+            ),
+            syncmesh::Error::EventsPruned { .. } => (StatusCode::GONE, codes::EVENTS_PRUNED),
+            syncmesh::Error::Closed | syncmesh::Error::WritesStopped(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
+        };
+        if status.is_server_error() {
+            tracing::error!("request failed: {e}");
+        }
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<syncmesh_core::Error> for ApiError {
+    fn from(e: syncmesh_core::Error) -> Self {
+        ApiError::from(syncmesh::Error::Map(e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"syncmesh\""),
+            );
+        }
+        r
+    }
+}

@@ -1,0 +1,362 @@
+//! `/Maps/{map}/Items` and `/Maps/{map}/Items/{key}`: the item operations.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use syncmesh::{Bounds, Item, Order, PageRequest, WriteOptions};
+use syncmesh_core::limits;
+
+use crate::error::ApiError;
+use crate::model::{
+    CreateItemParams, ErrorBody, ItemList, ItemResource, ItemsQuery, PageMeta, WriteItemParams,
+};
+use crate::params::{self, Params, Path, Query};
+use crate::state::AppState;
+use crate::urls::Urls;
+
+/// An item answer: the resource, its revision as `ETag`, and `Location` when created.
+fn item_response(status: StatusCode, item: Item, sid: &str, urls: &Urls) -> Response {
+    let r = ItemResource::new(item, sid, urls);
+    let etag = HeaderValue::from_str(&format!("\"{}\"", r.revision)).ok();
+    let location = (status == StatusCode::CREATED)
+        .then(|| HeaderValue::from_str(&r.url).ok())
+        .flatten();
+    let mut resp = (status, Json(r)).into_response();
+    if let Some(v) = etag {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    if let Some(v) = location {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// Creates an item; 409/54208 if the key exists.
+#[utoipa::path(
+    post,
+    path = "/v1/Services/default/Maps/{map}/Items",
+    tag = "items",
+    params(("map" = String, Path, description = "Sid or unique name, percent-encoded")),
+    request_body(content(
+        (CreateItemParams = "application/json"),
+        (CreateItemParams = "application/x-www-form-urlencoded"),
+    )),
+    responses(
+        (status = 201, description = "The new item", body = ItemResource,
+            headers(("ETag" = String, description = "The item's revision, quoted"))),
+        (status = 400, description = "Invalid key (54209), data (54206), TTL (54011) or parameters (20001)", body = ErrorBody),
+        (status = 404, description = "No such map (54200)", body = ErrorBody),
+        (status = 409, description = "The key exists (54208)", body = ErrorBody),
+        (status = 413, description = "Data over 16 KiB (54006)", body = ErrorBody),
+    ),
+)]
+pub async fn create_item(
+    State(st): State<AppState>,
+    urls: Urls,
+    Path(id): Path<String>,
+    Params { value: p, form }: Params<CreateItemParams>,
+) -> Result<Response, ApiError> {
+    let key = p.key.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            54209,
+            "the Key parameter is required",
+        )
+    })?;
+    limits::validate_key(&key)?;
+    let data = params::required_data(p.data, form)?;
+    let ttl = params::ttl(p.ttl)?;
+    let map = st.map(&id).await?;
+    let item = map
+        .create_item(&key, serde_json::Value::Object(data), ttl)
+        .await?;
+    Ok(item_response(
+        StatusCode::CREATED,
+        item,
+        map.sid().as_str(),
+        &urls,
+    ))
+}
+
+/// Lists items in key order, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/Services/default/Maps/{map}/Items",
+    tag = "items",
+    params(("map" = String, Path, description = "Sid or unique name, percent-encoded"), ItemsQuery),
+    responses(
+        (status = 200, description = "A page of items", body = ItemList),
+        (status = 400, description = "Invalid page size or token (54455) or parameter (20001)", body = ErrorBody),
+        (status = 404, description = "No such map (54200)", body = ErrorBody),
+    ),
+)]
+pub async fn list_items(
+    State(st): State<AppState>,
+    urls: Urls,
+    Path(id): Path<String>,
+    Query(q): Query<ItemsQuery>,
+) -> Result<Json<ItemList>, ApiError> {
+    let order = match q.order.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("asc") => Order::Asc,
+        Some("desc") => Order::Desc,
+        Some(o) => {
+            return Err(ApiError::invalid(format!(
+                "invalid Order {o:?}: asc or desc"
+            )))
+        }
+    };
+    let bounds = match q.bounds.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("inclusive") => Bounds::Inclusive,
+        Some("exclusive") => Bounds::Exclusive,
+        Some(b) => {
+            return Err(ApiError::invalid(format!(
+                "invalid Bounds {b:?}: inclusive or exclusive"
+            )))
+        }
+    };
+    let page_size = params::page_size(q.page_size.as_deref())?;
+    let page_no = params::page_number(q.page.as_deref())?;
+    let map = st.map(&id).await?;
+    let sid = map.sid().as_str().to_string();
+    let page = map
+        .items(PageRequest {
+            order,
+            from: q.from.clone(),
+            bounds,
+            page_size,
+            token: q.page_token.clone(),
+        })
+        .await?;
+    let size = page.page_size;
+    let link = |token: Option<&str>, page: u64| {
+        let mut s = form_urlencoded::Serializer::new(String::new());
+        s.append_pair("PageSize", &size.to_string());
+        s.append_pair("Page", &page.to_string());
+        match token {
+            Some(t) => {
+                s.append_pair("PageToken", t);
+            }
+            None => {
+                if order == Order::Desc {
+                    s.append_pair("Order", "desc");
+                }
+                if let Some(f) = &q.from {
+                    s.append_pair("From", f);
+                    if bounds == Bounds::Exclusive {
+                        s.append_pair("Bounds", "exclusive");
+                    }
+                }
+            }
+        }
+        format!("{}?{}", urls.items(&sid), s.finish())
+    };
+    let meta = PageMeta {
+        page: page_no,
+        page_size: size as u64,
+        first_page_url: link(None, 0),
+        previous_page_url: page
+            .prev_token
+            .as_deref()
+            .map(|t| link(Some(t), page_no.saturating_sub(1))),
+        next_page_url: page
+            .next_token
+            .as_deref()
+            .map(|t| link(Some(t), page_no.saturating_add(1))),
+        url: link(q.page_token.as_deref(), page_no),
+        key: "items".into(),
+    };
+    Ok(Json(ItemList {
+        items: page
+            .items
+            .into_iter()
+            .map(|i| ItemResource::new(i, &sid, &urls))
+            .collect(),
+        meta,
+    }))
+}
+
+/// Fetches an item; its revision is also the `ETag`.
+#[utoipa::path(
+    get,
+    path = "/v1/Services/default/Maps/{map}/Items/{key}",
+    tag = "items",
+    params(
+        ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
+        ("key" = String, Path, description = "The key, percent-encoded (`/` as `%2F`)"),
+    ),
+    responses(
+        (status = 200, description = "The item", body = ItemResource,
+            headers(("ETag" = String, description = "The item's revision, quoted"))),
+        (status = 400, description = "Invalid key (54209)", body = ErrorBody),
+        (status = 404, description = "No such map (54200) or item (54201)", body = ErrorBody),
+    ),
+)]
+pub async fn fetch_item(
+    State(st): State<AppState>,
+    urls: Urls,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    limits::validate_key(&key)?;
+    let map = st.map(&id).await?;
+    let item = map.get(&key).await?;
+    Ok(item_response(
+        StatusCode::OK,
+        item,
+        map.sid().as_str(),
+        &urls,
+    ))
+}
+
+/// Sets an item: `Data` replaces its data (creating the item if missing), `Ttl` sets its
+/// expiry from now; `If-Match` makes the write conditional (412/54205).
+#[utoipa::path(
+    post,
+    path = "/v1/Services/default/Maps/{map}/Items/{key}",
+    tag = "items",
+    params(
+        ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
+        ("key" = String, Path, description = "The key, percent-encoded (`/` as `%2F`)"),
+        ("If-Match" = Option<String>, Header, description = "Write only if the item's revision is this one"),
+    ),
+    request_body(content(
+        (WriteItemParams = "application/json"),
+        (WriteItemParams = "application/x-www-form-urlencoded"),
+    )),
+    responses(
+        (status = 200, description = "The item", body = ItemResource,
+            headers(("ETag" = String, description = "The item's revision, quoted"))),
+        (status = 400, description = "Invalid key (54209), data (54206), TTL (54011) or parameters (20001)", body = ErrorBody),
+        (status = 404, description = "No such map (54200), or a TTL-only write to a missing item (54201)", body = ErrorBody),
+        (status = 412, description = "If-Match does not match (54205)", body = ErrorBody),
+        (status = 413, description = "Data over 16 KiB (54006)", body = ErrorBody),
+    ),
+)]
+pub async fn set_item(
+    State(st): State<AppState>,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((id, key)): Path<(String, String)>,
+    Params { value: p, form }: Params<WriteItemParams>,
+) -> Result<Response, ApiError> {
+    limits::validate_key(&key)?;
+    let data = params::data(p.data, form)?;
+    let ttl = params::ttl(p.ttl)?;
+    let if_match = params::if_match(&headers)?;
+    let map = st.map(&id).await?;
+    let item = match (data, ttl) {
+        (Some(d), ttl) => {
+            map.set_with(
+                &key,
+                serde_json::Value::Object(d),
+                WriteOptions { ttl, if_match },
+            )
+            .await?
+        }
+        (None, Some(t)) if if_match.is_none() => map.set_item_ttl(&key, t).await?,
+        (None, Some(t)) => {
+            // A conditional TTL change: rewrite the current data with the new expiry, under
+            // the same revision check as any other write.
+            let opts = WriteOptions {
+                ttl: Some(t),
+                if_match,
+            };
+            map.mutate_with(&key, opts, |d| d.cloned())
+                .await?
+                .ok_or_else(|| syncmesh_core::Error::ItemNotFound(key.clone()))?
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "give Data (the item's new JSON object) and/or Ttl",
+            ))
+        }
+    };
+    Ok(item_response(
+        StatusCode::OK,
+        item,
+        map.sid().as_str(),
+        &urls,
+    ))
+}
+
+/// Updates an item: `Data` is merged into its data field by field (shallow; creating the item
+/// if missing); `If-Match` makes the write conditional (412/54205).
+#[utoipa::path(
+    patch,
+    path = "/v1/Services/default/Maps/{map}/Items/{key}",
+    tag = "items",
+    params(
+        ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
+        ("key" = String, Path, description = "The key, percent-encoded (`/` as `%2F`)"),
+        ("If-Match" = Option<String>, Header, description = "Write only if the item's revision is this one"),
+    ),
+    request_body(content(
+        (WriteItemParams = "application/json"),
+        (WriteItemParams = "application/x-www-form-urlencoded"),
+    )),
+    responses(
+        (status = 200, description = "The item", body = ItemResource,
+            headers(("ETag" = String, description = "The item's revision, quoted"))),
+        (status = 400, description = "Invalid key (54209), data (54206), TTL (54011) or parameters (20001)", body = ErrorBody),
+        (status = 404, description = "No such map (54200)", body = ErrorBody),
+        (status = 412, description = "If-Match does not match (54205)", body = ErrorBody),
+        (status = 413, description = "Data over 16 KiB (54006)", body = ErrorBody),
+    ),
+)]
+pub async fn update_item(
+    State(st): State<AppState>,
+    urls: Urls,
+    headers: HeaderMap,
+    Path((id, key)): Path<(String, String)>,
+    Params { value: p, form }: Params<WriteItemParams>,
+) -> Result<Response, ApiError> {
+    limits::validate_key(&key)?;
+    let patch = params::required_data(p.data, form)?;
+    let ttl = params::ttl(p.ttl)?;
+    let if_match = params::if_match(&headers)?;
+    let map = st.map(&id).await?;
+    let item = map
+        .update_with(
+            &key,
+            serde_json::Value::Object(patch),
+            WriteOptions { ttl, if_match },
+        )
+        .await?;
+    Ok(item_response(
+        StatusCode::OK,
+        item,
+        map.sid().as_str(),
+        &urls,
+    ))
+}
+
+/// Deletes an item; with `If-Match` only at that revision (412/54205).
+#[utoipa::path(
+    delete,
+    path = "/v1/Services/default/Maps/{map}/Items/{key}",
+    tag = "items",
+    params(
+        ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
+        ("key" = String, Path, description = "The key, percent-encoded (`/` as `%2F`)"),
+        ("If-Match" = Option<String>, Header, description = "Delete only if the item's revision is this one"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such map (54200) or item (54201)", body = ErrorBody),
+        (status = 412, description = "If-Match does not match (54205)", body = ErrorBody),
+    ),
+)]
+pub async fn delete_item(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    limits::validate_key(&key)?;
+    let if_match = params::if_match(&headers)?;
+    let map = st.map(&id).await?;
+    match if_match {
+        Some(rev) => map.remove_if(&key, rev).await?,
+        None => map.remove(&key).await?,
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

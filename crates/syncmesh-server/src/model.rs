@@ -1,0 +1,425 @@
+//! What the API sends and accepts, in the field names of the hosted Sync Maps REST API.
+//!
+//! Request parameters use the hosted API's PascalCase names (`UniqueName`, `Key`, `Data`,
+//! `Ttl`); resources use its snake_case field names. Each type is also an OpenAPI schema.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use syncmesh::{Event, EventKind, Item, JsonObject, MapInfo, Timestamp};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::urls::Urls;
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Sync Maps error code (54xxx) or server error code (20xxx).
+    pub code: u32,
+    /// What went wrong and what to do.
+    pub message: String,
+    /// Where the code is explained.
+    pub more_info: String,
+    /// The HTTP status, repeated.
+    pub status: u16,
+}
+
+/// Links of a map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MapLinks {
+    /// The map's items.
+    pub items: String,
+    /// The map's live event stream (WebSocket or Server-Sent Events).
+    pub events: String,
+}
+
+/// A map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MapResource {
+    /// System id: `MP` + 32 hex digits.
+    pub sid: String,
+    /// The unique name, if the map has one.
+    pub unique_name: Option<String>,
+    /// Opaque; changes when the map's own properties change.
+    pub revision: String,
+    /// RFC 3339, UTC.
+    pub date_created: String,
+    /// RFC 3339, UTC: the last change to the map or one of its items known here.
+    pub date_updated: String,
+    /// RFC 3339, UTC; `null` if the map never expires.
+    pub date_expires: Option<String>,
+    /// Id of the node that created the map.
+    pub created_by: String,
+    /// This resource.
+    pub url: String,
+    /// Related resources.
+    pub links: MapLinks,
+}
+
+impl MapResource {
+    /// The resource for `info`.
+    pub fn new(info: &MapInfo, urls: &Urls) -> Self {
+        let sid = info.sid.as_str();
+        MapResource {
+            sid: sid.to_string(),
+            unique_name: info.unique_name.clone(),
+            revision: info.revision.to_string(),
+            date_created: rfc3339(info.date_created),
+            date_updated: rfc3339(info.date_updated),
+            date_expires: info.date_expires.map(rfc3339),
+            created_by: info.created_by.to_string(),
+            url: urls.map(sid),
+            links: MapLinks {
+                items: urls.items(sid),
+                events: urls.events(sid),
+            },
+        }
+    }
+}
+
+/// An item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ItemResource {
+    /// The item's key.
+    pub key: String,
+    /// The map's sid.
+    pub map_sid: String,
+    /// The item's JSON object.
+    #[schema(value_type = Object)]
+    pub data: JsonObject,
+    /// Opaque; changes on every change to the item (also sent as `ETag`).
+    pub revision: String,
+    /// RFC 3339, UTC.
+    pub date_created: String,
+    /// RFC 3339, UTC.
+    pub date_updated: String,
+    /// RFC 3339, UTC; `null` if the item never expires.
+    pub date_expires: Option<String>,
+    /// Id of the node that created the item.
+    pub created_by: String,
+    /// This resource (the key percent-encoded).
+    pub url: String,
+}
+
+impl ItemResource {
+    /// The resource for `item` of map `sid`.
+    pub fn new(item: Item, sid: &str, urls: &Urls) -> Self {
+        ItemResource {
+            url: urls.item(sid, &item.key),
+            key: item.key,
+            map_sid: sid.to_string(),
+            data: item.data,
+            revision: item.revision.to_string(),
+            date_created: rfc3339(item.date_created),
+            date_updated: rfc3339(item.date_updated),
+            date_expires: item.date_expires.map(rfc3339),
+            created_by: item.created_by.to_string(),
+        }
+    }
+}
+
+/// Paging information of a list, as in the hosted API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PageMeta {
+    /// Page number, from 0 (informational: pages are found by `PageToken`).
+    pub page: u64,
+    /// Items per page.
+    pub page_size: u64,
+    /// The first page of this listing.
+    pub first_page_url: String,
+    /// The page before this one, if any.
+    pub previous_page_url: Option<String>,
+    /// The page after this one, if any.
+    pub next_page_url: Option<String>,
+    /// This page.
+    pub url: String,
+    /// Name of the list field: `maps` or `items`.
+    pub key: String,
+}
+
+/// A page of maps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MapList {
+    /// The maps, in sid order.
+    pub maps: Vec<MapResource>,
+    /// Paging.
+    pub meta: PageMeta,
+}
+
+/// A page of items.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ItemList {
+    /// The items, in key order.
+    pub items: Vec<ItemResource>,
+    /// Paging.
+    pub meta: PageMeta,
+}
+
+/// What an event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    /// An item appeared.
+    MapItemAdded,
+    /// An item changed.
+    MapItemUpdated,
+    /// An item was removed or expired.
+    MapItemRemoved,
+    /// The map was removed or expired.
+    MapRemoved,
+}
+
+/// One live event of a map, as sent over WebSocket and Server-Sent Events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EventBody {
+    /// Per map and node, strictly increasing; resume after it with `Last-Event-ID` or `after`.
+    pub id: u64,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The map's sid.
+    pub map_sid: String,
+    /// The item's key (`null` for `map_removed`).
+    pub item_key: Option<String>,
+    /// The item's data now (`null` for removals).
+    #[schema(value_type = Option<Object>)]
+    pub item_data: Option<JsonObject>,
+    /// The item's data before (`null` for additions and `map_removed`).
+    #[schema(value_type = Option<Object>)]
+    pub previous_item_data: Option<JsonObject>,
+    /// The item's revision now (`null` for removals).
+    pub item_revision: Option<String>,
+    /// True if this node made the change, false if it came from a peer.
+    pub is_local: bool,
+    /// RFC 3339, UTC: when this node observed the change.
+    pub date_created: String,
+}
+
+impl From<Event> for EventBody {
+    fn from(e: Event) -> Self {
+        let (kind, key, data, prev, rev) = match e.kind {
+            EventKind::ItemAdded { item } => (
+                EventType::MapItemAdded,
+                Some(item.key),
+                Some(item.data),
+                None,
+                Some(item.revision.to_string()),
+            ),
+            EventKind::ItemUpdated {
+                item,
+                previous_data,
+            } => (
+                EventType::MapItemUpdated,
+                Some(item.key),
+                Some(item.data),
+                Some(previous_data),
+                Some(item.revision.to_string()),
+            ),
+            EventKind::ItemRemoved { key, previous_data } => (
+                EventType::MapItemRemoved,
+                Some(key),
+                None,
+                Some(previous_data),
+                None,
+            ),
+            EventKind::MapRemoved => (EventType::MapRemoved, None, None, None, None),
+        };
+        EventBody {
+            id: e.id,
+            kind,
+            map_sid: e.map.to_string(),
+            item_key: key,
+            item_data: data,
+            previous_item_data: prev,
+            item_revision: rev,
+            is_local: e.is_local,
+            date_created: rfc3339(e.date),
+        }
+    }
+}
+
+/// The message that ends an event stream that cannot go on (e.g. events were pruned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StreamError {
+    /// Always `error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Error code, as in [`ErrorBody`].
+    pub code: u32,
+    /// What went wrong and what to do.
+    pub message: String,
+    /// HTTP status the error would have had.
+    pub status: u16,
+}
+
+/// This node: its identity, addresses, peers and number of maps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    /// The node's peer id on the network (`null` for a node not on a network).
+    pub peer_id: Option<String>,
+    /// Full multiaddrs the node listens on, with `/p2p/<peer id>`.
+    pub listen_addrs: Vec<String>,
+    /// The address the HTTP API is bound to.
+    pub http_addr: String,
+    /// Peer ids of connected peers.
+    pub connected_peers: Vec<String>,
+    /// Number of live maps.
+    pub maps: u64,
+    /// The node's id (`created_by` of what it creates).
+    pub node_id: String,
+    /// The server's version.
+    pub version: String,
+}
+
+/// Parameters of `POST /Maps`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMapParams {
+    /// Unique name (1 to 320 characters, not shaped like a sid); omit for an unnamed map.
+    #[serde(rename = "UniqueName")]
+    pub unique_name: Option<String>,
+    /// Seconds until the map expires, 0 to 31,536,000 (0 = never).
+    #[serde(rename = "Ttl", alias = "CollectionTtl")]
+    #[schema(value_type = Option<i64>)]
+    pub ttl: Option<Value>,
+}
+
+/// Parameters of `POST /Maps/{map}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMapParams {
+    /// Seconds from now until the map expires, 0 to 31,536,000 (0 = never).
+    #[serde(rename = "Ttl", alias = "CollectionTtl")]
+    #[schema(value_type = Option<i64>)]
+    pub ttl: Option<Value>,
+}
+
+/// Parameters of `POST /Maps/{map}/Items`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateItemParams {
+    /// The key: 1 to 320 characters, any characters.
+    #[serde(rename = "Key")]
+    pub key: Option<String>,
+    /// A JSON object of at most 16 KiB (in a form-encoded body: its JSON text).
+    #[serde(rename = "Data")]
+    #[schema(value_type = Object)]
+    pub data: Option<Value>,
+    /// Seconds until the item expires, 0 to 31,536,000 (0 = never).
+    #[serde(rename = "Ttl", alias = "ItemTtl")]
+    #[schema(value_type = Option<i64>)]
+    pub ttl: Option<Value>,
+}
+
+/// Parameters of `POST` and `PATCH /Maps/{map}/Items/{key}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriteItemParams {
+    /// A JSON object of at most 16 KiB (in a form-encoded body: its JSON text). `POST`
+    /// replaces the data with it, `PATCH` merges its top-level fields into the data.
+    #[serde(rename = "Data")]
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+    /// Seconds from now until the item expires, 0 to 31,536,000 (0 = never); omitted keeps the
+    /// current expiry.
+    #[serde(rename = "Ttl", alias = "ItemTtl")]
+    #[schema(value_type = Option<i64>)]
+    pub ttl: Option<Value>,
+}
+
+/// Query of `GET /Maps`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MapsQuery {
+    /// Maps per page, 1 to 100 (default 50).
+    #[serde(rename = "PageSize")]
+    #[param(value_type = Option<i64>)]
+    pub page_size: Option<String>,
+    /// A page token from `meta` of an earlier page.
+    #[serde(rename = "PageToken")]
+    pub page_token: Option<String>,
+    /// Page number carried by page URLs (informational).
+    #[serde(rename = "Page")]
+    #[param(value_type = Option<u64>)]
+    pub page: Option<String>,
+}
+
+/// Query of `GET /Maps/{map}/Items`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ItemsQuery {
+    /// `asc` (default) or `desc` by key.
+    #[serde(rename = "Order")]
+    #[param(value_type = Option<String>, pattern = "^(asc|desc)$")]
+    pub order: Option<String>,
+    /// Key to start from.
+    #[serde(rename = "From")]
+    pub from: Option<String>,
+    /// `inclusive` (default: start at `From`) or `exclusive` (start after it).
+    #[serde(rename = "Bounds")]
+    #[param(value_type = Option<String>, pattern = "^(inclusive|exclusive)$")]
+    pub bounds: Option<String>,
+    /// Items per page, 1 to 100 (default 50).
+    #[serde(rename = "PageSize")]
+    #[param(value_type = Option<i64>)]
+    pub page_size: Option<String>,
+    /// A page token from `meta` of an earlier page (`Order`, `From` and `Bounds` are then
+    /// taken from the token).
+    #[serde(rename = "PageToken")]
+    pub page_token: Option<String>,
+    /// Page number carried by page URLs (informational).
+    #[serde(rename = "Page")]
+    #[param(value_type = Option<u64>)]
+    pub page: Option<String>,
+}
+
+/// Query of `GET /Maps/{map}/Events`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Resume after this event id (0 = from the first retained event); `Last-Event-ID`
+    /// takes precedence. Without either, the stream starts with the next change.
+    #[param(value_type = Option<u64>)]
+    pub after: Option<String>,
+    /// The bearer token, for browsers' `EventSource` and `WebSocket`, which cannot set headers.
+    pub access_token: Option<String>,
+}
+
+/// Formats a timestamp as RFC 3339 in UTC with milliseconds, e.g. `2026-11-28T06:13:00.000Z`.
+pub fn rfc3339(t: Timestamp) -> String {
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    // Peers' clocks are not trusted to be sane: out-of-range instants are clamped, never a panic.
+    let nanos = i128::from(t.millis()) * 1_000_000;
+    let dt = time::OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(if nanos < 0 {
+        time::OffsetDateTime::UNIX_EPOCH
+    } else {
+        time::macros::datetime!(9999-12-31 23:59:59.999 UTC)
+    });
+    dt.format(&fmt).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_are_rfc3339_utc_and_never_panic() {
+        assert_eq!(
+            rfc3339(Timestamp::from_millis(0)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339(Timestamp::from_millis(1_700_000_000_123)),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            rfc3339(Timestamp::from_millis(i64::MIN)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert!(rfc3339(Timestamp::from_millis(i64::MAX)).starts_with("9999-12-31"));
+    }
+}

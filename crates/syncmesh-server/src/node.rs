@@ -1,0 +1,42 @@
+//! `/v1/Node`: what this node is, where it listens and whom it is connected to.
+
+use axum::extract::State;
+use axum::Json;
+
+use crate::error::ApiError;
+use crate::model::{ErrorBody, NodeStatus};
+use crate::state::AppState;
+
+/// This node's identity, addresses, peers and number of maps.
+#[utoipa::path(
+    get,
+    path = "/v1/Node",
+    tag = "node",
+    responses(
+        (status = 200, description = "The node", body = NodeStatus),
+        (status = 503, description = "The node is closed (20503)", body = ErrorBody),
+    ),
+)]
+pub async fn node(State(st): State<AppState>) -> Result<Json<NodeStatus>, ApiError> {
+    Ok(Json(node_status(&st).await?))
+}
+
+/// Builds the node status. The network part (peer id, listen addresses, connected peers) is
+/// empty until the library has networking; this is the one place to fill it in.
+pub async fn node_status(st: &AppState) -> Result<NodeStatus, ApiError> {
+    let node = st.node();
+    let maps = node.maps().await?.len() as u64;
+    let net = node.network();
+    Ok(NodeStatus {
+        peer_id: net.as_ref().map(|n| n.peer_id.clone()),
+        listen_addrs: net
+            .as_ref()
+            .map(|n| n.listen_addrs.clone())
+            .unwrap_or_default(),
+        http_addr: st.http_addr().to_string(),
+        connected_peers: net.map(|n| n.connected).unwrap_or_default(),
+        maps,
+        node_id: node.id().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}

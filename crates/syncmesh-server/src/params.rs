@@ -1,0 +1,309 @@
+//! Reading requests: JSON or form-encoded bodies, queries, path segments and headers, each
+//! failure a typed [`ApiError`] (never axum's plain-text rejections, never a 500).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use syncmesh::{JsonObject, Revision, Ttl};
+use syncmesh_core::limits;
+
+use crate::error::{codes, ApiError};
+
+/// Largest request body. Item data is at most 16 KiB as JSON; in a form-encoded body it is
+/// JSON text percent-encoded (up to 3 bytes per byte), plus a key of up to 320 characters.
+pub const BODY_LIMIT: usize = 4 * limits::MAX_DATA_BYTES;
+
+/// A request body of parameters, JSON or form-encoded, decoded into `T`.
+#[derive(Debug)]
+pub struct Params<T> {
+    /// The parameters.
+    pub value: T,
+    /// Whether they came form-encoded (then `Data` is JSON text).
+    pub form: bool,
+}
+
+impl<T, S> FromRequest<S> for Params<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let ctype = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("?").to_ascii_lowercase());
+        let body = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    54006,
+                    format!(
+                        "the request body is over {BODY_LIMIT} bytes; item data is at most {} bytes",
+                        limits::MAX_DATA_BYTES
+                    ),
+                )
+            } else {
+                ApiError::invalid(format!("could not read the request body: {e}"))
+            }
+        })?;
+        parse_body(ctype.as_deref(), &body)
+    }
+}
+
+fn parse_body<T: DeserializeOwned + Default>(
+    ctype: Option<&str>,
+    body: &[u8],
+) -> Result<Params<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Params {
+            value: T::default(),
+            form: false,
+        });
+    }
+    let mime = ctype.map(|c| c.split(';').next().unwrap_or("").trim());
+    let form = match mime {
+        Some("application/json") => false,
+        Some("application/x-www-form-urlencoded") => true,
+        // No content type: JSON if it looks like a JSON object, else a form.
+        None => body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{'),
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                codes::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "unsupported content type {other:?}: send application/json or application/x-www-form-urlencoded"
+                ),
+            ))
+        }
+    };
+    let value = if form {
+        serde_urlencoded::from_bytes(body)
+            .map_err(|e| ApiError::invalid(format!("invalid form-encoded body: {e}")))?
+    } else {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+        if !v.is_object() {
+            return Err(ApiError::invalid(
+                "the body must be a JSON object of parameters, e.g. {\"Key\": \"k\", \"Data\": {}}",
+            ));
+        }
+        serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid body: {e}")))?
+    };
+    Ok(Params { value, form })
+}
+
+/// Reads a `Ttl` parameter: whole seconds as a JSON number or as text.
+pub fn ttl(v: Option<Value>) -> Result<Option<Ttl>, ApiError> {
+    let bad = |shown: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            54011,
+            format!(
+                "invalid TTL {shown}: must be whole seconds from 0 to {}",
+                limits::MAX_TTL_SECS
+            ),
+        )
+    };
+    let secs = match v {
+        None => return Ok(None),
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| bad(n.to_string()))?,
+        Some(Value::String(s)) => s.trim().parse::<i64>().map_err(|_| bad(format!("{s:?}")))?,
+        Some(other) => return Err(bad(other.to_string())),
+    };
+    Ok(Some(Ttl::from_secs(secs)?))
+}
+
+/// Reads a `Data` parameter: a JSON object, or in a form body its JSON text.
+pub fn data(v: Option<Value>, form: bool) -> Result<Option<JsonObject>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(Value::String(text)) if form => Ok(Some(limits::parse_data(&text)?)),
+        Some(Value::Object(m)) => {
+            limits::validate_data(&m)?;
+            Ok(Some(m))
+        }
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            54206,
+            format!(
+                "item data must be a JSON object, got {}",
+                match other {
+                    Value::Null => "null",
+                    Value::Bool(_) => "a boolean",
+                    Value::Number(_) => "a number",
+                    Value::String(_) => "a string (in a JSON body give the object itself)",
+                    Value::Array(_) => "an array",
+                    Value::Object(_) => "an object",
+                }
+            ),
+        )),
+    }
+}
+
+/// Reads a required `Data` parameter.
+pub fn required_data(v: Option<Value>, form: bool) -> Result<JsonObject, ApiError> {
+    data(v, form)?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            54206,
+            "the Data parameter is required: a JSON object",
+        )
+    })
+}
+
+/// Reads a page size given as text.
+pub fn page_size(v: Option<&str>) -> Result<Option<i64>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(s) => match s.trim().parse::<i64>() {
+            Ok(n) => Ok(Some(limits::validate_page_size(n)? as i64)),
+            Err(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                54455,
+                format!(
+                    "invalid page size {s:?}: must be a whole number from 1 to {}",
+                    limits::MAX_PAGE_SIZE
+                ),
+            )),
+        },
+    }
+}
+
+/// Reads a `Page` number given as text.
+pub fn page_number(v: Option<&str>) -> Result<u64, ApiError> {
+    v.map(|s| {
+        s.trim()
+            .parse::<u64>()
+            .map_err(|_| ApiError::invalid(format!("invalid Page {s:?}: a whole number from 0")))
+    })
+    .transpose()
+    .map(Option::unwrap_or_default)
+}
+
+/// The `If-Match` revision, if any.
+pub fn if_match(headers: &HeaderMap) -> Result<Option<Revision>, ApiError> {
+    match headers.get(header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v
+                .to_str()
+                .map_err(|_| ApiError::invalid("the If-Match header is not visible ASCII"))?;
+            Ok(Some(Revision::from_client(s)))
+        }
+    }
+}
+
+/// A query string decoded into `T` (unknown parameters are refused, so typos are noticed).
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Query<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let q = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(q)
+            .map(Query)
+            .map_err(|e| ApiError::invalid(format!("invalid query: {e}")))
+    }
+}
+
+/// Percent-decoded path parameters. `%2F` in a key decodes to `/` within its one segment.
+#[derive(Debug)]
+pub struct Path<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|e| {
+                ApiError::invalid(format!(
+                    "invalid path: {} (percent-encode keys and names as UTF-8)",
+                    e.body_text()
+                ))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::CreateItemParams;
+    use serde_json::json;
+
+    fn body(ctype: Option<&str>, b: &str) -> Result<Params<CreateItemParams>, ApiError> {
+        parse_body(ctype, b.as_bytes())
+    }
+
+    #[test]
+    fn json_and_form_bodies() {
+        let p = body(
+            Some("application/json"),
+            r#"{"Key":"k","Data":{"a":1},"Ttl":5}"#,
+        )
+        .unwrap();
+        assert!(!p.form);
+        assert_eq!(p.value.key.as_deref(), Some("k"));
+        let p = body(
+            Some("application/x-www-form-urlencoded; charset=utf-8"),
+            "Key=a%2Fb&Data=%7B%22a%22%3A1%7D&Ttl=5",
+        )
+        .unwrap();
+        assert!(p.form);
+        assert_eq!(p.value.key.as_deref(), Some("a/b"));
+        let d = data(p.value.data, true).unwrap().unwrap();
+        assert_eq!(Value::Object(d), json!({"a": 1}));
+        assert_eq!(ttl(p.value.ttl).unwrap().unwrap().secs(), 5);
+        // sniffed without a content type
+        assert!(!body(None, r#" {"Key":"k"}"#).unwrap().form);
+        assert!(body(None, "Key=k").unwrap().form);
+        assert!(body(Some("application/json"), "")
+            .unwrap()
+            .value
+            .key
+            .is_none());
+    }
+
+    #[test]
+    fn bad_bodies_are_typed_errors() {
+        let code = |r: Result<Params<CreateItemParams>, ApiError>| r.unwrap_err().code;
+        assert_eq!(code(body(Some("application/json"), "{bad")), 20001);
+        assert_eq!(code(body(Some("application/json"), "[1]")), 20001);
+        assert_eq!(code(body(Some("application/json"), r#"{"Nope":1}"#)), 20001);
+        assert_eq!(code(body(Some("text/plain"), "x")), 20415);
+        assert_eq!(data(Some(json!(null)), false).unwrap_err().code, 54206);
+        assert_eq!(data(Some(json!("{}")), false).unwrap_err().code, 54206);
+        assert_eq!(data(Some(json!("[1]")), true).unwrap_err().code, 54206);
+        assert_eq!(data(Some(json!("{bad")), true).unwrap_err().code, 54206);
+        let big = json!({"a": "x".repeat(limits::MAX_DATA_BYTES)});
+        assert_eq!(data(Some(big), false).unwrap_err().code, 54006);
+        for t in [
+            json!(-1),
+            json!(1.5),
+            json!("x"),
+            json!(true),
+            json!(31_536_001),
+        ] {
+            assert_eq!(ttl(Some(t)).unwrap_err().code, 54011);
+        }
+        assert_eq!(page_size(Some("0")).unwrap_err().code, 54455);
+        assert_eq!(page_size(Some("x")).unwrap_err().code, 54455);
+        assert_eq!(page_size(Some("100")).unwrap(), Some(100));
+    }
+}

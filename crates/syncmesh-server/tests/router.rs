@@ -1,0 +1,1216 @@
+//! In-process tests of the router (`oneshot`): every route, every error code, the token check,
+//! the OpenAPI document against the router, and responses against the document's schemas.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::Router;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use syncmesh::Node;
+use syncmesh_server::{router, ServerOptions};
+use tower::ServiceExt;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+const P: &str = "/v1/Services/default";
+
+struct Api {
+    app: Router,
+    token: Option<String>,
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Resp {
+    /// Asserts an error answer: status, code, and the body's shape.
+    fn err(&self, status: u16, code: u64) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.body);
+        assert_eq!(self.body["code"], code, "{}", self.body);
+        assert_eq!(self.body["status"], status, "{}", self.body);
+        assert!(self.body["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(self.body["more_info"].is_string());
+        check_schema(
+            &self.body,
+            &json!({"$ref": "#/components/schemas/ErrorBody"}),
+        );
+    }
+
+    fn ok(&self, status: u16) -> &Value {
+        assert_eq!(self.status.as_u16(), status, "{}", self.body);
+        &self.body
+    }
+}
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:7700".parse().unwrap()
+}
+
+async fn api() -> Api {
+    let node = Node::in_memory().await.unwrap();
+    Api {
+        app: router(node, ServerOptions::new(addr())),
+        token: None,
+    }
+}
+
+impl Api {
+    async fn send(&self, req: Request<Body>) -> Resp {
+        let mut req = req;
+        if let Some(t) = &self.token {
+            req.headers_mut().insert(
+                header::AUTHORIZATION,
+                format!("Bearer {t}").parse().unwrap(),
+            );
+        }
+        let call = async {
+            let r = self.app.clone().oneshot(req).await.unwrap();
+            let status = r.status();
+            let headers = r.headers().clone();
+            let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            (status, headers, bytes)
+        };
+        let (status, headers, bytes) = tokio::time::timeout(DEADLINE, call)
+            .await
+            .expect("an answer within the deadline");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Resp {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> Resp {
+        let mut b = Request::builder().method(method).uri(uri);
+        let body = match body {
+            Some(v) => {
+                b = b.header(header::CONTENT_TYPE, "application/json");
+                Body::from(v.to_string())
+            }
+            None => Body::empty(),
+        };
+        self.send(b.body(body).unwrap()).await
+    }
+
+    async fn raw(&self, method: Method, uri: &str, ctype: &str, body: &str) -> Resp {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, ctype)
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        self.send(req).await
+    }
+
+    async fn with_header(
+        &self,
+        method: Method,
+        uri: &str,
+        (name, value): (&str, &str),
+        body: Option<Value>,
+    ) -> Resp {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(name, value)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.map_or(Body::empty(), |v| Body::from(v.to_string())))
+            .unwrap();
+        self.send(req).await
+    }
+
+    async fn get(&self, uri: &str) -> Resp {
+        self.call(Method::GET, uri, None).await
+    }
+
+    async fn post(&self, uri: &str, body: Value) -> Resp {
+        self.call(Method::POST, uri, Some(body)).await
+    }
+}
+
+/// Validates `v` against a schema of the OpenAPI document (the subset utoipa emits: `$ref`,
+/// `type` (also as a list with "null"), `properties`, `required`, `items`, `oneOf`,
+/// `additionalProperties`, `enum`). Extra properties in `v` that the schema does not list are
+/// an error too, so the document cannot silently fall behind the code.
+fn check_schema(v: &Value, schema: &Value) {
+    let doc = serde_json::to_value(syncmesh_server::openapi()).unwrap();
+    validate(&doc, v, schema, "$");
+}
+
+fn validate(doc: &Value, v: &Value, s: &Value, at: &str) {
+    if let Some(r) = s["$ref"].as_str() {
+        let name = r.trim_start_matches("#/components/schemas/");
+        let target = &doc["components"]["schemas"][name];
+        assert!(!target.is_null(), "{at}: unknown schema {r}");
+        return validate(doc, v, target, at);
+    }
+    if let Some(alts) = s["oneOf"].as_array() {
+        let ok = alts.iter().any(|alt| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| validate(doc, v, alt, at)))
+                .is_ok()
+        });
+        assert!(ok, "{at}: {v} matches none of {s}");
+        return;
+    }
+    let types: Vec<&str> = match &s["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => return, // any value
+    };
+    let actual = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    };
+    let fits = types.contains(&actual) || (actual == "integer" && types.contains(&"number"));
+    assert!(fits, "{at}: {v} is {actual}, schema says {types:?}");
+    if let Some(e) = s["enum"].as_array() {
+        assert!(e.contains(v), "{at}: {v} not in {e:?}");
+    }
+    if let (Value::Object(o), Some(props)) = (v, s["properties"].as_object()) {
+        for req in s["required"].as_array().into_iter().flatten() {
+            let k = req.as_str().unwrap();
+            assert!(o.contains_key(k), "{at}: missing required {k}");
+        }
+        for (k, val) in o {
+            let p = props
+                .get(k)
+                .unwrap_or_else(|| panic!("{at}: property {k} is not in the schema"));
+            validate(doc, val, p, &format!("{at}.{k}"));
+        }
+    }
+    if let (Value::Array(a), Some(items)) = (v, s.get("items")) {
+        for (i, x) in a.iter().enumerate() {
+            validate(doc, x, items, &format!("{at}[{i}]"));
+        }
+    }
+}
+
+fn schema(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+#[tokio::test]
+async fn maps_create_list_fetch_update_delete() {
+    let api = api().await;
+    let r = api
+        .post(&format!("{P}/Maps"), json!({"UniqueName": "users"}))
+        .await;
+    let m = r.ok(201).clone();
+    check_schema(&m, &schema("MapResource"));
+    assert_eq!(m["unique_name"], "users");
+    let sid = m["sid"].as_str().unwrap().to_string();
+    assert!(sid.starts_with("MP") && sid.len() == 34);
+    assert_eq!(
+        m["url"],
+        format!("http://127.0.0.1:7700{P}/Maps/{sid}").as_str()
+    );
+    assert_eq!(r.headers[header::LOCATION], m["url"].as_str().unwrap());
+    assert!(m["date_expires"].is_null());
+
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "users"}))
+        .await
+        .err(409, 54301);
+    // unnamed map, empty body
+    let r = api.call(Method::POST, &format!("{P}/Maps"), None).await;
+    assert!(r.ok(201)["unique_name"].is_null());
+    // with a TTL, form-encoded
+    let r = api
+        .raw(
+            Method::POST,
+            &format!("{P}/Maps"),
+            "application/x-www-form-urlencoded",
+            "UniqueName=temp%2Fmap&Ttl=60",
+        )
+        .await;
+    assert!(r.ok(201)["date_expires"].is_string());
+
+    for (by, _) in [(sid.as_str(), 0), ("users", 1)] {
+        let r = api.get(&format!("{P}/Maps/{by}")).await;
+        assert_eq!(r.ok(200)["sid"], sid.as_str());
+    }
+    assert_eq!(
+        api.get(&format!("{P}/Maps/temp%2Fmap")).await.ok(200)["unique_name"],
+        "temp/map"
+    );
+    let list = api.get(&format!("{P}/Maps")).await;
+    let list = list.ok(200);
+    check_schema(list, &schema("MapList"));
+    assert_eq!(list["maps"].as_array().unwrap().len(), 3);
+    assert_eq!(list["meta"]["key"], "maps");
+
+    let r = api
+        .post(&format!("{P}/Maps/users"), json!({"Ttl": 3600}))
+        .await;
+    assert!(r.ok(200)["date_expires"].is_string());
+    let r = api
+        .post(&format!("{P}/Maps/users"), json!({"Ttl": 0}))
+        .await;
+    assert!(r.ok(200)["date_expires"].is_null());
+    let r = api.post(&format!("{P}/Maps/users"), json!({})).await;
+    r.ok(200);
+    api.post(&format!("{P}/Maps/users"), json!({"Ttl": -1}))
+        .await
+        .err(400, 54011);
+    api.post(&format!("{P}/Maps/users"), json!({"Nope": 1}))
+        .await
+        .err(400, 20001);
+    api.post(&format!("{P}/Maps/nope"), json!({"Ttl": 1}))
+        .await
+        .err(404, 54200);
+
+    let r = api
+        .call(Method::DELETE, &format!("{P}/Maps/users"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    api.get(&format!("{P}/Maps/users")).await.err(404, 54200);
+    api.get(&format!("{P}/Maps/{sid}")).await.err(404, 54200);
+    api.call(Method::DELETE, &format!("{P}/Maps/users"), None)
+        .await
+        .err(404, 54200);
+    api.get(&format!("{P}/Maps/users/Items/k"))
+        .await
+        .err(404, 54200);
+    // the name is free again
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "users"}))
+        .await
+        .ok(201);
+}
+
+#[tokio::test]
+async fn map_errors() {
+    let api = api().await;
+    let sid_like = format!("MP{}", "a".repeat(32));
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": sid_like}))
+        .await
+        .err(400, 54302);
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": ""}))
+        .await
+        .err(400, 54302);
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "n".repeat(321)}))
+        .await
+        .err(400, 54302);
+    api.post(
+        &format!("{P}/Maps"),
+        json!({"UniqueName": "x", "Ttl": 31_536_001}),
+    )
+    .await
+    .err(400, 54011);
+    api.post(
+        &format!("{P}/Maps"),
+        json!({"UniqueName": "x", "Ttl": "soon"}),
+    )
+    .await
+    .err(400, 54011);
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": 5}))
+        .await
+        .err(400, 20001);
+    api.get(&format!("{P}/Maps/{}", "n".repeat(321)))
+        .await
+        .err(400, 54302);
+    api.get(&format!("{P}/Maps/nope")).await.err(404, 54200);
+    api.get(&format!("{P}/Maps/{sid_like}"))
+        .await
+        .err(404, 54200);
+    for q in ["PageSize=0", "PageSize=101", "PageSize=x"] {
+        api.get(&format!("{P}/Maps?{q}")).await.err(400, 54455);
+    }
+    api.get(&format!("{P}/Maps?PageToken=garbage"))
+        .await
+        .err(400, 54455);
+    api.get(&format!("{P}/Maps?Bogus=1")).await.err(400, 20001);
+    api.get(&format!("{P}/Maps?Page=-1")).await.err(400, 20001);
+}
+
+#[tokio::test]
+async fn map_pages_follow_meta_urls() {
+    let api = api().await;
+    for i in 0..5 {
+        api.post(&format!("{P}/Maps"), json!({"UniqueName": format!("m{i}")}))
+            .await
+            .ok(201);
+    }
+    let mut url = format!("{P}/Maps?PageSize=2");
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let r = api.get(&url).await;
+        let body = r.ok(200).clone();
+        pages += 1;
+        assert_eq!(body["meta"]["page_size"], 2);
+        for m in body["maps"].as_array().unwrap() {
+            seen.push(m["sid"].as_str().unwrap().to_string());
+        }
+        if pages > 1 {
+            assert!(body["meta"]["previous_page_url"].is_string());
+        }
+        match body["meta"]["next_page_url"].as_str() {
+            Some(next) => url = next.trim_start_matches("http://127.0.0.1:7700").to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "every map once, in sid order");
+    assert_eq!(seen.len(), 5);
+}
+
+#[tokio::test]
+async fn items_create_fetch_set_update_delete() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "users"}))
+        .await
+        .ok(201);
+    let items = format!("{P}/Maps/users/Items");
+    let r = api
+        .post(
+            &items,
+            json!({"Key": "david", "Data": {"phone_number": 12345678, "country": "UK"}}),
+        )
+        .await;
+    let it = r.ok(201).clone();
+    check_schema(&it, &schema("ItemResource"));
+    assert_eq!(it["key"], "david");
+    assert_eq!(it["data"]["country"], "UK");
+    let rev = it["revision"].as_str().unwrap().to_string();
+    assert_eq!(r.headers[header::ETAG], format!("\"{rev}\"").as_str());
+    assert_eq!(r.headers[header::LOCATION], it["url"].as_str().unwrap());
+    assert_eq!(it["map_sid"].as_str().unwrap().len(), 34);
+
+    api.post(&items, json!({"Key": "david", "Data": {}}))
+        .await
+        .err(409, 54208);
+
+    let one = format!("{items}/david");
+    let r = api.get(&one).await;
+    assert_eq!(r.ok(200)["revision"], rev.as_str());
+    assert_eq!(r.headers[header::ETAG], format!("\"{rev}\"").as_str());
+
+    // POST replaces, conditional on If-Match
+    api.with_header(
+        Method::POST,
+        &one,
+        ("if-match", "\"0000000000000000\""),
+        Some(json!({"Data": {"country": "IRL"}})),
+    )
+    .await
+    .err(412, 54205);
+    let r = api
+        .with_header(
+            Method::POST,
+            &one,
+            ("if-match", &format!("\"{rev}\"")),
+            Some(json!({"Data": {"country": "IRL"}})),
+        )
+        .await;
+    let it2 = r.ok(200).clone();
+    assert_eq!(it2["data"], json!({"country": "IRL"}));
+    assert_ne!(it2["revision"], rev.as_str());
+    // PATCH merges
+    let r = api
+        .call(
+            Method::PATCH,
+            &one,
+            Some(json!({"Data": {"phone_number": 1}, "Ttl": 60})),
+        )
+        .await;
+    let it3 = r.ok(200).clone();
+    assert_eq!(it3["data"], json!({"country": "IRL", "phone_number": 1}));
+    assert!(it3["date_expires"].is_string());
+    api.with_header(
+        Method::PATCH,
+        &one,
+        ("if-match", "nope"),
+        Some(json!({"Data": {"a": 1}})),
+    )
+    .await
+    .err(412, 54205);
+    // TTL only: clears the expiry, keeps the data
+    let r = api.post(&one, json!({"Ttl": 0})).await;
+    assert!(r.ok(200)["date_expires"].is_null());
+    assert_eq!(r.body["data"]["country"], "IRL");
+    let cur = r.body["revision"].as_str().unwrap().to_string();
+    let r = api
+        .with_header(
+            Method::POST,
+            &one,
+            ("if-match", &cur),
+            Some(json!({"Ttl": 5})),
+        )
+        .await;
+    assert!(r.ok(200)["date_expires"].is_string());
+    api.with_header(
+        Method::POST,
+        &one,
+        ("if-match", &cur),
+        Some(json!({"Ttl": 5})),
+    )
+    .await
+    .err(412, 54205);
+    api.post(&format!("{items}/ghost"), json!({"Ttl": 5}))
+        .await
+        .err(404, 54201);
+    // POST with Data creates a missing item (set), PATCH too (update)
+    api.post(&format!("{items}/new"), json!({"Data": {"n": 1}}))
+        .await
+        .ok(200);
+    api.call(
+        Method::PATCH,
+        &format!("{items}/new2"),
+        Some(json!({"Data": {"n": 2}})),
+    )
+    .await
+    .ok(200);
+    // DELETE, conditional and not
+    api.with_header(Method::DELETE, &one, ("if-match", "nope"), None)
+        .await
+        .err(412, 54205);
+    let cur = api.get(&one).await.body["revision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = api
+        .with_header(Method::DELETE, &one, ("if-match", &cur), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    api.get(&one).await.err(404, 54201);
+    api.call(Method::DELETE, &one, None).await.err(404, 54201);
+    let r = api
+        .call(Method::DELETE, &format!("{items}/new"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn awkward_keys_round_trip_percent_encoded() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "k"}))
+        .await
+        .ok(201);
+    let keys = [
+        "a/b",
+        "with:colon",
+        "with space",
+        "ünï 日本 🎉",
+        "100%",
+        "q?x=1#frag",
+        "+plus",
+        "..",
+        "a//b/",
+    ];
+    for key in keys {
+        let r = api
+            .post(
+                &format!("{P}/Maps/k/Items"),
+                json!({"Key": key, "Data": {"k": key}}),
+            )
+            .await;
+        let url = r.ok(201)["url"].as_str().unwrap().to_string();
+        let path = url.trim_start_matches("http://127.0.0.1:7700");
+        let r = api.get(path).await;
+        assert_eq!(r.ok(200)["key"], key, "{path}");
+        assert_eq!(r.body["data"]["k"], key);
+    }
+    let list = api.get(&format!("{P}/Maps/k/Items")).await;
+    assert_eq!(list.ok(200)["items"].as_array().unwrap().len(), keys.len());
+    // invalid UTF-8 in a path is a clear 400, not a 500
+    api.get(&format!("{P}/Maps/k/Items/%FF"))
+        .await
+        .err(400, 20001);
+    // an over-long key
+    let long = "x".repeat(321);
+    api.get(&format!("{P}/Maps/k/Items/{long}"))
+        .await
+        .err(400, 54209);
+    api.post(
+        &format!("{P}/Maps/k/Items"),
+        json!({"Key": long, "Data": {}}),
+    )
+    .await
+    .err(400, 54209);
+    api.post(&format!("{P}/Maps/k/Items"), json!({"Key": "", "Data": {}}))
+        .await
+        .err(400, 54209);
+}
+
+#[tokio::test]
+async fn form_encoded_bodies_like_the_hosted_api() {
+    let api = api().await;
+    api.raw(
+        Method::POST,
+        &format!("{P}/Maps"),
+        "application/x-www-form-urlencoded",
+        "UniqueName=f",
+    )
+    .await
+    .ok(201);
+    let r = api
+        .raw(
+            Method::POST,
+            &format!("{P}/Maps/f/Items"),
+            "application/x-www-form-urlencoded",
+            "Key=a%2Fb&Data=%7B%22x%22%3A%5B1%2C2%5D%7D&ItemTtl=100",
+        )
+        .await;
+    assert_eq!(r.ok(201)["data"], json!({"x": [1, 2]}));
+    assert!(r.body["date_expires"].is_string());
+    let r = api
+        .raw(
+            Method::POST,
+            &format!("{P}/Maps/f/Items/a%2Fb"),
+            "application/x-www-form-urlencoded",
+            "Data=%7B%22y%22%3Atrue%7D",
+        )
+        .await;
+    assert_eq!(r.ok(200)["data"], json!({"y": true}));
+    let r = api
+        .raw(
+            Method::PATCH,
+            &format!("{P}/Maps/f/Items/a%2Fb"),
+            "application/x-www-form-urlencoded",
+            "Data=%7B%22z%22%3A1%7D",
+        )
+        .await;
+    assert_eq!(r.ok(200)["data"], json!({"y": true, "z": 1}));
+    api.raw(
+        Method::POST,
+        &format!("{P}/Maps/f/Items"),
+        "application/x-www-form-urlencoded",
+        "Key=b&Data=not-json",
+    )
+    .await
+    .err(400, 54206);
+    api.raw(
+        Method::POST,
+        &format!("{P}/Maps/f/Items"),
+        "application/x-www-form-urlencoded",
+        "Key=b&Data=%5B1%5D",
+    )
+    .await
+    .err(400, 54206);
+}
+
+#[tokio::test]
+async fn every_invalid_item_input_is_a_typed_error() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "m"}))
+        .await
+        .ok(201);
+    let items = format!("{P}/Maps/m/Items");
+    let json = "application/json";
+    api.raw(Method::POST, &items, json, "{not json")
+        .await
+        .err(400, 20001);
+    api.raw(Method::POST, &items, json, "[1,2]")
+        .await
+        .err(400, 20001);
+    api.raw(Method::POST, &items, "text/plain", "hi")
+        .await
+        .err(415, 20415);
+    api.post(&items, json!({"Key": "k"})).await.err(400, 54206);
+    api.post(&items, json!({"Data": {}})).await.err(400, 54209);
+    api.post(&items, json!({"Key": 1, "Data": {}}))
+        .await
+        .err(400, 20001);
+    for bad in [json!(null), json!([1]), json!("{}"), json!(3), json!(true)] {
+        api.post(&items, json!({"Key": "k", "Data": bad}))
+            .await
+            .err(400, 54206);
+    }
+    api.post(&items, json!({"Key": "k", "Data": {}, "Ttl": -5}))
+        .await
+        .err(400, 54011);
+    api.post(&items, json!({"Key": "k", "Data": {}, "Ttl": 1.5}))
+        .await
+        .err(400, 54011);
+    api.post(&items, json!({"Key": "k", "Data": {}, "Extra": 1}))
+        .await
+        .err(400, 20001);
+    // data over 16 KiB, inside the body limit
+    let big = json!({"Key": "k", "Data": {"x": "y".repeat(17 * 1024)}});
+    api.post(&items, big).await.err(413, 54006);
+    // a body over the limit
+    let huge = json!({"Key": "k", "Data": {"x": "y".repeat(200 * 1024)}});
+    api.post(&items, huge).await.err(413, 54006);
+    // exactly at the limit is fine
+    let overhead = r#"{"x":""}"#.len();
+    let exact = json!({"Key": "k", "Data": {"x": "y".repeat(16 * 1024 - overhead)}});
+    api.post(&items, exact).await.ok(201);
+    api.post(&format!("{items}/k"), json!({}))
+        .await
+        .err(400, 20001);
+    api.call(
+        Method::PATCH,
+        &format!("{items}/k"),
+        Some(json!({"Ttl": 1})),
+    )
+    .await
+    .err(400, 54206);
+    api.with_header(
+        Method::POST,
+        &format!("{items}/k"),
+        ("if-match", "caf\u{e9}"),
+        Some(json!({"Data": {}})),
+    )
+    .await;
+    api.post(
+        &format!("{P}/Maps/nope/Items"),
+        json!({"Key": "k", "Data": {}}),
+    )
+    .await
+    .err(404, 54200);
+    api.get(&format!("{P}/Maps/nope/Items"))
+        .await
+        .err(404, 54200);
+    api.get(&format!("{P}/Maps/nope/Items/k"))
+        .await
+        .err(404, 54200);
+    api.get(&format!("{items}/absent")).await.err(404, 54201);
+}
+
+#[tokio::test]
+async fn item_listing_order_from_bounds_and_pages() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "l"}))
+        .await
+        .ok(201);
+    let items = format!("{P}/Maps/l/Items");
+    for i in 0..7 {
+        api.post(&items, json!({"Key": format!("k{i}"), "Data": {"i": i}}))
+            .await
+            .ok(201);
+    }
+    let keys = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let r = api.get(&items).await;
+    check_schema(r.ok(200), &schema("ItemList"));
+    assert_eq!(keys(&r.body).len(), 7);
+    assert_eq!(r.body["meta"]["page_size"], 50);
+    assert_eq!(r.body["meta"]["key"], "items");
+    assert!(r.body["meta"]["next_page_url"].is_null());
+    let r = api.get(&format!("{items}?Order=desc&PageSize=3")).await;
+    assert_eq!(keys(r.ok(200)), ["k6", "k5", "k4"]);
+    let r = api.get(&format!("{items}?From=k2&PageSize=2")).await;
+    assert_eq!(keys(r.ok(200)), ["k2", "k3"]);
+    let r = api
+        .get(&format!("{items}?From=k2&Bounds=exclusive&PageSize=2"))
+        .await;
+    assert_eq!(keys(r.ok(200)), ["k3", "k4"]);
+    // walk forward with next_page_url, then back with previous_page_url
+    let strip = |u: &str| u.trim_start_matches("http://127.0.0.1:7700").to_string();
+    let mut url = format!("{items}?PageSize=3");
+    let mut all = Vec::new();
+    let mut last;
+    loop {
+        let r = api.get(&url).await;
+        all.extend(keys(r.ok(200)));
+        last = r.body.clone();
+        match r.body["meta"]["next_page_url"].as_str() {
+            Some(n) => url = strip(n),
+            None => break,
+        }
+    }
+    assert_eq!(all, (0..7).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    assert_eq!(last["meta"]["page"], 2);
+    let prev = strip(last["meta"]["previous_page_url"].as_str().unwrap());
+    assert_eq!(keys(api.get(&prev).await.ok(200)), ["k3", "k4", "k5"]);
+    let first = strip(last["meta"]["first_page_url"].as_str().unwrap());
+    assert_eq!(keys(api.get(&first).await.ok(200)), ["k0", "k1", "k2"]);
+
+    api.get(&format!("{items}?Order=sideways"))
+        .await
+        .err(400, 20001);
+    api.get(&format!("{items}?Bounds=maybe"))
+        .await
+        .err(400, 20001);
+    api.get(&format!("{items}?PageSize=0"))
+        .await
+        .err(400, 54455);
+    api.get(&format!("{items}?PageSize=1000"))
+        .await
+        .err(400, 54455);
+    api.get(&format!("{items}?PageToken=%%%"))
+        .await
+        .err(400, 54455);
+    api.get(&format!("{items}?PageToken=bm9wZQ"))
+        .await
+        .err(400, 54455);
+    api.get(&format!("{items}?pagesize=3"))
+        .await
+        .err(400, 20001);
+}
+
+#[tokio::test]
+async fn routes_and_methods() {
+    let api = api().await;
+    api.get("/nope").await.err(404, 20404);
+    let r = api.get(&format!("{P}/Maps/m/Items/a/b")).await;
+    r.err(404, 20404);
+    assert!(r.body["message"].as_str().unwrap().contains("%2F"));
+    api.get("/v1/Services/other/Maps").await.err(404, 20404);
+    api.call(Method::PUT, &format!("{P}/Maps"), None)
+        .await
+        .err(405, 20004);
+    api.call(Method::DELETE, &format!("{P}/Maps/m/Items"), None)
+        .await
+        .err(405, 20004);
+    api.call(Method::PUT, &format!("{P}/Maps/m/Items/k"), None)
+        .await
+        .err(405, 20004);
+    api.call(Method::POST, "/v1/Node", None)
+        .await
+        .err(405, 20004);
+    let r = api.get("/v1/Node").await;
+    let n = r.ok(200);
+    check_schema(n, &schema("NodeStatus"));
+    assert_eq!(n["http_addr"], "127.0.0.1:7700");
+    assert!(n["peer_id"].is_null());
+    assert_eq!(n["listen_addrs"], json!([]));
+    assert_eq!(n["connected_peers"], json!([]));
+    assert_eq!(n["maps"], 0);
+}
+
+#[tokio::test]
+async fn a_token_guards_every_route() {
+    let node = Node::in_memory().await.unwrap();
+    let app = router(
+        node,
+        ServerOptions::new(addr()).with_token(Some("s3cret".into())),
+    );
+    let mut api = Api { app, token: None };
+    for uri in [
+        "/v1/Node".to_string(),
+        format!("{P}/Maps"),
+        "/v1/openapi.json".into(),
+        "/no/such/route".into(),
+        format!("{P}/Maps/m/Events"),
+    ] {
+        let r = api.get(&uri).await;
+        r.err(401, 20003);
+        assert!(r.headers.contains_key(header::WWW_AUTHENTICATE));
+    }
+    api.token = Some("wrong".into());
+    api.get("/v1/Node").await.err(401, 20003);
+    api.token = Some("s3cret".into());
+    api.get("/v1/Node").await.ok(200);
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "m"}))
+        .await
+        .ok(201);
+    // the events route also takes ?access_token= (browsers cannot set headers there)
+    api.token = None;
+    let r = api
+        .with_header(
+            Method::GET,
+            &format!("{P}/Maps/m/Events?access_token=s3cret"),
+            ("accept", "application/json"),
+            None,
+        )
+        .await;
+    r.err(406, 20406); // past the token check
+    api.get(&format!("{P}/Maps?access_token=s3cret"))
+        .await
+        .err(401, 20003);
+}
+
+#[tokio::test]
+async fn openapi_document_matches_the_router() {
+    let api = api().await;
+    let r = api.get("/v1/openapi.json").await;
+    let doc = r.ok(200).clone();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = doc["paths"].as_object().unwrap();
+    let mut declared = Vec::new();
+    for (path, ops) in paths {
+        for m in ["get", "post", "patch", "delete", "put"] {
+            if ops.get(m).is_some() {
+                declared.push(format!("{} {path}", m.to_uppercase()));
+            }
+        }
+    }
+    declared.sort();
+    let mut expected = vec![
+        "GET /v1/Node",
+        "GET /v1/openapi.json",
+        "GET /v1/Services/default/Maps",
+        "POST /v1/Services/default/Maps",
+        "GET /v1/Services/default/Maps/{map}",
+        "POST /v1/Services/default/Maps/{map}",
+        "DELETE /v1/Services/default/Maps/{map}",
+        "GET /v1/Services/default/Maps/{map}/Items",
+        "POST /v1/Services/default/Maps/{map}/Items",
+        "GET /v1/Services/default/Maps/{map}/Items/{key}",
+        "POST /v1/Services/default/Maps/{map}/Items/{key}",
+        "PATCH /v1/Services/default/Maps/{map}/Items/{key}",
+        "DELETE /v1/Services/default/Maps/{map}/Items/{key}",
+        "GET /v1/Services/default/Maps/{map}/Events",
+    ];
+    expected.sort();
+    assert_eq!(declared, expected, "the issue's routes, all declared");
+    // Every declared route is served (not 404/405), and every undeclared method on a declared
+    // path is 405: the router has exactly the document's routes.
+    for (path, ops) in paths {
+        let concrete = path.replace("{map}", "nope").replace("{key}", "k");
+        for m in ["GET", "POST", "PATCH", "DELETE", "PUT"] {
+            let r = api
+                .with_header(
+                    Method::from_bytes(m.as_bytes()).unwrap(),
+                    &concrete,
+                    ("accept", "application/json"),
+                    None,
+                )
+                .await;
+            if ops.get(m.to_lowercase()).is_some() {
+                assert!(
+                    !matches!(r.body["code"].as_u64(), Some(20404 | 20004)),
+                    "{m} {path} is declared but not routed: {}",
+                    r.body
+                );
+            } else {
+                r.err(405, 20004);
+            }
+        }
+    }
+    // every operation documents its error answers with the error schema
+    for (path, ops) in paths {
+        for (m, op) in ops.as_object().unwrap() {
+            for (status, resp) in op["responses"].as_object().unwrap() {
+                if status.starts_with('4') {
+                    let s = &resp["content"]["application/json"]["schema"]["$ref"];
+                    assert_eq!(s, "#/components/schemas/ErrorBody", "{m} {path} {status}");
+                }
+            }
+        }
+    }
+}
+
+/// Opens an SSE stream; the answer comes once the subscription is registered.
+async fn open_sse(api: &Api, uri: &str, headers: &[(&str, &str)]) -> Body {
+    let mut b = Request::builder()
+        .uri(uri)
+        .header("accept", "text/event-stream");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = api
+        .app
+        .clone()
+        .oneshot(b.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "text/event-stream");
+    resp.into_body()
+}
+
+/// Reads `n` SSE frames (comments skipped).
+async fn read_sse(body: Body, n: usize) -> Vec<String> {
+    let mut body = body.into_data_stream();
+    let mut text = String::new();
+    let mut frames: Vec<String> = Vec::new();
+    tokio::time::timeout(DEADLINE, async {
+        while frames.len() < n {
+            let chunk = body.next().await.expect("stream open").unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(end) = text.find("\n\n") {
+                let frame: String = text.drain(..end + 2).collect();
+                if !frame.starts_with(':') {
+                    frames.push(frame);
+                }
+            }
+        }
+    })
+    .await
+    .expect("events within the deadline");
+    frames
+}
+
+async fn sse_events(api: &Api, uri: &str, headers: &[(&str, &str)], n: usize) -> Vec<String> {
+    read_sse(open_sse(api, uri, headers).await, n).await
+}
+
+fn sse_data(frame: &str) -> Value {
+    let line = frame
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap();
+    serde_json::from_str(line).unwrap()
+}
+
+#[tokio::test]
+async fn sse_replays_and_resumes() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "e"}))
+        .await
+        .ok(201);
+    let items = format!("{P}/Maps/e/Items");
+    api.post(&items, json!({"Key": "a", "Data": {"v": 1}}))
+        .await
+        .ok(201);
+    api.call(
+        Method::PATCH,
+        &format!("{items}/a"),
+        Some(json!({"Data": {"w": 2}})),
+    )
+    .await
+    .ok(200);
+    api.call(Method::DELETE, &format!("{items}/a"), None).await;
+    let ev = format!("{P}/Maps/e/Events");
+    let frames = sse_events(&api, &format!("{ev}?after=0"), &[], 3).await;
+    let bodies: Vec<Value> = frames.iter().map(|f| sse_data(f)).collect();
+    for (f, b) in frames.iter().zip(&bodies) {
+        check_schema(b, &schema("EventBody"));
+        assert!(f.contains(&format!("id: {}\n", b["id"])));
+    }
+    assert_eq!(bodies[0]["type"], "map_item_added");
+    assert_eq!(bodies[0]["item_key"], "a");
+    assert_eq!(bodies[0]["item_data"], json!({"v": 1}));
+    assert!(bodies[0]["previous_item_data"].is_null());
+    assert_eq!(bodies[0]["is_local"], true);
+    assert_eq!(bodies[1]["type"], "map_item_updated");
+    assert_eq!(bodies[1]["previous_item_data"], json!({"v": 1}));
+    assert_eq!(bodies[1]["item_revision"].as_str().unwrap().len(), 16);
+    assert_eq!(bodies[2]["type"], "map_item_removed");
+    assert!(bodies[2]["item_data"].is_null());
+    // resume after the first: Last-Event-ID wins over ?after
+    let first = bodies[0]["id"].to_string();
+    let frames = sse_events(
+        &api,
+        &format!("{ev}?after=0"),
+        &[("last-event-id", &first)],
+        2,
+    )
+    .await;
+    assert_eq!(sse_data(&frames[0])["id"], bodies[1]["id"]);
+    // live: a stream without a resume point starts with the next change
+    let live = open_sse(&api, &ev, &[]).await;
+    api.post(&items, json!({"Key": "live", "Data": {}}))
+        .await
+        .ok(201);
+    let frames = read_sse(live, 1).await;
+    assert_eq!(sse_data(&frames[0])["item_key"], "live");
+    assert_eq!(sse_data(&frames[0])["type"], "map_item_added");
+    // bad resume points and a non-event Accept
+    api.get(&format!("{ev}?after=x")).await.err(400, 20001);
+    api.with_header(Method::GET, &ev, ("last-event-id", "-3"), None)
+        .await
+        .err(400, 20001);
+    api.with_header(Method::GET, &ev, ("accept", "application/json"), None)
+        .await
+        .err(406, 20406);
+    api.get(&format!("{P}/Maps/nope/Events"))
+        .await
+        .err(404, 54200);
+    api.get(&format!("{ev}?from=1")).await.err(400, 20001);
+}
+
+#[tokio::test]
+async fn resuming_past_retention_is_410() {
+    let node = Node::builder()
+        .in_memory()
+        .event_retention(5)
+        .open()
+        .await
+        .unwrap();
+    let api = Api {
+        app: router(node, ServerOptions::new(addr())),
+        token: None,
+    };
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "r"}))
+        .await
+        .ok(201);
+    // The store prunes every 1,024 events.
+    for i in 0..1100 {
+        api.post(
+            &format!("{P}/Maps/r/Items"),
+            json!({"Key": format!("k{i}"), "Data": {}}),
+        )
+        .await
+        .ok(201);
+    }
+    api.get(&format!("{P}/Maps/r/Events?after=1"))
+        .await
+        .err(410, 20410);
+}
+
+#[tokio::test]
+async fn subscribers_see_the_map_removed() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "gone"}))
+        .await
+        .ok(201);
+    // The answer comes once the subscription is registered: what follows is seen.
+    let req = Request::builder()
+        .uri(format!("{P}/Maps/gone/Events"))
+        .header("accept", "text/event-stream")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    api.post(
+        &format!("{P}/Maps/gone/Items"),
+        json!({"Key": "a", "Data": {}}),
+    )
+    .await
+    .ok(201);
+    let r = api
+        .call(Method::DELETE, &format!("{P}/Maps/gone"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let mut body = resp.into_body().into_data_stream();
+    let mut text = String::new();
+    let types = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let chunk = body.next().await.expect("stream open").unwrap();
+            text.push_str(std::str::from_utf8(&chunk).unwrap());
+            let types: Vec<String> = text
+                .split("\n\n")
+                .filter(|f| f.contains("data: "))
+                .map(|f| sse_data(f)["type"].as_str().unwrap().to_string())
+                .collect();
+            if types.len() >= 2 && text.ends_with("\n\n") {
+                break types;
+            }
+        }
+    })
+    .await
+    .expect("events within the deadline");
+    assert_eq!(types, ["map_item_added", "map_removed"]);
+}
+
+/// Hostile input on every declared route: garbage bodies, content types, path segments and
+/// headers. Whatever it is, the answer is a typed error (or a success), never a 500.
+#[tokio::test]
+async fn garbage_is_never_a_server_error() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "g"}))
+        .await
+        .ok(201);
+    api.post(
+        &format!("{P}/Maps/g/Items"),
+        json!({"Key": "k", "Data": {}}),
+    )
+    .await
+    .ok(201);
+    // A small deterministic generator: the same garbage on every run.
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = |len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 24) as u8
+            })
+            .collect()
+    };
+    let mut bodies: Vec<Vec<u8>> = [
+        "",
+        "{",
+        "[]",
+        "null",
+        "\"x\"",
+        "{\"Data\":\"x\"}",
+        "{\"Data\":{\"a\":1e999}}",
+        "{\"Ttl\":99999999999999999999}",
+        "{\"Key\":\"\\u0000\",\"Data\":{}}",
+        "Data=%ZZ&Key=",
+        "Key=k&Key=j",
+        "Data=%7B%7D&Ttl=1e3",
+        "{\"UniqueName\":null}",
+        "\u{feff}{}",
+    ]
+    .iter()
+    .map(|s| s.as_bytes().to_vec())
+    .collect();
+    for len in [1, 7, 64, 1000] {
+        bodies.push(noise(len));
+    }
+    let paths = [
+        format!("{P}/Maps"),
+        format!("{P}/Maps/g"),
+        format!("{P}/Maps/%FF"),
+        format!("{P}/Maps/%"),
+        format!("{P}/Maps/g/Items"),
+        format!("{P}/Maps/g/Items/k"),
+        format!("{P}/Maps/g/Items/%00"),
+        format!("{P}/Maps/g/Items/%C0%AF"),
+        format!("{P}/Maps/g/Items/a%2F..%2F..%2Fetc"),
+        format!("{P}/Maps/g/Items?PageSize=%FF&Order=%00"),
+        format!("{P}/Maps/g/Events?after=99999999999999999999999"),
+        "/v1/Node".to_string(),
+    ];
+    let ctypes = [
+        Some("application/json"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("\u{7f}"),
+        None,
+    ];
+    let mut checked = 0;
+    for path in &paths {
+        for m in [Method::GET, Method::POST, Method::PATCH, Method::DELETE] {
+            if m == Method::DELETE && path.ends_with("/Maps/g") {
+                continue; // keeps the map, so later paths reach the item handlers
+            }
+            for body in &bodies {
+                for ct in ctypes {
+                    let mut b = Request::builder()
+                        .method(m.clone())
+                        .uri(path.as_str())
+                        .header("if-match", "\"garbage\"")
+                        .header("accept", "application/json");
+                    if let Some(ct) = ct {
+                        if let Ok(v) = axum::http::HeaderValue::from_bytes(ct.as_bytes()) {
+                            b = b.header(header::CONTENT_TYPE, v);
+                        }
+                    }
+                    let r = api.send(b.body(Body::from(body.clone())).unwrap()).await;
+                    assert!(
+                        r.status.as_u16() < 500,
+                        "{m} {path} {ct:?} {:?} -> {} {}",
+                        String::from_utf8_lossy(body),
+                        r.status,
+                        r.body
+                    );
+                    if !r.status.is_success() {
+                        assert!(
+                            r.body["code"].is_u64(),
+                            "{m} {path}: untyped error {}",
+                            r.body
+                        );
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 4000);
+    api.get(&format!("{P}/Maps/g/Items/k")).await.ok(200);
+}
