@@ -53,6 +53,8 @@ pub struct Config {
     pub mdns: Option<bool>,
     /// Pre-shared key file of a private network.
     pub swarm_key: Option<PathBuf>,
+    /// Hold every map any peer has (a backup or cluster node).
+    pub hold_all_maps: Option<bool>,
 }
 
 impl Config {
@@ -87,6 +89,7 @@ impl Config {
             },
             mdns: flags.mdns.or(self.mdns),
             swarm_key: flags.swarm_key.or(self.swarm_key),
+            hold_all_maps: flags.hold_all_maps.or(self.hold_all_maps),
         }
     }
 }
@@ -113,7 +116,9 @@ pub fn network_options(cfg: &Config, mut builder: NodeBuilder) -> anyhow::Result
         })?;
         builder = builder.peer(addr);
     }
-    builder = builder.mdns(cfg.mdns.unwrap_or(true));
+    builder = builder
+        .mdns(cfg.mdns.unwrap_or(true))
+        .hold_all_maps(cfg.hold_all_maps.unwrap_or(false));
     if let Some(path) = &cfg.swarm_key {
         builder = builder.swarm_key(SwarmKey::load(path)?);
     }
@@ -338,6 +343,12 @@ mod tests {
         let c = Config {
             listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
             peers: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            mdns: Some(false),
+            ..Config::default()
+        };
+        assert!(network_options(&c, Node::builder()).is_ok());
+        let c = Config {
+            hold_all_maps: Some(true),
             mdns: Some(false),
             ..Config::default()
         };

@@ -151,6 +151,9 @@ struct NodeArgs {
     /// Pre-shared key file of a private network.
     #[arg(long, value_name = "FILE")]
     swarm_key: Option<PathBuf>,
+    /// Hold every map any peer has, not only the maps opened here (a backup or cluster node).
+    #[arg(long)]
+    hold_all_maps: bool,
     /// When writes are acknowledged [default: fsync].
     #[arg(long, value_enum)]
     durability: Option<DurabilityArg>,
@@ -179,6 +182,7 @@ impl NodeArgs {
             peers: self.peers.clone(),
             mdns,
             swarm_key: self.swarm_key.clone(),
+            hold_all_maps: self.hold_all_maps.then_some(true),
         }))
     }
 }
