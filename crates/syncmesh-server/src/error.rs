@@ -76,7 +76,12 @@ impl From<syncmesh::Error> for ApiError {
                 StatusCode::from_u16(m.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
                 m.code(),
             ),
-            syncmesh::Error::EventsPruned { .. } => (StatusCode::GONE, codes::EVENTS_PRUNED),
+            syncmesh::Error::EventsPruned { .. } | syncmesh::Error::UnknownEventId { .. } => {
+                (StatusCode::GONE, codes::EVENTS_PRUNED)
+            }
+            syncmesh::Error::Reloaded { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)
+            }
             syncmesh::Error::Closed | syncmesh::Error::WritesStopped(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)
             }

@@ -99,6 +99,8 @@ pub async fn events(
         None
     };
     let map = st.map(&id).await?;
+    // Handles are cached by id: a map removed since must not get an idle stream.
+    map.info().await?;
     let stream = match after {
         Some(a) => map.subscribe_from(a).await?,
         None => map.subscribe().await?,
@@ -184,6 +186,11 @@ fn sse(
 }
 
 async fn run_ws(mut socket: WebSocket, mut stream: EventStream, shutdown: CancellationToken) {
+    // Pings find clients that vanished without closing (their host went away): one that has
+    // not answered the previous ping by the next is dropped, with its subscription.
+    let mut ping = tokio::time::interval(SSE_KEEPALIVE);
+    ping.tick().await;
+    let mut awaiting_pong = false;
     let close = loop {
         tokio::select! {
             n = next(&mut stream, &shutdown) => match n {
@@ -206,10 +213,19 @@ async fn run_ws(mut socket: WebSocket, mut stream: EventStream, shutdown: Cancel
                 // Node closed or server shutting down: "going away".
                 None => break CloseFrame { code: 1001, reason: "node shutting down".into() },
             },
+            _ = ping.tick() => {
+                if awaiting_pong {
+                    return; // no answer since the last ping: the client is gone
+                }
+                awaiting_pong = true;
+                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                    return;
+                }
+            }
             incoming = socket.recv() => match incoming {
-                // Clients send nothing we act on; pings are answered by axum.
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                Some(Ok(_)) => {}
+                // Any message shows the client is there; pings are answered by axum.
+                Some(Ok(_)) => awaiting_pong = false,
             },
         }
     };

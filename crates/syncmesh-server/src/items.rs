@@ -133,21 +133,19 @@ pub async fn list_items(
         let mut s = form_urlencoded::Serializer::new(String::new());
         s.append_pair("PageSize", &size.to_string());
         s.append_pair("Page", &page.to_string());
-        match token {
-            Some(t) => {
-                s.append_pair("PageToken", t);
+        // The listing's Order/From/Bounds ride along on every link (a token overrides them),
+        // so the first-page link of any later page still lists from the same place.
+        if order == Order::Desc {
+            s.append_pair("Order", "desc");
+        }
+        if let Some(f) = &q.from {
+            s.append_pair("From", f);
+            if bounds == Bounds::Exclusive {
+                s.append_pair("Bounds", "exclusive");
             }
-            None => {
-                if order == Order::Desc {
-                    s.append_pair("Order", "desc");
-                }
-                if let Some(f) = &q.from {
-                    s.append_pair("From", f);
-                    if bounds == Bounds::Exclusive {
-                        s.append_pair("Bounds", "exclusive");
-                    }
-                }
-            }
+        }
+        if let Some(t) = token {
+            s.append_pair("PageToken", t);
         }
         format!("{}?{}", urls.items(&sid), s.finish())
     };
@@ -242,8 +240,8 @@ pub async fn set_item(
     limits::validate_key(&key)?;
     let data = params::data(p.data, form)?;
     let ttl = params::ttl(p.ttl)?;
-    let if_match = params::if_match(&headers)?;
     let map = st.map(&id).await?;
+    let if_match = params::if_match_resolved(&headers, &map, &key).await?;
     let item = match (data, ttl) {
         (Some(d), ttl) => {
             map.set_with(
@@ -313,8 +311,8 @@ pub async fn update_item(
     limits::validate_key(&key)?;
     let patch = params::required_data(p.data, form)?;
     let ttl = params::ttl(p.ttl)?;
-    let if_match = params::if_match(&headers)?;
     let map = st.map(&id).await?;
+    let if_match = params::if_match_resolved(&headers, &map, &key).await?;
     let item = map
         .update_with(
             &key,
@@ -352,8 +350,8 @@ pub async fn delete_item(
     Path((id, key)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
     limits::validate_key(&key)?;
-    let if_match = params::if_match(&headers)?;
     let map = st.map(&id).await?;
+    let if_match = params::if_match_resolved(&headers, &map, &key).await?;
     match if_match {
         Some(rev) => map.remove_if(&key, rev).await?,
         None => map.remove(&key).await?,

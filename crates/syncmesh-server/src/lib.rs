@@ -144,7 +144,14 @@ pub fn router(node: syncmesh::Node, opts: ServerOptions) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(params::BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(
+            // The path only: a query may carry `access_token`, which must never reach a log.
+            tower_http::trace::TraceLayer::new_for_http().make_span_with(
+                |req: &axum::http::Request<axum::body::Body>| {
+                    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+                },
+            ),
+        )
         .with_state(state)
 }
 

@@ -185,16 +185,53 @@ pub fn page_number(v: Option<&str>) -> Result<u64, ApiError> {
     .map(Option::unwrap_or_default)
 }
 
-/// The `If-Match` revision, if any.
-pub fn if_match(headers: &HeaderMap) -> Result<Option<Revision>, ApiError> {
+/// `If-Match` resolved against the item's current revision. One entity tag is passed on
+/// as is (the engine compares it atomically with the write). `*` (any current revision) and a
+/// list of tags (RFC 9110) are resolved by reading the item: if its revision matches, the
+/// write goes ahead under that revision, so a change in between still fails with 412.
+pub async fn if_match_resolved(
+    headers: &HeaderMap,
+    map: &syncmesh::Map,
+    key: &str,
+) -> Result<Option<Revision>, ApiError> {
+    let Some(raw) = if_match_text(headers)? else {
+        return Ok(None);
+    };
+    let tags: Vec<&str> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    match tags.as_slice() {
+        [] => Err(ApiError::invalid("the If-Match header is empty")),
+        [one] if *one != "*" => Ok(Some(Revision::from_client(*one))),
+        _ => match map.get(key).await {
+            Ok(item) => {
+                let hit = tags
+                    .iter()
+                    .any(|t| *t == "*" || Revision::from_client(*t) == item.revision);
+                Ok(Some(if hit {
+                    item.revision
+                } else {
+                    Revision::from_client(raw.trim())
+                }))
+            }
+            // A missing item matches no tag, not even `*`: the write reports it as usual.
+            Err(syncmesh::Error::Map(syncmesh_core::Error::ItemNotFound(_))) => {
+                Ok(Some(Revision::from_client(raw.trim())))
+            }
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+fn if_match_text(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get(header::IF_MATCH) {
         None => Ok(None),
-        Some(v) => {
-            let s = v
-                .to_str()
-                .map_err(|_| ApiError::invalid("the If-Match header is not visible ASCII"))?;
-            Ok(Some(Revision::from_client(s)))
-        }
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| ApiError::invalid("the If-Match header is not visible ASCII")),
     }
 }
 

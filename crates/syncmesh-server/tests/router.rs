@@ -1214,3 +1214,169 @@ async fn garbage_is_never_a_server_error() {
     assert!(checked > 4000);
     api.get(&format!("{P}/Maps/g/Items/k")).await.ok(200);
 }
+
+// ---------------------------------------------------------------- review findings
+
+/// A unique name that was fetched (so its handle is cached), deleted and created again
+/// still resolves to the removed map.
+#[tokio::test]
+async fn a_recreated_name_is_reachable() {
+    let api = api().await;
+    let r = api
+        .post(&format!("{P}/Maps"), json!({"UniqueName": "c"}))
+        .await;
+    let old = r.ok(201)["sid"].clone();
+    api.get(&format!("{P}/Maps/c")).await.ok(200); // caches "c" -> old sid
+    assert_eq!(
+        api.call(Method::DELETE, &format!("{P}/Maps/c"), None)
+            .await
+            .status,
+        204
+    );
+    let r = api
+        .post(&format!("{P}/Maps"), json!({"UniqueName": "c"}))
+        .await;
+    let new = r.ok(201)["sid"].clone();
+    eprintln!("old {old} new {new}");
+    let r = api.get(&format!("{P}/Maps/c")).await;
+    assert_eq!(r.ok(200)["sid"], new, "GET /Maps/c after re-create");
+    api.post(
+        &format!("{P}/Maps/c/Items"),
+        json!({"Key": "k", "Data": {}}),
+    )
+    .await
+    .ok(201);
+}
+
+/// Following next_page_url of a descending listing: that page's first_page_url must still
+/// be the descending listing.
+#[tokio::test]
+async fn first_page_url_keeps_order_and_from() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "o"}))
+        .await
+        .ok(201);
+    let items = format!("{P}/Maps/o/Items");
+    for k in ["a", "b", "c", "d"] {
+        api.post(&items, json!({"Key": k, "Data": {}}))
+            .await
+            .ok(201);
+    }
+    let strip = |u: &str| u.trim_start_matches("http://127.0.0.1:7700").to_string();
+    let r = api
+        .get(&format!("{items}?Order=desc&From=c&PageSize=1"))
+        .await;
+    assert_eq!(r.ok(200)["items"][0]["key"], "c");
+    let next = strip(r.body["meta"]["next_page_url"].as_str().unwrap());
+    let r2 = api.get(&next).await;
+    assert_eq!(r2.ok(200)["items"][0]["key"], "b");
+    let first = strip(r2.body["meta"]["first_page_url"].as_str().unwrap());
+    let r3 = api.get(&first).await;
+    assert_eq!(
+        r3.ok(200)["items"][0]["key"],
+        "c",
+        "first_page_url of page 2 is {first}"
+    );
+}
+
+/// Resuming with an id this node never issued (another node's id, a wiped data dir, a map
+/// re-created under the same name) silently drops every later event.
+#[tokio::test]
+async fn resuming_after_an_unknown_id_is_not_silent() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "f"}))
+        .await
+        .ok(201);
+    let ev = format!("{P}/Maps/f/Events");
+    let req = Request::builder()
+        .uri(format!("{ev}?after=1000"))
+        .header("accept", "text/event-stream")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    // Event ids are per node: an id this node never issued is refused like a pruned one
+    // (the client re-reads the map), instead of silently skipping every event up to it.
+    assert_eq!(resp.status(), StatusCode::GONE);
+}
+
+/// `If-Match: *` and lists of entity tags (RFC 9110): any current revision, or any listed one.
+#[tokio::test]
+async fn if_match_star_and_lists() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "i"}))
+        .await
+        .ok(201);
+    let it = format!("{P}/Maps/i/Items/k");
+    // On a missing item, `*` matches nothing.
+    let r = api
+        .with_header(
+            Method::POST,
+            &it,
+            ("if-match", "*"),
+            Some(json!({"Data": {"a": 1}})),
+        )
+        .await;
+    assert_eq!(r.status, 412, "{}", r.body);
+    api.call(Method::POST, &it, Some(json!({"Data": {"a": 0}})))
+        .await
+        .ok(200);
+    let r = api
+        .with_header(
+            Method::POST,
+            &it,
+            ("if-match", "*"),
+            Some(json!({"Data": {"a": 2}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let etag = api.get(&it).await.headers[header::ETAG]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let r = api
+        .with_header(
+            Method::PATCH,
+            &it,
+            ("if-match", &format!("\"zzz\", {etag}")),
+            Some(json!({"Data": {"b": 3}})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "a list holding the current tag: {}", r.body);
+    let r = api
+        .with_header(Method::DELETE, &it, ("if-match", "\"x\", \"y\""), None)
+        .await;
+    assert_eq!(r.status, 412, "a list without it: {}", r.body);
+    let r = api
+        .with_header(Method::DELETE, &it, ("if-match", "*"), None)
+        .await;
+    assert_eq!(r.status, 204);
+}
+
+/// Events of a removed map: 404/54200, not an idle stream that never ends.
+#[tokio::test]
+async fn events_of_a_removed_map_are_404() {
+    let api = api().await;
+    let r = api
+        .post(&format!("{P}/Maps"), json!({"UniqueName": "rm"}))
+        .await;
+    let sid = r.ok(201)["sid"].as_str().unwrap().to_string();
+    api.get(&format!("{P}/Maps/{sid}")).await.ok(200); // caches the sid
+    assert_eq!(
+        api.call(Method::DELETE, &format!("{P}/Maps/{sid}"), None)
+            .await
+            .status,
+        204
+    );
+    api.get(&format!("{P}/Maps/{sid}")).await.err(404, 54200);
+    let req = Request::builder()
+        .uri(format!("{P}/Maps/{sid}/Events"))
+        .header("accept", "text/event-stream")
+        .body(Body::empty())
+        .unwrap();
+    let resp = api.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::NOT_FOUND,
+        "events of a removed map"
+    );
+}

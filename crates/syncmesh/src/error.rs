@@ -43,6 +43,17 @@ pub enum Error {
     /// A network operation on a node opened without a network.
     #[error("this node is not on a network (give it a listen address, a peer, or mDNS)")]
     NoNetwork,
+    /// A subscriber asked to resume after an event id this node has not issued for the map
+    /// (event ids are per node: it may come from another node, or from before a reset).
+    #[error("map {map} has no event {after} on this node (its newest is {newest}); event ids are per node — re-read the map, then subscribe from the newest event id")]
+    UnknownEventId {
+        /// The map.
+        map: String,
+        /// The id asked for.
+        after: u64,
+        /// The newest event id of the map on this node.
+        newest: u64,
+    },
     /// A node-wide subscriber fell behind and missed events.
     #[error("the subscriber fell behind and missed {missed} events; resubscribe per map from the last event id seen")]
     Lagged {
@@ -77,7 +88,7 @@ impl Error {
         match self {
             Error::Map(e) => e.http_status(),
             Error::Closed | Error::WritesStopped(_) => 503,
-            Error::EventsPruned { .. } => 410,
+            Error::EventsPruned { .. } | Error::UnknownEventId { .. } => 410,
             _ => 500,
         }
     }

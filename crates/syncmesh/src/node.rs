@@ -587,6 +587,18 @@ impl Map {
                 .await
                 .map_err(|_| Error::Closed)??
         };
+        // An id this node never issued (ids are per node; a client may come from another node
+        // or a reset data directory) would silently skip every event up to it.
+        if let Some(after) = after {
+            let newest = lagged_from;
+            if after > newest {
+                return Err(Error::UnknownEventId {
+                    map: sid.to_string(),
+                    after,
+                    newest,
+                });
+            }
+        }
         // 0 means "from the first retained event"; any other id must still be retained.
         if let Some(after) = after.filter(|a| *a > 0) {
             let (s2, sid2) = (store.clone(), sid.clone());
