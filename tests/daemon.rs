@@ -291,10 +291,18 @@ async fn http_api_and_cli_against_a_running_node() {
         .await;
         assert_eq!(st, 201);
     }
+    // One item with a TTL: its expiry survives the round trip.
+    let (st, _) = post(
+        &c,
+        &d.url(&format!("{P}/Maps/users/Items")),
+        json!({"Key": "expiring", "Data": {"t": 1}, "Ttl": 3600}),
+    )
+    .await;
+    assert_eq!(st, 201);
     let exported = d.cli(&["export", "users"]);
     assert!(exported.status.success());
     let text = String::from_utf8(exported.stdout).unwrap();
-    assert_eq!(text.lines().count(), 151);
+    assert_eq!(text.lines().count(), 152);
     let o = cli_at(&d.url(""), &["import", "copy"], Some(&text));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let a = stdout_json(&d.cli(&["--json", "items", "users", "--all"]));
@@ -307,6 +315,11 @@ async fn http_api_and_cli_against_a_running_node() {
             .collect()
     };
     assert_eq!(strip(&a), strip(&b));
+    let exp = stdout_json(&d.cli(&["--json", "get", "copy", "expiring"]));
+    assert!(
+        exp["date_expires"].is_string(),
+        "the imported item keeps an expiry: {exp}"
+    );
     let o = cli_at(&d.url(""), &["import", "copy"], Some("{\"key\": 1}\n"));
     assert_eq!(code(&o), 1);
     assert!(String::from_utf8_lossy(&o.stderr).contains("line 1"));
@@ -780,4 +793,11 @@ async fn two_daemons_joined_with_peer_replicate_through_their_http_apis() {
     let _ = watch.wait();
     a.terminate();
     b.terminate();
+}
+
+#[test]
+fn watching_an_unreachable_node_exits_5() {
+    // Port 1 on loopback: nothing listens there.
+    let o = cli_at("http://127.0.0.1:1", &["watch", "users"], None);
+    assert_eq!(code(&o), 5, "{}", String::from_utf8_lossy(&o.stderr));
 }

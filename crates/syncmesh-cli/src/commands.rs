@@ -364,6 +364,9 @@ pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
     let mut last = after;
     let mut backoff = Duration::from_millis(100);
     let mut stdout = std::io::stdout();
+    // Reconnecting is for a stream that was established: a node unreachable from the start
+    // is an error (exit code 5), not something to wait for forever.
+    let mut connected_once = false;
     loop {
         let mut u = url.clone();
         if let Some(a) = last {
@@ -399,6 +402,12 @@ pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
                     ),
                 });
             }
+            Err(e) if !connected_once => {
+                return Err(Failure::Unreachable(format!(
+                    "cannot reach the node at {}: {e}",
+                    c.base()
+                )));
+            }
             Err(e) => {
                 eprintln!("watch: cannot connect ({e}); retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
@@ -407,6 +416,7 @@ pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
             }
         };
         backoff = Duration::from_millis(100);
+        connected_once = true;
         while let Some(msg) = ws.next().await {
             let text = match msg {
                 Ok(Message::Text(t)) => t,
@@ -533,9 +543,35 @@ pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
             )));
             break;
         };
+        // An exported expiry comes back as a TTL from now; an item already expired is skipped.
+        let ttl = match v.get("date_expires").and_then(Value::as_str) {
+            None => None,
+            Some(d) => {
+                match time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339)
+                {
+                    Ok(t) => {
+                        let left = (t - time::OffsetDateTime::now_utc()).whole_milliseconds();
+                        if left <= 0 {
+                            continue;
+                        }
+                        Some((left + 999) / 1000)
+                    }
+                    Err(e) => {
+                        failure = Some(Failure::Other(anyhow::anyhow!(
+                            "line {line_no}: date_expires {d:?} is not an RFC 3339 date: {e}"
+                        )));
+                        break;
+                    }
+                }
+            }
+        };
+        let body = match ttl {
+            Some(t) => json!({ "Data": data, "Ttl": t }),
+            None => json!({ "Data": data }),
+        };
         let req = c
             .request(Method::POST, c.api(&["Maps", map, "Items", key]))
-            .json(&json!({ "Data": data }));
+            .json(&body);
         let key = key.to_string();
         inflight.push(async move { (key, line_no, c.send(req).await) });
         if inflight.len() >= IMPORT_CONCURRENCY {

@@ -28,7 +28,18 @@ pub fn validate_key(key: &str) -> Result<()> {
             "a key is at most {MAX_KEY_CHARS} characters; this one has {n}"
         )));
     }
+    if is_dot_segment(key) {
+        return Err(Error::InvalidKey(format!(
+            "{key:?} cannot be a key: URLs resolve it away, so no HTTP client could address it"
+        )));
+    }
     Ok(())
+}
+
+/// `.` and `..` are removed from URL paths by every URL parser (also percent-encoded), so an
+/// item or map so named could never be reached through the REST API.
+fn is_dot_segment(s: &str) -> bool {
+    s == "." || s == ".."
 }
 
 /// Checks a unique name: 1 to 320 characters and never shaped like a map sid.
@@ -40,6 +51,11 @@ pub fn validate_name(name: &str) -> Result<()> {
     if n > MAX_NAME_CHARS {
         return Err(Error::InvalidName(format!(
             "a unique name is at most {MAX_NAME_CHARS} characters; this one has {n}"
+        )));
+    }
+    if is_dot_segment(name) {
+        return Err(Error::InvalidName(format!(
+            "{name:?} cannot be a unique name: URLs resolve it away, so no HTTP client could address it"
         )));
     }
     if MapSid::looks_like_sid(name) {
@@ -151,6 +167,9 @@ mod tests {
         assert!(validate_key(&"é".repeat(320)).is_ok());
         assert_eq!(validate_key(&"x".repeat(321)).unwrap_err().code(), 54209);
         assert!(validate_key("\0nul").is_ok());
+        assert_eq!(validate_key(".").unwrap_err().code(), 54209);
+        assert_eq!(validate_key("..").unwrap_err().code(), 54209);
+        assert!(validate_key("...").is_ok());
     }
 
     #[test]
@@ -162,6 +181,7 @@ mod tests {
         let sid_like = format!("MP{}", "0123456789abcdef0123456789abcdef");
         assert_eq!(validate_name(&sid_like).unwrap_err().code(), 54302);
         assert!(validate_name("MPnot-a-sid").is_ok());
+        assert_eq!(validate_name("..").unwrap_err().code(), 54302);
     }
 
     #[test]
