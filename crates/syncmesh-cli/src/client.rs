@@ -41,6 +41,23 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// The same failure (and exit code), its message prefixed with where it happened.
+    pub fn context(self, at: &str) -> Failure {
+        match self {
+            Failure::Api {
+                status,
+                code,
+                message,
+            } => Failure::Api {
+                status,
+                code,
+                message: format!("{at}: {message}"),
+            },
+            Failure::Unreachable(m) => Failure::Unreachable(format!("{at}: {m}")),
+            Failure::Other(e) => Failure::Other(e.context(at.to_string())),
+        }
+    }
+
     /// The process exit code for this failure.
     pub fn exit_code(&self) -> u8 {
         match self {

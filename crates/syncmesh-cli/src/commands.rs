@@ -577,7 +577,7 @@ pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
         if inflight.len() >= IMPORT_CONCURRENCY {
             if let Some((key, at, r)) = inflight.next().await {
                 if let Err(e) = r {
-                    failure = Some(Failure::Other(anyhow::anyhow!("line {at} ({key:?}): {e}")));
+                    failure = Some(e.context(&format!("line {at} ({key:?})")));
                     break;
                 }
                 n += 1;
@@ -594,7 +594,7 @@ pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
             }
             Err(e) => {
                 if failure.is_none() {
-                    failure = Some(Failure::Other(anyhow::anyhow!("line {at} ({key:?}): {e}")));
+                    failure = Some(e.context(&format!("line {at} ({key:?})")));
                 }
             }
         }
