@@ -1,0 +1,66 @@
+//! Two nodes on this machine, joined over libp2p on 127.0.0.1: a write on one arrives on the
+//! other as a remote event, and a map that only the first node has is opened on the second.
+//!
+//! `cargo run --example two_nodes`
+
+use std::time::Duration;
+
+use serde_json::json;
+use syncmesh::{EventKind, Node};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Node A listens on a free port; node B is told to keep a connection to it.
+    let a = Node::builder()
+        .listen("/ip4/127.0.0.1/tcp/0".parse()?)
+        .mdns(false)
+        .open()
+        .await?;
+    let a_addr = loop {
+        if let Some(addr) = a.network().and_then(|n| n.listen_addrs.first().cloned()) {
+            break addr;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!("A is {a_addr}");
+    let users_a = a.map("users").await?;
+    users_a
+        .set("david", json!({"phone_number": 12345678, "country": "UK"}))
+        .await?;
+
+    let b = Node::builder()
+        .listen("/ip4/127.0.0.1/tcp/0".parse()?)
+        .peer(a_addr.parse()?)
+        .mdns(false)
+        .open()
+        .await?;
+    while b.network().is_none_or(|n| n.connected.is_empty()) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // B has never seen `users`: opening it asks its peers and waits until it has arrived.
+    let users_b = b.open_existing("users").await?;
+    let david = users_b.get("david").await?;
+    println!(
+        "B opened users from A: david = {}",
+        serde_json::Value::Object(david.data)
+    );
+
+    // A write on A reaches B's subscription, marked as not local.
+    let mut events = users_b.subscribe().await?;
+    users_a.update("david", json!({"country": "IRL"})).await?;
+    while let Some(e) = events.next().await {
+        let e = e?;
+        if let EventKind::ItemUpdated { item, .. } = &e.kind {
+            println!(
+                "B saw {} updated to {} (is_local = {})",
+                item.key,
+                serde_json::Value::Object(item.data.clone()),
+                e.is_local
+            );
+            break;
+        }
+    }
+    a.close().await?;
+    b.close().await?;
+    Ok(())
+}
