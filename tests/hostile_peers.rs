@@ -4,27 +4,14 @@
 
 use std::time::Duration;
 
+#[path = "support/net.rs"]
+mod support;
+use support::{raw_peer, wait_for};
+
 use serde_json::json;
 use syncmesh::{Multiaddr, Node};
 use syncmesh_core::replication::{Bytes, Replicator, Wire};
 use syncmesh_core::{DocAddr, Identity, MapReplica, MapSid, NodeId, Timestamp, WriteOptions};
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn node() -> (Node, Multiaddr) {
     let n = Node::builder()
@@ -41,29 +28,6 @@ async fn node() -> (Node, Multiaddr) {
     })
     .await;
     (n, out.unwrap().parse().unwrap())
-}
-
-async fn raw_peer(
-    to: &Multiaddr,
-) -> (
-    syncmesh_net::NetHandle,
-    tokio::sync::mpsc::Receiver<syncmesh_net::NetEvent>,
-    syncmesh::PeerId,
-) {
-    let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());
-    cfg.peers = vec![to.clone()];
-    cfg.mdns = false;
-    let (h, mut rx) = syncmesh_net::start(cfg).unwrap();
-    let peer = tokio::time::timeout(DEADLINE, async {
-        loop {
-            if let Some(syncmesh_net::NetEvent::PeerUp(p)) = rx.recv().await {
-                return p;
-            }
-        }
-    })
-    .await
-    .unwrap();
-    (h, rx, peer)
 }
 
 /// Used to: 17 bytes of sync message from any connected peer kill the node's engine.

@@ -6,29 +6,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
+#[path = "support/net.rs"]
+mod support;
+use support::{raw_peer, wait_for, DEADLINE};
+
 use serde_json::json;
 use syncmesh::{EventKind, Map, MapSpec, Multiaddr, Node, OpenMode, PageRequest, SwarmKey};
-
-const DEADLINE: Duration = Duration::from_secs(90);
-
-async fn wait_for<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = std::time::Instant::now();
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn local() -> Multiaddr {
     "/ip4/127.0.0.1/tcp/0".parse().unwrap()
@@ -399,30 +385,6 @@ async fn strangers_without_the_key_or_off_the_list_get_nothing() {
     for n in [a, b, stranger, keyless, d, off_list] {
         n.close().await.unwrap();
     }
-}
-
-/// A raw libp2p peer speaking the syncmesh protocols, to send what a real node never would.
-async fn raw_peer(
-    to: &Multiaddr,
-) -> (
-    syncmesh_net::NetHandle,
-    tokio::sync::mpsc::Receiver<syncmesh_net::NetEvent>,
-    syncmesh::PeerId,
-) {
-    let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());
-    cfg.peers = vec![to.clone()];
-    cfg.mdns = false;
-    let (h, mut rx) = syncmesh_net::start(cfg).unwrap();
-    let peer = tokio::time::timeout(DEADLINE, async {
-        loop {
-            if let Some(syncmesh_net::NetEvent::PeerUp(p)) = rx.recv().await {
-                return p;
-            }
-        }
-    })
-    .await
-    .unwrap();
-    (h, rx, peer)
 }
 
 /// Waits until `rx` reports that `peer` disconnected, running `poke` until then.

@@ -183,6 +183,11 @@ impl Catalog {
         self.maps.contains_key(sid)
     }
 
+    /// A map by sid, whatever its state, to read.
+    pub fn get(&self, sid: &MapSid) -> Option<&MapReplica> {
+        self.maps.get(sid)
+    }
+
     /// A map by sid, whatever its state.
     pub fn by_sid(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
         self.maps.get_mut(sid)

@@ -155,6 +155,28 @@ pub trait MapHost {
     fn touched(&mut self, sid: &MapSid);
 }
 
+/// A catalog hosts its maps in memory (for nodes without storage, and tests): maps a peer
+/// has are adopted as empty replicas that fill in by sync.
+impl MapHost for crate::Catalog {
+    fn held(&mut self) -> Vec<MapSid> {
+        self.maps().map(|m| m.sid().clone()).collect()
+    }
+
+    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        self.by_sid(sid)
+    }
+
+    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        if !self.contains(sid) {
+            let id = self.identity().clone();
+            self.insert(MapReplica::empty(id, sid.clone()));
+        }
+        self.by_sid(sid)
+    }
+
+    fn touched(&mut self, _sid: &MapSid) {}
+}
+
 #[derive(Default)]
 struct PeerState {
     hold_all: bool,

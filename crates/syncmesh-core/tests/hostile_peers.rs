@@ -12,7 +12,7 @@ mod counting_alloc;
 static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 use serde_json::json;
-use syncmesh_core::replication::{MapHost, Outgoing, Replicator, Wire};
+use syncmesh_core::replication::{Outgoing, Replicator, Wire};
 use syncmesh_core::{
     Catalog, DocAddr, Identity, MapReplica, MapSid, MapSpec, NodeId, Timestamp, WriteOptions,
 };
@@ -32,28 +32,9 @@ fn obj(v: serde_json::Value) -> syncmesh_core::JsonObject {
     v.as_object().cloned().unwrap()
 }
 
-struct Host {
-    catalog: Catalog,
-}
-
-impl MapHost for Host {
-    fn held(&mut self) -> Vec<MapSid> {
-        self.catalog.maps().map(|m| m.sid().clone()).collect()
-    }
-    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        self.catalog.by_sid(sid)
-    }
-    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        let id = self.catalog.identity().clone();
-        self.catalog.insert(MapReplica::empty(id, sid.clone()));
-        self.catalog.by_sid(sid)
-    }
-    fn touched(&mut self, _sid: &MapSid) {}
-}
-
 struct Node {
     name: String,
-    host: Host,
+    host: Catalog,
     rep: Replicator,
 }
 
@@ -61,9 +42,7 @@ impl Node {
     fn new(name: &str, n: u8, hold_all: bool) -> Node {
         Node {
             name: name.to_string(),
-            host: Host {
-                catalog: Catalog::new(Identity::new(NodeId([n; 16]), name.as_bytes())),
-            },
+            host: Catalog::new(Identity::new(NodeId([n; 16]), name.as_bytes())),
             rep: Replicator::new(hold_all),
         }
     }
@@ -71,7 +50,6 @@ impl Node {
     fn write(&mut self, key: &str, v: serde_json::Value) {
         let (m, _) = self
             .host
-            .catalog
             .open(&MapSpec::named("users"), [7; 16], now())
             .unwrap();
         m.set(key, obj(v), &WriteOptions::default(), now()).unwrap();
@@ -79,10 +57,7 @@ impl Node {
     }
 
     fn map(&mut self) -> &mut MapReplica {
-        self.host
-            .catalog
-            .by_sid(&MapSid::for_name("users"))
-            .unwrap()
+        self.host.by_sid(&MapSid::for_name("users")).unwrap()
     }
 }
 
@@ -172,8 +147,8 @@ fn equivocating_changes_do_not_make_honest_nodes_disconnect_each_other() {
     let mut a = Node::new("a", 1, false);
     let mut b = Node::new("b", 2, false);
     a.write("x", json!({"v": 1}));
-    b.host.catalog.insert(MapReplica::empty(
-        b.host.catalog.identity().clone(),
+    b.host.insert(MapReplica::empty(
+        b.host.identity().clone(),
         MapSid::for_name("users"),
     ));
     let v = connect(&mut a, &mut b);
@@ -404,8 +379,8 @@ fn mutated_changes_never_panic_the_node() {
         }
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut a = Node::new("a", 1, false);
-            let m = MapReplica::empty(a.host.catalog.identity().clone(), sid.clone());
-            a.host.catalog.insert(m);
+            let m = MapReplica::empty(a.host.identity().clone(), sid.clone());
+            a.host.insert(m);
             let mut ok = true;
             for c in &meta {
                 ok &= a
@@ -474,10 +449,8 @@ fn replay(hexed: &str, with_base: bool) {
     w.flush(now()).unwrap();
     let (doc, base) = local_shard_changes(&mut w)[0].clone();
     let mut a = Node::new("a", 1, false);
-    a.host.catalog.insert(MapReplica::empty(
-        a.host.catalog.identity().clone(),
-        sid.clone(),
-    ));
+    a.host
+        .insert(MapReplica::empty(a.host.identity().clone(), sid.clone()));
     a.map().apply_changes(DocAddr::Meta, &meta, now()).unwrap();
     if with_base {
         a.map()
@@ -545,8 +518,8 @@ fn a_long_history_in_one_shard_syncs_in_several_messages() {
     }
     a.map().take_outgoing();
     let mut b = Node::new("b", 2, false);
-    b.host.catalog.insert(MapReplica::empty(
-        b.host.catalog.identity().clone(),
+    b.host.insert(MapReplica::empty(
+        b.host.identity().clone(),
         MapSid::for_name("users"),
     ));
     let v = connect(&mut a, &mut b);
@@ -576,7 +549,7 @@ fn a_hold_all_node_adopts_a_bounded_number_of_maps_per_hello() {
         .receive("mallory", &bytes, &mut backup.host, now())
         .unwrap();
     let grown = counting_alloc::heap_bytes().saturating_sub(base);
-    let held = backup.host.catalog.maps().count();
+    let held = backup.host.maps().count();
     assert!(
         held < 1_000,
         "a {} KB Hello made the backup hold {held} maps ({} MiB) and answer with {} messages",

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use serde_json::json;
-use syncmesh_core::replication::{MapHost, Outgoing, Replicator, Wire};
+use syncmesh_core::replication::{Outgoing, Replicator, Wire};
 use syncmesh_core::{
     Catalog, DocAddr, Event, Identity, MapReplica, MapSid, MapSpec, NodeId, Timestamp, WriteOptions,
 };
@@ -19,27 +19,8 @@ fn obj(v: serde_json::Value) -> syncmesh_core::JsonObject {
     v.as_object().cloned().unwrap()
 }
 
-struct Host {
-    catalog: Catalog,
-}
-
-impl MapHost for Host {
-    fn held(&mut self) -> Vec<MapSid> {
-        self.catalog.maps().map(|m| m.sid().clone()).collect()
-    }
-    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        self.catalog.by_sid(sid)
-    }
-    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        let id = self.catalog.identity().clone();
-        self.catalog.insert(MapReplica::empty(id, sid.clone()));
-        self.catalog.by_sid(sid)
-    }
-    fn touched(&mut self, _sid: &MapSid) {}
-}
-
 struct Node {
-    host: Host,
+    host: Catalog,
     /// Gossip already seen (gossipsub de-duplicates by message id, a hash of the payload).
     seen: std::collections::HashSet<Vec<u8>>,
     rep: Replicator,
@@ -70,9 +51,7 @@ impl Net {
                 n.to_string(),
                 Node {
                     seen: Default::default(),
-                    host: Host {
-                        catalog: Catalog::new(id),
-                    },
+                    host: Catalog::new(id),
                     rep: Replicator::new(hold_all.contains(n)),
                     events: Vec::new(),
                 },
@@ -128,7 +107,7 @@ impl Net {
         for n in names {
             let node = self.nodes.get_mut(&n).unwrap();
             let mut by_map: BTreeMap<MapSid, Vec<(DocAddr, Vec<u8>)>> = BTreeMap::new();
-            for m in node.host.catalog.maps_mut() {
+            for m in node.host.maps_mut() {
                 m.flush(now()).unwrap();
                 for c in m.take_outgoing() {
                     by_map.entry(c.map).or_default().push((c.doc, c.bytes));
@@ -232,7 +211,7 @@ impl Net {
     fn items(&mut self, n: &str, map: &str) -> Vec<(String, serde_json::Value, String)> {
         let node = self.node(n);
         let sid = syncmesh_core::MapRef::parse(map).unwrap().sid();
-        match node.host.catalog.by_sid(&sid) {
+        match node.host.by_sid(&sid) {
             Some(m) => m
                 .all_items(now())
                 .into_iter()
@@ -251,10 +230,7 @@ impl Net {
     fn digest(&mut self, n: &str, map: &str) -> u64 {
         let sid = syncmesh_core::MapRef::parse(map).unwrap().sid();
         let node = self.node(n);
-        node.host
-            .catalog
-            .by_sid(&sid)
-            .map_or(0, |m| m.digest().unwrap())
+        node.host.by_sid(&sid).map_or(0, |m| m.digest().unwrap())
     }
 }
 
@@ -262,7 +238,6 @@ fn write(net: &mut Net, n: &str, map: &str, key: &str, v: serde_json::Value) {
     let node = net.node(n);
     let (m, _) = node
         .host
-        .catalog
         .open(&MapSpec::named(map), [7; 16], now())
         .unwrap();
     m.set(key, obj(v), &WriteOptions::default(), now()).unwrap();
@@ -272,8 +247,8 @@ fn write(net: &mut Net, n: &str, map: &str, key: &str, v: serde_json::Value) {
 fn hold(net: &mut Net, n: &str, map: &str) {
     let sid = MapSid::for_name(map);
     let node = net.node(n);
-    let id = node.host.catalog.identity().clone();
-    node.host.catalog.insert(MapReplica::empty(id, sid.clone()));
+    let id = node.host.identity().clone();
+    node.host.insert(MapReplica::empty(id, sid.clone()));
     let out = node.rep.announce(&[sid], &mut node.host);
     net.send(n, out);
 }
@@ -286,7 +261,7 @@ fn a_late_peer_catches_up_and_sees_remote_events() {
     }
     net.flush();
     // B holds the map (opened it empty) and connects only now.
-    net.node("b").host.catalog.insert(MapReplica::empty(
+    net.node("b").host.insert(MapReplica::empty(
         Identity::new(NodeId([2; 16]), b"b"),
         MapSid::for_name("users"),
     ));
@@ -395,17 +370,13 @@ fn removal_and_recreation_spread() {
     assert_eq!(net.items("b", "users").len(), 1);
     net.node("a")
         .host
-        .catalog
         .get_mut("users", now())
         .unwrap()
         .remove_map(now())
         .unwrap();
     net.run();
     let b = net.node("b");
-    assert!(
-        b.host.catalog.get_mut("users", now()).is_err(),
-        "removed on B too"
-    );
+    assert!(b.host.get_mut("users", now()).is_err(), "removed on B too");
     assert!(b
         .events
         .iter()

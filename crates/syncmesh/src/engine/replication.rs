@@ -289,7 +289,7 @@ impl Engine {
         }
         let sid = r.sid();
         // A map known here and removed is not fetched again.
-        let known = self.catalog.maps().any(|m| m.sid() == &sid && m.exists());
+        let known = self.catalog.get(&sid).is_some_and(MapReplica::exists);
         (!known && !self.on_disk.contains_key(&sid)).then_some(sid)
     }
 
@@ -323,7 +323,7 @@ impl Engine {
         let wants = std::mem::take(&mut n.wants);
         let mut keep = Vec::new();
         for w in wants {
-            let exists = self.catalog.maps().any(|m| m.sid() == &w.sid && m.exists());
+            let exists = self.catalog.get(&w.sid).is_some_and(MapReplica::exists);
             let sid = w.sid.clone();
             let complete = exists
                 && self
