@@ -1432,19 +1432,6 @@ impl MapReplica {
         }))
     }
 
-    /// Receives a peer's sync message for one document ([`decode_sync`] then
-    /// [`Self::sync_apply`]).
-    pub fn sync_receive(
-        &mut self,
-        doc: DocAddr,
-        state: &mut sync::State,
-        bytes: &[u8],
-        now: Timestamp,
-    ) -> Result<()> {
-        let msg = decode_sync(doc, bytes)?;
-        self.sync_apply(doc, state, msg, now)
-    }
-
     /// Merges a decoded and checked sync message ([`decode_sync`]) with events, then updates
     /// the sync state. An error here is about this replica's state (a change Automerge refuses
     /// against it), not proof that the sender misbehaves.
