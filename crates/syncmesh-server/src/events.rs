@@ -9,6 +9,7 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt as _;
 use syncmesh::EventStream;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +27,7 @@ const CLOSE_ERROR_BASE: u16 = 4000;
 
 /// What one step of an event stream gives a client.
 enum Next {
-    Event(EventBody),
+    Event(Box<EventBody>),
     /// The stream cannot go on; this is the last message.
     Error(ApiError),
 }
@@ -150,7 +151,7 @@ async fn next(stream: &mut EventStream, shutdown: &CancellationToken) -> Option<
         biased;
         _ = shutdown.cancelled() => None,
         r = stream.next() => r.map(|r| match r {
-            Ok(ev) => Next::Event(EventBody::from(ev)),
+            Ok(ev) => Next::Event(Box::new(EventBody::from(ev))),
             Err(e) => Next::Error(ApiError::from(e)),
         }),
     }
@@ -160,6 +161,11 @@ fn sse(
     stream: EventStream,
     shutdown: CancellationToken,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    // First an event with only an id: the stream's resume point, so a client that reconnects
+    // before any event arrives resumes (`Last-Event-ID`) without missing what happened meanwhile.
+    let start = stream
+        .resume_point()
+        .map(|id| Ok(SseEvent::default().id(id.to_string())));
     let s = futures_util::stream::unfold(
         (stream, shutdown, false),
         |(mut stream, shutdown, done)| async move {
@@ -182,6 +188,7 @@ fn sse(
             Some((Ok(ev.0), (stream, shutdown, ev.1)))
         },
     );
+    let s = futures_util::stream::iter(start).chain(s);
     Sse::new(s).keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE))
 }
 

@@ -188,6 +188,18 @@ pub struct EventBody {
     pub previous_item_data: Option<JsonObject>,
     /// The item's revision now (`null` for removals).
     pub item_revision: Option<String>,
+    /// RFC 3339, UTC: when the item was created (`null` for removals).
+    #[serde(default)]
+    pub item_date_created: Option<String>,
+    /// RFC 3339, UTC: when the item was last written (`null` for removals).
+    #[serde(default)]
+    pub item_date_updated: Option<String>,
+    /// RFC 3339, UTC: when the item expires (`null` if it never does, and for removals).
+    #[serde(default)]
+    pub item_date_expires: Option<String>,
+    /// Id of the node that created the item (`null` for removals).
+    #[serde(default)]
+    pub item_created_by: Option<String>,
     /// True if this node made the change, false if it came from a peer.
     pub is_local: bool,
     /// RFC 3339, UTC: when this node observed the change.
@@ -196,44 +208,50 @@ pub struct EventBody {
 
 impl From<Event> for EventBody {
     fn from(e: Event) -> Self {
-        let (kind, key, data, prev, rev) = match e.kind {
-            EventKind::ItemAdded { item } => (
-                EventType::MapItemAdded,
-                Some(item.key),
-                Some(item.data),
-                None,
-                Some(item.revision.to_string()),
-            ),
+        let (kind, key, item, prev) = match e.kind {
+            EventKind::ItemAdded { item } => (EventType::MapItemAdded, None, Some(item), None),
             EventKind::ItemUpdated {
                 item,
                 previous_data,
             } => (
                 EventType::MapItemUpdated,
-                Some(item.key),
-                Some(item.data),
+                None,
+                Some(item),
                 Some(previous_data),
-                Some(item.revision.to_string()),
             ),
             EventKind::ItemRemoved { key, previous_data } => (
                 EventType::MapItemRemoved,
                 Some(key),
                 None,
                 Some(previous_data),
-                None,
             ),
-            EventKind::MapRemoved => (EventType::MapRemoved, None, None, None, None),
+            EventKind::MapRemoved => (EventType::MapRemoved, None, None, None),
         };
-        EventBody {
+        let mut body = EventBody {
             id: e.id,
             kind,
             map_sid: e.map.to_string(),
             item_key: key,
-            item_data: data,
+            item_data: None,
             previous_item_data: prev,
-            item_revision: rev,
+            item_revision: None,
+            item_date_created: None,
+            item_date_updated: None,
+            item_date_expires: None,
+            item_created_by: None,
             is_local: e.is_local,
             date_created: rfc3339(e.date),
+        };
+        if let Some(item) = item {
+            body.item_revision = Some(item.revision.to_string());
+            body.item_date_created = Some(rfc3339(item.date_created));
+            body.item_date_updated = Some(rfc3339(item.date_updated));
+            body.item_date_expires = item.date_expires.map(rfc3339);
+            body.item_created_by = Some(item.created_by.to_string());
+            body.item_key = Some(item.key);
+            body.item_data = Some(item.data);
         }
+        body
     }
 }
 

@@ -359,7 +359,10 @@ impl Node {
                 }
             }
         });
-        EventStream { rx }
+        EventStream {
+            rx,
+            resume_point: None,
+        }
     }
 
     /// Commits everything queued, stops the engine and waits for it. Every clone of this
@@ -616,6 +619,7 @@ impl Map {
             }
         }
         drop(store);
+        let resume_point = after.unwrap_or(lagged_from);
         let mut closed = shared.closed.subscribe();
         spawn(async move {
             // `last`: id of the last event delivered; `None` = live only, nothing to replay.
@@ -705,7 +709,10 @@ impl Map {
                 }
             }
         });
-        Ok(EventStream { rx })
+        Ok(EventStream {
+            rx,
+            resume_point: Some(resume_point),
+        })
     }
 }
 
@@ -713,9 +720,18 @@ impl Map {
 #[derive(Debug)]
 pub struct EventStream {
     rx: mpsc::Receiver<Result<Event>>,
+    resume_point: Option<u64>,
 }
 
 impl EventStream {
+    /// For a map's stream, the event id it starts after: every event with a larger id is
+    /// delivered. For a live-only stream it is the newest stored event when it was created, so
+    /// a consumer that has not seen an event yet can still resume ([`Map::subscribe_from`])
+    /// without a gap. `None` for the node-wide stream (event ids are per map).
+    pub fn resume_point(&self) -> Option<u64> {
+        self.resume_point
+    }
+
     /// The next event, or `None` once the node is closed.
     pub async fn next(&mut self) -> Option<Result<Event>> {
         self.rx.recv().await
