@@ -22,7 +22,7 @@
 //! ```
 //!
 //! Layout: [`maps`], [`items`], [`events`] and [`node`] hold the handlers (each with its
-//! OpenAPI declaration); [`params`] reads requests into typed values or a typed [`ApiError`];
+//! OpenAPI declaration); [`ui`] serves the JavaScript client and the inspector page; [`params`] reads requests into typed values or a typed [`ApiError`];
 //! [`model`] is what goes over the wire. Only this crate knows HTTP.
 
 #![warn(missing_docs)]
@@ -35,6 +35,7 @@ pub mod model;
 pub mod node;
 pub mod params;
 pub mod state;
+pub mod ui;
 pub mod urls;
 
 use std::future::Future;
@@ -140,6 +141,7 @@ pub fn router(node: syncmesh::Node, opts: ServerOptions) -> Router {
     let state = AppState::new(node, opts);
     let (routes, _) = api().split_for_parts();
     routes
+        .merge(ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(params::BODY_LIMIT))
@@ -200,7 +202,8 @@ async fn method_not_allowed(req: Request) -> ApiError {
 /// Requires `Authorization: Bearer <token>` when the node has a token. Browsers cannot set
 /// headers on `EventSource` and `WebSocket`, so the events route also takes `access_token`.
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if !st.token_required() {
+    // The page checks its own admission (it also takes a cookie); client code holds no data.
+    if !st.token_required() || ui::is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let from_header = req

@@ -59,6 +59,8 @@ struct Inner {
     node: Node,
     /// SHA-256 of the token: compared in constant time, and equal length whatever was sent.
     token: Option<[u8; 32]>,
+    /// The token itself, for the inspector page it admits (it passes it to the client).
+    token_text: Option<String>,
     http_addr: SocketAddr,
     shutdown: CancellationToken,
     maps: Mutex<HashMap<String, Map>>,
@@ -84,6 +86,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 node,
                 token: opts.token.as_deref().map(digest),
+                token_text: opts.token.clone(),
                 http_addr: opts.http_addr,
                 shutdown: opts.shutdown,
                 maps: Mutex::new(HashMap::new()),
@@ -109,6 +112,11 @@ impl AppState {
     /// Whether requests need a token.
     pub fn token_required(&self) -> bool {
         self.inner.token.is_some()
+    }
+
+    /// The token, if the node has one.
+    pub fn token(&self) -> Option<&str> {
+        self.inner.token_text.as_deref()
     }
 
     /// Whether `given` is the token (always true without one).

@@ -938,8 +938,13 @@ async fn open_sse(api: &Api, uri: &str, headers: &[(&str, &str)]) -> Body {
     resp.into_body()
 }
 
-/// Reads `n` SSE frames (comments skipped).
+/// Reads `n` SSE frames with data (comments and the id-only resume point skipped).
 async fn read_sse(body: Body, n: usize) -> Vec<String> {
+    read_frames(body, n, true).await
+}
+
+/// Reads `n` SSE frames (comments skipped; `data_only`: frames without data skipped too).
+async fn read_frames(body: Body, n: usize, data_only: bool) -> Vec<String> {
     let mut body = body.into_data_stream();
     let mut text = String::new();
     let mut frames: Vec<String> = Vec::new();
@@ -949,7 +954,7 @@ async fn read_sse(body: Body, n: usize) -> Vec<String> {
             text.push_str(std::str::from_utf8(&chunk).unwrap());
             while let Some(end) = text.find("\n\n") {
                 let frame: String = text.drain(..end + 2).collect();
-                if !frame.starts_with(':') {
+                if !frame.starts_with(':') && (!data_only || frame.contains("data:")) {
                     frames.push(frame);
                 }
             }
@@ -970,6 +975,47 @@ fn sse_data(frame: &str) -> Value {
         .find_map(|l| l.strip_prefix("data: "))
         .unwrap();
     serde_json::from_str(line).unwrap()
+}
+
+/// A live stream starts with its resume point (an id-only frame: the newest event), so a client
+/// that reconnects before any event arrives resumes with `Last-Event-ID` and misses nothing.
+#[tokio::test]
+async fn sse_starts_with_its_resume_point() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "r"}))
+        .await
+        .ok(201);
+    let items = format!("{P}/Maps/r/Items");
+    for k in ["a", "b"] {
+        api.post(&items, json!({"Key": k, "Data": {}}))
+            .await
+            .ok(201);
+    }
+    let ev = format!("{P}/Maps/r/Events");
+    let first = read_frames(open_sse(&api, &ev, &[]).await, 1, false).await;
+    assert_eq!(
+        first[0], "id: 2\n\n",
+        "the resume point is the newest event id"
+    );
+    // Written while that client was away: replayed after its resume point.
+    api.post(&items, json!({"Key": "c", "Data": {}}))
+        .await
+        .ok(201);
+    let frames = read_frames(
+        open_sse(&api, &ev, &[("last-event-id", "2")]).await,
+        2,
+        false,
+    )
+    .await;
+    assert_eq!(frames[0], "id: 2\n\n");
+    let body = sse_data(&frames[1]);
+    assert_eq!(
+        (body["id"].as_u64(), body["item_key"].as_str()),
+        (Some(3), Some("c"))
+    );
+    assert!(body["item_date_updated"].as_str().unwrap().ends_with('Z'));
+    assert!(body["item_date_expires"].is_null());
+    assert!(body["item_created_by"].is_string());
 }
 
 #[tokio::test]
@@ -1388,4 +1434,92 @@ async fn events_of_a_removed_map_are_404() {
         StatusCode::NOT_FOUND,
         "events of a removed map"
     );
+}
+
+/// A raw GET: status, headers and body text.
+async fn raw_get(app: &Router, uri: &str, headers: &[(&str, &str)]) -> (u16, HeaderMap, String) {
+    let mut b = Request::builder().uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = app
+        .clone()
+        .oneshot(b.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn the_client_and_the_inspector_are_served() {
+    let node = Node::in_memory().await.unwrap();
+    let app = router(node, ServerOptions::new(addr()));
+    for (uri, ty, needle) in [
+        (
+            "/sdk/syncmesh.js",
+            "text/javascript",
+            "export class SyncClient",
+        ),
+        (
+            "/sdk/syncmesh.d.ts",
+            "application/typescript",
+            "export declare class SyncMap",
+        ),
+        ("/ui/inspector.js", "text/javascript", "SyncClient"),
+        ("/ui/inspector.css", "text/css", "{"),
+        (
+            "/",
+            "text/html",
+            "<meta name=\"syncmesh-token\" content=\"\">",
+        ),
+    ] {
+        let (status, headers, body) = raw_get(&app, uri, &[]).await;
+        assert_eq!(status, 200, "{uri}");
+        let ct = headers[header::CONTENT_TYPE].to_str().unwrap();
+        assert!(ct.starts_with(ty), "{uri}: {ct}");
+        assert!(body.contains(needle), "{uri} lacks {needle:?}");
+    }
+}
+
+#[tokio::test]
+async fn the_inspector_is_behind_the_token_and_the_cookie_opens_only_the_page() {
+    let node = Node::in_memory().await.unwrap();
+    let app = router(
+        node,
+        ServerOptions::new(addr()).with_token(Some("s3<c>\"t".into())),
+    );
+    // Code is public (it holds no data); the page is not.
+    assert_eq!(raw_get(&app, "/sdk/syncmesh.js", &[]).await.0, 200);
+    let (status, _, body) = raw_get(&app, "/", &[]).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("name=\"access_token\""), "a login form");
+    assert!(!body.contains("s3<c>"));
+    let (status, _, body) = raw_get(&app, "/?access_token=wrong", &[]).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("not the token of this node"));
+    // The right token in the query: a cookie, and the token leaves the address bar.
+    let (status, headers, _) = raw_get(&app, "/?access_token=s3%3Cc%3E%22t", &[]).await;
+    assert_eq!(status, 303);
+    assert_eq!(headers[header::LOCATION], "/");
+    let cookie = headers[header::SET_COOKIE].to_str().unwrap().to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    let pair = cookie.split(';').next().unwrap().to_string();
+    let (status, headers, body) = raw_get(&app, "/", &[("cookie", &pair)]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    // The page hands the token to its client, escaped.
+    assert!(body.contains("content=\"s3&lt;c&gt;&quot;t\""), "{body}");
+    let bearer = "Bearer s3<c>\"t";
+    assert_eq!(
+        raw_get(&app, "/", &[("authorization", bearer)]).await.0,
+        200
+    );
+    // The cookie never opens the API: another page on this host could forge requests with it.
+    let (status, _, _) = raw_get(&app, "/v1/Node", &[("cookie", &pair)]).await;
+    assert_eq!(status, 401);
 }

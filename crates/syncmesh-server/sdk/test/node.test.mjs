@@ -1,0 +1,249 @@
+// The client against real `syncmesh node` processes: the hosted SDK's usage, unchanged but for
+// how the client is made; events from other clients and nodes; paging; offline queueing;
+// resumption; tokens.
+import { test, after } from "node:test";
+import assert from "node:assert/strict";
+import { SyncClient, SyncError } from "../syncmesh.js";
+import { startNode, nodeStatus, waitFor } from "./support.mjs";
+
+const nodes = [];
+const clients = [];
+async function node(args) {
+  const n = await startNode(args);
+  nodes.push(n);
+  return n;
+}
+function client(...args) {
+  const c = new SyncClient(...args);
+  clients.push(c);
+  return c;
+}
+after(async () => {
+  for (const c of clients) await c.shutdown();
+  for (const n of nodes) {
+    await n.stop();
+    n.cleanup();
+  }
+});
+
+test("the hosted SDK's seed snippet runs unchanged", async () => {
+  const n = await node();
+  const syncClient = client({ url: n.url });
+  const log = [];
+  const console = { log: (...a) => log.push(a), error: (...a) => log.push(["ERROR", ...a]) };
+  let done;
+  const finished = new Promise((r) => (done = r));
+  // --- the snippet, verbatim but for `console` and the final `done` ---
+  syncClient.map('users').then(function (map) {
+    map.set('david', { phone_number: 12345678, country: 'UK' })
+      .then(function (item) { console.log('Added: ', item.key); })
+      .catch(function (err) { console.error(err); });
+    map.update('david', { country: "IRL" });
+    map.mutate('david', function (remoteData) { remoteData.country = "USA"; return remoteData; });
+    map.on('itemAdded', function (item) { console.log('key', item.key); console.log('JSON data', item.value); });
+    map.on('itemUpdated', function (item) { console.log('key', item.key); console.log('JSON data', item.value); });
+    map.getItems().then(function (page) { console.log('show first item', page.items[0].key, page.items[0].value); });
+    map.get('david').then(function (item) { console.log(item.value); });
+    map.remove('david').then(function () { console.log('item deleted'); });
+    map.removeMap().then(function () { console.log('map deleted'); done(); });
+  });
+  // --- end of snippet ---
+  await finished;
+  // Events arrive asynchronously: wait for the three item events (added, updated twice).
+  await waitFor("the snippet's events", () => log.filter((l) => l[0] === "JSON data").length === 3);
+  const usa = { phone_number: 12345678, country: "USA" };
+  const direct = log.filter((l) => l[0] !== "key" && l[0] !== "JSON data");
+  assert.deepEqual(direct, [
+    ["Added: ", "david"],
+    ["show first item", "david", usa],
+    [usa],
+    ["item deleted"],
+    ["map deleted"],
+  ]);
+  assert.deepEqual(
+    log.filter((l) => l[0] === "JSON data").map((l) => l[1]),
+    [{ phone_number: 12345678, country: "UK" }, { phone_number: 12345678, country: "IRL" }, usa],
+  );
+  assert.ok(!log.some((l) => l[0] === "ERROR"), JSON.stringify(log));
+});
+
+test("current-shape events: item, isLocal, previousItemData; other clients are not local", async () => {
+  const n = await node();
+  const a = client({ url: n.url });
+  const b = client({ url: n.url });
+  const mapA = await a.map({ id: "shapes", mode: "create_new" });
+  const mapB = await b.map({ id: "shapes", mode: "open_existing" });
+  assert.equal(mapA.sid, mapB.sid);
+  assert.equal(mapA.uniqueName, "shapes");
+  const seenA = [];
+  const seenB = [];
+  for (const [m, seen] of [[mapA, seenA], [mapB, seenB]]) {
+    m.on("itemAdded", (e) => seen.push(["added", e.item.key, e.item.data, e.isLocal, e.key, e.value]));
+    m.on("itemUpdated", (e) => seen.push(["updated", e.item.key, e.item.data, e.isLocal, e.previousItemData]));
+    m.on("itemRemoved", (e) => seen.push(["removed", e.key, e.isLocal, e.previousItemData]));
+    m.on("removed", (e) => seen.push(["map removed", e.isLocal]));
+  }
+  const item = await mapA.set("k", { v: 1 });
+  assert.equal(item.key, "k");
+  assert.deepEqual(item.data, { v: 1 });
+  assert.deepEqual(item.value, { v: 1 });
+  assert.ok(item.dateUpdated instanceof Date);
+  await mapB.update("k", { w: 2 });
+  await mapA.remove("k");
+  await mapB.removeMap();
+  await waitFor("four events on each", () => seenA.length === 4 && seenB.length === 4);
+  assert.deepEqual(seenA, [
+    ["added", "k", { v: 1 }, true, "k", { v: 1 }],
+    ["updated", "k", { v: 1, w: 2 }, false, { v: 1 }],
+    ["removed", "k", true, { v: 1, w: 2 }],
+    ["map removed", false],
+  ]);
+  assert.deepEqual(seenB, [
+    ["added", "k", { v: 1 }, false, "k", { v: 1 }],
+    ["updated", "k", { v: 1, w: 2 }, true, { v: 1 }],
+    ["removed", "k", false, { v: 1, w: 2 }],
+    ["map removed", true],
+  ]);
+});
+
+test("errors are SyncError with the Sync Maps code and status", async () => {
+  const n = await node();
+  const c = client({ url: n.url });
+  const m = await c.map("errs");
+  await assert.rejects(m.get("nope"), (e) => e instanceof SyncError && e.code === 54201 && e.status === 404);
+  await assert.rejects(c.map({ id: "missing", mode: "open_existing" }), (e) => e.code === 54200 && e.status === 404);
+  await assert.rejects(c.map({ id: "errs", mode: "create_new" }), (e) => e.code === 54301 && e.status === 409);
+  await assert.rejects(m.set("big", { s: "x".repeat(17 * 1024) }), (e) => e.code === 54006 && e.status === 413);
+  await assert.rejects(m.set("arr", [1, 2]), (e) => e.code === 54206);
+  await assert.rejects(m.setItemTtl("nope", 10), (e) => e.code === 54201);
+});
+
+test("getItems pages forwards and backwards, in either order, from a key", async () => {
+  const n = await node();
+  const c = client({ url: n.url });
+  const m = await c.map("paged");
+  const keys = Array.from({ length: 25 }, (_, i) => `k${String(i).padStart(2, "0")}`);
+  await Promise.all(keys.map((k, i) => m.set(k, { i })));
+  let page = await m.getItems({ pageSize: 10 });
+  const seen = [];
+  for (;;) {
+    seen.push(...page.items.map((it) => it.key));
+    if (!page.hasNextPage) break;
+    page = await page.nextPage();
+  }
+  assert.deepEqual(seen, keys);
+  assert.ok(page.hasPrevPage);
+  const prev = await page.prevPage();
+  assert.deepEqual(prev.items.map((i) => i.key), keys.slice(10, 20));
+  await assert.rejects((await m.getItems({ pageSize: 100 })).nextPage(), (e) => e.code === 20400);
+  const desc = await m.getItems({ order: "desc", pageSize: 3 });
+  assert.deepEqual(desc.items.map((i) => i.key), ["k24", "k23", "k22"]);
+  const from = await m.getItems({ from: "k20", pageSize: 100 });
+  assert.deepEqual(from.items.map((i) => i.key), keys.slice(20));
+  assert.equal(from.items[0].value.i, 20);
+});
+
+test("mutate retries on conflicts, with fresh data, and null cancels", async () => {
+  const n = await node();
+  const a = client({ url: n.url });
+  const b = client({ url: n.url });
+  const ma = await a.map("counter");
+  const mb = await b.map("counter");
+  // 2 clients x 15 increments each, racing: every increment lands exactly once.
+  const inc = (m) => m.mutate("n", (d) => ({ count: (d.count ?? 0) + 1 }));
+  await Promise.all(Array.from({ length: 15 }, () => [inc(ma), inc(mb)]).flat());
+  assert.equal((await ma.get("n")).data.count, 30);
+  const unchanged = await ma.mutate("n", () => null);
+  assert.equal(unchanged.data.count, 30);
+  assert.equal(await ma.mutate("absent", () => null), null);
+  await assert.rejects(ma.get("absent"), (e) => e.code === 54201);
+});
+
+test("ttl on items and maps", async () => {
+  const n = await node();
+  const c = client({ url: n.url });
+  const m = await c.map({ id: "ttls", ttl: 3600 });
+  assert.ok(m.dateExpires instanceof Date);
+  const it = await m.set("a", { x: 1 }, { ttl: 600 });
+  assert.ok(it.dateExpires instanceof Date);
+  assert.ok(it.dateExpires.getTime() > Date.now() + 500_000);
+  await m.setItemTtl("a", 0);
+  assert.equal((await m.get("a")).dateExpires, null);
+  await m.setTtl(0);
+  assert.equal(m.dateExpires, null);
+});
+
+test("events from another node arrive with isLocal false", async () => {
+  const a = await node();
+  const addr = (await nodeStatus(a.url)).listen_addrs[0];
+  const b = await node(["--peer", addr]);
+  const ca = client({ url: a.url });
+  const cb = client({ url: b.url });
+  const ma = await ca.map("across");
+  await ma.set("first", { from: "a" });
+  const mb = await cb.map({ id: "across", mode: "open_existing" });
+  const seen = [];
+  mb.on("itemAdded", (e) => seen.push([e.item.key, e.isLocal]));
+  await ma.set("second", { from: "a" });
+  await waitFor("B's client sees A's write", () => seen.length >= 1);
+  assert.deepEqual(seen, [["second", false]]);
+});
+
+test("offline: writes wait in order, settle on reconnect; a full queue and shutdown reject", async () => {
+  const n = await node();
+  const c = client({ url: n.url, maxQueue: 5 });
+  const states = [];
+  c.on("connectionStateChanged", (s) => states.push(s));
+  const m = await c.map("offline");
+  const events = [];
+  m.on("itemAdded", (e) => events.push([e.item.key, e.isLocal]));
+  m.on("itemUpdated", (e) => events.push([e.item.key, e.isLocal]));
+  await m.set("before", { n: 0 });
+  await n.stop();
+  // Writes while the node is down: they wait.
+  const p1 = m.set("a", { n: 1 });
+  const p2 = m.update("a", { m: 2 });
+  const p3 = m.set("b", { n: 3 });
+  await waitFor("the client to notice", () => c.connectionState !== "connected");
+  const extra = [m.set("d", {}), m.set("e", {})];
+  // maxQueue is 5: the sixth waiting operation is refused at once.
+  await assert.rejects(m.set("f", {}), (e) => e instanceof SyncError && e.code === 20429);
+  // The same data directory again, on the same port.
+  const port = new URL(n.url).port;
+  const again = await startNode(["--http", `127.0.0.1:${port}`], { dir: n.dir });
+  nodes.push(again);
+  const [a, , b] = await Promise.all([p1, p2, p3]);
+  await Promise.all(extra);
+  assert.deepEqual(a.data, { n: 1 });
+  assert.deepEqual((await m.get("a")).data, { n: 1, m: 2 });
+  assert.deepEqual(b.data, { n: 3 });
+  await waitFor("events after reconnecting", () => events.some((e) => e[0] === "e"));
+  assert.ok(states.includes("disconnected") && states.at(-1) === "connected", states.join(","));
+  // Each write's event once, all local, in call order per key.
+  const keys = events.map((e) => e[0]);
+  assert.deepEqual(keys.filter((k) => k === "a").length, 2);
+  assert.ok(events.every((e) => e[1]), JSON.stringify(events));
+  assert.equal(new Set(keys.filter((k) => k !== "a")).size, keys.filter((k) => k !== "a").length);
+  // Shutdown rejects what still waits.
+  await again.stop();
+  await waitFor("the client to notice", () => c.connectionState !== "connected");
+  const waiting = m.set("g", {});
+  await c.shutdown();
+  await assert.rejects(waiting, (e) => e.code === 20499);
+});
+
+test("a token: refused without it (denied), works with it", async () => {
+  const n = await node(["--token", "s3cret"]);
+  const bad = client({ url: n.url, token: "wrong" });
+  const denied = new Promise((r) => bad.on("connectionStateChanged", (s) => s === "denied" && r()));
+  await denied;
+  await assert.rejects(bad.map("x"), (e) => e.code === 20003 && e.status === 401);
+  await bad.updateToken("s3cret");
+  const m = await bad.map("x");
+  const seen = [];
+  m.on("itemAdded", (e) => seen.push(e.key));
+  await m.set("k", {});
+  await waitFor("the event through the token", () => seen.length === 1);
+  const good = client("s3cret", { url: n.url });
+  assert.deepEqual((await (await good.map("x")).get("k")).data, {});
+});
