@@ -55,6 +55,9 @@ pub struct Config {
     pub swarm_key: Option<PathBuf>,
     /// Hold every map any peer has (a backup or cluster node).
     pub hold_all_maps: Option<bool>,
+    /// Web origins whose pages may call the HTTP API (CORS); `*` for any.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -90,6 +93,11 @@ impl Config {
             mdns: flags.mdns.or(self.mdns),
             swarm_key: flags.swarm_key.or(self.swarm_key),
             hold_all_maps: flags.hold_all_maps.or(self.hold_all_maps),
+            cors_origins: if flags.cors_origins.is_empty() {
+                self.cors_origins
+            } else {
+                flags.cors_origins
+            },
         }
     }
 }
@@ -181,8 +189,14 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
         .with_context(|| format!("cannot listen for HTTP on {addr}"))?;
     let local = listener.local_addr()?;
     let shutdown = CancellationToken::new();
+    for o in &cfg.cors_origins {
+        if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+            bail!("--cors-origin {o:?} is not an origin: scheme://host[:port] (e.g. http://localhost:5173), or *");
+        }
+    }
     let opts = ServerOptions::new(local)
         .with_token(cfg.token.clone())
+        .with_cors_origins(cfg.cors_origins.clone())
         .with_shutdown(shutdown.clone());
     let app = router(node.clone(), opts);
 

@@ -157,6 +157,10 @@ struct NodeArgs {
     /// When writes are acknowledged [default: fsync].
     #[arg(long, value_enum)]
     durability: Option<DurabilityArg>,
+    /// Let web pages from this origin call the HTTP API (CORS; repeatable; `*`: any), e.g.
+    /// http://localhost:5173 for an app's dev server. The token still guards every route.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
     /// Write {"http_addr", "node_id", "data_dir"} as JSON to this file once serving.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -183,6 +187,7 @@ impl NodeArgs {
             mdns,
             swarm_key: self.swarm_key.clone(),
             hold_all_maps: self.hold_all_maps.then_some(true),
+            cors_origins: self.cors_origins.clone(),
         }))
     }
 }

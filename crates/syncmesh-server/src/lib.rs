@@ -138,9 +138,10 @@ async fn openapi_json() -> Response {
 /// The API over `node`: every route, JSON errors for unknown routes (404) and methods (405),
 /// the token check, the body limit and request tracing.
 pub fn router(node: syncmesh::Node, opts: ServerOptions) -> Router {
+    let cors = cors_layer(&opts.cors_origins);
     let state = AppState::new(node, opts);
     let (routes, _) = api().split_for_parts();
-    routes
+    let app = routes
         .merge(ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -154,7 +155,48 @@ pub fn router(node: syncmesh::Node, opts: ServerOptions) -> Router {
                 },
             ),
         )
-        .with_state(state)
+        .with_state(state);
+    // Outermost: a preflight carries no token, and refusals need the headers too.
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// CORS for `origins` (`*`: any), or none. Bearer tokens, not cookies, authorize API calls, so
+/// credentials are never allowed cross-origin.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::PATCH,
+                axum::http::Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_MATCH,
+                header::HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([header::ETAG, header::LOCATION])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight finish.

@@ -24,6 +24,9 @@ pub struct ServerOptions {
     pub http_addr: SocketAddr,
     /// Cancelled at shutdown: ends every live event stream so connections can drain.
     pub shutdown: CancellationToken,
+    /// Web origins (`https://app.example:8443`, or `*`) whose pages may call the API (CORS);
+    /// empty: only pages the node serves itself.
+    pub cors_origins: Vec<String>,
 }
 
 impl ServerOptions {
@@ -33,7 +36,15 @@ impl ServerOptions {
             token: None,
             http_addr,
             shutdown: CancellationToken::new(),
+            cors_origins: Vec::new(),
         }
+    }
+
+    /// Lets pages from these origins call the API (`*`: any origin). The token still guards
+    /// every route; CORS only decides which pages a browser lets read the answers.
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
+        self
     }
 
     /// Requires this bearer token (`None`: no token).

@@ -1523,3 +1523,58 @@ async fn the_inspector_is_behind_the_token_and_the_cookie_opens_only_the_page() 
     let (status, _, _) = raw_get(&app, "/v1/Node", &[("cookie", &pair)]).await;
     assert_eq!(status, 401);
 }
+
+#[tokio::test]
+async fn cors_only_for_the_origins_given() {
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri(format!("{P}/Maps/m/Items/k"))
+            .header("origin", origin)
+            .header("access-control-request-method", "PATCH")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type,if-match",
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    let allowed = "http://localhost:5173";
+    let node = Node::in_memory().await.unwrap();
+    let app = router(
+        node,
+        ServerOptions::new(addr())
+            .with_token(Some("t".into()))
+            .with_cors_origins(vec![allowed.into()]),
+    );
+    // A preflight carries no token and is answered anyway.
+    let r = app.clone().oneshot(preflight(allowed)).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(r.headers()["access-control-allow-origin"], allowed);
+    let methods = r.headers()["access-control-allow-methods"]
+        .to_str()
+        .unwrap();
+    assert!(methods.contains("PATCH"), "{methods}");
+    let r = app
+        .clone()
+        .oneshot(preflight("http://evil.example"))
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+    // A refusal carries the headers too, so the page can read why.
+    let (status, headers, _) = raw_get(&app, "/v1/Node", &[("origin", allowed)]).await;
+    assert_eq!(status, 401);
+    assert_eq!(headers["access-control-allow-origin"], allowed);
+    let (status, headers, _) = raw_get(
+        &app,
+        "/v1/Node",
+        &[("origin", allowed), ("authorization", "Bearer t")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["access-control-allow-origin"], allowed);
+    // Without origins configured: no CORS at all.
+    let plain = router(Node::in_memory().await.unwrap(), ServerOptions::new(addr()));
+    let (_, headers, _) = raw_get(&plain, "/v1/Node", &[("origin", allowed)]).await;
+    assert!(!headers.contains_key("access-control-allow-origin"));
+}

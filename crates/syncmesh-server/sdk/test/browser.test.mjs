@@ -502,6 +502,64 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
     }
   });
 
+  test("an app on another origin (--cors-origin) runs the hosted SDK's snippet with the served client", async () => {
+    // The app's own server, on another port: it serves one page that imports the client from
+    // the node, as an app moving from the hosted SDK would.
+    const { createServer } = await import("node:http");
+    let nodeUrl = "";
+    const app = createServer((req, res) => {
+      res.writeHead(200, { "content-type": "text/html; charset=utf-8" });
+      res.end(`<!doctype html><title>app</title><pre id="log"></pre><script type="module">
+        import { SyncClient } from "${nodeUrl}/sdk/syncmesh.js";
+        const out = [];
+        const console = { log: (...a) => out.push(a), error: (...a) => out.push(["ERROR", String(a[0])]) };
+        const syncClient = new SyncClient({ url: "${nodeUrl}", token: "app-token" });
+        syncClient.map('users').then(function (map) {
+          map.set('david', { phone_number: 12345678, country: 'UK' })
+            .then(function (item) { console.log('Added: ', item.key); })
+            .catch(function (err) { console.error(err); });
+          map.update('david', { country: "IRL" });
+          map.mutate('david', function (remoteData) { remoteData.country = "USA"; return remoteData; });
+          map.on('itemAdded', function (item) { console.log('key', item.key); console.log('JSON data', item.value); });
+          map.on('itemUpdated', function (item) { console.log('key', item.key); console.log('JSON data', item.value); });
+          map.getItems().then(function (page) { console.log('show first item', page.items[0].key, page.items[0].value); });
+          map.get('david').then(function (item) { console.log(item.value); });
+          map.remove('david').then(function () { console.log('item deleted'); });
+          map.removeMap().then(function () { console.log('map deleted'); });
+        });
+        window.snippetLog = out;
+      </script>`);
+    });
+    await new Promise((r) => app.listen(0, "127.0.0.1", r));
+    const origin = `http://127.0.0.1:${app.address().port}`;
+    const n = await node(["--token", "app-token", "--cors-origin", origin]);
+    nodeUrl = n.url;
+    const { context, page, problems, failed } = await openPage(browser);
+    try {
+      await page.goto(`${origin}/`);
+      await waitIn(page, "the snippet's output", () => (window.snippetLog ?? []).filter((l) => l[0] === "JSON data").length === 3 && window.snippetLog.some((l) => l[0] === "map deleted"));
+      const log = await page.evaluate(() => window.snippetLog);
+      const usa = { phone_number: 12345678, country: "USA" };
+      assert.ok(!log.some((l) => l[0] === "ERROR"), JSON.stringify(log));
+      // `map('users')` opens or creates: looking the map up before it exists is a 404, which
+      // the browser logs. That one is expected; nothing else may fail.
+      const expected404 = [`HTTP 404: GET ${n.url}${P}/Maps/users`, "console error: Failed to load resource: the server responded with a status of 404 (Not Found)"];
+      assert.deepEqual(problems.filter((p) => !expected404.includes(p)), []);
+      assert.deepEqual(log.filter((l) => l[0] !== "key" && l[0] !== "JSON data"), [
+        ["Added: ", "david"],
+        ["show first item", "david", usa],
+        [usa],
+        ["item deleted"],
+        ["map deleted"],
+      ]);
+    } catch (e) {
+      await failed("cross-origin", e);
+    } finally {
+      await context.close();
+      await new Promise((r) => app.close(r));
+    }
+  });
+
   test("with --token, / needs the token; /?access_token= opens a working page", async () => {
     const token = "secret";
     const a = await node(["--token", token]);
