@@ -153,6 +153,12 @@ pub trait MapHost {
     fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica>;
     /// Replication changed a map: the host commits it (changes, view, events).
     fn touched(&mut self, sid: &MapSid);
+    /// A held map's [`MapReplica::digest`]; `None` if this node does not hold it. A host that
+    /// remembers the digests of maps it has not loaded answers without loading them, so
+    /// anti-entropy over many idle maps stays cheap.
+    fn digest(&mut self, sid: &MapSid) -> Option<crate::Result<u64>> {
+        self.get(sid).map(MapReplica::digest)
+    }
 }
 
 /// A catalog hosts its maps in memory (for nodes without storage, and tests): maps a peer
@@ -293,7 +299,7 @@ impl Replicator {
         let synced = std::mem::take(&mut self.synced);
         let mut out = Vec::new();
         for (sid, sources) in synced {
-            let Some(digest) = host.get(&sid).and_then(|m| m.digest().ok()) else {
+            let Some(Ok(digest)) = host.digest(&sid) else {
                 continue;
             };
             let bytes = Wire::Hello {
@@ -326,7 +332,7 @@ impl Replicator {
     fn hello(&self, sids: Vec<MapSid>, host: &mut dyn MapHost) -> Wire {
         let mut maps = Vec::with_capacity(sids.len());
         for sid in sids {
-            let d = host.get(&sid).map_or(Ok(0), MapReplica::digest);
+            let d = host.digest(&sid).unwrap_or(Ok(0));
             match d {
                 Ok(d) => maps.push((sid, d)),
                 Err(e) => tracing::warn!(map = %sid, "cannot compute the map's digest: {e}"),
@@ -482,18 +488,22 @@ impl Replicator {
         p.hold_all = hold_all;
         let mut adopted = 0;
         for (sid, theirs) in maps {
-            let m = match host.get(&sid) {
-                Some(m) => Some(m),
+            // A map not loaded is compared by its remembered digest; it is loaded only when
+            // the peer's differs.
+            let ours = match host.digest(&sid) {
+                Some(d) => d,
                 None if me_all && theirs != 0 && adopted < MAX_ADOPT_PER_HELLO => {
                     adopted += 1;
-                    host.adopt(&sid)
+                    match host.adopt(&sid) {
+                        Some(m) => m.digest(),
+                        None => continue,
+                    }
                 }
-                None => None,
+                None => continue,
             };
-            let Some(m) = m else { continue };
             // Only maps this node holds are remembered: the set is bounded by them.
             p.held.insert(sid.clone());
-            let ours = match m.digest() {
+            let ours = match ours {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(map = %sid, "cannot compute the map's digest: {e}");
@@ -503,6 +513,7 @@ impl Replicator {
             if ours == theirs {
                 continue;
             }
+            let Some(m) = host.get(&sid) else { continue };
             if let Ok(docs) = m.doc_digests() {
                 out.push(Outgoing {
                     peer: peer.to_string(),

@@ -22,7 +22,9 @@ use redb::{
 use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
+/// The oldest schema this build upgrades in place (3 added the `digests` table).
+const OLDEST_UPGRADABLE: u32 = 2;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
 
@@ -32,6 +34,10 @@ const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots
 const CHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+/// Per map, the digest of its documents' heads as of its last commit, when known: replication
+/// announces stored maps with it without loading them. A commit with changes to a map removes
+/// its digest in the same transaction, so a stored digest is never stale.
+const DIGESTS: TableDefinition<&[u8], u64> = TableDefinition::new("digests");
 
 /// Everything that can go wrong with the store, each saying which file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -152,12 +158,16 @@ pub struct Batch {
     pub maps: Vec<MapWrite>,
     /// Node-level metadata to set.
     pub meta: Vec<(String, Vec<u8>)>,
+    /// Map digests to remember ([`Store::map_digests`]), each describing the map with every
+    /// change of this batch applied (they are written after the maps' changes).
+    pub digests: Vec<(MapSid, u64)>,
 }
 
 impl Batch {
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty()
+            && self.digests.is_empty()
             && self.maps.iter().all(|m| {
                 m.changes.is_empty()
                     && m.view.entries.is_empty()
@@ -360,7 +370,11 @@ impl Store {
                             path: store.path.clone(),
                             detail: "schema version record is malformed".into(),
                         })?;
-                    if found != SCHEMA_VERSION {
+                    if (OLDEST_UPGRADABLE..SCHEMA_VERSION).contains(&found) {
+                        // Upgrades only add tables (opened below); record the new version.
+                        meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
+                            .map_err(|e| store.err(e))?;
+                    } else if found != SCHEMA_VERSION {
                         return Err(StoreError::UnknownSchema {
                             path: store.path.clone(),
                             found,
@@ -372,6 +386,7 @@ impl Store {
             for t in [MAPS, SNAPSHOTS, CHANGES, ITEMS, EVENTS] {
                 tx.open_table(t).map_err(|e| store.err(e))?;
             }
+            tx.open_table(DIGESTS).map_err(|e| store.err(e))?;
         }
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -439,6 +454,23 @@ impl Store {
                 name,
                 next_expiry,
             });
+        }
+        Ok(out)
+    }
+
+    /// The stored digests of maps ([`Batch::digests`]); a map without one changed since its
+    /// digest was last stored.
+    pub fn map_digests(&self) -> Result<Vec<(MapSid, u64)>> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(DIGESTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let sid = std::str::from_utf8(k.value())
+                .ok()
+                .and_then(MapSid::parse)
+                .ok_or_else(|| self.corrupt("map digest key"))?;
+            out.push((sid, v.value()));
         }
         Ok(out)
     }
@@ -631,6 +663,7 @@ impl Store {
         let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
         let mut items = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
         let mut events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let mut digests = tx.open_table(DIGESTS).map_err(|e| self.err(e))?;
         for m in &batch.maps {
             let Some(sid) = &m.sid else { continue };
             let sid_bytes = sid.as_str().as_bytes();
@@ -638,6 +671,9 @@ impl Store {
                 let rec = encode_catalog(m.name.as_deref().unwrap_or(""), m.next_expiry);
                 maps.insert(sid_bytes, rec.as_slice())
                     .map_err(|e| self.err(e))?;
+            }
+            if !m.changes.is_empty() {
+                digests.remove(sid_bytes).map_err(|e| self.err(e))?;
             }
             for (doc, bytes) in &m.changes {
                 let dk = doc_key(sid, *doc);
@@ -684,6 +720,11 @@ impl Store {
                     .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
                     .map_err(|e| self.err(e))?;
             }
+        }
+        for (sid, digest) in &batch.digests {
+            digests
+                .insert(sid.as_str().as_bytes(), *digest)
+                .map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -777,7 +818,7 @@ mod tests {
                     .map(|i| (i, format!("e{i}").into_bytes()))
                     .collect(),
             }],
-            meta: vec![],
+            ..Batch::default()
         };
         store.commit(&batch).unwrap();
     }
@@ -846,6 +887,53 @@ mod tests {
         let err = Store::open(dir.path(), StoreOptions::default()).unwrap_err();
         assert!(matches!(err, StoreError::InUse { .. }), "{err}");
         assert!(err.to_string().contains("syncmesh.redb"));
+    }
+
+    #[test]
+    fn a_digest_is_kept_until_the_map_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let shard = DocAddr::Shard { inc: 0, index: 3 };
+        write(&s, vec![(shard, b"c1".to_vec())], vec![], vec![]);
+        assert!(s.map_digests().unwrap().is_empty());
+        // Changes and the digest of the state with them, in one batch: the digest stays.
+        let batch = Batch {
+            maps: vec![MapWrite {
+                sid: Some(sid()),
+                changes: vec![(shard, b"c2".to_vec())],
+                ..MapWrite::default()
+            }],
+            digests: vec![(sid(), 42)],
+            ..Batch::default()
+        };
+        s.commit(&batch).unwrap();
+        assert_eq!(s.map_digests().unwrap(), vec![(sid(), 42)]);
+        // A view-only write keeps it; any change drops it.
+        write(&s, vec![], vec![("k", Some(b"v".as_slice()))], vec![]);
+        assert_eq!(s.map_digests().unwrap(), vec![(sid(), 42)]);
+        write(&s, vec![(shard, b"c3".to_vec())], vec![], vec![]);
+        assert!(s.map_digests().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_schema_2_store_is_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            write(&s, vec![(DocAddr::Meta, b"m".to_vec())], vec![], vec![]);
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 2u32.to_le_bytes().as_slice())
+                .unwrap();
+            tx.delete_table(DIGESTS).unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert!(s.map_digests().unwrap().is_empty());
+        assert!(s.load_map(&sid()).unwrap().is_some());
+        let v = s.get_meta("schema_version").unwrap().unwrap();
+        assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
     }
 
     #[test]

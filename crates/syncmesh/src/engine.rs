@@ -110,6 +110,10 @@ pub(crate) enum Cmd {
     Compact { reply: oneshot::Sender<Result<()>> },
     /// Commits what is queued, stops both threads, then replies.
     Shutdown { reply: oneshot::Sender<Result<()>> },
+    /// How many maps are loaded in memory.
+    Loaded {
+        reply: oneshot::Sender<Result<usize>>,
+    },
 }
 
 /// Who waits for a write's acknowledgement.
@@ -193,6 +197,11 @@ pub(crate) struct Engine {
     on_disk: BTreeMap<MapSid, Option<String>>,
     /// Next TTL expiry of stored maps that are not loaded: they are loaded when it is due.
     unloaded_expiry: BTreeMap<MapSid, Timestamp>,
+    /// Digests of stored maps that are not loaded, as the store remembers them: anti-entropy
+    /// announces those maps without loading them.
+    pub(crate) stored_digests: HashMap<MapSid, u64>,
+    /// Loaded maps whose digest the next commit stores (computed after its changes).
+    pub(crate) digests_wanted: BTreeSet<MapSid>,
     dirty: BTreeSet<MapSid>,
     changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
     pending_compactions: Vec<StoreJob>,
@@ -229,6 +238,7 @@ impl Engine {
             .into_iter()
             .map(|e| (e.sid, e.name))
             .collect();
+        let stored_digests = store.map_digests()?.into_iter().collect();
         let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<StoreJob>(1);
         let (shared2, store2) = (shared.clone(), store.clone());
         let writer = std::thread::Builder::new()
@@ -241,6 +251,8 @@ impl Engine {
             shared,
             on_disk,
             unloaded_expiry,
+            stored_digests,
+            digests_wanted: BTreeSet::new(),
             dirty: BTreeSet::new(),
             changes_since_snapshot: HashMap::new(),
             pending_compactions: Vec::new(),
@@ -334,8 +346,16 @@ impl Engine {
             }
             self.stop_net().await;
         });
-        // Refuse what is still queued, then commit and stop.
+        // Refuse what is still queued, then commit and stop. Loaded maps' digests go with
+        // that commit, so the next start announces them to peers without loading them.
         rx.close();
+        let loaded: Vec<MapSid> = self
+            .catalog
+            .maps()
+            .map(|m| m.sid().clone())
+            .filter(|s| self.on_disk.contains_key(s))
+            .collect();
+        self.digests_wanted.extend(loaded);
         self.commit(now(), Vec::new(), Vec::new());
         let Engine {
             jobs,
@@ -430,6 +450,9 @@ impl Engine {
     ) {
         match cmd {
             Cmd::Sync { reply } => barriers.push(reply),
+            Cmd::Loaded { reply } => {
+                let _ = reply.send(Ok(self.catalog.maps().count()));
+            }
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
             Cmd::Compact { reply } => {
                 for ((sid, doc), n) in self.changes_since_snapshot.iter_mut() {
@@ -520,6 +543,8 @@ impl Engine {
             return Ok(());
         }
         self.unloaded_expiry.remove(sid);
+        // Loaded, its digest is computed live (and the stored one dropped with its next change).
+        self.stored_digests.remove(sid);
         let Some(stored) = self.store.load_map(sid)? else {
             return Ok(());
         };
@@ -724,6 +749,14 @@ impl Engine {
                     snapshot,
                 };
                 self.pending_compactions.push(job);
+            }
+        }
+        for sid in std::mem::take(&mut self.digests_wanted) {
+            if !self.on_disk.contains_key(&sid) {
+                continue;
+            }
+            if let Some(Ok(d)) = self.catalog.by_sid(&sid).map(MapReplica::digest) {
+                batch.digests.push((sid, d));
             }
         }
         if let Some(e) = flush_failed {

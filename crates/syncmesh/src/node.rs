@@ -216,8 +216,8 @@ impl Node {
             None => {
                 let id = NodeId(random16());
                 store.commit(&Batch {
-                    maps: Vec::new(),
                     meta: vec![("node_id".into(), id.0.to_vec())],
+                    ..Batch::default()
                 })?;
                 id
             }
@@ -311,6 +311,12 @@ impl Node {
     /// Every live map.
     pub async fn maps(&self) -> Result<Vec<MapInfo>> {
         self.call(|reply| Cmd::List { reply }).await
+    }
+
+    /// How many maps are loaded in memory. Maps load on first use (an operation, a TTL that
+    /// falls due, or a peer with changes to them); a diagnostic for memory use.
+    pub async fn loaded_maps(&self) -> Result<usize> {
+        self.call(|reply| Cmd::Loaded { reply }).await
     }
 
     /// Resolves once every write acknowledged so far — and every write queued before this call

@@ -177,6 +177,7 @@ test("events from another node arrive with isLocal false", async () => {
   const a = await node();
   const addr = (await nodeStatus(a.url)).listen_addrs[0];
   const b = await node(["--peer", addr]);
+  await waitFor("B connected to A", async () => (await nodeStatus(b.url)).connected_peers.length > 0);
   const ca = client({ url: a.url });
   const cb = client({ url: b.url });
   const ma = await ca.map("across");

@@ -100,6 +100,20 @@ impl MapHost for Engine {
     fn touched(&mut self, sid: &MapSid) {
         self.dirty.insert(sid.clone());
     }
+
+    fn digest(&mut self, sid: &MapSid) -> Option<syncmesh_core::Result<u64>> {
+        if !self.catalog.contains(sid) {
+            if let Some(d) = self.stored_digests.get(sid) {
+                return Some(Ok(*d));
+            }
+            if self.on_disk.contains_key(sid) {
+                // Unknown (changed since last stored, or never stored): load it once, and keep
+                // its digest for the next start.
+                self.digests_wanted.insert(sid.clone());
+            }
+        }
+        self.get(sid).map(MapReplica::digest)
+    }
 }
 
 impl Engine {
