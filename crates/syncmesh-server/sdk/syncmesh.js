@@ -121,7 +121,6 @@ class Emitter {
   }
 }
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const date = (s) => (s ? new Date(s) : null);
 const seg = (s) => encodeURIComponent(s);
 
@@ -522,7 +521,7 @@ class MapCore {
         }
         if (!res.ok || !res.body) {
           await res.body?.cancel();
-          await sleep(backoff);
+          await client.pause(backoff);
           backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
           continue;
         }
@@ -530,6 +529,7 @@ class MapCore {
         const parser = new SseParser();
         const decoder = new TextDecoder();
         const reader = res.body.getReader();
+        let failed = false; // the node ended the stream with an `error` message
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
@@ -541,7 +541,7 @@ class MapCore {
                 err = JSON.parse(msg.data ?? "{}");
               } catch {}
               if (err && err.code === 20410) this.reset(new SyncError(err.message, 410, 20410));
-              ctrl.abort();
+              failed = true;
               break;
             }
             if (msg.data !== null) this.received(msg.data);
@@ -552,14 +552,24 @@ class MapCore {
             }
             if (this.stopped) break;
           }
-          if (this.stopped) break;
+          if (this.stopped || failed) break;
+        }
+        if (failed) {
+          // The node answered, so it is reachable: open the stream again (from the resume point
+          // or, after a reset, from now), more slowly if this keeps happening.
+          await reader.cancel().catch(() => {});
+          if (Date.now() - opened < 2_000) {
+            await client.pause(backoff);
+            backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+          } else backoff = BACKOFF_MIN_MS;
+          continue;
         }
         // The node ended the stream (it is shutting down): find out when it is back; a stream
         // that keeps ending at once is retried ever more slowly.
         if (!this.stopped) {
           client.unreachable();
           if (Date.now() - opened < 2_000) {
-            await sleep(backoff);
+            await client.pause(backoff);
             backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
           } else backoff = BACKOFF_MIN_MS;
         }
@@ -692,7 +702,7 @@ export class SyncMap {
     return core.keyed(key, async () => {
       let lastError = null;
       for (let attempt = 0; attempt < retries; attempt++) {
-        if (attempt > 0) await sleep(Math.random() * 10 * attempt);
+        if (attempt > 0) await core.client.pause(Math.random() * 10 * attempt);
         const current = await this.#fetchItem(key);
         const next = mutator(structuredClone(current ? current.data : {}));
         if (next === null || next === undefined) return current;
@@ -942,6 +952,20 @@ export class SyncClient extends Emitter {
     for (const w of waiters) w();
   }
 
+  /** @internal Resolves after `ms`, or at once when the client shuts down (no timer outlives it). */
+  pause(ms) {
+    if (this.#shutDown) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(t);
+        this.#abort.signal.removeEventListener("abort", done);
+        resolve();
+      };
+      const t = setTimeout(done, ms);
+      this.#abort.signal.addEventListener("abort", done, { once: true });
+    });
+  }
+
   /** @internal Resolves at the next change of connection state. */
   stateChange() {
     return new Promise((r) => this.#stateWaiters.push(r));
@@ -1089,15 +1113,20 @@ export class SyncClient extends Emitter {
     try {
       while (!this.#shutDown && this.#state !== "denied") {
         let res = null;
+        // A timer of its own, cleared once answered (AbortSignal.timeout's would outlive shutdown).
+        const timeout = new AbortController();
+        const timer = setTimeout(() => timeout.abort(), PROBE_TIMEOUT_MS);
         try {
           res = await this.fetchImpl(this.url("/v1/Node"), {
             headers: this.authHeader(),
-            signal: timeoutSignal(PROBE_TIMEOUT_MS),
+            signal: timeout.signal,
           });
           // Read, not cancelled: browsers log a cancelled body as a failed request.
           await res.text();
         } catch {
           res = null;
+        } finally {
+          clearTimeout(timer);
         }
         if (this.#shutDown) return;
         if (res && res.ok) {
@@ -1266,13 +1295,6 @@ async function readAnswer(res) {
     throw new SyncError(body.message ?? `HTTP ${res.status}`, body.status ?? res.status, body.code);
   }
   throw new SyncError(`the node answered HTTP ${res.status}`, res.status, res.status === 401 ? ErrorCodes.UNAUTHORIZED : ErrorCodes.BAD_ANSWER);
-}
-
-function timeoutSignal(ms) {
-  if (typeof AbortSignal.timeout === "function") return AbortSignal.timeout(ms);
-  const c = new AbortController();
-  setTimeout(() => c.abort(), ms);
-  return c.signal;
 }
 
 /** A signal aborted when either is (AbortSignal.any is not in every supported runtime). */
