@@ -1550,7 +1550,10 @@ async fn the_login_form_posts_the_token_so_it_stays_out_of_urls() {
     let resp = post("access_token=s3cret").await.unwrap();
     assert_eq!(resp.status(), StatusCode::SEE_OTHER);
     assert_eq!(resp.headers()[header::LOCATION], "/");
-    let cookie = resp.headers()[header::SET_COOKIE].to_str().unwrap().to_string();
+    let cookie = resp.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
     let pair = cookie.split(';').next().unwrap().to_string();
     assert_eq!(raw_get(&app, "/", &[("cookie", &pair)]).await.0, 200);
     let resp = post("access_token=wrong").await.unwrap();
