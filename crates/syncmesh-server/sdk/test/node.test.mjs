@@ -181,6 +181,8 @@ test("events from another node arrive with isLocal false", async () => {
   const cb = client({ url: b.url });
   const ma = await ca.map("across");
   await ma.set("first", { from: "a" });
+  // Replicated before B's client subscribes: else "first" is (rightly) an event there too.
+  await waitFor("B holds the first item", async () => (await fetch(`${b.url}/v1/Services/default/Maps/across/Items/first`)).ok);
   const mb = await cb.map({ id: "across", mode: "open_existing" });
   const seen = [];
   mb.on("itemAdded", (e) => seen.push([e.item.key, e.isLocal]));
