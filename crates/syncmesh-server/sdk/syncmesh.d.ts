@@ -186,7 +186,11 @@ export interface MapDescriptor {
 
 export interface SyncClientEvents {
   connectionStateChanged: ConnectionState;
-  /** A map's event stream could not be resumed (its events were pruned); the map was re-read. */
+  /**
+   * A map's event stream could not be resumed (the node no longer holds the events after the
+   * last one seen, or never issued that id): the stream starts again from now, so the events in
+   * between are not delivered. Re-read the map (`getItems`) to catch up.
+   */
   streamReset: { sid: string; error: SyncError };
 }
 

@@ -13,6 +13,11 @@
 // - `isLocal` is true exactly for changes made through this client object: the node says which
 //   changes it made itself, and the client matches those against the revisions its own writes
 //   returned (holding an event back while a write to the same key is in flight).
+// - A write whose answer was lost (the connection dropped after sending it) may have taken
+//   effect: before sending it again the client reads the item, and when it already holds what
+//   the write asked for, takes that as the write's answer. So a `mutate` is not applied twice,
+//   a `remove` that did remove resolves, and the write's event is local. (Another writer that
+//   wrote exactly the same data meanwhile is indistinguishable from it.)
 
 const API = "/v1/Services/default";
 
@@ -36,10 +41,12 @@ const STREAM_IDLE_MS = 45_000;
 const PROBE_TIMEOUT_MS = 10_000;
 const BACKOFF_MIN_MS = 200;
 const BACKOFF_MAX_MS = 5_000;
-/** Revisions of this client's writes kept per key until their events arrive. */
-const OWN_REVISIONS_PER_KEY = 16;
-/** Keys for which such revisions are kept (oldest forgotten first). */
-const OWN_KEYS = 10_000;
+/**
+ * Revisions of this client's writes kept until their events arrive, over all keys (the
+ * oldest forgotten first). Not per key: a stream that lags behind the answers (a buffering
+ * proxy, a backlog) must not turn a burst of writes to one key into "not local" events.
+ */
+const OWN_REVISIONS = 100_000;
 
 /** A failed operation: the node's answer, or a failure of the client itself. */
 export class SyncError extends Error {
@@ -114,7 +121,6 @@ class Emitter {
   }
 }
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const date = (s) => (s ? new Date(s) : null);
 const seg = (s) => encodeURIComponent(s);
 
@@ -129,6 +135,19 @@ function checkData(data) {
     throw new SyncError("item data must be a JSON object", 400, 54206);
   }
 }
+
+/** Whether two JSON values are equal (object fields in any order). */
+export function sameJson(a, b) {
+  if (a === b) return true;
+  if (a === null || b === null || typeof a !== "object" || typeof b !== "object") return false;
+  if (Array.isArray(a) !== Array.isArray(b)) return false;
+  const ka = Object.keys(a);
+  if (ka.length !== Object.keys(b).length) return false;
+  return ka.every((k) => Object.prototype.hasOwnProperty.call(b, k) && sameJson(a[k], b[k]));
+}
+
+/** The answer a write whose answer was lost would have had, once it is known to have happened. */
+const REMOVED = Object.freeze({ status: 204, ok: true, body: null, headers: null });
 
 function ttlParams(metadata) {
   if (metadata && metadata.ttl !== undefined && metadata.ttl !== null) return { Ttl: metadata.ttl };
@@ -294,6 +313,7 @@ class MapCore {
     this.inflight = new Map(); // key -> writes sent and not answered
     this.mapWriteInflight = 0;
     this.ownRevisions = new Map(); // key -> revisions our writes returned, not yet seen
+    this.ownRevisionCount = 0;
     this.ownRemovals = new Map(); // key -> acknowledged removals not yet seen
     this.ownMapRemoval = 0;
     this.held = []; // events waiting for their locality to be known, in order
@@ -374,10 +394,13 @@ class MapCore {
     if (revs) this.ownRevisions.delete(key); // re-inserted: most recent last
     else revs = [];
     revs.push(revision);
-    if (revs.length > OWN_REVISIONS_PER_KEY) revs.shift();
     this.ownRevisions.set(key, revs);
-    if (this.ownRevisions.size > OWN_KEYS) {
-      this.ownRevisions.delete(this.ownRevisions.keys().next().value);
+    this.ownRevisionCount += 1;
+    while (this.ownRevisionCount > OWN_REVISIONS) {
+      const [oldKey, oldRevs] = this.ownRevisions.entries().next().value;
+      oldRevs.shift();
+      this.ownRevisionCount -= 1;
+      if (oldRevs.length === 0) this.ownRevisions.delete(oldKey);
     }
   }
 
@@ -405,6 +428,7 @@ class MapCore {
     const i = revs ? revs.indexOf(e.item_revision) : -1;
     if (i < 0) return false;
     revs.splice(i, 1);
+    this.ownRevisionCount -= 1;
     if (revs.length === 0) this.ownRevisions.delete(key);
     return true;
   }
@@ -497,7 +521,7 @@ class MapCore {
         }
         if (!res.ok || !res.body) {
           await res.body?.cancel();
-          await sleep(backoff);
+          await client.pause(backoff);
           backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
           continue;
         }
@@ -505,6 +529,7 @@ class MapCore {
         const parser = new SseParser();
         const decoder = new TextDecoder();
         const reader = res.body.getReader();
+        let failed = false; // the node ended the stream with an `error` message
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
@@ -516,7 +541,7 @@ class MapCore {
                 err = JSON.parse(msg.data ?? "{}");
               } catch {}
               if (err && err.code === 20410) this.reset(new SyncError(err.message, 410, 20410));
-              ctrl.abort();
+              failed = true;
               break;
             }
             if (msg.data !== null) this.received(msg.data);
@@ -527,14 +552,24 @@ class MapCore {
             }
             if (this.stopped) break;
           }
-          if (this.stopped) break;
+          if (this.stopped || failed) break;
+        }
+        if (failed) {
+          // The node answered, so it is reachable: open the stream again (from the resume point
+          // or, after a reset, from now), more slowly if this keeps happening.
+          await reader.cancel().catch(() => {});
+          if (Date.now() - opened < 2_000) {
+            await client.pause(backoff);
+            backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
+          } else backoff = BACKOFF_MIN_MS;
+          continue;
         }
         // The node ended the stream (it is shutting down): find out when it is back; a stream
         // that keeps ending at once is retried ever more slowly.
         if (!this.stopped) {
           client.unreachable();
           if (Date.now() - opened < 2_000) {
-            await sleep(backoff);
+            await client.pause(backoff);
             backoff = Math.min(backoff * 2, BACKOFF_MAX_MS);
           } else backoff = BACKOFF_MIN_MS;
         }
@@ -636,7 +671,10 @@ export class SyncMap {
     checkData(data);
     const core = this.#core;
     return core.keyed(key, async () => {
-      const res = await core.write(key, "POST", this.#path(key), { body: { Data: data, ...ttlParams(metadata) } });
+      const res = await core.write(key, "POST", this.#path(key), {
+        body: { Data: data, ...ttlParams(metadata) },
+        verify: () => this.#holding(key, (d) => sameJson(d, data)),
+      });
       return SyncMapItem.fromResource(res.body);
     });
   }
@@ -647,7 +685,10 @@ export class SyncMap {
     checkData(data);
     const core = this.#core;
     return core.keyed(key, async () => {
-      const res = await core.write(key, "PATCH", this.#path(key), { body: { Data: data, ...ttlParams(metadata) } });
+      const res = await core.write(key, "PATCH", this.#path(key), {
+        body: { Data: data, ...ttlParams(metadata) },
+        verify: () => this.#holding(key, (d) => Object.keys(data).every((f) => sameJson(d[f], data[f]))),
+      });
       return SyncMapItem.fromResource(res.body);
     });
   }
@@ -661,19 +702,24 @@ export class SyncMap {
     return core.keyed(key, async () => {
       let lastError = null;
       for (let attempt = 0; attempt < retries; attempt++) {
-        if (attempt > 0) await sleep(Math.random() * 10 * attempt);
+        if (attempt > 0) await core.client.pause(Math.random() * 10 * attempt);
         const current = await this.#fetchItem(key);
         const next = mutator(structuredClone(current ? current.data : {}));
         if (next === null || next === undefined) return current;
         checkData(next);
         try {
+          // A lost answer: the write happened if the item now holds `next` (and, replacing
+          // `current`, has another revision). Sending it again would conflict with itself
+          // and apply the mutator twice.
           const res = current
             ? await core.write(key, "POST", this.#path(key), {
                 body: { Data: next, ...ttlParams(metadata) },
                 headers: { "if-match": `"${current.revision}"` },
+                verify: () => this.#holding(key, (d, rev) => rev !== current.revision && sameJson(d, next)),
               })
             : await core.write(key, "POST", `${this.#path()}/Items`, {
                 body: { Key: key, Data: next, ...ttlParams(metadata) },
+                verify: () => this.#holding(key, (d) => sameJson(d, next)),
               });
           return SyncMapItem.fromResource(res.body);
         } catch (e) {
@@ -691,6 +737,17 @@ export class SyncMap {
         lastError?.code ?? ErrorCodes.REVISION_MISMATCH,
       );
     });
+  }
+
+  /** The node's answer for the item if its data passes `test(data, revision)`, else null. */
+  async #holding(key, test) {
+    try {
+      const res = await this.#core.client.send("GET", this.#path(key));
+      return res.body && test(res.body.data, res.body.revision) ? res : null;
+    } catch (e) {
+      if (e instanceof SyncError && e.code === ErrorCodes.ITEM_NOT_FOUND) return null;
+      throw e;
+    }
   }
 
   /** The item, or null when it does not exist. */
@@ -717,7 +774,12 @@ export class SyncMap {
     this.#check();
     checkKey(key);
     const core = this.#core;
-    await core.keyed(key, () => core.write(key, "DELETE", this.#path(key)));
+    await core.keyed(key, () =>
+      core.write(key, "DELETE", this.#path(key), {
+        // A lost answer: if the item is gone, the removal happened.
+        verify: async () => ((await this.#fetchItem(key)) === null ? REMOVED : null),
+      }),
+    );
   }
 
   async setItemTtl(key, ttl) {
@@ -764,7 +826,19 @@ export class SyncMap {
   async removeMap() {
     this.#check();
     const core = this.#core;
-    await core.mapWide(() => core.write(null, "DELETE", this.#path()));
+    await core.mapWide(() =>
+      core.write(null, "DELETE", this.#path(), {
+        verify: async () => {
+          try {
+            await core.client.send("GET", this.#path());
+            return null;
+          } catch (e) {
+            if (e instanceof SyncError && e.code === ErrorCodes.MAP_NOT_FOUND) return REMOVED;
+            throw e;
+          }
+        },
+      }),
+    );
   }
 
   close() {
@@ -878,6 +952,20 @@ export class SyncClient extends Emitter {
     for (const w of waiters) w();
   }
 
+  /** @internal Resolves after `ms`, or at once when the client shuts down (no timer outlives it). */
+  pause(ms) {
+    if (this.#shutDown) return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(t);
+        this.#abort.signal.removeEventListener("abort", done);
+        resolve();
+      };
+      const t = setTimeout(done, ms);
+      this.#abort.signal.addEventListener("abort", done, { once: true });
+    });
+  }
+
   /** @internal Resolves at the next change of connection state. */
   stateChange() {
     return new Promise((r) => this.#stateWaiters.push(r));
@@ -930,21 +1018,53 @@ export class SyncClient extends Emitter {
    * otherwise.
    */
   async send(method, path, opts = {}) {
+    // `onSend` once before the first attempt, `onSettled` once at the end: a write whose
+    // answer was lost stays in flight (its events wait) until its outcome is known.
+    let sent = false;
+    let unknown = false; // the last attempt may have taken effect: its answer was lost
+    const settle = (result) => {
+      if (sent) opts.onSettled?.(result);
+      sent = false;
+    };
     for (;;) {
-      await this.connected();
+      try {
+        await this.connected();
+        if (unknown && opts.verify) {
+          // Did the lost attempt do it? Then that is the answer; else send it again.
+          let done = null;
+          try {
+            done = await opts.verify();
+          } catch (e) {
+            if (this.#shutDown || (e instanceof SyncError && e.status === 401)) throw e;
+          }
+          if (done) {
+            settle(done);
+            return done;
+          }
+        }
+      } catch (e) {
+        settle(null);
+        throw e;
+      }
       const headers = { ...this.authHeader(), ...(opts.headers ?? {}) };
       let body;
       if (opts.body !== undefined) {
         headers["content-type"] = "application/json";
         body = JSON.stringify(opts.body);
       }
-      opts.onSend?.();
+      if (!sent) {
+        sent = true;
+        opts.onSend?.();
+      }
       let res;
       try {
         res = await this.fetchImpl(this.url(path, opts.query), { method, headers, body });
       } catch (e) {
-        opts.onSettled?.(null);
-        if (this.#shutDown) throw shutDownError();
+        if (this.#shutDown) {
+          settle(null);
+          throw shutDownError();
+        }
+        unknown = true;
         this.unreachable();
         continue;
       }
@@ -952,16 +1072,20 @@ export class SyncClient extends Emitter {
       try {
         result = await readAnswer(res);
       } catch (e) {
-        opts.onSettled?.(null);
         if (e instanceof Unreachable) {
-          if (this.#shutDown) throw shutDownError();
+          if (this.#shutDown) {
+            settle(null);
+            throw shutDownError();
+          }
+          unknown = true;
           this.unreachable();
           continue;
         }
+        settle(null);
         if (e instanceof SyncError && e.status === 401) this.refused();
         throw e;
       }
-      opts.onSettled?.(result);
+      settle(result);
       return result;
     }
   }
@@ -989,15 +1113,20 @@ export class SyncClient extends Emitter {
     try {
       while (!this.#shutDown && this.#state !== "denied") {
         let res = null;
+        // A timer of its own, cleared once answered (AbortSignal.timeout's would outlive shutdown).
+        const timeout = new AbortController();
+        const timer = setTimeout(() => timeout.abort(), PROBE_TIMEOUT_MS);
         try {
           res = await this.fetchImpl(this.url("/v1/Node"), {
             headers: this.authHeader(),
-            signal: timeoutSignal(PROBE_TIMEOUT_MS),
+            signal: timeout.signal,
           });
           // Read, not cancelled: browsers log a cancelled body as a failed request.
           await res.text();
         } catch {
           res = null;
+        } finally {
+          clearTimeout(timer);
         }
         if (this.#shutDown) return;
         if (res && res.ok) {
@@ -1166,13 +1295,6 @@ async function readAnswer(res) {
     throw new SyncError(body.message ?? `HTTP ${res.status}`, body.status ?? res.status, body.code);
   }
   throw new SyncError(`the node answered HTTP ${res.status}`, res.status, res.status === 401 ? ErrorCodes.UNAUTHORIZED : ErrorCodes.BAD_ANSWER);
-}
-
-function timeoutSignal(ms) {
-  if (typeof AbortSignal.timeout === "function") return AbortSignal.timeout(ms);
-  const c = new AbortController();
-  setTimeout(() => c.abort(), ms);
-  return c.signal;
 }
 
 /** A signal aborted when either is (AbortSignal.any is not in every supported runtime). */

@@ -4,9 +4,11 @@
 //! The client and the page's code are public (they hold no data); the page itself is behind
 //! the token when the node has one. A browser cannot send a bearer header when it navigates, so
 //! `/` also accepts a `syncmesh_token` cookie, set by `/?access_token=…` (which then redirects
-//! to `/`, so the token leaves the address bar). The cookie is honoured on `/` only: accepting
-//! it on the API would let any page on the same host forge writes with it.
+//! to `/`, so the token leaves the address bar). The login form posts the token to `/` instead,
+//! so typing it never puts it in a URL (history, logs). The cookie is honoured on `/` only:
+//! accepting it on the API would let any page on the same host forge writes with it.
 
+use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -34,7 +36,7 @@ pub fn is_public(path: &str) -> bool {
 /// The client, its types and the inspector page.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/", get(index))
+        .route("/", get(index).post(sign_in))
         .route("/sdk/syncmesh.js", get(|| asset(CLIENT_JS, JS)))
         .route("/sdk/syncmesh.d.ts", get(|| asset(CLIENT_TYPES, TS)))
         .route("/ui/inspector.js", get(|| asset(INSPECTOR_JS, JS)))
@@ -122,20 +124,47 @@ fn admission(st: &AppState, headers: &HeaderMap, query: Option<&str>) -> Admissi
     }
 }
 
+/// The login form: `access_token` in a form body. A right token sets the cookie and redirects
+/// to `/`; anything else is the login page again. Nothing else is done through it.
+async fn sign_in(State(st): State<AppState>, body: Bytes) -> Response {
+    let given = form_urlencoded::parse(&body)
+        .find(|(k, _)| k == "access_token")
+        .map(|(_, v)| v.into_owned());
+    if !st.token_required() {
+        return (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+    }
+    match given {
+        Some(t) if st.token_matches(&t) => admitted(&t),
+        Some(_) => login(Some("That is not the token of this node.")),
+        None => login(None),
+    }
+}
+
+/// Sets the cookie that admits a browser to `/`, and sends it there.
+fn admitted(token: &str) -> Response {
+    let cookie = format!(
+        "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+        crate::urls::encode_segment(token)
+    );
+    let mut r = (
+        StatusCode::SEE_OTHER,
+        [
+            (header::LOCATION, "/"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
 async fn index(State(st): State<AppState>, req: Request) -> Response {
     match admission(&st, req.headers(), req.uri().query()) {
         Admission::In => page(st.token()),
-        Admission::SetCookie(token) => {
-            let cookie = format!(
-                "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-                crate::urls::encode_segment(&token)
-            );
-            let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            r
-        }
+        Admission::SetCookie(token) => admitted(&token),
         Admission::Wrong => login(Some("That is not the token of this node.")),
         Admission::Missing => login(None),
     }
@@ -177,7 +206,7 @@ fn login(error: Option<&str>) -> Response {
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
 <title>syncmesh — token required</title><link rel=\"stylesheet\" href=\"/ui/inspector.css\"></head>\
 <body class=\"login\"><main><h1>syncmesh</h1><p>This node requires its token.</p>{error}\
-<form method=\"get\" action=\"/\"><label for=\"access_token\">Token</label> \
+<form method=\"post\" action=\"/\"><label for=\"access_token\">Token</label> \
 <input id=\"access_token\" name=\"access_token\" type=\"password\" autocomplete=\"current-password\" autofocus required> \
 <button type=\"submit\">Open</button></form></main></body></html>"
     );
@@ -186,6 +215,15 @@ fn login(error: Option<&str>) -> Response {
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(HTML)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            // A wrong token may sit in this page's address (`/?access_token=`).
+            (
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            ),
+            (
+                header::HeaderName::from_static("x-frame-options"),
+                HeaderValue::from_static("DENY"),
+            ),
         ],
         html,
     )

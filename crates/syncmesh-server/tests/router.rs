@@ -1578,3 +1578,43 @@ async fn cors_only_for_the_origins_given() {
     let (_, headers, _) = raw_get(&plain, "/v1/Node", &[("origin", allowed)]).await;
     assert!(!headers.contains_key("access-control-allow-origin"));
 }
+
+#[tokio::test]
+async fn the_login_form_posts_the_token_so_it_stays_out_of_urls() {
+    let node = Node::in_memory().await.unwrap();
+    let app = router(
+        node,
+        ServerOptions::new(addr()).with_token(Some("s3cret".into())),
+    );
+    // A GET form would put the token in the address, the browser's history and any log of
+    // URLs; the page that asks for it must not leak it through the Referer either.
+    let (status, headers, body) = raw_get(&app, "/", &[]).await;
+    assert_eq!(status, 401);
+    assert!(body.contains("method=\"post\""), "{body}");
+    assert_eq!(headers[header::REFERRER_POLICY], "no-referrer");
+    let post = |form: &'static str| {
+        app.clone().oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/")
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(Body::from(form))
+                .unwrap(),
+        )
+    };
+    let resp = post("access_token=s3cret").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers()[header::LOCATION], "/");
+    let cookie = resp.headers()[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let pair = cookie.split(';').next().unwrap().to_string();
+    assert_eq!(raw_get(&app, "/", &[("cookie", &pair)]).await.0, 200);
+    let resp = post("access_token=wrong").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(resp.headers().get(header::SET_COOKIE).is_none());
+    // Nothing else is written through `/`.
+    let resp = post("").await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}

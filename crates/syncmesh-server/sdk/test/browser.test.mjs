@@ -577,6 +577,11 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
       assert.equal(refused.status(), 401);
       await refusal.page.locator("input#access_token").waitFor();
       await refusal.page.screenshot({ animations: "disabled", path: screenshotPath("token-refused") });
+      // Signing in through the form: the token never appears in an address.
+      await refusal.page.locator("input#access_token").fill(token);
+      await refusal.page.locator("input#access_token").press("Enter");
+      await waitIn(refusal.page, "the page after signing in", () => document.querySelector("#connection")?.dataset.state === "connected");
+      assert.ok(!refusal.page.url().includes(token), refusal.page.url());
     } finally {
       await refusal.context.close();
     }

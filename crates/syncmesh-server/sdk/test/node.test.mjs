@@ -182,6 +182,8 @@ test("events from another node arrive with isLocal false", async () => {
   const cb = client({ url: b.url });
   const ma = await ca.map("across");
   await ma.set("first", { from: "a" });
+  // Replicated before B's client subscribes: else "first" is (rightly) an event there too.
+  await waitFor("B holds the first item", async () => (await fetch(`${b.url}/v1/Services/default/Maps/across/Items/first`)).ok);
   const mb = await cb.map({ id: "across", mode: "open_existing" });
   const seen = [];
   mb.on("itemAdded", (e) => seen.push([e.item.key, e.isLocal]));
@@ -247,4 +249,89 @@ test("a token: refused without it (denied), works with it", async () => {
   await waitFor("the event through the token", () => seen.length === 1);
   const good = client("s3cret", { url: n.url });
   assert.deepEqual((await (await good.map("x")).get("k")).data, {});
+});
+
+/** A fetch whose next `n` writes reach the node but lose their answer (a dropped connection). */
+function losingAnswers() {
+  const f = async (url, init = {}) => {
+    const res = await fetch(url, init);
+    if (f.lose > 0 && init.method && init.method !== "GET") {
+      f.lose -= 1;
+      await res.text();
+      throw new TypeError("fetch failed (the connection dropped before the answer)");
+    }
+    return res;
+  };
+  f.lose = 0;
+  return f;
+}
+
+test("a write whose answer was lost is not applied twice, and its event is local", async () => {
+  const n = await node();
+  const f = losingAnswers();
+  const c = client({ url: n.url, fetch: f });
+  const m = await c.map("lost-answers");
+  const events = [];
+  for (const t of ["itemAdded", "itemUpdated", "itemRemoved"]) {
+    m.on(t, (e) => events.push([t, e.key, e.isLocal, JSON.stringify(e.data ?? null)]));
+  }
+  await m.set("n", { count: 0 });
+  // mutate: the increment happens once.
+  f.lose = 1;
+  const item = await m.mutate("n", (d) => ({ count: d.count + 1 }));
+  assert.deepEqual(item.data, { count: 1 });
+  assert.deepEqual((await m.get("n")).data, { count: 1 });
+  // mutate creating the item.
+  f.lose = 1;
+  assert.deepEqual((await m.mutate("fresh", (d) => ({ ...d, made: true }))).data, { made: true });
+  // set: one write, one event.
+  f.lose = 1;
+  await m.set("k", { a: 1 });
+  // update.
+  f.lose = 1;
+  await m.update("k", { b: 2 });
+  // remove: it did remove the item, so it resolves.
+  f.lose = 1;
+  await m.remove("k");
+  await waitFor("the events", () => events.some((e) => e[0] === "itemRemoved"));
+  await new Promise((r) => setTimeout(r, 300)); // anything more would arrive now
+  assert.deepEqual(events, [
+    ["itemAdded", "n", true, '{"count":0}'],
+    ["itemUpdated", "n", true, '{"count":1}'],
+    ["itemAdded", "fresh", true, '{"made":true}'],
+    ["itemAdded", "k", true, '{"a":1}'],
+    ["itemUpdated", "k", true, '{"a":1,"b":2}'],
+    ["itemRemoved", "k", true, "null"],
+  ]);
+  // removeMap likewise.
+  const removed = new Promise((r) => m.on("removed", r));
+  f.lose = 1;
+  await m.removeMap();
+  assert.equal((await removed).isLocal, true);
+});
+
+test("isLocal stays true for many writes to one key answered before their events arrive", async () => {
+  const n = await node();
+  let lag = 0;
+  // The stream's data arrives late (a buffering proxy, a slow link): the answers come first.
+  const f = async (url, init) => {
+    const res = await fetch(url, init);
+    if (!url.endsWith("/Events")) return res;
+    const slow = new TransformStream({
+      async transform(chunk, ctrl) {
+        if (lag) await new Promise((r) => setTimeout(r, lag));
+        ctrl.enqueue(chunk);
+      },
+    });
+    return new Response(res.body.pipeThrough(slow), { status: res.status, headers: res.headers });
+  };
+  const c = client({ url: n.url, fetch: f });
+  const m = await c.map("many-writes");
+  const local = [];
+  m.on("itemAdded", (e) => local.push(e.isLocal));
+  m.on("itemUpdated", (e) => local.push(e.isLocal));
+  lag = 1000;
+  for (let i = 0; i < 40; i++) await m.set("k", { i });
+  await waitFor("40 events", () => local.length === 40);
+  assert.deepEqual(local.filter((l) => !l).length, 0);
 });

@@ -363,3 +363,41 @@ test("the older constructor form and a refused token", async () => {
   assert.equal(map.sid, SID);
   await client.shutdown();
 });
+
+test("shutdown leaves no timer behind, also while a failing stream backs off", async () => {
+  const node = new FakeNode();
+  let failStreams = false;
+  const f = (url, init) =>
+    failStreams && url.endsWith("/Events") ? json(503, { code: 20503, message: "closing", status: 503 }) : node.fetch(url, init);
+  const timers = () => process.getActiveResourcesInfo().filter((r) => r === "Timeout").length;
+  const before = timers();
+  const client = new SyncClient({ url: "http://fake", fetch: f });
+  await client.map("m");
+  failStreams = true;
+  node.dropStreams();
+  // The stream ended at once, then answers 503: the client waits (backs off) before each retry.
+  await new Promise((r) => setTimeout(r, 700));
+  await client.shutdown();
+  await settle();
+  assert.equal(timers(), before, process.getActiveResourcesInfo().join(","));
+});
+
+test("an `error` message on the stream does not report the node as disconnected", async () => {
+  const node = new FakeNode();
+  const { client, map } = await open(node);
+  const states = [];
+  const resets = [];
+  client.on("connectionStateChanged", (s) => states.push(s));
+  client.on("streamReset", (r) => resets.push(r.error.code));
+  for (const s of node.streams) {
+    s.controller.enqueue(new TextEncoder().encode(`event: error\ndata: {"type":"error","code":20410,"message":"pruned","status":410}\n\n`));
+  }
+  await until("a new stream", () => node.streamRequests.length === 2);
+  assert.deepEqual(resets, [20410]);
+  assert.equal(node.streamRequests[1].headers["last-event-id"], undefined);
+  await settle();
+  assert.deepEqual(states, [], "the node answered all along");
+  assert.equal(client.connectionState, "connected");
+  void map;
+  await client.shutdown();
+});
