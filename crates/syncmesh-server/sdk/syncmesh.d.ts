@@ -19,11 +19,25 @@ export interface SyncClientOptions {
   token?: string;
   /** Operations kept while the node is unreachable (default 1000); beyond it a write rejects with code 20429. */
   maxQueue?: number;
-  /** Attempts of `mutate` before it rejects with the revision conflict (default 10). */
+  /** Attempts of `mutate` before it rejects with the revision conflict (default 10, at least 1). */
   mutateRetries?: number;
   /** A `fetch` implementation (default: the global one). */
   fetch?: typeof fetch;
 }
+
+/** The error codes the client raises or most often passes on. */
+export declare const ErrorCodes: Readonly<{
+  NO_PAGE: 20400;
+  UNAUTHORIZED: 20003;
+  QUEUE_FULL: 20429;
+  SHUT_DOWN: 20499;
+  BAD_ANSWER: 20502;
+  MAP_NOT_FOUND: 54200;
+  ITEM_NOT_FOUND: 54201;
+  REVISION_MISMATCH: 54205;
+  ITEM_EXISTS: 54208;
+  NAME_TAKEN: 54301;
+}>;
 
 /** A failed operation: the node's error, or one raised by the client. */
 export declare class SyncError extends Error {
@@ -61,8 +75,8 @@ export declare class SyncMapItem {
   readonly dateCreated: Date;
   readonly dateUpdated: Date;
   readonly dateExpires: Date | null;
-  /** Id of the node that created the item. */
-  readonly createdBy: string;
+  /** Id of the node that created the item (`null` when the node did not say). */
+  readonly createdBy: string | null;
 }
 
 export interface ItemQuery {

@@ -137,6 +137,7 @@ function checkData(data) {
 }
 
 /** Whether two JSON values are equal (object fields in any order). */
+/** @internal Deep equality of JSON values (exported for the tests). */
 export function sameJson(a, b) {
   if (a === b) return true;
   if (a === null || b === null || typeof a !== "object" || typeof b !== "object") return false;
@@ -231,6 +232,7 @@ export class Paginator {
 }
 
 /** The page token in one of the node's page URLs, or null. */
+/** @internal (exported for the tests) */
 export function pageToken(url) {
   if (!url) return null;
   try {
@@ -253,6 +255,7 @@ function mapDescriptor(r) {
 }
 
 /** Incremental Server-Sent Events parser (the WHATWG rules this node's streams need). */
+/** @internal (exported for the tests) */
 export class SseParser {
   #buf = "";
   #data = [];
@@ -511,8 +514,14 @@ class MapCore {
           continue;
         }
         if (res.status === 404) {
-          // Removed while this client was away: the map is gone, say so once.
-          this.deliver({ type: "map_removed", is_local: false, id: this.lastId ?? 0 }, false);
+          // Removed while this client was away: the map is gone, say so once, after the
+          // events already held (local if this client's own removeMap did it).
+          this.held.push({
+            type: "map_removed",
+            is_local: this.ownMapRemoval > 0 || this.mapWriteInflight > 0,
+            id: this.lastId ?? 0,
+          });
+          this.drain();
           return;
         }
         if (res.status === 410) {
@@ -909,7 +918,7 @@ export class SyncClient extends Emitter {
     this.#token = options.token || null;
     this.#fetch = options.fetch ?? globalThis.fetch.bind(globalThis);
     this.maxQueue = options.maxQueue ?? 1000;
-    this.mutateRetries = options.mutateRetries ?? 10;
+    this.mutateRetries = Math.max(1, options.mutateRetries ?? 10);
     // A browser knows when the network comes back: try at once instead of at the next backoff.
     this.onOnline = () => {
       this.wake?.();

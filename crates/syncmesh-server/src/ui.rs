@@ -3,10 +3,16 @@
 //!
 //! The client and the page's code are public (they hold no data); the page itself is behind
 //! the token when the node has one. A browser cannot send a bearer header when it navigates, so
-//! `/` also accepts a `syncmesh_token` cookie, set by `/?access_token=…` (which then redirects
-//! to `/`, so the token leaves the address bar). The login form posts the token to `/` instead,
-//! so typing it never puts it in a URL (history, logs). The cookie is honoured on `/` only:
-//! accepting it on the API would let any page on the same host forge writes with it.
+//! `/` also accepts a cookie, set by `/?access_token=…` (which then redirects to `/`, so the
+//! token leaves the address bar) or by the login form, which posts the token so that typing it
+//! never puts it in a URL (history, logs). The cookie is honoured on `/` only: accepting it on
+//! the API would let any page on the same host forge writes with it.
+//!
+//! Browsers send a host's cookies to every port of it, so the cookie is named after this
+//! node's port (two nodes on one host keep theirs apart) and holds a key derived from the token
+//! rather than the token itself (another service on that host, which receives it, does not
+//! learn a token the user may have used elsewhere; it can still open this node's page, as
+//! anyone holding the cookie can: run nodes on a host name of their own where that matters).
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -14,6 +20,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::state::AppState;
 
@@ -25,8 +34,22 @@ const INSPECTOR_CSS: &str = include_str!("../web/inspector.css");
 
 /// Where the page finds the token it passes to the client.
 const TOKEN_SLOT: &str = "__SYNCMESH_TOKEN__";
-/// The cookie that admits a browser to `/`.
-pub const TOKEN_COOKIE: &str = "syncmesh_token";
+/// The prefix of the cookie that admits a browser to `/` (then the node's HTTP port).
+pub const COOKIE_PREFIX: &str = "syncmesh_page_";
+
+/// The name of this node's page cookie.
+fn cookie_name(st: &AppState) -> String {
+    format!("{COOKIE_PREFIX}{}", st.http_addr().port())
+}
+
+/// The cookie's value for `token`: a key derived from it, in hex.
+fn page_key(token: &str) -> String {
+    let d = Sha256::new()
+        .chain_update(b"syncmesh inspector page\0")
+        .chain_update(token.as_bytes())
+        .finalize();
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Paths served without the token: static code, no data.
 pub fn is_public(path: &str) -> bool {
@@ -93,18 +116,15 @@ fn admission(st: &AppState, headers: &HeaderMap, query: Option<&str>) -> Admissi
                 .eq_ignore_ascii_case("bearer")
                 .then(|| token.trim().to_string())
         });
+    let name = cookie_name(st);
     let cookie = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(name, _)| *name == TOKEN_COOKIE)
-        .map(|(_, value)| {
-            percent_encoding::percent_decode_str(value)
-                .decode_utf8_lossy()
-                .into_owned()
-        });
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value.trim().to_string());
     let from_query = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "access_token")
@@ -117,10 +137,19 @@ fn admission(st: &AppState, headers: &HeaderMap, query: Option<&str>) -> Admissi
             Admission::Wrong
         };
     }
-    match bearer.or(cookie) {
-        Some(t) if st.token_matches(&t) => Admission::In,
-        Some(_) => Admission::Wrong,
-        None => Admission::Missing,
+    if let Some(t) = bearer {
+        return if st.token_matches(&t) {
+            Admission::In
+        } else {
+            Admission::Wrong
+        };
+    }
+    match (cookie, st.token()) {
+        (Some(c), Some(t)) if bool::from(c.as_bytes().ct_eq(page_key(t).as_bytes())) => {
+            Admission::In
+        }
+        // A stale cookie (the token changed): ask again, without blaming anyone.
+        _ => Admission::Missing,
     }
 }
 
@@ -134,17 +163,18 @@ async fn sign_in(State(st): State<AppState>, body: Bytes) -> Response {
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
     }
     match given {
-        Some(t) if st.token_matches(&t) => admitted(&t),
+        Some(t) if st.token_matches(&t) => admitted(&st, &t),
         Some(_) => login(Some("That is not the token of this node.")),
         None => login(None),
     }
 }
 
 /// Sets the cookie that admits a browser to `/`, and sends it there.
-fn admitted(token: &str) -> Response {
+fn admitted(st: &AppState, token: &str) -> Response {
     let cookie = format!(
-        "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-        crate::urls::encode_segment(token)
+        "{}={}; Path=/; HttpOnly; SameSite=Strict",
+        cookie_name(st),
+        page_key(token)
     );
     let mut r = (
         StatusCode::SEE_OTHER,
@@ -164,7 +194,7 @@ fn admitted(token: &str) -> Response {
 async fn index(State(st): State<AppState>, req: Request) -> Response {
     match admission(&st, req.headers(), req.uri().query()) {
         Admission::In => page(st.token()),
-        Admission::SetCookie(token) => admitted(&token),
+        Admission::SetCookie(token) => admitted(&st, &token),
         Admission::Wrong => login(Some("That is not the token of this node.")),
         Admission::Missing => login(None),
     }

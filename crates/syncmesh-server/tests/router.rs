@@ -1509,6 +1509,18 @@ async fn the_inspector_is_behind_the_token_and_the_cookie_opens_only_the_page() 
     let cookie = headers[header::SET_COOKIE].to_str().unwrap().to_string();
     assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
     let pair = cookie.split(';').next().unwrap().to_string();
+    // Named after the node's port (browsers share a host's cookies across ports), and not the
+    // token itself (other services on the host receive it).
+    assert!(
+        pair.starts_with(&format!("syncmesh_page_{}=", addr().port())),
+        "{pair}"
+    );
+    assert!(!pair.contains("s3") && !pair.contains("%3C"), "{pair}");
+    let other_port = pair.replacen("syncmesh_page_", "syncmesh_page_1", 1);
+    assert_eq!(raw_get(&app, "/", &[("cookie", &other_port)]).await.0, 401);
+    let flipped = if pair.ends_with('0') { '1' } else { '0' };
+    let tampered = format!("{}{flipped}", &pair[..pair.len() - 1]);
+    assert_eq!(raw_get(&app, "/", &[("cookie", &tampered)]).await.0, 401);
     let (status, headers, body) = raw_get(&app, "/", &[("cookie", &pair)]).await;
     assert_eq!(status, 200);
     assert_eq!(headers[header::CACHE_CONTROL], "no-store");

@@ -89,6 +89,7 @@ class FakeNode {
 
   #stream(req, signal) {
     this.streamRequests.push(req);
+    if (this.streamStatus) return json(this.streamStatus, { code: 54200, message: "no map", status: this.streamStatus });
     let controller;
     const body = new ReadableStream({
       start(c) {
@@ -399,5 +400,34 @@ test("an `error` message on the stream does not report the node as disconnected"
   assert.deepEqual(states, [], "the node answered all along");
   assert.equal(client.connectionState, "connected");
   void map;
+  await client.shutdown();
+});
+
+test("a map removed while the stream was down: 'removed' once, local when this client removed it", async () => {
+  for (const mine of [false, true]) {
+    const node = new FakeNode((req) => {
+      if (req.method === "DELETE") return new Response(null, { status: 204 });
+    });
+    const { client, map } = await open(node);
+    const seen = [];
+    map.on("removed", (e) => seen.push(e.isLocal));
+    // (This fake sends no event for the removal: the stream drops before it would have.)
+    if (mine) await map.removeMap();
+    node.streamStatus = 404;
+    node.dropStreams();
+    await until("removed", () => seen.length === 1);
+    await settle();
+    assert.deepEqual(seen, [mine]);
+    await client.shutdown();
+  }
+});
+
+test("mutateRetries is at least one attempt", async () => {
+  const node = new FakeNode((req) => {
+    if (req.method === "GET" && req.path.endsWith("/Items/k")) return json(404, { code: 54201, message: "none", status: 404 });
+    if (req.method === "POST") return json(201, item("k", req.body.Data, "1"));
+  });
+  const { client, map } = await open(node, { mutateRetries: 0 });
+  assert.deepEqual((await map.mutate("k", () => ({ a: 1 }))).data, { a: 1 });
   await client.shutdown();
 });
