@@ -396,14 +396,17 @@ async fn events_over_websocket_and_sse_resume_after_a_disconnect() {
     .await;
     let ws_url = format!("ws://{}{P}/Maps/ev/Events", d.addr);
 
-    // WebSocket, live from now
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.as_str())
+    write_items(&c, &d, 100..102).await;
+    // WebSocket, live from now; the upgrade says where it starts (the newest event)
+    let (mut ws, resp) = tokio_tungstenite::connect_async(ws_url.as_str())
         .await
         .unwrap();
+    assert_eq!(resp.headers()["syncmesh-resume-point"], "2");
     write_items(&c, &d, 0..3).await;
     let first = ws_events(&mut ws, 3).await;
     let keys: Vec<_> = first.iter().map(|e| e["item_key"].clone()).collect();
     assert_eq!(keys, [json!("k0"), json!("k1"), json!("k2")]);
+    assert_eq!(first[0]["id"], 3);
     for e in &first {
         assert_eq!(e["type"], "map_item_added");
         assert_eq!(e["is_local"], true);
@@ -436,12 +439,13 @@ async fn events_over_websocket_and_sse_resume_after_a_disconnect() {
 
     // SSE from the start, then resume with Last-Event-ID as a browser would
     let mut resp = c
-        .get(d.url(&format!("{P}/Maps/ev/Events?after=0")))
+        .get(d.url(&format!("{P}/Maps/ev/Events?after=2")))
         .header("accept", "text/event-stream")
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["syncmesh-resume-point"], "2");
     let mut buf = String::new();
     let got = sse_events(&mut resp, &mut buf, 4).await;
     let ids: Vec<u64> = got.iter().map(|(id, _)| *id).collect();
@@ -509,6 +513,74 @@ async fn cli_watch_resumes_across_a_node_restart() {
         (json!("k2"), json!("k3"))
     );
     assert_eq!(a["id"], 3, "nothing repeated, nothing skipped");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    d.terminate();
+}
+
+/// A watch that saw no event before its node went away still misses nothing: it resumes from
+/// the point its first stream started at (the `Syncmesh-Resume-Point` header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_watch_without_events_yet_misses_nothing_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path(), &["--http", "127.0.0.1:0"]);
+    let addr = d.addr.clone();
+    let c = http();
+    post(
+        &c,
+        &d.url(&format!("{P}/Maps")),
+        json!({"UniqueName": "ev"}),
+    )
+    .await;
+    write_items(&c, &d, 100..101).await; // before the watch: not shown
+    let mut watch = base_command()
+        .args(["--node", &d.url(""), "watch", "ev"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    for (is_out, pipe) in [
+        (
+            true,
+            Box::new(watch.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        (false, Box::new(watch.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send((is_out, line));
+            }
+        });
+    }
+    // Connected, and it has seen no event.
+    let (is_out, line) = rx.recv_timeout(DEADLINE).expect("the watch connecting");
+    assert!(
+        !is_out && line.contains("connected; events after 1"),
+        "{line}"
+    );
+    d.terminate();
+    // While the watch waits to reconnect (its backoff has grown), the node comes back and
+    // takes writes: they must reach the watch although it is not connected yet.
+    loop {
+        let (is_out, line) = rx.recv_timeout(DEADLINE).expect("the watch retrying");
+        assert!(!is_out, "unexpected output: {line}");
+        if line.contains("retrying in 1.6s") {
+            break;
+        }
+    }
+    let d = Daemon::start(dir.path(), &["--http", &addr]);
+    write_items(&c, &d, 0..2).await;
+    let mut keys = Vec::new();
+    while keys.len() < 2 {
+        let (is_out, line) = rx.recv_timeout(DEADLINE).expect("a watch line");
+        if is_out {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            keys.push(v["item_key"].clone());
+        }
+    }
+    assert_eq!(keys, [json!("k0"), json!("k1")]);
     let _ = watch.kill();
     let _ = watch.wait();
     d.terminate();

@@ -382,7 +382,7 @@ pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
             })?;
             req.headers_mut().insert("authorization", v);
         }
-        let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
+        let (mut ws, resp) = match tokio_tungstenite::connect_async(req).await {
             Ok(x) => x,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 // The node refused the stream: that is final (map gone, token, pruned events).
@@ -417,6 +417,19 @@ pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
         };
         backoff = Duration::from_millis(100);
         connected_once = true;
+        // Where this stream starts: resuming there after a disconnect misses nothing, even
+        // when no event arrived before it.
+        if last.is_none() {
+            last = resp
+                .headers()
+                .get("syncmesh-resume-point")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+        }
+        match last {
+            Some(n) => eprintln!("watch: connected; events after {n}"),
+            None => eprintln!("watch: connected"),
+        }
         while let Some(msg) = ws.next().await {
             let text = match msg {
                 Ok(Message::Text(t)) => t,

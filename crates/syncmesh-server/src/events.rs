@@ -107,13 +107,24 @@ pub async fn events(
         None => map.subscribe().await?,
     };
     let shutdown = st.shutdown().clone();
-    Ok(match ws {
+    let resume = stream.resume_point();
+    let mut resp = match ws {
         Some(ws) => ws
             .on_upgrade(move |socket| run_ws(socket, stream, shutdown))
             .into_response(),
         None => sse(stream, shutdown).into_response(),
-    })
+    };
+    // Also a header: a WebSocket has no place for it in the stream without a message that
+    // consumers of events would have to skip.
+    if let Some(id) = resume {
+        resp.headers_mut()
+            .insert(RESUME_POINT_HEADER, axum::http::HeaderValue::from(id));
+    }
+    Ok(resp)
 }
+
+/// Response header of `/Events`: the stream's resume point (see [`EventStream::resume_point`]).
+pub const RESUME_POINT_HEADER: &str = "syncmesh-resume-point";
 
 /// `Last-Event-ID` (what browsers send when they reconnect), else `?after=`.
 fn resume_point(headers: &HeaderMap, after: Option<&str>) -> Result<Option<u64>, ApiError> {
