@@ -306,6 +306,7 @@ async fn a_full_disk_loses_no_acknowledged_write() {
     let _guard = Unmount(mnt.clone());
     let data = mnt.join("data");
     let node = Node::open(&data).await.unwrap();
+    assert_eq!(node.writes_stopped(), None);
     let m = node.map("big").await.unwrap();
     let blob = "x".repeat(8 * 1024);
     let mut acked = Vec::new();
@@ -328,7 +329,11 @@ async fn a_full_disk_loses_no_acknowledged_write() {
         text.contains("no space") || text.contains("stopped"),
         "{text}"
     );
-    // After the failure, writes are refused clearly rather than half-done.
+    // After the failure, writes are refused clearly rather than half-done, and the node says
+    // so when asked; reads go on.
+    let why = node.writes_stopped().expect("writes stopped");
+    assert!(why.contains("syncmesh.redb"), "{why}");
+    assert_eq!(m.get("k00000").await.unwrap().data["i"], 0);
     let again = m.set("after", json!({})).await.unwrap_err();
     assert!(
         again.to_string().contains("storage failure") || again.to_string().contains("no space"),
@@ -344,6 +349,7 @@ async fn a_full_disk_loses_no_acknowledged_write() {
         .unwrap();
     assert!(grown.success());
     let node = Node::open(&data).await.unwrap();
+    assert_eq!(node.writes_stopped(), None, "a reopened node writes again");
     let m = node.map("big").await.unwrap();
     for i in &acked {
         assert_eq!(m.get(&format!("k{i:05}")).await.unwrap().data["i"], *i);

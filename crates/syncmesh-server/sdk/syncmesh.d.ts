@@ -185,6 +185,8 @@ export interface NodeStatus {
   maps: number;
   node_id: string;
   version: string;
+  /** Why the node stopped taking writes (a failed commit; reopen it once fixed), or null. */
+  writes_stopped: string | null;
 }
 
 /** A map as a listing describes it. */

@@ -286,6 +286,9 @@ pub struct NodeStatus {
     pub node_id: String,
     /// The server's version.
     pub version: String,
+    /// Why the node stopped taking writes (a failed commit: full disk, I/O error; reopen it
+    /// once fixed), or `null` while writes work.
+    pub writes_stopped: Option<String>,
 }
 
 /// Parameters of `POST /Maps`.

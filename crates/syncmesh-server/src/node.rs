@@ -38,5 +38,6 @@ pub async fn node_status(st: &AppState) -> Result<NodeStatus, ApiError> {
         maps,
         node_id: node.id().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        writes_stopped: node.writes_stopped(),
     })
 }

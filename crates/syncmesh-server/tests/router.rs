@@ -804,6 +804,7 @@ async fn routes_and_methods() {
     assert_eq!(n["listen_addrs"], json!([]));
     assert_eq!(n["connected_peers"], json!([]));
     assert_eq!(n["maps"], 0);
+    assert!(n["writes_stopped"].is_null(), "writes work");
 }
 
 #[tokio::test]

@@ -313,6 +313,19 @@ impl Node {
         self.call(|reply| Cmd::List { reply }).await
     }
 
+    /// Why this node stopped taking writes, if it did: after a failed commit (a full disk, an
+    /// I/O error) every write is refused until the node is reopened, so that memory and disk
+    /// never disagree about what was acknowledged. Reads go on. `None` while writes work.
+    pub fn writes_stopped(&self) -> Option<String> {
+        let f = self
+            .inner
+            .shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f.as_ref().map(|e| e.to_string())
+    }
+
     /// How many maps are loaded in memory. Maps load on first use (an operation, a TTL that
     /// falls due, or a peer with changes to them); a diagnostic for memory use.
     pub async fn loaded_maps(&self) -> Result<usize> {
