@@ -343,6 +343,7 @@ pub async fn status(c: &Client, out: Out) -> Outcome {
         "peer_id",
         "listen_addrs",
         "connected_peers",
+        "writes_stopped",
     ] {
         let v = match &n[f] {
             Value::Array(a) if a.is_empty() => "-".to_string(),
