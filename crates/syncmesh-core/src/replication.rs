@@ -41,6 +41,9 @@ const SYNC_BATCH_BYTES: usize = 4 << 20;
 /// Maps a hold-all node starts holding per Hello (the rest follow in later rounds), so one
 /// message cannot make it create unbounded replicas.
 const MAX_ADOPT_PER_HELLO: usize = 64;
+/// "Not here" answers sent for one Hello: a node fetching maps asks for a few at a time, and
+/// a Hello naming many unknown maps must not make this node send as many messages.
+const MAX_NOT_HERE_PER_HELLO: usize = 64;
 
 /// A message between two nodes. Encoded with `postcard`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -403,6 +406,16 @@ impl Replicator {
         })
     }
 
+    /// Whether every connected peer said it has none of map `sid` (an empty document list):
+    /// a node fetching the map can stop waiting for it.
+    pub fn nobody_has(&self, sid: &MapSid) -> bool {
+        !self.peers.is_empty()
+            && self
+                .peers
+                .values()
+                .all(|p| p.their_docs.get(sid).is_some_and(Vec::is_empty))
+    }
+
     /// Maps whose in-memory documents must be dropped and reloaded from storage: merging a
     /// peer's data panicked inside Automerge (the message was refused as a [`Violation`],
     /// but the document may be half-changed).
@@ -487,6 +500,7 @@ impl Replicator {
         };
         p.hold_all = hold_all;
         let mut adopted = 0;
+        let mut not_here = 0;
         for (sid, theirs) in maps {
             // A map not loaded is compared by its remembered digest; it is loaded only when
             // the peer's differs.
@@ -499,7 +513,23 @@ impl Replicator {
                         None => continue,
                     }
                 }
-                None => continue,
+                None => {
+                    // Digest 0: the sender holds the map empty, i.e. it is fetching it. Say
+                    // this node has none of it (an empty document list), so the fetch can end
+                    // as soon as every peer has answered instead of at its deadline.
+                    if theirs == 0 && not_here < MAX_NOT_HERE_PER_HELLO {
+                        not_here += 1;
+                        out.push(Outgoing {
+                            peer: peer.to_string(),
+                            bytes: Wire::Docs {
+                                sid,
+                                docs: Vec::new(),
+                            }
+                            .encode(),
+                        });
+                    }
+                    continue;
+                }
             };
             // Only maps this node holds are remembered: the set is bounded by them.
             p.held.insert(sid.clone());

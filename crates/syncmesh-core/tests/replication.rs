@@ -480,3 +480,25 @@ fn postcard_bad_sid() -> Vec<u8> {
     bad[2] = b'X';
     bad
 }
+
+/// A node fetching a map learns at once when no peer has it (each answers "none of it"), but
+/// not while a peer that holds it has yet to answer.
+#[test]
+fn a_fetch_learns_when_no_peer_has_the_map() {
+    let mut net = Net::new(&["a", "b", "c"], &[]);
+    net.connect("a", "b");
+    net.connect("a", "c");
+    net.run();
+    write(&mut net, "c", "exists", "k", json!({"v": 1}));
+    net.run();
+    let missing = MapSid::for_name("missing");
+    hold(&mut net, "a", "missing");
+    net.run();
+    assert!(net.node("a").rep.nobody_has(&missing));
+    // A map that one peer has: the other's "none" does not end the fetch, the holder syncs it.
+    hold(&mut net, "a", "exists");
+    net.run();
+    assert!(!net.node("a").rep.nobody_has(&MapSid::for_name("exists")));
+    assert_eq!(net.items("a", "exists").len(), 1);
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}

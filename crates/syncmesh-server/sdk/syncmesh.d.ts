@@ -154,7 +154,7 @@ export declare class SyncMap {
    */
   mutate(
     key: string,
-    mutator: (current: Record<string, unknown>) => Record<string, unknown> | null,
+    mutator: (current: Record<string, unknown>) => Record<string, unknown> | null | undefined,
     metadata?: ItemMetadata,
   ): Promise<SyncMapItem | null>;
   /** Rejects with SyncError 54201 when there is no such item. */
@@ -174,6 +174,9 @@ export declare class SyncMap {
   once<E extends keyof SyncMapEvents>(event: E, handler: (args: SyncMapEvents[E]) => void): this;
   off<E extends keyof SyncMapEvents>(event: E, handler: (args: SyncMapEvents[E]) => void): this;
   removeAllListeners(event?: keyof SyncMapEvents): this;
+  /** Same as `on` / `off` (the older SDK's names). */
+  addListener<E extends keyof SyncMapEvents>(event: E, handler: (args: SyncMapEvents[E]) => void): this;
+  removeListener<E extends keyof SyncMapEvents>(event: E, handler: (args: SyncMapEvents[E]) => void): this;
 }
 
 /** This node, as `GET /v1/Node` describes it. */
@@ -229,6 +232,9 @@ export declare class SyncClient {
   on<E extends keyof SyncClientEvents>(event: E, handler: (arg: SyncClientEvents[E]) => void): this;
   once<E extends keyof SyncClientEvents>(event: E, handler: (arg: SyncClientEvents[E]) => void): this;
   off<E extends keyof SyncClientEvents>(event: E, handler: (arg: SyncClientEvents[E]) => void): this;
+  addListener<E extends keyof SyncClientEvents>(event: E, handler: (arg: SyncClientEvents[E]) => void): this;
+  removeListener<E extends keyof SyncClientEvents>(event: E, handler: (arg: SyncClientEvents[E]) => void): this;
+  removeAllListeners(event?: keyof SyncClientEvents): this;
 }
 
 export default SyncClient;

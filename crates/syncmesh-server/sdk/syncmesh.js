@@ -47,6 +47,12 @@ const BACKOFF_MAX_MS = 5_000;
  * proxy, a backlog) must not turn a burst of writes to one key into "not local" events.
  */
 const OWN_REVISIONS = 100_000;
+/** Longest a write waits for its own event before it resolves (a safety net: it always comes). */
+const OWN_EVENT_WAIT_MS = 10_000;
+/** Own events remembered as delivered before their write resolved. */
+const OWN_SEEN = 1024;
+/** How long `shutdown()` lets requests already sent finish. */
+const SHUTDOWN_DRAIN_MS = 5_000;
 
 /** A failed operation: the node's answer, or a failure of the client itself. */
 export class SyncError extends Error {
@@ -127,6 +133,10 @@ const seg = (s) => encodeURIComponent(s);
 function checkKey(key) {
   if (typeof key !== "string" || key.length === 0) {
     throw new SyncError("the key must be a non-empty string", 400, 54209);
+  }
+  // URL parsers drop such path segments, so no request could name them (the node refuses them).
+  if (key === "." || key === "..") {
+    throw new SyncError(`the key ${JSON.stringify(key)} is not allowed`, 400, 54209);
   }
 }
 
@@ -320,6 +330,11 @@ class MapCore {
     this.ownRemovals = new Map(); // key -> acknowledged removals not yet seen
     this.ownMapRemoval = 0;
     this.held = []; // events waiting for their locality to be known, in order
+    // A write resolves after its own event was delivered (as the hosted SDK does), so code
+    // that awaits a write sees its handlers' effects. Tokens: "r:<revision>", "d:<key>", "m".
+    this.ownWaiters = new Map(); // token -> {resolve, timer}
+    this.ownSeen = new Set(); // tokens of own events delivered before anyone waited
+    this.live = false; // the event stream is open
     // The stream.
     this.lastId = null;
     this.abort = null;
@@ -376,7 +391,7 @@ class MapCore {
         else this.inflight.delete(key);
       }
     };
-    return this.client.send(method, path, {
+    const res = await this.client.send(method, path, {
       ...opts,
       onSend: () => count(1),
       onSettled: (res) => {
@@ -390,6 +405,42 @@ class MapCore {
         this.drain();
       },
     });
+    let token = null;
+    if (key === null) token = method === "DELETE" ? "m" : null;
+    else if (res.body && typeof res.body.revision === "string") token = `r:${res.body.revision}`;
+    else if (method === "DELETE") token = `d:${key}`;
+    if (token) await this.ownEvent(token);
+    return res;
+  }
+
+  /**
+   * Resolves once this client's event `token` was delivered, at once if it already was or
+   * the stream is not open (the event then comes after a reconnect). The deadline only
+   * guards against a node that never sends it: every write makes an event.
+   */
+  ownEvent(token) {
+    if (this.ownSeen.delete(token) || !this.live || this.stopped) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => this.ownDone(token), OWN_EVENT_WAIT_MS);
+      this.ownWaiters.set(token, { resolve, timer });
+    });
+  }
+
+  /** This client's event `token` was delivered (or is no longer awaited). */
+  ownDone(token) {
+    const w = this.ownWaiters.get(token);
+    if (w) {
+      this.ownWaiters.delete(token);
+      clearTimeout(w.timer);
+      w.resolve();
+    }
+    return w !== undefined;
+  }
+
+  /** No own event will come on this stream: release every write waiting for one. */
+  releaseOwn() {
+    for (const token of [...this.ownWaiters.keys()]) this.ownDone(token);
+    this.ownSeen.clear();
   }
 
   noteRevision(key, revision) {
@@ -409,6 +460,19 @@ class MapCore {
 
   /** Whether `e` (made on this node) was made by this client; consumes the record. */
   claim(e) {
+    const mine = this.claimRecord(e);
+    if (mine) {
+      const token =
+        e.type === "map_removed" ? "m" : e.type === "map_item_removed" ? `d:${e.item_key}` : `r:${e.item_revision}`;
+      if (!this.ownDone(token)) {
+        this.ownSeen.add(token);
+        if (this.ownSeen.size > OWN_SEEN) this.ownSeen.delete(this.ownSeen.values().next().value);
+      }
+    }
+    return mine;
+  }
+
+  claimRecord(e) {
     if (!e.is_local) return false;
     if (e.type === "map_removed") {
       if (this.ownMapRemoval > 0) {
@@ -535,6 +599,7 @@ class MapCore {
           continue;
         }
         const opened = Date.now();
+        this.live = true;
         const parser = new SseParser();
         const decoder = new TextDecoder();
         const reader = res.body.getReader();
@@ -588,6 +653,8 @@ class MapCore {
       } finally {
         clearTimeout(idle);
         this.abort = null;
+        this.live = false;
+        this.releaseOwn();
       }
     }
   }
@@ -620,6 +687,8 @@ class MapCore {
 
   stop() {
     this.stopped = true;
+    this.live = false;
+    this.releaseOwn();
     this.abort?.abort();
     this.failReady(new SyncError("the map was closed", 0, ErrorCodes.SHUT_DOWN));
     this.client.forget(this);
@@ -714,6 +783,10 @@ export class SyncMap {
         if (attempt > 0) await core.client.pause(Math.random() * 10 * attempt);
         const current = await this.#fetchItem(key);
         const next = mutator(structuredClone(current ? current.data : {}));
+        if (next && typeof next.then === "function") {
+          // An async mutator would be written as `{}`: refuse it rather than lose the data.
+          throw new TypeError("the mutator must return the new data, not a promise: make it synchronous");
+        }
         if (next === null || next === undefined) return current;
         checkData(next);
         try {
@@ -906,6 +979,7 @@ export class SyncClient extends Emitter {
   #cores = new Map(); // sid -> MapCore
   #opening = new Map(); // sid -> Promise<MapCore>
   #stateWaiters = [];
+  #sending = new Set(); // requests sent and not answered
 
   constructor(tokenOrOptions, maybeOptions) {
     super();
@@ -1066,8 +1140,20 @@ export class SyncClient extends Emitter {
         opts.onSend?.();
       }
       let res;
+      // The answer is read whole here, so that shutdown() can wait for it.
+      const request = this.fetchImpl(this.url(path, opts.query), { method, headers, body }).then((r) =>
+        r.text().then(
+          (text) => answered(r, text),
+          () => answered(r, null),
+        ),
+      );
+      this.#sending.add(request);
+      request.then(
+        () => this.#sending.delete(request),
+        () => this.#sending.delete(request),
+      );
       try {
-        res = await this.fetchImpl(this.url(path, opts.query), { method, headers, body });
+        res = await request;
       } catch (e) {
         if (this.#shutDown) {
           settle(null);
@@ -1175,6 +1261,9 @@ export class SyncClient extends Emitter {
     if (o.id !== undefined && (typeof o.id !== "string" || o.id.length === 0)) {
       throw new SyncError("the map id must be a non-empty string (a sid or a unique name)", 400, 54302);
     }
+    if (o.id === "." || o.id === "..") {
+      throw new SyncError(`the map name ${JSON.stringify(o.id)} is not allowed`, 400, 54302);
+    }
     const resource = await this.admitted(() => this.#open(o.id, mode, o.ttl));
     const core = await this.#core(resource);
     await core.ready;
@@ -1264,10 +1353,20 @@ export class SyncClient extends Emitter {
     globalThis.removeEventListener?.("online", this.onOnline);
     this.wake?.();
     for (const core of [...this.#cores.values()]) core.stop();
-    this.#abort.abort();
     const waiters = this.#waiters;
     this.#waiters = [];
     for (const w of waiters) w.reject(shutDownError());
+    // Requests already sent get their answers (a while at most): they may have taken effect,
+    // and their callers should hear so. Only then is the rest cut off.
+    if (this.#sending.size > 0) {
+      let timer;
+      await Promise.race([
+        Promise.allSettled([...this.#sending]),
+        new Promise((r) => (timer = setTimeout(r, SHUTDOWN_DRAIN_MS))),
+      ]);
+      clearTimeout(timer);
+    }
+    this.#abort.abort();
     this.#setState("disconnected");
   }
 }
@@ -1278,6 +1377,19 @@ function shutDownError() {
 
 function deniedError() {
   return new SyncError("the node refused the token", 401, ErrorCodes.UNAUTHORIZED);
+}
+
+/** An answer whose body was read already (`text` null: it was cut off). */
+function answered(r, text) {
+  return {
+    ok: r.ok,
+    status: r.status,
+    headers: r.headers,
+    text: async () => {
+      if (text === null) throw new Error("the answer was cut off");
+      return text;
+    },
+  };
 }
 
 /** Reads an answer: `{status, ok, body, headers}` for 2xx, a SyncError otherwise. */

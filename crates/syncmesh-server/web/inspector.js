@@ -549,7 +549,7 @@ function renderMapHead(map) {
 function onMapRemoved(map, args) {
   if (map !== state.current) return;
   logEvent("removed", { isLocal: args?.isLocal, key: map.uniqueName ?? map.sid });
-  toast(args?.isLocal ? "The map was removed." : "This map was removed on another node.", { error: !args?.isLocal });
+  toast(args?.isLocal ? "The map was removed." : "This map was removed elsewhere.", { error: !args?.isLocal });
   state.maps = state.maps.filter((m) => m.sid !== map.sid);
   closeItemDialog();
   // Replaced, not pushed: going back should not lead to a map that is gone.
@@ -775,8 +775,8 @@ function applyEvent(type, args, highlight) {
   if (ed && ed.mode === "edit" && ed.key === key && !args.isLocal && $("item-dialog").open) {
     $("item-meta").textContent =
       type === "itemRemoved"
-        ? "This item was removed on another node while you edit it; saving creates it again."
-        : "This item changed on another node while you edit it; saving replaces that change.";
+        ? "This item was removed elsewhere while you edit it; saving creates it again."
+        : "This item changed elsewhere while you edit it; saving replaces that change.";
   }
 }
 

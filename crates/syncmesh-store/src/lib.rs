@@ -110,13 +110,20 @@ pub struct StoreOptions {
     pub durable: bool,
     /// Events kept per map for resuming subscribers; older ones are pruned.
     pub event_retention: u64,
+    /// Most memory the database keeps as its page cache (the OS caches the file as well).
+    pub cache_bytes: usize,
 }
+
+/// Default page cache: redb's own default (a ceiling; the cache grows only with what is read).
+/// Measured: 16 MiB instead changes neither throughput nor peak RSS of the replication bench.
+pub const DEFAULT_CACHE_BYTES: usize = 1024 * 1024 * 1024;
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             durable: true,
             event_retention: 100_000,
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -330,6 +337,7 @@ impl Store {
         std::fs::create_dir_all(dir).map_err(|e| classify_io(dir, e))?;
         let path = dir.join(DB_FILE);
         let db = Database::builder()
+            .set_cache_size(opts.cache_bytes)
             .create(&path)
             .map_err(|e| classify(&path, e))?;
         Store::init(db, path, opts)
@@ -1008,6 +1016,7 @@ mod tests {
         let s = Store::in_memory(StoreOptions {
             durable: true,
             event_retention: 1000,
+            ..StoreOptions::default()
         })
         .unwrap();
         write(&s, vec![], vec![], (1..=2048).collect());

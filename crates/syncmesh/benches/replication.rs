@@ -70,6 +70,10 @@ async fn node_role() {
             b = b.peer(p.parse::<Multiaddr>().unwrap());
         }
     }
+    // The store's page cache, to measure its part in RSS (`SYNCMESH_BENCH_CACHE=bytes`).
+    if let Ok(c) = std::env::var("SYNCMESH_BENCH_CACHE") {
+        b = b.cache_size(c.parse().unwrap());
+    }
     let node = b.open().await.unwrap();
     let out = std::sync::Arc::new(std::sync::Mutex::new(std::io::stdout()));
     let say = {

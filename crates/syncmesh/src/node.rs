@@ -43,6 +43,7 @@ pub struct NodeBuilder {
     data_dir: Option<PathBuf>,
     durability: Durability,
     event_retention: Option<u64>,
+    cache_bytes: Option<usize>,
     listen: Vec<Multiaddr>,
     peers: Vec<Multiaddr>,
     mdns: Option<bool>,
@@ -73,6 +74,14 @@ impl NodeBuilder {
     /// Events retained per map for resuming subscribers (default 100,000).
     pub fn event_retention(mut self, n: u64) -> Self {
         self.event_retention = Some(n);
+        self
+    }
+
+    /// Most memory the store keeps as its page cache (default 1 GiB, a ceiling: it grows only
+    /// with what is read; the OS caches the file too). Lower it to bound an embedded app's
+    /// memory on a large data set.
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_bytes = Some(bytes);
         self
     }
 
@@ -126,6 +135,9 @@ impl NodeBuilder {
             event_retention: self
                 .event_retention
                 .unwrap_or(StoreOptions::default().event_retention),
+            cache_bytes: self
+                .cache_bytes
+                .unwrap_or(StoreOptions::default().cache_bytes),
         };
         let dir = self.data_dir.clone();
         let store = tokio::task::spawn_blocking(move || match dir {

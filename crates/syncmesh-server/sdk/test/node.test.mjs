@@ -335,3 +335,31 @@ test("isLocal stays true for many writes to one key answered before their events
   await waitFor("40 events", () => local.length === 40);
   assert.deepEqual(local.filter((l) => !l).length, 0);
 });
+
+test("a write resolves after its own event was delivered, as with the hosted SDK", async () => {
+  const n = await node();
+  const c = client({ url: n.url });
+  const m = await c.map("own-events");
+  const seen = new Map();
+  m.on("itemAdded", (e) => seen.set(e.key, ["added", e.isLocal]));
+  m.on("itemUpdated", (e) => seen.set(e.key, ["updated", e.isLocal]));
+  m.on("itemRemoved", (e) => seen.set(e.key, ["removed", e.isLocal]));
+  for (let i = 0; i < 20; i++) {
+    const key = `k${i}`;
+    await m.set(key, { i });
+    assert.deepEqual(seen.get(key), ["added", true], `set ${key}`);
+    await m.update(key, { j: i });
+    assert.deepEqual(seen.get(key), ["updated", true], `update ${key}`);
+    await m.mutate(key, (d) => ({ ...d, k: i }));
+    assert.deepEqual(seen.get(key), ["updated", true], `mutate ${key}`);
+    seen.delete(key);
+    await m.setItemTtl(key, 3600);
+    assert.deepEqual(seen.get(key), ["updated", true], `setItemTtl ${key}`);
+    await m.remove(key);
+    assert.deepEqual(seen.get(key), ["removed", true], `remove ${key}`);
+  }
+  let removed = false;
+  m.on("removed", () => (removed = true));
+  await m.removeMap();
+  assert.ok(removed, "removeMap resolves after 'removed'");
+});

@@ -64,6 +64,9 @@ class FakeNode {
     this.streams = [];
     this.streamRequests = [];
     this.offline = false;
+    // As a node does, every write answered makes an event (sent just after the answer).
+    this.autoEvents = true;
+    this.nextEventId = 1000;
     this.fetch = this.fetch.bind(this);
   }
 
@@ -81,7 +84,10 @@ class FakeNode {
     if (req.path.endsWith("/Events")) return this.#stream(req, init.signal);
     this.requests.push(req);
     const answer = await this.route(req);
-    if (answer) return answer;
+    if (answer) {
+      if (this.autoEvents && answer.ok && req.method !== "GET") this.#eventFor(req, answer.clone());
+      return answer;
+    }
     if (req.method === "GET" && req.path === `${P}/Maps/m`) return json(200, MAP);
     if (req.method === "GET" && req.path === `${P}/Maps/${SID}`) return json(200, MAP);
     return json(404, { code: 20404, message: "no route", status: 404 });
@@ -109,6 +115,18 @@ class FakeNode {
     // As the node does: the resume point first.
     controller.enqueue(new TextEncoder().encode(`id: ${req.headers["last-event-id"] ?? 0}\n\n`));
     return new Response(body, { status: 200, headers: { "content-type": "text/event-stream" } });
+  }
+
+  async #eventFor(req, answer) {
+    const text = await answer.text();
+    const body = text ? JSON.parse(text) : null;
+    const key = req.path.includes("/Items/") ? req.path.split("/Items/")[1] : req.body?.Key;
+    const id = this.nextEventId++;
+    if (req.method === "DELETE") {
+      this.push(key === undefined ? { id, type: "map_removed", map_sid: SID, is_local: true } : event(id, "map_item_removed", key, null, null, true));
+    } else if (body?.revision) {
+      this.push(event(id, "map_item_updated", body.key, body.data, body.revision, true));
+    }
   }
 
   /** Sends `ev` on every open stream. */
@@ -305,9 +323,11 @@ test("offline: operations wait (bounded), then go in call order; shutdown reject
 
 test("isLocal: an event is held until the write that may have made it answers", async () => {
   let answer;
-  const node = new FakeNode((req) => {
+  let node;
+  node = new FakeNode((req) => {
     if (req.method === "POST") return new Promise((r) => (answer = () => r(json(200, item("k", req.body.Data, "rev-mine")))));
   });
+  node.autoEvents = false; // this test sends the events itself
   const { client, map } = await open(node);
   const seen = [];
   map.on("itemAdded", (e) => seen.push([e.key, e.isLocal, e.eventId]));
@@ -430,4 +450,39 @@ test("mutateRetries is at least one attempt", async () => {
   const { client, map } = await open(node, { mutateRetries: 0 });
   assert.deepEqual((await map.mutate("k", () => ({ a: 1 }))).data, { a: 1 });
   await client.shutdown();
+});
+
+test("refused before sending: '.' and '..' keys and names, an async mutator", async () => {
+  const node = new FakeNode((req) => {
+    if (req.method === "GET" && req.path.endsWith("/Items/k")) return json(200, item("k", { n: 1 }, "1"));
+  });
+  const { client, map } = await open(node);
+  node.requests.length = 0;
+  await assert.rejects(map.set(".", {}), (e) => e.code === 54209);
+  await assert.rejects(map.get(".."), (e) => e.code === 54209);
+  await assert.rejects(client.map(".."), (e) => e.code === 54302);
+  await assert.rejects(map.mutate("k", async (d) => ({ ...d, a: 1 })), TypeError);
+  assert.deepEqual(
+    node.requests.map((r) => r.method),
+    ["GET"],
+    "only the mutate's read went out",
+  );
+  await client.shutdown();
+});
+
+test("shutdown lets a write already sent finish, and refuses what had not been sent", async () => {
+  let answer;
+  const node = new FakeNode((req) => {
+    if (req.method === "POST") return new Promise((r) => (answer = () => r(json(200, item("k", req.body.Data, "r1")))));
+  });
+  const { client, map } = await open(node);
+  const sent = map.set("k", { v: 1 });
+  const queued = map.set("k", { v: 2 }); // waits behind the first (same key)
+  await until("the first write is out", () => answer);
+  const down = client.shutdown();
+  answer();
+  assert.deepEqual((await sent).data, { v: 1 }, "its answer is not thrown away");
+  await assert.rejects(queued, (e) => e.code === 20499);
+  await down;
+  assert.equal(node.requests.filter((r) => r.method === "POST").length, 1);
 });

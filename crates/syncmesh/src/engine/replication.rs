@@ -343,7 +343,12 @@ impl Engine {
                 && self
                     .with_rep(|rep, host| rep.caught_up(&sid, host))
                     .unwrap_or(false);
-            let late = Instant::now() >= w.deadline;
+            // Every peer said it has none of it: no use waiting for the deadline.
+            let nobody = !exists
+                && self
+                    .with_rep(|rep, _| rep.nobody_has(&sid))
+                    .unwrap_or(false);
+            let late = Instant::now() >= w.deadline || nobody;
             if complete || (exists && late) {
                 // Complete as a peer described it (or, past the deadline, as far as it came:
                 // the rest keeps arriving, with events).
