@@ -386,7 +386,7 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
       assert.equal(await page.evaluate(() => location.hash), `#/maps/${m.sid}`);
       // '/' focuses the key search; typing filters by prefix; Esc clears it.
       await page.keyboard.press("/");
-      assert.equal(await activeId(page), "search");
+      await waitIn(page, "the search focused", () => document.activeElement?.id === "search");
       await page.keyboard.type("ap");
       await waitIn(page, "only the keys starting with ap", () => {
         const keys = [...document.querySelectorAll("#items tr")].map((tr) => tr.dataset.key);
@@ -402,7 +402,7 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
       await waitText(page, "#item-dialog-title", (t) => t.includes("apricot"));
       await page.keyboard.press("Escape");
       await page.locator("#item-dialog").waitFor({ state: "hidden" });
-      assert.equal(await page.evaluate(() => document.activeElement.closest("tr")?.dataset.key), "apricot");
+      await waitIn(page, "focus back on apricot", () => document.activeElement?.closest("tr")?.dataset.key === "apricot");
       await page.locator("#search").focus();
       await page.keyboard.press("Escape");
       await waitIn(page, "all keys again", () => document.querySelectorAll("#items tr").length === 4);
@@ -411,13 +411,18 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
       // 'n' opens the new-item form with the key field focused; Esc closes it, nothing written.
       await page.keyboard.press("n");
       await page.locator("#item-dialog").waitFor({ state: "visible" });
-      assert.equal(await activeId(page), "item-key");
+      await waitIn(page, "the key field focused", () => document.activeElement?.id === "item-key");
       await page.keyboard.type("typed");
       await page.keyboard.press("Escape");
       await page.locator("#item-dialog").waitFor({ state: "hidden" });
+      // (A person cannot press the next key before the page has moved focus back out of the
+      // closed form; a test can, so it waits for that.)
+      await waitIn(page, "focus back on the page", () => !document.activeElement?.closest("dialog"));
       assert.equal((await api(a, "GET", "/Maps/keys/Items/typed")).status, 404);
       // An item can be added from the keyboard alone: n, key, Tab to the data, Ctrl+Enter.
       await page.keyboard.press("n");
+      await page.locator("#item-dialog").waitFor({ state: "visible" });
+      await waitIn(page, "the key field focused", () => document.activeElement?.id === "item-key");
       await page.keyboard.type("date");
       await page.keyboard.press("Tab");
       assert.equal(await activeId(page), "item-data", "Tab goes from the key to the data");
@@ -477,7 +482,7 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
       // Removing an item asks first; cancelling keeps it.
       await page.locator(`${rowSel("sku-25")} [data-action=remove]`).click();
       await page.locator("#confirm-dialog").waitFor({ state: "visible" });
-      assert.equal(await activeId(page), "confirm-cancel", "the safe choice has the focus");
+      await waitIn(page, "the safe choice focused", () => document.activeElement?.id === "confirm-cancel");
       await page.keyboard.press("Escape");
       await page.locator("#confirm-dialog").waitFor({ state: "hidden" });
       assert.equal((await api(a, "GET", "/Maps/inventory/Items/sku-25")).status, 200);
