@@ -407,7 +407,7 @@ class MapCore {
     });
     let token = null;
     if (key === null) token = method === "DELETE" ? "m" : null;
-    else if (res.body && typeof res.body.revision === "string") token = `r:${res.body.revision}`;
+    else if (res.body && typeof res.body.revision === "string") token = `r:${key}\u0000${res.body.revision}`;
     else if (method === "DELETE") token = `d:${key}`;
     if (token) await this.ownEvent(token);
     return res;
@@ -422,19 +422,22 @@ class MapCore {
     if (this.ownSeen.delete(token) || !this.live || this.stopped) return Promise.resolve();
     return new Promise((resolve) => {
       const timer = setTimeout(() => this.ownDone(token), OWN_EVENT_WAIT_MS);
-      this.ownWaiters.set(token, { resolve, timer });
+      const list = this.ownWaiters.get(token) ?? [];
+      list.push({ resolve, timer });
+      this.ownWaiters.set(token, list);
     });
   }
 
-  /** This client's event `token` was delivered (or is no longer awaited). */
+  /** This client's event `token` was delivered (or is no longer awaited): its writes go on. */
   ownDone(token) {
-    const w = this.ownWaiters.get(token);
-    if (w) {
-      this.ownWaiters.delete(token);
+    const list = this.ownWaiters.get(token);
+    if (!list) return false;
+    this.ownWaiters.delete(token);
+    for (const w of list) {
       clearTimeout(w.timer);
       w.resolve();
     }
-    return w !== undefined;
+    return true;
   }
 
   /** No own event will come on this stream: release every write waiting for one. */
@@ -463,7 +466,11 @@ class MapCore {
     const mine = this.claimRecord(e);
     if (mine) {
       const token =
-        e.type === "map_removed" ? "m" : e.type === "map_item_removed" ? `d:${e.item_key}` : `r:${e.item_revision}`;
+        e.type === "map_removed"
+          ? "m"
+          : e.type === "map_item_removed"
+            ? `d:${e.item_key}`
+            : `r:${e.item_key}\u0000${e.item_revision}`;
       if (!this.ownDone(token)) {
         this.ownSeen.add(token);
         if (this.ownSeen.size > OWN_SEEN) this.ownSeen.delete(this.ownSeen.values().next().value);
