@@ -714,13 +714,13 @@ async function errorOf(res) {
 }
 
 /** A map of JSON items. */
-export class SyncMap {
+export class SyncMap extends Emitter {
   #core;
-  #events = new Emitter();
   #closed = false;
 
   /** @internal */
   constructor(core) {
+    super();
     this.#core = core;
     core.views.add(this);
   }
@@ -933,42 +933,14 @@ export class SyncMap {
   close() {
     if (this.#closed) return;
     this.#closed = true;
-    this.#events.removeAllListeners();
+    this.removeAllListeners();
     this.#core.views.delete(this);
     if (this.#core.views.size === 0) this.#core.stop();
   }
 
-  on(event, handler) {
-    this.#events.on(event, handler);
-    return this;
-  }
-
-  once(event, handler) {
-    this.#events.once(event, handler);
-    return this;
-  }
-
-  off(event, handler) {
-    this.#events.off(event, handler);
-    return this;
-  }
-
-  addListener(event, handler) {
-    return this.on(event, handler);
-  }
-
-  removeListener(event, handler) {
-    return this.off(event, handler);
-  }
-
-  removeAllListeners(event) {
-    this.#events.removeAllListeners(event);
-    return this;
-  }
-
   /** @internal */
   _emit(name, args) {
-    if (!this.#closed) this.#events.emit(name, args);
+    if (!this.#closed) this.emit(name, args);
   }
 }
 

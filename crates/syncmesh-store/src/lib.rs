@@ -441,6 +441,17 @@ impl Store {
             .map(|v| v.value().to_vec()))
     }
 
+    /// A table key that must be a map sid.
+    fn sid_key(&self, key: &[u8], what: &str) -> Result<MapSid> {
+        std::str::from_utf8(key)
+            .ok()
+            .and_then(MapSid::parse)
+            .ok_or_else(|| StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("{what} is not a map sid"),
+            })
+    }
+
     /// Every map in the catalog.
     pub fn list_maps(&self) -> Result<Vec<CatalogEntry>> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -448,13 +459,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let sid = std::str::from_utf8(k.value())
-                .ok()
-                .and_then(MapSid::parse)
-                .ok_or_else(|| StoreError::Corrupt {
-                    path: self.path.clone(),
-                    detail: "a map catalog key is not a map sid".into(),
-                })?;
+            let sid = self.sid_key(k.value(), "a map catalog key")?;
             let (name, next_expiry) =
                 decode_catalog(v.value()).ok_or_else(|| self.corrupt("map catalog record"))?;
             out.push(CatalogEntry {
@@ -474,10 +479,7 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let sid = std::str::from_utf8(k.value())
-                .ok()
-                .and_then(MapSid::parse)
-                .ok_or_else(|| self.corrupt("map digest key"))?;
+            let sid = self.sid_key(k.value(), "a map digest key")?;
             out.push((sid, v.value()));
         }
         Ok(out)
