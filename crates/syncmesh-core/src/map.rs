@@ -8,7 +8,7 @@
 //! flushed, so local writes are ordered exactly as Automerge would have ordered them had they
 //! been committed one by one.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use automerge::legacy::{Key, ObjectId};
 use automerge::sync::{self, SyncDoc};
@@ -473,6 +473,8 @@ pub struct MapReplica {
     view: BTreeMap<String, ItemState>,
     expiry: BTreeSet<(Timestamp, String)>,
     future: Vec<(DocAddr, Change)>,
+    /// Hashes of the changes in `future`, so one sent again is neither kept nor stored twice.
+    future_hashes: HashSet<ChangeHash>,
     events: Vec<Event>,
     next_event_id: u64,
     outbox: Vec<OutgoingChange>,
@@ -522,6 +524,7 @@ impl MapReplica {
             view: BTreeMap::new(),
             expiry: BTreeSet::new(),
             future: Vec::new(),
+            future_hashes: HashSet::new(),
             events: Vec::new(),
             next_event_id: 1,
             outbox: Vec::new(),
@@ -1309,9 +1312,19 @@ impl MapReplica {
                 )));
             }
         }
+        let fate = self.fate(doc);
+        if fate == Fate::Dead {
+            return Ok(()); // its items are gone for good: nothing to apply or store
+        }
         let mut fresh = Vec::with_capacity(changes.len());
+        let mut seen = HashSet::with_capacity(changes.len());
         for c in changes {
-            if !self.knows(doc, &c.hash())? {
+            let h = c.hash();
+            let known = match fate {
+                Fate::Waiting => self.future_hashes.contains(&h),
+                _ => self.knows(doc, &h)?,
+            };
+            if !known && seen.insert(h) {
                 fresh.push(c);
             }
         }
@@ -1478,6 +1491,23 @@ impl MapReplica {
         })
     }
 
+    /// What becomes of changes to `doc`: shards of a removed incarnation are dead, shards of
+    /// an incarnation this replica has not seen created yet wait for the map document.
+    fn fate(&self, doc: DocAddr) -> Fate {
+        match doc {
+            DocAddr::Meta => Fate::Current,
+            DocAddr::Shard { inc, .. } => {
+                if inc < self.state.inc || (inc == self.state.inc && self.state.removed.is_some()) {
+                    Fate::Dead
+                } else if inc > self.state.inc || !self.state.exists() {
+                    Fate::Waiting
+                } else {
+                    Fate::Current
+                }
+            }
+        }
+    }
+
     fn apply_decoded(&mut self, doc: DocAddr, changes: Vec<Change>, now: Timestamp) -> Result<()> {
         match doc {
             DocAddr::Meta => {
@@ -1493,26 +1523,31 @@ impl MapReplica {
                         "shard {index} out of range (0..{SHARDS})"
                     )));
                 }
-                if inc < self.state.inc || (inc == self.state.inc && self.state.removed.is_some()) {
-                    return Ok(()); // an old incarnation: its items are gone for good
-                }
-                if inc > self.state.inc || !self.state.exists() {
-                    let bytes: usize = self
-                        .future
-                        .iter()
-                        .map(|(_, c)| c.raw_bytes().len())
-                        .chain(changes.iter().map(|c| c.raw_bytes().len()))
-                        .sum();
-                    if self.future.len() + changes.len() > MAX_FUTURE_CHANGES
-                        || bytes > MAX_FUTURE_BYTES
-                    {
-                        return Err(Error::InvalidChange(format!(
+                match self.fate(doc) {
+                    Fate::Dead => return Ok(()), // an old incarnation: its items are gone for good
+                    Fate::Current => {}
+                    Fate::Waiting => {
+                        let bytes: usize = self
+                            .future
+                            .iter()
+                            .map(|(_, c)| c.raw_bytes().len())
+                            .chain(changes.iter().map(|c| c.raw_bytes().len()))
+                            .sum();
+                        if self.future.len() + changes.len() > MAX_FUTURE_CHANGES
+                            || bytes > MAX_FUTURE_BYTES
+                        {
+                            return Err(Error::InvalidChange(format!(
                             "more than {MAX_FUTURE_CHANGES} changes wait for map {}'s document; send it first",
                             self.sid
                         )));
+                        }
+                        for c in changes {
+                            if self.future_hashes.insert(c.hash()) {
+                                self.future.push((doc, c));
+                            }
+                        }
+                        return Ok(());
                     }
-                    self.future.extend(changes.into_iter().map(|c| (doc, c)));
-                    return Ok(());
                 }
                 self.apply_to_shard(index, changes, now)
             }
@@ -1641,6 +1676,7 @@ impl MapReplica {
     /// Applies the changes that were waiting for the map document (or a newer incarnation).
     fn replay_future(&mut self, now: Timestamp) {
         let future = std::mem::take(&mut self.future);
+        self.future_hashes.clear();
         let mut by_doc: BTreeMap<DocAddr, Vec<Change>> = BTreeMap::new();
         for (d, c) in future {
             by_doc.entry(d).or_default().push(c);
@@ -1743,7 +1779,9 @@ impl MapReplica {
                 // did before the restart.
                 let doc = DocAddr::Shard { inc, index };
                 for c in bytes.decode_changes("waiting shard document")? {
-                    m.future.push((doc, c));
+                    if m.future_hashes.insert(c.hash()) {
+                        m.future.push((doc, c));
+                    }
                 }
                 continue;
             }
@@ -1874,6 +1912,14 @@ enum Require {
     Any,
     Absent,
     Present,
+}
+
+/// What becomes of a peer's changes to one document ([`MapReplica::fate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Current,
+    Waiting,
+    Dead,
 }
 
 /// Applies queued slot writes to a transaction.

@@ -378,3 +378,51 @@ fn r11_peer_incarnation_near_u64_max_overflows_on_recreate() {
     }));
     assert!(r.is_ok(), "recreate panicked (inc + 1 overflow)");
 }
+
+#[test]
+fn r12_changes_of_a_dead_incarnation_or_repeated_waiting_changes_are_stored_again() {
+    let mut a = Peer::new(1);
+    let mut b = Peer::new(2);
+    a.open("m", t(0));
+    a.map("m")
+        .set("old", obj(json!({"v": 1})), &none(), t(0))
+        .unwrap();
+    a.pump(t(0));
+    let (meta, old_shard): (Vec<_>, Vec<_>) =
+        a.sent.drain(..).partition(|c| c.doc == DocAddr::Meta);
+    // b hears of the removal and the next incarnation before the old incarnation's items
+    a.map("m").remove_map(t(1)).unwrap();
+    a.pump(t(1));
+    a.cat.open(&MapSpec::named("m"), [0; 16], t(2)).unwrap();
+    a.map("m")
+        .set("new", obj(json!({"v": 2})), &none(), t(2))
+        .unwrap();
+    a.pump(t(2));
+    let (meta2, new_shard): (Vec<_>, Vec<_>) =
+        a.sent.drain(..).partition(|c| c.doc == DocAddr::Meta);
+    let sid = MapSid::for_name("m");
+    let received = |b: &mut Peer, cs: &[OutgoingChange]| {
+        for c in cs {
+            b.cat
+                .apply_changes(&sid, c.doc, std::slice::from_ref(&c.bytes), t(3))
+                .unwrap();
+        }
+        b.cat.by_sid(&sid).unwrap().take_received()
+    };
+    // shard changes before any map document wait, and are to be stored once
+    assert_eq!(received(&mut b, &new_shard).len(), new_shard.len());
+    assert!(
+        received(&mut b, &new_shard).is_empty(),
+        "a waiting change sent again was taken for storage again"
+    );
+    let mut all_meta = meta.clone();
+    all_meta.extend(meta2);
+    assert!(!received(&mut b, &all_meta).is_empty());
+    assert!(b.map("m").get("new", t(3)).is_ok());
+    // the first incarnation's items are gone for good: nothing of them is to be stored
+    assert!(
+        received(&mut b, &old_shard).is_empty(),
+        "changes of a removed incarnation were taken for storage"
+    );
+    assert!(b.map("m").get("old", t(3)).is_err());
+}
