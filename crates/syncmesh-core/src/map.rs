@@ -1517,7 +1517,7 @@ impl MapReplica {
                 self.refresh_map_state(false, now);
                 Ok(())
             }
-            DocAddr::Shard { inc, index } => {
+            DocAddr::Shard { index, .. } => {
                 if index >= SHARDS {
                     return Err(Error::InvalidChange(format!(
                         "shard {index} out of range (0..{SHARDS})"
