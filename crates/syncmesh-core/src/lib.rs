@@ -53,6 +53,7 @@ pub use limits::Ttl;
 pub use map::{
     check_change, check_changes, decode_sync, Checked, DecodedSync, DocAddr, Identity,
     ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges, WriteOptions,
+    MAX_ITEMS_PER_CHANGE,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};
 

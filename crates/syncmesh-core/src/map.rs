@@ -1225,26 +1225,43 @@ impl MapReplica {
                 return Err(e);
             }
         };
-        let mut tx = doc.transaction();
-        if let Err(e) = write_pending(&mut tx, &pending) {
-            // Dropping the transaction rolls it back; the queued writes stay queued.
-            drop(tx);
-            sh.pending = pending;
+        // One change per group of items keeps every change small enough to gossip whole and
+        // cheap to apply, however many writes one shard got in a batch.
+        let groups = item_groups(&pending);
+        let mut done = 0;
+        let mut failed = None;
+        for group in &groups {
+            let mut tx = doc.transaction();
+            if let Err(e) = write_pending(&mut tx, group, &pending) {
+                // Dropping the transaction rolls it back; this group and later ones stay queued.
+                drop(tx);
+                failed = Some(e);
+                break;
+            }
+            let (hash, _) = tx.commit_with(commit_opts(now));
+            if hash.is_some() {
+                if let Some(ch) = doc.get_last_local_change() {
+                    self.outbox.push(OutgoingChange {
+                        map: self.sid.clone(),
+                        doc: DocAddr::Shard {
+                            inc: self.state.inc,
+                            index,
+                        },
+                        bytes: ch.raw_bytes().to_vec(),
+                    });
+                }
+            }
+            done += 1;
+        }
+        if let Some(e) = failed {
+            let left: BTreeMap<String, Pending> = groups[done..]
+                .iter()
+                .flatten()
+                .map(|(slot, _)| (slot.to_string(), pending[*slot].clone()))
+                .collect();
+            sh.pending = left;
             self.dirty.insert(index);
             return Err(e);
-        }
-        let (hash, _) = tx.commit_with(commit_opts(now));
-        if hash.is_some() {
-            if let Some(ch) = doc.get_last_local_change() {
-                self.outbox.push(OutgoingChange {
-                    map: self.sid.clone(),
-                    doc: DocAddr::Shard {
-                        inc: self.state.inc,
-                        index,
-                    },
-                    bytes: ch.raw_bytes().to_vec(),
-                });
-            }
         }
         Ok(())
     }
@@ -1922,17 +1939,55 @@ enum Fate {
     Dead,
 }
 
-/// Applies queued slot writes to a transaction.
+/// Most items one change of a shard document carries. An item's slots hold at most
+/// [`limits::MAX_DATA_BYTES`] of data, so a change stays well under the gossip limit
+/// ([`crate::replication::MAX_GOSSIP_MESSAGE`]).
+pub const MAX_ITEMS_PER_CHANGE: usize = 32;
+
+/// Queued slot writes grouped into changes of at most [`MAX_ITEMS_PER_CHANGE`] items, every
+/// slot of one item in the same group (a peer never sees half of a write).
+fn item_groups(pending: &BTreeMap<String, Pending>) -> Vec<Vec<(&str, &Pending)>> {
+    let metas = pending.keys().filter(|k| k.starts_with('m')).count();
+    if metas <= MAX_ITEMS_PER_CHANGE {
+        return vec![pending.iter().map(|(k, v)| (k.as_str(), v)).collect()];
+    }
+    let mut by_item: BTreeMap<&str, Vec<(&str, &Pending)>> = BTreeMap::new();
+    for (slot, op) in pending {
+        let key = match layout::parse_slot(slot) {
+            Some(Slot::Meta(k)) | Some(Slot::Field(k, _)) => k,
+            None => "",
+        };
+        by_item.entry(key).or_default().push((slot.as_str(), op));
+    }
+    let mut groups = Vec::new();
+    let mut cur: Vec<(&str, &Pending)> = Vec::new();
+    let mut items = 0;
+    for (_, slots) in by_item {
+        if items == MAX_ITEMS_PER_CHANGE {
+            groups.push(std::mem::take(&mut cur));
+            items = 0;
+        }
+        cur.extend(slots);
+        items += 1;
+    }
+    if !cur.is_empty() {
+        groups.push(cur);
+    }
+    groups
+}
+
+/// Applies queued slot writes to a transaction; `all` is everything queued for the shard.
 fn write_pending(
     tx: &mut automerge::transaction::Transaction<'_>,
-    pending: &BTreeMap<String, Pending>,
+    group: &[(&str, &Pending)],
+    all: &BTreeMap<String, Pending>,
 ) -> Result<()> {
-    for (slot, op) in pending {
+    for &(slot, op) in group {
         match op {
             Pending::Field(v) => match json::encode(v) {
-                Encoded::Scalar(s) => tx.put(ROOT, slot.as_str(), s).map_err(tx_err)?,
+                Encoded::Scalar(s) => tx.put(ROOT, slot, s).map_err(tx_err)?,
                 Encoded::Object(h) => {
-                    tx.batch_create_object(ROOT, slot.as_str(), &h, false)
+                    tx.batch_create_object(ROOT, slot, &h, false)
                         .map_err(tx_err)?;
                 }
             },
@@ -1942,16 +1997,16 @@ fn write_pending(
                     // would otherwise join it on every other replica.
                     if let Some(Slot::Meta(key)) = layout::parse_slot(slot) {
                         for f in field_slots_tx(tx, key) {
-                            if !pending.contains_key(&f) {
+                            if !all.contains_key(&f) {
                                 tx.delete(ROOT, f.as_str()).map_err(tx_err)?;
                             }
                         }
                     }
                 }
-                tx.put(ROOT, slot.as_str(), ScalarValue::Bytes(b.clone()))
+                tx.put(ROOT, slot, ScalarValue::Bytes(b.clone()))
                     .map_err(tx_err)?
             }
-            Pending::Delete => tx.delete(ROOT, slot.as_str()).map_err(tx_err)?,
+            Pending::Delete => tx.delete(ROOT, slot).map_err(tx_err)?,
         }
     }
     Ok(())

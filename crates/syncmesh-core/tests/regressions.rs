@@ -426,3 +426,47 @@ fn r12_changes_of_a_dead_incarnation_or_repeated_waiting_changes_are_stored_agai
     );
     assert!(b.map("m").get("old", t(3)).is_err());
 }
+
+#[test]
+fn r13_one_shard_written_many_large_items_in_one_batch_made_one_huge_change() {
+    let mut a = Peer::new(1);
+    let b = Peer::new(2);
+    a.open("m", t(0));
+    let keys: Vec<String> = (0..)
+        .map(|i| format!("k{i}"))
+        .filter(|k| shard_of(k) == 7)
+        .take(100)
+        .collect();
+    let big = "x".repeat(15_000);
+    for k in &keys {
+        a.map("m")
+            .set(k, obj(json!({"a": big, "b": 1})), &none(), t(1))
+            .unwrap();
+    }
+    a.pump(t(1));
+    let shard: Vec<_> = a
+        .sent
+        .iter()
+        .filter(|c| c.doc != DocAddr::Meta)
+        .cloned()
+        .collect();
+    assert!(
+        shard.len() >= 100 / MAX_ITEMS_PER_CHANGE,
+        "{} changes",
+        shard.len()
+    );
+    for c in &shard {
+        assert!(
+            c.bytes.len() <= replication::MAX_GOSSIP_MESSAGE / 2,
+            "a change of {} bytes",
+            c.bytes.len()
+        );
+    }
+    let mut peers = [a, b];
+    sync_all(&mut peers, t(2));
+    for k in &keys {
+        let want = peers[0].map("m").get(k, t(2)).unwrap();
+        let got = peers[1].map("m").get(k, t(2)).unwrap();
+        assert_eq!((got.data, got.revision), (want.data, want.revision));
+    }
+}
