@@ -394,6 +394,51 @@ async fn compaction_keeps_everything_and_later_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_gives_the_files_free_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("syncmesh.redb");
+    let node = Node::builder()
+        .data_dir(dir.path())
+        .event_retention(100)
+        .open()
+        .await
+        .unwrap();
+    let m = node.map("c").await.unwrap();
+    let filler = "x".repeat(1000);
+    let tasks: Vec<_> = (0..16)
+        .map(|w| {
+            let m = m.clone();
+            let filler = filler.clone();
+            tokio::spawn(async move {
+                for round in 0..25 {
+                    for k in 0..8 {
+                        let v = json!({"round": round, "f": filler});
+                        m.set(&format!("k{w}_{k}"), v).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let before = std::fs::metadata(&file).unwrap().len();
+    node.compact().await.unwrap();
+    let after = std::fs::metadata(&file).unwrap().len();
+    assert!(
+        after * 2 < before,
+        "the file was {before} bytes before compaction and {after} after"
+    );
+    m.set("after", json!({})).await.unwrap();
+    node.close().await.unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("c").await.unwrap();
+    assert_eq!(m.get("k15_7").await.unwrap().data["round"], 24);
+    assert!(m.get("after").await.is_ok());
+    node.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_from_zero_starts_at_the_first_retained_event_and_gaps_are_reported() {
     let node = Node::builder()
         .in_memory()

@@ -185,9 +185,22 @@ impl Batch {
     }
 }
 
+/// What [`Store::compact_file`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileCompaction {
+    /// Free space was given back to the file system.
+    Done,
+    /// There was nothing to give back.
+    Nothing,
+    /// A reader had a transaction open, so the file was left as it was: try again later.
+    Busy,
+}
+
 /// The store. Cheap to share behind an `Arc`; commits are serialised by redb.
 pub struct Store {
-    db: Database,
+    /// Behind a lock only so that [`Store::compact_file`] can have it alone; every other use
+    /// holds the read side just long enough to begin a transaction.
+    db: std::sync::RwLock<Database>,
     path: PathBuf,
     opts: StoreOptions,
     /// Next change sequence number per document key.
@@ -354,7 +367,7 @@ impl Store {
 
     fn init(db: Database, path: PathBuf, opts: StoreOptions) -> Result<Store> {
         let store = Store {
-            db,
+            db: std::sync::RwLock::new(db),
             path,
             opts,
             seqs: Mutex::new(HashMap::new()),
@@ -419,7 +432,7 @@ impl Store {
     }
 
     fn begin_write_with(&self, durable: bool) -> Result<WriteTransaction> {
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let d = if durable {
             Durability::Immediate
         } else {
@@ -434,7 +447,7 @@ impl Store {
 
     /// A node-level metadata value.
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(META).map_err(|e| self.err(e))?;
         Ok(t.get(key)
             .map_err(|e| self.err(e))?
@@ -454,7 +467,7 @@ impl Store {
 
     /// Every map in the catalog.
     pub fn list_maps(&self) -> Result<Vec<CatalogEntry>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(MAPS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
@@ -474,7 +487,7 @@ impl Store {
     /// The stored digests of maps ([`Batch::digests`]); a map without one changed since its
     /// digest was last stored.
     pub fn map_digests(&self) -> Result<Vec<(MapSid, u64)>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(DIGESTS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
@@ -487,7 +500,7 @@ impl Store {
 
     /// Everything stored for one map, or `None` if the catalog does not hold it.
     pub fn load_map(&self, sid: &MapSid) -> Result<Option<LoadedMap>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let maps = tx.open_table(MAPS).map_err(|e| self.err(e))?;
         if maps
             .get(sid.as_str().as_bytes())
@@ -555,7 +568,7 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         let start = event_key(sid, after.saturating_add(1));
         let end = prefix_end(sid.as_str().as_bytes());
@@ -579,7 +592,7 @@ impl Store {
 
     /// The newest stored event id of a map (0 if none).
     pub fn last_event_id(&self, sid: &MapSid) -> Result<u64> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         self.last_id(&t, sid)
     }
@@ -774,7 +787,7 @@ impl Store {
     /// Bytes of live data in the database (keys and values plus B-tree metadata), as opposed
     /// to the file's size, which redb grows in large steps and reuses from free pages.
     pub fn used_bytes(&self) -> Result<u64> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
         let st = tx.stats().map_err(|e| self.err(e))?;
         let used = st.stored_bytes() + st.metadata_bytes();
         tx.abort().map_err(|e| self.err(e))?;
@@ -786,12 +799,23 @@ impl Store {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 
-    /// Rewrites the file to release free space (redb compaction). Call when idle.
-    pub fn compact_file(&mut self) -> Result<bool> {
-        self.db.compact().map_err(|e| StoreError::Engine {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })
+    /// Rewrites the file so that space freed by compacted change logs and pruned events goes
+    /// back to the file system (redb compaction). New transactions wait meanwhile.
+    pub fn compact_file(&self) -> Result<FileCompaction> {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        match db.compact() {
+            Ok(true) => Ok(FileCompaction::Done),
+            Ok(false) => Ok(FileCompaction::Nothing),
+            Err(redb::CompactionError::TransactionInProgress) => Ok(FileCompaction::Busy),
+            Err(e) => Err(StoreError::Engine {
+                path: self.path.clone(),
+                detail: format!("compacting the file failed (it stays as it was): {e}"),
+            }),
+        }
+    }
+
+    fn db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
+        self.db.read().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -891,6 +915,49 @@ mod tests {
     }
 
     #[test]
+    fn compacting_the_file_gives_freed_space_back_and_keeps_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let big = vec![7u8; 4000];
+        for round in 0..50u16 {
+            let changes = (0..50u16)
+                .map(|i| (DocAddr::Shard { inc: 0, index: i }, big.clone()))
+                .collect();
+            write(
+                &s,
+                changes,
+                vec![("a", Some(b"A"))],
+                vec![u64::from(round) + 1],
+            );
+        }
+        for i in 0..50u16 {
+            s.compact_doc(&sid(), DocAddr::Shard { inc: 0, index: i }, b"snap")
+                .unwrap();
+        }
+        let before = s.disk_bytes();
+        // A reader holding a transaction keeps the file as it is, without an error.
+        let tx = s.db().begin_read().unwrap();
+        assert_eq!(s.compact_file().unwrap(), FileCompaction::Busy);
+        drop(tx);
+        assert_eq!(s.compact_file().unwrap(), FileCompaction::Done);
+        let after = s.disk_bytes();
+        assert!(
+            after * 2 < before,
+            "file {before} bytes before compaction, {after} after"
+        );
+        let m = s.load_map(&sid()).unwrap().unwrap();
+        assert_eq!(m.docs.len(), 50);
+        assert!(m
+            .docs
+            .iter()
+            .all(|(_, d)| d.snapshot.as_deref() == Some(&b"snap"[..]) && d.changes.is_empty()));
+        assert_eq!(m.entries, vec![("a".to_string(), b"A".to_vec())]);
+        drop(s);
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(s.last_event_id(&sid()).unwrap(), 50);
+    }
+
+    #[test]
     fn a_second_open_is_refused_while_in_use() {
         let dir = tempfile::tempdir().unwrap();
         let _s = Store::open(dir.path(), StoreOptions::default()).unwrap();
@@ -931,7 +998,7 @@ mod tests {
         {
             let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
             write(&s, vec![(DocAddr::Meta, b"m".to_vec())], vec![], vec![]);
-            let tx = s.db.begin_write().unwrap();
+            let tx = s.db().begin_write().unwrap();
             tx.open_table(META)
                 .unwrap()
                 .insert("schema_version", 2u32.to_le_bytes().as_slice())
@@ -951,7 +1018,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
-            let tx = s.db.begin_write().unwrap();
+            let tx = s.db().begin_write().unwrap();
             tx.open_table(META)
                 .unwrap()
                 .insert("schema_version", 99u32.to_le_bytes().as_slice())

@@ -34,6 +34,8 @@ const COMPACT_AFTER_CHANGES: u32 = 1000;
 /// How often idle shard documents are parked: a shard untouched for a whole period leaves
 /// memory (kept as its saved bytes) and is reloaded on next use.
 const PARK_PERIOD: Duration = Duration::from_secs(30);
+/// Attempts (50 ms apart) to find the file free of readers for compaction.
+const COMPACT_FILE_TRIES: u32 = 40;
 
 pub(crate) fn now() -> Timestamp {
     let ms = SystemTime::now()
@@ -162,6 +164,8 @@ enum StoreJob {
     },
     /// Forget a dead document (an earlier incarnation's shard).
     Drop { sid: MapSid, doc: DocAddr },
+    /// Give the file's free space back to the file system (after the compactions before it).
+    CompactFile,
     /// Answered once every earlier job is done.
     Fence(std::sync::mpsc::Sender<()>),
 }
@@ -208,6 +212,8 @@ pub(crate) struct Engine {
     shutdown: Option<oneshot::Sender<Result<()>>>,
     /// Documents to snapshot at the next commit (from [`Cmd::Compact`]).
     compact_queue: Vec<(MapSid, DocAddr)>,
+    /// The file is to be compacted after the next commit's snapshots (from [`Cmd::Compact`]).
+    compact_file: bool,
     /// Use marks taken at the last parking round, per map.
     park_marks: HashMap<MapSid, u64>,
     next_park: std::time::Instant,
@@ -258,6 +264,7 @@ impl Engine {
             pending_compactions: Vec::new(),
             shutdown: None,
             compact_queue: Vec::new(),
+            compact_file: false,
             park_marks: HashMap::new(),
             next_park: std::time::Instant::now() + PARK_PERIOD,
             last_durable: std::time::Instant::now(),
@@ -461,6 +468,7 @@ impl Engine {
                         self.compact_queue.push((sid.clone(), *doc));
                     }
                 }
+                self.compact_file = true;
                 barriers.push(reply);
             }
             Cmd::List { reply } => {
@@ -822,6 +830,9 @@ impl Engine {
         for job in self.pending_compactions.drain(..) {
             let _ = self.jobs.send(job);
         }
+        if std::mem::take(&mut self.compact_file) {
+            let _ = self.jobs.send(StoreJob::CompactFile);
+        }
     }
 }
 
@@ -899,6 +910,7 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                     tracing::warn!(map = %sid, "dropping a dead document failed: {e}");
                 }
             }
+            StoreJob::CompactFile => compact_file(&shared, &store),
             StoreJob::Compact { sid, doc, snapshot } => {
                 if shared
                     .failed
@@ -915,4 +927,37 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
             }
         }
     }
+}
+
+/// Compacts the database file, waiting a little for readers (event replays, listings) that
+/// hold a transaction: compaction needs the file alone.
+fn compact_file(shared: &Shared, store: &Store) {
+    if shared
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+    {
+        return;
+    }
+    let before = store.disk_bytes();
+    for _ in 0..COMPACT_FILE_TRIES {
+        match store.compact_file() {
+            Ok(syncmesh_store::FileCompaction::Busy) => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(done) => {
+                tracing::info!(
+                    "file compaction: {done:?}; {before} bytes before, {} after",
+                    store.disk_bytes()
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                return;
+            }
+        }
+    }
+    tracing::info!("file compaction skipped: readers kept the file busy");
 }

@@ -360,7 +360,11 @@ impl Node {
     }
 
     /// Replaces every document's stored change log by a snapshot (what a background
-    /// compaction does after 1,000 changes to a document), and resolves when that is on disk.
+    /// compaction does after 1,000 changes to a document), then rewrites the database file
+    /// so the space this and earlier pruning freed goes back to the file system (the file
+    /// otherwise keeps its largest size and reuses free space inside). Resolves when that is
+    /// on disk. Writes wait while the file is rewritten; a file that readers keep busy for
+    /// two seconds is left as it is until the next call.
     pub async fn compact(&self) -> Result<()> {
         self.call(|reply| Cmd::Compact { reply }).await?;
         self.sync().await
