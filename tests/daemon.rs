@@ -237,6 +237,15 @@ async fn http_api_and_cli_against_a_running_node() {
     assert!(String::from_utf8_lossy(&table.stdout).contains("eve"));
     let status = stdout_json(&d.cli(&["--json", "status"]));
     assert_eq!(status["maps"], 1);
+    let compacted = stdout_json(&d.cli(&["--json", "compact"]));
+    assert!(compacted["file_bytes_before"].as_u64().unwrap() > 0);
+    assert!(compacted["file_bytes_after"].as_u64().unwrap() > 0);
+    let o = d.cli(&["compact"]);
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("file "));
+    assert_eq!(
+        stdout_json(&d.cli(&["--json", "items", "users"]))[0]["key"],
+        "eve"
+    );
 
     // exit codes
     assert_eq!(code(&d.cli(&["get", "users", "nobody"])), 3);

@@ -356,6 +356,24 @@ pub async fn status(c: &Client, out: Out) -> Outcome {
     Ok(())
 }
 
+/// `syncmesh compact`.
+pub async fn compact(c: &Client, out: Out) -> Outcome {
+    let req = c.request(Method::POST, c.url(&["v1", "Node", "Compact"]));
+    let r = c.send(req).await?;
+    if out.json {
+        return print_json(&r);
+    }
+    let mb = |f: &str| r[f].as_u64().unwrap_or(0) as f64 / 1e6;
+    println!(
+        "file {:.1} MB -> {:.1} MB (live data {:.1} MB) in {:.1} s",
+        mb("file_bytes_before"),
+        mb("file_bytes_after"),
+        mb("used_bytes"),
+        r["seconds"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
 /// `syncmesh watch MAP`: events as JSON lines over a WebSocket, reconnecting after any
 /// disconnect and resuming after the last event printed, so none is missed or repeated.
 pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {

@@ -114,6 +114,9 @@ Examples:
     /// Show the node: id, addresses, peers, number of maps.
     #[command(after_help = "Examples:\n  syncmesh status\n  syncmesh status --json")]
     Status,
+    /// Compact the node's storage and give freed disk space back (writes wait meanwhile).
+    #[command(after_help = "Examples:\n  syncmesh compact\n  syncmesh compact --json")]
+    Compact,
     /// Write every item of a map to stdout as JSON lines ({"key", "data"}).
     #[command(after_help = "Examples:\n  syncmesh export users > users.jsonl")]
     Export(MapArg),
@@ -385,6 +388,7 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Watch(a) => commands::watch(&client, &a.map, a.after).await,
         Command::Status => commands::status(&client, out).await,
+        Command::Compact => commands::compact(&client, out).await,
         Command::Export(a) => commands::export(&client, &a.map).await,
         Command::Import(a) => commands::import(&client, out, &a.map).await,
     };

@@ -104,6 +104,7 @@ fn api() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(events::events))
         .routes(routes!(node::node))
+        .routes(routes!(node::compact))
         .routes(routes!(openapi_json))
 }
 

@@ -291,6 +291,19 @@ pub struct NodeStatus {
     pub writes_stopped: Option<String>,
 }
 
+/// What `POST /v1/Node/Compact` did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CompactionReport {
+    /// Size of the database file before, in bytes (0 for a node in memory).
+    pub file_bytes_before: u64,
+    /// Size of the database file after, in bytes.
+    pub file_bytes_after: u64,
+    /// Bytes of live data in the store after compaction.
+    pub used_bytes: u64,
+    /// How long it took, in seconds.
+    pub seconds: f64,
+}
+
 /// Parameters of `POST /Maps`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

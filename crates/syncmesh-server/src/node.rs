@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::model::{ErrorBody, NodeStatus};
+use crate::model::{CompactionReport, ErrorBody, NodeStatus};
 use crate::state::AppState;
 
 /// This node's identity, addresses, peers and number of maps.
@@ -19,6 +19,30 @@ use crate::state::AppState;
 )]
 pub async fn node(State(st): State<AppState>) -> Result<Json<NodeStatus>, ApiError> {
     Ok(Json(node_status(&st).await?))
+}
+
+/// Compacts the node's storage: every document's change log becomes a snapshot and the
+/// database file gives the space freed back to the file system. Writes wait meanwhile.
+#[utoipa::path(
+    post,
+    path = "/v1/Node/Compact",
+    tag = "node",
+    responses(
+        (status = 200, description = "Compacted", body = CompactionReport),
+        (status = 503, description = "The node is closed (20503)", body = ErrorBody),
+    ),
+)]
+pub async fn compact(State(st): State<AppState>) -> Result<Json<CompactionReport>, ApiError> {
+    let node = st.node();
+    let started = std::time::Instant::now();
+    let file_bytes_before = node.file_bytes().await?;
+    node.compact().await?;
+    Ok(Json(CompactionReport {
+        file_bytes_before,
+        file_bytes_after: node.file_bytes().await?,
+        used_bytes: node.used_bytes().await?,
+        seconds: started.elapsed().as_secs_f64(),
+    }))
 }
 
 /// Builds the node status. The network part (peer id, listen addresses, connected peers) is

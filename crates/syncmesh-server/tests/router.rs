@@ -805,6 +805,12 @@ async fn routes_and_methods() {
     assert_eq!(n["connected_peers"], json!([]));
     assert_eq!(n["maps"], 0);
     assert!(n["writes_stopped"].is_null(), "writes work");
+    api.get("/v1/Node/Compact").await.err(405, 20004);
+    let r = api.post("/v1/Node/Compact", json!({})).await;
+    let c = r.ok(200);
+    check_schema(c, &schema("CompactionReport"));
+    assert_eq!(c["file_bytes_before"], 0, "a node in memory has no file");
+    assert!(c["used_bytes"].as_u64().unwrap() > 0);
 }
 
 #[tokio::test]
@@ -867,6 +873,7 @@ async fn openapi_document_matches_the_router() {
     declared.sort();
     let mut expected = vec![
         "GET /v1/Node",
+        "POST /v1/Node/Compact",
         "GET /v1/openapi.json",
         "GET /v1/Services/default/Maps",
         "POST /v1/Services/default/Maps",

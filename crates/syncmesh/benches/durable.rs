@@ -75,7 +75,7 @@ async fn throughput(writers: usize, total: usize) {
 }
 
 /// Fills a data directory with `maps` maps of `items` items, using 64 writers.
-async fn fill(dir: &std::path::Path, maps: usize, items: usize) -> (Duration, u64, u64) {
+async fn fill(dir: &std::path::Path, maps: usize, items: usize) -> Fill {
     let node = Node::open(dir).await.unwrap();
     let start = Instant::now();
     let mut json_bytes = 0u64;
@@ -102,23 +102,47 @@ async fn fill(dir: &std::path::Path, maps: usize, items: usize) -> (Duration, u6
         }
     }
     let took = start.elapsed();
+    let t = Instant::now();
     node.compact().await.unwrap();
+    let compact_secs = t.elapsed().as_secs_f64();
     let used = node.used_bytes().await.unwrap();
+    let file = node.file_bytes().await.unwrap();
     node.close().await.unwrap();
-    (took, json_bytes, used)
+    Fill {
+        took,
+        json_bytes,
+        used,
+        file,
+        compact_secs,
+    }
+}
+
+/// What [`fill`] measured.
+struct Fill {
+    took: Duration,
+    json_bytes: u64,
+    /// Live data after compaction (redb's stored + metadata bytes).
+    used: u64,
+    /// The file right after compaction.
+    file: u64,
+    compact_secs: f64,
 }
 
 async fn open_time(label: &str, maps: usize, items: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (fill_time, json_bytes, used) = fill(dir.path(), maps, items).await;
+    let f = fill(dir.path(), maps, items).await;
     let n = (maps * items) as u64;
     let disk = dir_bytes(dir.path());
     println!(
-        "  {label}: filled in {:.1} s; after compaction {:.1} bytes/item used ({:.2}x the JSON of {:.1} bytes/item); file {:.1} MB",
-        fill_time.as_secs_f64(),
-        used as f64 / n as f64,
-        used as f64 / json_bytes as f64,
-        json_bytes as f64 / n as f64,
+        "  {label}: filled in {:.1} s; Node::compact {:.1} s; after it {:.1} bytes/item live ({:.2}x the JSON of {:.1} bytes/item), file {:.1} bytes/item ({:.2}x; {:.1} MB), {:.1} MB after close",
+        f.took.as_secs_f64(),
+        f.compact_secs,
+        f.used as f64 / n as f64,
+        f.used as f64 / f.json_bytes as f64,
+        f.json_bytes as f64 / n as f64,
+        f.file as f64 / n as f64,
+        f.file as f64 / f.json_bytes as f64,
+        f.file as f64 / 1e6,
         disk as f64 / 1e6
     );
     let heap0 = heap();

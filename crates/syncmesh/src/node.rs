@@ -359,6 +359,12 @@ impl Node {
             .map_err(Error::from)
     }
 
+    /// Size of the database file in bytes (0 for a node in memory).
+    pub async fn file_bytes(&self) -> Result<u64> {
+        let store = self.inner.shared.store()?;
+        Ok(store.disk_bytes())
+    }
+
     /// Replaces every document's stored change log by a snapshot (what a background
     /// compaction does after 1,000 changes to a document), then rewrites the database file
     /// so the space this and earlier pruning freed goes back to the file system (the file
