@@ -756,30 +756,34 @@ impl Store {
     /// ordered after every commit whose changes the snapshot includes, and before any commit
     /// of changes it does not include (one writer thread makes both true).
     pub fn compact_doc(&self, sid: &MapSid, doc: DocAddr, snapshot: &[u8]) -> Result<()> {
-        self.replace_doc(sid, doc, Some(snapshot))
+        self.replace_docs(&[(sid, doc, Some(snapshot))])
     }
 
     /// Forgets a document (e.g. the shards of a removed incarnation).
     pub fn drop_doc(&self, sid: &MapSid, doc: DocAddr) -> Result<()> {
-        self.replace_doc(sid, doc, None)
+        self.replace_docs(&[(sid, doc, None)])
     }
 
-    /// Deletes a document's change log and sets (or removes) its snapshot, atomically.
-    fn replace_doc(&self, sid: &MapSid, doc: DocAddr, snapshot: Option<&[u8]>) -> Result<()> {
+    /// Deletes documents' change logs and sets (`Some`) or removes (`None`) their snapshots,
+    /// all in one transaction: compacting every document of a node costs one commit, not one
+    /// per document.
+    pub fn replace_docs(&self, docs: &[(&MapSid, DocAddr, Option<&[u8]>)]) -> Result<()> {
         let tx = self.begin_write()?;
         {
-            let dk = doc_key(sid, doc);
             let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-            match snapshot {
-                Some(s) => snaps.insert(dk.as_slice(), s).map(|_| ()),
-                None => snaps.remove(dk.as_slice()).map(|_| ()),
-            }
-            .map_err(|e| self.err(e))?;
             let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-            let end = prefix_end(&dk);
-            changes
-                .retain_in(dk.as_slice()..end.as_slice(), |_, _| false)
+            for (sid, doc, snapshot) in docs {
+                let dk = doc_key(sid, *doc);
+                match snapshot {
+                    Some(s) => snaps.insert(dk.as_slice(), *s).map(|_| ()),
+                    None => snaps.remove(dk.as_slice()).map(|_| ()),
+                }
                 .map_err(|e| self.err(e))?;
+                let end = prefix_end(&dk);
+                changes
+                    .retain_in(dk.as_slice()..end.as_slice(), |_, _| false)
+                    .map_err(|e| self.err(e))?;
+            }
         }
         tx.commit().map_err(|e| self.err(e))
     }

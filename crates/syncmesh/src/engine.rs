@@ -34,6 +34,8 @@ const COMPACT_AFTER_CHANGES: u32 = 1000;
 /// How often idle shard documents are parked: a shard untouched for a whole period leaves
 /// memory (kept as its saved bytes) and is reloaded on next use.
 const PARK_PERIOD: Duration = Duration::from_secs(30);
+/// Most snapshots or forgotten documents stored in one transaction.
+const MAX_MERGED_REPLACEMENTS: usize = 1024;
 /// Attempts (50 ms apart) to find the file free of readers for compaction.
 const COMPACT_FILE_TRIES: u32 = 40;
 
@@ -851,7 +853,15 @@ async fn net_recv(net: &mut Option<Net>) -> Option<syncmesh_net::NetEvent> {
 }
 
 fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::Receiver<StoreJob>) {
-    for job in jobs {
+    let mut next = None;
+    loop {
+        let job = match next.take() {
+            Some(j) => j,
+            None => match jobs.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+        };
         match job {
             StoreJob::Commit {
                 batch,
@@ -905,25 +915,22 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
             StoreJob::Fence(tx) => {
                 let _ = tx.send(());
             }
-            StoreJob::Drop { sid, doc } => {
-                if let Err(e) = store.drop_doc(&sid, doc) {
-                    tracing::warn!(map = %sid, "dropping a dead document failed: {e}");
-                }
-            }
             StoreJob::CompactFile => compact_file(&shared, &store),
-            StoreJob::Compact { sid, doc, snapshot } => {
-                if shared
-                    .failed
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .is_some()
-                {
-                    // The commits this snapshot covers may not all be on disk.
-                    continue;
+            job @ (StoreJob::Drop { .. } | StoreJob::Compact { .. }) => {
+                // Snapshots and dropped documents queued together share one transaction
+                // (`Node::compact` queues one per document of the node).
+                let mut group = vec![job];
+                while group.len() < MAX_MERGED_REPLACEMENTS {
+                    match jobs.try_recv() {
+                        Ok(j @ (StoreJob::Drop { .. } | StoreJob::Compact { .. })) => group.push(j),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                if let Err(e) = store.compact_doc(&sid, doc, &snapshot) {
-                    tracing::warn!(map = %sid, "compaction failed (the change log is kept): {e}");
-                }
+                replace_docs(&shared, &store, &group);
             }
         }
     }
@@ -960,4 +967,33 @@ fn compact_file(shared: &Shared, store: &Store) {
         }
     }
     tracing::info!("file compaction skipped: readers kept the file busy");
+}
+
+/// Stores a group of snapshots and forgotten documents as one transaction.
+fn replace_docs(shared: &Shared, store: &Store, group: &[StoreJob]) {
+    if shared
+        .failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_some()
+    {
+        // The commits these snapshots cover may not all be on disk.
+        return;
+    }
+    let docs: Vec<(&MapSid, DocAddr, Option<&[u8]>)> = group
+        .iter()
+        .filter_map(|j| match j {
+            StoreJob::Compact { sid, doc, snapshot } => {
+                Some((sid, *doc, Some(snapshot.as_slice())))
+            }
+            StoreJob::Drop { sid, doc } => Some((sid, *doc, None)),
+            _ => None,
+        })
+        .collect();
+    if let Err(e) = store.replace_docs(&docs) {
+        tracing::warn!(
+            "compaction of {} documents failed (their change logs are kept): {e}",
+            docs.len()
+        );
+    }
 }
