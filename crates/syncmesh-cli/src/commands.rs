@@ -365,11 +365,16 @@ pub async fn compact(c: &Client, out: Out) -> Outcome {
     }
     let mb = |f: &str| r[f].as_u64().unwrap_or(0) as f64 / 1e6;
     println!(
-        "file {:.1} MB -> {:.1} MB (live data {:.1} MB) in {:.1} s",
+        "file {:.1} MB -> {:.1} MB (live data {:.1} MB) in {:.1} s{}",
         mb("file_bytes_before"),
         mb("file_bytes_after"),
         mb("used_bytes"),
-        r["seconds"].as_f64().unwrap_or(0.0)
+        r["seconds"].as_f64().unwrap_or(0.0),
+        if r["file"] == "busy" {
+            "; the file was left as it was: readers kept it busy (try again)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -114,7 +114,8 @@ Examples:
     /// Show the node: id, addresses, peers, number of maps.
     #[command(after_help = "Examples:\n  syncmesh status\n  syncmesh status --json")]
     Status,
-    /// Compact the node's storage and give freed disk space back (writes wait meanwhile).
+    /// Compact the node's storage and give freed disk space back (the node's storage pauses
+    /// while the file is rewritten).
     #[command(after_help = "Examples:\n  syncmesh compact\n  syncmesh compact --json")]
     Compact,
     /// Write every item of a map to stdout as JSON lines ({"key", "data"}).

@@ -473,8 +473,9 @@ pub struct MapReplica {
     view: BTreeMap<String, ItemState>,
     expiry: BTreeSet<(Timestamp, String)>,
     future: Vec<(DocAddr, Change)>,
-    /// Hashes of the changes in `future`, so one sent again is neither kept nor stored twice.
-    future_hashes: HashSet<ChangeHash>,
+    /// Documents and hashes of the changes in `future`, so one sent again is neither kept nor
+    /// stored twice (by document: the same change sent for another document is not it).
+    future_hashes: HashSet<(DocAddr, ChangeHash)>,
     events: Vec<Event>,
     next_event_id: u64,
     outbox: Vec<OutgoingChange>,
@@ -1338,7 +1339,7 @@ impl MapReplica {
         for c in changes {
             let h = c.hash();
             let known = match fate {
-                Fate::Waiting => self.future_hashes.contains(&h),
+                Fate::Waiting => self.future_hashes.contains(&(doc, h)),
                 _ => self.knows(doc, &h)?,
             };
             if !known && seen.insert(h) {
@@ -1559,7 +1560,7 @@ impl MapReplica {
                         )));
                         }
                         for c in changes {
-                            if self.future_hashes.insert(c.hash()) {
+                            if self.future_hashes.insert((doc, c.hash())) {
                                 self.future.push((doc, c));
                             }
                         }
@@ -1796,7 +1797,7 @@ impl MapReplica {
                 // did before the restart.
                 let doc = DocAddr::Shard { inc, index };
                 for c in bytes.decode_changes("waiting shard document")? {
-                    if m.future_hashes.insert(c.hash()) {
+                    if m.future_hashes.insert((doc, c.hash())) {
                         m.future.push((doc, c));
                     }
                 }

@@ -302,6 +302,9 @@ pub struct CompactionReport {
     pub used_bytes: u64,
     /// How long it took, in seconds.
     pub seconds: f64,
+    /// What compacting the file did: `done`, `nothing` (no free space to give back), or
+    /// `busy` (readers kept the file busy; it is left as it was until the next call).
+    pub file: String,
 }
 
 /// Parameters of `POST /Maps`.

@@ -22,7 +22,8 @@ pub async fn node(State(st): State<AppState>) -> Result<Json<NodeStatus>, ApiErr
 }
 
 /// Compacts the node's storage: every document's change log becomes a snapshot and the
-/// database file gives the space freed back to the file system. Writes wait meanwhile.
+/// database file gives the space freed back to the file system. While the file is rewritten,
+/// writes and reads of maps not in memory wait.
 #[utoipa::path(
     post,
     path = "/v1/Node/Compact",
@@ -36,8 +37,14 @@ pub async fn compact(State(st): State<AppState>) -> Result<Json<CompactionReport
     let node = st.node();
     let started = std::time::Instant::now();
     let file_bytes_before = node.file_bytes().await?;
-    node.compact().await?;
+    let file = match node.compact().await? {
+        syncmesh::FileCompaction::Done => "done",
+        syncmesh::FileCompaction::Nothing => "nothing",
+        syncmesh::FileCompaction::Busy => "busy",
+    }
+    .to_string();
     Ok(Json(CompactionReport {
+        file,
         file_bytes_before,
         file_bytes_after: node.file_bytes().await?,
         used_bytes: node.used_bytes().await?,

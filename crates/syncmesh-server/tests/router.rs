@@ -810,6 +810,10 @@ async fn routes_and_methods() {
     let c = r.ok(200);
     check_schema(c, &schema("CompactionReport"));
     assert_eq!(c["file_bytes_before"], 0, "a node in memory has no file");
+    assert!(
+        ["done", "nothing"].contains(&c["file"].as_str().unwrap()),
+        "{c}"
+    );
     assert!(c["used_bytes"].as_u64().unwrap() > 0);
 }
 
@@ -832,8 +836,14 @@ async fn a_token_guards_every_route() {
         r.err(401, 20003);
         assert!(r.headers.contains_key(header::WWW_AUTHENTICATE));
     }
+    api.post("/v1/Node/Compact", json!({}))
+        .await
+        .err(401, 20003);
     api.token = Some("wrong".into());
     api.get("/v1/Node").await.err(401, 20003);
+    api.post("/v1/Node/Compact", json!({}))
+        .await
+        .err(401, 20003);
     api.token = Some("s3cret".into());
     api.get("/v1/Node").await.ok(200);
     api.post(&format!("{P}/Maps"), json!({"UniqueName": "m"}))

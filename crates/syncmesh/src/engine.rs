@@ -15,7 +15,7 @@ use syncmesh_core::{
     Catalog, DocAddr, Event, Identity, Item, ItemConflicts, JsonObject, MapInfo, MapRef,
     MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Timestamp, Ttl, WriteOptions,
 };
-use syncmesh_store::{Batch, MapWrite, Store, StoreError};
+use syncmesh_store::{Batch, FileCompaction, MapWrite, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -111,7 +111,11 @@ pub(crate) enum Cmd {
     /// Replies once every earlier write is on disk.
     Sync { reply: oneshot::Sender<Result<()>> },
     /// Replaces every stored change log by a snapshot of its document, then replies.
-    Compact { reply: oneshot::Sender<Result<()>> },
+    Compact {
+        reply: oneshot::Sender<Result<()>>,
+        /// Told what compacting the file did, once it is done.
+        file: oneshot::Sender<Result<FileCompaction>>,
+    },
     /// Commits what is queued, stops both threads, then replies.
     Shutdown { reply: oneshot::Sender<Result<()>> },
     /// How many maps are loaded in memory.
@@ -166,8 +170,9 @@ enum StoreJob {
     },
     /// Forget a dead document (an earlier incarnation's shard).
     Drop { sid: MapSid, doc: DocAddr },
-    /// Give the file's free space back to the file system (after the compactions before it).
-    CompactFile,
+    /// Give the file's free space back to the file system (after the compactions before it),
+    /// then tell each waiter what it did.
+    CompactFile(Vec<oneshot::Sender<Result<FileCompaction>>>),
     /// Answered once every earlier job is done.
     Fence(std::sync::mpsc::Sender<()>),
 }
@@ -214,8 +219,9 @@ pub(crate) struct Engine {
     shutdown: Option<oneshot::Sender<Result<()>>>,
     /// Documents to snapshot at the next commit (from [`Cmd::Compact`]).
     compact_queue: Vec<(MapSid, DocAddr)>,
-    /// The file is to be compacted after the next commit's snapshots (from [`Cmd::Compact`]).
-    compact_file: bool,
+    /// Callers waiting for the file to be compacted after the next commit's snapshots (from
+    /// [`Cmd::Compact`]).
+    compact_file: Vec<oneshot::Sender<Result<FileCompaction>>>,
     /// Use marks taken at the last parking round, per map.
     park_marks: HashMap<MapSid, u64>,
     next_park: std::time::Instant,
@@ -266,7 +272,7 @@ impl Engine {
             pending_compactions: Vec::new(),
             shutdown: None,
             compact_queue: Vec::new(),
-            compact_file: false,
+            compact_file: Vec::new(),
             park_marks: HashMap::new(),
             next_park: std::time::Instant::now() + PARK_PERIOD,
             last_durable: std::time::Instant::now(),
@@ -463,14 +469,14 @@ impl Engine {
                 let _ = reply.send(Ok(self.catalog.maps().count()));
             }
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
-            Cmd::Compact { reply } => {
+            Cmd::Compact { reply, file } => {
                 for ((sid, doc), n) in self.changes_since_snapshot.iter_mut() {
                     if *n > 0 {
                         *n = 0;
                         self.compact_queue.push((sid.clone(), *doc));
                     }
                 }
-                self.compact_file = true;
+                self.compact_file.push(file);
                 barriers.push(reply);
             }
             Cmd::List { reply } => {
@@ -832,8 +838,9 @@ impl Engine {
         for job in self.pending_compactions.drain(..) {
             let _ = self.jobs.send(job);
         }
-        if std::mem::take(&mut self.compact_file) {
-            let _ = self.jobs.send(StoreJob::CompactFile);
+        let waiting = std::mem::take(&mut self.compact_file);
+        if !waiting.is_empty() {
+            let _ = self.jobs.send(StoreJob::CompactFile(waiting));
         }
     }
 }
@@ -915,7 +922,12 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
             StoreJob::Fence(tx) => {
                 let _ = tx.send(());
             }
-            StoreJob::CompactFile => compact_file(&shared, &store),
+            StoreJob::CompactFile(waiting) => {
+                let r = compact_file(&shared, &store);
+                for w in waiting {
+                    let _ = w.send(r.clone());
+                }
+            }
             job @ (StoreJob::Drop { .. } | StoreJob::Compact { .. }) => {
                 // Snapshots and dropped documents queued together share one transaction
                 // (`Node::compact` queues one per document of the node).
@@ -938,35 +950,34 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
 
 /// Compacts the database file, waiting a little for readers (event replays, listings) that
 /// hold a transaction: compaction needs the file alone.
-fn compact_file(shared: &Shared, store: &Store) {
-    if shared
+fn compact_file(shared: &Shared, store: &Store) -> Result<FileCompaction> {
+    if let Some(e) = shared
         .failed
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .is_some()
+        .clone()
     {
-        return;
+        return Err(Error::WritesStopped(e));
     }
     let before = store.disk_bytes();
     for _ in 0..COMPACT_FILE_TRIES {
         match store.compact_file() {
-            Ok(syncmesh_store::FileCompaction::Busy) => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            Ok(FileCompaction::Busy) => std::thread::sleep(Duration::from_millis(50)),
             Ok(done) => {
                 tracing::info!(
                     "file compaction: {done:?}; {before} bytes before, {} after",
                     store.disk_bytes()
                 );
-                return;
+                return Ok(done);
             }
             Err(e) => {
                 tracing::warn!("{e}");
-                return;
+                return Err(Error::Store(Arc::new(e)));
             }
         }
     }
     tracing::info!("file compaction skipped: readers kept the file busy");
+    Ok(FileCompaction::Busy)
 }
 
 /// Stores a group of snapshots and forgotten documents as one transaction.

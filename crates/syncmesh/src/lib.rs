@@ -55,4 +55,4 @@ pub use syncmesh_core::{
     OpenMode, Order, Page, PageRequest, Revision, Timestamp, Ttl, WriteOptions,
 };
 pub use syncmesh_net::{Multiaddr, NetStatus, PeerId, SwarmKey};
-pub use syncmesh_store::StoreError;
+pub use syncmesh_store::{FileCompaction, StoreError};

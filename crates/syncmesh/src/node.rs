@@ -10,7 +10,7 @@ use syncmesh_core::{
     Event, Identity, Item, ItemConflicts, JsonObject, MapInfo, MapSid, MapSpec, NodeId, OpenMode,
     Page, PageRequest, Revision, Ttl, WriteOptions,
 };
-use syncmesh_store::{Batch, Store, StoreOptions};
+use syncmesh_store::{Batch, FileCompaction, Store, StoreOptions};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use syncmesh_net::{Multiaddr, NetConfig, NetHandle, NetStatus, PeerId, SwarmKey};
@@ -369,11 +369,18 @@ impl Node {
     /// compaction does after 1,000 changes to a document), then rewrites the database file
     /// so the space this and earlier pruning freed goes back to the file system (the file
     /// otherwise keeps its largest size and reuses free space inside). Resolves when that is
-    /// on disk. Writes wait while the file is rewritten; a file that readers keep busy for
-    /// two seconds is left as it is until the next call.
-    pub async fn compact(&self) -> Result<()> {
-        self.call(|reply| Cmd::Compact { reply }).await?;
-        self.sync().await
+    /// on disk, with what the file compaction did: [`FileCompaction::Busy`] when readers kept
+    /// the file busy for two seconds (the file is left as it is until the next call).
+    ///
+    /// While the file is rewritten the node's storage is unavailable: writes, and reads of
+    /// maps not yet in memory, wait for it (the whole call took 4.6 s for a 1M-item store).
+    pub async fn compact(&self) -> Result<FileCompaction> {
+        let (file, done) = oneshot::channel();
+        self.call(|reply| Cmd::Compact { reply, file }).await?;
+        let outcome = done.await.map_err(|_| Error::Closed)?;
+        // On a relaxed node the snapshots were committed without fsync.
+        self.sync().await?;
+        outcome
     }
 
     /// Live events of every map from now on. A subscriber that falls behind receives
