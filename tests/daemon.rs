@@ -160,6 +160,20 @@ fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// A node on a free port with one map created, and a client for it.
+async fn daemon_with_map(dir: &std::path::Path, name: &str) -> (Daemon, reqwest::Client) {
+    let d = Daemon::start(dir, &["--http", "127.0.0.1:0"]);
+    let c = http();
+    let (status, _) = post(
+        &c,
+        &d.url(&format!("{P}/Maps")),
+        json!({"UniqueName": name}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    (d, c)
+}
+
 async fn post(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     let r = c.post(url).json(&body).send().await.unwrap();
     let status = r.status().as_u16();
@@ -395,14 +409,7 @@ async fn write_items(c: &reqwest::Client, d: &Daemon, keys: std::ops::Range<u32>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_over_websocket_and_sse_resume_after_a_disconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &["--http", "127.0.0.1:0"]);
-    let c = http();
-    post(
-        &c,
-        &d.url(&format!("{P}/Maps")),
-        json!({"UniqueName": "ev"}),
-    )
-    .await;
+    let (d, c) = daemon_with_map(dir.path(), "ev").await;
     let ws_url = format!("ws://{}{P}/Maps/ev/Events", d.addr);
 
     write_items(&c, &d, 100..102).await;
@@ -483,15 +490,8 @@ async fn events_over_websocket_and_sse_resume_after_a_disconnect() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_watch_resumes_across_a_node_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &["--http", "127.0.0.1:0"]);
+    let (d, c) = daemon_with_map(dir.path(), "ev").await;
     let addr = d.addr.clone();
-    let c = http();
-    post(
-        &c,
-        &d.url(&format!("{P}/Maps")),
-        json!({"UniqueName": "ev"}),
-    )
-    .await;
     let mut watch = base_command()
         .args(["--node", &d.url(""), "watch", "ev", "--after", "0"])
         .stdout(Stdio::piped())
@@ -532,15 +532,8 @@ async fn cli_watch_resumes_across_a_node_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_watch_without_events_yet_misses_nothing_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path(), &["--http", "127.0.0.1:0"]);
+    let (d, c) = daemon_with_map(dir.path(), "ev").await;
     let addr = d.addr.clone();
-    let c = http();
-    post(
-        &c,
-        &d.url(&format!("{P}/Maps")),
-        json!({"UniqueName": "ev"}),
-    )
-    .await;
     write_items(&c, &d, 100..101).await; // before the watch: not shown
     let mut watch = base_command()
         .args(["--node", &d.url(""), "watch", "ev"])

@@ -759,13 +759,8 @@ impl Store {
         self.replace_docs(&[(sid, doc, Some(snapshot))])
     }
 
-    /// Forgets a document (e.g. the shards of a removed incarnation).
-    pub fn drop_doc(&self, sid: &MapSid, doc: DocAddr) -> Result<()> {
-        self.replace_docs(&[(sid, doc, None)])
-    }
-
-    /// Deletes documents' change logs and sets (`Some`) or removes (`None`) their snapshots,
-    /// all in one transaction: compacting every document of a node costs one commit, not one
+    /// Deletes documents' change logs and sets (`Some`) or removes (`None`, forgetting the
+    /// document, e.g. a shard of a removed incarnation) their snapshots, all in one transaction: compacting every document of a node costs one commit, not one
     /// per document.
     pub fn replace_docs(&self, docs: &[(&MapSid, DocAddr, Option<&[u8]>)]) -> Result<()> {
         let tx = self.begin_write()?;
