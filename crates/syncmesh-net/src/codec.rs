@@ -1,6 +1,8 @@
 //! Framing of direct messages: a request is a batch of opaque messages (the node's replication
-//! layer decodes them), each length-prefixed; the response is a one-byte acknowledgement.
-//! Sizes are checked before anything is allocated.
+//! layer decodes them), each length-prefixed; the response is one status byte ([`Ack`]), so a
+//! sender learns when a peer ignored its messages because it does not trust the sender. The
+//! join protocol carries one opaque message each way ([`JoinCodec`]). Sizes are checked before
+//! anything is allocated.
 
 use std::io;
 
@@ -9,7 +11,22 @@ use libp2p::request_response;
 use libp2p::StreamProtocol;
 
 /// The direct-message protocol.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/direct/1");
+/// Version 2 answers with a status byte; version 1 (before trust) is not spoken: a peer running
+/// it fails to negotiate, which is logged as an older protocol.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/direct/2");
+/// The join protocol (an invitee proves it holds a ticket).
+pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/join/1");
+/// Largest join request or answer.
+pub const MAX_JOIN_MESSAGE: usize = 16 << 10;
+
+/// What a peer answered to a batch of direct messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Taken for processing.
+    Accepted,
+    /// Ignored: the receiver does not trust the sender.
+    NotTrusted,
+}
 
 /// Limits of one request.
 #[derive(Debug, Clone, Copy)]
@@ -22,7 +39,7 @@ pub struct Limits {
     pub max_count: usize,
 }
 
-/// The request-response codec: requests are `Vec<Vec<u8>>`, responses `()`.
+/// The request-response codec: requests are `Vec<Vec<u8>>`, responses an [`Ack`].
 #[derive(Debug, Clone, Copy)]
 pub struct Codec {
     limits: Limits,
@@ -57,7 +74,7 @@ fn u32_of(n: usize) -> io::Result<[u8; 4]> {
 impl request_response::Codec for Codec {
     type Protocol = StreamProtocol;
     type Request = Vec<Vec<u8>>;
-    type Response = ();
+    type Response = Ack;
 
     async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<Vec<u8>>>
     where
@@ -85,13 +102,16 @@ impl request_response::Codec for Codec {
         Ok(out)
     }
 
-    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<()>
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Ack>
     where
         T: AsyncRead + Unpin + Send,
     {
         let mut b = [0u8; 1];
         io.read_exact(&mut b).await?;
-        Ok(())
+        Ok(match b[0] {
+            2 => Ack::NotTrusted,
+            _ => Ack::Accepted,
+        })
     }
 
     async fn write_request<T>(
@@ -111,12 +131,71 @@ impl request_response::Codec for Codec {
         io.close().await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, (): ()) -> io::Result<()>
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, ack: Ack) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
-        io.write_all(&[1]).await?;
+        let b = match ack {
+            Ack::Accepted => 1,
+            Ack::NotTrusted => 2,
+        };
+        io.write_all(&[b]).await?;
         io.close().await
+    }
+}
+
+/// The join protocol's codec: one length-prefixed message each way, at most
+/// [`MAX_JOIN_MESSAGE`] bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JoinCodec;
+
+async fn read_one<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Vec<u8>> {
+    let len = read_u32(io).await?;
+    if len > MAX_JOIN_MESSAGE {
+        return Err(too_large("join message", len, MAX_JOIN_MESSAGE));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_one<T: AsyncWrite + Unpin>(io: &mut T, m: &[u8]) -> io::Result<()> {
+    io.write_all(&u32_of(m.len())?).await?;
+    io.write_all(m).await?;
+    io.close().await
+}
+
+impl request_response::Codec for JoinCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_one(io).await
+    }
+
+    async fn read_response<T>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<Vec<u8>>
+    where
+        T: AsyncRead + Unpin + Send,
+    {
+        read_one(io).await
+    }
+
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, m: Vec<u8>) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_one(io, &m).await
+    }
+
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, m: Vec<u8>) -> io::Result<()>
+    where
+        T: AsyncWrite + Unpin + Send,
+    {
+        write_one(io, &m).await
     }
 }
 
@@ -177,5 +256,32 @@ mod tests {
         assert!(read(&ok[..ok.len() - 1]).is_err(), "truncated");
         // A length prefix claiming 4 GiB is refused before allocating.
         assert!(read(&[0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn acks_and_join_messages_round_trip_and_are_bounded() {
+        for ack in [Ack::Accepted, Ack::NotTrusted] {
+            let mut buf = Vec::new();
+            run(codec().write_response(&PROTOCOL, &mut futures::io::Cursor::new(&mut buf), ack))
+                .unwrap();
+            let got =
+                run(codec().read_response(&PROTOCOL, &mut futures::io::Cursor::new(&buf))).unwrap();
+            assert_eq!(got, ack);
+        }
+        let mut buf = Vec::new();
+        run(JoinCodec.write_request(
+            &JOIN_PROTOCOL,
+            &mut futures::io::Cursor::new(&mut buf),
+            b"join".to_vec(),
+        ))
+        .unwrap();
+        let got = run(JoinCodec.read_request(&JOIN_PROTOCOL, &mut futures::io::Cursor::new(&buf)))
+            .unwrap();
+        assert_eq!(got, b"join");
+        let huge = u32::try_from(MAX_JOIN_MESSAGE + 1).unwrap().to_be_bytes();
+        assert!(
+            run(JoinCodec.read_request(&JOIN_PROTOCOL, &mut futures::io::Cursor::new(&huge[..])))
+                .is_err()
+        );
     }
 }

@@ -1,10 +1,12 @@
-//! The libp2p transport of syncmesh: a node's identity, a private mesh (swarm key and peer
-//! allow-list), discovery (mDNS, static peers with reconnect backoff), gossip to the peers
-//! holding a map, and direct messages to one peer.
+//! The libp2p transport of syncmesh: a node's identity, who it trusts (a trust list, a swarm
+//! key, or everyone on an isolated network), discovery (mDNS lists peers; static and trusted
+//! peers are dialed with reconnect backoff), direct messages to one trusted peer, and the join
+//! protocol by which a peer holding a ticket asks to be trusted.
 //!
-//! This crate moves opaque bytes; what they mean (and whether a peer misbehaves) is decided by
-//! the node's replication layer, which reports violators back through
-//! [`NetHandle::punish`]. The swarm runs on its own thread; [`NetHandle`] is a cheap clone
+//! Closed by default: a peer that is not trusted may connect (to present a ticket) but never
+//! comes up to the node, nothing it sends is delivered, and nothing is sent to it. This crate
+//! moves opaque bytes; what they mean (and whether a peer misbehaves) is decided by the node,
+//! which reports violators back through [`NetHandle::punish`]. The swarm runs on its own thread; [`NetHandle`] is a cheap clone
 //! that sends it commands over a bounded channel, and [`NetEvent`]s come out of another.
 
 #![warn(missing_docs)]
@@ -14,13 +16,13 @@ mod swarm;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 pub use libp2p::identity::Keypair;
 pub use libp2p::{Multiaddr, PeerId};
 use tokio::sync::mpsc;
 
-pub use codec::Limits;
+pub use codec::{Limits, MAX_JOIN_MESSAGE};
 
 /// Errors of the network layer.
 #[derive(Debug, thiserror::Error)]
@@ -142,24 +144,32 @@ pub struct NetConfig {
     pub keypair: Keypair,
     /// Addresses to listen on (`/ip4/0.0.0.0/tcp/0`, `/ip4/127.0.0.1/udp/0/quic-v1`, ...).
     pub listen: Vec<Multiaddr>,
-    /// Peers to dial and keep dialing (with backoff) whenever the connection is lost.
+    /// Peers to dial and keep dialing (with backoff) whenever the connection is lost. Dialing
+    /// a peer does not make it trusted.
     pub peers: Vec<Multiaddr>,
-    /// Discover peers on the local network with mDNS.
+    /// Discover peers on the local network with mDNS. Discovered peers are only listed; the
+    /// trusted ones among them are dialed.
     pub mdns: bool,
-    /// Only nodes with this key can connect (TCP only: QUIC addresses are refused).
+    /// Only nodes with this key can connect (TCP only: QUIC addresses are refused). Every
+    /// holder of the key is trusted.
     pub swarm_key: Option<SwarmKey>,
-    /// If set, only these peers may connect.
+    /// If set, only these peers may connect at all.
     pub allow: Option<Vec<PeerId>>,
+    /// Trust every peer that connects (an isolated lab network).
+    pub trust_all: bool,
+    /// Peers trusted from the start, with addresses to keep dialing them at.
+    pub trusted: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// How long a connection from a peer that is not trusted may stay open (to present a
+    /// ticket) before it is closed.
+    pub untrusted_grace: Duration,
     /// Size limits of direct messages.
     pub limits: Limits,
-    /// Largest gossip message.
-    pub max_gossip: usize,
     /// How long a peer that broke the protocol stays blocked.
     pub block_for: Duration,
 }
 
 impl NetConfig {
-    /// A configuration with no listeners, no peers and mDNS on.
+    /// A configuration with no listeners, no peers, nobody trusted and mDNS on.
     pub fn new(keypair: Keypair) -> NetConfig {
         NetConfig {
             keypair,
@@ -168,6 +178,9 @@ impl NetConfig {
             mdns: true,
             swarm_key: None,
             allow: None,
+            trust_all: false,
+            trusted: Vec::new(),
+            untrusted_grace: Duration::from_secs(30),
             // A peer sends one request at a time (two streams at most are accepted), so
             // this bounds what one peer can make a node buffer.
             limits: Limits {
@@ -175,54 +188,78 @@ impl NetConfig {
                 max_batch: 32 << 20,
                 max_count: 4096,
             },
-            max_gossip: 1 << 20,
             block_for: Duration::from_secs(60),
         }
     }
+
+    /// Whether every peer that can connect is trusted (`trust_all`, or a swarm key).
+    pub fn trusts_everyone(&self) -> bool {
+        self.trust_all || self.swarm_key.is_some()
+    }
 }
 
-/// What the network tells the node.
+/// What the network tells the node. Only trusted peers come up, and only their messages are
+/// delivered; everyone else is visible in [`NetStatus`] alone.
 #[derive(Debug)]
 pub enum NetEvent {
-    /// A peer connected (its first connection).
+    /// A trusted peer connected (its first connection, or it became trusted while connected).
     PeerUp(PeerId),
-    /// A peer's last connection closed.
+    /// A trusted peer's last connection closed, or it is no longer trusted.
     PeerDown(PeerId),
-    /// Direct messages from a peer, in the order it sent them.
+    /// Direct messages from a trusted peer, in the order it sent them.
     Direct {
         /// The sender.
         peer: PeerId,
         /// The messages.
         msgs: Vec<Vec<u8>>,
     },
-    /// A gossip message; the node must answer with [`NetHandle::verdict`] so it is relayed
-    /// on (valid) or dropped and its sender penalised (invalid).
-    Gossip {
-        /// The peer it came from (not necessarily its author).
+    /// A peer (trusted or not) presents a join request; answer with [`NetHandle::answer_join`].
+    JoinRequest {
+        /// The peer (authenticated by the transport).
         peer: PeerId,
-        /// Its id, for the verdict.
-        id: MessageId,
-        /// The topic.
-        topic: String,
-        /// The payload.
-        data: Vec<u8>,
+        /// Which request, for the answer.
+        id: JoinId,
+        /// The request, as the peer sent it (the node decodes it).
+        request: Vec<u8>,
+        /// The address the peer connected from.
+        addr: Option<Multiaddr>,
+    },
+    /// What came of a join this node asked for with [`NetHandle::join`].
+    JoinAnswer {
+        /// The peer asked.
+        peer: PeerId,
+        /// Its answer, or why there was none (unreachable, older protocol, timeout).
+        answer: Result<Vec<u8>, String>,
     },
 }
 
-/// What the node decided about a gossip message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Valid: relay it on.
-    Accept,
-    /// Not relayed, and its sender is not blamed (this node could not use it).
-    Ignore,
-    /// Invalid: dropped, and its sender penalised.
-    Reject,
+/// Identifies an inbound join request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JoinId(pub(crate) u64);
+
+/// A peer seen through mDNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    /// Its peer id.
+    pub peer_id: PeerId,
+    /// The addresses it announced.
+    pub addrs: Vec<Multiaddr>,
+    /// When it was last announced.
+    pub last_seen: SystemTime,
 }
 
-/// A gossip message id (a hash of the payload, so copies relayed by several peers are one).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct MessageId(pub(crate) libp2p::gossipsub::MessageId);
+/// Why a peer is not exchanging data with this node (the latest reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerProblem {
+    /// The peer, when known (a failed dial of an address may not know it).
+    pub peer_id: Option<PeerId>,
+    /// The address involved, if any.
+    pub addr: Option<Multiaddr>,
+    /// What happened, in words.
+    pub reason: String,
+    /// When.
+    pub at: SystemTime,
+}
 
 /// What the node can see of the network.
 #[derive(Debug, Clone, Default)]
@@ -231,41 +268,55 @@ pub struct NetStatus {
     pub peer_id: String,
     /// Addresses it listens on, each ending in `/p2p/<peer id>`.
     pub listen_addrs: Vec<String>,
-    /// Peers connected now.
+    /// Trusted peers connected now (the ones data is exchanged with).
     pub connected: Vec<String>,
+    /// Peers connected now that are not trusted (nothing is exchanged with them; they are
+    /// disconnected after a short grace period unless they present a ticket).
+    pub untrusted: Vec<String>,
+    /// Peers found by mDNS (listed, never synced unless trusted).
+    pub discovered: Vec<Discovered>,
+    /// The latest problem per peer or address (not trusted, unreachable, wrong key, ...).
+    pub problems: Vec<PeerProblem>,
+    /// Whether every peer that connects is trusted (`trust_all` or a swarm key).
+    pub trusts_everyone: bool,
 }
 
 pub(crate) enum Command {
-    Subscribe(String),
-    Unsubscribe(String),
-    Publish {
-        topic: String,
-        data: Vec<u8>,
-    },
     Send {
         peer: PeerId,
         msg: Vec<u8>,
-    },
-    Verdict {
-        id: MessageId,
-        peer: PeerId,
-        verdict: Verdict,
     },
     Punish {
         peer: PeerId,
         reason: String,
     },
     Dial(Multiaddr),
+    Trust {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    Untrust(PeerId),
+    Join {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        request: Vec<u8>,
+    },
+    AnswerJoin {
+        id: JoinId,
+        answer: Vec<u8>,
+        /// Disconnect the peer after answering (a refused join).
+        close: bool,
+    },
     Shutdown(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A handle on the running network (cheap to clone).
 #[derive(Clone)]
 pub struct NetHandle {
-    /// Data (gossip, direct messages): bounded, dropped when full.
+    /// Data (direct messages): bounded, dropped when full.
     tx: mpsc::Sender<Command>,
-    /// Control (subscriptions, verdicts, disconnects, dials): never dropped. Bounded by what
-    /// the node does (one per map, per message received, per dial), not by peers' traffic.
+    /// Control (trust, joins, disconnects, dials): never dropped. Bounded by what the node
+    /// does (one per user action or misbehaving peer), not by peers' traffic.
     ctl: mpsc::UnboundedSender<Command>,
     status: Arc<Mutex<NetStatus>>,
 }
@@ -276,8 +327,8 @@ impl std::fmt::Debug for NetHandle {
     }
 }
 
-/// Commands waiting for the network thread; beyond this, gossip and direct messages are
-/// dropped (replication repairs what is lost) rather than block the node.
+/// Commands waiting for the network thread; beyond this, direct messages are dropped
+/// (replication repairs what is lost) rather than block the node.
 const COMMAND_QUEUE: usize = 16_384;
 
 impl NetHandle {
@@ -297,33 +348,9 @@ impl NetHandle {
         let _ = self.ctl.send(c);
     }
 
-    /// Starts receiving gossip on `topic`.
-    pub fn subscribe(&self, topic: &str) {
-        self.control(Command::Subscribe(topic.to_string()));
-    }
-
-    /// Stops receiving gossip on `topic`.
-    pub fn unsubscribe(&self, topic: &str) {
-        self.control(Command::Unsubscribe(topic.to_string()));
-    }
-
-    /// Gossips `data` to the peers subscribed to `topic` (best effort).
-    pub fn publish(&self, topic: &str, data: Vec<u8>) -> bool {
-        self.cmd(Command::Publish {
-            topic: topic.to_string(),
-            data,
-        })
-    }
-
-    /// Sends a direct message to a connected peer (best effort, in order per peer).
+    /// Sends a direct message to a connected, trusted peer (best effort, in order per peer).
     pub fn send(&self, peer: PeerId, msg: Vec<u8>) -> bool {
         self.cmd(Command::Send { peer, msg })
-    }
-
-    /// Answers a [`NetEvent::Gossip`]: relay it on, drop it, or drop it and penalise the
-    /// sender.
-    pub fn verdict(&self, id: MessageId, peer: PeerId, verdict: Verdict) {
-        self.control(Command::Verdict { id, peer, verdict });
     }
 
     /// Disconnects a peer that broke the protocol, and refuses it for a while.
@@ -334,6 +361,32 @@ impl NetHandle {
     /// Dials an address once (static peers given in the config are redialed on their own).
     pub fn dial(&self, addr: Multiaddr) {
         self.control(Command::Dial(addr));
+    }
+
+    /// Trusts a peer from now on (it comes up at once if connected), and keeps dialing it at
+    /// `addrs`.
+    pub fn trust(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        self.control(Command::Trust { peer, addrs });
+    }
+
+    /// Stops trusting a peer: it goes down and is disconnected at once.
+    pub fn untrust(&self, peer: PeerId) {
+        self.control(Command::Untrust(peer));
+    }
+
+    /// Dials `peer` at `addrs` and sends it a join request; the answer comes back as
+    /// [`NetEvent::JoinAnswer`].
+    pub fn join(&self, peer: PeerId, addrs: Vec<Multiaddr>, request: Vec<u8>) {
+        self.control(Command::Join {
+            peer,
+            addrs,
+            request,
+        });
+    }
+
+    /// Answers a [`NetEvent::JoinRequest`]; `close` disconnects the peer afterwards.
+    pub fn answer_join(&self, id: JoinId, answer: Vec<u8>, close: bool) {
+        self.control(Command::AnswerJoin { id, answer, close });
     }
 
     /// What the network looks like now.

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use libp2p::core::muxing::StreamMuxerBox;
@@ -13,23 +13,37 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    allow_block_list, gossipsub, mdns, noise, ping, pnet, quic, request_response, tcp, yamux,
-    Multiaddr, PeerId, Swarm, Transport,
+    allow_block_list, mdns, noise, ping, pnet, quic, request_response, tcp, yamux, Multiaddr,
+    PeerId, Swarm, Transport,
 };
 use tokio::sync::mpsc;
 
-use crate::codec::{Codec, PROTOCOL};
-use crate::{Command, MessageId, NetConfig, NetError, NetEvent, NetStatus, Verdict};
+use crate::codec::{Ack, Codec, JoinCodec, JOIN_PROTOCOL, PROTOCOL};
+use crate::{
+    Command, Discovered, JoinId, NetConfig, NetError, NetEvent, NetStatus, PeerProblem,
+};
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
-    gossipsub: gossipsub::Behaviour,
     direct: request_response::Behaviour<Codec>,
+    join: request_response::Behaviour<JoinCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     ping: ping::Behaviour,
 }
+
+/// Bytes of direct messages queued for one peer; beyond this new messages are dropped
+/// (anti-entropy repairs them), so a peer that stops reading cannot take the node's memory.
+const MAX_OUTBOX_BYTES: usize = 64 << 20;
+/// Connected peers that are not trusted, at most; more are disconnected at once.
+const MAX_UNTRUSTED: usize = 32;
+/// Peers listed from mDNS, at most.
+const MAX_DISCOVERED: usize = 256;
+/// Problems remembered (one per peer or address), at most.
+const MAX_PROBLEMS: usize = 256;
+/// Join requests waiting for the node's answer, at most.
+const MAX_PENDING_JOINS: usize = 64;
 
 /// A static peer and when to dial it next.
 struct StaticPeer {
@@ -64,12 +78,30 @@ pub(crate) struct Runner {
     status: Arc<Mutex<NetStatus>>,
     events: mpsc::Sender<NetEvent>,
     statics: Vec<StaticPeer>,
-    /// Direct messages waiting per peer; one request in flight per peer keeps them in order.
-    outbox: HashMap<PeerId, VecDeque<Vec<u8>>>,
+    /// Direct messages waiting per peer (and their bytes); one request in flight per peer
+    /// keeps them in order.
+    outbox: HashMap<PeerId, (VecDeque<Vec<u8>>, usize)>,
     in_flight: HashSet<PeerId>,
     max_batch: usize,
     blocked_until: Vec<(PeerId, Instant)>,
     block_for: Duration,
+    trust_all: bool,
+    trusted: HashSet<PeerId>,
+    /// Trusted peers the node was told are up.
+    up: HashSet<PeerId>,
+    /// Connected peers that are not trusted, and when they are disconnected.
+    untrusted: HashMap<PeerId, Instant>,
+    untrusted_grace: Duration,
+    discovered: HashMap<PeerId, Discovered>,
+    /// The latest problem per peer (or per address when the peer is unknown).
+    problems: HashMap<String, PeerProblem>,
+    /// Joins this node asked for, by peer: the request to send once connected.
+    joining: HashMap<PeerId, Vec<u8>>,
+    /// Join requests waiting for the node's answer.
+    join_channels: HashMap<JoinId, (PeerId, request_response::ResponseChannel<Vec<u8>>)>,
+    next_join: u64,
+    /// The remote address of each open connection.
+    conn_addrs: HashMap<ConnectionId, Multiaddr>,
 }
 
 fn setup(e: impl std::fmt::Display) -> NetError {
@@ -108,35 +140,18 @@ fn transport(cfg: &NetConfig) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetErro
 }
 
 fn behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
-    let gossip_cfg = gossipsub::ConfigBuilder::default()
-        // Small meshes (2 nodes) and large ones (50) alike: a node keeps 1..8 mesh peers,
-        // aims for 4, and publishes its own messages to every subscribed peer at once.
-        .mesh_n_low(1)
-        .mesh_n(4)
-        .mesh_n_high(8)
-        .mesh_outbound_min(1)
-        .flood_publish(true)
-        .heartbeat_interval(Duration::from_millis(500))
-        .max_transmit_size(cfg.max_gossip + 4096)
-        // Peers are authenticated by the transport (and the swarm key / allow-list):
-        // unsigned messages, identified by their content so relayed copies de-duplicate.
-        .validation_mode(gossipsub::ValidationMode::Anonymous)
-        .message_id_fn(|m: &gossipsub::Message| {
-            use sha2::Digest;
-            let d = sha2::Sha256::digest(&m.data);
-            gossipsub::MessageId::from(d[..20].to_vec())
-        })
-        .validate_messages()
-        .build()
-        .map_err(setup)?;
-    let gossipsub =
-        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)
-            .map_err(setup)?;
     let direct = request_response::Behaviour::with_codec(
         Codec::new(cfg.limits),
         [(PROTOCOL, request_response::ProtocolSupport::Full)],
         request_response::Config::default()
             .with_request_timeout(Duration::from_secs(60))
+            .with_max_concurrent_streams(2),
+    );
+    let join = request_response::Behaviour::with_codec(
+        JoinCodec,
+        [(JOIN_PROTOCOL, request_response::ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
             .with_max_concurrent_streams(2),
     );
     let mdns = if cfg.mdns {
@@ -163,8 +178,8 @@ fn behaviour(cfg: &NetConfig) -> Result<Behaviour, NetError> {
     Ok(Behaviour {
         allowed: allowed.into(),
         blocked: Default::default(),
-        gossipsub,
         direct,
+        join,
         mdns: mdns.into(),
         ping: ping::Behaviour::new(ping::Config::new()),
     })
@@ -180,6 +195,10 @@ fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
 fn is_quic(addr: &Multiaddr) -> bool {
     addr.iter()
         .any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
+fn now_sys() -> SystemTime {
+    SystemTime::now()
 }
 
 impl Runner {
@@ -223,32 +242,101 @@ impl Runner {
                     detail: e.to_string(),
                 })?;
         }
-        status.lock().unwrap_or_else(|p| p.into_inner()).peer_id = peer_id.to_string();
-        let now = Instant::now();
-        let statics = cfg
-            .peers
-            .iter()
-            .map(|a| StaticPeer {
-                addr: a.clone(),
-                peer: peer_of(a),
-                dialing: None,
-                next: now,
-                backoff: BACKOFF_MIN,
-            })
-            .collect();
-        drop(_guard);
-        Ok(Runner {
+        {
+            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+            st.peer_id = peer_id.to_string();
+            st.trusts_everyone = cfg.trusts_everyone();
+        }
+        let mut runner = Runner {
             rt,
             swarm,
             status,
             events,
-            statics,
+            statics: Vec::new(),
             outbox: HashMap::new(),
             in_flight: HashSet::new(),
             max_batch: cfg.limits.max_batch,
             blocked_until: Vec::new(),
             block_for: cfg.block_for,
-        })
+            trust_all: cfg.trusts_everyone(),
+            trusted: HashSet::new(),
+            up: HashSet::new(),
+            untrusted: HashMap::new(),
+            untrusted_grace: cfg.untrusted_grace,
+            discovered: HashMap::new(),
+            problems: HashMap::new(),
+            joining: HashMap::new(),
+            join_channels: HashMap::new(),
+            next_join: 0,
+            conn_addrs: HashMap::new(),
+        };
+        for a in &cfg.peers {
+            runner.add_static(a.clone(), peer_of(a));
+        }
+        for (p, addrs) in &cfg.trusted {
+            runner.trusted.insert(*p);
+            for a in addrs {
+                runner.add_static(a.clone(), Some(*p));
+            }
+        }
+        drop(_guard);
+        Ok(runner)
+    }
+
+    fn is_trusted(&self, p: &PeerId) -> bool {
+        self.trust_all || self.trusted.contains(p)
+    }
+
+    fn add_static(&mut self, addr: Multiaddr, peer: Option<PeerId>) {
+        if self.statics.iter().any(|s| s.addr == addr) {
+            return;
+        }
+        self.statics.push(StaticPeer {
+            addr,
+            peer,
+            dialing: None,
+            next: Instant::now(),
+            backoff: BACKOFF_MIN,
+        });
+    }
+
+    /// Records (and logs once, when it changes) why a peer or address is not exchanging data.
+    fn problem(&mut self, peer: Option<PeerId>, addr: Option<Multiaddr>, reason: String) {
+        let key = match (&peer, &addr) {
+            (Some(p), _) => p.to_string(),
+            (None, Some(a)) => a.to_string(),
+            (None, None) => return,
+        };
+        let same = self.problems.get(&key).is_some_and(|p| p.reason == reason);
+        if !same {
+            match (&peer, &addr) {
+                (Some(p), Some(a)) => tracing::warn!(peer = %p, addr = %a, "{reason}"),
+                (Some(p), None) => tracing::warn!(peer = %p, "{reason}"),
+                (None, Some(a)) => tracing::warn!(addr = %a, "{reason}"),
+                (None, None) => {}
+            }
+        }
+        if self.problems.len() >= MAX_PROBLEMS && !self.problems.contains_key(&key) {
+            // Forget the oldest: the list shows what is recent.
+            if let Some(oldest) = self
+                .problems
+                .iter()
+                .min_by_key(|(_, p)| p.at)
+                .map(|(k, _)| k.clone())
+            {
+                self.problems.remove(&oldest);
+            }
+        }
+        self.problems.insert(
+            key,
+            PeerProblem {
+                peer_id: peer,
+                addr,
+                reason,
+                at: now_sys(),
+            },
+        );
+        self.publish_status();
     }
 
     pub(crate) fn run(
@@ -265,13 +353,13 @@ impl Runner {
             loop {
                 tokio::select! {
                     ev = self.swarm.select_next_some() => self.on_swarm(ev).await,
-                    Some(c) = ctl.recv() => self.on_command(c),
+                    Some(c) = ctl.recv() => self.on_command(c).await,
                     cmd = rx.recv() => match cmd {
                         Some(Command::Shutdown(done)) => {
                             let _ = done.send(());
                             break;
                         }
-                        Some(c) => self.on_command(c),
+                        Some(c) => self.on_command(c).await,
                         None => break,
                     },
                     _ = tick.tick() => self.on_tick(),
@@ -314,6 +402,19 @@ impl Runner {
         for p in unblock {
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
         }
+        // Untrusted connections get a grace period to present a ticket, then are closed.
+        let expired: Vec<PeerId> = self
+            .untrusted
+            .iter()
+            .filter(|(p, since)| {
+                now >= **since && !self.joining.contains_key(p)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in expired {
+            self.untrusted.remove(&p);
+            let _ = self.swarm.disconnect_peer_id(p);
+        }
     }
 
     fn backoff(&mut self, i: usize, now: Instant) {
@@ -325,19 +426,45 @@ impl Runner {
         s.backoff = (s.backoff * 2).min(BACKOFF_MAX);
     }
 
-    fn set_status(&mut self) {
-        let connected: Vec<String> = self
-            .swarm
-            .connected_peers()
-            .map(ToString::to_string)
-            .collect();
+    fn publish_status(&mut self) {
+        let mut connected: Vec<String> = self.up.iter().map(ToString::to_string).collect();
+        connected.sort();
+        let mut untrusted: Vec<String> = self.untrusted.keys().map(ToString::to_string).collect();
+        untrusted.sort();
+        let mut discovered: Vec<Discovered> = self.discovered.values().cloned().collect();
+        discovered.sort_by_key(|d| d.peer_id.to_string());
+        let mut problems: Vec<PeerProblem> = self.problems.values().cloned().collect();
+        problems.sort_by_key(|p| std::cmp::Reverse(p.at));
         let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
         st.connected = connected;
+        st.untrusted = untrusted;
+        st.discovered = discovered;
+        st.problems = problems;
     }
 
     async fn emit(&self, ev: NetEvent) {
         // The node is gone when this fails: the thread is about to be told to stop.
         let _ = self.events.send(ev).await;
+    }
+
+    /// Tells the node a trusted, connected peer is up (once).
+    async fn bring_up(&mut self, peer: PeerId) {
+        if self.up.insert(peer) {
+            self.untrusted.remove(&peer);
+            self.problems.remove(&peer.to_string());
+            tracing::info!(%peer, "trusted peer connected");
+            self.publish_status();
+            self.emit(NetEvent::PeerUp(peer)).await;
+        }
+    }
+
+    async fn bring_down(&mut self, peer: PeerId) {
+        self.outbox.remove(&peer);
+        self.in_flight.remove(&peer);
+        if self.up.remove(&peer) {
+            self.publish_status();
+            self.emit(NetEvent::PeerDown(peer)).await;
+        }
     }
 
     async fn on_swarm(&mut self, ev: SwarmEvent<BehaviourEvent>) {
@@ -358,8 +485,11 @@ impl Runner {
                 peer_id,
                 connection_id,
                 num_established,
+                endpoint,
                 ..
             } => {
+                self.conn_addrs
+                    .insert(connection_id, endpoint.get_remote_address().clone());
                 for s in &mut self.statics {
                     if s.dialing == Some(connection_id) || s.peer == Some(peer_id) {
                         s.dialing = None;
@@ -367,47 +497,89 @@ impl Runner {
                         s.backoff = BACKOFF_MIN;
                     }
                 }
-                self.set_status();
                 if num_established.get() == 1 {
-                    tracing::info!(peer = %peer_id, "peer connected");
-                    self.emit(NetEvent::PeerUp(peer_id)).await;
+                    if self.is_trusted(&peer_id) {
+                        self.bring_up(peer_id).await;
+                    } else {
+                        if self.untrusted.len() >= MAX_UNTRUSTED
+                            && !self.joining.contains_key(&peer_id)
+                        {
+                            let _ = self.swarm.disconnect_peer_id(peer_id);
+                            return;
+                        }
+                        self.untrusted
+                            .insert(peer_id, Instant::now() + self.untrusted_grace);
+                        if !self.joining.contains_key(&peer_id) {
+                            let addr = endpoint.get_remote_address().clone();
+                            self.problem(
+                                Some(peer_id),
+                                Some(addr),
+                                "connected, but not trusted: nothing is exchanged with it (trust its peer id, or have it join with a ticket)".into(),
+                            );
+                        }
+                        self.publish_status();
+                    }
+                }
+                if let Some(req) = self.joining.get(&peer_id).cloned() {
+                    self.swarm.behaviour_mut().join.send_request(&peer_id, req);
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
-                self.set_status();
+                self.conn_addrs.remove(&connection_id);
                 if num_established == 0 {
                     tracing::info!(peer = %peer_id, "peer disconnected ({cause:?})");
-                    self.outbox.remove(&peer_id);
-                    self.in_flight.remove(&peer_id);
+                    self.untrusted.remove(&peer_id);
                     let now = Instant::now();
                     for i in 0..self.statics.len() {
                         if self.statics[i].peer == Some(peer_id) {
                             self.backoff(i, now);
                         }
                     }
-                    self.emit(NetEvent::PeerDown(peer_id)).await;
+                    self.bring_down(peer_id).await;
+                    self.publish_status();
                 }
             }
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
+                peer_id,
                 error,
-                ..
             } => {
                 let now = Instant::now();
+                let mut addr = None;
                 for i in 0..self.statics.len() {
                     if self.statics[i].dialing == Some(connection_id) {
-                        tracing::debug!(addr = %self.statics[i].addr, "dial failed: {error}");
+                        addr = Some(self.statics[i].addr.clone());
                         self.backoff(i, now);
                     }
                 }
+                let reason = dial_reason(&error);
+                if let Some(p) = peer_id {
+                    if self.joining.remove(&p).is_some() {
+                        self.emit(NetEvent::JoinAnswer {
+                            peer: p,
+                            answer: Err(reason.clone()),
+                        })
+                        .await;
+                    }
+                }
+                if peer_id.is_some() || addr.is_some() {
+                    self.problem(peer_id, addr, reason);
+                }
             }
-            SwarmEvent::IncomingConnectionError { error, .. } => {
-                tracing::debug!("incoming connection failed: {error}");
+            SwarmEvent::IncomingConnectionError {
+                error, send_back_addr, ..
+            } => {
+                let reason = format!(
+                    "an incoming connection failed (a wrong swarm key, or not a syncmesh node): {error}"
+                );
+                tracing::debug!("{reason}");
+                self.problem(None, Some(send_back_addr), reason);
             }
             SwarmEvent::Behaviour(b) => self.on_behaviour(b).await,
             _ => {}
@@ -416,32 +588,44 @@ impl Runner {
 
     async fn on_behaviour(&mut self, ev: BehaviourEvent) {
         match ev {
-            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
-                propagation_source,
-                message_id,
-                message,
-            }) => {
-                self.emit(NetEvent::Gossip {
-                    peer: propagation_source,
-                    id: MessageId(message_id),
-                    topic: message.topic.into_string(),
-                    data: message.data,
-                })
-                .await;
-            }
             BehaviourEvent::Direct(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request {
                         request, channel, ..
                     } => {
-                        let _ = self.swarm.behaviour_mut().direct.send_response(channel, ());
+                        if !self.up.contains(&peer) {
+                            // Not trusted: nothing it sends is delivered, and it is told so.
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .direct
+                                .send_response(channel, Ack::NotTrusted);
+                            self.problem(
+                                Some(peer),
+                                None,
+                                "sent data but is not trusted: ignored".into(),
+                            );
+                            return;
+                        }
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .direct
+                            .send_response(channel, Ack::Accepted);
                         self.emit(NetEvent::Direct {
                             peer,
                             msgs: request,
                         })
                         .await;
                     }
-                    request_response::Message::Response { .. } => {
+                    request_response::Message::Response { response, .. } => {
+                        if response == Ack::NotTrusted {
+                            self.problem(
+                                Some(peer),
+                                None,
+                                "does not trust this node: nothing is exchanged (have it trust this node's peer id, or join with a ticket)".into(),
+                            );
+                        }
                         self.in_flight.remove(&peer);
                         self.flush_outbox(peer);
                     }
@@ -452,8 +636,16 @@ impl Runner {
                 error,
                 ..
             }) => {
-                // The batch is lost; anti-entropy repairs it. Go on with the next one.
-                tracing::debug!(%peer, "direct message failed: {error}");
+                if matches!(error, request_response::OutboundFailure::UnsupportedProtocols) {
+                    self.problem(
+                        Some(peer),
+                        None,
+                        "speaks an older syncmesh protocol (or is not a syncmesh node): nothing is exchanged".into(),
+                    );
+                } else {
+                    // The batch is lost; anti-entropy repairs it. Go on with the next one.
+                    tracing::debug!(%peer, "direct message failed: {error}");
+                }
                 self.in_flight.remove(&peer);
                 self.flush_outbox(peer);
             }
@@ -469,75 +661,158 @@ impl Runner {
                 }
                 tracing::debug!(%peer, "inbound direct message failed: {error}");
             }
+            BehaviourEvent::Join(request_response::Event::Message {
+                peer,
+                message,
+                connection_id,
+            }) => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    if self.join_channels.len() >= MAX_PENDING_JOINS {
+                        let _ = self.swarm.disconnect_peer_id(peer);
+                        return;
+                    }
+                    let id = JoinId(self.next_join);
+                    self.next_join += 1;
+                    self.join_channels.insert(id, (peer, channel));
+                    let addr = self.conn_addrs.get(&connection_id).cloned();
+                    self.emit(NetEvent::JoinRequest {
+                        peer,
+                        id,
+                        request,
+                        addr,
+                    })
+                    .await;
+                }
+                request_response::Message::Response { response, .. } => {
+                    self.joining.remove(&peer);
+                    self.emit(NetEvent::JoinAnswer {
+                        peer,
+                        answer: Ok(response),
+                    })
+                    .await;
+                }
+            },
+            BehaviourEvent::Join(request_response::Event::OutboundFailure {
+                peer, error, ..
+            })
+                if self.joining.remove(&peer).is_some() => {
+                    let reason = match error {
+                        request_response::OutboundFailure::UnsupportedProtocols => {
+                            "the inviter does not speak the join protocol (an older syncmesh, or not a syncmesh node)".to_string()
+                        }
+                        e => format!("the join request failed: {e}"),
+                    };
+                    self.emit(NetEvent::JoinAnswer {
+                        peer,
+                        answer: Err(reason),
+                    })
+                    .await;
+                }
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                let now = now_sys();
                 for (peer, addr) in list {
-                    if !self.swarm.is_connected(&peer) {
-                        tracing::debug!(%peer, %addr, "discovered by mDNS");
+                    if peer == *self.swarm.local_peer_id() {
+                        continue;
+                    }
+                    if !self.discovered.contains_key(&peer)
+                        && self.discovered.len() >= MAX_DISCOVERED
+                    {
+                        continue;
+                    }
+                    let d = self.discovered.entry(peer).or_insert_with(|| Discovered {
+                        peer_id: peer,
+                        addrs: Vec::new(),
+                        last_seen: now,
+                    });
+                    d.last_seen = now;
+                    if !d.addrs.contains(&addr) && d.addrs.len() < 8 {
+                        d.addrs.push(addr.clone());
+                    }
+                    // Only trusted peers are dialed; the rest are listed.
+                    if self.is_trusted(&peer) && !self.swarm.is_connected(&peer) {
+                        tracing::debug!(%peer, %addr, "discovered by mDNS: dialing");
                         let _ = self
                             .swarm
                             .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
+                    } else if !self.is_trusted(&peer) {
+                        tracing::debug!(%peer, %addr, "discovered by mDNS (not trusted: listed only)");
                     }
                 }
+                self.publish_status();
             }
             _ => {}
         }
     }
 
-    fn on_command(&mut self, c: Command) {
+    async fn on_command(&mut self, c: Command) {
         match c {
-            Command::Subscribe(t) => {
-                if let Err(e) = self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .subscribe(&gossipsub::IdentTopic::new(t))
-                {
-                    tracing::warn!("gossip subscription failed: {e}");
-                }
-            }
-            Command::Unsubscribe(t) => {
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .unsubscribe(&gossipsub::IdentTopic::new(t));
-            }
-            Command::Publish { topic, data } => {
-                match self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .publish(gossipsub::IdentTopic::new(topic), data)
-                {
-                    Ok(_) => {}
-                    // Nobody holds the map yet, or the same bytes went out already: a sync
-                    // delivers the change when a peer comes.
-                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
-                    | Err(gossipsub::PublishError::Duplicate) => {}
-                    Err(e) => tracing::debug!("gossip publish failed: {e}"),
-                }
-            }
             Command::Send { peer, msg } => {
-                if !self.swarm.is_connected(&peer) {
+                if !self.up.contains(&peer) {
                     return;
                 }
-                self.outbox.entry(peer).or_default().push_back(msg);
+                let (q, bytes) = self.outbox.entry(peer).or_default();
+                if *bytes + msg.len() > MAX_OUTBOX_BYTES {
+                    tracing::debug!(%peer, "outbox full: dropping a message");
+                    return;
+                }
+                *bytes += msg.len();
+                q.push_back(msg);
                 self.flush_outbox(peer);
-            }
-            Command::Verdict { id, peer, verdict } => {
-                let acceptance = match verdict {
-                    Verdict::Accept => gossipsub::MessageAcceptance::Accept,
-                    Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
-                    Verdict::Reject => gossipsub::MessageAcceptance::Reject,
-                };
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&id.0, &peer, acceptance);
             }
             Command::Punish { peer, reason } => self.punish(peer, reason),
             Command::Dial(addr) => {
                 if let Err(e) = self.swarm.dial(addr.clone()) {
-                    tracing::warn!(%addr, "dial failed: {e}");
+                    self.problem(peer_of(&addr), Some(addr), format!("cannot dial: {e}"));
+                }
+            }
+            Command::Trust { peer, addrs } => {
+                self.trusted.insert(peer);
+                for a in addrs {
+                    self.add_static(a, Some(peer));
+                }
+                if self.swarm.is_connected(&peer) {
+                    self.bring_up(peer).await;
+                }
+            }
+            Command::Untrust(peer) => {
+                self.trusted.remove(&peer);
+                self.statics.retain(|s| s.peer != Some(peer) || peer_of(&s.addr).is_none());
+                if !self.is_trusted(&peer) {
+                    self.bring_down(peer).await;
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+            Command::Join {
+                peer,
+                addrs,
+                request,
+            } => {
+                self.joining.insert(peer, request.clone());
+                if self.swarm.is_connected(&peer) {
+                    self.swarm.behaviour_mut().join.send_request(&peer, request);
+                } else {
+                    let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+                    if let Err(e) = self.swarm.dial(opts) {
+                        self.joining.remove(&peer);
+                        self.emit(NetEvent::JoinAnswer {
+                            peer,
+                            answer: Err(format!("cannot dial the inviter: {e}")),
+                        })
+                        .await;
+                    }
+                }
+            }
+            Command::AnswerJoin { id, answer, close } => {
+                if let Some((peer, channel)) = self.join_channels.remove(&id) {
+                    let _ = self.swarm.behaviour_mut().join.send_response(channel, answer);
+                    if close {
+                        // Give the answer a moment to leave: the grace period closes it.
+                        self.untrusted
+                            .entry(peer)
+                            .and_modify(|t| *t = Instant::now() + Duration::from_secs(1));
+                    }
                 }
             }
             Command::Shutdown(_) => {}
@@ -545,7 +820,11 @@ impl Runner {
     }
 
     fn punish(&mut self, peer: PeerId, reason: String) {
-        tracing::warn!(%peer, "disconnecting a peer that broke the protocol: {reason}");
+        self.problem(
+            Some(peer),
+            None,
+            format!("disconnected for breaking the protocol: {reason}"),
+        );
         self.swarm.behaviour_mut().blocked.block_peer(peer);
         self.blocked_until
             .push((peer, Instant::now() + self.block_for));
@@ -557,7 +836,7 @@ impl Runner {
         if self.in_flight.contains(&peer) {
             return;
         }
-        let Some(q) = self.outbox.get_mut(&peer) else {
+        let Some((q, bytes)) = self.outbox.get_mut(&peer) else {
             return;
         };
         let mut batch = Vec::new();
@@ -571,6 +850,7 @@ impl Runner {
                 batch.push(m);
             }
         }
+        *bytes = bytes.saturating_sub(size);
         if q.is_empty() {
             self.outbox.remove(&peer);
         }
@@ -579,5 +859,27 @@ impl Runner {
         }
         self.in_flight.insert(peer);
         self.swarm.behaviour_mut().direct.send_request(&peer, batch);
+    }
+}
+
+/// Words for a failed dial: unreachable, a wrong swarm key, or another peer at the address.
+fn dial_reason(e: &libp2p::swarm::DialError) -> String {
+    use libp2p::swarm::DialError;
+    match e {
+        DialError::WrongPeerId { obtained, .. } => {
+            format!("a different node ({obtained}) answers at this address")
+        }
+        DialError::Transport(errs) => {
+            let text: Vec<String> = errs.iter().map(|(a, e)| format!("{a}: {e}")).collect();
+            let joined = text.join("; ");
+            if joined.contains("Handshake") || joined.contains("pnet") || joined.contains("Pnet")
+            {
+                format!("the connection handshake failed (a wrong or missing swarm key?): {joined}")
+            } else {
+                format!("unreachable: {joined}")
+            }
+        }
+        DialError::Denied { cause } => format!("refused by this node's peer lists: {cause}"),
+        other => format!("cannot connect: {other}"),
     }
 }
