@@ -1372,6 +1372,12 @@ impl MapReplica {
         }
     }
 
+    /// How many merged changes wait for [`Self::take_received`] (a call that raised it merged
+    /// something new).
+    pub fn received_len(&self) -> usize {
+        self.received.len()
+    }
+
     /// Takes the changes merged from peers since the last call, for storage (they are not to
     /// be sent on: the network relays them itself).
     pub fn take_received(&mut self) -> Vec<(DocAddr, Vec<u8>)> {
@@ -2218,6 +2224,22 @@ pub struct DecodedSync {
     msg: sync::Message,
     changes: Vec<Change>,
     checked: Checked,
+}
+
+impl DecodedSync {
+    /// How many changes the message carries.
+    pub fn change_count(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// The message without its changes (a peer that may not write keeps them).
+    pub fn without_changes(self) -> DecodedSync {
+        DecodedSync {
+            msg: self.msg,
+            changes: Vec::new(),
+            checked: Checked::default(),
+        }
+    }
 }
 
 /// Decodes a peer's sync message for `doc` and checks everything that does not depend on this

@@ -14,9 +14,16 @@
 //!    shards are only comparable once both sides agree on the map's incarnation.
 //!
 //! Local changes are also pushed at once to every peer holding the map as [`Wire::Changes`]
-//! (gossip). A change whose dependencies were missed waits inside Automerge, and a sync of
-//! that document with the sender fetches what is missing. Hellos are repeated periodically
-//! (anti-entropy), so any divergence left over is found and repaired.
+//! ([`Replicator::push`]); a node that merges changes new to it from such a message passes the
+//! message on to its other peers holding the map (flooding that stops where nothing is new).
+//! A change whose dependencies were missed waits inside Automerge, and a sync of that document
+//! with the sender fetches what is missing. Hellos are repeated periodically (anti-entropy),
+//! so any divergence left over is found and repaired.
+//!
+//! Each peer has a [`Grant`]: the maps it may receive and whether it may change them. A map
+//! outside a peer's grant is never named to it (no Hello entry, digest, document list, sync
+//! message or change), and changes from a peer without write access are not applied (they
+//! are counted, see [`Replicator::take_refusals`]).
 //!
 //! Every message is size-limited and checked: a message that does not decode, names a
 //! malformed map, or carries a change that breaks the map's layout ([`check_change`]) is a
@@ -134,6 +141,8 @@ pub struct GossipOutcome {
     /// Whether the message may be relayed on. False when this node could not apply it for
     /// reasons of its own state: not relayed, and the sender is not blamed.
     pub relay: bool,
+    /// Whether some change in it was new to this node.
+    pub novel: bool,
 }
 
 /// A direct message to send to one peer.
@@ -186,8 +195,55 @@ impl MapHost for crate::Catalog {
     fn touched(&mut self, _sid: &MapSid) {}
 }
 
+/// What one peer may do with this node's maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The maps it may receive; `None` for every map.
+    pub maps: Option<BTreeSet<MapSid>>,
+    /// Whether it may change the maps it receives.
+    pub write: bool,
+}
+
+impl Grant {
+    /// Every map, read and write.
+    pub fn full() -> Grant {
+        Grant {
+            maps: None,
+            write: true,
+        }
+    }
+
+    /// Whether the peer may receive `sid`.
+    pub fn reads(&self, sid: &MapSid) -> bool {
+        self.maps.as_ref().is_none_or(|m| m.contains(sid))
+    }
+
+    /// Whether the peer may change `sid`.
+    pub fn writes(&self, sid: &MapSid) -> bool {
+        self.write && self.reads(sid)
+    }
+}
+
+impl Default for Grant {
+    fn default() -> Self {
+        Grant::full()
+    }
+}
+
+/// Changes a peer sent that were not applied because it may not write the map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The peer.
+    pub peer: String,
+    /// The map.
+    pub sid: MapSid,
+    /// How many changes were refused.
+    pub changes: u64,
+}
+
 #[derive(Default)]
 struct PeerState {
+    grant: Grant,
     hold_all: bool,
     /// Maps the peer said it holds.
     held: BTreeSet<MapSid>,
@@ -205,6 +261,10 @@ pub struct Replicator {
     synced: BTreeMap<MapSid, BTreeSet<String>>,
     /// Maps whose documents may be damaged: Automerge panicked while merging a peer's data.
     poisoned: BTreeSet<MapSid>,
+    /// Grants set before (or while) a peer is connected.
+    grants: HashMap<String, Grant>,
+    /// Changes refused since the last [`Self::take_refusals`].
+    refusals: BTreeMap<(String, MapSid), u64>,
 }
 
 impl Replicator {
@@ -216,7 +276,74 @@ impl Replicator {
             peers: BTreeMap::new(),
             synced: BTreeMap::new(),
             poisoned: BTreeSet::new(),
+            grants: HashMap::new(),
+            refusals: BTreeMap::new(),
         }
+    }
+
+    /// Sets what `peer` may do (every map, read and write, unless set). Takes effect at once:
+    /// maps it may no longer read are not named to it again.
+    pub fn set_grant(&mut self, peer: &str, grant: Grant) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.grant = grant.clone();
+            let g = &p.grant;
+            p.held.retain(|s| g.reads(s));
+            p.sessions.retain(|(s, _), _| g.reads(s));
+            p.their_docs.retain(|s, _| g.reads(s));
+        }
+        self.grants.insert(peer.to_string(), grant);
+    }
+
+    /// Forgets a peer's grant (it was untrusted).
+    pub fn remove_grant(&mut self, peer: &str) {
+        self.grants.remove(peer);
+    }
+
+    /// What `peer` may do.
+    pub fn grant(&self, peer: &str) -> Grant {
+        self.grants.get(peer).cloned().unwrap_or_default()
+    }
+
+    /// Changes refused since the last call, per peer and map (for logs and counters).
+    pub fn take_refusals(&mut self) -> Vec<Refusal> {
+        std::mem::take(&mut self.refusals)
+            .into_iter()
+            .map(|((peer, sid), changes)| Refusal { peer, sid, changes })
+            .collect()
+    }
+
+    fn refuse(&mut self, peer: &str, sid: &MapSid, n: usize) {
+        if n > 0 {
+            *self
+                .refusals
+                .entry((peer.to_string(), sid.clone()))
+                .or_default() += n as u64;
+        }
+    }
+
+    fn reads(&self, peer: &str, sid: &MapSid) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.grant.reads(sid))
+    }
+
+    /// Direct messages carrying `msgs` (encoded [`Wire::Changes`] of map `sid`, from
+    /// [`Self::gossip`]) to every peer that holds the map and may read it, except `except`.
+    pub fn push(&self, sid: &MapSid, msgs: &[Vec<u8>], except: Option<&str>) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for (peer, p) in &self.peers {
+            if Some(peer.as_str()) == except
+                || !(p.hold_all || p.held.contains(sid))
+                || !p.grant.reads(sid)
+            {
+                continue;
+            }
+            for m in msgs {
+                out.push(Outgoing {
+                    peer: peer.clone(),
+                    bytes: m.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// Connected peers.
@@ -233,8 +360,9 @@ impl Replicator {
 
     /// A peer connected: greet it with every map this node holds.
     pub fn peer_up(&mut self, peer: &str, host: &mut dyn MapHost) -> Vec<Outgoing> {
-        self.peers.entry(peer.to_string()).or_default();
-        let hello = self.hello(host.held(), host);
+        let grant = self.grant(peer);
+        self.peers.entry(peer.to_string()).or_default().grant = grant;
+        let hello = self.hello_for(peer, host.held(), host);
         vec![Outgoing {
             peer: peer.to_string(),
             bytes: hello.encode(),
@@ -251,8 +379,8 @@ impl Replicator {
         if self.peers.is_empty() {
             return Vec::new();
         }
-        let bytes = self.hello(host.held(), host).encode();
-        self.to_all(&bytes)
+        let held = host.held();
+        self.to_each(held, host)
     }
 
     /// Tells every peer about maps this node started holding (created, opened, or wanted:
@@ -261,8 +389,7 @@ impl Replicator {
         if self.peers.is_empty() || sids.is_empty() {
             return Vec::new();
         }
-        let bytes = self.hello(sids.to_vec(), host).encode();
-        self.to_all(&bytes)
+        self.to_each(sids.to_vec(), host)
     }
 
     /// A map changed in a way gossip could not carry (a commit too large for one gossip
@@ -282,7 +409,7 @@ impl Replicator {
         let peers: Vec<String> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.hold_all || p.held.contains(sid))
+            .filter(|(_, p)| (p.hold_all || p.held.contains(sid)) && p.grant.reads(sid))
             .map(|(k, _)| k.clone())
             .collect();
         peers
@@ -311,7 +438,10 @@ impl Replicator {
             }
             .encode();
             for (peer, p) in &self.peers {
-                if !sources.contains(peer) && (p.hold_all || p.held.contains(&sid)) {
+                if !sources.contains(peer)
+                    && (p.hold_all || p.held.contains(&sid))
+                    && p.grant.reads(&sid)
+                {
                     out.push(Outgoing {
                         peer: peer.clone(),
                         bytes: bytes.clone(),
@@ -322,14 +452,47 @@ impl Replicator {
         out
     }
 
-    fn to_all(&self, bytes: &[u8]) -> Vec<Outgoing> {
-        self.peers
-            .keys()
-            .map(|p| Outgoing {
-                peer: p.clone(),
-                bytes: bytes.to_vec(),
-            })
-            .collect()
+    /// A Hello about `sids` to every peer, each naming only the maps that peer may read
+    /// (digests are computed once).
+    fn to_each(&self, sids: Vec<MapSid>, host: &mut dyn MapHost) -> Vec<Outgoing> {
+        let Wire::Hello { hold_all, maps } = self.hello(sids, host) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut everything: Option<Vec<u8>> = None;
+        for (peer, p) in &self.peers {
+            let bytes = if p.grant.maps.is_none() {
+                everything
+                    .get_or_insert_with(|| {
+                        Wire::Hello {
+                            hold_all,
+                            maps: maps.clone(),
+                        }
+                        .encode()
+                    })
+                    .clone()
+            } else {
+                Wire::Hello {
+                    hold_all,
+                    maps: maps
+                        .iter()
+                        .filter(|(s, _)| p.grant.reads(s))
+                        .cloned()
+                        .collect(),
+                }
+                .encode()
+            };
+            out.push(Outgoing {
+                peer: peer.clone(),
+                bytes,
+            });
+        }
+        out
+    }
+
+    fn hello_for(&self, peer: &str, sids: Vec<MapSid>, host: &mut dyn MapHost) -> Wire {
+        let sids = sids.into_iter().filter(|s| self.reads(peer, s)).collect();
+        self.hello(sids, host)
     }
 
     fn hello(&self, sids: Vec<MapSid>, host: &mut dyn MapHost) -> Wire {
@@ -433,7 +596,10 @@ impl Replicator {
         now: Timestamp,
     ) -> Result<Vec<Outgoing>, Violation> {
         let msg = Wire::decode(bytes, MAX_DIRECT_MESSAGE)?;
-        self.peers.entry(peer.to_string()).or_default();
+        if !self.peers.contains_key(peer) {
+            let grant = self.grant(peer);
+            self.peers.entry(peer.to_string()).or_default().grant = grant;
+        }
         let sids = msg_sids(&msg);
         self.guard(sids, |rep| match msg {
             Wire::Hello { hold_all, maps } => Ok(rep.on_hello(peer, hold_all, maps, host)),
@@ -445,7 +611,13 @@ impl Replicator {
             }
             Wire::Sync { sid, msgs } => rep.on_sync(peer, sid, msgs, host, now),
             Wire::Changes { sid, docs } => {
-                rep.on_changes(peer, sid, docs, host, now).map(|g| g.out)
+                let g = rep.on_changes(peer, sid.clone(), docs, host, now)?;
+                let mut out = g.out;
+                if g.relay && g.novel {
+                    // New here: pass the message on to the other peers holding the map.
+                    out.extend(rep.push(&sid, &[bytes.to_vec()], Some(peer)));
+                }
+                Ok(out)
             }
         })
     }
@@ -499,14 +671,25 @@ impl Replicator {
             return out;
         };
         p.hold_all = hold_all;
+        let grant = p.grant.clone();
         let mut adopted = 0;
         let mut not_here = 0;
         for (sid, theirs) in maps {
+            // A map the peer may not read is answered as if this node did not hold it.
+            let ours = if !grant.reads(&sid) {
+                None
+            } else {
+                host.digest(&sid)
+            };
             // A map not loaded is compared by its remembered digest; it is loaded only when
             // the peer's differs.
-            let ours = match host.digest(&sid) {
+            let ours = match ours {
                 Some(d) => d,
-                None if me_all && theirs != 0 && adopted < MAX_ADOPT_PER_HELLO => {
+                None if me_all
+                    && theirs != 0
+                    && adopted < MAX_ADOPT_PER_HELLO
+                    && grant.reads(&sid) =>
+                {
                     adopted += 1;
                     match host.adopt(&sid) {
                         Some(m) => m.digest(),
@@ -562,6 +745,9 @@ impl Replicator {
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Vec<Outgoing> {
+        if !self.reads(peer, &sid) {
+            return Vec::new();
+        }
         let m = match host.get(&sid) {
             Some(m) => m,
             None if self.hold_all => match host.adopt(&sid) {
@@ -586,6 +772,10 @@ impl Replicator {
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Result<Vec<Outgoing>, Violation> {
+        if !self.reads(peer, &sid) {
+            return Ok(Vec::new());
+        }
+        let may_write = self.peers.get(peer).is_some_and(|p| p.grant.writes(&sid));
         let m = match host.get(&sid) {
             Some(m) => m,
             None if self.hold_all => match host.adopt(&sid) {
@@ -602,8 +792,15 @@ impl Replicator {
         let meta_before = meta_digest(&before);
         // Check every message before applying any: a malformed one is the sender's fault.
         let mut decoded = Vec::with_capacity(msgs.len());
+        let mut refused = 0;
         for (doc, bytes) in msgs {
-            let d = decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
+            let mut d =
+                decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
+            if !may_write && d.change_count() > 0 {
+                // A read-only peer: its changes stay with it.
+                refused += d.change_count();
+                d = d.without_changes();
+            }
             decoded.push((doc, d));
         }
         let mut replies = Vec::new();
@@ -625,6 +822,7 @@ impl Replicator {
             }
         }
         host.touched(&sid);
+        self.refuse(peer, &sid, refused);
         let mut out = batch_sync(peer, &sid, replies);
         // The map document moved (a new incarnation, or the map just arrived): shards are
         // comparable now. Tell the peer our documents and sync the ones that differ.
@@ -662,6 +860,24 @@ impl Replicator {
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Result<GossipOutcome, Violation> {
+        let grant = self.peers.get(peer).map(|p| p.grant.clone()).unwrap_or_default();
+        if !grant.reads(&sid) {
+            // Not a map this peer is given: nothing it says about it is taken.
+            return Ok(GossipOutcome {
+                out: Vec::new(),
+                relay: false,
+                novel: false,
+            });
+        }
+        if !grant.writes(&sid) {
+            let n = docs.iter().map(|(_, l)| l.len()).sum();
+            self.refuse(peer, &sid, n);
+            return Ok(GossipOutcome {
+                out: Vec::new(),
+                relay: false,
+                novel: false,
+            });
+        }
         // Check everything before applying anything.
         let mut decoded: Vec<(DocAddr, Vec<Change>, Checked)> = Vec::with_capacity(docs.len());
         for (doc, list) in docs {
@@ -680,8 +896,10 @@ impl Replicator {
             return Ok(GossipOutcome {
                 out: Vec::new(),
                 relay: true,
+                novel: false,
             });
         };
+        let received_before = m.received_len();
         let mut relay = true;
         let mut lagging = Vec::new();
         for (doc, cs, checked) in decoded {
@@ -695,11 +913,13 @@ impl Replicator {
                 lagging.push(doc);
             }
         }
+        let novel = m.received_len() > received_before;
         host.touched(&sid);
         if lagging.is_empty() {
             return Ok(GossipOutcome {
                 out: Vec::new(),
                 relay,
+                novel,
             });
         }
         // A change was missed: sync those documents with the sender.
@@ -707,6 +927,7 @@ impl Replicator {
             return Ok(GossipOutcome {
                 out: Vec::new(),
                 relay,
+                novel,
             });
         };
         let p = self.peers.entry(peer.to_string()).or_default();
@@ -721,6 +942,7 @@ impl Replicator {
         Ok(GossipOutcome {
             out: batch_sync(peer, &sid, msgs),
             relay,
+            novel,
         })
     }
 }

@@ -22,8 +22,9 @@ use redb::{
 use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 3;
-/// The oldest schema this build upgrades in place (3 added the `digests` table).
+pub const SCHEMA_VERSION: u32 = 4;
+/// The oldest schema this build upgrades in place (3 added the `digests` table, 4 the `trust`
+/// and `invites` tables).
 const OLDEST_UPGRADABLE: u32 = 2;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
@@ -38,6 +39,10 @@ const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
 /// announces stored maps with it without loading them. A commit with changes to a map removes
 /// its digest in the same transaction, so a stored digest is never stale.
 const DIGESTS: TableDefinition<&[u8], u64> = TableDefinition::new("digests");
+/// Peers this node trusts: peer id → the node's record of that trust (opaque here).
+const TRUST: TableDefinition<&str, &[u8]> = TableDefinition::new("trust");
+/// Invitations this node issued and that are still usable: invitation id → record (opaque).
+const INVITES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("invites");
 
 /// Everything that can go wrong with the store, each saying which file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +173,10 @@ pub struct Batch {
     /// Map digests to remember ([`Store::map_digests`]), each describing the map with every
     /// change of this batch applied (they are written after the maps' changes).
     pub digests: Vec<(MapSid, u64)>,
+    /// Trust records to write (`Some`) or delete (`None`), by peer id.
+    pub trust: Vec<(String, Option<Vec<u8>>)>,
+    /// Invitation records to write (`Some`) or delete (`None`), by invitation id.
+    pub invites: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Batch {
@@ -175,6 +184,8 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty()
             && self.digests.is_empty()
+            && self.trust.is_empty()
+            && self.invites.is_empty()
             && self.maps.iter().all(|m| {
                 m.changes.is_empty()
                     && m.view.entries.is_empty()
@@ -408,6 +419,8 @@ impl Store {
                 tx.open_table(t).map_err(|e| store.err(e))?;
             }
             tx.open_table(DIGESTS).map_err(|e| store.err(e))?;
+            tx.open_table(TRUST).map_err(|e| store.err(e))?;
+            tx.open_table(INVITES).map_err(|e| store.err(e))?;
         }
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -494,6 +507,30 @@ impl Store {
             let (k, v) = row.map_err(|e| self.err(e))?;
             let sid = self.sid_key(k.value(), "a map digest key")?;
             out.push((sid, v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Every trust record ([`Batch::trust`]), by peer id.
+    pub fn trust_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(TRUST).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Every invitation record ([`Batch::invites`]), by invitation id.
+    pub fn invite_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(INVITES).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
         }
         Ok(out)
     }
@@ -748,6 +785,26 @@ impl Store {
             digests
                 .insert(sid.as_str().as_bytes(), *digest)
                 .map_err(|e| self.err(e))?;
+        }
+        if !batch.trust.is_empty() {
+            let mut trust = tx.open_table(TRUST).map_err(|e| self.err(e))?;
+            for (peer, rec) in &batch.trust {
+                match rec {
+                    Some(r) => trust.insert(peer.as_str(), r.as_slice()).map(|_| ()),
+                    None => trust.remove(peer.as_str()).map(|_| ()),
+                }
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        if !batch.invites.is_empty() {
+            let mut invites = tx.open_table(INVITES).map_err(|e| self.err(e))?;
+            for (id, rec) in &batch.invites {
+                match rec {
+                    Some(r) => invites.insert(id.as_slice(), r.as_slice()).map(|_| ()),
+                    None => invites.remove(id.as_slice()).map(|_| ()),
+                }
+                .map_err(|e| self.err(e))?;
+            }
         }
         Ok(())
     }

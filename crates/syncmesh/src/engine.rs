@@ -21,7 +21,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::error::{Error, Result};
 
 mod replication;
+mod trust;
 pub(crate) use replication::Net;
+pub(crate) use trust::TrustCmd;
 
 /// Commands queued for the engine; the capacity bounds memory under load.
 pub(crate) const COMMAND_QUEUE: usize = 4096;
@@ -122,6 +124,8 @@ pub(crate) enum Cmd {
     Loaded {
         reply: oneshot::Sender<Result<usize>>,
     },
+    /// Invitations, joins, trust.
+    Trust(TrustCmd),
 }
 
 /// Who waits for a write's acknowledgement.
@@ -235,10 +239,21 @@ pub(crate) struct Engine {
     /// Bumped when a map is dropped from memory to be reloaded (a peer's data damaged it):
     /// writes made before that are not acknowledged.
     epochs: HashMap<MapSid, u64>,
+    /// Who this node trusts, and its invitations.
+    trust: crate::trust::TrustBook,
+    /// Changes refused per peer since start (it may not write the map).
+    refused: HashMap<String, u64>,
+    /// The latest trust problem per peer seen by the engine (refused joins and changes).
+    problems: HashMap<String, (String, Timestamp)>,
 }
 
 impl Engine {
-    pub(crate) fn new(id: Identity, shared: Arc<Shared>, net: Option<Net>) -> Result<Engine> {
+    pub(crate) fn new(
+        id: Identity,
+        shared: Arc<Shared>,
+        net: Option<Net>,
+        trust: crate::trust::TrustBook,
+    ) -> Result<Engine> {
         let store = shared.store()?;
         let catalog_entries = store.list_maps()?;
         let unloaded_expiry = catalog_entries
@@ -281,10 +296,9 @@ impl Engine {
             writer: Some(writer),
             net,
             epochs: HashMap::new(),
-        })
-        .map(|mut e| {
-            e.subscribe_stored();
-            e
+            trust,
+            refused: HashMap::new(),
+            problems: HashMap::new(),
         })
     }
 
@@ -469,6 +483,7 @@ impl Engine {
                 let _ = reply.send(Ok(self.catalog.maps().count()));
             }
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
+            Cmd::Trust(c) => self.on_trust_cmd(c, now),
             Cmd::Compact { reply, file } => {
                 for ((sid, doc), n) in self.changes_since_snapshot.iter_mut() {
                     if *n > 0 {

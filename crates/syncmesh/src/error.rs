@@ -54,6 +54,9 @@ pub enum Error {
         /// The newest event id of the map on this node.
         newest: u64,
     },
+    /// A trust operation failed (a bad ticket, a refused or unreachable join, a bad peer id).
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
     /// A node-wide subscriber fell behind and missed events.
     #[error("the subscriber fell behind and missed {missed} events; resubscribe per map from the last event id seen")]
     Lagged {
@@ -89,6 +92,12 @@ impl Error {
             Error::Map(e) => e.http_status(),
             Error::Closed | Error::WritesStopped(_) => 503,
             Error::EventsPruned { .. } | Error::UnknownEventId { .. } => 410,
+            Error::Trust(t) => match t {
+                crate::trust::TrustError::Refused(_) => 403,
+                crate::trust::TrustError::Unreachable(_) => 504,
+                _ => 400,
+            },
+            Error::NoNetwork => 409,
             _ => 500,
         }
     }

@@ -47,6 +47,7 @@
 mod engine;
 mod error;
 mod node;
+pub mod trust;
 
 pub use error::{Error, Result};
 pub use node::{Durability, EventStream, Map, MapOpen, Node, NodeBuilder};

@@ -15,7 +15,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use syncmesh_net::{Multiaddr, NetConfig, NetHandle, NetStatus, PeerId, SwarmKey};
 
-use crate::engine::{random16, Cmd, Engine, Net, Op, Reply, Shared, COMMAND_QUEUE};
+use crate::engine::{random16, Cmd, Engine, Net, Op, Reply, Shared, TrustCmd, COMMAND_QUEUE};
+use crate::trust::{Invite, InviteOptions, Peers, Ticket, TrustedPeer};
 use crate::error::{Error, Result};
 
 /// Events buffered for live subscribers before a slow one is told it lagged.
@@ -50,6 +51,8 @@ pub struct NodeBuilder {
     swarm_key: Option<SwarmKey>,
     allow: Option<Vec<PeerId>>,
     hold_all: bool,
+    trust: Vec<PeerId>,
+    trust_all: bool,
 }
 
 impl NodeBuilder {
@@ -118,6 +121,21 @@ impl NodeBuilder {
         self
     }
 
+    /// Trust this peer (every map, read and write) for as long as this node runs; not stored
+    /// (use [`Node::trust`] or an invitation for trust that survives restarts). A node
+    /// exchanges maps only with peers it trusts.
+    pub fn trust(mut self, peer: PeerId) -> Self {
+        self.trust.push(peer);
+        self
+    }
+
+    /// Trust every peer that connects: only for an isolated lab network, where anyone who can
+    /// reach the node may read and change every map. Logged as a warning at start.
+    pub fn trust_all(mut self, on: bool) -> Self {
+        self.trust_all = on;
+        self
+    }
+
     /// Hold every map any peer has (a cluster or backup node), not only the maps opened here.
     pub fn hold_all_maps(mut self, on: bool) -> Self {
         self.hold_all = on;
@@ -146,6 +164,7 @@ impl NodeBuilder {
         })
         .await
         .map_err(|_| Error::Closed)??;
+        let book = load_trust(&store, &self.trust)?;
         let net = if self.networked() {
             let keypair = match &self.data_dir {
                 Some(d) => syncmesh_net::load_or_create_identity(&d.join("identity.key"))?,
@@ -157,12 +176,51 @@ impl NodeBuilder {
             cfg.mdns = self.mdns.unwrap_or(true);
             cfg.swarm_key = self.swarm_key.clone();
             cfg.allow = self.allow.clone();
+            cfg.trust_all = self.trust_all;
+            cfg.trusted = book
+                .trusted()
+                .iter()
+                .filter_map(|r| Some((r.peer_id.parse().ok()?, r.multiaddrs())))
+                .collect();
+            if self.trust_all {
+                tracing::warn!(
+                    "trusting every peer that connects (trust_all): anyone who can reach this node can read and change every map"
+                );
+            } else if self.swarm_key.is_none() && cfg.trusted.is_empty() {
+                tracing::info!(
+                    "no trusted peers yet: maps are exchanged only with peers that join with a ticket or are trusted by id"
+                );
+            }
             Some(syncmesh_net::start(cfg)?)
         } else {
             None
         };
-        Node::start(store, self.data_dir, net, self.hold_all)
+        Node::start(store, self.data_dir, net, self.hold_all, book)
     }
+}
+
+/// Reads the stored trust records and invitations (a record that does not decode is skipped
+/// with a warning: it trusts nobody).
+fn load_trust(store: &Store, config: &[PeerId]) -> Result<crate::trust::TrustBook> {
+    let mut records = Vec::new();
+    for (peer, bytes) in store.trust_records()? {
+        match serde_json::from_slice::<crate::trust::TrustRecord>(&bytes) {
+            Ok(r) if r.peer_id == peer => records.push(r),
+            _ => tracing::warn!(%peer, "a stored trust record is unreadable: ignoring it"),
+        }
+    }
+    let mut invites = Vec::new();
+    for (_, bytes) in store.invite_records()? {
+        match serde_json::from_slice::<crate::trust::InviteRecord>(&bytes) {
+            Ok(i) => invites.push(i),
+            Err(_) => tracing::warn!("a stored invitation is unreadable: ignoring it"),
+        }
+    }
+    Ok(crate::trust::TrustBook::new(
+        records,
+        invites,
+        config.iter().map(ToString::to_string),
+    ))
 }
 
 /// A syncmesh node: a data directory, its maps and their events. Cheap to clone.
@@ -213,6 +271,7 @@ impl Node {
         data_dir: Option<PathBuf>,
         net: Option<(NetHandle, mpsc::Receiver<syncmesh_net::NetEvent>)>,
         hold_all: bool,
+        book: crate::trust::TrustBook,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
@@ -247,7 +306,7 @@ impl Node {
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
         let net = net.map(|(h, rx)| Net::new(h, rx, hold_all));
-        let engine = Engine::new(identity, shared.clone(), net)?;
+        let engine = Engine::new(identity, shared.clone(), net, book)?;
         let (cmds, rx) = mpsc::channel(COMMAND_QUEUE);
         let thread = std::thread::Builder::new()
             .name("syncmesh-engine".into())
@@ -285,6 +344,44 @@ impl Node {
             }
             None => Err(Error::NoNetwork),
         }
+    }
+
+    /// Issues an invitation: a ticket another node passes to [`Node::join`] to become trusted
+    /// by this one (and to trust it), with the scope `opts` gives. The node must listen on an
+    /// address the invitee can reach.
+    pub async fn invite(&self, opts: InviteOptions) -> Result<Invite> {
+        self.call(|reply| Cmd::Trust(TrustCmd::Invite(opts, reply)))
+            .await
+    }
+
+    /// Joins the node that issued `ticket`: dials it, proves the ticket's secret, and on
+    /// success both nodes trust each other (stored; survives restarts). Fails with
+    /// [`crate::trust::TrustError`] for a malformed, used-up, expired or forged ticket, or an
+    /// unreachable inviter.
+    pub async fn join(&self, ticket: &str) -> Result<TrustedPeer> {
+        let t = Ticket::parse(ticket)?;
+        self.call(|reply| Cmd::Trust(TrustCmd::Join(t, reply)))
+            .await
+    }
+
+    /// Trusts a peer by id (every map, read and write; stored). `addrs` are dialed and kept
+    /// dialed. An already trusted peer keeps its scope and gains the addresses.
+    pub async fn trust(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<TrustedPeer> {
+        self.call(|reply| Cmd::Trust(TrustCmd::Trust(peer, addrs, reply)))
+            .await
+    }
+
+    /// Stops trusting a peer: it is disconnected and nothing more is exchanged with it, at
+    /// once. Returns whether it was trusted. (A peer trusted by the configuration is trusted
+    /// again at the next start unless removed from it.)
+    pub async fn untrust(&self, peer: PeerId) -> Result<bool> {
+        self.call(|reply| Cmd::Trust(TrustCmd::Untrust(peer, reply)))
+            .await
+    }
+
+    /// Trusted, connected, discovered and refused peers, with the latest problem of each.
+    pub async fn peers(&self) -> Result<Peers> {
+        self.call(|reply| Cmd::Trust(TrustCmd::Peers(reply))).await
     }
 
     /// The data directory, or `None` in memory.

@@ -1,12 +1,12 @@
 //! The engine's side of replication: it hosts the maps for the sans-IO [`Replicator`], feeds
 //! it what the network delivers, and hands what it says to the network thread.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use syncmesh_core::replication::{MapHost, Outgoing, Replicator};
 use syncmesh_core::{DocAddr, MapInfo, MapRef, MapReplica, MapSid, MapSpec, OpenMode, Timestamp};
-use syncmesh_net::{NetEvent, NetHandle, PeerId, Verdict};
+use syncmesh_net::{NetEvent, NetHandle, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
 use super::Engine;
@@ -16,11 +16,6 @@ use crate::error::{Error, Result};
 const ANTI_ENTROPY: Duration = Duration::from_secs(10);
 /// How long opening a map that only peers have waits for it to arrive.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The gossip topic of a map.
-pub(crate) fn topic(sid: &MapSid) -> String {
-    format!("syncmesh/1/map/{sid}")
-}
 
 /// An `open` waiting for a map to arrive from peers.
 struct Want {
@@ -34,11 +29,13 @@ struct Want {
 pub(crate) struct Net {
     pub handle: NetHandle,
     pub rx: mpsc::Receiver<NetEvent>,
-    rep: Option<Replicator>,
-    peers: HashMap<String, PeerId>,
-    subscribed: HashSet<MapSid>,
+    pub(crate) rep: Option<Replicator>,
+    /// Trusted peers that are up.
+    pub(crate) peers: HashMap<String, PeerId>,
     next_tick: Instant,
     wants: Vec<Want>,
+    /// Joins this node asked for, waiting for the inviter.
+    pub(crate) joins: Vec<super::trust::PendingJoin>,
 }
 
 impl Net {
@@ -48,9 +45,9 @@ impl Net {
             rx,
             rep: Some(Replicator::new(hold_all)),
             peers: HashMap::new(),
-            subscribed: HashSet::new(),
             next_tick: Instant::now() + ANTI_ENTROPY,
             wants: Vec::new(),
+            joins: Vec::new(),
         }
     }
 
@@ -59,6 +56,7 @@ impl Net {
         self.wants
             .iter()
             .map(|w| w.deadline)
+            .chain(self.joins.iter().map(|j| j.deadline))
             .chain(std::iter::once(self.next_tick))
             .min()
             .unwrap_or(self.next_tick)
@@ -92,7 +90,6 @@ impl MapHost for Engine {
         if !self.catalog.contains(sid) {
             let id = self.catalog.identity().clone();
             self.catalog.insert(MapReplica::empty(id, sid.clone()));
-            self.subscribe(sid);
         }
         self.catalog.by_sid(sid)
     }
@@ -136,46 +133,31 @@ impl Engine {
         }
     }
 
-    /// Subscribes to a map's gossip.
-    pub(super) fn subscribe(&mut self, sid: &MapSid) {
-        if let Some(n) = self.net.as_mut() {
-            if n.subscribed.insert(sid.clone()) {
-                n.handle.subscribe(&topic(sid));
-            }
-        }
-    }
-
-    /// Subscribes to every stored map (at start).
-    pub(super) fn subscribe_stored(&mut self) {
-        let sids: Vec<MapSid> = self.on_disk.keys().cloned().collect();
-        for s in sids {
-            self.subscribe(&s);
-        }
-    }
-
     /// A map this node just started holding: subscribe, and tell the peers.
     pub(super) fn announce(&mut self, sid: &MapSid) {
         if self.net.is_none() {
             return;
         }
-        self.subscribe(sid);
         let sid = sid.clone();
         if let Some(out) = self.with_rep(|rep, host| rep.announce(&[sid], host)) {
             self.send_all(out);
         }
     }
 
-    /// Gossips the local changes of one commit of a map.
+    /// Pushes the local changes of one commit of a map to every peer holding it (and allowed
+    /// to read it).
     pub(super) fn gossip(&mut self, sid: &MapSid, changes: &[(DocAddr, Vec<u8>)]) {
         let Some(n) = &self.net else { return };
-        if changes.is_empty() {
+        if changes.is_empty() || n.peers.is_empty() {
             return;
         }
         let (msgs, too_large) = Replicator::gossip(sid, changes.to_vec());
-        let t = topic(sid);
-        for m in msgs {
-            n.handle.publish(&t, m);
-        }
+        let out = n
+            .rep
+            .as_ref()
+            .map(|rep| rep.push(sid, &msgs, None))
+            .unwrap_or_default();
+        self.send_all(out);
         if too_large {
             let sid = sid.clone();
             if let Some(out) = self.with_rep(|rep, host| rep.nudge(&sid, host)) {
@@ -189,8 +171,15 @@ impl Engine {
         match ev {
             NetEvent::PeerUp(p) => {
                 let key = p.to_string();
+                let grant = self.trust.grant(&key).unwrap_or_default();
                 if let Some(n) = self.net.as_mut() {
                     n.peers.insert(key.clone(), p);
+                    if let Some(rep) = n.rep.as_mut() {
+                        // Configured, stored or swarm-wide trust: the network only brings up
+                        // trusted peers; a peer without a record (trust_all, swarm key) gets
+                        // every map.
+                        rep.set_grant(&key, grant);
+                    }
                 }
                 if let Some(out) = self.with_rep(|rep, host| rep.peer_up(&key, host)) {
                     self.send_all(out);
@@ -207,9 +196,9 @@ impl Engine {
             }
             NetEvent::Direct { peer, msgs } => {
                 let key = peer.to_string();
-                if let Some(n) = self.net.as_mut() {
-                    // A message can race the connection event.
-                    n.peers.entry(key.clone()).or_insert(peer);
+                // Only peers that are up (trusted) are heard; an untrusted one raced here.
+                if !self.net.as_ref().is_some_and(|n| n.peers.contains_key(&key)) {
+                    return;
                 }
                 for bytes in msgs {
                     let r = self.with_rep(|rep, host| rep.receive(&key, &bytes, host, now));
@@ -224,35 +213,12 @@ impl Engine {
                     }
                 }
             }
-            NetEvent::Gossip {
-                peer,
-                id,
-                topic: t,
-                data,
-            } => {
-                let key = peer.to_string();
-                let r = self.with_rep(|rep, host| rep.receive_gossip(&key, &data, host, now));
-                self.reload_poisoned();
-                let verdict = match r {
-                    Some(Ok(g)) => {
-                        self.send_all(g.out);
-                        if g.relay {
-                            Verdict::Accept
-                        } else {
-                            Verdict::Ignore
-                        }
-                    }
-                    Some(Err(v)) => {
-                        self.punish(peer, format!("gossip on {t}: {}", v.0));
-                        Verdict::Reject
-                    }
-                    None => Verdict::Ignore,
-                };
-                if let Some(n) = &self.net {
-                    n.handle.verdict(id, peer, verdict);
-                }
-            }
+            NetEvent::JoinRequest {
+                peer, id, request, ..
+            } => self.on_join_request(peer, id, &request, now),
+            NetEvent::JoinAnswer { peer, answer } => self.on_join_answer(peer, answer, now),
         }
+        self.note_refusals(now);
     }
 
     fn punish(&mut self, peer: PeerId, reason: String) {
@@ -271,6 +237,7 @@ impl Engine {
         if self.net.is_none() {
             return;
         }
+        self.expire_joins();
         if let Some(out) = self.with_rep(|rep, host| rep.take_nudges(host)) {
             self.send_all(out);
         }
