@@ -1,16 +1,18 @@
-//! Two nodes on this machine, joined over libp2p on 127.0.0.1: a write on one arrives on the
-//! other as a remote event, and a map that only the first node has is opened on the second.
+//! Two nodes on this machine, joined over libp2p on 127.0.0.1 by an invitation: a write on one
+//! arrives on the other as a remote event, and a map that only the first node has is opened on
+//! the second. Nodes exchange maps only with peers they trust: B joins A with A's ticket.
 //!
 //! `cargo run --example two_nodes`
 
 use std::time::Duration;
 
 use serde_json::json;
+use syncmesh::trust::InviteOptions;
 use syncmesh::{EventKind, Node};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Node A listens on a free port; node B is told to keep a connection to it.
+    // Node A listens on a free port and invites B.
     let a = Node::builder()
         .listen("/ip4/127.0.0.1/tcp/0".parse()?)
         .mdns(false)
@@ -28,12 +30,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .set("david", json!({"phone_number": 12345678, "country": "UK"}))
         .await?;
 
+    // One use, ten minutes, every map: the ticket carries A's peer id, addresses and a secret.
+    let invite = a.invite(InviteOptions::default()).await?;
+    println!("A's ticket: {}", invite.ticket);
+
     let b = Node::builder()
         .listen("/ip4/127.0.0.1/tcp/0".parse()?)
-        .peer(a_addr.parse()?)
         .mdns(false)
         .open()
         .await?;
+    // Both now trust each other (stored: it survives restarts) and B keeps dialing A.
+    let inviter = b.join(&invite.ticket).await?;
+    println!("B joined {}", inviter.peer_id);
     while b.network().is_none_or(|n| n.connected.is_empty()) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -36,6 +36,8 @@ pub async fn raw_peer(
     let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());
     cfg.peers = vec![to.clone()];
     cfg.mdns = false;
+    // The raw peer talks to whoever it reaches; the node under test decides whom it trusts.
+    cfg.trust_all = true;
     let (h, mut rx) = syncmesh_net::start(cfg).unwrap();
     let peer = tokio::time::timeout(DEADLINE, async {
         loop {

@@ -64,6 +64,8 @@ async fn node_role() {
     let mut b = Node::builder()
         .data_dir(&dir)
         .mdns(false)
+        // The bench's processes form an isolated mesh on loopback.
+        .trust_all(true)
         .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap());
     if let Ok(peers) = std::env::var("SYNCMESH_BENCH_PEERS") {
         for p in peers.split(',').filter(|p| !p.is_empty()) {
