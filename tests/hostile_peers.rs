@@ -144,6 +144,7 @@ async fn opening_a_map_only_a_peer_has_returns_its_contents() {
         .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
         .mdns(false)
         .peer(a_addr)
+        .trust_all(true)
         .open()
         .await
         .unwrap();

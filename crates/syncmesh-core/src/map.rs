@@ -1355,6 +1355,11 @@ impl MapReplica {
         Ok(())
     }
 
+    /// Whether a document holds a change (a document this replica does not hold has none).
+    pub fn has_change(&mut self, doc: DocAddr, hash: &ChangeHash) -> bool {
+        self.knows(doc, hash).unwrap_or(false)
+    }
+
     /// Whether a document already holds a change (changes for documents this replica does
     /// not hold yet count as unknown).
     fn knows(&mut self, doc: DocAddr, hash: &ChangeHash) -> Result<bool> {
@@ -2232,10 +2237,14 @@ impl DecodedSync {
         self.changes.len()
     }
 
-    /// The message without its changes (a peer that may not write keeps them).
-    pub fn without_changes(self) -> DecodedSync {
+    /// The message without its changes, and without the heads they made (a peer that may
+    /// not write keeps its changes; were its heads kept, this node would ask for them again
+    /// and again). `known` tells the changes this node has.
+    pub fn without_changes(self, mut known: impl FnMut(&ChangeHash) -> bool) -> DecodedSync {
+        let mut msg = self.msg;
+        msg.heads.retain(|h| known(h));
         DecodedSync {
-            msg: self.msg,
+            msg,
             changes: Vec::new(),
             checked: Checked::default(),
         }

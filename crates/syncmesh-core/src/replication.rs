@@ -799,7 +799,7 @@ impl Replicator {
             if !may_write && d.change_count() > 0 {
                 // A read-only peer: its changes stay with it.
                 refused += d.change_count();
-                d = d.without_changes();
+                d = d.without_changes(|h| m.has_change(doc, h));
             }
             decoded.push((doc, d));
         }

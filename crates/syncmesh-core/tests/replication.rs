@@ -21,22 +21,21 @@ fn obj(v: serde_json::Value) -> syncmesh_core::JsonObject {
 
 struct Node {
     host: Catalog,
-    /// Gossip already seen (gossipsub de-duplicates by message id, a hash of the payload).
-    seen: std::collections::HashSet<Vec<u8>>,
     rep: Replicator,
     events: Vec<Event>,
 }
 
 enum Msg {
     Direct(String, String, Vec<u8>),
-    Gossip(String, String, Vec<u8>),
+    /// A node's own changes pushed to a peer (these may be dropped).
+    Push(String, String, Vec<u8>),
 }
 
 struct Net {
     nodes: BTreeMap<String, Node>,
     links: Vec<(String, String)>,
     queue: VecDeque<Msg>,
-    /// Drop every n-th gossip message (0: none).
+    /// Drop every n-th pushed message (0: none).
     drop_every: usize,
     gossip_seen: usize,
     violations: Vec<(String, String)>,
@@ -50,7 +49,6 @@ impl Net {
             nodes.insert(
                 n.to_string(),
                 Node {
-                    seen: Default::default(),
                     host: Catalog::new(id),
                     rep: Replicator::new(hold_all.contains(n)),
                     events: Vec::new(),
@@ -100,8 +98,8 @@ impl Net {
         }
     }
 
-    /// Flushes every node's local writes and gossips them to its direct neighbours (who relay
-    /// once more, like gossipsub's mesh).
+    /// Flushes every node's local writes and pushes them to the peers holding each map (who
+    /// pass on what is new to them).
     fn flush(&mut self) {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for n in names {
@@ -117,24 +115,11 @@ impl Net {
             }
             for (sid, changes) in by_map {
                 let (msgs, _) = Replicator::gossip(&sid, changes);
-                for bytes in msgs {
-                    self.nodes.get_mut(&n).unwrap().seen.insert(bytes.clone());
-                    self.gossip_from(&n, &n, bytes);
+                let out = self.nodes[&n].rep.push(&sid, &msgs, None);
+                for o in out {
+                    self.queue.push_back(Msg::Push(n.clone(), o.peer, o.bytes));
                 }
             }
-        }
-    }
-
-    fn gossip_from(&mut self, origin: &str, from: &str, bytes: Vec<u8>) {
-        let peers: Vec<String> = self
-            .nodes
-            .keys()
-            .filter(|p| *p != from && *p != origin && self.linked(from, p))
-            .cloned()
-            .collect();
-        for p in peers {
-            self.queue
-                .push_back(Msg::Gossip(from.to_string(), p, bytes.clone()));
         }
     }
 
@@ -167,7 +152,7 @@ impl Net {
                         Err(v) => self.violations.push((to.clone(), v.0)),
                     }
                 }
-                Msg::Gossip(from, to, bytes) => {
+                Msg::Push(from, to, bytes) => {
                     if !self.linked(&from, &to) {
                         continue;
                     }
@@ -176,20 +161,8 @@ impl Net {
                         continue;
                     }
                     let node = self.nodes.get_mut(&to).unwrap();
-                    if !node.seen.insert(bytes.clone()) {
-                        continue;
-                    }
-                    match node
-                        .rep
-                        .receive_gossip(&from, &bytes, &mut node.host, now())
-                    {
-                        Ok(g) => {
-                            self.send(&to, g.out);
-                            if g.relay {
-                                // Valid: relay it on (gossipsub forwards to its mesh).
-                                self.gossip_from(&from, &to, bytes);
-                            }
-                        }
+                    match node.rep.receive(&from, &bytes, &mut node.host, now()) {
+                        Ok(out) => self.send(&to, out),
                         Err(v) => self.violations.push((to.clone(), v.0)),
                     }
                 }
@@ -500,5 +473,83 @@ fn a_fetch_learns_when_no_peer_has_the_map() {
     net.run();
     assert!(!net.node("a").rep.nobody_has(&MapSid::for_name("exists")));
     assert_eq!(net.items("a", "exists").len(), 1);
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
+fn grants_limit_what_a_peer_receives_and_may_change() {
+    use syncmesh_core::replication::Grant;
+    // B may read "shared" only and write nothing; C has every map. B holds every map it hears
+    // of, so anything named to it would be adopted.
+    let mut net = Net::new(&["a", "b", "c"], &["b"]);
+    net.node("a").rep.set_grant(
+        "b",
+        Grant {
+            maps: Some([MapSid::for_name("shared")].into_iter().collect()),
+            write: false,
+        },
+    );
+    write(&mut net, "a", "shared", "a1", json!({"v": 1}));
+    write(&mut net, "a", "private", "p", json!({"secret": 1}));
+    net.connect("a", "b");
+    net.connect("a", "c");
+    hold(&mut net, "c", "shared");
+    hold(&mut net, "c", "private");
+    net.run();
+    assert_eq!(net.items("b", "shared").len(), 1, "B receives the shared map");
+    assert!(
+        net.node("b").host.by_sid(&MapSid::for_name("private")).is_none(),
+        "the private map is never named to B"
+    );
+    assert_eq!(net.items("c", "private").len(), 1, "C receives everything");
+    // B writes: A refuses, so neither A nor C (through A) ever has it.
+    write(&mut net, "b", "shared", "b1", json!({"v": 2}));
+    write(&mut net, "b", "private", "evil", json!({}));
+    net.run();
+    net.tick();
+    let refusals = net.node("a").rep.take_refusals();
+    assert!(
+        refusals.iter().any(|r| r.peer == "b" && r.changes > 0),
+        "{refusals:?}"
+    );
+    assert_eq!(net.items("a", "shared"), net.items("c", "shared"));
+    assert!(net.items("a", "shared").iter().all(|(k, _, _)| k != "b1"));
+    assert_eq!(net.items("a", "private").len(), 1);
+    assert_eq!(net.items("c", "private").len(), 1);
+    // B keeps its own write; A's later writes still reach it.
+    write(&mut net, "a", "shared", "a2", json!({"v": 3}));
+    net.run();
+    let b: Vec<String> = net.items("b", "shared").into_iter().map(|i| i.0).collect();
+    assert_eq!(b, vec!["a1", "a2", "b1"]);
+    // Revoking read: nothing more of the map reaches B.
+    net.node("a").rep.set_grant(
+        "b",
+        Grant {
+            maps: Some(Default::default()),
+            write: false,
+        },
+    );
+    write(&mut net, "a", "shared", "a3", json!({"v": 4}));
+    net.run();
+    net.tick();
+    assert!(net.items("b", "shared").iter().all(|(k, _, _)| k != "a3"));
+    assert!(net.items("c", "shared").iter().any(|(k, _, _)| k == "a3"));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
+fn changes_are_passed_on_along_a_line() {
+    // A - B - C: A's pushes reach C through B (B passes on what is new to it).
+    let mut net = Net::new(&["a", "b", "c"], &[]);
+    for n in ["a", "b", "c"] {
+        hold(&mut net, n, "users");
+    }
+    net.connect("a", "b");
+    net.connect("b", "c");
+    net.run();
+    write(&mut net, "a", "users", "k", json!({"v": 1}));
+    // One delivery round, no anti-entropy: only pushes and relays.
+    net.run();
+    assert_eq!(net.items("c", "users").len(), 1);
     assert!(net.violations.is_empty(), "{:?}", net.violations);
 }

@@ -269,6 +269,14 @@ impl Engine {
             return None;
         }
         let sid = r.sid();
+        // Only peers that may give it to this node are asked.
+        let someone = n
+            .rep
+            .as_ref()
+            .is_some_and(|rep| n.peers.keys().any(|p| rep.grant(p).reads(&sid)));
+        if !someone {
+            return None;
+        }
         // A map known here and removed is not fetched again.
         let known = self.catalog.get(&sid).is_some_and(MapReplica::exists);
         (!known && !self.on_disk.contains_key(&sid)).then_some(sid)

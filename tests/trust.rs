@@ -1,0 +1,402 @@
+//! A trusted mesh, with real nodes on 127.0.0.1: strangers get nothing and change nothing,
+//! invitations work once, expired and forged tickets are refused, trust survives restarts,
+//! untrusting stops exchange at once, and a read-only invitee's writes stay with it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::time::{Duration, SystemTime};
+
+#[path = "support/net.rs"]
+mod support;
+use support::wait_for;
+
+use serde_json::json;
+use syncmesh::trust::{InviteOptions, Ticket, TrustError, TrustSource};
+use syncmesh::{Error, Map, Multiaddr, Node, NodeBuilder, PageRequest, PeerId};
+
+fn local() -> Multiaddr {
+    "/ip4/127.0.0.1/tcp/0".parse().unwrap()
+}
+
+fn builder() -> NodeBuilder {
+    Node::builder().listen(local()).mdns(false)
+}
+
+async fn addr(n: &Node) -> Multiaddr {
+    let mut out = None;
+    wait_for("a listen address", || {
+        let a = n.network().unwrap().listen_addrs.first().cloned();
+        out = a.clone();
+        async move { a.is_some() }
+    })
+    .await;
+    out.unwrap().parse().unwrap()
+}
+
+fn peer_id(n: &Node) -> PeerId {
+    n.network().unwrap().peer_id.parse().unwrap()
+}
+
+async fn keys(m: &Map) -> Vec<String> {
+    m.items(PageRequest::default())
+        .await
+        .map(|p| p.items.into_iter().map(|i| i.key).collect())
+        .unwrap_or_default()
+}
+
+async fn has(m: &Map, key: &str) -> bool {
+    m.get(key).await.is_ok()
+}
+
+/// A is the inviter, B joins it with a ticket of `opts`.
+async fn pair(opts: InviteOptions) -> (Node, Node) {
+    let a = builder().open().await.unwrap();
+    addr(&a).await;
+    let b = builder().open().await.unwrap();
+    let inv = a.invite(opts).await.unwrap();
+    let inviter = b.join(&inv.ticket).await.unwrap();
+    assert_eq!(inviter.peer_id, peer_id(&a).to_string());
+    assert_eq!(inviter.source, TrustSource::Joined);
+    (a, b)
+}
+
+async fn problem_of(n: &Node, peer: &PeerId, words: &str) -> bool {
+    let p = n.peers().await.unwrap();
+    p.problems
+        .iter()
+        .any(|x| x.peer_id.as_deref() == Some(&peer.to_string()) && x.reason.contains(words))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_gets_nothing_and_changes_nothing_while_trusted_peers_sync() {
+    let (a, b) = pair(InviteOptions::default()).await;
+    let a_addr = addr(&a).await;
+    let ma = a.map("secret").await.unwrap();
+    ma.set("x", json!({"secret": "s3cr3t"})).await.unwrap();
+    let mb = b.map("secret").await.unwrap();
+    wait_for("B syncs", || has(&mb, "x")).await;
+
+    // A stranger that trusts everyone, holds every map it hears of, and dials A.
+    let s = builder()
+        .peer(a_addr.clone())
+        .trust_all(true)
+        .hold_all_maps(true)
+        .open()
+        .await
+        .unwrap();
+    let s_id = peer_id(&s);
+    // It writes to a map of the same name (same sid) and tries to push it.
+    let ms = s.map("secret").await.unwrap();
+    ms.set("x", json!({"secret": "overwritten"})).await.unwrap();
+    ms.set("evil", json!({})).await.unwrap();
+    // A answered the stranger's messages with "not trusted", and the stranger knows.
+    wait_for("the stranger learns A does not trust it", || {
+        problem_of(&s, &peer_id(&a), "does not trust this node")
+    })
+    .await;
+    wait_for("A lists the stranger's refusal", || {
+        problem_of(&a, &s_id, "not trusted")
+    })
+    .await;
+    let peers = a.peers().await.unwrap();
+    assert!(!peers.connected.contains(&s_id.to_string()));
+    assert!(!peers.trusted.iter().any(|t| t.peer_id == s_id.to_string()));
+
+    // The trusted pair goes on; a write after all that reaches B, and not the stranger.
+    ma.set("later", json!({"n": 1})).await.unwrap();
+    ms.set("evil2", json!({})).await.unwrap();
+    wait_for("B syncs the later write", || has(&mb, "later")).await;
+    wait_for("the stranger's later push was refused too", || {
+        problem_of(&a, &s_id, "not trusted")
+    })
+    .await;
+    assert_eq!(keys(&ma).await, vec!["later", "x"], "nothing of the stranger's");
+    assert_eq!(ma.get("x").await.unwrap().data["secret"], "s3cr3t");
+    assert_eq!(keys(&mb).await, vec!["later", "x"]);
+    assert_eq!(
+        keys(&ms).await,
+        vec!["evil", "evil2", "x"],
+        "the stranger has only its own writes"
+    );
+    assert_eq!(ms.get("x").await.unwrap().data["secret"], "overwritten");
+    // Nor did it learn of A's other maps.
+    a.map("other").await.unwrap().set("o", json!({})).await.unwrap();
+    assert!(s.maps().await.unwrap().iter().all(|m| m.unique_name.as_deref() != Some("other")));
+    for n in [a, b, s] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invitation_works_once_then_is_used_up() {
+    let a = builder().open().await.unwrap();
+    addr(&a).await;
+    let inv = a.invite(InviteOptions::default()).await.unwrap();
+    assert_eq!(inv.uses, 1);
+    let b = builder().open().await.unwrap();
+    b.join(&inv.ticket).await.unwrap();
+    let c = builder().open().await.unwrap();
+    let e = c.join(&inv.ticket).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::Trust(TrustError::Refused(r)) if r.contains("unknown invitation")),
+        "{e}"
+    );
+    assert!(c.peers().await.unwrap().trusted.is_empty(), "C trusts nobody");
+    let trusted: Vec<String> = a
+        .peers()
+        .await
+        .unwrap()
+        .trusted
+        .into_iter()
+        .map(|t| t.peer_id)
+        .collect();
+    assert_eq!(trusted, vec![peer_id(&b).to_string()], "A trusts B only");
+    // A map on A reaches B, never C (although C is connected to A for its join).
+    let ma = a.map("m").await.unwrap();
+    ma.set("k", json!({})).await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    wait_for("B syncs", || has(&mb, "k")).await;
+    let e = c.open_existing("m").await.unwrap_err();
+    assert_eq!(e.code(), 54200, "{e}");
+    // Several uses: exactly that many joins.
+    let inv = a
+        .invite(InviteOptions {
+            uses: 2,
+            ..InviteOptions::default()
+        })
+        .await
+        .unwrap();
+    c.join(&inv.ticket).await.unwrap();
+    let d = builder().open().await.unwrap();
+    d.join(&inv.ticket).await.unwrap();
+    let e2 = builder().open().await.unwrap();
+    assert!(e2.join(&inv.ticket).await.is_err());
+    for n in [a, b, c, d, e2] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_forged_and_damaged_tickets_are_refused_and_trust_nobody() {
+    let a = builder().open().await.unwrap();
+    addr(&a).await;
+    let b = builder().open().await.unwrap();
+
+    // Damaged.
+    let e = b.join("smt1notaticket").await.unwrap_err();
+    assert!(matches!(e, Error::Trust(TrustError::BadTicket(_))), "{e}");
+    // Forged: A's real id and addresses, a secret of the forger's choosing.
+    let inv = a.invite(InviteOptions::default()).await.unwrap();
+    let mut t = Ticket::parse(&inv.ticket).unwrap();
+    t.secret = [0x42; 16];
+    let e = b.join(&t.encode()).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::Trust(TrustError::Refused(r)) if r.contains("forged")),
+        "{e}"
+    );
+    // Expired.
+    let short = a
+        .invite(InviteOptions {
+            ttl: Duration::from_secs(1),
+            ..InviteOptions::default()
+        })
+        .await
+        .unwrap();
+    let expires = SystemTime::UNIX_EPOCH
+        + Duration::from_millis(u64::try_from(short.expires.millis()).unwrap());
+    while SystemTime::now() <= expires + Duration::from_millis(50) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = b.join(&short.ticket).await.unwrap_err();
+    assert!(
+        matches!(&e, Error::Trust(TrustError::Refused(r)) if r.contains("expired")),
+        "{e}"
+    );
+    // Its own ticket.
+    let e = a.join(&inv.ticket).await.unwrap_err();
+    assert!(matches!(e, Error::Trust(TrustError::OwnTicket)), "{e}");
+    // Nobody trusts anybody; the refusals are visible on A.
+    assert!(a.peers().await.unwrap().trusted.is_empty());
+    assert!(b.peers().await.unwrap().trusted.is_empty());
+    assert!(problem_of(&a, &peer_id(&b), "join refused").await);
+    // The unspent (forged-against) invitation still works for the right secret.
+    b.join(&inv.ticket).await.unwrap();
+    for n in [a, b] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_survives_restarts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let a_listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let open_a = || {
+        Node::builder()
+            .data_dir(da.path())
+            .listen(a_listen.clone())
+            .mdns(false)
+            .open()
+    };
+    let open_b = || builder().data_dir(db.path()).open();
+    let a = open_a().await.unwrap();
+    addr(&a).await;
+    let b = open_b().await.unwrap();
+    let inv = a.invite(InviteOptions::default()).await.unwrap();
+    b.join(&inv.ticket).await.unwrap();
+    a.map("m").await.unwrap().set("before", json!({})).await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    wait_for("B syncs", || has(&mb, "before")).await;
+    drop(mb);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+
+    // Both restart; B was given no peer: it dials A from its stored trust.
+    let a = open_a().await.unwrap();
+    let b = open_b().await.unwrap();
+    let ma = a.map("m").await.unwrap();
+    ma.set("after", json!({})).await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    wait_for("B syncs after both restarted", || has(&mb, "after")).await;
+    mb.set("from_b", json!({})).await.unwrap();
+    wait_for("A syncs B's write", || has(&ma, "from_b")).await;
+    let pa = a.peers().await.unwrap();
+    assert_eq!(pa.trusted.len(), 1);
+    assert_eq!(pa.trusted[0].source, TrustSource::Invited);
+    assert!(pa.trusted[0].connected);
+    drop((ma, mb));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusting_a_peer_stops_exchange_at_once() {
+    let (a, b) = pair(InviteOptions::default()).await;
+    let ma = a.map("m").await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    ma.set("first", json!({})).await.unwrap();
+    wait_for("B syncs", || has(&mb, "first")).await;
+
+    assert!(a.untrust(peer_id(&b)).await.unwrap());
+    assert!(!a.untrust(peer_id(&b)).await.unwrap(), "already untrusted");
+    // At once: the next write is not sent, and B's are not taken.
+    ma.set("after", json!({})).await.unwrap();
+    let peers = a.peers().await.unwrap();
+    assert!(peers.trusted.is_empty());
+    assert!(!peers.connected.contains(&peer_id(&b).to_string()));
+    // B still trusts A, redials it and pushes its write: A refuses it, and B is told so.
+    mb.set("from_b", json!({})).await.unwrap();
+    wait_for("B learns A no longer trusts it", || {
+        problem_of(&b, &peer_id(&a), "does not trust this node")
+    })
+    .await;
+    // A write B makes now is refused as well (A answers, it does not apply).
+    mb.set("from_b2", json!({})).await.unwrap();
+    wait_for("A refused B's data", || {
+        problem_of(&a, &peer_id(&b), "not trusted")
+    })
+    .await;
+    // B's anti-entropy and pushes are answered "not trusted"; A still holds only its own.
+    assert_eq!(keys(&ma).await, vec!["after", "first"]);
+    assert_eq!(keys(&mb).await, vec!["first", "from_b", "from_b2"]);
+    // Trusting it again resumes exchange (both ways).
+    a.trust(peer_id(&b), vec![]).await.unwrap();
+    wait_for("B catches up after being trusted again", || has(&mb, "after")).await;
+    wait_for("A gets B's writes", || has(&ma, "from_b2")).await;
+    drop((ma, mb));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_invitee_receives_only_its_maps_and_its_writes_stay_local() {
+    let (a, b) = pair(InviteOptions {
+        maps: vec!["shared".into()],
+        write: false,
+        ..InviteOptions::default()
+    })
+    .await;
+    let ma = a.map("shared").await.unwrap();
+    let private = a.map("private").await.unwrap();
+    private.set("p", json!({"secret": 1})).await.unwrap();
+    ma.set("a1", json!({})).await.unwrap();
+    let mb = b.map("shared").await.unwrap();
+    wait_for("B receives the shared map", || has(&mb, "a1")).await;
+
+    // B's writes to the shared map are refused by A (counted, not stored).
+    mb.set("b1", json!({})).await.unwrap();
+    wait_for("A refuses B's change", || async {
+        let p = a.peers().await.unwrap();
+        p.refused_changes > 0 && p.trusted[0].refused_changes > 0
+    })
+    .await;
+    assert!(problem_of(&a, &peer_id(&b), "may not write").await);
+    ma.set("a2", json!({})).await.unwrap();
+    wait_for("B still receives A's writes", || has(&mb, "a2")).await;
+    assert_eq!(keys(&ma).await, vec!["a1", "a2"], "B's write is not on A");
+    assert_eq!(keys(&mb).await, vec!["a1", "a2", "b1"], "it stays on B");
+
+    // The private map never reaches B: asking for it finds nobody who has it.
+    let e = b.open_existing("private").await.unwrap_err();
+    assert_eq!(e.code(), 54200, "{e}");
+    // A map of the same name created on B stays apart from A's.
+    let pb = b.map("private").await.unwrap();
+    pb.set("b", json!({})).await.unwrap();
+    ma.set("a3", json!({})).await.unwrap();
+    wait_for("B receives a later shared write", || has(&mb, "a3")).await;
+    assert_eq!(keys(&private).await, vec!["p"]);
+    assert_eq!(keys(&pb).await, vec!["b"]);
+    let g = &b.peers().await.unwrap().trusted[0];
+    assert_eq!(g.source, TrustSource::Joined);
+    assert_eq!(g.maps.as_ref().map(Vec::len), Some(1), "B shares back only the shared map");
+    drop((ma, mb, private, pb));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trusting_by_id_on_both_sides_connects_static_peers() {
+    let a = builder().open().await.unwrap();
+    let a_addr = addr(&a).await;
+    // B dials A, but until A trusts B nothing is exchanged.
+    let b = builder()
+        .peer(a_addr.clone())
+        .trust(peer_id(&a))
+        .open()
+        .await
+        .unwrap();
+    let ma = a.map("m").await.unwrap();
+    ma.set("k", json!({})).await.unwrap();
+    wait_for("B learns A does not trust it", || {
+        problem_of(&b, &peer_id(&a), "does not trust this node")
+    })
+    .await;
+    let mb = b.map("m").await.unwrap();
+    assert!(!has(&mb, "k").await);
+    a.trust(peer_id(&b), vec![]).await.unwrap();
+    wait_for("B syncs once trusted both ways", || has(&mb, "k")).await;
+    let pb = b.peers().await.unwrap();
+    assert_eq!(pb.trusted[0].source, TrustSource::Config);
+    drop((ma, mb));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_needs_a_network_and_valid_input() {
+    let n = Node::in_memory().await.unwrap();
+    assert!(matches!(
+        n.invite(InviteOptions::default()).await,
+        Err(Error::NoNetwork)
+    ));
+    let a = Node::builder().mdns(true).open().await.unwrap();
+    // On a network, but listening nowhere: no ticket could reach it.
+    let e = a.invite(InviteOptions::default()).await.unwrap_err();
+    assert!(e.to_string().contains("listen"), "{e}");
+    n.close().await.unwrap();
+    a.close().await.unwrap();
+}
