@@ -110,7 +110,11 @@ async fn a_stranger_gets_nothing_and_changes_nothing_while_trusted_peers_sync() 
         problem_of(a.clone(), s_id, "not trusted")
     })
     .await;
-    assert_eq!(keys(&ma).await, vec!["later", "x"], "nothing of the stranger's");
+    assert_eq!(
+        keys(&ma).await,
+        vec!["later", "x"],
+        "nothing of the stranger's"
+    );
     assert_eq!(ma.get("x").await.unwrap().data["secret"], "s3cr3t");
     assert_eq!(keys(&mb).await, vec!["later", "x"]);
     assert_eq!(
@@ -120,8 +124,18 @@ async fn a_stranger_gets_nothing_and_changes_nothing_while_trusted_peers_sync() 
     );
     assert_eq!(ms.get("x").await.unwrap().data["secret"], "overwritten");
     // Nor did it learn of A's other maps.
-    a.map("other").await.unwrap().set("o", json!({})).await.unwrap();
-    assert!(s.maps().await.unwrap().iter().all(|m| m.unique_name.as_deref() != Some("other")));
+    a.map("other")
+        .await
+        .unwrap()
+        .set("o", json!({}))
+        .await
+        .unwrap();
+    assert!(s
+        .maps()
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.unique_name.as_deref() != Some("other")));
     for n in [a, b, s] {
         n.close().await.unwrap();
     }
@@ -141,7 +155,10 @@ async fn an_invitation_works_once_then_is_used_up() {
         matches!(&e, Error::Trust(TrustError::Refused(r)) if r.contains("unknown invitation")),
         "{e}"
     );
-    assert!(c.peers().await.unwrap().trusted.is_empty(), "C trusts nobody");
+    assert!(
+        c.peers().await.unwrap().trusted.is_empty(),
+        "C trusts nobody"
+    );
     let trusted: Vec<String> = a
         .peers()
         .await
@@ -248,7 +265,12 @@ async fn trust_survives_restarts() {
     let b = open_b().await.unwrap();
     let inv = a.invite(InviteOptions::default()).await.unwrap();
     b.join(&inv.ticket).await.unwrap();
-    a.map("m").await.unwrap().set("before", json!({})).await.unwrap();
+    a.map("m")
+        .await
+        .unwrap()
+        .set("before", json!({}))
+        .await
+        .unwrap();
     let mb = b.map("m").await.unwrap();
     wait_for("B syncs", || has(&mb, "before")).await;
     drop(mb);
@@ -305,7 +327,10 @@ async fn untrusting_a_peer_stops_exchange_at_once() {
     assert_eq!(keys(&mb).await, vec!["first", "from_b", "from_b2"]);
     // Trusting it again resumes exchange (both ways).
     a.trust(peer_id(&b), vec![]).await.unwrap();
-    wait_for("B catches up after being trusted again", || has(&mb, "after")).await;
+    wait_for("B catches up after being trusted again", || {
+        has(&mb, "after")
+    })
+    .await;
     wait_for("A gets B's writes", || has(&ma, "from_b2")).await;
     drop((ma, mb));
     a.close().await.unwrap();
@@ -354,7 +379,11 @@ async fn a_read_only_invitee_receives_only_its_maps_and_its_writes_stay_local() 
     assert_eq!(keys(&pb).await, vec!["b"]);
     let g = &b.peers().await.unwrap().trusted[0];
     assert_eq!(g.source, TrustSource::Joined);
-    assert_eq!(g.maps.as_ref().map(Vec::len), Some(1), "B shares back only the shared map");
+    assert_eq!(
+        g.maps.as_ref().map(Vec::len),
+        Some(1),
+        "B shares back only the shared map"
+    );
     drop((ma, mb, private, pb));
     a.close().await.unwrap();
     b.close().await.unwrap();

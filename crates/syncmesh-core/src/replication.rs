@@ -244,6 +244,8 @@ pub struct Refusal {
 #[derive(Default)]
 struct PeerState {
     grant: Grant,
+    /// Per map, changes offered to this peer by sync while it may not write the map.
+    offered: HashMap<MapSid, std::collections::HashSet<automerge::ChangeHash>>,
     hold_all: bool,
     /// Maps the peer said it holds.
     held: BTreeSet<MapSid>,
@@ -288,6 +290,7 @@ impl Replicator {
             p.grant = grant.clone();
             let g = &p.grant;
             p.held.retain(|s| g.reads(s));
+            p.offered.clear();
             p.sessions.retain(|(s, _), _| g.reads(s));
             p.their_docs.retain(|s, _| g.reads(s));
         }
@@ -816,7 +819,14 @@ impl Replicator {
                 continue;
             }
             match m.sync_generate(doc, state, now) {
-                Ok(Some(reply)) => replies.push((doc, Bytes(reply))),
+                Ok(Some(reply)) => {
+                    // A peer whose changes this node refuses never agrees on heads with it, so
+                    // Automerge's exchange would not end: to such a peer a reply goes only when
+                    // it offers changes not offered before (it has nothing to ask of it).
+                    if may_write || offers_something_new(&mut p.offered, &sid, &reply) {
+                        replies.push((doc, Bytes(reply)));
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(map = %sid, "sync message for {doc:?} failed: {e}"),
             }
@@ -860,7 +870,11 @@ impl Replicator {
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Result<GossipOutcome, Violation> {
-        let grant = self.peers.get(peer).map(|p| p.grant.clone()).unwrap_or_default();
+        let grant = self
+            .peers
+            .get(peer)
+            .map(|p| p.grant.clone())
+            .unwrap_or_default();
         if !grant.reads(&sid) {
             // Not a map this peer is given: nothing it says about it is taken.
             return Ok(GossipOutcome {
@@ -947,6 +961,25 @@ impl Replicator {
     }
 }
 
+/// Whether a sync message carries a change not offered to the peer before (and notes them).
+fn offers_something_new(
+    offered: &mut HashMap<MapSid, std::collections::HashSet<automerge::ChangeHash>>,
+    sid: &MapSid,
+    msg: &[u8],
+) -> bool {
+    let Ok(m) = sync::Message::decode(msg) else {
+        return false;
+    };
+    let seen = offered.entry(sid.clone()).or_default();
+    let mut new = false;
+    for chunk in m.changes.iter() {
+        if let Ok(c) = Change::from_bytes(chunk.to_vec()) {
+            new |= seen.insert(c.hash());
+        }
+    }
+    new
+}
+
 fn msg_sids(w: &Wire) -> Vec<MapSid> {
     match w {
         Wire::Hello { maps, .. } => maps.iter().map(|(s, _)| s.clone()).collect(),
@@ -979,6 +1012,8 @@ fn start_sessions(
     m: &mut MapReplica,
     now: Timestamp,
 ) -> Vec<Outgoing> {
+    // A new session may offer everything again (what was offered may have been lost).
+    p.offered.remove(sid);
     let Some(theirs) = p.their_docs.get(sid) else {
         return Vec::new();
     };

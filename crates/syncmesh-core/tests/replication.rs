@@ -3,228 +3,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
 
-use std::collections::{BTreeMap, VecDeque};
-
 use serde_json::json;
-use syncmesh_core::replication::{Outgoing, Replicator, Wire};
-use syncmesh_core::{
-    Catalog, DocAddr, Event, Identity, MapReplica, MapSid, MapSpec, NodeId, Timestamp, WriteOptions,
-};
+use syncmesh_core::replication::{Replicator, Wire};
+use syncmesh_core::{DocAddr, Identity, MapReplica, MapSid, NodeId};
 
-fn now() -> Timestamp {
-    Timestamp::from_millis(1_700_000_000_000)
-}
-
-fn obj(v: serde_json::Value) -> syncmesh_core::JsonObject {
-    v.as_object().cloned().unwrap()
-}
-
-struct Node {
-    host: Catalog,
-    rep: Replicator,
-    events: Vec<Event>,
-}
-
-enum Msg {
-    Direct(String, String, Vec<u8>),
-    /// A node's own changes pushed to a peer (these may be dropped).
-    Push(String, String, Vec<u8>),
-}
-
-struct Net {
-    nodes: BTreeMap<String, Node>,
-    links: Vec<(String, String)>,
-    queue: VecDeque<Msg>,
-    /// Drop every n-th pushed message (0: none).
-    drop_every: usize,
-    gossip_seen: usize,
-    violations: Vec<(String, String)>,
-}
-
-impl Net {
-    fn new(names: &[&str], hold_all: &[&str]) -> Net {
-        let mut nodes = BTreeMap::new();
-        for (i, n) in names.iter().enumerate() {
-            let id = Identity::new(NodeId([i as u8 + 1; 16]), n.as_bytes());
-            nodes.insert(
-                n.to_string(),
-                Node {
-                    host: Catalog::new(id),
-                    rep: Replicator::new(hold_all.contains(n)),
-                    events: Vec::new(),
-                },
-            );
-        }
-        Net {
-            nodes,
-            links: Vec::new(),
-            queue: VecDeque::new(),
-            drop_every: 0,
-            gossip_seen: 0,
-            violations: Vec::new(),
-        }
-    }
-
-    fn node(&mut self, n: &str) -> &mut Node {
-        self.nodes.get_mut(n).unwrap()
-    }
-
-    fn linked(&self, a: &str, b: &str) -> bool {
-        self.links
-            .iter()
-            .any(|(x, y)| (x == a && y == b) || (x == b && y == a))
-    }
-
-    fn connect(&mut self, a: &str, b: &str) {
-        self.links.push((a.to_string(), b.to_string()));
-        for (x, y) in [(a, b), (b, a)] {
-            let node = self.nodes.get_mut(x).unwrap();
-            let out = node.rep.peer_up(y, &mut node.host);
-            self.send(x, out);
-        }
-    }
-
-    fn disconnect(&mut self, a: &str, b: &str) {
-        self.links
-            .retain(|(x, y)| !((x == a && y == b) || (x == b && y == a)));
-        self.node(a).rep.peer_down(b);
-        self.node(b).rep.peer_down(a);
-    }
-
-    fn send(&mut self, from: &str, out: Vec<Outgoing>) {
-        for o in out {
-            self.queue
-                .push_back(Msg::Direct(from.to_string(), o.peer, o.bytes));
-        }
-    }
-
-    /// Flushes every node's local writes and pushes them to the peers holding each map (who
-    /// pass on what is new to them).
-    fn flush(&mut self) {
-        let names: Vec<String> = self.nodes.keys().cloned().collect();
-        for n in names {
-            let node = self.nodes.get_mut(&n).unwrap();
-            let mut by_map: BTreeMap<MapSid, Vec<(DocAddr, Vec<u8>)>> = BTreeMap::new();
-            for m in node.host.maps_mut() {
-                m.flush(now()).unwrap();
-                for c in m.take_outgoing() {
-                    by_map.entry(c.map).or_default().push((c.doc, c.bytes));
-                }
-                node.events.extend(m.take_events());
-                m.take_received();
-            }
-            for (sid, changes) in by_map {
-                let (msgs, _) = Replicator::gossip(&sid, changes);
-                let out = self.nodes[&n].rep.push(&sid, &msgs, None);
-                for o in out {
-                    self.queue.push_back(Msg::Push(n.clone(), o.peer, o.bytes));
-                }
-            }
-        }
-    }
-
-    /// Delivers messages until none is left.
-    fn run(&mut self) {
-        let mut steps = 0;
-        loop {
-            self.flush();
-            if self.queue.is_empty() {
-                let names: Vec<String> = self.nodes.keys().cloned().collect();
-                for n in names {
-                    let node = self.nodes.get_mut(&n).unwrap();
-                    let out = node.rep.take_nudges(&mut node.host);
-                    self.send(&n, out);
-                }
-            }
-            let Some(msg) = self.queue.pop_front() else {
-                break;
-            };
-            steps += 1;
-            assert!(steps < 200_000, "the protocol does not quiesce");
-            match msg {
-                Msg::Direct(from, to, bytes) => {
-                    if !self.linked(&from, &to) {
-                        continue;
-                    }
-                    let node = self.nodes.get_mut(&to).unwrap();
-                    match node.rep.receive(&from, &bytes, &mut node.host, now()) {
-                        Ok(out) => self.send(&to, out),
-                        Err(v) => self.violations.push((to.clone(), v.0)),
-                    }
-                }
-                Msg::Push(from, to, bytes) => {
-                    if !self.linked(&from, &to) {
-                        continue;
-                    }
-                    self.gossip_seen += 1;
-                    if self.drop_every > 0 && self.gossip_seen.is_multiple_of(self.drop_every) {
-                        continue;
-                    }
-                    let node = self.nodes.get_mut(&to).unwrap();
-                    match node.rep.receive(&from, &bytes, &mut node.host, now()) {
-                        Ok(out) => self.send(&to, out),
-                        Err(v) => self.violations.push((to.clone(), v.0)),
-                    }
-                }
-            }
-        }
-    }
-
-    /// Anti-entropy round on every node.
-    fn tick(&mut self) {
-        let names: Vec<String> = self.nodes.keys().cloned().collect();
-        for n in names {
-            let node = self.nodes.get_mut(&n).unwrap();
-            let out = node.rep.tick(&mut node.host);
-            self.send(&n, out);
-        }
-        self.run();
-    }
-
-    fn items(&mut self, n: &str, map: &str) -> Vec<(String, serde_json::Value, String)> {
-        let node = self.node(n);
-        let sid = syncmesh_core::MapRef::parse(map).unwrap().sid();
-        match node.host.by_sid(&sid) {
-            Some(m) => m
-                .all_items(now())
-                .into_iter()
-                .map(|i| {
-                    (
-                        i.key.clone(),
-                        serde_json::Value::Object(i.data.clone()),
-                        i.revision.to_string(),
-                    )
-                })
-                .collect(),
-            None => Vec::new(),
-        }
-    }
-
-    fn digest(&mut self, n: &str, map: &str) -> u64 {
-        let sid = syncmesh_core::MapRef::parse(map).unwrap().sid();
-        let node = self.node(n);
-        node.host.by_sid(&sid).map_or(0, |m| m.digest().unwrap())
-    }
-}
-
-fn write(net: &mut Net, n: &str, map: &str, key: &str, v: serde_json::Value) {
-    let node = net.node(n);
-    let (m, _) = node
-        .host
-        .open(&MapSpec::named(map), [7; 16], now())
-        .unwrap();
-    m.set(key, obj(v), &WriteOptions::default(), now()).unwrap();
-}
-
-/// `n` starts holding `map` empty (opening a map that only peers have).
-fn hold(net: &mut Net, n: &str, map: &str) {
-    let sid = MapSid::for_name(map);
-    let node = net.node(n);
-    let id = node.host.identity().clone();
-    node.host.insert(MapReplica::empty(id, sid.clone()));
-    let out = node.rep.announce(&[sid], &mut node.host);
-    net.send(n, out);
-}
+#[path = "support/wire_net.rs"]
+mod wire_net;
+use wire_net::*;
 
 #[test]
 fn a_late_peer_catches_up_and_sees_remote_events() {
@@ -496,9 +281,16 @@ fn grants_limit_what_a_peer_receives_and_may_change() {
     hold(&mut net, "c", "shared");
     hold(&mut net, "c", "private");
     net.run();
-    assert_eq!(net.items("b", "shared").len(), 1, "B receives the shared map");
+    assert_eq!(
+        net.items("b", "shared").len(),
+        1,
+        "B receives the shared map"
+    );
     assert!(
-        net.node("b").host.by_sid(&MapSid::for_name("private")).is_none(),
+        net.node("b")
+            .host
+            .by_sid(&MapSid::for_name("private"))
+            .is_none(),
         "the private map is never named to B"
     );
     assert_eq!(net.items("c", "private").len(), 1, "C receives everything");

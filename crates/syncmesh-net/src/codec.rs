@@ -131,7 +131,12 @@ impl request_response::Codec for Codec {
         io.close().await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, ack: Ack) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        ack: Ack,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -184,14 +189,24 @@ impl request_response::Codec for JoinCodec {
         read_one(io).await
     }
 
-    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, m: Vec<u8>) -> io::Result<()>
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        m: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_one(io, &m).await
     }
 
-    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, m: Vec<u8>) -> io::Result<()>
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        m: Vec<u8>,
+    ) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -279,9 +294,9 @@ mod tests {
             .unwrap();
         assert_eq!(got, b"join");
         let huge = u32::try_from(MAX_JOIN_MESSAGE + 1).unwrap().to_be_bytes();
-        assert!(
-            run(JoinCodec.read_request(&JOIN_PROTOCOL, &mut futures::io::Cursor::new(&huge[..])))
-                .is_err()
-        );
+        assert!(run(
+            JoinCodec.read_request(&JOIN_PROTOCOL, &mut futures::io::Cursor::new(&huge[..]))
+        )
+        .is_err());
     }
 }

@@ -19,9 +19,7 @@ use libp2p::{
 use tokio::sync::mpsc;
 
 use crate::codec::{Ack, Codec, JoinCodec, JOIN_PROTOCOL, PROTOCOL};
-use crate::{
-    Command, Discovered, JoinId, NetConfig, NetError, NetEvent, NetStatus, PeerProblem,
-};
+use crate::{Command, Discovered, JoinId, NetConfig, NetError, NetEvent, NetStatus, PeerProblem};
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -406,9 +404,7 @@ impl Runner {
         let expired: Vec<PeerId> = self
             .untrusted
             .iter()
-            .filter(|(p, since)| {
-                now >= **since && !self.joining.contains_key(p)
-            })
+            .filter(|(p, since)| now >= **since && !self.joining.contains_key(p))
             .map(|(p, _)| *p)
             .collect();
         for p in expired {
@@ -573,7 +569,9 @@ impl Runner {
                 }
             }
             SwarmEvent::IncomingConnectionError {
-                error, send_back_addr, ..
+                error,
+                send_back_addr,
+                ..
             } => {
                 let reason = format!(
                     "an incoming connection failed (a wrong swarm key, or not a syncmesh node): {error}"
@@ -636,7 +634,10 @@ impl Runner {
                 error,
                 ..
             }) => {
-                if matches!(error, request_response::OutboundFailure::UnsupportedProtocols) {
+                if matches!(
+                    error,
+                    request_response::OutboundFailure::UnsupportedProtocols
+                ) {
                     self.problem(
                         Some(peer),
                         None,
@@ -696,20 +697,19 @@ impl Runner {
             },
             BehaviourEvent::Join(request_response::Event::OutboundFailure {
                 peer, error, ..
-            })
-                if self.joining.remove(&peer).is_some() => {
-                    let reason = match error {
+            }) if self.joining.remove(&peer).is_some() => {
+                let reason = match error {
                         request_response::OutboundFailure::UnsupportedProtocols => {
                             "the inviter does not speak the join protocol (an older syncmesh, or not a syncmesh node)".to_string()
                         }
                         e => format!("the join request failed: {e}"),
                     };
-                    self.emit(NetEvent::JoinAnswer {
-                        peer,
-                        answer: Err(reason),
-                    })
-                    .await;
-                }
+                self.emit(NetEvent::JoinAnswer {
+                    peer,
+                    answer: Err(reason),
+                })
+                .await;
+            }
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 let now = now_sys();
                 for (peer, addr) in list {
@@ -778,7 +778,8 @@ impl Runner {
             }
             Command::Untrust(peer) => {
                 self.trusted.remove(&peer);
-                self.statics.retain(|s| s.peer != Some(peer) || peer_of(&s.addr).is_none());
+                self.statics
+                    .retain(|s| s.peer != Some(peer) || peer_of(&s.addr).is_none());
                 if !self.is_trusted(&peer) {
                     self.bring_down(peer).await;
                     let _ = self.swarm.disconnect_peer_id(peer);
@@ -806,7 +807,11 @@ impl Runner {
             }
             Command::AnswerJoin { id, answer, close } => {
                 if let Some((peer, channel)) = self.join_channels.remove(&id) {
-                    let _ = self.swarm.behaviour_mut().join.send_response(channel, answer);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .join
+                        .send_response(channel, answer);
                     if close {
                         // Give the answer a moment to leave: the grace period closes it.
                         self.untrusted
@@ -872,8 +877,7 @@ fn dial_reason(e: &libp2p::swarm::DialError) -> String {
         DialError::Transport(errs) => {
             let text: Vec<String> = errs.iter().map(|(a, e)| format!("{a}: {e}")).collect();
             let joined = text.join("; ");
-            if joined.contains("Handshake") || joined.contains("pnet") || joined.contains("Pnet")
-            {
+            if joined.contains("Handshake") || joined.contains("pnet") || joined.contains("Pnet") {
                 format!("the connection handshake failed (a wrong or missing swarm key?): {joined}")
             } else {
                 format!("unreachable: {joined}")

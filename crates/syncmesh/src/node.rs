@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use syncmesh_net::{Multiaddr, NetConfig, NetHandle, NetStatus, PeerId, SwarmKey};
 
 use crate::engine::{random16, Cmd, Engine, Net, Op, Reply, Shared, TrustCmd, COMMAND_QUEUE};
-use crate::trust::{Invite, InviteOptions, Peers, Ticket, TrustedPeer};
 use crate::error::{Error, Result};
+use crate::trust::{Invite, InviteOptions, Peers, Ticket, TrustedPeer};
 
 /// Events buffered for live subscribers before a slow one is told it lagged.
 const EVENT_BUFFER: usize = 4096;

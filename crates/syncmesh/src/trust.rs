@@ -313,9 +313,8 @@ impl Ticket {
         for _ in 0..count {
             let n = usize::from(r.byte().ok_or_else(|| bad("truncated"))?);
             let a = r.take(n).ok_or_else(|| bad("truncated"))?;
-            addrs.push(
-                Multiaddr::try_from(a.to_vec()).map_err(|_| bad("an address is malformed"))?,
-            );
+            addrs
+                .push(Multiaddr::try_from(a.to_vec()).map_err(|_| bad("an address is malformed"))?);
         }
         if r.at != b.len() {
             return Err(bad("trailing bytes"));
@@ -599,7 +598,9 @@ impl TrustBook {
         let expected = join_proof(&inv.secret, joiner, me);
         let given = hex::decode(&req.proof).unwrap_or_default();
         if given.len() != expected.len() || !constant_time_eq(&given, &expected) {
-            return Err(refused("the ticket's secret does not match (a forged ticket?)"));
+            return Err(refused(
+                "the ticket's secret does not match (a forged ticket?)",
+            ));
         }
         let mut writes = TrustWrites::default();
         if inv.expires_ms <= now.millis() {
@@ -666,10 +667,7 @@ impl TrustBook {
         let rec = TrustRecord {
             peer_id: key.clone(),
             addrs: ticket.addrs.iter().map(ToString::to_string).collect(),
-            since_ms: self
-                .records
-                .get(&key)
-                .map_or(now.millis(), |r| r.since_ms),
+            since_ms: self.records.get(&key).map_or(now.millis(), |r| r.since_ms),
             source: TrustSource::Joined,
             maps: maps.map(|m| {
                 m.into_iter()
@@ -734,7 +732,10 @@ mod tests {
         assert!(s.starts_with("smt1"));
         assert!(s.chars().all(|c| c.is_ascii_alphanumeric()), "{s}");
         assert_eq!(Ticket::parse(&format!("  {s}\n")).unwrap(), tk);
-        assert_eq!(Ticket::parse(&s.to_uppercase().replacen("SMT1", "smt1", 1)).unwrap(), tk);
+        assert_eq!(
+            Ticket::parse(&s.to_uppercase().replacen("SMT1", "smt1", 1)).unwrap(),
+            tk
+        );
         for bad in [
             String::new(),
             "smt1".to_string(),
@@ -776,7 +777,9 @@ mod tests {
             ..InviteOptions::default()
         });
         let (j1, j2, j3) = (peer(), peer(), peer());
-        let (r1, w1) = b.accept_join(&request(&rec, &j1, &me), &j1, &me, t(2_000)).unwrap();
+        let (r1, w1) = b
+            .accept_join(&request(&rec, &j1, &me), &j1, &me, t(2_000))
+            .unwrap();
         assert_eq!(r1.source, TrustSource::Invited);
         assert_eq!(r1.maps, Some(vec![MapSid::for_name("users").to_string()]));
         assert!(!r1.write);
@@ -786,7 +789,9 @@ mod tests {
         let g = b.grant(&j1.to_string()).unwrap();
         assert!(g.reads(&MapSid::for_name("users")) && !g.writes(&MapSid::for_name("users")));
         assert!(!g.reads(&MapSid::for_name("other")));
-        let (_, w2) = b.accept_join(&request(&rec, &j2, &me), &j2, &me, t(2_000)).unwrap();
+        let (_, w2) = b
+            .accept_join(&request(&rec, &j2, &me), &j2, &me, t(2_000))
+            .unwrap();
         assert_eq!(w2.invites, vec![(rec.id, None)], "the last use removes it");
         let e = b.accept_join(&request(&rec, &j3, &me), &j3, &me, t(2_000));
         assert!(matches!(e, Err(TrustError::Refused(_))), "{e:?}");
@@ -802,18 +807,27 @@ mod tests {
         let mut forged = rec.clone();
         forged.secret = [0; 16];
         let e = b.accept_join(&request(&forged, &j, &me), &j, &me, t(2_000));
-        assert!(matches!(e, Err(TrustError::Refused(ref r)) if r.contains("forged")), "{e:?}");
+        assert!(
+            matches!(e, Err(TrustError::Refused(ref r)) if r.contains("forged")),
+            "{e:?}"
+        );
         // A proof made for another joiner does not work for this one.
         let other = peer();
         let e = b.accept_join(&request(&rec, &other, &me), &j, &me, t(2_000));
         assert!(e.is_err());
         // Expired (the TTL is 600 s from t=1 s).
         let e = b.accept_join(&request(&rec, &j, &me), &j, &me, t(601_001));
-        assert!(matches!(e, Err(TrustError::Refused(ref r)) if r.contains("expired")), "{e:?}");
+        assert!(
+            matches!(e, Err(TrustError::Refused(ref r)) if r.contains("expired")),
+            "{e:?}"
+        );
         assert!(!b.trusts(&j.to_string()));
         // And it is gone.
         let e = b.accept_join(&request(&rec, &j, &me), &j, &me, t(2_000));
-        assert!(matches!(e, Err(TrustError::Refused(ref r)) if r.contains("unknown")), "{e:?}");
+        assert!(
+            matches!(e, Err(TrustError::Refused(ref r)) if r.contains("unknown")),
+            "{e:?}"
+        );
     }
 
     #[test]

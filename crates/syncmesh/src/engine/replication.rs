@@ -197,7 +197,11 @@ impl Engine {
             NetEvent::Direct { peer, msgs } => {
                 let key = peer.to_string();
                 // Only peers that are up (trusted) are heard; an untrusted one raced here.
-                if !self.net.as_ref().is_some_and(|n| n.peers.contains_key(&key)) {
+                if !self
+                    .net
+                    .as_ref()
+                    .is_some_and(|n| n.peers.contains_key(&key))
+                {
                     return;
                 }
                 for bytes in msgs {

@@ -75,10 +75,11 @@ impl Engine {
             addrs: rec.addrs.clone(),
             since: Timestamp::from_millis(rec.since_ms),
             source: rec.source,
-            maps: rec
-                .maps
-                .as_ref()
-                .map(|m| m.iter().filter_map(|s| syncmesh_core::MapSid::parse(s)).collect()),
+            maps: rec.maps.as_ref().map(|m| {
+                m.iter()
+                    .filter_map(|s| syncmesh_core::MapSid::parse(s))
+                    .collect()
+            }),
             write: rec.write,
             connected,
             refused_changes: self.refused.get(&rec.peer_id).copied().unwrap_or(0),
@@ -119,10 +120,9 @@ impl Engine {
                     }
                     rec
                 });
-                let _ = reply.send(r.and_then(|rec| {
-                    rec.map(|r| self.trusted_peer(&r))
-                        .ok_or(Error::Closed)
-                }));
+                let _ = reply.send(
+                    r.and_then(|rec| rec.map(|r| self.trusted_peer(&r)).ok_or(Error::Closed)),
+                );
             }
             TrustCmd::Untrust(peer, reply) => {
                 let key = peer.to_string();
@@ -177,7 +177,10 @@ impl Engine {
         let mut id = [0u8; 8];
         id.copy_from_slice(&r[..8]);
         let secret = super::random16();
-        let (rec, w) = self.trust.invite(opts, id, secret, now).map_err(Error::Trust)?;
+        let (rec, w) = self
+            .trust
+            .invite(opts, id, secret, now)
+            .map_err(Error::Trust)?;
         self.persist_trust(w)?;
         let ticket = Ticket {
             peer: me,
@@ -194,9 +197,11 @@ impl Engine {
         Ok(Invite {
             ticket: ticket.encode(),
             expires: Timestamp::from_millis(rec.expires_ms),
-            maps: rec
-                .maps
-                .map(|m| m.iter().filter_map(|s| syncmesh_core::MapSid::parse(s)).collect()),
+            maps: rec.maps.map(|m| {
+                m.iter()
+                    .filter_map(|s| syncmesh_core::MapSid::parse(s))
+                    .collect()
+            }),
             write: rec.write,
             uses: rec.uses_left,
         })
@@ -352,11 +357,13 @@ impl Engine {
             .partition(|j| now >= j.deadline || j.reply.is_closed());
         n.joins = keep;
         for j in late {
-            let _ = j.reply.send(Err(Error::Trust(TrustError::Unreachable(format!(
-                "no answer from {} within {} s",
-                j.ticket.peer,
-                JOIN_TIMEOUT.as_secs()
-            )))));
+            let _ = j
+                .reply
+                .send(Err(Error::Trust(TrustError::Unreachable(format!(
+                    "no answer from {} within {} s",
+                    j.ticket.peer,
+                    JOIN_TIMEOUT.as_secs()
+                )))));
         }
     }
 
@@ -403,7 +410,11 @@ impl Engine {
             .iter()
             .map(|r| self.trusted_peer(r))
             .collect();
-        let st = self.net.as_ref().map(|n| n.handle.status()).unwrap_or_default();
+        let st = self
+            .net
+            .as_ref()
+            .map(|n| n.handle.status())
+            .unwrap_or_default();
         // The latest reason per peer: the network's and the engine's, whichever is newer.
         let mut problems: HashMap<String, PeerProblem> = HashMap::new();
         for p in &st.problems {
