@@ -1049,6 +1049,65 @@ mod tests {
     }
 
     #[test]
+    fn trust_and_invitation_records_are_kept_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            s.commit(&Batch {
+                trust: vec![
+                    ("peerA".into(), Some(b"a".to_vec())),
+                    ("peerB".into(), Some(b"b".to_vec())),
+                ],
+                invites: vec![(vec![1; 8], Some(b"i".to_vec()))],
+                ..Batch::default()
+            })
+            .unwrap();
+            s.commit(&Batch {
+                trust: vec![("peerA".into(), None)],
+                ..Batch::default()
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert_eq!(
+            s.trust_records().unwrap(),
+            vec![("peerB".to_string(), b"b".to_vec())]
+        );
+        assert_eq!(
+            s.invite_records().unwrap(),
+            vec![(vec![1; 8], b"i".to_vec())]
+        );
+        s.commit(&Batch {
+            invites: vec![(vec![1; 8], None)],
+            ..Batch::default()
+        })
+        .unwrap();
+        assert!(s.invite_records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_schema_3_store_is_upgraded_and_keeps_its_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            write(&s, vec![(DocAddr::Meta, b"m".to_vec())], vec![], vec![]);
+            let tx = s.db().begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 3u32.to_le_bytes().as_slice())
+                .unwrap();
+            tx.delete_table(TRUST).unwrap();
+            tx.delete_table(INVITES).unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert!(s.trust_records().unwrap().is_empty());
+        assert!(s.load_map(&sid()).unwrap().is_some());
+        let v = s.get_meta("schema_version").unwrap().unwrap();
+        assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
+    }
+
+    #[test]
     fn a_schema_2_store_is_upgraded() {
         let dir = tempfile::tempdir().unwrap();
         {
