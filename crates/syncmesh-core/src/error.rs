@@ -64,6 +64,15 @@ pub enum Error {
     /// Stored map state could not be decoded.
     #[error("corrupt map state: {0}")]
     Corrupt(String),
+    /// This node may not do that to the map (its permissions do not allow it).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A permission entry names an invalid identity, or the map has too many entries.
+    #[error("invalid permission: {0}")]
+    InvalidPermission(String),
+    /// The identity has no permission entry on the map.
+    #[error("no permission entry for identity {0:?}")]
+    PermissionNotFound(String),
 }
 
 /// Shorthand for results of engine operations.
@@ -86,6 +95,9 @@ impl Error {
             Error::InvalidPageSize(_) | Error::InvalidPageToken => 54455,
             Error::InvalidChange(_) => 54007,
             Error::Corrupt(_) => 20500,
+            Error::PermissionDenied(_) => 20403,
+            Error::InvalidPermission(_) => 20001,
+            Error::PermissionNotFound(_) => 20404,
         }
     }
 
@@ -104,6 +116,9 @@ impl Error {
             | Error::InvalidPageToken => 400,
             Error::InvalidChange(_) => 403,
             Error::Corrupt(_) => 500,
+            Error::PermissionDenied(_) => 403,
+            Error::InvalidPermission(_) => 400,
+            Error::PermissionNotFound(_) => 404,
         }
     }
 }

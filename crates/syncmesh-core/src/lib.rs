@@ -43,6 +43,7 @@ pub mod layout;
 pub mod limits;
 mod map;
 pub mod paging;
+pub mod policy;
 pub mod replication;
 
 pub use catalog::{Catalog, MapRef, MapSpec, OpenMode};
@@ -51,11 +52,12 @@ pub use event::{Event, EventKind, EventView, Item, MapInfo};
 pub use ids::{MapSid, NodeId, Revision, Timestamp};
 pub use limits::Ttl;
 pub use map::{
-    check_change, check_changes, decode_sync, Checked, DecodedSync, DocAddr, Identity,
-    ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges, WriteOptions,
+    check_change, check_changes, decode_sync, needs_manage, Checked, DecodedSync, DocAddr,
+    Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges, WriteOptions,
     MAX_ITEMS_PER_CHANGE,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};
+pub use policy::{Permission, Policy};
 
 /// A JSON object: the data of an item.
 pub type JsonObject = serde_json::Map<String, serde_json::Value>;

@@ -438,6 +438,8 @@ struct MapState {
     removed: Option<Timestamp>,
     updated: Timestamp,
     revision: Revision,
+    /// The map's permissions (kept across incarnations: re-creating a map does not open it).
+    policy: crate::policy::Policy,
 }
 
 impl MapState {
@@ -719,6 +721,87 @@ impl MapReplica {
         let inc = self.state.inc;
         self.commit_meta(now, |tx| {
             tx.put(ROOT, format!("r{inc}"), now.millis())
+                .map_err(tx_err)
+        })
+    }
+
+    // ----- permissions -----
+
+    /// The map's permissions (empty: open to every trusted peer).
+    pub fn policy(&self) -> &crate::policy::Policy {
+        &self.state.policy
+    }
+
+    /// Sets one identity's permissions. `me` is this node's identity: on a map with entries it
+    /// must have `Manage`; the first entry of an open map also lists `me` as a manager (else
+    /// this node's own writes would be refused by everyone it shares the map with).
+    pub fn set_permission(
+        &mut self,
+        p: &crate::policy::Permission,
+        me: &str,
+        now: Timestamp,
+    ) -> Result<crate::policy::Permission> {
+        self.expire(now);
+        self.check_live(now)?;
+        if !crate::policy::valid_identity(&p.identity) {
+            return Err(Error::InvalidPermission(format!(
+                "identity {:?} must be 1 to {} characters of A-Z, a-z, 0-9, '.', '_', '-'",
+                p.identity,
+                crate::policy::MAX_IDENTITY
+            )));
+        }
+        let policy = self.state.policy.clone();
+        if !policy.manages(me) {
+            return Err(Error::PermissionDenied(format!(
+                "this node ({me}) may not manage map {}",
+                self.display_name()
+            )));
+        }
+        if policy.get(&p.identity).is_none() && policy.len() >= crate::policy::MAX_ENTRIES {
+            return Err(Error::InvalidPermission(format!(
+                "a map has at most {} permission entries",
+                crate::policy::MAX_ENTRIES
+            )));
+        }
+        let add_me = policy.is_open() && p.identity != me && crate::policy::valid_identity(me);
+        let flags = p.flags();
+        self.commit_meta(now, |tx| {
+            tx.put(
+                ROOT,
+                format!("{}{}", crate::policy::PREFIX, p.identity),
+                u64::from(flags),
+            )
+            .map_err(tx_err)?;
+            if add_me {
+                let all = crate::policy::READ | crate::policy::WRITE | crate::policy::MANAGE;
+                tx.put(
+                    ROOT,
+                    format!("{}{me}", crate::policy::PREFIX),
+                    u64::from(all),
+                )
+                .map_err(tx_err)?;
+            }
+            Ok(())
+        })?;
+        Ok(p.clone())
+    }
+
+    /// Removes one identity's entry; `me` must have `Manage`. Removing the last entry opens the
+    /// map to every trusted peer again. Fails with [`Error::PermissionNotFound`] if it had none.
+    pub fn remove_permission(&mut self, identity: &str, me: &str, now: Timestamp) -> Result<()> {
+        self.expire(now);
+        self.check_live(now)?;
+        if self.state.policy.get(identity).is_none() {
+            return Err(Error::PermissionNotFound(identity.to_string()));
+        }
+        if !self.state.policy.manages(me) {
+            return Err(Error::PermissionDenied(format!(
+                "this node ({me}) may not manage map {}",
+                self.display_name()
+            )));
+        }
+        self.commit_meta(now, |tx| {
+            tx.delete(ROOT, format!("{}{identity}", crate::policy::PREFIX))
                 .map_err(tx_err)
         })
     }
@@ -2159,7 +2242,7 @@ fn heads_digest(mut heads: Vec<ChangeHash>) -> u64 {
 /// Whether a map-document root key is one this layout writes (`inc`, `name`, or a per-
 /// incarnation field letter followed by the incarnation number).
 fn is_meta_key(k: &str) -> bool {
-    if k == "inc" || k == "name" {
+    if k == "inc" || k == "name" || crate::policy::identity_of_slot(k).is_some() {
         return true;
     }
     let mut chars = k.chars();
@@ -2235,6 +2318,11 @@ impl DecodedSync {
     /// How many changes the message carries.
     pub fn change_count(&self) -> usize {
         self.changes.len()
+    }
+
+    /// The changes the message carries.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
     }
 
     /// The message without its changes, and without the heads they made (a peer that may
@@ -2354,6 +2442,7 @@ fn read_map_state(doc: &Automerge) -> MapState {
     let mut heads = doc.get_heads();
     heads.sort();
     let revision = Revision::from_hash(hash64(heads.iter().map(|h| h.0.as_slice())));
+    let policy = read_policy(doc);
     MapState {
         name,
         inc,
@@ -2363,7 +2452,46 @@ fn read_map_state(doc: &Automerge) -> MapState {
         removed,
         updated,
         revision,
+        policy,
     }
+}
+
+fn read_policy(doc: &Automerge) -> crate::policy::Policy {
+    let mut entries = Vec::new();
+    for k in doc.keys(ROOT) {
+        let Some(id) = crate::policy::identity_of_slot(&k) else {
+            continue;
+        };
+        let flags = match doc.get(ROOT, k.as_str()).ok().flatten() {
+            Some((Value::Scalar(s), _)) => match s.as_ref() {
+                ScalarValue::Uint(u) => u8::try_from(*u & 7).ok(),
+                ScalarValue::Int(i) => u8::try_from(*i & 7).ok(),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(f) = flags {
+            entries.push((id.to_string(), f));
+        }
+    }
+    crate::policy::Policy::from_entries(entries)
+}
+
+/// Whether a change of the map document needs the `Manage` permission: it changes permission
+/// entries or removes the map. Other map-document changes need `Write`.
+pub fn needs_manage(change: &Change) -> bool {
+    change.decode().operations.iter().any(|op| {
+        op.obj == ObjectId::Root
+            && match &op.key {
+                Key::Map(k) => {
+                    k.starts_with(crate::policy::PREFIX)
+                        || (k.starts_with('r')
+                            && k.len() > 1
+                            && k[1..].bytes().all(|b| b.is_ascii_digit()))
+                }
+                _ => false,
+            }
+    })
 }
 
 #[allow(dead_code)]

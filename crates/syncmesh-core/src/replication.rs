@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{MapSid, Timestamp};
 use crate::map::{check_changes, decode_sync, Checked, DocAddr, MapReplica};
+use crate::policy::Policy;
 
 /// Largest direct message a peer may send (a batch of sync messages of one map).
 pub const MAX_DIRECT_MESSAGE: usize = 16 << 20;
@@ -170,6 +171,11 @@ pub trait MapHost {
     /// anti-entropy over many idle maps stays cheap.
     fn digest(&mut self, sid: &MapSid) -> Option<crate::Result<u64>> {
         self.get(sid).map(MapReplica::digest)
+    }
+    /// A held map's permissions; `None` if this node does not hold it. A host that remembers
+    /// the permissions of maps it has not loaded answers without loading them.
+    fn policy(&mut self, sid: &MapSid) -> Option<Policy> {
+        self.get(sid).map(|m| m.policy().clone())
     }
 }
 
@@ -324,18 +330,28 @@ impl Replicator {
         }
     }
 
-    fn reads(&self, peer: &str, sid: &MapSid) -> bool {
+    /// Whether `peer` may receive `sid`: its grant here, and the map's own permissions.
+    fn reads(&self, peer: &str, sid: &MapSid, host: &mut dyn MapHost) -> bool {
         self.peers.get(peer).is_some_and(|p| p.grant.reads(sid))
+            && host.policy(sid).is_none_or(|pol| pol.reads(peer))
     }
 
     /// Direct messages carrying `msgs` (encoded [`Wire::Changes`] of map `sid`, from
     /// [`Self::gossip`]) to every peer that holds the map and may read it, except `except`.
-    pub fn push(&self, sid: &MapSid, msgs: &[Vec<u8>], except: Option<&str>) -> Vec<Outgoing> {
+    pub fn push(
+        &self,
+        sid: &MapSid,
+        msgs: &[Vec<u8>],
+        except: Option<&str>,
+        host: &mut dyn MapHost,
+    ) -> Vec<Outgoing> {
         let mut out = Vec::new();
+        let policy = host.policy(sid).unwrap_or_default();
         for (peer, p) in &self.peers {
             if Some(peer.as_str()) == except
                 || !(p.hold_all || p.held.contains(sid))
                 || !p.grant.reads(sid)
+                || !policy.reads(peer)
             {
                 continue;
             }
@@ -409,10 +425,13 @@ impl Replicator {
             docs,
         }
         .encode();
+        let policy = host.policy(sid).unwrap_or_default();
         let peers: Vec<String> = self
             .peers
             .iter()
-            .filter(|(_, p)| (p.hold_all || p.held.contains(sid)) && p.grant.reads(sid))
+            .filter(|(k, p)| {
+                (p.hold_all || p.held.contains(sid)) && p.grant.reads(sid) && policy.reads(k)
+            })
             .map(|(k, _)| k.clone())
             .collect();
         peers
@@ -440,10 +459,12 @@ impl Replicator {
                 maps: vec![(sid.clone(), digest)],
             }
             .encode();
+            let policy = host.policy(&sid).unwrap_or_default();
             for (peer, p) in &self.peers {
                 if !sources.contains(peer)
                     && (p.hold_all || p.held.contains(&sid))
                     && p.grant.reads(&sid)
+                    && policy.reads(peer)
                 {
                     out.push(Outgoing {
                         peer: peer.clone(),
@@ -461,10 +482,15 @@ impl Replicator {
         let Wire::Hello { hold_all, maps } = self.hello(sids, host) else {
             return Vec::new();
         };
+        let policies: Vec<Option<Policy>> = maps
+            .iter()
+            .map(|(s, _)| host.policy(s).filter(|p| !p.is_open()))
+            .collect();
+        let all_open = policies.iter().all(Option::is_none);
         let mut out = Vec::new();
         let mut everything: Option<Vec<u8>> = None;
         for (peer, p) in &self.peers {
-            let bytes = if p.grant.maps.is_none() {
+            let bytes = if p.grant.maps.is_none() && all_open {
                 everything
                     .get_or_insert_with(|| {
                         Wire::Hello {
@@ -479,8 +505,11 @@ impl Replicator {
                     hold_all,
                     maps: maps
                         .iter()
-                        .filter(|(s, _)| p.grant.reads(s))
-                        .cloned()
+                        .zip(&policies)
+                        .filter(|((s, _), pol)| {
+                            p.grant.reads(s) && pol.as_ref().is_none_or(|pol| pol.reads(peer))
+                        })
+                        .map(|(m, _)| m.clone())
                         .collect(),
                 }
                 .encode()
@@ -494,7 +523,10 @@ impl Replicator {
     }
 
     fn hello_for(&self, peer: &str, sids: Vec<MapSid>, host: &mut dyn MapHost) -> Wire {
-        let sids = sids.into_iter().filter(|s| self.reads(peer, s)).collect();
+        let sids = sids
+            .into_iter()
+            .filter(|s| self.reads(peer, s, host))
+            .collect();
         self.hello(sids, host)
     }
 
@@ -618,7 +650,7 @@ impl Replicator {
                 let mut out = g.out;
                 if g.relay && g.novel {
                     // New here: pass the message on to the other peers holding the map.
-                    out.extend(rep.push(&sid, &[bytes.to_vec()], Some(peer)));
+                    out.extend(rep.push(&sid, &[bytes.to_vec()], Some(peer), host));
                 }
                 Ok(out)
             }
@@ -679,11 +711,8 @@ impl Replicator {
         let mut not_here = 0;
         for (sid, theirs) in maps {
             // A map the peer may not read is answered as if this node did not hold it.
-            let ours = if !grant.reads(&sid) {
-                None
-            } else {
-                host.digest(&sid)
-            };
+            let readable = grant.reads(&sid) && host.policy(&sid).is_none_or(|pol| pol.reads(peer));
+            let ours = if !readable { None } else { host.digest(&sid) };
             // A map not loaded is compared by its remembered digest; it is loaded only when
             // the peer's differs.
             let ours = match ours {
@@ -748,7 +777,7 @@ impl Replicator {
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Vec<Outgoing> {
-        if !self.reads(peer, &sid) {
+        if !self.reads(peer, &sid, host) {
             return Vec::new();
         }
         let m = match host.get(&sid) {
@@ -775,10 +804,12 @@ impl Replicator {
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Result<Vec<Outgoing>, Violation> {
-        if !self.reads(peer, &sid) {
+        if !self.reads(peer, &sid, host) {
             return Ok(Vec::new());
         }
-        let may_write = self.peers.get(peer).is_some_and(|p| p.grant.writes(&sid));
+        let policy = host.policy(&sid).unwrap_or_default();
+        let may_write =
+            self.peers.get(peer).is_some_and(|p| p.grant.writes(&sid)) && policy.writes(peer);
         let m = match host.get(&sid) {
             Some(m) => m,
             None if self.hold_all => match host.adopt(&sid) {
@@ -799,8 +830,13 @@ impl Replicator {
         for (doc, bytes) in msgs {
             let mut d =
                 decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
-            if !may_write && d.change_count() > 0 {
-                // A read-only peer: its changes stay with it.
+            let allowed = may_write
+                && (doc != DocAddr::Meta
+                    || policy.manages(peer)
+                    || !d.changes().iter().any(crate::map::needs_manage));
+            if !allowed && d.change_count() > 0 {
+                // A read-only peer (or one changing what only managers may): its changes stay
+                // with it.
                 refused += d.change_count();
                 d = d.without_changes(|h| m.has_change(doc, h));
             }
@@ -823,7 +859,9 @@ impl Replicator {
                     // A peer whose changes this node refuses never agrees on heads with it, so
                     // Automerge's exchange would not end: to such a peer a reply goes only when
                     // it offers changes not offered before (it has nothing to ask of it).
-                    if may_write || offers_something_new(&mut p.offered, &sid, &reply) {
+                    if (may_write && refused == 0)
+                        || offers_something_new(&mut p.offered, &sid, &reply)
+                    {
                         replies.push((doc, Bytes(reply)));
                     }
                 }
@@ -875,6 +913,7 @@ impl Replicator {
             .get(peer)
             .map(|p| p.grant.clone())
             .unwrap_or_default();
+        let policy = host.policy(&sid).unwrap_or_default();
         if !grant.reads(&sid) {
             // Not a map this peer is given: nothing it says about it is taken.
             return Ok(GossipOutcome {
@@ -883,7 +922,7 @@ impl Replicator {
                 novel: false,
             });
         }
-        if !grant.writes(&sid) {
+        if !grant.writes(&sid) || !policy.writes(peer) {
             let n = docs.iter().map(|(_, l)| l.len()).sum();
             self.refuse(peer, &sid, n);
             return Ok(GossipOutcome {
@@ -893,6 +932,7 @@ impl Replicator {
             });
         }
         // Check everything before applying anything.
+        let mut refused_meta = 0;
         let mut decoded: Vec<(DocAddr, Vec<Change>, Checked)> = Vec::with_capacity(docs.len());
         for (doc, list) in docs {
             let mut cs = Vec::with_capacity(list.len());
@@ -903,8 +943,17 @@ impl Replicator {
             }
             let checked =
                 check_changes(doc, &cs).map_err(|e| Violation(format!("map {sid}: {e}")))?;
+            if doc == DocAddr::Meta
+                && !policy.manages(peer)
+                && cs.iter().any(crate::map::needs_manage)
+            {
+                // Permissions or removal from a peer that may not manage the map.
+                refused_meta += cs.len();
+                continue;
+            }
             decoded.push((doc, cs, checked));
         }
+        self.refuse(peer, &sid, refused_meta);
         let Some(m) = host.get(&sid) else {
             // Not a map this node holds: valid, but nothing to do here.
             return Ok(GossipOutcome {

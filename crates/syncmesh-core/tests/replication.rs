@@ -345,3 +345,109 @@ fn changes_are_passed_on_along_a_line() {
     assert_eq!(net.items("c", "users").len(), 1);
     assert!(net.violations.is_empty(), "{:?}", net.violations);
 }
+
+#[test]
+fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
+    use syncmesh_core::policy::{Permission, MANAGE, READ, WRITE};
+    let perm = |id: &str, f: u8| Permission {
+        identity: id.to_string(),
+        read: f & READ != 0,
+        write: f & WRITE != 0,
+        manage: f & MANAGE != 0,
+    };
+    // A triangle; C holds every map it hears of, so anything named to it would be adopted.
+    let mut net = Net::new(&["a", "b", "c"], &["c"]);
+    write(&mut net, "a", "m", "a0", json!({"v": 0}));
+    let sid = MapSid::for_name("m");
+    // Shared with B (read and write) only; A becomes its manager with the first entry.
+    net.node("a")
+        .host
+        .by_sid(&sid)
+        .unwrap()
+        .set_permission(&perm("b", READ | WRITE), "a", now())
+        .unwrap();
+    hold(&mut net, "b", "m");
+    net.connect("a", "b");
+    net.connect("b", "c");
+    net.connect("a", "c");
+    net.run();
+    net.tick();
+    assert_eq!(net.items("b", "m").len(), 1);
+    assert!(
+        net.node("c").host.by_sid(&sid).is_none(),
+        "C is trusted by both but not listed: it never hears of the map"
+    );
+    // B writes; A accepts it and nothing reaches C through B either.
+    write(&mut net, "b", "m", "b0", json!({"v": 1}));
+    net.run();
+    net.tick();
+    assert_eq!(net.items("a", "m"), net.items("b", "m"));
+    assert!(net.node("c").host.by_sid(&sid).is_none());
+    // B may write but not manage: its own node refuses, and a forged entry is refused by A.
+    let e = net
+        .node("b")
+        .host
+        .by_sid(&sid)
+        .unwrap()
+        .set_permission(&perm("c", READ | WRITE), "b", now())
+        .unwrap_err();
+    assert_eq!(e.http_status(), 403, "{e}");
+    {
+        // A hand-made change from B that lists B as a manager is refused by A.
+        use automerge::transaction::Transactable;
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(automerge::ROOT, "p:b", 7u64).unwrap();
+        let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        let msg = Wire::Changes {
+            sid: sid.clone(),
+            docs: vec![(
+                DocAddr::Meta,
+                vec![syncmesh_core::replication::Bytes(change)],
+            )],
+        }
+        .encode();
+        let node = net.node("a");
+        node.rep.receive("b", &msg, &mut node.host, now()).unwrap();
+        let refusals = node.rep.take_refusals();
+        assert!(refusals.iter().any(|r| r.peer == "b"), "{refusals:?}");
+        let pol = node.host.by_sid(&sid).unwrap().policy().clone();
+        assert!(!pol.manages("b"), "the forged entry was not applied");
+    }
+    // C becomes a reader: it receives the map, and its writes stay with it.
+    net.node("a")
+        .host
+        .by_sid(&sid)
+        .unwrap()
+        .set_permission(&perm("c", READ), "a", now())
+        .unwrap();
+    net.run();
+    net.tick();
+    assert_eq!(net.items("c", "m"), net.items("a", "m"));
+    write(&mut net, "c", "m", "c0", json!({"v": 2}));
+    net.run();
+    net.tick();
+    assert!(net.items("a", "m").iter().all(|(k, _, _)| k != "c0"));
+    assert!(net.items("b", "m").iter().all(|(k, _, _)| k != "c0"));
+    let refused: u64 = ["a", "b"]
+        .iter()
+        .flat_map(|n| net.node(n).rep.take_refusals())
+        .filter(|r| r.peer == "c")
+        .map(|r| r.changes)
+        .sum();
+    assert!(refused > 0, "A and B count C's refused changes");
+    // Revoking C's read: A's later writes no longer reach it (nor through B).
+    net.node("a")
+        .host
+        .by_sid(&sid)
+        .unwrap()
+        .remove_permission("c", "a", now())
+        .unwrap();
+    net.run();
+    net.tick();
+    write(&mut net, "a", "m", "a1", json!({"v": 3}));
+    net.run();
+    net.tick();
+    assert!(net.items("b", "m").iter().any(|(k, _, _)| k == "a1"));
+    assert!(net.items("c", "m").iter().all(|(k, _, _)| k != "a1"));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}

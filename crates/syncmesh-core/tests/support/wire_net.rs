@@ -113,7 +113,8 @@ impl Net {
             }
             for (sid, changes) in by_map {
                 let (msgs, _) = Replicator::gossip(&sid, changes);
-                let out = self.nodes[&n].rep.push(&sid, &msgs, None);
+                let node = self.nodes.get_mut(&n).unwrap();
+                let out = node.rep.push(&sid, &msgs, None, &mut node.host);
                 for o in out {
                     self.queue.push_back(Msg::Push(n.clone(), o.peer, o.bytes));
                 }
