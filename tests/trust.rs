@@ -431,3 +431,173 @@ async fn trust_needs_a_network_and_valid_input() {
     n.close().await.unwrap();
     a.close().await.unwrap();
 }
+
+fn perm(n: &Node, read: bool, write: bool) -> syncmesh::Permission {
+    syncmesh::Permission {
+        identity: peer_id(n).to_string(),
+        read,
+        write,
+        manage: false,
+    }
+}
+
+async fn refused_from(n: Node, peer: PeerId) -> u64 {
+    n.peers()
+        .await
+        .unwrap()
+        .trusted
+        .iter()
+        .find(|t| t.peer_id == peer.to_string())
+        .map_or(0, |t| t.refused_changes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_permissions_decide_who_receives_and_changes_a_map_on_every_node() {
+    // A triangle of mutually trusted nodes; C holds every map it hears of, so anything named
+    // to it would show. A restricts "m" to B before anyone connects (a map created open is
+    // announced to trusted peers at once).
+    let a = builder().open().await.unwrap();
+    let a_addr = addr(&a).await;
+    let ma = a.map("m").await.unwrap();
+    ma.set_permission(syncmesh::Permission {
+        identity: "nobody-yet".into(),
+        read: true,
+        write: false,
+        manage: false,
+    })
+    .await
+    .unwrap();
+    let b = builder().peer(a_addr.clone()).open().await.unwrap();
+    let b_addr = addr(&b).await;
+    let c = builder()
+        .peer(a_addr.clone())
+        .peer(b_addr.clone())
+        .hold_all_maps(true)
+        .open()
+        .await
+        .unwrap();
+    for (x, y) in [(&a, &b), (&a, &c), (&b, &a), (&b, &c), (&c, &a), (&c, &b)] {
+        x.trust(peer_id(y), vec![]).await.unwrap();
+    }
+    wait_for("a triangle", || {
+        let (a, b, c) = (a.clone(), b.clone(), c.clone());
+        async move {
+            [a, b, c]
+                .iter()
+                .all(|n| n.network().unwrap().connected.len() == 2)
+        }
+    })
+    .await;
+
+    ma.set_permission(perm(&b, true, true)).await.unwrap();
+    ma.remove_permission("nobody-yet").await.unwrap();
+    let entries = ma.permissions().await.unwrap();
+    assert_eq!(entries.len(), 2, "B, and A as the manager: {entries:?}");
+    assert!(
+        ma.permission(&peer_id(&a).to_string())
+            .await
+            .unwrap()
+            .manage
+    );
+    ma.set("a1", json!({})).await.unwrap();
+    let mb = b.open_existing("m").await.unwrap();
+    wait_for("B receives the map", || has(&mb, "a1")).await;
+    mb.set("b1", json!({})).await.unwrap();
+    wait_for("A receives B's write", || has(&ma, "b1")).await;
+    // A marker map everyone may see, written after: once it reached C, so would have "m".
+    let open = a.map("open").await.unwrap();
+    open.set("marker", json!({})).await.unwrap();
+    wait_for("C holds the open map", || {
+        let c = c.clone();
+        async move {
+            c.maps()
+                .await
+                .unwrap()
+                .iter()
+                .any(|m| m.unique_name.as_deref() == Some("open"))
+        }
+    })
+    .await;
+    let listed: Vec<Option<String>> = c
+        .maps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.unique_name)
+        .collect();
+    assert!(
+        !listed.contains(&Some("m".into())),
+        "C never hears of m: {listed:?}"
+    );
+    assert_eq!(c.open_existing("m").await.unwrap_err().code(), 54200);
+    // B may write but not manage.
+    let e = mb.set_permission(perm(&c, true, true)).await.unwrap_err();
+    assert_eq!(e.http_status(), 403, "{e}");
+
+    // C becomes a reader: it receives the map; its writes are refused by A and by B (which
+    // may write, and would otherwise pass them on).
+    ma.set_permission(perm(&c, true, false)).await.unwrap();
+    let mc = c.open_existing("m").await.unwrap();
+    wait_for("C receives the map", || has(&mc, "b1")).await;
+    mc.set("c1", json!({})).await.unwrap();
+    wait_for("A and B refuse C's change", || async {
+        refused_from(a.clone(), peer_id(&c)).await > 0
+            && refused_from(b.clone(), peer_id(&c)).await > 0
+    })
+    .await;
+    ma.set("a2", json!({})).await.unwrap();
+    wait_for("B and C receive a later write", || async {
+        has(&mb, "a2").await && has(&mc, "a2").await
+    })
+    .await;
+    assert!(!has(&ma, "c1").await && !has(&mb, "c1").await);
+    assert!(has(&mc, "c1").await, "it stays with C");
+
+    // Revoking C's read: later writes reach B, not C.
+    ma.remove_permission(&peer_id(&c).to_string())
+        .await
+        .unwrap();
+    ma.set("a3", json!({})).await.unwrap();
+    wait_for("B receives a3", || has(&mb, "a3")).await;
+    open.set("marker2", json!({})).await.unwrap();
+    let oc = c.open_existing("open").await.unwrap();
+    wait_for("C has a later write of the open map", || {
+        has(&oc, "marker2")
+    })
+    .await;
+    assert!(!has(&mc, "a3").await, "C no longer receives the map");
+    drop((ma, mb, mc, open, oc));
+    for n in [a, b, c] {
+        n.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invitation_naming_a_map_with_entries_lists_the_invitee() {
+    let a = builder().open().await.unwrap();
+    addr(&a).await;
+    let ma = a.map("team").await.unwrap();
+    ma.set("k", json!({})).await.unwrap();
+    let other = builder().open().await.unwrap();
+    ma.set_permission(perm(&other, true, false)).await.unwrap();
+    let inv = a
+        .invite(InviteOptions {
+            maps: vec!["team".into()],
+            write: true,
+            ..InviteOptions::default()
+        })
+        .await
+        .unwrap();
+    let b = builder().open().await.unwrap();
+    b.join(&inv.ticket).await.unwrap();
+    let p = ma.permission(&peer_id(&b).to_string()).await.unwrap();
+    assert!(p.read && p.write && !p.manage, "{p:?}");
+    let mb = b.open_existing("team").await.unwrap();
+    wait_for("B receives the map", || has(&mb, "k")).await;
+    mb.set("from_b", json!({})).await.unwrap();
+    wait_for("A takes B's write", || has(&ma, "from_b")).await;
+    drop((ma, mb));
+    for n in [a, b, other] {
+        n.close().await.unwrap();
+    }
+}

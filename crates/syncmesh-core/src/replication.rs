@@ -408,6 +408,12 @@ impl Replicator {
         if self.peers.is_empty() || sids.is_empty() {
             return Vec::new();
         }
+        // Asking anew: earlier answers ("none of it") no longer hold.
+        for p in self.peers.values_mut() {
+            for sid in sids {
+                p.their_docs.remove(sid);
+            }
+        }
         self.to_each(sids.to_vec(), host)
     }
 

@@ -258,6 +258,16 @@ fn a_fetch_learns_when_no_peer_has_the_map() {
     net.run();
     assert!(!net.node("a").rep.nobody_has(&MapSid::for_name("exists")));
     assert_eq!(net.items("a", "exists").len(), 1);
+    // Asked again later, earlier "none" answers do not count: the question is asked anew
+    // (they once ended a second fetch at once, although the map had appeared meanwhile).
+    let out = {
+        let node = net.node("a");
+        node.rep.announce(&[missing.clone()], &mut node.host)
+    };
+    assert!(!net.node("a").rep.nobody_has(&missing), "no answer yet");
+    net.send("a", out);
+    net.run();
+    assert!(net.node("a").rep.nobody_has(&missing));
     assert!(net.violations.is_empty(), "{:?}", net.violations);
 }
 

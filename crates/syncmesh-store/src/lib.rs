@@ -23,8 +23,8 @@ use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 4;
-/// The oldest schema this build upgrades in place (3 added the `digests` table, 4 the `trust`
-/// and `invites` tables).
+/// The oldest schema this build upgrades in place (3 added the `digests` table, 4 the `trust`,
+/// `invites` and `policies` tables).
 const OLDEST_UPGRADABLE: u32 = 2;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
@@ -43,6 +43,9 @@ const DIGESTS: TableDefinition<&[u8], u64> = TableDefinition::new("digests");
 const TRUST: TableDefinition<&str, &[u8]> = TableDefinition::new("trust");
 /// Invitations this node issued and that are still usable: invitation id → record (opaque).
 const INVITES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("invites");
+/// Per map with permission entries, its permissions as of its last commit (encoded by the
+/// caller): replication checks them for maps it has not loaded. No row: an open map.
+const POLICIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("policies");
 
 /// Everything that can go wrong with the store, each saying which file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +180,8 @@ pub struct Batch {
     pub trust: Vec<(String, Option<Vec<u8>>)>,
     /// Invitation records to write (`Some`) or delete (`None`), by invitation id.
     pub invites: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Map permissions to remember (`Some`) or forget (`None`: the map is open).
+    pub policies: Vec<(MapSid, Option<Vec<u8>>)>,
 }
 
 impl Batch {
@@ -186,6 +191,7 @@ impl Batch {
             && self.digests.is_empty()
             && self.trust.is_empty()
             && self.invites.is_empty()
+            && self.policies.is_empty()
             && self.maps.iter().all(|m| {
                 m.changes.is_empty()
                     && m.view.entries.is_empty()
@@ -421,6 +427,7 @@ impl Store {
             tx.open_table(DIGESTS).map_err(|e| store.err(e))?;
             tx.open_table(TRUST).map_err(|e| store.err(e))?;
             tx.open_table(INVITES).map_err(|e| store.err(e))?;
+            tx.open_table(POLICIES).map_err(|e| store.err(e))?;
         }
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -519,6 +526,19 @@ impl Store {
         for row in t.iter().map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
             out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The remembered permissions of maps ([`Batch::policies`]).
+    pub fn map_policies(&self) -> Result<Vec<(MapSid, Vec<u8>)>> {
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let t = tx.open_table(POLICIES).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let sid = self.sid_key(k.value(), "a map policy key")?;
+            out.push((sid, v.value().to_vec()));
         }
         Ok(out)
     }
@@ -792,6 +812,17 @@ impl Store {
                 match rec {
                     Some(r) => trust.insert(peer.as_str(), r.as_slice()).map(|_| ()),
                     None => trust.remove(peer.as_str()).map(|_| ()),
+                }
+                .map_err(|e| self.err(e))?;
+            }
+        }
+        if !batch.policies.is_empty() {
+            let mut policies = tx.open_table(POLICIES).map_err(|e| self.err(e))?;
+            for (sid, rec) in &batch.policies {
+                let k = sid.as_str().as_bytes();
+                match rec {
+                    Some(r) => policies.insert(k, r.as_slice()).map(|_| ()),
+                    None => policies.remove(k).map(|_| ()),
                 }
                 .map_err(|e| self.err(e))?;
             }
@@ -1083,6 +1114,19 @@ mod tests {
         })
         .unwrap();
         assert!(s.invite_records().unwrap().is_empty());
+        let m = MapSid::for_name("m");
+        s.commit(&Batch {
+            policies: vec![(m.clone(), Some(b"p".to_vec()))],
+            ..Batch::default()
+        })
+        .unwrap();
+        assert_eq!(s.map_policies().unwrap(), vec![(m.clone(), b"p".to_vec())]);
+        s.commit(&Batch {
+            policies: vec![(m, None)],
+            ..Batch::default()
+        })
+        .unwrap();
+        assert!(s.map_policies().unwrap().is_empty());
     }
 
     #[test]
@@ -1098,6 +1142,7 @@ mod tests {
                 .unwrap();
             tx.delete_table(TRUST).unwrap();
             tx.delete_table(INVITES).unwrap();
+            tx.delete_table(POLICIES).unwrap();
             tx.commit().unwrap();
         }
         let s = Store::open(dir.path(), StoreOptions::default()).unwrap();

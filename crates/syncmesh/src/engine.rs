@@ -80,11 +80,14 @@ pub(crate) enum Op {
     SetTtl(Ttl),
     SetItemTtl(String, Ttl),
     RemoveMap,
+    Permissions,
+    SetPermission(syncmesh_core::Permission),
+    RemovePermission(String),
 }
 
 impl Op {
     fn is_write(&self) -> bool {
-        !matches!(self, Op::Info | Op::Get(_) | Op::Items(_))
+        !matches!(self, Op::Info | Op::Get(_) | Op::Items(_) | Op::Permissions)
     }
 }
 
@@ -94,6 +97,8 @@ pub(crate) enum Reply {
     MaybeItem(Option<Item>),
     Page(Page),
     Conflicts(ItemConflicts),
+    Permissions(Vec<syncmesh_core::Permission>),
+    Permission(syncmesh_core::Permission),
     Unit,
 }
 
@@ -245,6 +250,9 @@ pub(crate) struct Engine {
     refused: HashMap<String, u64>,
     /// The latest trust problem per peer seen by the engine (refused joins and changes).
     problems: HashMap<String, (String, Timestamp)>,
+    /// Permissions of maps that have entries, as last committed (maps not loaded are checked
+    /// against these; a loaded map answers itself).
+    pub(crate) policies: HashMap<MapSid, syncmesh_core::Policy>,
 }
 
 impl Engine {
@@ -268,6 +276,22 @@ impl Engine {
             .map(|e| (e.sid, e.name))
             .collect();
         let stored_digests = store.map_digests()?.into_iter().collect();
+        let policies = store
+            .map_policies()?
+            .into_iter()
+            .filter_map(|(sid, b)| {
+                let p = syncmesh_core::Policy::decode(&b);
+                if p.is_none() {
+                    // Unreadable: the map is treated as loaded-on-demand (its own document
+                    // answers once loaded); until then nobody is sent it.
+                    tracing::warn!(map = %sid, "stored permissions are unreadable");
+                }
+                Some((
+                    sid,
+                    p.unwrap_or_else(|| syncmesh_core::Policy::from_entries([(String::new(), 0)])),
+                ))
+            })
+            .collect();
         let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<StoreJob>(1);
         let (shared2, store2) = (shared.clone(), store.clone());
         let writer = std::thread::Builder::new()
@@ -299,6 +323,7 @@ impl Engine {
             trust,
             refused: HashMap::new(),
             problems: HashMap::new(),
+            policies,
         })
     }
 
@@ -639,6 +664,17 @@ impl Engine {
     fn op(&mut self, id: &str, op: Op, now: Timestamp) -> Result<Reply> {
         let sid = MapRef::parse(id)?.sid();
         self.ensure_loaded(&sid)?;
+        // Permission entries name peers: changing them needs this node's own peer id.
+        let me = match &op {
+            Op::SetPermission(_) | Op::RemovePermission(_) => Some(
+                self.net
+                    .as_ref()
+                    .map(|n| n.handle.status().peer_id)
+                    .ok_or(Error::NoNetwork)?,
+            ),
+            _ => None,
+        };
+        let me = me.unwrap_or_default();
         let m = self.catalog.get_mut(id, now)?;
         let write = op.is_write();
         let r = match op {
@@ -675,6 +711,11 @@ impl Engine {
             Op::SetTtl(t) => m.set_ttl(t, now).map(Reply::Info),
             Op::SetItemTtl(k, t) => m.set_item_ttl(&k, t, now).map(Reply::Item),
             Op::RemoveMap => m.remove_map(now).map(|()| Reply::Unit),
+            Op::Permissions => m
+                .info(now)
+                .map(|_| Reply::Permissions(m.policy().permissions())),
+            Op::SetPermission(p) => m.set_permission(&p, &me, now).map(Reply::Permission),
+            Op::RemovePermission(who) => m.remove_permission(&who, &me, now).map(|()| Reply::Unit),
         };
         if write {
             self.dirty.insert(sid);
@@ -762,6 +803,18 @@ impl Engine {
                     Ok(Some(s)) => snapshots.push((doc, s)),
                     Ok(None) => {}
                     Err(e) => tracing::warn!(map = %sid, "snapshot for compaction failed: {e}"),
+                }
+            }
+            // Permissions are remembered for replication while the map is not loaded.
+            let policy = m.policy().clone();
+            let known = self.policies.get(&sid);
+            if known != Some(&policy) && !(known.is_none() && policy.is_open()) {
+                if policy.is_open() {
+                    self.policies.remove(&sid);
+                    batch.policies.push((sid.clone(), None));
+                } else {
+                    batch.policies.push((sid.clone(), Some(policy.encode())));
+                    self.policies.insert(sid.clone(), policy);
                 }
             }
             batch.maps.push(MapWrite {

@@ -53,7 +53,7 @@ pub use error::{Error, Result};
 pub use node::{Durability, EventStream, Map, MapOpen, Node, NodeBuilder};
 pub use syncmesh_core::{
     Bounds, Event, EventKind, Item, ItemConflicts, JsonObject, MapInfo, MapSid, MapSpec, NodeId,
-    OpenMode, Order, Page, PageRequest, Revision, Timestamp, Ttl, WriteOptions,
+    OpenMode, Order, Page, PageRequest, Permission, Revision, Timestamp, Ttl, WriteOptions,
 };
 pub use syncmesh_net::{Multiaddr, NetStatus, PeerId, SwarmKey};
 pub use syncmesh_store::{FileCompaction, StoreError};

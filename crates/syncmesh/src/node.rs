@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use serde_json::Value;
 use syncmesh_core::{
     Event, Identity, Item, ItemConflicts, JsonObject, MapInfo, MapSid, MapSpec, NodeId, OpenMode,
-    Page, PageRequest, Revision, Ttl, WriteOptions,
+    Page, PageRequest, Permission, Revision, Ttl, WriteOptions,
 };
 use syncmesh_store::{Batch, FileCompaction, Store, StoreOptions};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -690,6 +690,41 @@ impl Map {
     /// Every concurrent value of an item's fields.
     pub async fn conflicts(&self, key: &str) -> Result<ItemConflicts> {
         expect_reply!(self.op(Op::Conflicts(key.into())).await, Reply::Conflicts(c) => c)
+    }
+
+    /// The map's permission entries (empty: the map is shared with every trusted peer, read
+    /// and write). See [`Map::set_permission`].
+    pub async fn permissions(&self) -> Result<Vec<Permission>> {
+        expect_reply!(self.op(Op::Permissions).await, Reply::Permissions(p) => p)
+    }
+
+    /// One identity's permission entry (404/20404 if it has none).
+    pub async fn permission(&self, identity: &str) -> Result<Permission> {
+        self.permissions()
+            .await?
+            .into_iter()
+            .find(|p| p.identity == identity)
+            .ok_or_else(|| {
+                Error::Map(syncmesh_core::Error::PermissionNotFound(
+                    identity.to_string(),
+                ))
+            })
+    }
+
+    /// Sets a peer's permissions on the map (its identity is its peer id). Once a map has
+    /// entries, only the listed peers receive it, only those with `write` can change it, and
+    /// only those with `manage` can change its permissions or remove it — on every node that
+    /// holds the map, since the entries travel with it. The first entry also lists this node
+    /// as a manager. Needs a network (entries name peers) and, on a map with entries,
+    /// `manage` for this node (403/20403 otherwise).
+    pub async fn set_permission(&self, p: Permission) -> Result<Permission> {
+        expect_reply!(self.op(Op::SetPermission(p)).await, Reply::Permission(p) => p)
+    }
+
+    /// Removes a peer's entry (404/20404 if it has none). Removing the last entry shares the
+    /// map with every trusted peer again.
+    pub async fn remove_permission(&self, identity: &str) -> Result<()> {
+        expect_reply!(self.op(Op::RemovePermission(identity.into())).await, Reply::Unit => ())
     }
 
     /// Sets the map's TTL from now (0 clears it).

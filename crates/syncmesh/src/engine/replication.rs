@@ -98,6 +98,16 @@ impl MapHost for Engine {
         self.dirty.insert(sid.clone());
     }
 
+    fn policy(&mut self, sid: &MapSid) -> Option<syncmesh_core::Policy> {
+        if let Some(m) = self.catalog.get(sid) {
+            return Some(m.policy().clone());
+        }
+        if !self.on_disk.contains_key(sid) {
+            return None;
+        }
+        Some(self.policies.get(sid).cloned().unwrap_or_default())
+    }
+
     fn digest(&mut self, sid: &MapSid) -> Option<syncmesh_core::Result<u64>> {
         if !self.catalog.contains(sid) {
             if let Some(d) = self.stored_digests.get(sid) {
@@ -152,10 +162,8 @@ impl Engine {
             return;
         }
         let (msgs, too_large) = Replicator::gossip(sid, changes.to_vec());
-        let out = n
-            .rep
-            .as_ref()
-            .map(|rep| rep.push(sid, &msgs, None))
+        let out = self
+            .with_rep(|rep, host| rep.push(sid, &msgs, None, host))
             .unwrap_or_default();
         self.send_all(out);
         if too_large {

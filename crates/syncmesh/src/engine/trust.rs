@@ -274,6 +274,7 @@ impl Engine {
             Ok((rec, w)) => match self.persist_trust(w) {
                 Ok(()) => {
                     tracing::info!(%peer, maps = ?rec.maps, write = rec.write, "a peer joined with a ticket: trusted");
+                    self.list_in_permissions(&rec, &me.to_string(), now);
                     self.adopt_trust(&rec);
                     (
                         JoinResponse::Accepted {
@@ -307,6 +308,43 @@ impl Engine {
         let bytes = serde_json::to_vec(&answer).unwrap_or_default();
         if let Some(n) = self.net.as_ref() {
             n.handle.answer_join(id, bytes, close);
+        }
+    }
+
+    /// An invitation naming maps adds the invitee to the permissions of those of them that have
+    /// entries (a map without entries is shared with every trusted peer already).
+    fn list_in_permissions(&mut self, rec: &TrustRecord, me: &str, now: Timestamp) {
+        let Some(maps) = &rec.maps else { return };
+        for s in maps {
+            let Some(sid) = syncmesh_core::MapSid::parse(s) else {
+                continue;
+            };
+            if let Err(e) = self.ensure_loaded(&sid) {
+                tracing::warn!(map = %sid, "cannot load a map to list an invitee: {e}");
+                continue;
+            }
+            let Some(m) = self.catalog.by_sid(&sid) else {
+                continue;
+            };
+            if m.policy().is_open() || !m.exists() {
+                continue;
+            }
+            let p = syncmesh_core::Permission {
+                identity: rec.peer_id.clone(),
+                read: true,
+                write: rec.write,
+                manage: false,
+            };
+            match m.set_permission(&p, me, now) {
+                Ok(_) => {
+                    self.dirty.insert(sid);
+                }
+                Err(e) => tracing::warn!(
+                    map = %sid,
+                    peer = %rec.peer_id,
+                    "the invitee could not be added to the map's permissions: {e}"
+                ),
+            }
         }
     }
 
