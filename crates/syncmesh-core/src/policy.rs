@@ -40,7 +40,8 @@ pub struct Permission {
 impl Permission {
     /// The entry's flags.
     pub fn flags(&self) -> u8 {
-        u8::from(self.read) * READ | u8::from(self.write) * WRITE | u8::from(self.manage) * MANAGE
+        let bit = |on: bool, b: u8| if on { b } else { 0 };
+        bit(self.read, READ) | bit(self.write, WRITE) | bit(self.manage, MANAGE)
     }
 
     fn from_flags(identity: &str, f: u8) -> Permission {

@@ -262,7 +262,8 @@ fn a_fetch_learns_when_no_peer_has_the_map() {
     // (they once ended a second fetch at once, although the map had appeared meanwhile).
     let out = {
         let node = net.node("a");
-        node.rep.announce(&[missing.clone()], &mut node.host)
+        node.rep
+            .announce(std::slice::from_ref(&missing), &mut node.host)
     };
     assert!(!net.node("a").rep.nobody_has(&missing), "no answer yet");
     net.send("a", out);

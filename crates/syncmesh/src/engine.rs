@@ -279,17 +279,14 @@ impl Engine {
         let policies = store
             .map_policies()?
             .into_iter()
-            .filter_map(|(sid, b)| {
-                let p = syncmesh_core::Policy::decode(&b);
-                if p.is_none() {
-                    // Unreadable: the map is treated as loaded-on-demand (its own document
-                    // answers once loaded); until then nobody is sent it.
+            .map(|(sid, b)| {
+                let p = syncmesh_core::Policy::decode(&b).unwrap_or_else(|| {
+                    // Unreadable: nobody is sent the map until it is loaded (its own document
+                    // then answers).
                     tracing::warn!(map = %sid, "stored permissions are unreadable");
-                }
-                Some((
-                    sid,
-                    p.unwrap_or_else(|| syncmesh_core::Policy::from_entries([(String::new(), 0)])),
-                ))
+                    syncmesh_core::Policy::from_entries([(String::new(), 0)])
+                });
+                (sid, p)
             })
             .collect();
         let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<StoreJob>(1);
