@@ -478,6 +478,9 @@ pub struct MapReplica {
     /// Documents and hashes of the changes in `future`, so one sent again is neither kept nor
     /// stored twice (by document: the same change sent for another document is not it).
     future_hashes: HashSet<(DocAddr, ChangeHash)>,
+    /// Changes merged but waiting inside Automerge for their dependencies: known, so a copy
+    /// sent again is neither stored again nor taken as new (and passed on) again.
+    queued_hashes: HashSet<(DocAddr, ChangeHash)>,
     events: Vec<Event>,
     next_event_id: u64,
     outbox: Vec<OutgoingChange>,
@@ -528,6 +531,7 @@ impl MapReplica {
             expiry: BTreeSet::new(),
             future: Vec::new(),
             future_hashes: HashSet::new(),
+            queued_hashes: HashSet::new(),
             events: Vec::new(),
             next_event_id: 1,
             outbox: Vec::new(),
@@ -1433,8 +1437,20 @@ impl MapReplica {
             return Ok(());
         }
         let bytes: Vec<Vec<u8>> = fresh.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let hashes: Vec<ChangeHash> = fresh.iter().map(Change::hash).collect();
         self.apply_decoded(doc, fresh, now)?;
         self.received.extend(bytes.into_iter().map(|b| (doc, b)));
+        if fate != Fate::Waiting {
+            if self.queued_hashes.len() > 100_000 {
+                // Bounded: at worst a queued change sent again is stored once more.
+                self.queued_hashes.clear();
+            }
+            for h in hashes {
+                if !self.knows(doc, &h)? {
+                    self.queued_hashes.insert((doc, h));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1446,6 +1462,9 @@ impl MapReplica {
     /// Whether a document already holds a change (changes for documents this replica does
     /// not hold yet count as unknown).
     fn knows(&mut self, doc: DocAddr, hash: &ChangeHash) -> Result<bool> {
+        if self.queued_hashes.contains(&(doc, *hash)) {
+            return Ok(true);
+        }
         match doc {
             DocAddr::Meta => Ok(self.meta_doc.get_change_by_hash(hash).is_some()),
             DocAddr::Shard { inc, index } => {

@@ -462,3 +462,45 @@ fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
     assert!(net.items("c", "m").iter().all(|(k, _, _)| k != "a1"));
     assert!(net.violations.is_empty(), "{:?}", net.violations);
 }
+
+/// Found in review: a pushed change whose dependency was lost waits inside Automerge, and each
+/// copy of it was taken as new and passed on again, forever (and stored again each time).
+#[test]
+fn a_change_waiting_for_its_dependencies_is_not_passed_on_forever() {
+    let names = ["a", "b", "c", "d"];
+    let mut net = Net::new(&names, &[]);
+    write(&mut net, "a", "m", "k", json!({"v": 0}));
+    for n in ["b", "c", "d"] {
+        hold(&mut net, n, "m");
+    }
+    for (i, x) in names.iter().enumerate() {
+        for y in &names[i + 1..] {
+            net.connect(x, y);
+        }
+    }
+    net.run();
+    net.tick();
+    assert_eq!(net.items("d", "m").len(), 1);
+    // c1: every push of it is lost.
+    write(&mut net, "a", "m", "k", json!({"v": 1}));
+    net.drop_every = 1;
+    net.flush();
+    while net.queue.pop_front().is_some() {}
+    net.drop_every = 0;
+    // c2 depends on c1; A pushes it, then goes offline.
+    write(&mut net, "a", "m", "k", json!({"v": 2}));
+    net.flush();
+    let pushes: Vec<Msg> = net.queue.drain(..).collect();
+    for m in pushes {
+        if let Msg::Push(from, to, bytes) = m {
+            let node = net.node(&to);
+            let out = node.rep.receive(&from, &bytes, &mut node.host, now()).unwrap();
+            net.send(&to, out);
+        }
+    }
+    for n in ["b", "c", "d"] {
+        net.disconnect("a", n);
+    }
+    net.run(); // quiesces (it never did)
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
