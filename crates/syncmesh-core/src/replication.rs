@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use automerge::sync;
-use automerge::Change;
+use automerge::{Change, ChangeHash};
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{MapSid, Timestamp};
@@ -273,6 +273,8 @@ pub struct Replicator {
     grants: HashMap<String, Grant>,
     /// Changes refused since the last [`Self::take_refusals`].
     refusals: BTreeMap<(String, MapSid), u64>,
+    /// Per peer, the changes refused so far (each is counted once).
+    refused_seen: HashMap<String, std::collections::HashSet<ChangeHash>>,
 }
 
 impl Replicator {
@@ -286,6 +288,7 @@ impl Replicator {
             poisoned: BTreeSet::new(),
             grants: HashMap::new(),
             refusals: BTreeMap::new(),
+            refused_seen: HashMap::new(),
         }
     }
 
@@ -321,7 +324,14 @@ impl Replicator {
             .collect()
     }
 
-    fn refuse(&mut self, peer: &str, sid: &MapSid, n: usize) {
+    /// Counts refused changes; one refused before (a peer offers its changes again every
+    /// round) is not counted again.
+    fn refuse(&mut self, peer: &str, sid: &MapSid, hashes: impl IntoIterator<Item = ChangeHash>) {
+        let seen = self.refused_seen.entry(peer.to_string()).or_default();
+        if seen.len() > 100_000 {
+            seen.clear(); // bounded: at worst a refusal is counted twice
+        }
+        let n = hashes.into_iter().filter(|h| seen.insert(*h)).count();
         if n > 0 {
             *self
                 .refusals
@@ -832,7 +842,7 @@ impl Replicator {
         let meta_before = meta_digest(&before);
         // Check every message before applying any: a malformed one is the sender's fault.
         let mut decoded = Vec::with_capacity(msgs.len());
-        let mut refused = 0;
+        let mut refused = Vec::new();
         for (doc, bytes) in msgs {
             let mut d =
                 decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
@@ -843,7 +853,7 @@ impl Replicator {
             if !allowed && d.change_count() > 0 {
                 // A read-only peer (or one changing what only managers may): its changes stay
                 // with it.
-                refused += d.change_count();
+                refused.extend(d.changes().iter().map(Change::hash));
                 d = d.without_changes(|h| m.has_change(doc, h));
             }
             decoded.push((doc, d));
@@ -865,7 +875,7 @@ impl Replicator {
                     // A peer whose changes this node refuses never agrees on heads with it, so
                     // Automerge's exchange would not end: to such a peer a reply goes only when
                     // it offers changes not offered before (it has nothing to ask of it).
-                    if (may_write && refused == 0)
+                    if (may_write && refused.is_empty())
                         || offers_something_new(&mut p.offered, &sid, &reply)
                     {
                         replies.push((doc, Bytes(reply)));
@@ -929,8 +939,12 @@ impl Replicator {
             });
         }
         if !grant.writes(&sid) || !policy.writes(peer) {
-            let n = docs.iter().map(|(_, l)| l.len()).sum();
-            self.refuse(peer, &sid, n);
+            let hashes: Vec<ChangeHash> = docs
+                .iter()
+                .flat_map(|(_, l)| l.iter())
+                .filter_map(|b| Change::from_bytes(b.0.clone()).ok().map(|c| c.hash()))
+                .collect();
+            self.refuse(peer, &sid, hashes);
             return Ok(GossipOutcome {
                 out: Vec::new(),
                 relay: false,
@@ -938,7 +952,7 @@ impl Replicator {
             });
         }
         // Check everything before applying anything.
-        let mut refused_meta = 0;
+        let mut refused_meta = Vec::new();
         let mut decoded: Vec<(DocAddr, Vec<Change>, Checked)> = Vec::with_capacity(docs.len());
         for (doc, list) in docs {
             let mut cs = Vec::with_capacity(list.len());
@@ -954,7 +968,7 @@ impl Replicator {
                 && cs.iter().any(crate::map::needs_manage)
             {
                 // Permissions or removal from a peer that may not manage the map.
-                refused_meta += cs.len();
+                refused_meta.extend(cs.iter().map(Change::hash));
                 continue;
             }
             decoded.push((doc, cs, checked));
@@ -1082,7 +1096,10 @@ fn start_sessions(
     let ours: BTreeMap<DocAddr, u64> = ours.into_iter().collect();
     let theirs: BTreeMap<DocAddr, u64> = theirs.iter().copied().collect();
     let differs = |d: &DocAddr| ours.get(d) != theirs.get(d);
-    let docs: Vec<DocAddr> = if differs(&DocAddr::Meta) {
+    // A peer whose changes this node refuses may never agree on the map document (it keeps
+    // its own refused changes): its shards are synced without waiting for that.
+    let refused_peer = !(p.grant.writes(sid) && m.policy().manages(peer));
+    let docs: Vec<DocAddr> = if differs(&DocAddr::Meta) && !refused_peer {
         vec![DocAddr::Meta]
     } else {
         ours.keys()

@@ -504,3 +504,46 @@ fn a_change_waiting_for_its_dependencies_is_not_passed_on_forever() {
     net.run(); // quiesces (it never did)
     assert!(net.violations.is_empty(), "{:?}", net.violations);
 }
+
+/// Found in review: a read-only member that made its own map-document change (it created the
+/// map itself) never agreed with the writer on the map document, so its shards were never
+/// synced; and its refused changes were counted (and logged) again every round.
+#[test]
+fn a_read_only_member_that_created_the_map_still_gets_its_history_and_is_refused_once() {
+    use syncmesh_core::replication::Grant;
+    let mut net = Net::new(&["a", "b"], &[]);
+    net.node("a").rep.set_grant(
+        "b",
+        Grant {
+            maps: None,
+            write: false,
+        },
+    );
+    for i in 0..5 {
+        write(&mut net, "a", "shared", &format!("a{i}"), json!({"v": i}));
+    }
+    write(&mut net, "b", "shared", "b0", json!({"v": 0}));
+    net.flush();
+    net.connect("a", "b");
+    net.run();
+    for _ in 0..3 {
+        net.tick();
+    }
+    let b: Vec<String> = net.items("b", "shared").into_iter().map(|i| i.0).collect();
+    for i in 0..5 {
+        assert!(b.contains(&format!("a{i}")), "B lacks a{i}: {b:?}");
+    }
+    assert!(net.items("a", "shared").iter().all(|(k, _, _)| k != "b0"));
+    let refused: u64 = net
+        .node("a")
+        .rep
+        .take_refusals()
+        .iter()
+        .map(|r| r.changes)
+        .sum();
+    // B's creation and its write, each counted once although offered every round.
+    assert!((1..=3).contains(&refused), "refused {refused}");
+    net.tick();
+    assert!(net.node("a").rep.take_refusals().is_empty());
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
