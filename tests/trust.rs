@@ -236,8 +236,10 @@ async fn expired_forged_and_damaged_tickets_are_refused_and_trust_nobody() {
     assert!(a.peers().await.unwrap().trusted.is_empty());
     assert!(b.peers().await.unwrap().trusted.is_empty());
     assert!(problem_of(a.clone(), peer_id(&b), "join refused").await);
-    // The unspent (forged-against) invitation still works for the right secret.
+    // The unspent (forged-against) invitation still works for the right secret, and the
+    // refusal is no longer reported once B is trusted.
     b.join(&inv.ticket).await.unwrap();
+    assert!(!problem_of(a.clone(), peer_id(&b), "join refused").await);
     for n in [a, b] {
         n.close().await.unwrap();
     }
@@ -600,4 +602,149 @@ async fn an_invitation_naming_a_map_with_entries_lists_the_invitee() {
     for n in [a, b, other] {
         n.close().await.unwrap();
     }
+}
+
+/// Found in review: untrusting kept the addresses learnt from the trust record and redialed the
+/// peer at once, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_peer_is_not_redialed() {
+    let (a, b) = pair(InviteOptions::default()).await;
+    assert!(a.untrust(peer_id(&b)).await.unwrap());
+    assert!(b.untrust(peer_id(&a)).await.unwrap());
+    let apart = |n: Node, other: PeerId| async move {
+        let st = n.network().unwrap();
+        !st.connected.contains(&other.to_string()) && !st.untrusted.contains(&other.to_string())
+    };
+    wait_for("they part", || {
+        let (a, b) = (a.clone(), b.clone());
+        let (ia, ib) = (peer_id(&a), peer_id(&b));
+        async move { apart(a, ib).await && apart(b, ia).await }
+    })
+    .await;
+    // A redial would come within 200 ms; give it far longer (a slower machine only makes this
+    // pass more easily, never fail).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(apart(a.clone(), peer_id(&b)).await && apart(b.clone(), peer_id(&a)).await);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Found in review: in a swarm-key mesh, untrusting a peer left it connected, and after a
+/// reconnect it came back with every map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusting_in_a_swarm_key_mesh_denies_the_peer_and_survives_a_restart() {
+    let key = syncmesh::SwarmKey::parse(&syncmesh::SwarmKey::generate().unwrap()).unwrap();
+    let da = tempfile::tempdir().unwrap();
+    // A fixed port, so that B's address for A holds across A's restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let a_listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let open_a = || {
+        Node::builder()
+            .data_dir(da.path())
+            .listen(a_listen.clone())
+            .mdns(false)
+            .swarm_key(key.clone())
+            .open()
+    };
+    let a = open_a().await.unwrap();
+    let a_addr = addr(&a).await;
+    let b = builder()
+        .swarm_key(key.clone())
+        .peer(a_addr.clone())
+        .open()
+        .await
+        .unwrap();
+    let ma = a.map("m").await.unwrap();
+    ma.set("k", json!({})).await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    wait_for("B syncs", || has(&mb, "k")).await;
+    assert!(a.untrust(peer_id(&b)).await.unwrap());
+    assert!(!a.untrust(peer_id(&b)).await.unwrap(), "already denied");
+    mb.set("from_b", json!({})).await.unwrap();
+    ma.set("after", json!({})).await.unwrap();
+    wait_for("B learns A does not trust it", || {
+        problem_of(b.clone(), peer_id(&a), "does not trust this node")
+    })
+    .await;
+    assert!(!has(&ma, "from_b").await && !has(&mb, "after").await);
+    assert!(!a
+        .network()
+        .unwrap()
+        .connected
+        .contains(&peer_id(&b).to_string()));
+    // The denial is stored: after A restarts, B (which keeps dialing it) is still refused.
+    drop(ma);
+    a.close().await.unwrap();
+    let a = open_a().await.unwrap();
+    let ma = a.map("m").await.unwrap();
+    mb.set("from_b2", json!({})).await.unwrap();
+    wait_for("A refuses B again after restarting", || {
+        problem_of(a.clone(), peer_id(&b), "not trusted")
+    })
+    .await;
+    assert!(!has(&ma, "from_b").await && !has(&ma, "from_b2").await);
+    // Trusting it again lifts the denial.
+    a.trust(peer_id(&b), vec![]).await.unwrap();
+    wait_for("A takes B's writes once trusted again", || {
+        has(&ma, "from_b2")
+    })
+    .await;
+    drop((ma, mb));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Found in review: joining failed at once ("dial in progress") when the node was already
+/// dialing the inviter as a static peer — the usual `--peer A` then `join` flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_an_inviter_already_being_dialed_works() {
+    let a = builder().open().await.unwrap();
+    let a_addr = addr(&a).await;
+    let inv = a.invite(InviteOptions::default()).await.unwrap();
+    let b = builder().peer(a_addr).open().await.unwrap();
+    b.join(&inv.ticket).await.unwrap();
+    let ma = a.map("m").await.unwrap();
+    ma.set("k", json!({})).await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    wait_for("B syncs", || has(&mb, "k")).await;
+    drop((ma, mb));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Found in review: 32 idle strangers made every new untrusted connection close on arrival,
+/// invitees included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_strangers_do_not_lock_invitees_out() {
+    let a = builder().open().await.unwrap();
+    let a_addr = addr(&a).await;
+    let mut strangers = Vec::new();
+    for _ in 0..40 {
+        let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());
+        cfg.peers = vec![a_addr.clone()];
+        cfg.mdns = false;
+        strangers.push(syncmesh_net::start(cfg).unwrap());
+    }
+    wait_for("A is full of strangers", || {
+        let n = a.network().unwrap().untrusted.len();
+        async move { n >= 32 }
+    })
+    .await;
+    let inv = a.invite(InviteOptions::default()).await.unwrap();
+    let b = builder().open().await.unwrap();
+    b.join(&inv.ticket).await.unwrap();
+    let ma = a.map("m").await.unwrap();
+    ma.set("k", json!({})).await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    wait_for("B syncs", || has(&mb, "k")).await;
+    for (h, _) in &strangers {
+        h.shutdown().await;
+    }
+    drop((ma, mb));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
 }

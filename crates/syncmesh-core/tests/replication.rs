@@ -494,7 +494,10 @@ fn a_change_waiting_for_its_dependencies_is_not_passed_on_forever() {
     for m in pushes {
         if let Msg::Push(from, to, bytes) = m {
             let node = net.node(&to);
-            let out = node.rep.receive(&from, &bytes, &mut node.host, now()).unwrap();
+            let out = node
+                .rep
+                .receive(&from, &bytes, &mut node.host, now())
+                .unwrap();
             net.send(&to, out);
         }
     }

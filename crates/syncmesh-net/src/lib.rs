@@ -160,6 +160,9 @@ pub struct NetConfig {
     pub trust_all: bool,
     /// Peers trusted from the start, with addresses to keep dialing them at.
     pub trusted: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Peers not trusted although everyone else is (`trust_all` or a swarm key): untrusted by
+    /// hand in such a mesh.
+    pub denied: Vec<PeerId>,
     /// How long a connection from a peer that is not trusted may stay open (to present a
     /// ticket) before it is closed.
     pub untrusted_grace: Duration,
@@ -181,6 +184,7 @@ impl NetConfig {
             allow: None,
             trust_all: false,
             trusted: Vec::new(),
+            denied: Vec::new(),
             untrusted_grace: Duration::from_secs(30),
             // A peer sends one request at a time (two streams at most are accepted), so
             // this bounds what one peer can make a node buffer.

@@ -46,6 +46,8 @@ const MAX_PENDING_JOINS: usize = 64;
 /// A static peer and when to dial it next.
 struct StaticPeer {
     addr: Multiaddr,
+    /// Added because the peer is trusted (dropped when it no longer is), not configured.
+    from_trust: bool,
     /// The peer id once known (from the address or the first connection).
     peer: Option<PeerId>,
     dialing: Option<ConnectionId>,
@@ -85,6 +87,8 @@ pub(crate) struct Runner {
     block_for: Duration,
     trust_all: bool,
     trusted: HashSet<PeerId>,
+    /// Peers no longer trusted although everyone else is (`trust_all` or a swarm key).
+    denied: HashSet<PeerId>,
     /// Trusted peers the node was told are up.
     up: HashSet<PeerId>,
     /// Connected peers that are not trusted, and when they are disconnected.
@@ -93,8 +97,12 @@ pub(crate) struct Runner {
     discovered: HashMap<PeerId, Discovered>,
     /// The latest problem per peer (or per address when the peer is unknown).
     problems: HashMap<String, PeerProblem>,
-    /// Joins this node asked for, by peer: the request to send once connected.
-    joining: HashMap<PeerId, Vec<u8>>,
+    /// Joins this node asked for, by peer: the request to send once connected, and the dial
+    /// made for it (its failure fails the join).
+    joining: HashMap<PeerId, (Vec<u8>, Option<ConnectionId>)>,
+    /// Where to dial each inviter again, and whether that was done: a join whose connection
+    /// closed under it is tried once more on a new connection.
+    join_retry: HashMap<PeerId, (Vec<Multiaddr>, bool)>,
     /// Join requests waiting for the node's answer.
     join_channels: HashMap<JoinId, (PeerId, request_response::ResponseChannel<Vec<u8>>)>,
     next_join: u64,
@@ -258,39 +266,47 @@ impl Runner {
             block_for: cfg.block_for,
             trust_all: cfg.trusts_everyone(),
             trusted: HashSet::new(),
+            denied: HashSet::new(),
             up: HashSet::new(),
             untrusted: HashMap::new(),
             untrusted_grace: cfg.untrusted_grace,
             discovered: HashMap::new(),
             problems: HashMap::new(),
             joining: HashMap::new(),
+            join_retry: HashMap::new(),
             join_channels: HashMap::new(),
             next_join: 0,
             conn_addrs: HashMap::new(),
         };
         for a in &cfg.peers {
-            runner.add_static(a.clone(), peer_of(a));
+            runner.add_static(a.clone(), peer_of(a), false);
         }
         for (p, addrs) in &cfg.trusted {
             runner.trusted.insert(*p);
             for a in addrs {
-                runner.add_static(a.clone(), Some(*p));
+                runner.add_static(a.clone(), Some(*p), true);
             }
         }
+        runner.denied.extend(cfg.denied.iter().copied());
         drop(_guard);
         Ok(runner)
     }
 
     fn is_trusted(&self, p: &PeerId) -> bool {
-        self.trust_all || self.trusted.contains(p)
+        !self.denied.contains(p) && (self.trust_all || self.trusted.contains(p))
     }
 
-    fn add_static(&mut self, addr: Multiaddr, peer: Option<PeerId>) {
-        if self.statics.iter().any(|s| s.addr == addr) {
+    fn add_static(&mut self, addr: Multiaddr, peer: Option<PeerId>, from_trust: bool) {
+        if self
+            .statics
+            .iter()
+            .any(|s| s.addr == addr && s.peer == peer)
+        {
             return;
         }
         self.statics.push(StaticPeer {
             addr,
+            from_trust,
             peer,
             dialing: None,
             next: Instant::now(),
@@ -401,10 +417,13 @@ impl Runner {
             self.swarm.behaviour_mut().blocked.unblock_peer(p);
         }
         // Untrusted connections get a grace period to present a ticket, then are closed.
+        let waiting: HashSet<PeerId> = self.join_channels.values().map(|(p, _)| *p).collect();
         let expired: Vec<PeerId> = self
             .untrusted
             .iter()
-            .filter(|(p, since)| now >= **since && !self.joining.contains_key(p))
+            .filter(|(p, until)| {
+                now >= **until && !self.joining.contains_key(p) && !waiting.contains(p)
+            })
             .map(|(p, _)| *p)
             .collect();
         for p in expired {
@@ -497,11 +516,29 @@ impl Runner {
                     if self.is_trusted(&peer_id) {
                         self.bring_up(peer_id).await;
                     } else {
-                        if self.untrusted.len() >= MAX_UNTRUSTED
-                            && !self.joining.contains_key(&peer_id)
-                        {
-                            let _ = self.swarm.disconnect_peer_id(peer_id);
-                            return;
+                        if self.untrusted.len() >= MAX_UNTRUSTED {
+                            // Room for the newcomer (it may bring a ticket): the idle untrusted
+                            // peer closest to its deadline goes.
+                            let waiting: HashSet<PeerId> =
+                                self.join_channels.values().map(|(p, _)| *p).collect();
+                            let victim = self
+                                .untrusted
+                                .iter()
+                                .filter(|(p, _)| {
+                                    !waiting.contains(p) && !self.joining.contains_key(p)
+                                })
+                                .min_by_key(|(_, t)| **t)
+                                .map(|(p, _)| *p);
+                            match victim {
+                                Some(v) => {
+                                    self.untrusted.remove(&v);
+                                    let _ = self.swarm.disconnect_peer_id(v);
+                                }
+                                None => {
+                                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                                    return;
+                                }
+                            }
                         }
                         self.untrusted
                             .insert(peer_id, Instant::now() + self.untrusted_grace);
@@ -516,7 +553,7 @@ impl Runner {
                         self.publish_status();
                     }
                 }
-                if let Some(req) = self.joining.get(&peer_id).cloned() {
+                if let Some((req, _)) = self.joining.get(&peer_id).cloned() {
                     self.swarm.behaviour_mut().join.send_request(&peer_id, req);
                 }
             }
@@ -531,6 +568,8 @@ impl Runner {
                 if num_established == 0 {
                     tracing::info!(peer = %peer_id, "peer disconnected ({cause:?})");
                     self.untrusted.remove(&peer_id);
+                    // Answers to its join requests can no longer reach it.
+                    self.join_channels.retain(|_, (p, _)| *p != peer_id);
                     let now = Instant::now();
                     for i in 0..self.statics.len() {
                         if self.statics[i].peer == Some(peer_id) {
@@ -556,7 +595,12 @@ impl Runner {
                 }
                 let reason = dial_reason(&error);
                 if let Some(p) = peer_id {
-                    if self.joining.remove(&p).is_some() {
+                    let ours = self
+                        .joining
+                        .get(&p)
+                        .is_some_and(|(_, id)| *id == Some(connection_id));
+                    if ours && self.joining.remove(&p).is_some() {
+                        self.join_retry.remove(&p);
                         self.emit(NetEvent::JoinAnswer {
                             peer: p,
                             answer: Err(reason.clone()),
@@ -617,6 +661,16 @@ impl Runner {
                         .await;
                     }
                     request_response::Message::Response { response, .. } => {
+                        if response == Ack::Accepted {
+                            let stale = self
+                                .problems
+                                .get(&peer.to_string())
+                                .is_some_and(|p| p.reason.starts_with("does not trust this node"));
+                            if stale {
+                                self.problems.remove(&peer.to_string());
+                                self.publish_status();
+                            }
+                        }
                         if response == Ack::NotTrusted {
                             self.problem(
                                 Some(peer),
@@ -677,6 +731,9 @@ impl Runner {
                     let id = JoinId(self.next_join);
                     self.next_join += 1;
                     self.join_channels.insert(id, (peer, channel));
+                    if let Some(t) = self.untrusted.get_mut(&peer) {
+                        *t = Instant::now() + self.untrusted_grace;
+                    }
                     let addr = self.conn_addrs.get(&connection_id).cloned();
                     self.emit(NetEvent::JoinRequest {
                         peer,
@@ -688,6 +745,7 @@ impl Runner {
                 }
                 request_response::Message::Response { response, .. } => {
                     self.joining.remove(&peer);
+                    self.join_retry.remove(&peer);
                     self.emit(NetEvent::JoinAnswer {
                         peer,
                         answer: Ok(response),
@@ -697,18 +755,45 @@ impl Runner {
             },
             BehaviourEvent::Join(request_response::Event::OutboundFailure {
                 peer, error, ..
-            }) if self.joining.remove(&peer).is_some() => {
-                let reason = match error {
+            }) => {
+                let closed = matches!(error, request_response::OutboundFailure::ConnectionClosed);
+                let retry = match self.join_retry.get_mut(&peer) {
+                    Some((addrs, done)) if closed && !*done => {
+                        *done = true;
+                        Some(addrs.clone())
+                    }
+                    _ => None,
+                };
+                if let Some(addrs) = retry.filter(|_| self.joining.contains_key(&peer)) {
+                    // The inviter closed the connection just then (an idle untrusted one):
+                    // once more, on a new connection.
+                    tracing::debug!(%peer, "join connection closed: trying once more");
+                    let opts = DialOpts::peer_id(peer)
+                        .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                        .addresses(addrs)
+                        .build();
+                    let id = opts.connection_id();
+                    if self.swarm.dial(opts).is_ok() {
+                        if let Some(j) = self.joining.get_mut(&peer) {
+                            j.1 = Some(id);
+                        }
+                        return;
+                    }
+                }
+                self.join_retry.remove(&peer);
+                if self.joining.remove(&peer).is_some() {
+                    let reason = match error {
                         request_response::OutboundFailure::UnsupportedProtocols => {
                             "the inviter does not speak the join protocol (an older syncmesh, or not a syncmesh node)".to_string()
                         }
                         e => format!("the join request failed: {e}"),
                     };
-                self.emit(NetEvent::JoinAnswer {
-                    peer,
-                    answer: Err(reason),
-                })
-                .await;
+                    self.emit(NetEvent::JoinAnswer {
+                        peer,
+                        answer: Err(reason),
+                    })
+                    .await;
+                }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 let now = now_sys();
@@ -719,7 +804,15 @@ impl Runner {
                     if !self.discovered.contains_key(&peer)
                         && self.discovered.len() >= MAX_DISCOVERED
                     {
-                        continue;
+                        // The list shows what is recent: the peer seen longest ago goes.
+                        if let Some(old) = self
+                            .discovered
+                            .values()
+                            .min_by_key(|d| d.last_seen)
+                            .map(|d| d.peer_id)
+                        {
+                            self.discovered.remove(&old);
+                        }
                     }
                     let d = self.discovered.entry(peer).or_insert_with(|| Discovered {
                         peer_id: peer,
@@ -738,6 +831,17 @@ impl Runner {
                             .dial(DialOpts::peer_id(peer).addresses(vec![addr]).build());
                     } else if !self.is_trusted(&peer) {
                         tracing::debug!(%peer, %addr, "discovered by mDNS (not trusted: listed only)");
+                    }
+                }
+                self.publish_status();
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
+                for (peer, addr) in list {
+                    if let Some(d) = self.discovered.get_mut(&peer) {
+                        d.addrs.retain(|a| *a != addr);
+                        if d.addrs.is_empty() {
+                            self.discovered.remove(&peer);
+                        }
                     }
                 }
                 self.publish_status();
@@ -769,8 +873,9 @@ impl Runner {
             }
             Command::Trust { peer, addrs } => {
                 self.trusted.insert(peer);
+                self.denied.remove(&peer);
                 for a in addrs {
-                    self.add_static(a, Some(peer));
+                    self.add_static(a, Some(peer), true);
                 }
                 if self.swarm.is_connected(&peer) {
                     self.bring_up(peer).await;
@@ -778,30 +883,44 @@ impl Runner {
             }
             Command::Untrust(peer) => {
                 self.trusted.remove(&peer);
-                self.statics
-                    .retain(|s| s.peer != Some(peer) || peer_of(&s.addr).is_none());
-                if !self.is_trusted(&peer) {
-                    self.bring_down(peer).await;
-                    let _ = self.swarm.disconnect_peer_id(peer);
+                if self.trust_all {
+                    self.denied.insert(peer);
                 }
+                // Addresses kept because it was trusted go; configured ones stay (and connect
+                // as untrusted).
+                self.statics
+                    .retain(|s| !(s.from_trust && s.peer == Some(peer)));
+                self.bring_down(peer).await;
+                let _ = self.swarm.disconnect_peer_id(peer);
             }
             Command::Join {
                 peer,
                 addrs,
                 request,
             } => {
-                self.joining.insert(peer, request.clone());
+                self.joining.insert(peer, (request.clone(), None));
+                self.join_retry.insert(peer, (addrs.clone(), false));
                 if self.swarm.is_connected(&peer) {
                     self.swarm.behaviour_mut().join.send_request(&peer, request);
                 } else {
                     let opts = DialOpts::peer_id(peer).addresses(addrs).build();
-                    if let Err(e) = self.swarm.dial(opts) {
-                        self.joining.remove(&peer);
-                        self.emit(NetEvent::JoinAnswer {
-                            peer,
-                            answer: Err(format!("cannot dial the inviter: {e}")),
-                        })
-                        .await;
+                    let id = opts.connection_id();
+                    match self.swarm.dial(opts) {
+                        Ok(()) => {
+                            if let Some(j) = self.joining.get_mut(&peer) {
+                                j.1 = Some(id);
+                            }
+                        }
+                        // Already being dialed (a static peer): that connection carries it.
+                        Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+                        Err(e) => {
+                            self.joining.remove(&peer);
+                            self.emit(NetEvent::JoinAnswer {
+                                peer,
+                                answer: Err(format!("cannot dial the inviter: {e}")),
+                            })
+                            .await;
+                        }
                     }
                 }
             }
@@ -814,9 +933,9 @@ impl Runner {
                         .send_response(channel, answer);
                     if close {
                         // Give the answer a moment to leave: the grace period closes it.
-                        self.untrusted
-                            .entry(peer)
-                            .and_modify(|t| *t = Instant::now() + Duration::from_secs(1));
+                        self.untrusted.entry(peer).and_modify(|t| {
+                            *t = (*t).min(Instant::now() + Duration::from_secs(5));
+                        });
                     }
                 }
             }

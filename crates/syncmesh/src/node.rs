@@ -115,7 +115,8 @@ impl NodeBuilder {
         self
     }
 
-    /// Only these peers may connect (in addition to holding the swarm key, if one is set).
+    /// Only these peers may connect (in addition to holding the swarm key, if one is set); they
+    /// are trusted.
     pub fn allow_peers(mut self, peers: impl IntoIterator<Item = PeerId>) -> Self {
         self.allow = Some(peers.into_iter().collect());
         self
@@ -164,7 +165,10 @@ impl NodeBuilder {
         })
         .await
         .map_err(|_| Error::Closed)??;
-        let book = load_trust(&store, &self.trust)?;
+        // Peers on the allow-list were named deliberately: they are trusted too.
+        let mut configured = self.trust.clone();
+        configured.extend(self.allow.iter().flatten().copied());
+        let book = load_trust(&store, &configured)?;
         let net = if self.networked() {
             let keypair = match &self.data_dir {
                 Some(d) => syncmesh_net::load_or_create_identity(&d.join("identity.key"))?,
@@ -181,6 +185,11 @@ impl NodeBuilder {
                 .trusted()
                 .iter()
                 .filter_map(|r| Some((r.peer_id.parse().ok()?, r.multiaddrs())))
+                .collect();
+            cfg.denied = book
+                .denied()
+                .iter()
+                .filter_map(|p| p.parse().ok())
                 .collect();
             if self.trust_all {
                 tracing::warn!(

@@ -135,6 +135,10 @@ pub struct TrustRecord {
     pub maps: Option<Vec<String>>,
     /// Whether it may change them.
     pub write: bool,
+    /// Not trusted although everyone else is (untrusted by hand in a `trust_all` or swarm-key
+    /// mesh): a record that denies.
+    #[serde(default)]
+    pub denied: bool,
 }
 
 impl TrustRecord {
@@ -410,7 +414,7 @@ pub struct TrustWrites {
 }
 
 /// The trust state of a node: stored records, configured peers, invitations.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct TrustBook {
     records: BTreeMap<String, TrustRecord>,
     config: BTreeSet<String>,
@@ -436,12 +440,34 @@ impl TrustBook {
 
     /// Whether `peer` is trusted (by a record or the configuration).
     pub fn trusts(&self, peer: &str) -> bool {
-        self.records.contains_key(peer) || self.config.contains(peer)
+        match self.records.get(peer) {
+            Some(r) => !r.denied,
+            None => self.config.contains(peer),
+        }
+    }
+
+    /// Whether `peer` is denied (untrusted by hand where everyone else is trusted).
+    pub fn denies(&self, peer: &str) -> bool {
+        self.records.get(peer).is_some_and(|r| r.denied)
+    }
+
+    /// Peers denied by hand (see [`TrustRecord::denied`]).
+    pub fn denied(&self) -> Vec<String> {
+        self.records
+            .values()
+            .filter(|r| r.denied)
+            .map(|r| r.peer_id.clone())
+            .collect()
     }
 
     /// Every trusted peer: stored records, then configured peers without one.
     pub fn trusted(&self) -> Vec<TrustRecord> {
-        let mut out: Vec<TrustRecord> = self.records.values().cloned().collect();
+        let mut out: Vec<TrustRecord> = self
+            .records
+            .values()
+            .filter(|r| !r.denied)
+            .cloned()
+            .collect();
         for p in &self.config {
             if !self.records.contains_key(p) {
                 out.push(TrustRecord {
@@ -451,6 +477,7 @@ impl TrustBook {
                     source: TrustSource::Config,
                     maps: None,
                     write: true,
+                    denied: false,
                 });
             }
         }
@@ -460,6 +487,7 @@ impl TrustBook {
     /// What `peer` may do (full access for a configured peer without a record).
     pub fn grant(&self, peer: &str) -> Option<Grant> {
         match self.records.get(peer) {
+            Some(r) if r.denied => None,
             Some(r) => Some(r.grant()),
             None => self.config.contains(peer).then(Grant::full),
         }
@@ -469,7 +497,7 @@ impl TrustBook {
     /// existing record keeps its scope and gains the addresses).
     pub fn trust(&mut self, peer: &PeerId, addrs: Vec<String>, now: Timestamp) -> TrustWrites {
         let key = peer.to_string();
-        let rec = match self.records.get(&key) {
+        let rec = match self.records.get(&key).filter(|r| !r.denied) {
             Some(r) => {
                 let mut r = r.clone();
                 for a in addrs {
@@ -486,6 +514,7 @@ impl TrustBook {
                 source: TrustSource::Manual,
                 maps: None,
                 write: true,
+                denied: false,
             },
         };
         self.records.insert(key.clone(), rec.clone());
@@ -495,20 +524,34 @@ impl TrustBook {
         }
     }
 
-    /// Stops trusting `peer` (its record, and its configured trust until restart). Returns
-    /// whether it was trusted.
-    pub fn untrust(&mut self, peer: &str) -> (bool, TrustWrites) {
-        let stored = self.records.remove(peer).is_some();
-        let configured = self.config.remove(peer);
-        let writes = TrustWrites {
-            trust: if stored {
-                vec![(peer.to_string(), None)]
-            } else {
-                Vec::new()
-            },
-            invites: Vec::new(),
+    /// Stops trusting `peer` (its record, and its configured trust until restart). Where
+    /// everyone is trusted (`everyone`: `trust_all` or a swarm key) a record that denies it is
+    /// stored instead. Returns whether it was trusted.
+    pub fn untrust(&mut self, peer: &str, everyone: bool, now: Timestamp) -> (bool, TrustWrites) {
+        let was = if everyone {
+            !self.denies(peer)
+        } else {
+            self.trusts(peer)
         };
-        (stored || configured, writes)
+        let stored = self.records.remove(peer).is_some();
+        self.config.remove(peer);
+        let mut writes = TrustWrites::default();
+        if everyone {
+            let rec = TrustRecord {
+                peer_id: peer.to_string(),
+                addrs: Vec::new(),
+                since_ms: now.millis(),
+                source: TrustSource::Manual,
+                maps: Some(Vec::new()),
+                write: false,
+                denied: true,
+            };
+            self.records.insert(peer.to_string(), rec.clone());
+            writes.trust.push((peer.to_string(), Some(rec)));
+        } else if stored {
+            writes.trust.push((peer.to_string(), None));
+        }
+        (was, writes)
     }
 
     /// A new invitation (the id and secret come from the caller's randomness).
@@ -626,7 +669,8 @@ impl TrustBook {
             .cloned()
             .collect();
         addrs.dedup();
-        let rec = match self.records.get(&key) {
+        let configured = self.config.contains(&key) && !self.records.contains_key(&key);
+        let rec = match self.records.get(&key).filter(|r| !r.denied) {
             // Already trusted: widen to the union of what the invitations allow.
             Some(old) => TrustRecord {
                 addrs,
@@ -645,8 +689,10 @@ impl TrustBook {
                 addrs,
                 since_ms: now.millis(),
                 source: TrustSource::Invited,
-                maps: inv.maps.clone(),
-                write: inv.write,
+                // A configured peer already has every map: a ticket does not narrow that.
+                maps: if configured { None } else { inv.maps.clone() },
+                write: inv.write || configured,
+                denied: false,
             },
         };
         self.records.insert(key.clone(), rec.clone());
@@ -663,19 +709,32 @@ impl TrustBook {
     ) -> (TrustRecord, TrustWrites) {
         let key = ticket.peer.to_string();
         // The inviter gets the same scope back: what the invitation shares is shared both ways,
-        // and the invitee accepts the inviter's changes to it.
+        // and the invitee accepts the inviter's changes to it. Trust it had already is not
+        // narrowed.
+        let scoped: Option<Vec<String>> = maps.map(|m| {
+            m.into_iter()
+                .filter(|s| MapSid::parse(s).is_some())
+                .take(MAX_INVITE_MAPS)
+                .collect()
+        });
+        let old = self.records.get(&key).filter(|r| !r.denied);
+        let full_before = self.config.contains(&key) || old.is_some_and(|r| r.maps.is_none());
+        let maps = match (full_before, old.and_then(|r| r.maps.clone()), scoped) {
+            (true, _, _) | (_, _, None) => None,
+            (false, Some(a), Some(b)) => {
+                let u: BTreeSet<String> = a.into_iter().chain(b).collect();
+                Some(u.into_iter().collect())
+            }
+            (false, None, Some(b)) => Some(b),
+        };
         let rec = TrustRecord {
             peer_id: key.clone(),
             addrs: ticket.addrs.iter().map(ToString::to_string).collect(),
-            since_ms: self.records.get(&key).map_or(now.millis(), |r| r.since_ms),
+            since_ms: old.map_or(now.millis(), |r| r.since_ms),
             source: TrustSource::Joined,
-            maps: maps.map(|m| {
-                m.into_iter()
-                    .filter(|s| MapSid::parse(s).is_some())
-                    .take(MAX_INVITE_MAPS)
-                    .collect()
-            }),
+            maps,
             write: true,
+            denied: false,
         };
         self.records.insert(key.clone(), rec.clone());
         (
@@ -865,14 +924,22 @@ mod tests {
         assert_eq!(w.trust.len(), 1);
         assert_eq!(b.trusted().len(), 2);
         assert_eq!(b.grant(&p.to_string()), Some(Grant::full()));
-        let (was, w) = b.untrust(&p.to_string());
+        let (was, w) = b.untrust(&p.to_string(), false, t(6));
         assert!(was);
         assert_eq!(w.trust, vec![(p.to_string(), None)]);
-        let (was, w) = b.untrust(&q.to_string());
+        let (was, w) = b.untrust(&q.to_string(), false, t(6));
         assert!(was && w.trust.is_empty(), "configured trust is not stored");
         assert!(b.trusted().is_empty());
-        let (was, _) = b.untrust(&q.to_string());
+        let (was, _) = b.untrust(&q.to_string(), false, t(6));
         assert!(!was);
+        // Where everyone is trusted, untrusting stores a denial; trusting lifts it.
+        let (was, w) = b.untrust(&p.to_string(), true, t(7));
+        assert!(was && b.denies(&p.to_string()) && !b.trusts(&p.to_string()));
+        assert!(w.trust[0].1.as_ref().is_some_and(|r| r.denied));
+        assert_eq!(b.denied(), vec![p.to_string()]);
+        assert!(b.grant(&p.to_string()).is_none() && b.trusted().is_empty());
+        b.trust(&p, vec![], t(8));
+        assert!(b.trusts(&p.to_string()) && !b.denies(&p.to_string()));
     }
 
     #[test]

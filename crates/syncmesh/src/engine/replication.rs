@@ -36,6 +36,8 @@ pub(crate) struct Net {
     wants: Vec<Want>,
     /// Joins this node asked for, waiting for the inviter.
     pub(crate) joins: Vec<super::trust::PendingJoin>,
+    /// Successful joins waiting for the inviter to come up before answering.
+    pub(crate) joined: Vec<super::trust::Joined>,
 }
 
 impl Net {
@@ -48,6 +50,7 @@ impl Net {
             next_tick: Instant::now() + ANTI_ENTROPY,
             wants: Vec::new(),
             joins: Vec::new(),
+            joined: Vec::new(),
         }
     }
 
@@ -57,6 +60,7 @@ impl Net {
             .iter()
             .map(|w| w.deadline)
             .chain(self.joins.iter().map(|j| j.deadline))
+            .chain(self.joined.iter().map(|j| j.3))
             .chain(std::iter::once(self.next_tick))
             .min()
             .unwrap_or(self.next_tick)
@@ -179,7 +183,24 @@ impl Engine {
         match ev {
             NetEvent::PeerUp(p) => {
                 let key = p.to_string();
-                let grant = self.trust.grant(&key).unwrap_or_default();
+                // Configured or stored trust gives the record's scope; in a mesh that trusts
+                // everyone (trust_all, swarm key) a peer without a record gets every map. A peer
+                // the book does not trust (an untrust that raced this event) is not heard.
+                let everyone = self
+                    .net
+                    .as_ref()
+                    .is_some_and(|n| n.handle.status().trusts_everyone);
+                let grant = match self.trust.grant(&key) {
+                    Some(g) => g,
+                    None if everyone && !self.trust.denies(&key) => {
+                        syncmesh_core::replication::Grant::full()
+                    }
+                    None => {
+                        tracing::debug!(peer = %key, "a peer came up that is no longer trusted");
+                        return;
+                    }
+                };
+                self.problems.remove(&key);
                 if let Some(n) = self.net.as_mut() {
                     n.peers.insert(key.clone(), p);
                     if let Some(rep) = n.rep.as_mut() {
@@ -192,6 +213,7 @@ impl Engine {
                 if let Some(out) = self.with_rep(|rep, host| rep.peer_up(&key, host)) {
                     self.send_all(out);
                 }
+                self.settle_joined();
             }
             NetEvent::PeerDown(p) => {
                 let key = p.to_string();

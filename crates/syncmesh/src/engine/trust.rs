@@ -18,7 +18,20 @@ use crate::trust::{
 };
 
 /// How long a join waits for the inviter's answer.
-pub(crate) const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(45);
+/// Longer than the network's own limits (a dial, then a 30 s request): the network reports an
+/// outcome first, and the answer is never dropped while the inviter may still accept.
+pub(crate) const JOIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
+
+/// How long a successful join waits for the inviter to come up before answering anyway.
+pub(crate) const JOINED_UP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A successful join waiting for the inviter to come up: its caller, and what to answer.
+pub(crate) type Joined = (
+    PeerId,
+    oneshot::Sender<Result<TrustedPeer>>,
+    TrustedPeer,
+    Instant,
+);
 
 /// A join this node asked for, waiting for the inviter's answer.
 pub(crate) struct PendingJoin {
@@ -107,8 +120,11 @@ impl Engine {
             TrustCmd::Join(ticket, reply) => self.join(ticket, reply),
             TrustCmd::Trust(peer, addrs, reply) => {
                 let addrs = addrs.iter().map(ToString::to_string).collect();
-                let w = self.trust.trust(&peer, addrs, now);
+                let mut book = self.trust.clone();
+                let w = book.trust(&peer, addrs, now);
                 let r = self.persist_trust(w).map(|()| {
+                    self.trust = book;
+                    self.problems.remove(&peer.to_string());
                     let rec = self
                         .trust
                         .trusted()
@@ -126,8 +142,14 @@ impl Engine {
             }
             TrustCmd::Untrust(peer, reply) => {
                 let key = peer.to_string();
-                let (was, w) = self.trust.untrust(&key);
+                let everyone = self
+                    .net
+                    .as_ref()
+                    .is_some_and(|n| n.handle.status().trusts_everyone);
+                let mut book = self.trust.clone();
+                let (was, w) = book.untrust(&key, everyone, now);
                 let r = self.persist_trust(w).map(|()| {
+                    self.trust = book;
                     if was {
                         tracing::info!(%peer, "peer no longer trusted: disconnecting it");
                         if let Some(n) = self.net.as_mut() {
@@ -267,12 +289,15 @@ impl Engine {
         let Ok(me) = n.handle.status().peer_id.parse::<PeerId>() else {
             return;
         };
+        let mut book = self.trust.clone();
         let result = serde_json::from_slice::<JoinRequest>(request)
             .map_err(|_| TrustError::Refused("a malformed join request".into()))
-            .and_then(|req| self.trust.accept_join(&req, &peer, &me, now));
+            .and_then(|req| book.accept_join(&req, &peer, &me, now));
         let (answer, close) = match result {
             Ok((rec, w)) => match self.persist_trust(w) {
                 Ok(()) => {
+                    self.trust = book;
+                    self.problems.remove(&peer.to_string());
                     tracing::info!(%peer, maps = ?rec.maps, write = rec.write, "a peer joined with a ticket: trusted");
                     self.list_in_permissions(&rec, &me.to_string(), now);
                     self.adopt_trust(&rec);
@@ -295,13 +320,37 @@ impl Engine {
                 }
             },
             Err(e) => {
-                // A refused join may still have spent state (an expired invitation removed).
+                // A refused join may still have changed the book (an expired invitation is
+                // forgotten): kept only once stored.
+                if book.invites(now).len() != self.trust.invites(now).len() {
+                    let gone: Vec<[u8; 8]> = self
+                        .trust
+                        .invites(now)
+                        .iter()
+                        .map(|i| i.id)
+                        .filter(|id| !book.invites(now).iter().any(|j| j.id == *id))
+                        .collect();
+                    let w = TrustWrites {
+                        trust: Vec::new(),
+                        invites: gone.into_iter().map(|id| (id, None)).collect(),
+                    };
+                    if self.persist_trust(w).is_ok() {
+                        self.trust = book;
+                    }
+                }
                 let reason = match &e {
                     TrustError::Refused(r) => r.clone(),
                     other => other.to_string(),
                 };
-                tracing::warn!(%peer, "join refused: {reason}");
-                self.note_problem(&peer.to_string(), format!("join refused: {reason}"), now);
+                let problem = format!("join refused: {reason}");
+                if self
+                    .problems
+                    .get(&peer.to_string())
+                    .is_none_or(|(p, _)| *p != problem)
+                {
+                    tracing::warn!(%peer, "join refused: {reason}");
+                }
+                self.note_problem(&peer.to_string(), problem, now);
                 (JoinResponse::Refused { reason }, true)
             }
         };
@@ -370,8 +419,11 @@ impl Engine {
                     Err(Error::Trust(TrustError::Refused(reason)))
                 }
                 Ok(JoinResponse::Accepted { maps, .. }) => {
-                    let (rec, w) = self.trust.joined(&pending.ticket, maps, now);
+                    let mut book = self.trust.clone();
+                    let (rec, w) = book.joined(&pending.ticket, maps, now);
                     self.persist_trust(w).map(|()| {
+                        self.trust = book;
+                        self.problems.remove(&peer.to_string());
                         tracing::info!(%peer, "joined: the inviter is trusted");
                         self.adopt_trust(&rec);
                         self.trusted_peer(&rec)
@@ -379,20 +431,56 @@ impl Engine {
                 }
             },
         };
-        if let Err(e) = &r {
-            tracing::warn!(inviter = %peer, "join failed: {e}");
-            self.note_problem(&peer.to_string(), format!("join failed: {e}"), now);
+        match r {
+            Err(e) => {
+                tracing::warn!(inviter = %peer, "join failed: {e}");
+                self.note_problem(&peer.to_string(), format!("join failed: {e}"), now);
+                let _ = pending.reply.send(Err(e));
+            }
+            Ok(t) => {
+                // Answered once the inviter is up here, so the caller can use it at once
+                // (open a map only it has, say).
+                let up = self
+                    .net
+                    .as_ref()
+                    .is_some_and(|n| n.peers.contains_key(&peer.to_string()));
+                if up {
+                    let _ = pending.reply.send(Ok(t));
+                } else if let Some(n) = self.net.as_mut() {
+                    n.joined
+                        .push((peer, pending.reply, t, Instant::now() + JOINED_UP_WAIT));
+                }
+            }
         }
-        let _ = pending.reply.send(r);
+    }
+
+    /// Answers successful joins whose inviter is up (or that waited long enough).
+    pub(super) fn settle_joined(&mut self) {
+        let Some(n) = self.net.as_mut() else { return };
+        if n.joined.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (done, keep): (Vec<Joined>, Vec<Joined>) = std::mem::take(&mut n.joined)
+            .into_iter()
+            .partition(|(p, _, _, until)| n.peers.contains_key(&p.to_string()) || now >= *until);
+        n.joined = keep;
+        for (_, reply, mut t, _) in done {
+            t.connected = n.peers.contains_key(&t.peer_id);
+            let _ = reply.send(Ok(t));
+        }
     }
 
     /// Joins whose inviter never answered.
     pub(super) fn expire_joins(&mut self) {
+        self.settle_joined();
         let Some(n) = self.net.as_mut() else { return };
         let now = Instant::now();
         let (late, keep): (Vec<PendingJoin>, Vec<PendingJoin>) = std::mem::take(&mut n.joins)
             .into_iter()
-            .partition(|j| now >= j.deadline || j.reply.is_closed());
+            // A caller that gave up does not end the join: the inviter may still accept, and
+            // its acceptance must be recorded here too.
+            .partition(|j| now >= j.deadline);
         n.joins = keep;
         for j in late {
             let _ = j
@@ -436,7 +524,15 @@ impl Engine {
 
     fn note_problem(&mut self, peer: &str, reason: String, now: Timestamp) {
         if self.problems.len() >= 256 && !self.problems.contains_key(peer) {
-            return;
+            // The list shows what is recent: the oldest goes.
+            if let Some(old) = self
+                .problems
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                self.problems.remove(&old);
+            }
         }
         self.problems.insert(peer.to_string(), (reason, now));
     }
