@@ -34,6 +34,7 @@ pub mod maps;
 pub mod model;
 pub mod node;
 pub mod params;
+pub mod permissions;
 pub mod state;
 pub mod ui;
 pub mod urls;
@@ -65,6 +66,7 @@ pub use state::{AppState, ServerOptions};
         (name = "maps", description = "Maps: create, list, fetch, set TTL, delete"),
         (name = "items", description = "Items of a map"),
         (name = "events", description = "A map's live events"),
+        (name = "permissions", description = "Who may read, write and manage a map (peer ids)"),
         (name = "node", description = "This node"),
     ),
     components(schemas(model::StreamError)),
@@ -101,6 +103,12 @@ fn api() -> OpenApiRouter<AppState> {
             items::set_item,
             items::update_item,
             items::delete_item
+        ))
+        .routes(routes!(permissions::list_permissions))
+        .routes(routes!(
+            permissions::fetch_permission,
+            permissions::set_permission,
+            permissions::delete_permission
         ))
         .routes(routes!(events::events))
         .routes(routes!(node::node))
