@@ -623,11 +623,13 @@ impl Replicator {
     /// Whether every connected peer said it has none of map `sid` (an empty document list):
     /// a node fetching the map can stop waiting for it.
     pub fn nobody_has(&self, sid: &MapSid) -> bool {
-        !self.peers.is_empty()
-            && self
-                .peers
-                .values()
-                .all(|p| p.their_docs.get(sid).is_some_and(Vec::is_empty))
+        // Peers this node does not share the map with are never asked about it.
+        let mut asked = self
+            .peers
+            .values()
+            .filter(|p| p.grant.reads(sid))
+            .peekable();
+        asked.peek().is_some() && asked.all(|p| p.their_docs.get(sid).is_some_and(Vec::is_empty))
     }
 
     /// Maps whose in-memory documents must be dropped and reloaded from storage: merging a

@@ -1,5 +1,6 @@
 //! Seeded property test of replication with mixed permissions: 3 to 6 nodes, some of them
-//! read-only members (every node grants them read access only), random links that come and go,
+//! read-only members (every node grants them read access only, or — in half the cases — the
+//! map's own permission entries list them as readers), random links that come and go,
 //! random writes by everyone, pushes that get lost. After healing, every writer holds the same
 //! items, every reader holds all of them plus only its own writes, and no write of a reader is
 //! present on any other node.
@@ -43,20 +44,40 @@ fn run_case(seed: u64) {
     // n0 is always a writer (someone creates the map); the others are readers with 35 %.
     let reader: Vec<bool> = (0..n).map(|i| i > 0 && rng.chance(35)).collect();
     let mut net = Net::new(&names, &[]);
-    for (i, a) in names.iter().enumerate() {
-        for (j, b) in names.iter().enumerate() {
-            if i != j && reader[j] {
-                net.node(a).rep.set_grant(
-                    b,
-                    Grant {
-                        maps: None,
-                        write: false,
-                    },
-                );
+    let by_policy = rng.chance(50);
+    write(&mut net, "n0", "m", "seed", json!({"v": 0}));
+    if by_policy {
+        // The map's entries: writers read and write, readers read (n0 manages).
+        let sid = syncmesh_core::MapSid::for_name("m");
+        for (j, b) in names.iter().enumerate().skip(1) {
+            let p = syncmesh_core::Permission {
+                identity: b.to_string(),
+                read: true,
+                write: !reader[j],
+                manage: false,
+            };
+            net.node("n0")
+                .host
+                .by_sid(&sid)
+                .unwrap()
+                .set_permission(&p, "n0", now())
+                .unwrap();
+        }
+    } else {
+        for (i, a) in names.iter().enumerate() {
+            for (j, b) in names.iter().enumerate() {
+                if i != j && reader[j] {
+                    net.node(a).rep.set_grant(
+                        b,
+                        Grant {
+                            maps: None,
+                            write: false,
+                        },
+                    );
+                }
             }
         }
     }
-    write(&mut net, "n0", "m", "seed", json!({"v": 0}));
     net.flush();
     for name in &names[1..] {
         hold(&mut net, name, "m");
