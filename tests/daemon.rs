@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Generous: the machines are shared and slow; this bounds a wait, it is never the criterion.
-const DEADLINE: Duration = Duration::from_secs(30);
+const DEADLINE: Duration = Duration::from_secs(90);
 const BIN: &str = env!("CARGO_BIN_EXE_syncmesh");
 const P: &str = "/v1/Services/default";
 
@@ -39,6 +39,11 @@ fn base_command() -> Command {
 impl Daemon {
     /// Starts a node on `dir` with `args`, and waits for its "listening on" line.
     fn start(dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_on(dir, "/ip4/127.0.0.1/tcp/0", args)
+    }
+
+    /// [`Daemon::start`], listening for peers on `listen` (e.g. a fixed port to restart on).
+    fn start_on(dir: &Path, listen: &str, args: &[&str]) -> Daemon {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -49,7 +54,7 @@ impl Daemon {
             .arg("--data-dir")
             .arg(dir.join("data"))
             // Tests must not find each other (or anything else) on the network.
-            .args(["--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(["--no-mdns", "--listen", listen])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -178,6 +183,99 @@ async fn post(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     let r = c.post(url).json(&body).send().await.unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// `GET /v1/Node` of a daemon.
+async fn node_json(c: &reqwest::Client, d: &Daemon) -> Value {
+    c.get(d.url("/v1/Node"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until `cond` holds for `GET /v1/Node` of `d`; returns that answer.
+async fn wait_node(
+    c: &reqwest::Client,
+    d: &Daemon,
+    what: &str,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let n = node_json(c, d).await;
+        if cond(&n) {
+            return n;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting for: {what}; last: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until item `key` of map `users` is on `d`; returns its data.
+async fn wait_item(c: &reqwest::Client, d: &Daemon, key: &str) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let r = c
+            .get(d.url(&format!("{P}/Maps/users/Items/{key}")))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            return r.json::<Value>().await.unwrap()["data"].clone();
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting for item {key} on {}",
+            d.addr
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The status of item `key` of map `users` on `d` (200 or 404).
+async fn item_status(c: &reqwest::Client, d: &Daemon, key: &str) -> u16 {
+    c.get(d.url(&format!("{P}/Maps/users/Items/{key}")))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Peer ids listed in `field` of a node description (a list of ids, or of objects with one).
+fn ids(n: &Value, field: &str) -> Vec<String> {
+    n[field]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().or_else(|| v["peer_id"].as_str()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A TCP port free on 127.0.0.1 right now (for a node that must come back on the same one).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -767,6 +865,11 @@ fn help_shows_examples_and_exit_codes() {
         &["status"],
         &["export"],
         &["import"],
+        &["invite"],
+        &["join"],
+        &["peers"],
+        &["peers", "trust"],
+        &["peers", "untrust"],
     ] {
         let o = base_command().args(cmd).arg("--help").output().unwrap();
         assert!(o.status.success());
@@ -778,23 +881,24 @@ fn help_shows_examples_and_exit_codes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_daemons_joined_with_peer_replicate_through_their_http_apis() {
+async fn two_daemons_joined_by_invitation_replicate_through_their_http_apis() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let a = Daemon::start(dir_a.path(), &["--http", "127.0.0.1:0"]);
+    let b = Daemon::start(dir_b.path(), &["--http", "127.0.0.1:0"]);
     let c = http();
-    // A's peer address, from its node description.
-    let node_a: Value = c
-        .get(a.url("/v1/Node"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let peer_a = node_a["listen_addrs"][0].as_str().unwrap().to_string();
-    assert!(peer_a.contains("/p2p/"), "{node_a}");
-    let b = Daemon::start(dir_b.path(), &["--http", "127.0.0.1:0", "--peer", &peer_a]);
+    let node_a = node_json(&c, &a).await;
+    // An invitation from A's HTTP API, joined through B's: the two trust each other.
+    let (s, inv) = post(&c, &a.url("/v1/Node/Invites"), json!({})).await;
+    assert_eq!(s, 201, "{inv}");
+    let (s, joined) = post(
+        &c,
+        &b.url("/v1/Node/Join"),
+        json!({"Ticket": inv["ticket"]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{joined}");
+    assert_eq!(joined["peer_id"], node_a["peer_id"]);
     // Both hold the map; an item written through A's HTTP API is read through B's.
     let (s, _) = post(
         &c,
@@ -874,4 +978,169 @@ fn watching_an_unreachable_node_exits_5() {
     // Port 1 on loopback: nothing listens there.
     let o = cli_at("http://127.0.0.1:1", &["watch", "users"], None);
     assert_eq!(code(&o), 5, "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The whole sharing story through the CLI, with real processes: a node trusts no one until
+/// told; `syncmesh invite` / `syncmesh join` make two nodes trust each other; a used ticket is
+/// refused; a node that merely connects gets nothing; trust survives a restart; trusting by
+/// id works; `syncmesh peers untrust` cuts a peer off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharing_with_the_cli_invite_join_refusals_restart_and_untrust() {
+    let dirs = [(); 3].map(|()| tempfile::tempdir().unwrap());
+    let c = http();
+    // A listens on a fixed port, so that it can come back on it.
+    let listen_a = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let a = Daemon::start_on(dirs[0].path(), &listen_a, &["--http", "127.0.0.1:0"]);
+    let b = Daemon::start(dirs[1].path(), &["--http", "127.0.0.1:0"]);
+    let node_a = node_json(&c, &a).await;
+    let node_b = node_json(&c, &b).await;
+    let id_a = node_a["peer_id"].as_str().unwrap().to_string();
+    let id_b = node_b["peer_id"].as_str().unwrap().to_string();
+    assert_eq!(node_a["trust_all"], false);
+    assert_eq!(node_a["trusted_peers"], json!([]), "closed by default");
+    for d in [&a, &b] {
+        ok(&d.cli(&["map", "create", "users"]));
+    }
+
+    // Invite on A (the ticket is the last line on stdout), join on B.
+    let out = ok(&a.cli(&["invite"]));
+    let ticket = out.lines().last().unwrap().trim().to_string();
+    assert!(ticket.starts_with("smt1"), "{out}");
+    let out = ok(&b.cli(&["join", &ticket]));
+    assert!(out.contains(&id_a), "{out}");
+    let peers_a: Value = stdout_json(&a.cli(&["--json", "peers"]));
+    assert_eq!(ids(&peers_a, "trusted_peers"), std::slice::from_ref(&id_b));
+    assert_eq!(peers_a["trusted_peers"][0]["source"], "invited");
+    // Writes go both ways.
+    ok(&a.cli(&["set", "users", "from-a", r#"{"by": "a"}"#]));
+    assert_eq!(wait_item(&c, &b, "from-a").await, json!({"by": "a"}));
+    ok(&b.cli(&["set", "users", "from-b", r#"{"by": "b"}"#]));
+    assert_eq!(wait_item(&c, &a, "from-b").await, json!({"by": "b"}));
+
+    // C only connects to A (--peer, no ticket): A lists it as not trusted, and C gets nothing.
+    let addr_a = node_a["listen_addrs"][0].as_str().unwrap().to_string();
+    let cn = Daemon::start(
+        dirs[2].path(),
+        &["--http", "127.0.0.1:0", "--peer", &addr_a],
+    );
+    ok(&cn.cli(&["map", "create", "users"]));
+    let node_c = node_json(&c, &cn).await;
+    let id_c = node_c["peer_id"].as_str().unwrap().to_string();
+    let seen = wait_node(&c, &a, "A lists C as untrusted or as a problem", |n| {
+        ids(n, "untrusted_peers").contains(&id_c) || ids(n, "problems").contains(&id_c)
+    })
+    .await;
+    assert!(!ids(&seen, "trusted_peers").contains(&id_c), "{seen}");
+    assert!(!ids(&seen, "connected_peers").contains(&id_c), "{seen}");
+    // A new write reaches B (trusted) — and by then C still has nothing.
+    ok(&a.cli(&["set", "users", "second", r#"{"n": 2}"#]));
+    wait_item(&c, &b, "second").await;
+    let items: Value = stdout_json(&cn.cli(&["--json", "items", "users"]));
+    assert_eq!(items, json!([]), "an untrusted node got A's items");
+    // The ticket was for one node: C joining with it is refused, with the reason.
+    let o = cn.cli(&["join", &ticket]);
+    assert_eq!(code(&o), 1, "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("refused") && err.contains("unknown invitation"),
+        "{err}"
+    );
+    assert!(!ids(&node_json(&c, &a).await, "trusted_peers").contains(&id_c));
+
+    // Trust survives a restart of A (same data, same port): B reconnects, replication resumes.
+    a.terminate();
+    let a = Daemon::start_on(dirs[0].path(), &listen_a, &["--http", "127.0.0.1:0"]);
+    let n = node_json(&c, &a).await;
+    assert_eq!(n["peer_id"], id_a.as_str(), "the same identity");
+    assert_eq!(ids(&n, "trusted_peers"), std::slice::from_ref(&id_b));
+    wait_node(&c, &a, "B connected again", |n| {
+        ids(n, "connected_peers").contains(&id_b)
+    })
+    .await;
+    ok(&a.cli(&["set", "users", "after-restart", r#"{"n": 3}"#]));
+    wait_item(&c, &b, "after-restart").await;
+    ok(&b.cli(&["update", "users", "from-b", r#"{"again": true}"#]));
+    let start = std::time::Instant::now();
+    while wait_item(&c, &a, "from-b").await["again"] != true {
+        assert!(start.elapsed() < DEADLINE, "B's update never reached A");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Trust by id, both ways: C now receives A's maps.
+    ok(&cn.cli(&["peers", "trust", &id_a]));
+    let addr_c = node_c["listen_addrs"][0].as_str().unwrap().to_string();
+    ok(&a.cli(&["peers", "trust", &id_c, "--addr", &addr_c]));
+    wait_item(&c, &cn, "second").await;
+    let bad = a.cli(&["peers", "trust", "not-a-peer-id"]);
+    assert_eq!(code(&bad), 1);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a peer id"));
+
+    // Untrusting B on A: disconnected at once, and a new write of A reaches C but not B.
+    ok(&a.cli(&["peers", "untrust", &id_b]));
+    let n = node_json(&c, &a).await;
+    assert!(!ids(&n, "trusted_peers").contains(&id_b), "{n}");
+    assert!(!ids(&n, "connected_peers").contains(&id_b), "{n}");
+    ok(&a.cli(&["set", "users", "after-untrust", r#"{"n": 4}"#]));
+    wait_item(&c, &cn, "after-untrust").await;
+    assert_eq!(item_status(&c, &b, "after-untrust").await, 404);
+    assert_eq!(
+        code(&a.cli(&["peers", "untrust", &id_b])),
+        3,
+        "no longer trusted"
+    );
+    let status = ok(&a.cli(&["status"]));
+    assert!(
+        status.contains("trusted_peers") && status.contains("problems"),
+        "{status}"
+    );
+    a.terminate();
+    b.terminate();
+    cn.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_flags_and_config_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = http();
+    // --trust-all: a clear warning at start, and GET /v1/Node says so.
+    let d = Daemon::start(dir.path(), &["--http", "127.0.0.1:0", "--trust-all"]);
+    assert_eq!(node_json(&c, &d).await["trust_all"], true);
+    d.terminate();
+    let log = std::fs::read_to_string(dir.path().join("node.log")).unwrap();
+    assert!(log.contains("WARNING: --trust-all"), "{log}");
+    // --trust ID: a configured peer, listed with its source, not stored.
+    let peer = "12D3KooWKE37TxS1GdywN2zLCpd5vL7nizkSyqD2F3JBrkLVueGe";
+    let d = Daemon::start(dir.path(), &["--http", "127.0.0.1:0", "--trust", peer]);
+    let n = node_json(&c, &d).await;
+    assert_eq!(n["trust_all"], false);
+    assert_eq!(n["trusted_peers"][0]["peer_id"], peer, "{n}");
+    assert_eq!(n["trusted_peers"][0]["source"], "config");
+    d.terminate();
+    let d = Daemon::start(dir.path(), &["--http", "127.0.0.1:0"]);
+    assert_eq!(node_json(&c, &d).await["trusted_peers"], json!([]));
+    d.terminate();
+    // The config file's keys; a malformed id is refused at start.
+    let cfg = dir.path().join("trust.toml");
+    std::fs::write(&cfg, format!("trust = [\"{peer}\"]\ntrust_all = false\n")).unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &["--http", "127.0.0.1:0", "--config", cfg.to_str().unwrap()],
+    );
+    assert_eq!(node_json(&c, &d).await["trusted_peers"][0]["peer_id"], peer);
+    d.terminate();
+    let o = base_command()
+        .args([
+            "node",
+            "--http",
+            "127.0.0.1:0",
+            "--no-mdns",
+            "--trust",
+            "nope",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("z"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not a peer id"));
 }

@@ -334,6 +334,12 @@ pub async fn status(c: &Client, out: Out) -> Outcome {
     if out.json {
         return print_json(&n);
     }
+    let list = |v: &Value| match v {
+        Value::Array(a) if a.is_empty() => "-".to_string(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join("\n"),
+        other => s(other),
+    };
+    let count = |v: &Value| v.as_array().map_or(0, Vec::len).to_string();
     let mut t = table(&["FIELD", "VALUE"]);
     for f in [
         "node_id",
@@ -342,17 +348,279 @@ pub async fn status(c: &Client, out: Out) -> Outcome {
         "maps",
         "peer_id",
         "listen_addrs",
-        "connected_peers",
-        "writes_stopped",
     ] {
-        let v = match &n[f] {
-            Value::Array(a) if a.is_empty() => "-".to_string(),
-            Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join("\n"),
-            other => s(other),
-        };
-        t.add_row([f.to_string(), v]);
+        t.add_row([f.to_string(), list(&n[f])]);
     }
+    let trust_all = if n["trust_all"] == true {
+        "yes: every peer that connects is trusted"
+    } else {
+        "no: only trusted peers (see `syncmesh peers`)"
+    };
+    t.add_row(["trust_all".to_string(), trust_all.to_string()]);
+    t.add_row(["trusted_peers".to_string(), count(&n["trusted_peers"])]);
+    let connected = &n["connected_peers"];
+    let shown = match connected.as_array() {
+        Some(a) if !a.is_empty() => format!("{}\n{}", a.len(), list(connected)),
+        _ => "0".to_string(),
+    };
+    t.add_row(["connected_peers".to_string(), shown]);
+    t.add_row(["untrusted_peers".to_string(), count(&n["untrusted_peers"])]);
+    t.add_row([
+        "discovered_peers".to_string(),
+        count(&n["discovered_peers"]),
+    ]);
+    t.add_row(["problems".to_string(), problem_lines(&n["problems"])]);
+    t.add_row(["refused_changes".to_string(), s(&n["refused_changes"])]);
+    t.add_row(["writes_stopped".to_string(), s(&n["writes_stopped"])]);
     println!("{t}");
+    Ok(())
+}
+
+/// One line per problem: `<peer or address>: <reason>`.
+fn problem_lines(v: &Value) -> String {
+    let lines: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let who = p["peer_id"]
+                .as_str()
+                .or_else(|| p["addr"].as_str())
+                .unwrap_or("?");
+            format!("{who}: {}", s(&p["reason"]))
+        })
+        .collect();
+    if lines.is_empty() {
+        "-".into()
+    } else {
+        lines.join("\n")
+    }
+}
+
+/// Reads a duration: whole seconds, or a number with `s`, `m`, `h` or `d` (`90s`, `10m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.char_indices().find(|(_, ch)| !ch.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let bad = || {
+        format!("{text:?} is not a duration: seconds, or with s, m, h or d (e.g. 90s, 10m, 2h, 1d)")
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale)
+        .map(Duration::from_secs)
+        .ok_or_else(bad)
+}
+
+/// What `syncmesh invite` asks for.
+#[derive(Debug)]
+pub struct InviteScope {
+    /// Maps shared (names or sids); empty for every map.
+    pub maps: Vec<String>,
+    /// Whether the joining node may change them.
+    pub write: bool,
+    /// How long the ticket stays valid.
+    pub ttl: Duration,
+    /// How many nodes may join with it.
+    pub uses: u32,
+}
+
+fn maps_text(v: &Value) -> String {
+    match v.as_array() {
+        None => "every map".into(),
+        Some(a) => a.iter().map(s).collect::<Vec<_>>().join(", "),
+    }
+}
+
+/// `syncmesh invite`: the ticket is the last line on stdout; what it allows goes to stderr.
+pub async fn invite(c: &Client, out: Out, scope: InviteScope) -> Outcome {
+    let mut body = json!({
+        "Write": scope.write,
+        "Ttl": scope.ttl.as_secs(),
+        "Uses": scope.uses,
+    });
+    if !scope.maps.is_empty() {
+        body["Maps"] = json!(scope.maps);
+    }
+    let req = c
+        .request(Method::POST, c.url(&["v1", "Node", "Invites"]))
+        .json(&body);
+    let inv = c.send(req).await?;
+    if out.json {
+        return print_json(&inv);
+    }
+    let Some(ticket) = inv["ticket"].as_str() else {
+        return Err(Failure::Other(anyhow::anyhow!(
+            "the node's answer has no ticket: {inv}"
+        )));
+    };
+    eprintln!(
+        "invitation: {}, {}, {} use(s), valid until {}",
+        maps_text(&inv["maps"]),
+        if inv["write"] == true {
+            "read and write"
+        } else {
+            "read only"
+        },
+        s(&inv["uses"]),
+        s(&inv["expires"]),
+    );
+    eprintln!(
+        "on the other node run:  syncmesh join <ticket>   (the ticket is a secret until used)"
+    );
+    println!("{ticket}");
+    Ok(())
+}
+
+/// `syncmesh join TICKET`.
+pub async fn join(c: &Client, out: Out, ticket: &str) -> Outcome {
+    let req = c
+        .request(Method::POST, c.url(&["v1", "Node", "Join"]))
+        .json(&json!({ "Ticket": ticket.trim() }));
+    let p = c.send(req).await.map_err(|e| e.context("join failed"))?;
+    if out.json {
+        return print_json(&p);
+    }
+    println!(
+        "joined {}: the two nodes now trust each other; maps shared: {}",
+        s(&p["peer_id"]),
+        maps_text(&p["maps"]),
+    );
+    Ok(())
+}
+
+/// `syncmesh peers`: trusted peers, then connected untrusted, discovered, and problems.
+pub async fn peers(c: &Client, out: Out) -> Outcome {
+    let p = c.get(c.url(&["v1", "Node", "Peers"])).await?;
+    if out.json {
+        return print_json(&p);
+    }
+    let yes_no = |v: &Value| if *v == true { "yes" } else { "no" }.to_string();
+    if p["trusts_everyone"] == true {
+        println!("This node trusts every peer that connects (--trust-all or a swarm key).\n");
+    }
+    let trusted = p["trusted_peers"].as_array().cloned().unwrap_or_default();
+    println!("Trusted peers ({})", trusted.len());
+    if trusted.is_empty() {
+        println!("  none: `syncmesh invite` here and `syncmesh join <ticket>` there, or `syncmesh peers trust <peer id>`");
+    } else {
+        let mut t = table(&[
+            "PEER ID",
+            "CONNECTED",
+            "SOURCE",
+            "MAPS",
+            "WRITE",
+            "REFUSED",
+            "ADDRESSES",
+        ]);
+        for tp in &trusted {
+            let maps = match tp["maps"].as_array() {
+                None => "all".to_string(),
+                Some(a) => a.iter().map(s).collect::<Vec<_>>().join("\n"),
+            };
+            t.add_row([
+                s(&tp["peer_id"]),
+                yes_no(&tp["connected"]),
+                s(&tp["source"]),
+                maps,
+                yes_no(&tp["write"]),
+                s(&tp["refused_changes"]),
+                tp["addrs"]
+                    .as_array()
+                    .filter(|a| !a.is_empty())
+                    .map_or_else(
+                        || "-".into(),
+                        |a| a.iter().map(s).collect::<Vec<_>>().join("\n"),
+                    ),
+            ]);
+        }
+        println!("{t}");
+    }
+    let untrusted = p["untrusted_peers"].as_array().cloned().unwrap_or_default();
+    if !untrusted.is_empty() {
+        println!(
+            "\nConnected but not trusted ({}): nothing is exchanged with them",
+            untrusted.len()
+        );
+        for u in &untrusted {
+            println!("  {}", s(u));
+        }
+    }
+    let discovered = p["discovered_peers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !discovered.is_empty() {
+        println!("\nDiscovered on the local network ({})", discovered.len());
+        let mut t = table(&["PEER ID", "TRUSTED", "LAST SEEN", "ADDRESSES"]);
+        for d in &discovered {
+            t.add_row([
+                s(&d["peer_id"]),
+                yes_no(&d["trusted"]),
+                s(&d["last_seen"]),
+                d["addrs"].as_array().map_or_else(String::new, |a| {
+                    a.iter().map(s).collect::<Vec<_>>().join("\n")
+                }),
+            ]);
+        }
+        println!("{t}");
+    }
+    let problems = p["problems"].as_array().cloned().unwrap_or_default();
+    if !problems.is_empty() {
+        println!("\nProblems ({}), newest first", problems.len());
+        let mut t = table(&["PEER OR ADDRESS", "WHEN", "REASON"]);
+        for pr in &problems {
+            let who = pr["peer_id"]
+                .as_str()
+                .or_else(|| pr["addr"].as_str())
+                .unwrap_or("-");
+            t.add_row([who.to_string(), s(&pr["at"]), s(&pr["reason"])]);
+        }
+        println!("{t}");
+    }
+    let refused = p["refused_changes"].as_u64().unwrap_or(0);
+    if refused > 0 {
+        println!("\n{refused} change(s) refused from peers that may not write a map");
+    }
+    Ok(())
+}
+
+/// `syncmesh peers trust PEER_ID [--addr MULTIADDR]...`.
+pub async fn peers_trust(c: &Client, out: Out, peer: &str, addrs: &[String]) -> Outcome {
+    let mut body = json!({});
+    if !addrs.is_empty() {
+        body["Addr"] = json!(addrs);
+    }
+    let req = c
+        .request(Method::POST, c.url(&["v1", "Node", "Peers", peer]))
+        .json(&body);
+    let p = c.send(req).await?;
+    if out.json {
+        return print_json(&p);
+    }
+    println!(
+        "trusted {} (every map, read and write); trust this node on it too for maps to flow",
+        s(&p["peer_id"])
+    );
+    Ok(())
+}
+
+/// `syncmesh peers untrust PEER_ID`.
+pub async fn peers_untrust(c: &Client, out: Out, peer: &str) -> Outcome {
+    c.send(c.request(Method::DELETE, c.url(&["v1", "Node", "Peers", peer])))
+        .await?;
+    if out.json {
+        return print_json(&json!({"untrusted": peer}));
+    }
+    println!("no longer trusting {peer}: disconnected, and nothing more is exchanged with it");
     Ok(())
 }
 
@@ -645,5 +913,39 @@ pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
     match failure {
         Some(f) => Err(f),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("600", 600),
+            ("90s", 90),
+            ("10m", 600),
+            ("2h", 7200),
+            ("1d", 86_400),
+            (" 5m ", 300),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for bad in [
+            "",
+            "m",
+            "10x",
+            "1.5h",
+            "-1",
+            "10 m",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
-use syncmesh::{Durability, Multiaddr, Node, NodeBuilder, SwarmKey};
+use syncmesh::{Durability, Multiaddr, Node, NodeBuilder, PeerId, SwarmKey};
 use syncmesh_server::{router, serve, ServerOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -58,6 +58,11 @@ pub struct Config {
     /// Web origins whose pages may call the HTTP API (CORS); `*` for any.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+    /// Peer ids trusted while the node runs (every map, read and write; not stored).
+    #[serde(default)]
+    pub trust: Vec<String>,
+    /// Trust every peer that connects (an isolated lab network only).
+    pub trust_all: Option<bool>,
 }
 
 impl Config {
@@ -98,13 +103,20 @@ impl Config {
             } else {
                 flags.cors_origins
             },
+            trust: if flags.trust.is_empty() {
+                self.trust
+            } else {
+                flags.trust
+            },
+            trust_all: flags.trust_all.or(self.trust_all),
         }
     }
 }
 
 /// Applies the networking options to the node builder: the one place where `--listen`,
-/// `--peer`, `--mdns` and `--swarm-key` reach the library. A daemon is always on the network:
-/// it listens on [`DEFAULT_LISTEN`] unless told otherwise, and mDNS is on unless `--no-mdns`.
+/// `--peer`, `--mdns`, `--swarm-key`, `--trust` and `--trust-all` reach the library. A daemon
+/// is always on the network: it listens on [`DEFAULT_LISTEN`] unless told otherwise, and mDNS
+/// is on unless `--no-mdns`.
 pub fn network_options(cfg: &Config, mut builder: NodeBuilder) -> anyhow::Result<NodeBuilder> {
     let default = [DEFAULT_LISTEN.to_string()];
     let listen = if cfg.listen.is_empty() {
@@ -130,8 +142,22 @@ pub fn network_options(cfg: &Config, mut builder: NodeBuilder) -> anyhow::Result
     if let Some(path) = &cfg.swarm_key {
         builder = builder.swarm_key(SwarmKey::load(path)?);
     }
-    Ok(builder)
+    for t in &cfg.trust {
+        let peer: PeerId = t.trim().parse().map_err(|_| {
+            anyhow::anyhow!(
+                "--trust {t:?} is not a peer id (`peer_id` in `syncmesh status` on that node, e.g. 12D3KooW…)"
+            )
+        })?;
+        builder = builder.trust(peer);
+    }
+    Ok(builder.trust_all(cfg.trust_all.unwrap_or(false)))
 }
+
+/// What `--trust-all` means, printed at start so nobody runs it by accident.
+pub const TRUST_ALL_WARNING: &str = "WARNING: --trust-all: this node trusts every peer that \
+connects. Anyone who can reach its peer port can read and change every map. Use it only on an \
+isolated lab network; elsewhere invite peers (`syncmesh invite` / `syncmesh join`) or trust them \
+by id (`--trust`).";
 
 /// Resolves the HTTP address and refuses a non-loopback one without a token.
 pub async fn http_addr(cfg: &Config) -> anyhow::Result<SocketAddr> {
@@ -180,6 +206,9 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
     };
     let builder = Node::builder().data_dir(&data_dir).durability(durability);
     let builder = network_options(&cfg, builder)?;
+    if cfg.trust_all == Some(true) {
+        eprintln!("{TRUST_ALL_WARNING}");
+    }
     let node = builder
         .open()
         .await
@@ -316,7 +345,21 @@ mod tests {
         assert_eq!(cfg.http.as_deref(), Some("127.0.0.1:7700"));
         assert_eq!(cfg.data_dir, Some(PathBuf::from("syncmesh-data")));
         assert_eq!(cfg.durability, Some(DurabilityArg::Fsync));
-        // networking is off in the example until this build has it
+        // closed by default: the example trusts no one until told
+        assert!(cfg.trust.is_empty());
+        assert_eq!(cfg.trust_all, Some(false));
+        assert!(network_options(&cfg, Node::builder()).is_ok());
+        // its commented trust keys parse once uncommented
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# trust")
+                    .map_or_else(|| l.to_string(), |rest| format!("trust{rest}"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = Config::parse(&uncommented).unwrap();
+        assert_eq!(cfg.trust.len(), 1);
         assert!(network_options(&cfg, Node::builder()).is_ok());
     }
 
@@ -326,6 +369,8 @@ mod tests {
         assert!(format!("{e:#}").contains("unknown field"), "{e:#}");
         assert!(Config::parse("mdns = \"yes\"").is_err());
         assert!(Config::parse("durability = \"sometimes\"").is_err());
+        assert!(Config::parse("trust = \"12D3KooW\"").is_err(), "a list");
+        assert!(Config::parse("trust_all = \"yes\"").is_err());
     }
 
     #[test]
@@ -373,6 +418,30 @@ mod tests {
         };
         let e = network_options(&c, Node::builder()).unwrap_err();
         assert!(e.to_string().contains("swarm key"), "{e}");
+        let c = Config {
+            trust: vec!["not-a-peer".into()],
+            ..Config::default()
+        };
+        let e = network_options(&c, Node::builder()).unwrap_err();
+        assert!(e.to_string().contains("is not a peer id"), "{e}");
+        let c = Config {
+            trust: vec!["12D3KooWKE37TxS1GdywN2zLCpd5vL7nizkSyqD2F3JBrkLVueGe".into()],
+            trust_all: Some(true),
+            ..Config::default()
+        };
+        assert!(network_options(&c, Node::builder()).is_ok());
+    }
+
+    #[test]
+    fn trust_flags_override_the_file() {
+        let file = Config::parse("trust = [\"a\"]\ntrust_all = true").unwrap();
+        let c = file.clone().overridden_by(Config::default());
+        assert_eq!((c.trust, c.trust_all), (vec!["a".to_string()], Some(true)));
+        let c = file.overridden_by(Config {
+            trust: vec!["b".into()],
+            ..Config::default()
+        });
+        assert_eq!((c.trust, c.trust_all), (vec!["b".to_string()], Some(true)));
     }
 
     #[tokio::test]

@@ -25,6 +25,8 @@ Exit codes:
 const MAIN_EXAMPLES: &str = "\
 Examples:
   syncmesh node --data-dir ./data                 # run a node on 127.0.0.1:7700
+  syncmesh invite                                 # on node A: prints a ticket
+  syncmesh --node http://127.0.0.1:7701 join smt1…   # on node B: A and B now trust each other
   syncmesh map create users
   syncmesh set users david '{\"phone_number\": 12345678, \"country\": \"UK\"}'
   syncmesh update users david '{\"country\": \"IRL\"}'
@@ -65,6 +67,12 @@ Examples:
   syncmesh node --http 127.0.0.1:0 --ready-file ready.json   # free port, written to ready.json
   SYNCMESH_TOKEN=s3cret syncmesh node --http 0.0.0.0:7700    # other hosts need a token
   syncmesh node --config examples/syncmesh.toml --durability relaxed
+  syncmesh node --listen /ip4/0.0.0.0/tcp/7701 --trust 12D3KooW…   # sync with that peer
+
+A node exchanges maps only with peers it trusts: ones that joined with a ticket from
+`syncmesh invite`, ones trusted by id (`syncmesh peers trust`, `--trust`), or everyone with
+`--trust-all` (only on an isolated lab network: anyone who can reach the node can read and
+change every map) or everyone holding the `--swarm-key`.
 
 Prints one line `syncmesh node <id> listening on http://ADDR` on stdout when it serves; logs go
 to stderr (RUST_LOG=debug for more). SIGINT or SIGTERM stop it after committing every write.")]
@@ -111,9 +119,38 @@ Examples:
   syncmesh watch users --after 0      # every retained event first, then live
   syncmesh watch users | jq -c 'select(.type == \"map_item_updated\")'")]
     Watch(WatchArgs),
-    /// Show the node: id, addresses, peers, number of maps.
+    /// Show the node: id, addresses, trust, peers, number of maps.
     #[command(after_help = "Examples:\n  syncmesh status\n  syncmesh status --json")]
     Status,
+    /// Invite another node: prints a ticket (the last line on stdout) for `syncmesh join` there.
+    #[command(after_help = "\
+Examples:
+  syncmesh invite                                   # every map, read and write, 10 min, one use
+  syncmesh invite --map users --map orders --read-only --ttl 1h
+  syncmesh invite --uses 3 --ttl 2d
+  TICKET=$(syncmesh invite | tail -n 1)
+
+The ticket is a secret until it is used or expires: pass it over a channel you trust. The
+node that joins with it and this node then trust each other (stored; survives restarts);
+--map and --read-only limit what the joining node receives and may change.")]
+    Invite(InviteArgs),
+    /// Join the node that issued a ticket (`syncmesh invite` there): both then trust each other.
+    #[command(after_help = "\
+Examples:
+  syncmesh join smt1…
+  syncmesh --node http://127.0.0.1:7701 join \"$TICKET\"
+
+Fails (exit code 1) with the inviter's reason when the ticket is malformed, used up, expired
+or forged, or when the inviter cannot be reached within 45 s.")]
+    Join(JoinArgs),
+    /// Trusted, connected, discovered peers and problems; trust or untrust a peer by id.
+    #[command(after_help = "\
+Examples:
+  syncmesh peers
+  syncmesh peers --json
+  syncmesh peers trust 12D3KooW… --addr /ip4/192.0.2.7/tcp/7701
+  syncmesh peers untrust 12D3KooW…")]
+    Peers(PeersArgs),
     /// Compact the node's storage and give freed disk space back (the node's storage pauses
     /// while the file is rewritten).
     #[command(after_help = "Examples:\n  syncmesh compact\n  syncmesh compact --json")]
@@ -155,6 +192,14 @@ struct NodeArgs {
     /// Pre-shared key file of a private network.
     #[arg(long, value_name = "FILE")]
     swarm_key: Option<PathBuf>,
+    /// Trust this peer (every map, read and write) while the node runs (repeatable; not
+    /// stored: `syncmesh peers trust` stores it).
+    #[arg(long = "trust", value_name = "PEER_ID")]
+    trust: Vec<String>,
+    /// Trust every peer that connects. Only for an isolated lab network: anyone who can reach
+    /// the node can read and change every map.
+    #[arg(long)]
+    trust_all: bool,
     /// Hold every map any peer has, not only the maps opened here (a backup or cluster node).
     #[arg(long)]
     hold_all_maps: bool,
@@ -192,6 +237,8 @@ impl NodeArgs {
             swarm_key: self.swarm_key.clone(),
             hold_all_maps: self.hold_all_maps.then_some(true),
             cors_origins: self.cors_origins.clone(),
+            trust: self.trust.clone(),
+            trust_all: self.trust_all.then_some(true),
         }))
     }
 }
@@ -287,6 +334,60 @@ struct ItemsArgs {
     /// Every page, not just the first.
     #[arg(long)]
     all: bool,
+}
+
+#[derive(Debug, Args)]
+struct InviteArgs {
+    /// Share only this map (name or sid; repeatable); default: every map.
+    #[arg(long = "map", value_name = "MAP")]
+    maps: Vec<String>,
+    /// The joining node may read the maps but its changes are refused.
+    #[arg(long)]
+    read_only: bool,
+    /// How long the ticket stays valid: seconds, or with s, m, h or d (e.g. 90s, 10m, 2h, 1d).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = commands::parse_duration)]
+    ttl: std::time::Duration,
+    /// How many nodes may join with the ticket.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    uses: u32,
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// The ticket (`smt1…`) printed by `syncmesh invite` on the other node.
+    ticket: String,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct PeersArgs {
+    #[command(subcommand)]
+    command: Option<PeersCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+enum PeersCommand {
+    /// Trust a peer by id: every map, read and write (stored). Trust this node on the peer too.
+    #[command(after_help = "\
+Examples:
+  syncmesh peers trust 12D3KooWJ5…
+  syncmesh peers trust 12D3KooWJ5… --addr /ip4/192.0.2.7/tcp/7701
+
+Check the id with the peer's owner (`syncmesh status` there): trusting an id lets that node
+read and change every map. Without --addr the peer must dial this node, or be found by mDNS.")]
+    Trust {
+        /// The peer's id (`peer_id` in `syncmesh status` on that node).
+        peer_id: String,
+        /// Dial the peer at this multiaddr, and keep it dialed (repeatable).
+        #[arg(long = "addr", value_name = "MULTIADDR")]
+        addrs: Vec<String>,
+    },
+    /// Stop trusting a peer: it is disconnected at once and gets nothing more.
+    #[command(after_help = "Examples:\n  syncmesh peers untrust 12D3KooWJ5…")]
+    Untrust {
+        /// The peer's id.
+        peer_id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -389,6 +490,23 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Watch(a) => commands::watch(&client, &a.map, a.after).await,
         Command::Status => commands::status(&client, out).await,
+        Command::Invite(a) => {
+            let scope = commands::InviteScope {
+                maps: a.maps,
+                write: !a.read_only,
+                ttl: a.ttl,
+                uses: a.uses,
+            };
+            commands::invite(&client, out, scope).await
+        }
+        Command::Join(a) => commands::join(&client, out, &a.ticket).await,
+        Command::Peers(PeersArgs { command: None }) => commands::peers(&client, out).await,
+        Command::Peers(PeersArgs {
+            command: Some(PeersCommand::Trust { peer_id, addrs }),
+        }) => commands::peers_trust(&client, out, &peer_id, &addrs).await,
+        Command::Peers(PeersArgs {
+            command: Some(PeersCommand::Untrust { peer_id }),
+        }) => commands::peers_untrust(&client, out, &peer_id).await,
         Command::Compact => commands::compact(&client, out).await,
         Command::Export(a) => commands::export(&client, &a.map).await,
         Command::Import(a) => commands::import(&client, out, &a.map).await,
@@ -469,5 +587,84 @@ mod tests {
         assert_eq!(cfg.peers.len(), 2);
         assert_eq!(cfg.token.as_deref(), Some("t"));
         assert_eq!(cfg.http.as_deref(), Some("127.0.0.1:0"));
+        assert!(cfg.trust.is_empty());
+        assert_eq!(cfg.trust_all, None);
+    }
+
+    #[test]
+    fn trust_flags_and_trust_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "syncmesh",
+            "node",
+            "--trust",
+            "12D3KooWA",
+            "--trust",
+            "12D3KooWB",
+            "--trust-all",
+        ])
+        .unwrap();
+        let Command::Node(args) = &cli.command else {
+            panic!()
+        };
+        let cfg = args.config(None).unwrap();
+        assert_eq!(cfg.trust, ["12D3KooWA", "12D3KooWB"]);
+        assert_eq!(cfg.trust_all, Some(true));
+        let cli = Cli::try_parse_from([
+            "syncmesh",
+            "invite",
+            "--map",
+            "users",
+            "--map",
+            "orders",
+            "--read-only",
+            "--ttl",
+            "2h",
+            "--uses",
+            "3",
+        ])
+        .unwrap();
+        let Command::Invite(a) = cli.command else {
+            panic!()
+        };
+        assert_eq!(a.maps, ["users", "orders"]);
+        assert!(a.read_only);
+        assert_eq!(a.ttl, std::time::Duration::from_secs(7200));
+        assert_eq!(a.uses, 3);
+        let Command::Invite(a) = Cli::try_parse_from(["syncmesh", "invite"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert_eq!((a.ttl.as_secs(), a.uses, a.read_only), (600, 1, false));
+        assert!(Cli::try_parse_from(["syncmesh", "invite", "--uses", "0"]).is_err());
+        assert!(Cli::try_parse_from(["syncmesh", "invite", "--ttl", "10x"]).is_err());
+        assert!(Cli::try_parse_from(["syncmesh", "join"]).is_err());
+        let cli = Cli::try_parse_from(["syncmesh", "peers"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Peers(PeersArgs { command: None })
+        ));
+        let cli = Cli::try_parse_from([
+            "syncmesh",
+            "peers",
+            "trust",
+            "12D3KooWA",
+            "--addr",
+            "/ip4/1.2.3.4/tcp/1",
+        ])
+        .unwrap();
+        let Command::Peers(PeersArgs {
+            command: Some(PeersCommand::Trust { peer_id, addrs }),
+        }) = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!((peer_id.as_str(), addrs.len()), ("12D3KooWA", 1));
+        let cli = Cli::try_parse_from(["syncmesh", "peers", "untrust", "12D3KooWA"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Peers(PeersArgs {
+                command: Some(PeersCommand::Untrust { .. })
+            })
+        ));
     }
 }

@@ -29,6 +29,20 @@ pub mod codes {
     pub const INTERNAL: u32 = 20500;
     /// The node is closed or has stopped writes after a storage failure (503).
     pub const UNAVAILABLE: u32 = 20503;
+    /// The ticket is malformed (not one this version can read, or damaged in copying) (400).
+    pub const BAD_TICKET: u32 = 20301;
+    /// The inviter refused the join: the ticket is used up, expired or forged (403).
+    pub const JOIN_REFUSED: u32 = 20302;
+    /// The inviter could not be reached or did not answer in time (504).
+    pub const INVITER_UNREACHABLE: u32 = 20303;
+    /// A peer id that does not parse (400).
+    pub const BAD_PEER_ID: u32 = 20304;
+    /// The peer is not trusted by this node (404).
+    pub const PEER_NOT_TRUSTED: u32 = 20305;
+    /// The node is not on a network, so it cannot invite or join (409).
+    pub const NO_NETWORK: u32 = 20306;
+    /// The ticket was issued by this node; it is for another node (400).
+    pub const OWN_TICKET: u32 = 20307;
 }
 
 /// An error answered as `{"code", "message", "more_info", "status"}`.
@@ -85,6 +99,22 @@ impl From<syncmesh::Error> for ApiError {
             syncmesh::Error::Closed | syncmesh::Error::WritesStopped(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE)
             }
+            syncmesh::Error::Trust(t) => {
+                use syncmesh::trust::TrustError;
+                let code = match t {
+                    TrustError::BadTicket(_) => codes::BAD_TICKET,
+                    TrustError::Refused(_) => codes::JOIN_REFUSED,
+                    TrustError::Unreachable(_) => codes::INVITER_UNREACHABLE,
+                    TrustError::BadPeerId(_) => codes::BAD_PEER_ID,
+                    TrustError::OwnTicket => codes::OWN_TICKET,
+                    _ => codes::INVALID_PARAMETER,
+                };
+                (
+                    StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+                    code,
+                )
+            }
+            syncmesh::Error::NoNetwork => (StatusCode::CONFLICT, codes::NO_NETWORK),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
         };
         if status.is_server_error() {

@@ -2,7 +2,7 @@
 //!
 //! The HTTP API of a syncmesh node, in the shape of the hosted Sync Maps REST API, under
 //! `/v1/Services/default/...`: maps, items, live events (WebSocket and Server-Sent Events,
-//! resumable), `/v1/Node`, and an OpenAPI document at `/v1/openapi.json` generated from the
+//! resumable), `/v1/Node` (with invitations, joins and trusted peers), and an OpenAPI document at `/v1/openapi.json` generated from the
 //! same declarations that build the router, so the two cannot drift.
 //!
 //! ```no_run
@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Layout: [`maps`], [`items`], [`events`] and [`node`] hold the handlers (each with its
+//! Layout: [`maps`], [`items`], [`events`], [`node`] and [`trust`] hold the handlers (each with its
 //! OpenAPI declaration); [`ui`] serves the JavaScript client and the inspector page; [`params`] reads requests into typed values or a typed [`ApiError`];
 //! [`model`] is what goes over the wire. Only this crate knows HTTP.
 
@@ -36,6 +36,7 @@ pub mod node;
 pub mod params;
 pub mod permissions;
 pub mod state;
+pub mod trust;
 pub mod ui;
 pub mod urls;
 
@@ -68,6 +69,7 @@ pub use state::{AppState, ServerOptions};
         (name = "events", description = "A map's live events"),
         (name = "permissions", description = "Who may read, write and manage a map (peer ids)"),
         (name = "node", description = "This node"),
+        (name = "peers", description = "Whom this node exchanges maps with: invitations, joins, trusted peers"),
     ),
     components(schemas(model::StreamError)),
     modifiers(&Bearer),
@@ -113,6 +115,10 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(events::events))
         .routes(routes!(node::node))
         .routes(routes!(node::compact))
+        .routes(routes!(trust::invite))
+        .routes(routes!(trust::join))
+        .routes(routes!(trust::peers))
+        .routes(routes!(trust::trust, trust::untrust))
         .routes(routes!(openapi_json))
 }
 

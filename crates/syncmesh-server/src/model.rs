@@ -278,7 +278,7 @@ pub struct NodeStatus {
     pub listen_addrs: Vec<String>,
     /// The address the HTTP API is bound to.
     pub http_addr: String,
-    /// Peer ids of connected peers.
+    /// Peer ids of trusted peers connected now (the ones maps are exchanged with).
     pub connected_peers: Vec<String>,
     /// Number of live maps.
     pub maps: u64,
@@ -289,6 +289,237 @@ pub struct NodeStatus {
     /// Why the node stopped taking writes (a failed commit: full disk, I/O error; reopen it
     /// once fixed), or `null` while writes work.
     pub writes_stopped: Option<String>,
+    /// Whether every peer that connects is trusted (`--trust-all`, or a swarm key: every
+    /// holder of the key).
+    pub trust_all: bool,
+    /// Peers this node exchanges maps with (stored and configured).
+    pub trusted_peers: Vec<TrustedPeerResource>,
+    /// Peer ids of peers connected now that are not trusted (nothing is exchanged with them).
+    pub untrusted_peers: Vec<String>,
+    /// Peers found on the local network (mDNS); only trusted ones are dialed.
+    pub discovered_peers: Vec<DiscoveredPeerResource>,
+    /// The latest reason per peer (or address) that it is not exchanging data, newest first.
+    pub problems: Vec<PeerProblemResource>,
+    /// Changes refused from peers that may not write a map, since the node started.
+    pub refused_changes: u64,
+}
+
+/// How a peer came to be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TrustSourceName {
+    /// It joined with a ticket this node issued.
+    Invited,
+    /// This node joined it with its ticket.
+    Joined,
+    /// Trusted by peer id (`POST /v1/Node/Peers/{peer_id}`).
+    Manual,
+    /// In the node's configuration (`--trust`); not stored.
+    Config,
+}
+
+impl From<syncmesh::trust::TrustSource> for TrustSourceName {
+    fn from(s: syncmesh::trust::TrustSource) -> Self {
+        use syncmesh::trust::TrustSource;
+        match s {
+            TrustSource::Invited => TrustSourceName::Invited,
+            TrustSource::Joined => TrustSourceName::Joined,
+            TrustSource::Manual => TrustSourceName::Manual,
+            TrustSource::Config => TrustSourceName::Config,
+        }
+    }
+}
+
+/// A trusted peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TrustedPeerResource {
+    /// Its peer id.
+    pub peer_id: String,
+    /// Addresses it is dialed at (kept dialed, with backoff).
+    pub addrs: Vec<String>,
+    /// RFC 3339, UTC: since when it is trusted (`null` for a configured peer).
+    pub since: Option<String>,
+    /// How it came to be trusted.
+    pub source: TrustSourceName,
+    /// Sids of the maps it may receive; `null` for every map.
+    pub maps: Option<Vec<String>>,
+    /// Whether its changes to those maps are accepted.
+    pub write: bool,
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// Changes it sent that were refused (it may not write the map) since the node started.
+    pub refused_changes: u64,
+}
+
+impl From<syncmesh::trust::TrustedPeer> for TrustedPeerResource {
+    fn from(p: syncmesh::trust::TrustedPeer) -> Self {
+        let configured = p.source == syncmesh::trust::TrustSource::Config;
+        TrustedPeerResource {
+            peer_id: p.peer_id,
+            addrs: p.addrs,
+            since: (!configured || p.since.millis() != 0).then(|| rfc3339(p.since)),
+            source: p.source.into(),
+            maps: p
+                .maps
+                .map(|m| m.iter().map(|s| s.as_str().to_string()).collect()),
+            write: p.write,
+            connected: p.connected,
+            refused_changes: p.refused_changes,
+        }
+    }
+}
+
+/// A peer found on the local network (mDNS).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiscoveredPeerResource {
+    /// Its peer id.
+    pub peer_id: String,
+    /// The addresses it announced.
+    pub addrs: Vec<String>,
+    /// RFC 3339, UTC: when it was last announced.
+    pub last_seen: String,
+    /// Whether it is trusted (then it is dialed; otherwise only listed).
+    pub trusted: bool,
+}
+
+impl From<syncmesh::trust::DiscoveredPeer> for DiscoveredPeerResource {
+    fn from(d: syncmesh::trust::DiscoveredPeer) -> Self {
+        DiscoveredPeerResource {
+            peer_id: d.peer_id,
+            addrs: d.addrs,
+            last_seen: rfc3339(d.last_seen),
+            trusted: d.trusted,
+        }
+    }
+}
+
+/// The latest reason a peer (or an address) is not exchanging data with this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PeerProblemResource {
+    /// The peer, when known.
+    pub peer_id: Option<String>,
+    /// The address, when that is what failed.
+    pub addr: Option<String>,
+    /// What happened: not trusted, unreachable, wrong swarm key, a refused join or change, ...
+    pub reason: String,
+    /// RFC 3339, UTC: when.
+    pub at: String,
+}
+
+impl From<syncmesh::trust::PeerProblem> for PeerProblemResource {
+    fn from(p: syncmesh::trust::PeerProblem) -> Self {
+        PeerProblemResource {
+            peer_id: p.peer_id,
+            addr: p.addr,
+            reason: p.reason,
+            at: rfc3339(p.at),
+        }
+    }
+}
+
+/// Whom this node exchanges maps with, and why not with the others.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PeersResource {
+    /// Whether every peer that connects is trusted (`--trust-all`, or a swarm key).
+    pub trusts_everyone: bool,
+    /// Trusted peers (stored and configured).
+    pub trusted_peers: Vec<TrustedPeerResource>,
+    /// Peer ids of trusted peers connected now (the ones maps are exchanged with).
+    pub connected_peers: Vec<String>,
+    /// Peer ids of peers connected now that are not trusted (nothing is exchanged with them).
+    pub untrusted_peers: Vec<String>,
+    /// Peers found on the local network (mDNS).
+    pub discovered_peers: Vec<DiscoveredPeerResource>,
+    /// The latest problem per peer or address, newest first.
+    pub problems: Vec<PeerProblemResource>,
+    /// Changes refused from peers that may not write a map, since the node started.
+    pub refused_changes: u64,
+}
+
+impl From<syncmesh::trust::Peers> for PeersResource {
+    fn from(p: syncmesh::trust::Peers) -> Self {
+        PeersResource {
+            trusts_everyone: p.trusts_everyone,
+            trusted_peers: p.trusted.into_iter().map(Into::into).collect(),
+            connected_peers: p.connected,
+            untrusted_peers: p.untrusted,
+            discovered_peers: p.discovered.into_iter().map(Into::into).collect(),
+            problems: p.problems.into_iter().map(Into::into).collect(),
+            refused_changes: p.refused_changes,
+        }
+    }
+}
+
+/// An invitation: give its ticket to the node that should join (`POST /v1/Node/Join`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InviteResource {
+    /// The ticket: one copy-pasteable string (`smt1…`). It is a secret until used or expired.
+    pub ticket: String,
+    /// RFC 3339, UTC: when the ticket stops being valid.
+    pub expires: String,
+    /// Sids of the maps it shares; `null` for every map.
+    pub maps: Option<Vec<String>>,
+    /// Whether the invitee's changes to them are accepted.
+    pub write: bool,
+    /// How many nodes may join with it.
+    pub uses: u32,
+}
+
+impl From<syncmesh::trust::Invite> for InviteResource {
+    fn from(i: syncmesh::trust::Invite) -> Self {
+        InviteResource {
+            ticket: i.ticket,
+            expires: rfc3339(i.expires),
+            maps: i
+                .maps
+                .map(|m| m.iter().map(|s| s.as_str().to_string()).collect()),
+            write: i.write,
+            uses: i.uses,
+        }
+    }
+}
+
+/// Parameters of `POST /v1/Node/Invites`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InviteParams {
+    /// Maps the invitee may receive, by unique name or sid (repeat the parameter, or give a
+    /// JSON array); omitted for every map.
+    #[serde(rename = "Maps")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub maps: Option<Value>,
+    /// Whether the invitee may change them (default `true`).
+    #[serde(rename = "Write")]
+    #[schema(value_type = Option<bool>)]
+    pub write: Option<Value>,
+    /// Seconds the ticket stays valid, 1 to 31,536,000 (default 600).
+    #[serde(rename = "Ttl")]
+    #[schema(value_type = Option<i64>)]
+    pub ttl: Option<Value>,
+    /// How many nodes may join with the ticket, 1 or more (default 1).
+    #[serde(rename = "Uses")]
+    #[schema(value_type = Option<i64>)]
+    pub uses: Option<Value>,
+}
+
+/// Parameters of `POST /v1/Node/Join`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinParams {
+    /// The ticket another node's `POST /v1/Node/Invites` (or `syncmesh invite`) issued.
+    #[serde(rename = "Ticket")]
+    pub ticket: Option<String>,
+}
+
+/// Parameters of `POST /v1/Node/Peers/{peer_id}`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrustPeerParams {
+    /// Multiaddrs to dial the peer at, kept dialed (repeat the parameter, or give a JSON
+    /// array); omitted when the peer dials this node, or is found by mDNS.
+    #[serde(rename = "Addr")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub addr: Option<Value>,
 }
 
 /// What `POST /v1/Node/Compact` did.

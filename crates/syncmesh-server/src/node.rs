@@ -1,10 +1,10 @@
-//! `/v1/Node`: what this node is, where it listens and whom it is connected to.
+//! `/v1/Node`: what this node is, where it listens, whom it trusts and is connected to.
 
 use axum::extract::State;
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::model::{CompactionReport, ErrorBody, NodeStatus};
+use crate::model::{CompactionReport, ErrorBody, NodeStatus, PeersResource};
 use crate::state::AppState;
 
 /// This node's identity, addresses, peers and number of maps.
@@ -52,23 +52,27 @@ pub async fn compact(State(st): State<AppState>) -> Result<Json<CompactionReport
     }))
 }
 
-/// Builds the node status. The network part (peer id, listen addresses, connected peers) is
-/// empty until the library has networking; this is the one place to fill it in.
+/// Builds the node status: identity, addresses, storage state, and whom the node exchanges
+/// maps with (the same lists as `GET /v1/Node/Peers`).
 pub async fn node_status(st: &AppState) -> Result<NodeStatus, ApiError> {
     let node = st.node();
     let maps = node.maps().await?.len() as u64;
     let net = node.network();
+    let peers = PeersResource::from(node.peers().await?);
     Ok(NodeStatus {
         peer_id: net.as_ref().map(|n| n.peer_id.clone()),
-        listen_addrs: net
-            .as_ref()
-            .map(|n| n.listen_addrs.clone())
-            .unwrap_or_default(),
+        listen_addrs: net.map(|n| n.listen_addrs).unwrap_or_default(),
         http_addr: st.http_addr().to_string(),
-        connected_peers: net.map(|n| n.connected).unwrap_or_default(),
+        connected_peers: peers.connected_peers,
         maps,
         node_id: node.id().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         writes_stopped: node.writes_stopped(),
+        trust_all: peers.trusts_everyone,
+        trusted_peers: peers.trusted_peers,
+        untrusted_peers: peers.untrusted_peers,
+        discovered_peers: peers.discovered_peers,
+        problems: peers.problems,
+        refused_changes: peers.refused_changes,
     })
 }

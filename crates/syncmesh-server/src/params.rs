@@ -82,7 +82,7 @@ fn parse_body<T: DeserializeOwned + Default>(
         }
     };
     let value = if form {
-        serde_urlencoded::from_bytes(body)
+        serde_json::from_value(form_object(body))
             .map_err(|e| ApiError::invalid(format!("invalid form-encoded body: {e}")))?
     } else {
         let v: Value = serde_json::from_slice(body)
@@ -95,6 +95,78 @@ fn parse_body<T: DeserializeOwned + Default>(
         serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid body: {e}")))?
     };
     Ok(Params { value, form })
+}
+
+/// A form body as a JSON object of strings; a repeated parameter becomes an array of its
+/// values, in order (`Maps=a&Maps=b`).
+fn form_object(body: &[u8]) -> Value {
+    let mut obj = serde_json::Map::new();
+    for (k, v) in form_urlencoded::parse(body) {
+        let v = Value::String(v.into_owned());
+        match obj.get_mut(k.as_ref()) {
+            None => {
+                obj.insert(k.into_owned(), v);
+            }
+            Some(Value::Array(a)) => a.push(v),
+            Some(first) => *first = Value::Array(vec![first.take(), v]),
+        }
+    }
+    Value::Object(obj)
+}
+
+/// Reads a repeatable text parameter: one string, or an array of strings (JSON, or a
+/// parameter repeated in a form).
+pub fn strings(v: Option<Value>, name: &str) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::invalid(format!("{name} must be text, or a list of texts"));
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|x| match x {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Reads a boolean parameter: a JSON boolean, or `true`/`false` as text.
+pub fn boolean(v: Option<Value>, name: &str) -> Result<Option<bool>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(Some(true)),
+            "false" => Ok(Some(false)),
+            _ => Err(ApiError::invalid(format!(
+                "{name} must be true or false, not {s:?}"
+            ))),
+        },
+        Some(other) => Err(ApiError::invalid(format!(
+            "{name} must be true or false, not {other}"
+        ))),
+    }
+}
+
+/// Reads a whole-number parameter from `min` to `max`: a JSON number or its text.
+pub fn integer(v: Option<Value>, name: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
+    let bad = |shown: String| {
+        ApiError::invalid(format!(
+            "{name} must be a whole number from {min} to {max}, not {shown}"
+        ))
+    };
+    let n = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| bad(n.to_string()))?,
+        Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| bad(format!("{s:?}")))?,
+        Some(other) => return Err(bad(other.to_string())),
+    };
+    if !(min..=max).contains(&n) {
+        return Err(bad(n.to_string()));
+    }
+    Ok(Some(n))
 }
 
 /// Reads a `Ttl` parameter: whole seconds as a JSON number or as text.
@@ -315,6 +387,35 @@ mod tests {
             .value
             .key
             .is_none());
+    }
+
+    #[test]
+    fn repeated_form_parameters_are_lists() {
+        #[derive(Debug, Default, serde::Deserialize)]
+        struct P {
+            #[serde(rename = "Maps")]
+            maps: Option<Value>,
+            #[serde(rename = "Write")]
+            write: Option<Value>,
+            #[serde(rename = "Uses")]
+            uses: Option<Value>,
+        }
+        let p: Params<P> = parse_body(
+            Some("application/x-www-form-urlencoded"),
+            b"Maps=a&Maps=b%2Fc&Write=false&Uses=3",
+        )
+        .unwrap();
+        assert_eq!(strings(p.value.maps, "Maps").unwrap(), ["a", "b/c"]);
+        assert_eq!(boolean(p.value.write, "Write").unwrap(), Some(false));
+        assert_eq!(integer(p.value.uses, "Uses", 1, 9).unwrap(), Some(3));
+        let p: Params<P> =
+            parse_body(Some("application/x-www-form-urlencoded"), b"Maps=a").unwrap();
+        assert_eq!(strings(p.value.maps, "Maps").unwrap(), ["a"]);
+        assert!(strings(Some(json!([1])), "Maps").is_err());
+        assert!(boolean(Some(json!("yes")), "Write").is_err());
+        assert!(integer(Some(json!(0)), "Uses", 1, 9).is_err());
+        assert!(integer(Some(json!(-1)), "Uses", 1, 9).is_err());
+        assert!(integer(Some(json!("1.5")), "Uses", 1, 9).is_err());
     }
 
     #[test]

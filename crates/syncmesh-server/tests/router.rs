@@ -15,7 +15,8 @@ use syncmesh::Node;
 use syncmesh_server::{router, ServerOptions};
 use tower::ServiceExt;
 
-const DEADLINE: Duration = Duration::from_secs(30);
+/// Generous: the machines are shared and slow; this bounds a wait, it is never the criterion.
+const DEADLINE: Duration = Duration::from_secs(90);
 const P: &str = "/v1/Services/default";
 
 struct Api {
@@ -805,6 +806,16 @@ async fn routes_and_methods() {
     assert_eq!(n["connected_peers"], json!([]));
     assert_eq!(n["maps"], 0);
     assert!(n["writes_stopped"].is_null(), "writes work");
+    assert_eq!(n["trust_all"], false);
+    for f in [
+        "trusted_peers",
+        "untrusted_peers",
+        "discovered_peers",
+        "problems",
+    ] {
+        assert_eq!(n[f], json!([]), "{f}");
+    }
+    assert_eq!(n["refused_changes"], 0);
     api.get("/v1/Node/Compact").await.err(405, 20004);
     let r = api.post("/v1/Node/Compact", json!({})).await;
     let c = r.ok(200);
@@ -839,6 +850,17 @@ async fn a_token_guards_every_route() {
     api.post("/v1/Node/Compact", json!({}))
         .await
         .err(401, 20003);
+    for uri in [
+        "/v1/Node/Invites",
+        "/v1/Node/Join",
+        &format!("/v1/Node/Peers/{PEER}"),
+    ] {
+        api.post(uri, json!({})).await.err(401, 20003);
+    }
+    api.get("/v1/Node/Peers").await.err(401, 20003);
+    api.call(Method::DELETE, &format!("/v1/Node/Peers/{PEER}"), None)
+        .await
+        .err(401, 20003);
     api.token = Some("wrong".into());
     api.get("/v1/Node").await.err(401, 20003);
     api.post("/v1/Node/Compact", json!({}))
@@ -846,6 +868,7 @@ async fn a_token_guards_every_route() {
         .err(401, 20003);
     api.token = Some("s3cret".into());
     api.get("/v1/Node").await.ok(200);
+    api.get("/v1/Node/Peers").await.ok(200);
     api.post(&format!("{P}/Maps"), json!({"UniqueName": "m"}))
         .await
         .ok(201);
@@ -897,13 +920,21 @@ async fn openapi_document_matches_the_router() {
         "PATCH /v1/Services/default/Maps/{map}/Items/{key}",
         "DELETE /v1/Services/default/Maps/{map}/Items/{key}",
         "GET /v1/Services/default/Maps/{map}/Events",
+        "POST /v1/Node/Invites",
+        "POST /v1/Node/Join",
+        "GET /v1/Node/Peers",
+        "POST /v1/Node/Peers/{peer_id}",
+        "DELETE /v1/Node/Peers/{peer_id}",
     ];
     expected.sort();
     assert_eq!(declared, expected, "the issue's routes, all declared");
     // Every declared route is served (not 404/405), and every undeclared method on a declared
     // path is 405: the router has exactly the document's routes.
     for (path, ops) in paths {
-        let concrete = path.replace("{map}", "nope").replace("{key}", "k");
+        let concrete = path
+            .replace("{map}", "nope")
+            .replace("{key}", "k")
+            .replace("{peer_id}", "not-a-peer");
         for m in ["GET", "POST", "PATCH", "DELETE", "PUT"] {
             let r = api
                 .with_header(
@@ -1238,6 +1269,10 @@ async fn garbage_is_never_a_server_error() {
         format!("{P}/Maps/g/Items?PageSize=%FF&Order=%00"),
         format!("{P}/Maps/g/Events?after=99999999999999999999999"),
         "/v1/Node".to_string(),
+        "/v1/Node/Invites".to_string(),
+        "/v1/Node/Join".to_string(),
+        "/v1/Node/Peers".to_string(),
+        "/v1/Node/Peers/%FF%00".to_string(),
     ];
     let ctypes = [
         Some("application/json"),
@@ -1284,7 +1319,7 @@ async fn garbage_is_never_a_server_error() {
             }
         }
     }
-    assert!(checked > 4000);
+    assert!(checked > 5000);
     api.get(&format!("{P}/Maps/g/Items/k")).await.ok(200);
 }
 
@@ -1647,4 +1682,318 @@ async fn the_login_form_posts_the_token_so_it_stays_out_of_urls() {
     // Nothing else is written through `/`.
     let resp = post("").await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+// ---------------------------------------------------------------- trust
+
+/// A well-formed peer id of no node here.
+const PEER: &str = "12D3KooWKE37TxS1GdywN2zLCpd5vL7nizkSyqD2F3JBrkLVueGe";
+
+/// A node on the network (loopback, a free port, no mDNS), and its API.
+async fn networked() -> (Api, Node) {
+    let node = Node::builder()
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .mdns(false)
+        .open()
+        .await
+        .unwrap();
+    let api = Api {
+        app: router(node.clone(), ServerOptions::new(addr())),
+        token: None,
+    };
+    (api, node)
+}
+
+fn peer_id_of(node: &Node) -> String {
+    node.network().expect("a networked node").peer_id
+}
+
+/// Polls `f` until it holds, failing after the deadline.
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn trust_routes_without_a_network() {
+    let api = api().await;
+    // Inviting and joining need a network; a malformed ticket is refused before that.
+    api.post("/v1/Node/Invites", json!({}))
+        .await
+        .err(409, 20306);
+    let r = api
+        .post("/v1/Node/Join", json!({"Ticket": "smt1notaticket"}))
+        .await;
+    r.err(400, 20301);
+    assert!(r.body["message"].as_str().unwrap().contains("ticket"));
+    api.post("/v1/Node/Join", json!({"Ticket": "hello"}))
+        .await
+        .err(400, 20301);
+    api.post("/v1/Node/Join", json!({})).await.err(400, 20001);
+    api.post("/v1/Node/Join", json!({"Ticket": "  "}))
+        .await
+        .err(400, 20001);
+    api.post("/v1/Node/Join", json!({"Tickets": "x"}))
+        .await
+        .err(400, 20001);
+    // The peer list.
+    let r = api.get("/v1/Node/Peers").await;
+    let p = r.ok(200);
+    check_schema(p, &schema("PeersResource"));
+    assert_eq!(p["trusts_everyone"], false);
+    assert_eq!(p["trusted_peers"], json!([]));
+    // Trust by id: 201 the first time, 200 after; stored with the addresses given.
+    api.post("/v1/Node/Peers/not-a-peer", json!({}))
+        .await
+        .err(400, 20304);
+    api.call(Method::DELETE, "/v1/Node/Peers/not-a-peer", None)
+        .await
+        .err(400, 20304);
+    api.call(Method::DELETE, &format!("/v1/Node/Peers/{PEER}"), None)
+        .await
+        .err(404, 20305);
+    api.post(&format!("/v1/Node/Peers/{PEER}"), json!({"Addr": "tcp:1"}))
+        .await
+        .err(400, 20001);
+    api.post(&format!("/v1/Node/Peers/{PEER}"), json!({"Addr": 7}))
+        .await
+        .err(400, 20001);
+    let r = api
+        .call(Method::POST, &format!("/v1/Node/Peers/{PEER}"), None)
+        .await;
+    let t = r.ok(201).clone();
+    check_schema(&t, &schema("TrustedPeerResource"));
+    assert_eq!(t["peer_id"], PEER);
+    assert_eq!(t["source"], "manual");
+    assert!(t["maps"].is_null(), "every map");
+    assert_eq!(t["write"], true);
+    assert_eq!(t["connected"], false);
+    assert!(t["since"].is_string());
+    let r = api
+        .raw(
+            Method::POST,
+            &format!("/v1/Node/Peers/{PEER}"),
+            "application/x-www-form-urlencoded",
+            "Addr=%2Fip4%2F192.0.2.7%2Ftcp%2F7701&Addr=%2Fip4%2F192.0.2.8%2Ftcp%2F7701",
+        )
+        .await;
+    let t = r.ok(200);
+    assert_eq!(
+        t["addrs"],
+        json!(["/ip4/192.0.2.7/tcp/7701", "/ip4/192.0.2.8/tcp/7701"])
+    );
+    let n = api.get("/v1/Node").await;
+    let n = n.ok(200);
+    check_schema(n, &schema("NodeStatus"));
+    assert_eq!(n["trusted_peers"][0]["peer_id"], PEER);
+    let r = api
+        .call(Method::DELETE, &format!("/v1/Node/Peers/{PEER}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    api.call(Method::DELETE, &format!("/v1/Node/Peers/{PEER}"), None)
+        .await
+        .err(404, 20305);
+    assert_eq!(
+        api.get("/v1/Node/Peers").await.body["trusted_peers"],
+        json!([])
+    );
+}
+
+#[tokio::test]
+async fn invitations_and_their_parameters() {
+    let (api, node) = networked().await;
+    let me = peer_id_of(&node);
+    let before = time_now_ms();
+    let r = api.post("/v1/Node/Invites", json!({})).await;
+    let inv = r.ok(201).clone();
+    check_schema(&inv, &schema("InviteResource"));
+    assert!(inv["ticket"].as_str().unwrap().starts_with("smt1"), "{inv}");
+    assert!(inv["maps"].is_null(), "every map");
+    assert_eq!(inv["write"], true);
+    assert_eq!(inv["uses"], 1);
+    // Expires in the default 10 minutes, in this API's date format.
+    let expires = parse_date(inv["expires"].as_str().unwrap());
+    assert!(
+        (before + 599_000..=time_now_ms() + 601_000).contains(&expires),
+        "{inv}"
+    );
+    // Scoped, as JSON and as a form with the parameter repeated.
+    let r = api
+        .post(
+            "/v1/Node/Invites",
+            json!({"Maps": ["users", "orders"], "Write": false, "Ttl": 60, "Uses": 3}),
+        )
+        .await;
+    let inv = r.ok(201);
+    let mut sids = vec![
+        syncmesh::MapSid::for_name("users").to_string(),
+        syncmesh::MapSid::for_name("orders").to_string(),
+    ];
+    sids.sort();
+    assert_eq!(inv["maps"], json!(sids));
+    assert_eq!(
+        (inv["write"].clone(), inv["uses"].clone()),
+        (json!(false), json!(3))
+    );
+    let r = api
+        .raw(
+            Method::POST,
+            "/v1/Node/Invites",
+            "application/x-www-form-urlencoded",
+            "Maps=users&Maps=orders&Write=false&Ttl=3600&Uses=2",
+        )
+        .await;
+    let inv = r.ok(201);
+    assert_eq!(inv["maps"], json!(sids));
+    assert_eq!(
+        (inv["write"].clone(), inv["uses"].clone()),
+        (json!(false), json!(2))
+    );
+    let r = api.post("/v1/Node/Invites", json!({"Maps": "users"})).await;
+    assert_eq!(r.ok(201)["maps"].as_array().unwrap().len(), 1);
+    // Bad parameters are 400s that say what is wrong.
+    for bad in [
+        json!({"Ttl": 0}),
+        json!({"Ttl": -5}),
+        json!({"Ttl": "soon"}),
+        json!({"Ttl": 31_536_001}),
+        json!({"Uses": 0}),
+        json!({"Uses": 1.5}),
+        json!({"Uses": 4_294_967_296_u64}),
+        json!({"Write": "maybe"}),
+        json!({"Write": 1}),
+        json!({"Maps": [1]}),
+        json!({"Maps": {"a": 1}}),
+        json!({"Maps": [""]}),
+        json!({"Nope": true}),
+    ] {
+        let r = api.post("/v1/Node/Invites", bad.clone()).await;
+        r.err(400, 20001);
+        assert!(!r.body["message"].as_str().unwrap().is_empty(), "{bad}");
+    }
+    // A node's own ticket is for someone else.
+    let own = api.post("/v1/Node/Invites", json!({})).await.body["ticket"].clone();
+    api.post("/v1/Node/Join", json!({"Ticket": own}))
+        .await
+        .err(400, 20307);
+    assert_eq!(node.network().unwrap().peer_id, me);
+}
+
+/// Milliseconds since the epoch, now.
+fn time_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Milliseconds since the epoch of one of this API's dates (`2026-01-02T03:04:05.678Z`).
+fn parse_date(s: &str) -> i64 {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{s:?} is not RFC 3339: {e}"));
+    assert!(s.ends_with('Z') && s.len() == 24, "{s}");
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[tokio::test]
+async fn two_nodes_join_through_the_api_and_replicate() {
+    let (a, node_a) = networked().await;
+    let (b, node_b) = networked().await;
+    let (id_a, id_b) = (peer_id_of(&node_a), peer_id_of(&node_b));
+    let ticket = a.post("/v1/Node/Invites", json!({})).await.ok(201)["ticket"].clone();
+    // B joins A: the answer is A, now trusted by B.
+    let r = b.post("/v1/Node/Join", json!({"Ticket": ticket})).await;
+    let joined = r.ok(201).clone();
+    check_schema(&joined, &schema("TrustedPeerResource"));
+    assert_eq!(joined["peer_id"], id_a.as_str());
+    assert_eq!(joined["source"], "joined");
+    assert!(joined["maps"].is_null());
+    assert_eq!(joined["write"], true);
+    assert!(!joined["addrs"].as_array().unwrap().is_empty(), "{joined}");
+    // A trusts B (invited); both see each other connected.
+    let r = a.get("/v1/Node/Peers").await;
+    let peers = r.ok(200).clone();
+    check_schema(&peers, &schema("PeersResource"));
+    let on_a = &peers["trusted_peers"][0];
+    assert_eq!(on_a["peer_id"], id_b.as_str());
+    assert_eq!(on_a["source"], "invited");
+    for (api, other) in [(&a, &id_b), (&b, &id_a)] {
+        wait_until("the two nodes connected", || async {
+            let n = api.get("/v1/Node").await;
+            n.body["connected_peers"] == json!([other])
+        })
+        .await;
+    }
+    let n = a.get("/v1/Node").await;
+    check_schema(n.ok(200), &schema("NodeStatus"));
+    assert_eq!(n.body["trusted_peers"][0]["connected"], true);
+    // A map written on A reaches B, and B's write reaches A.
+    a.post(&format!("{P}/Maps"), json!({"UniqueName": "users"}))
+        .await
+        .ok(201);
+    a.post(
+        &format!("{P}/Maps/users/Items"),
+        json!({"Key": "david", "Data": {"country": "UK"}}),
+    )
+    .await
+    .ok(201);
+    let r = b
+        .post(&format!("{P}/Maps"), json!({"UniqueName": "users"}))
+        .await;
+    assert!(matches!(r.status.as_u16(), 201 | 409), "{}", r.body);
+    wait_until("A's item on B", || async {
+        b.get(&format!("{P}/Maps/users/Items/david")).await.status == StatusCode::OK
+    })
+    .await;
+    b.post(
+        &format!("{P}/Maps/users/Items"),
+        json!({"Key": "eve", "Data": {"country": "FR"}}),
+    )
+    .await
+    .ok(201);
+    wait_until("B's item on A", || async {
+        a.get(&format!("{P}/Maps/users/Items/eve")).await.status == StatusCode::OK
+    })
+    .await;
+    // The ticket had one use: a third node is refused, with the inviter's reason.
+    let (c, _node_c) = networked().await;
+    let r = c.post("/v1/Node/Join", json!({"Ticket": ticket})).await;
+    r.err(403, 20302);
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown invitation"),
+        "{}",
+        r.body
+    );
+    // Untrusting B on A: gone from A's list at once.
+    let r = a
+        .call(Method::DELETE, &format!("/v1/Node/Peers/{id_b}"), None)
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    let n = a.get("/v1/Node").await;
+    assert_eq!(n.body["trusted_peers"], json!([]), "{}", n.body);
+    assert!(!n.body["connected_peers"]
+        .as_array()
+        .unwrap()
+        .contains(&json!(id_b)));
+}
+
+#[tokio::test]
+async fn joining_an_inviter_that_is_gone_is_504() {
+    let (a, node_a) = networked().await;
+    let (b, _node_b) = networked().await;
+    let ticket = a.post("/v1/Node/Invites", json!({})).await.ok(201)["ticket"].clone();
+    drop(a);
+    node_a.close().await.unwrap();
+    let r = b.post("/v1/Node/Join", json!({"Ticket": ticket})).await;
+    r.err(504, 20303);
 }

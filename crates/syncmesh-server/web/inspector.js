@@ -1,7 +1,9 @@
 // The syncmesh inspector: a node's identity and peers, its maps, a map's items (paged,
-// searchable by key prefix) and its live events, with forms to add, edit and remove.
-// Everything goes through the JavaScript client the node serves. Keys and data come from
-// peers: they only ever reach the page through textContent and attribute values.
+// searchable by key prefix) and its live events, with forms to add, edit and remove; and whom
+// the node shares maps with (trusted, connected, discovered peers, problems), with forms to
+// invite a node, join one with its ticket, trust a peer id, and stop trusting a peer.
+// Everything goes through the JavaScript client the node serves. Keys, data and peer ids come
+// from peers: they only ever reach the page through textContent and attribute values.
 import { SyncClient } from "/sdk/syncmesh.js";
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +23,9 @@ const client = new SyncClient({ url: location.origin, token });
 const state = {
   clientState: client.connectionState ?? "connecting",
   nodeKey: "",
+  peersKey: "",
+  peerId: null, // this node's own peer id
+  nodeRefresh: 0,
   nodeMapCount: null,
   maps: [],
   mapsPager: null,
@@ -258,7 +263,7 @@ function renderListenAddrs(addrs, peerId) {
           type: "button",
           class: "copy",
           text: "copy",
-          "aria-label": `Copy the address ${addr} (for --peer)`,
+          "aria-label": `Copy the address ${addr}`,
           onclick: () => copyText(addr, "the address"),
         }),
       ),
@@ -270,6 +275,7 @@ function renderNode(n) {
   const key = JSON.stringify([n.node_id, n.peer_id, n.version, n.listen_addrs, n.connected_peers]);
   if (key === state.nodeKey) return;
   state.nodeKey = key;
+  state.peerId = n.peer_id ?? null;
   $("node-id").textContent = n.node_id ?? "—";
   $("peer-id").textContent = n.peer_id ?? "no network";
   $("node-version").textContent = n.version ? `v${n.version}` : "";
@@ -281,16 +287,338 @@ function renderNode(n) {
 }
 
 async function pollNode() {
+  await refreshNode();
+  setTimeout(pollNode, NODE_POLL_MS);
+}
+
+/** Reads the node's description now and shows it (also right after a change of trust). */
+async function refreshNode() {
+  const seq = ++state.nodeRefresh;
   try {
     const n = await client.node();
+    if (seq !== state.nodeRefresh) return; // a newer answer is on its way
     renderNode(n);
+    renderPeers(n);
     if (typeof n.maps === "number" && state.nodeMapCount !== null && n.maps !== state.nodeMapCount) loadMaps();
     state.nodeMapCount = n.maps;
   } catch {
     // The client waits while the node is unreachable and reports it as its connection state;
     // a refused token is reported the same way.
   }
-  setTimeout(pollNode, NODE_POLL_MS);
+}
+
+// ---------------------------------------------------------------- sharing: whom maps go to
+
+/**
+ * A call to the node's own routes (invitations, joins, trusted peers), which the Sync Maps
+ * client has no methods for: through the client, so the token, waiting while the node is
+ * unreachable and error reporting are the same as everywhere on the page.
+ */
+async function nodeCall(method, path, body) {
+  return client.admitted(() => client.send(method, path, body === undefined ? {} : { body }));
+}
+
+const SOURCE_TEXT = {
+  invited: "joined with this node's ticket",
+  joined: "this node joined it",
+  manual: "trusted by id",
+  config: "trusted by --trust",
+};
+
+function scopeText(maps, write) {
+  const what = maps ? `${maps.length} map${maps.length === 1 ? "" : "s"}` : "every map";
+  return `${what}, ${write ? "read and write" : "read only"}`;
+}
+
+function peerItem(id, attrs, ...meta) {
+  return el(
+    "li",
+    { "data-peer-id": id, ...attrs },
+    el("span", { class: "peer-id", text: id, title: attrs.title ?? id }),
+    meta.length ? el("span", { class: "peer-meta" }, ...meta) : null,
+  );
+}
+
+function renderPeers(n) {
+  const key = JSON.stringify([
+    n.trust_all,
+    n.trusted_peers,
+    n.untrusted_peers,
+    (n.discovered_peers ?? []).map((d) => [d.peer_id, d.addrs, d.trusted]),
+    n.problems,
+    n.refused_changes,
+  ]);
+  if (key === state.peersKey) return;
+  state.peersKey = key;
+  const trusted = n.trusted_peers ?? [];
+  const untrusted = n.untrusted_peers ?? [];
+  const discovered = n.discovered_peers ?? [];
+  const problems = n.problems ?? [];
+  $("trust-all-warning").hidden = !n.trust_all;
+  $("trusted-count").textContent = String(trusted.length);
+
+  const list = $("trusted-peers");
+  const focused = document.activeElement?.closest?.("#trusted-peers li")?.dataset.peerId;
+  list.replaceChildren();
+  if (!trusted.length) {
+    list.append(el("li", { class: "none", text: "No trusted peers yet: invite a node, or join one with its ticket." }));
+  }
+  for (const p of trusted) {
+    const conn = el("span", { class: p.connected ? "peer-state on" : "peer-state off", text: p.connected ? "connected" : "not connected" });
+    const scope = el("span", { text: ` · ${scopeText(p.maps, p.write)}`, title: p.maps ? p.maps.join("\n") : "every map" });
+    const source = el("span", { text: ` · ${SOURCE_TEXT[p.source] ?? p.source}` });
+    const refused = p.refused_changes ? el("span", { class: "peer-refused", text: ` · ${p.refused_changes} change(s) refused` }) : null;
+    const li = peerItem(
+      p.peer_id,
+      { class: "trusted", "data-connected": String(p.connected), "data-source": p.source, title: p.addrs?.length ? `${p.peer_id}\n${p.addrs.join("\n")}` : p.peer_id },
+      conn,
+      scope,
+      source,
+      refused,
+    );
+    li.append(
+      el("button", {
+        type: "button",
+        class: "btn small danger-ghost untrust",
+        "data-action": "untrust",
+        text: "Untrust",
+        "aria-label": `Stop trusting ${p.peer_id}`,
+      }),
+    );
+    list.append(li);
+  }
+  if (focused) list.querySelector(`li[data-peer-id="${CSS.escape(focused)}"] button`)?.focus();
+
+  $("untrusted-group").hidden = !untrusted.length;
+  $("untrusted-count").textContent = String(untrusted.length);
+  $("untrusted-peers").replaceChildren(...untrusted.map((id) => peerItem(id, {}, "nothing is exchanged with it")));
+
+  $("discovered-group").hidden = !discovered.length;
+  $("discovered-count").textContent = String(discovered.length);
+  $("discovered-peers").replaceChildren(
+    ...discovered.map((d) => {
+      const seen = asDate(d.last_seen);
+      return peerItem(
+        d.peer_id,
+        { "data-trusted": String(d.trusted), title: [d.peer_id, ...(d.addrs ?? [])].join("\n") },
+        d.trusted ? "trusted" : "not trusted: listed only",
+        seen ? ` · seen ${relative(seen)}` : "",
+      );
+    }),
+  );
+
+  $("problems-group").hidden = !problems.length;
+  $("problem-count").textContent = String(problems.length);
+  // The latest problem of each peer stays listed after it is solved; a peer trusted and
+  // connected now had it earlier.
+  const fine = new Set(trusted.filter((p) => p.connected).map((p) => p.peer_id));
+  $("peer-problems").replaceChildren(
+    ...problems.map((pr) => {
+      const who = pr.peer_id ?? pr.addr ?? "unknown peer";
+      const at = asDate(pr.at);
+      const earlier = fine.has(pr.peer_id);
+      return el(
+        "li",
+        { class: "problem", "data-peer-id": pr.peer_id ?? "", "data-current": String(!earlier), title: at ? at.toISOString() : "" },
+        el("span", { class: "peer-id", text: who }),
+        el("span", {
+          class: "peer-meta",
+          text: `${earlier ? "earlier: " : ""}${pr.reason}${at ? ` (${relative(at)})` : ""}`,
+        }),
+      );
+    }),
+  );
+
+  const refusedTotal = n.refused_changes ?? 0;
+  $("refused-changes").hidden = !refusedTotal;
+  $("refused-changes").textContent = `${refusedTotal} change(s) refused from peers that may not write a map.`;
+}
+
+const dialogReturn = new WeakMap();
+
+function openDialog(id, focus) {
+  const d = $(id);
+  if (d.open) return;
+  dialogReturn.set(d, document.activeElement);
+  d.showModal();
+  focus?.focus();
+}
+
+function wireDialog(id) {
+  const d = $(id);
+  for (const b of d.querySelectorAll("[data-cancel]")) b.addEventListener("click", () => d.close());
+  d.addEventListener("close", () => {
+    const back = dialogReturn.get(d);
+    dialogReturn.delete(d);
+    if (back && back.isConnected && back !== document.body) back.focus();
+  });
+}
+
+function openInvite() {
+  $("invite-form").reset();
+  $("invite-ticket").value = "";
+  $("invite-result").hidden = true;
+  $("invite-create").textContent = "Create invitation";
+  showFieldError($("invite-error"), null, [$("invite-maps"), $("invite-ttl"), $("invite-uses")]);
+  openDialog("invite-dialog", $("invite-maps"));
+}
+
+function wholeNumber(text, min, max) {
+  const t = text.trim();
+  if (!/^\d+$/.test(t)) return null;
+  const n = Number(t);
+  return n >= min && n <= max ? n : null;
+}
+
+async function createInvite(ev) {
+  ev.preventDefault();
+  const mapsInput = $("invite-maps");
+  const ttlInput = $("invite-ttl");
+  const usesInput = $("invite-uses");
+  showFieldError($("invite-error"), null, [mapsInput, ttlInput, usesInput]);
+  const maps = mapsInput.value
+    .split("\n")
+    .map((m) => m.trim())
+    .filter(Boolean);
+  const minutes = wholeNumber(ttlInput.value, 1, 525_600);
+  if (minutes === null) {
+    showFieldError($("invite-error"), "Valid for: whole minutes from 1 to 525,600 (a year).", [ttlInput]);
+    ttlInput.focus();
+    return;
+  }
+  const uses = wholeNumber(usesInput.value, 1, 1_000_000);
+  if (uses === null) {
+    showFieldError($("invite-error"), "Uses: a whole number, at least 1.", [usesInput]);
+    usesInput.focus();
+    return;
+  }
+  const body = { Write: !$("invite-read-only").checked, Ttl: minutes * 60, Uses: uses };
+  if (maps.length) body.Maps = maps;
+  const button = $("invite-create");
+  button.disabled = true;
+  button.textContent = "Creating…";
+  try {
+    const inv = (await nodeCall("POST", "/v1/Node/Invites", body)).body;
+    const expires = asDate(inv.expires);
+    $("invite-ticket").value = inv.ticket;
+    $("invite-summary").textContent =
+      `${scopeText(inv.maps, inv.write)}; ${inv.uses} node${inv.uses === 1 ? "" : "s"} may join with it` +
+      (expires ? `, until ${dateFmt.format(expires)}.` : ".");
+    $("invite-result").hidden = false;
+    button.textContent = "Create another";
+    $("invite-ticket").focus();
+    $("invite-ticket").select();
+  } catch (e) {
+    button.textContent = "Create invitation";
+    showFieldError($("invite-error"), `The node did not create the invitation: ${errorText(e)}`, []);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function openJoin() {
+  $("join-form").reset();
+  showFieldError($("join-error"), null, [$("join-ticket")]);
+  openDialog("join-dialog", $("join-ticket"));
+}
+
+async function joinWithTicket(ev) {
+  ev.preventDefault();
+  const input = $("join-ticket");
+  const box = $("join-error");
+  const ticket = input.value.trim();
+  showFieldError(box, null, [input]);
+  if (!ticket) {
+    showFieldError(box, "Paste the ticket from the other node's invitation.", [input]);
+    input.focus();
+    return;
+  }
+  if (!/^smt1[a-z2-7]+$/i.test(ticket)) {
+    showFieldError(box, "This is not a ticket: a ticket starts with smt1; copy it whole from the other node.", [input]);
+    input.focus();
+    return;
+  }
+  const button = $("join-submit");
+  button.disabled = true;
+  button.textContent = "Joining…";
+  try {
+    const peer = (await nodeCall("POST", "/v1/Node/Join", { Ticket: ticket })).body;
+    $("join-dialog").close();
+    toast(`Joined ${shortId(peer.peer_id)}: the two nodes now trust each other.`);
+    refreshNode();
+  } catch (e) {
+    const why =
+      e?.code === 20302
+        ? `The other node refused: ${e.message}`
+        : e?.code === 20303
+          ? `The other node could not be reached: ${e.message}`
+          : `Could not join: ${errorText(e)}`;
+    showFieldError(box, why, [input]);
+    input.focus();
+  } finally {
+    button.disabled = false;
+    button.textContent = "Join";
+  }
+}
+
+function openTrust() {
+  $("trust-form").reset();
+  showFieldError($("trust-error"), null, [$("trust-peer-id"), $("trust-addr")]);
+  openDialog("trust-dialog", $("trust-peer-id"));
+}
+
+async function trustPeerId(ev) {
+  ev.preventDefault();
+  const idInput = $("trust-peer-id");
+  const addrInput = $("trust-addr");
+  const box = $("trust-error");
+  const id = idInput.value.trim();
+  const addr = addrInput.value.trim();
+  showFieldError(box, null, [idInput, addrInput]);
+  let problem = null;
+  if (!id) problem = "Enter the peer id of the node to trust.";
+  else if (!/^[1-9A-HJ-NP-Za-km-z]{32,128}$/.test(id)) problem = "This is not a peer id: copy it whole (it looks like 12D3KooW…).";
+  else if (id === state.peerId) problem = "This is this node's own peer id: enter the other node's.";
+  if (problem) {
+    showFieldError(box, problem, [idInput]);
+    idInput.focus();
+    return;
+  }
+  if (addr && !addr.startsWith("/")) {
+    showFieldError(box, "An address is a multiaddr, such as /ip4/192.0.2.7/tcp/7701.", [addrInput]);
+    addrInput.focus();
+    return;
+  }
+  const button = $("trust-submit");
+  button.disabled = true;
+  try {
+    const r = await nodeCall("POST", `/v1/Node/Peers/${encodeURIComponent(id)}`, addr ? { Addr: [addr] } : {});
+    $("trust-dialog").close();
+    toast(r.status === 201 ? `Now trusting ${shortId(id)}.` : `${shortId(id)} was already trusted.`);
+    refreshNode();
+  } catch (e) {
+    showFieldError(box, `The node did not trust it: ${errorText(e)}`, [idInput]);
+    idInput.focus();
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function untrustPeer(id) {
+  const ok = await confirmDialog(
+    "Stop trusting this peer?",
+    `${id} is disconnected at once: it gets no more changes from this node, and its changes are no longer accepted. To share with it again, invite it or trust its id.`,
+    "Untrust",
+  );
+  if (!ok) return;
+  try {
+    await nodeCall("DELETE", `/v1/Node/Peers/${encodeURIComponent(id)}`);
+    toast(`No longer trusting ${shortId(id)}.`);
+  } catch (e) {
+    if (e?.code === 20305) toast(`${shortId(id)} was not trusted any more.`);
+    else toast(`Could not untrust ${shortId(id)}: ${errorText(e)}`, { error: true });
+  }
+  refreshNode();
 }
 
 // ---------------------------------------------------------------- maps
@@ -1112,6 +1440,14 @@ document.addEventListener("keydown", (ev) => {
       ev.preventDefault();
       toggleNewMapForm(true);
       break;
+    case "i":
+      ev.preventDefault();
+      openInvite();
+      break;
+    case "j":
+      ev.preventDefault();
+      openJoin();
+      break;
     case "?":
       ev.preventDefault();
       showShortcuts();
@@ -1223,6 +1559,27 @@ $("new-map-button").addEventListener("click", () => toggleNewMapForm($("new-map-
 $("new-map-form").addEventListener("submit", createMap);
 $("new-map-form").querySelector("[data-cancel]").addEventListener("click", () => toggleNewMapForm(false));
 $("clear-events").addEventListener("click", clearEventLog);
+
+for (const id of ["invite-dialog", "join-dialog", "trust-dialog"]) wireDialog(id);
+$("invite-button").addEventListener("click", openInvite);
+$("join-button").addEventListener("click", openJoin);
+$("trust-button").addEventListener("click", openTrust);
+$("invite-form").addEventListener("submit", createInvite);
+$("join-form").addEventListener("submit", joinWithTicket);
+$("trust-form").addEventListener("submit", trustPeerId);
+$("invite-copy").addEventListener("click", () => copyText($("invite-ticket").value, "the ticket"));
+$("join-ticket").addEventListener("keydown", (ev) => {
+  // A ticket is one line: Enter joins rather than starting a new line.
+  if (ev.key === "Enter" && !ev.shiftKey) {
+    ev.preventDefault();
+    $("join-form").requestSubmit();
+  }
+});
+$("trusted-peers").addEventListener("click", (ev) => {
+  const button = ev.target.closest("button[data-action=untrust]");
+  const id = button?.closest("li[data-peer-id]")?.dataset.peerId;
+  if (id) untrustPeer(id);
+});
 $("shortcuts-button").addEventListener("click", showShortcuts);
 
 $("item-form").addEventListener("submit", saveItem);

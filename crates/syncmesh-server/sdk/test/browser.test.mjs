@@ -1,6 +1,7 @@
 // The inspector page (`/` of every node) in headless Chromium, against real `syncmesh node`
 // processes: it loads, follows changes made elsewhere (another node, the HTTP API), refuses bad
-// JSON without writing, works from the keyboard, and sits behind the node's token.
+// JSON without writing, works from the keyboard, shares maps (invite, join, trust, untrust), and
+// sits behind the node's token.
 //
 // Needs Debian's /usr/bin/chromium (or $SYNCMESH_CHROMIUM) and playwright-core (`npm install`
 // here). Without them the tests are skipped, unless SYNCMESH_REQUIRE_BROWSER=1 (CI), where that
@@ -9,7 +10,7 @@ import { test, describe, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { startNode, nodeStatus, waitFor, REPO, DEADLINE_MS } from "./support.mjs";
+import { startNode, nodeStatus, waitFor, trustEachOther, REPO, DEADLINE_MS } from "./support.mjs";
 
 const P = "/v1/Services/default";
 const CHROMIUM = process.env.SYNCMESH_CHROMIUM || "/usr/bin/chromium";
@@ -212,10 +213,10 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
 
   test("an item added through one node's page appears on another node's page", async () => {
     const a = await node();
-    const addr = (await nodeStatus(a.url)).listen_addrs[0];
-    assert.ok(addr, "node A listens");
-    const b = await node(["--peer", addr]);
-    await waitFor("B connected to A", async () => (await nodeStatus(b.url)).connected_peers.length > 0);
+    const b = await node();
+    // Nodes exchange maps only with peers they trust: B joins A with A's invitation (the
+    // peers panel's own test does this through the pages).
+    await trustEachOther(a, b);
     // Both nodes hold the map (a unique name is the same map on every node).
     const onA = await createMap(a, "chat");
     const onB = await createMap(b, "chat");
@@ -248,6 +249,104 @@ describe("inspector page in headless Chromium", { skip: missing && !REQUIRED ? m
     } catch (e) {
       await pa.page.screenshot({ animations: "disabled", path: screenshotPath("replicated-a-failure") }).catch(() => {});
       await pb.failed("replicated-b", e);
+    } finally {
+      await pa.context.close();
+      await pb.context.close();
+    }
+  });
+
+  test("the peers panel: an invitation made on A's page, joined on B's page; trusted both ways, an item replicates, untrust asks first", async () => {
+    const a = await node();
+    const b = await node();
+    const [sa, sb] = [await nodeStatus(a.url), await nodeStatus(b.url)];
+    const shared = await createMap(a, "shared");
+    await createMap(b, "shared");
+    await setItem(a, "shared", "before", { from: "a" });
+    const pa = await openPage(browser);
+    const pb = await openPage(browser);
+    const trustedRow = (id) => `#trusted-peers li[data-peer-id="${id}"]`;
+    try {
+      await openInspector(pa.page, a);
+      await openInspector(pb.page, b);
+      // Closed by default: nobody is trusted, and nothing of A's reached B.
+      await waitText(pa.page, "#trusted-count", (t) => t === "0", "no trusted peers on A");
+      await pa.page.locator("#trusted-peers li.none").waitFor();
+      assert.equal((await api(b, "GET", "/Maps/shared/Items/before")).status, 404);
+      // A: the invitation form (one map), and its ticket.
+      await pa.page.locator("#invite-button").click();
+      await pa.page.locator("#invite-dialog").waitFor({ state: "visible" });
+      await waitIn(pa.page, "the maps field focused", () => document.activeElement?.id === "invite-maps");
+      await pa.page.keyboard.type("shared");
+      await pa.page.fill("#invite-uses", "0");
+      await pa.page.click("#invite-create");
+      await waitText(pa.page, "#invite-error", (t) => /Uses/.test(t), "the uses refused on the page");
+      await pa.page.fill("#invite-uses", "1");
+      await pa.page.click("#invite-create");
+      await pa.page.locator("#invite-result").waitFor({ state: "visible" });
+      const ticket = await pa.page.inputValue("#invite-ticket");
+      assert.match(ticket, /^smt1[a-z2-7]+$/);
+      await waitText(pa.page, "#invite-summary", (t) => t.includes("1 map") && t.includes("read and write"), "the invitation's scope");
+      await pa.page.screenshot({ animations: "disabled", path: screenshotPath("peers-invite") });
+      await pa.page.keyboard.press("Escape");
+      await pa.page.locator("#invite-dialog").waitFor({ state: "hidden" });
+      // B: the join form, from the keyboard. Something that is not a ticket is refused
+      // without a request; the ticket joins.
+      await pb.page.locator("#join-button").focus();
+      await pb.page.keyboard.press("Enter");
+      await pb.page.locator("#join-dialog").waitFor({ state: "visible" });
+      await waitIn(pb.page, "the ticket field focused", () => document.activeElement?.id === "join-ticket");
+      await pb.page.keyboard.type("not a ticket");
+      await pb.page.keyboard.press("Enter");
+      await waitText(pb.page, "#join-error", (t) => /not a ticket/.test(t), "the refusal");
+      assert.ok(!pb.writes.some((w) => w.includes("/v1/Node/Join")), "nothing was sent");
+      await pb.page.fill("#join-ticket", ticket);
+      await pb.page.keyboard.press("Enter");
+      await pb.page.locator("#join-dialog").waitFor({ state: "hidden" });
+      // Both pages list the other as trusted and connected, with how and what.
+      await pb.page.locator(`${trustedRow(sa.peer_id)}[data-connected="true"]`).waitFor();
+      await pa.page.locator(`${trustedRow(sb.peer_id)}[data-connected="true"]`).waitFor();
+      assert.equal(await pa.page.getAttribute(trustedRow(sb.peer_id), "data-source"), "invited");
+      assert.equal(await pb.page.getAttribute(trustedRow(sa.peer_id), "data-source"), "joined");
+      await waitText(pa.page, trustedRow(sb.peer_id), (t) => t.includes("1 map") && t.includes("connected"), "B's scope on A");
+      await waitText(pa.page, "#trusted-count", (t) => t === "1");
+      await waitText(pb.page, "#peer-count", (t) => t === "1", "B's page counts its connected peer");
+      await pa.page.screenshot({ animations: "disabled", path: screenshotPath("peers-trusted") });
+      // The shared map replicates: the item from before, then one written now.
+      await pb.page.locator(`#maps a[data-sid="${shared.sid}"]`).click();
+      await pb.page.locator(rowSel("before")).waitFor();
+      await setItem(a, "shared", "after", { from: "a" });
+      await pb.page.locator(rowSel("after")).waitFor();
+      // Untrusting asks first (the safe choice focused); cancelling keeps the peer.
+      const untrust = `${trustedRow(sa.peer_id)} button[data-action="untrust"]`;
+      await pb.page.locator(untrust).click();
+      await pb.page.locator("#confirm-dialog").waitFor({ state: "visible" });
+      await waitIn(pb.page, "the safe choice focused", () => document.activeElement?.id === "confirm-cancel");
+      await waitText(pb.page, "#confirm-text", (t) => t.includes(sa.peer_id));
+      await pb.page.keyboard.press("Escape");
+      await pb.page.locator("#confirm-dialog").waitFor({ state: "hidden" });
+      assert.equal((await nodeStatus(b.url)).trusted_peers.length, 1, "still trusted after cancelling");
+      await pb.page.locator(untrust).click();
+      await pb.page.locator("#confirm-ok").click();
+      await pb.page.locator(trustedRow(sa.peer_id)).waitFor({ state: "detached" });
+      assert.deepEqual((await nodeStatus(b.url)).trusted_peers, []);
+      // Trusting by id is a deliberate form: B trusts A again by its id.
+      await pb.page.locator("#trust-button").click();
+      await pb.page.locator("#trust-dialog").waitFor({ state: "visible" });
+      await pb.page.fill("#trust-peer-id", sb.peer_id);
+      await pb.page.click("#trust-submit");
+      await waitText(pb.page, "#trust-error", (t) => /own peer id/.test(t), "its own id refused");
+      await pb.page.fill("#trust-peer-id", sa.peer_id);
+      await pb.page.click("#trust-submit");
+      await pb.page.locator("#trust-dialog").waitFor({ state: "hidden" });
+      await pb.page.locator(`${trustedRow(sa.peer_id)}[data-source="manual"][data-connected="true"]`).waitFor();
+      await setItem(a, "shared", "again", { from: "a" });
+      await pb.page.locator(rowSel("again")).waitFor();
+      await pb.page.screenshot({ animations: "disabled", path: screenshotPath("peers-manual") });
+      assert.deepEqual(pa.problems, []);
+      assert.deepEqual(pb.problems, []);
+    } catch (e) {
+      await pa.page.screenshot({ animations: "disabled", path: screenshotPath("peers-a-failure") }).catch(() => {});
+      await pb.failed("peers-b", e);
     } finally {
       await pa.context.close();
       await pb.context.close();

@@ -85,6 +85,21 @@ export async function nodeStatus(url, token) {
   return r.json();
 }
 
+/**
+ * Makes two nodes trust each other the way people do: an invitation on `a` (POST
+ * /v1/Node/Invites), joined from `b` (POST /v1/Node/Join). Resolves once they are connected.
+ */
+export async function trustEachOther(a, b, { token } = {}) {
+  const headers = { "content-type": "application/json", ...(token ? { authorization: `Bearer ${token}` } : {}) };
+  const inv = await fetch(`${a.url}/v1/Node/Invites`, { method: "POST", headers, body: "{}" });
+  if (inv.status !== 201) throw new Error(`invite: ${inv.status} ${await inv.text()}`);
+  const { ticket } = await inv.json();
+  const joined = await fetch(`${b.url}/v1/Node/Join`, { method: "POST", headers, body: JSON.stringify({ Ticket: ticket }) });
+  if (joined.status !== 201) throw new Error(`join: ${joined.status} ${await joined.text()}`);
+  const peerA = (await nodeStatus(a.url, token)).peer_id;
+  await waitFor("B connected to A", async () => (await nodeStatus(b.url, token)).connected_peers.includes(peerA));
+}
+
 /** Waits until `cond()` (sync or async) is truthy; fails with `what` after the deadline. */
 export async function waitFor(what, cond, deadline = DEADLINE_MS) {
   const end = Date.now() + deadline;
