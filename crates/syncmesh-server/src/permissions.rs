@@ -178,7 +178,7 @@ pub async fn fetch_permission(
         (status = 400, description = "Invalid identity or flags (20001)", body = ErrorBody),
         (status = 403, description = "This node may not manage the map (20403)", body = ErrorBody),
         (status = 404, description = "No such map (54200)", body = ErrorBody),
-        (status = 409, description = "This node is not on a network (20409)", body = ErrorBody),
+        (status = 409, description = "This node is not on a network (20306)", body = ErrorBody),
     ),
 )]
 pub async fn set_permission(
@@ -218,7 +218,7 @@ pub async fn set_permission(
         (status = 204, description = "Removed"),
         (status = 403, description = "This node may not manage the map (20403)", body = ErrorBody),
         (status = 404, description = "No such map (54200) or entry (20404)", body = ErrorBody),
-        (status = 409, description = "This node is not on a network (20409)", body = ErrorBody),
+        (status = 409, description = "This node is not on a network (20306)", body = ErrorBody),
     ),
 )]
 pub async fn delete_permission(

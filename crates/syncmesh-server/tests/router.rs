@@ -142,6 +142,11 @@ impl Api {
     async fn post(&self, uri: &str, body: Value) -> Resp {
         self.call(Method::POST, uri, Some(body)).await
     }
+
+    async fn form(&self, uri: &str, body: &str) -> Resp {
+        self.raw(Method::POST, uri, "application/x-www-form-urlencoded", body)
+            .await
+    }
 }
 
 /// Validates `v` against a schema of the OpenAPI document (the subset utoipa emits: `$ref`,
@@ -922,6 +927,10 @@ async fn openapi_document_matches_the_router() {
         "GET /v1/Services/default/Maps/{map}/Events",
         "POST /v1/Node/Invites",
         "POST /v1/Node/Join",
+        "GET /v1/Services/default/Maps/{map}/Permissions",
+        "GET /v1/Services/default/Maps/{map}/Permissions/{identity}",
+        "POST /v1/Services/default/Maps/{map}/Permissions/{identity}",
+        "DELETE /v1/Services/default/Maps/{map}/Permissions/{identity}",
         "GET /v1/Node/Peers",
         "POST /v1/Node/Peers/{peer_id}",
         "DELETE /v1/Node/Peers/{peer_id}",
@@ -934,7 +943,8 @@ async fn openapi_document_matches_the_router() {
         let concrete = path
             .replace("{map}", "nope")
             .replace("{key}", "k")
-            .replace("{peer_id}", "not-a-peer");
+            .replace("{peer_id}", "not-a-peer")
+            .replace("{identity}", "someone");
         for m in ["GET", "POST", "PATCH", "DELETE", "PUT"] {
             let r = api
                 .with_header(
@@ -1996,4 +2006,115 @@ async fn joining_an_inviter_that_is_gone_is_504() {
     node_a.close().await.unwrap();
     let r = b.post("/v1/Node/Join", json!({"Ticket": ticket})).await;
     r.err(504, 20303);
+}
+
+// ---------------------------------------------------------------- permissions
+
+#[tokio::test]
+async fn map_permissions_in_the_sync_maps_shape() {
+    let (api, node) = networked().await;
+    let me = peer_id_of(&node);
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "team"}))
+        .await
+        .ok(201);
+    let perms = format!("{P}/Maps/team/Permissions");
+    // No entries: shared with every trusted peer.
+    let r = api.get(&perms).await;
+    let list = r.ok(200);
+    check_schema(list, &schema("PermissionList"));
+    assert_eq!(list["permissions"], json!([]));
+    assert_eq!(list["meta"]["key"], "permissions");
+    // The first entry (form-encoded, as the hosted API) also makes this node a manager.
+    let r = api
+        .form(
+            &format!("{perms}/{PEER}"),
+            "Read=true&Write=false&Manage=false",
+        )
+        .await;
+    let p = r.ok(200);
+    check_schema(p, &schema("PermissionResource"));
+    assert_eq!(
+        (
+            p["identity"].as_str(),
+            p["read"].as_bool(),
+            p["write"].as_bool(),
+            p["manage"].as_bool()
+        ),
+        (Some(PEER), Some(true), Some(false), Some(false))
+    );
+    let r = api.get(&format!("{perms}/{me}")).await;
+    let mine = r.ok(200);
+    assert_eq!(mine["manage"], true, "{mine}");
+    let r = api.get(&perms).await;
+    assert_eq!(r.ok(200)["permissions"].as_array().unwrap().len(), 2);
+    // JSON works too; all three flags are required, and must be booleans.
+    api.post(
+        &format!("{perms}/{PEER}"),
+        json!({"Read": true, "Write": true, "Manage": false}),
+    )
+    .await
+    .ok(200);
+    api.post(&format!("{perms}/{PEER}"), json!({"Read": true}))
+        .await
+        .err(400, 20001);
+    api.form(
+        &format!("{perms}/{PEER}"),
+        "Read=yes&Write=true&Manage=false",
+    )
+    .await
+    .err(400, 20001);
+    api.post(
+        &format!("{perms}/not%20an%20id"),
+        json!({"Read": true, "Write": true, "Manage": true}),
+    )
+    .await
+    .err(400, 20001);
+    // Unknown entries and maps.
+    api.get(&format!("{perms}/nobody")).await.err(404, 20404);
+    api.call(Method::DELETE, &format!("{perms}/nobody"), None)
+        .await
+        .err(404, 20404);
+    api.get(&format!("{P}/Maps/nope/Permissions"))
+        .await
+        .err(404, 54200);
+    // Removing an entry; removing this node's own manager entry leaves the other, which now
+    // lacks Manage, so this node may no longer change them (403).
+    let r = api
+        .call(Method::DELETE, &format!("{perms}/{me}"), None)
+        .await;
+    assert_eq!(r.status.as_u16(), 204);
+    let r = api
+        .post(
+            &format!("{perms}/{PEER}"),
+            json!({"Read": true, "Write": true, "Manage": true}),
+        )
+        .await;
+    r.err(403, 20403);
+    assert_eq!(
+        node.map("team")
+            .await
+            .unwrap()
+            .permissions()
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    node.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn map_permissions_need_a_network() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "solo"}))
+        .await
+        .ok(201);
+    let perms = format!("{P}/Maps/solo/Permissions");
+    api.get(&perms).await.ok(200);
+    api.post(
+        &format!("{perms}/{PEER}"),
+        json!({"Read": true, "Write": true, "Manage": false}),
+    )
+    .await
+    .err(409, 20306);
 }
