@@ -450,6 +450,7 @@ function wireDialog(id) {
   d.addEventListener("close", () => {
     const back = dialogReturn.get(d);
     dialogReturn.delete(d);
+    if (focusPlaced(d)) return;
     if (back && back.isConnected && back !== document.body) back.focus();
   });
 }
@@ -1337,6 +1338,16 @@ const revalidate = debounce(() => {
 
 // ---------------------------------------------------------------- confirmations and removal
 
+/**
+ * Whether focus already sits somewhere on the page after `dialog` closed: the browser puts it
+ * back where it was when the dialog opened, before the queued `close` event runs, and the
+ * person may have moved on since. Moving it again then would pull it away from them.
+ */
+function focusPlaced(dialog) {
+  const active = document.activeElement;
+  return !!active && active !== document.body && !dialog.contains(active);
+}
+
 function confirmDialog(title, text, okLabel) {
   const dialog = $("confirm-dialog");
   $("confirm-title").textContent = title;
@@ -1349,7 +1360,7 @@ function confirmDialog(title, text, okLabel) {
       "close",
       () => {
         resolve(dialog.returnValue === "ok");
-        if (back && back.isConnected) back.focus();
+        if (!focusPlaced(dialog) && back && back.isConnected) back.focus();
       },
       { once: true },
     );
@@ -1600,6 +1611,7 @@ $("item-dialog").addEventListener("close", () => {
   const key = returnKey;
   returnFocus = null;
   returnKey = null;
+  if (focusPlaced($("item-dialog"))) return;
   // A row may have been redrawn while the form was open: return to its new self.
   const row = key !== null ? state.rows.get(key)?.tr.querySelector(".key-button") : null;
   if (back && back.isConnected && back !== document.body) back.focus();

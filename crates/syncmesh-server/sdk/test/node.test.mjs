@@ -182,8 +182,10 @@ test("events from another node arrive with isLocal false", async () => {
   const cb = client({ url: b.url });
   const ma = await ca.map("across");
   await ma.set("first", { from: "a" });
-  // Replicated before B's client subscribes: else "first" is (rightly) an event there too.
+  // In B's event feed before B's client subscribes: else "first" is (rightly) an event there
+  // too. (The item is readable on B a moment before its event is published, once stored.)
   await waitFor("B holds the first item", async () => (await fetch(`${b.url}/v1/Services/default/Maps/across/Items/first`)).ok);
+  await waitForEvent(b.url, "across", "first");
   const mb = await cb.map({ id: "across", mode: "open_existing" });
   const seen = [];
   mb.on("itemAdded", (e) => seen.push([e.item.key, e.isLocal]));
@@ -191,6 +193,31 @@ test("events from another node arrive with isLocal false", async () => {
   await waitFor("B's client sees A's write", () => seen.length >= 1);
   assert.deepEqual(seen, [["second", false]]);
 });
+
+/** Waits until map `map` on the node at `url` has an event about item `key` (its SSE feed from the start). */
+async function waitForEvent(url, map, key) {
+  const stop = new AbortController();
+  const timer = setTimeout(() => stop.abort(), 90_000);
+  try {
+    const res = await fetch(`${url}/v1/Services/default/Maps/${map}/Events?after=0`, {
+      headers: { accept: "text/event-stream" },
+      signal: stop.signal,
+    });
+    assert.equal(res.status, 200);
+    const reader = res.body.getReader();
+    const text = new TextDecoder();
+    let seen = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      assert.ok(!done, `the event stream ended before an event about ${key}`);
+      seen += text.decode(value, { stream: true });
+      if (seen.includes(`"item_key":${JSON.stringify(key)}`)) return;
+    }
+  } finally {
+    clearTimeout(timer);
+    stop.abort();
+  }
+}
 
 test("offline: writes wait in order, settle on reconnect; a full queue and shutdown reject", async () => {
   const n = await node();
