@@ -430,6 +430,9 @@ async fn trust_needs_a_network_and_valid_input() {
     // On a network, but listening nowhere: no ticket could reach it.
     let e = a.invite(InviteOptions::default()).await.unwrap_err();
     assert!(e.to_string().contains("listen"), "{e}");
+    // A node does not trust itself.
+    let e = a.trust(peer_id(&a), vec![]).await.unwrap_err();
+    assert!(matches!(e, Error::Trust(TrustError::Invalid(_))), "{e}");
     n.close().await.unwrap();
     a.close().await.unwrap();
 }

@@ -874,7 +874,13 @@ impl Runner {
             Command::Trust { peer, addrs } => {
                 self.trusted.insert(peer);
                 self.denied.remove(&peer);
-                for a in addrs {
+                // A peer found by mDNS is dialed where it was found, at once.
+                let found: Vec<Multiaddr> = self
+                    .discovered
+                    .get(&peer)
+                    .map(|d| d.addrs.clone())
+                    .unwrap_or_default();
+                for a in addrs.into_iter().chain(found) {
                     self.add_static(a, Some(peer), true);
                 }
                 if self.swarm.is_connected(&peer) {

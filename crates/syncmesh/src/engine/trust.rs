@@ -118,6 +118,16 @@ impl Engine {
                 let _ = reply.send(self.invite(&opts, now));
             }
             TrustCmd::Join(ticket, reply) => self.join(ticket, reply),
+            TrustCmd::Trust(peer, _, reply)
+                if self
+                    .net
+                    .as_ref()
+                    .is_some_and(|n| n.handle.status().peer_id == peer.to_string()) =>
+            {
+                let _ = reply.send(Err(Error::Trust(TrustError::Invalid(
+                    "that is this node's own peer id".into(),
+                ))));
+            }
             TrustCmd::Trust(peer, addrs, reply) => {
                 let addrs = addrs.iter().map(ToString::to_string).collect();
                 let mut book = self.trust.clone();
