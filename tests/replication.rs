@@ -11,7 +11,7 @@ use std::time::Duration;
 
 #[path = "support/net.rs"]
 mod support;
-use support::{raw_peer, wait_for, DEADLINE};
+use support::{fixed_local_addr, raw_peer, wait_for, DEADLINE};
 
 use serde_json::json;
 use syncmesh::{EventKind, Map, MapSpec, Multiaddr, Node, OpenMode, PageRequest, SwarmKey};
@@ -476,12 +476,7 @@ async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_peer_is_redialed_after_it_restarts_with_the_same_identity() {
     // B listens on a fixed port so A's static address stays right across B's restart.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let b_listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let b_listen = fixed_local_addr();
     let b_dir = tempfile::tempdir().unwrap();
     let open_b = || {
         Node::builder()

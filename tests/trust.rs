@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 #[path = "support/net.rs"]
 mod support;
-use support::wait_for;
+use support::{fixed_local_addr, wait_for};
 
 use serde_json::json;
 use syncmesh::trust::{InviteOptions, Ticket, TrustError, TrustSource};
@@ -247,12 +247,7 @@ async fn expired_forged_and_damaged_tickets_are_refused_and_trust_nobody() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trust_survives_restarts() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let a_listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let a_listen = fixed_local_addr();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let open_a = || {
         Node::builder()
@@ -639,12 +634,7 @@ async fn untrusting_in_a_swarm_key_mesh_denies_the_peer_and_survives_a_restart()
     let key = syncmesh::SwarmKey::parse(&syncmesh::SwarmKey::generate().unwrap()).unwrap();
     let da = tempfile::tempdir().unwrap();
     // A fixed port, so that B's address for A holds across A's restart.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let a_listen: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let a_listen = fixed_local_addr();
     let open_a = || {
         Node::builder()
             .data_dir(da.path())

@@ -25,6 +25,18 @@ where
     }
 }
 
+/// A loopback TCP address on a port that was free a moment ago: a node that restarts on it
+/// keeps the address its peers dial.
+pub fn fixed_local_addr() -> Multiaddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    format!("/ip4/127.0.0.1/tcp/{port}")
+        .parse()
+        .expect("a multiaddr")
+}
+
 /// A raw libp2p peer speaking the syncmesh protocols, to send what a real node never would.
 pub async fn raw_peer(
     to: &Multiaddr,
