@@ -1440,7 +1440,8 @@ impl MapReplica {
         let hashes: Vec<ChangeHash> = fresh.iter().map(Change::hash).collect();
         self.apply_decoded(doc, fresh, now)?;
         self.received.extend(bytes.into_iter().map(|b| (doc, b)));
-        if fate != Fate::Waiting {
+        // Only a document with changes waiting for dependencies can have queued some of these.
+        if fate != Fate::Waiting && self.missing_deps(doc)? {
             if self.queued_hashes.len() > 100_000 {
                 // Bounded: at worst a queued change sent again is stored once more.
                 self.queued_hashes.clear();
