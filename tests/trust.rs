@@ -425,6 +425,11 @@ async fn trust_needs_a_network_and_valid_input() {
     // On a network, but listening nowhere: no ticket could reach it.
     let e = a.invite(InviteOptions::default()).await.unwrap_err();
     assert!(e.to_string().contains("listen"), "{e}");
+    // An invitation made right after opening waits for the listen address to be known.
+    let fresh = builder().open().await.unwrap();
+    let inv = fresh.invite(InviteOptions::default()).await.unwrap();
+    assert!(!Ticket::parse(&inv.ticket).unwrap().addrs.is_empty());
+    fresh.close().await.unwrap();
     // A node does not trust itself.
     let e = a.trust(peer_id(&a), vec![]).await.unwrap_err();
     assert!(matches!(e, Error::Trust(TrustError::Invalid(_))), "{e}");

@@ -204,7 +204,8 @@ impl NodeBuilder {
         } else {
             None
         };
-        Node::start(store, self.data_dir, net, self.hold_all, book)
+        let listens = !self.listen.is_empty();
+        Node::start(store, self.data_dir, net, self.hold_all, book, listens)
     }
 }
 
@@ -248,6 +249,8 @@ struct Inner {
     data_dir: Option<PathBuf>,
     engine: Mutex<Option<std::thread::JoinHandle<()>>>,
     net: Option<NetHandle>,
+    /// Whether listen addresses were configured (they appear a moment after opening).
+    listens: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -281,6 +284,7 @@ impl Node {
         net: Option<(NetHandle, mpsc::Receiver<syncmesh_net::NetEvent>)>,
         hold_all: bool,
         book: crate::trust::TrustBook,
+        listens: bool,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
@@ -329,6 +333,7 @@ impl Node {
                 data_dir,
                 engine: Mutex::new(Some(thread)),
                 net: handle,
+                listens,
             }),
         })
     }
@@ -359,6 +364,16 @@ impl Node {
     /// by this one (and to trust it), with the scope `opts` gives. The node must listen on an
     /// address the invitee can reach.
     pub async fn invite(&self, opts: InviteOptions) -> Result<Invite> {
+        // Listeners report their addresses a moment after the node opens: an invitation made
+        // right away waits for them (a ticket without addresses would be useless).
+        if self.inner.listens {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while self.network().is_some_and(|n| n.listen_addrs.is_empty())
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
         self.call(|reply| Cmd::Trust(TrustCmd::Invite(opts, reply)))
             .await
     }
