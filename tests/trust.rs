@@ -746,3 +746,69 @@ async fn idle_strangers_do_not_lock_invitees_out() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_created_with_permissions_never_reaches_unlisted_peers() {
+    // A and C trust each other; C holds every map it hears of.
+    let a = builder().open().await.unwrap();
+    let a_addr = addr(&a).await;
+    let c = builder()
+        .peer(a_addr)
+        .hold_all_maps(true)
+        .open()
+        .await
+        .unwrap();
+    a.trust(peer_id(&c), vec![]).await.unwrap();
+    c.trust(peer_id(&a), vec![]).await.unwrap();
+    wait_for("A and C connected", || {
+        let n = a.network().unwrap().connected.len();
+        async move { n == 1 }
+    })
+    .await;
+    let b = builder().open().await.unwrap();
+    let secret = a
+        .map(syncmesh::MapSpec::named("secret").permissions([perm(&b, true, true)]))
+        .await
+        .unwrap();
+    secret.set("k", json!({})).await.unwrap();
+    let entries = secret.permissions().await.unwrap();
+    assert_eq!(entries.len(), 2, "B, and A as its manager: {entries:?}");
+    // A later open map reaches C: by then "secret" would have too, had it been announced.
+    a.map("open")
+        .await
+        .unwrap()
+        .set("m", json!({}))
+        .await
+        .unwrap();
+    wait_for("C holds the open map", || {
+        let c = c.clone();
+        async move {
+            c.maps()
+                .await
+                .unwrap()
+                .iter()
+                .any(|m| m.unique_name.as_deref() == Some("open"))
+        }
+    })
+    .await;
+    let names: Vec<Option<String>> = c
+        .maps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.unique_name)
+        .collect();
+    assert!(!names.contains(&Some("secret".into())), "{names:?}");
+    // Without a network there is nobody to name.
+    let solo = Node::in_memory().await.unwrap();
+    let e = solo
+        .map(syncmesh::MapSpec::named("x").permissions([perm(&b, true, false)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::NoNetwork), "{e}");
+    assert!(solo.maps().await.unwrap().is_empty(), "nothing was created");
+    drop(secret);
+    for n in [a, b, c, solo] {
+        n.close().await.unwrap();
+    }
+}

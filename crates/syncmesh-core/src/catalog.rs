@@ -30,6 +30,9 @@ pub struct MapSpec {
     pub mode: OpenMode,
     /// TTL, applied only when the map is created.
     pub ttl: Option<Ttl>,
+    /// Permission entries, set only when the map is created and before any peer hears of it
+    /// (so a map meant for some peers never reaches the others, not even by name).
+    pub permissions: Vec<crate::policy::Permission>,
 }
 
 impl MapSpec {
@@ -50,6 +53,13 @@ impl MapSpec {
     /// With this TTL (used only if the map is created).
     pub fn ttl(mut self, ttl: Ttl) -> Self {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// With these permission entries (used only if the map is created; see
+    /// [`crate::policy`]).
+    pub fn permissions(mut self, p: impl IntoIterator<Item = crate::policy::Permission>) -> Self {
+        self.permissions = p.into_iter().collect();
         self
     }
 }

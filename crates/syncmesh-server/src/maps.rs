@@ -44,6 +44,7 @@ pub async fn create_map(
         id: p.unique_name,
         mode: OpenMode::CreateNew,
         ttl,
+        ..MapSpec::default()
     };
     let map = st.node().map(spec).await?;
     let r = MapResource::new(&map.info().await?, &urls);

@@ -636,8 +636,41 @@ impl Engine {
             let sid = MapRef::parse(id)?.sid();
             self.ensure_loaded(&sid)?;
         }
+        // Permissions given for a new map are checked first: they must all apply before any
+        // peer hears of it.
+        let me = if spec.permissions.is_empty() {
+            String::new()
+        } else {
+            if spec.permissions.len() >= syncmesh_core::policy::MAX_ENTRIES {
+                return Err(syncmesh_core::Error::InvalidPermission(format!(
+                    "a map has at most {} permission entries",
+                    syncmesh_core::policy::MAX_ENTRIES
+                ))
+                .into());
+            }
+            if let Some(bad) = spec
+                .permissions
+                .iter()
+                .find(|p| !syncmesh_core::policy::valid_identity(&p.identity))
+            {
+                return Err(syncmesh_core::Error::InvalidPermission(format!(
+                    "identity {:?} is not a peer id",
+                    bad.identity
+                ))
+                .into());
+            }
+            self.net
+                .as_ref()
+                .map(|n| n.handle.status().peer_id)
+                .ok_or(Error::NoNetwork)?
+        };
         let stopped = self.write_stop();
         let (m, created) = self.catalog.open(spec, random16(), now)?;
+        if created {
+            for p in &spec.permissions {
+                m.set_permission(p, &me, now)?;
+            }
+        }
         let info = m.info(now)?;
         if created {
             if let Some(e) = stopped {
