@@ -51,6 +51,7 @@ async fn a_hostile_sync_message_does_not_stop_the_node() {
         version: automerge::sync::MessageVersion::V1,
     };
     let bytes = Wire::Sync {
+        sigs: Vec::new(),
         sid: MapSid::for_name("users"),
         msgs: vec![(DocAddr::Meta, Bytes(msg.encode()))],
     }
@@ -103,7 +104,7 @@ async fn close_returns_under_gossip_load() {
             .into_iter()
             .map(|c| (c.doc, c.bytes))
             .collect();
-        let (m, _) = Replicator::gossip(&sid, changes);
+        let (m, _) = Replicator::gossip(&sid, changes, &Default::default());
         msgs.extend(m);
     }
     let (h, _rx, a_peer) = raw_peer(&a_addr).await;

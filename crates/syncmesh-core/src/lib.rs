@@ -34,6 +34,7 @@
 
 #![warn(missing_docs)]
 
+pub mod authorship;
 mod catalog;
 mod error;
 mod event;
@@ -46,6 +47,9 @@ pub mod paging;
 pub mod policy;
 pub mod replication;
 
+pub use authorship::{Signature, Signer};
+/// A change's hash (Automerge's).
+pub use automerge::ChangeHash;
 pub use catalog::{Catalog, MapRef, MapSpec, OpenMode};
 pub use error::{Error, Result};
 pub use event::{Event, EventKind, EventView, Item, MapInfo};

@@ -8,7 +8,7 @@
 //! flushed, so local writes are ordered exactly as Automerge would have ordered them had they
 //! been committed one by one.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use automerge::legacy::{Key, ObjectId};
 use automerge::sync::{self, SyncDoc};
@@ -20,6 +20,7 @@ use automerge::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
+use crate::authorship::{Signature, Signer};
 use crate::error::{Error, Result};
 use crate::event::{Event, EventKind, Item, MapInfo};
 use crate::ids::{hash64, MapSid, NodeId, Revision, Timestamp};
@@ -54,21 +55,42 @@ pub struct OutgoingChange {
     pub bytes: Vec<u8>,
 }
 
-/// Who is writing: the node (shown as `created_by`) and the Automerge actor it writes as.
+/// Who is writing: the node (shown as `created_by`), the Automerge actor it writes as, and the
+/// key it signs its changes with, if it has one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     /// The node's id.
     pub node: NodeId,
     /// The Automerge actor id; unique per node *and* per copy of its data (see ARCHITECTURE).
     pub actor: Vec<u8>,
+    /// Signs the changes this node makes to maps with permission entries.
+    pub signer: Option<Signer>,
 }
 
 impl Identity {
-    /// An identity whose actor is the node id followed by `session` bytes.
+    /// An identity without a key, whose actor is the node id followed by `session` bytes.
     pub fn new(node: NodeId, session: &[u8]) -> Self {
         let mut actor = node.0.to_vec();
         actor.extend_from_slice(session);
-        Identity { node, actor }
+        Identity {
+            node,
+            actor,
+            signer: None,
+        }
+    }
+
+    /// An identity that signs with `signer`: its actor is bound to the signer's peer id
+    /// ([`crate::authorship::actor_prefix`]) followed by `session` bytes.
+    pub fn signed(node: NodeId, signer: Signer, session: &[u8]) -> Self {
+        let mut actor = crate::authorship::actor_prefix(signer.peer_id())
+            .map(|p| p.to_vec())
+            .unwrap_or_else(|| node.0.to_vec());
+        actor.extend_from_slice(session);
+        Identity {
+            node,
+            actor,
+            signer: Some(signer),
+        }
     }
 }
 
@@ -440,6 +462,8 @@ struct MapState {
     revision: Revision,
     /// The map's permissions (kept across incarnations: re-creating a map does not open it).
     policy: crate::policy::Policy,
+    /// Endorsed shard heads (see [`MapReplica::endorsed`]).
+    endorsed: HashSet<ChangeHash>,
 }
 
 impl MapState {
@@ -497,6 +521,13 @@ pub struct MapReplica {
     dirty_keys: BTreeSet<String>,
     view_reset: bool,
     dropped_changes: u64,
+    /// Signatures of changes of this map, by change hash (this node's and verified ones).
+    sigs: HashMap<ChangeHash, Signature>,
+    /// Signatures added since the last [`MapReplica::take_signatures`], for storage.
+    new_sigs: Vec<(ChangeHash, Signature)>,
+    /// Changes that changes taken from peers depend on and that have not arrived: taken
+    /// whoever wrote them ([`crate::replication::authorize`]).
+    wanted: HashSet<(DocAddr, ChangeHash)>,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -545,6 +576,9 @@ impl MapReplica {
             dirty_keys: BTreeSet::new(),
             view_reset: false,
             dropped_changes: 0,
+            sigs: HashMap::new(),
+            new_sigs: Vec::new(),
+            wanted: HashSet::new(),
         }
     }
 
@@ -628,6 +662,13 @@ impl MapReplica {
 
     fn after_meta_commit(&mut self, now: Timestamp) {
         if let Some(ch) = self.meta_doc.get_last_local_change() {
+            // Every map-document change is signed: one may be what restricts the map, or opens
+            // it again, and its author's rights decide whether peers take it.
+            let hash = ch.hash();
+            if let Some(sig) = self.id.signer.as_ref().and_then(|k| k.sign(&hash)) {
+                self.sigs.insert(hash, sig.clone());
+                self.new_sigs.push((hash, sig));
+            }
             self.outbox.push(OutgoingChange {
                 map: self.sid.clone(),
                 doc: DocAddr::Meta,
@@ -736,6 +777,52 @@ impl MapReplica {
         &self.state.policy
     }
 
+    /// Shard heads whose history peers take whoever wrote it: what the map held when it got
+    /// its first permission entry.
+    pub fn endorsed(&self) -> &HashSet<ChangeHash> {
+        &self.state.endorsed
+    }
+
+    /// The signature of a change of this map, if this replica has it.
+    pub fn signature(&self, hash: &ChangeHash) -> Option<&Signature> {
+        self.sigs.get(hash)
+    }
+
+    /// Keeps verified signatures of changes merged from peers (so they can be passed on).
+    pub fn keep_signatures(&mut self, sigs: impl IntoIterator<Item = (ChangeHash, Signature)>) {
+        for (h, s) in sigs {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.sigs.entry(h) {
+                e.insert(s.clone());
+                self.new_sigs.push((h, s));
+            }
+        }
+    }
+
+    /// Signatures restored from storage (not stored again).
+    pub fn restore_signatures(&mut self, sigs: impl IntoIterator<Item = (ChangeHash, Signature)>) {
+        self.sigs.extend(sigs);
+    }
+
+    /// Whether a change taken earlier depends on this missing change.
+    pub fn wants(&self, doc: DocAddr, hash: &ChangeHash) -> bool {
+        self.wanted.contains(&(doc, *hash))
+    }
+
+    /// Notes that a change taken depends on this missing one.
+    pub fn want(&mut self, doc: DocAddr, hash: ChangeHash) {
+        if self.wanted.len() >= 100_000 {
+            // Bounded: at worst such a change is refused once and fetched again with the
+            // change that depends on it.
+            self.wanted.clear();
+        }
+        self.wanted.insert((doc, hash));
+    }
+
+    /// Signatures made or kept since the last call, for storage.
+    pub fn take_signatures(&mut self) -> Vec<(ChangeHash, Signature)> {
+        std::mem::take(&mut self.new_sigs)
+    }
+
     /// Sets one identity's permissions. `me` is this node's identity: on a map with entries it
     /// must have `Manage`; the first entry of an open map also lists `me` as a manager (else
     /// this node's own writes would be refused by everyone it shares the map with).
@@ -769,7 +856,24 @@ impl MapReplica {
         }
         let add_me = policy.is_open() && p.identity != me && crate::policy::valid_identity(me);
         let flags = p.flags();
+        // The map's history so far was written while everyone could write: the change that
+        // restricts it endorses it, shard by shard (map-document history is endorsed by being
+        // this change's ancestors), so peers take those changes whoever made them.
+        let mut endorse = Vec::new();
+        if policy.is_open() {
+            self.flush(now)?;
+            for (index, sh) in self.shards.iter_mut() {
+                let heads = sh.heads()?;
+                if !heads.is_empty() {
+                    let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
+                    endorse.push((format!("g{index}"), bytes));
+                }
+            }
+        }
         self.commit_meta(now, |tx| {
+            for (slot, heads) in endorse {
+                tx.put(ROOT, slot, heads).map_err(tx_err)?;
+            }
             tx.put(
                 ROOT,
                 format!("{}{}", crate::policy::PREFIX, p.identity),
@@ -1327,7 +1431,14 @@ impl MapReplica {
                 break;
             }
             let (hash, _) = tx.commit_with(commit_opts(now));
-            if hash.is_some() {
+            if let Some(hash) = hash {
+                // Item changes are signed only where authors matter: maps with entries.
+                if !self.state.policy.is_open() {
+                    if let Some(sig) = self.id.signer.as_ref().and_then(|k| k.sign(&hash)) {
+                        self.sigs.insert(hash, sig.clone());
+                        self.new_sigs.push((hash, sig));
+                    }
+                }
                 if let Some(ch) = doc.get_last_local_change() {
                     self.outbox.push(OutgoingChange {
                         map: self.sid.clone(),
@@ -2266,7 +2377,7 @@ fn is_meta_key(k: &str) -> bool {
         return true;
     }
     let mut chars = k.chars();
-    let tag_ok = matches!(chars.next(), Some('c' | 'b' | 'e' | 'r' | 'u'));
+    let tag_ok = matches!(chars.next(), Some('c' | 'b' | 'e' | 'r' | 'u' | 'g'));
     let digits = chars.as_str();
     tag_ok
         && !digits.is_empty()
@@ -2355,6 +2466,27 @@ impl DecodedSync {
             msg,
             changes: Vec::new(),
             checked: Checked::default(),
+        }
+    }
+
+    /// The message with only the changes in `keep`, and without the heads of the others
+    /// (see [`Self::without_changes`]). `known` tells the changes this node has.
+    pub fn retain_changes(
+        self,
+        keep: &HashSet<ChangeHash>,
+        mut known: impl FnMut(&ChangeHash) -> bool,
+    ) -> DecodedSync {
+        let mut msg = self.msg;
+        msg.heads.retain(|h| keep.contains(h) || known(h));
+        let changes = self
+            .changes
+            .into_iter()
+            .filter(|c| keep.contains(&c.hash()))
+            .collect();
+        DecodedSync {
+            msg,
+            changes,
+            checked: self.checked,
         }
     }
 }
@@ -2463,6 +2595,7 @@ fn read_map_state(doc: &Automerge) -> MapState {
     heads.sort();
     let revision = Revision::from_hash(hash64(heads.iter().map(|h| h.0.as_slice())));
     let policy = read_policy(doc);
+    let endorsed = read_endorsed(doc);
     MapState {
         name,
         inc,
@@ -2473,7 +2606,28 @@ fn read_map_state(doc: &Automerge) -> MapState {
         updated,
         revision,
         policy,
+        endorsed,
     }
+}
+
+/// The shard heads endorsed when the map got its first permission entry (`g<shard>` slots).
+fn read_endorsed(doc: &Automerge) -> HashSet<ChangeHash> {
+    let mut out = HashSet::new();
+    for k in doc.keys(ROOT) {
+        if !k.starts_with('g') {
+            continue;
+        }
+        if let Some((Value::Scalar(s), _)) = doc.get(ROOT, k.as_str()).ok().flatten() {
+            if let ScalarValue::Bytes(b) = s.as_ref() {
+                for h in b.chunks_exact(32) {
+                    if let Ok(h) = ChangeHash::try_from(h) {
+                        out.insert(h);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 fn read_policy(doc: &Automerge) -> crate::policy::Policy {
@@ -2505,7 +2659,7 @@ pub fn needs_manage(change: &Change) -> bool {
             && match &op.key {
                 Key::Map(k) => {
                     k.starts_with(crate::policy::PREFIX)
-                        || (k.starts_with('r')
+                        || ((k.starts_with('r') || k.starts_with('g'))
                             && k.len() > 1
                             && k[1..].bytes().all(|b| b.is_ascii_digit()))
                 }

@@ -35,6 +35,7 @@ use automerge::sync;
 use automerge::{Change, ChangeHash};
 use serde::{Deserialize, Serialize};
 
+use crate::authorship::Signature;
 use crate::ids::{MapSid, Timestamp};
 use crate::map::{check_changes, decode_sync, Checked, DocAddr, MapReplica};
 use crate::policy::Policy;
@@ -76,6 +77,8 @@ pub enum Wire {
         sid: MapSid,
         /// `(document, encoded sync message)` pairs.
         msgs: Vec<(DocAddr, Bytes)>,
+        /// Signatures of changes in the messages ([`crate::authorship`]).
+        sigs: Sigs,
     },
     /// New changes of one map (gossip).
     Changes {
@@ -83,7 +86,19 @@ pub enum Wire {
         sid: MapSid,
         /// `(document, encoded changes)` pairs.
         docs: Vec<(DocAddr, Vec<Bytes>)>,
+        /// Signatures of changes in the message ([`crate::authorship`]).
+        sigs: Sigs,
     },
+}
+
+/// `(change hash, signature)` pairs carried with changes.
+pub type Sigs = Vec<(Bytes, Signature)>;
+
+/// The signatures of a message by change hash; `None` if one is malformed.
+fn sig_map(sigs: Sigs) -> Option<HashMap<ChangeHash, Signature>> {
+    sigs.into_iter()
+        .map(|(h, s)| Some((ChangeHash::try_from(h.0.as_slice()).ok()?, s)))
+        .collect()
 }
 
 /// Bytes that encode compactly (serde's default would go element by element).
@@ -144,6 +159,9 @@ pub struct GossipOutcome {
     pub relay: bool,
     /// Whether some change in it was new to this node.
     pub novel: bool,
+    /// The message to relay instead of the one received, when some of its changes were
+    /// refused (they are not passed on).
+    pub rewritten: Option<Vec<u8>>,
 }
 
 /// A direct message to send to one peer.
@@ -562,29 +580,45 @@ impl Replicator {
     }
 
     /// Encodes local changes of one map as gossip messages (each at most
-    /// [`MAX_GOSSIP_MESSAGE`]). Returns the messages, and whether some change was too large
-    /// for gossip (then call [`Self::nudge`]).
-    pub fn gossip(sid: &MapSid, changes: Vec<(DocAddr, Vec<u8>)>) -> (Vec<Vec<u8>>, bool) {
+    /// [`MAX_GOSSIP_MESSAGE`]), each change with its signature if `sigs` has it. Returns the
+    /// messages, and whether some change was too large for gossip (then call [`Self::nudge`]).
+    pub fn gossip(
+        sid: &MapSid,
+        changes: Vec<(DocAddr, Vec<u8>)>,
+        sigs: &HashMap<ChangeHash, Signature>,
+    ) -> (Vec<Vec<u8>>, bool) {
         let mut out = Vec::new();
         let mut too_large = false;
         let mut docs: Vec<(DocAddr, Vec<Bytes>)> = Vec::new();
+        let mut msg_sigs: Sigs = Vec::new();
         let mut size = 64;
         for (doc, bytes) in changes {
-            if bytes.len() + 64 > MAX_GOSSIP_MESSAGE {
+            // A signature is about 200 bytes encoded.
+            let sig = if sigs.is_empty() {
+                None
+            } else {
+                Change::from_bytes(bytes.clone())
+                    .ok()
+                    .and_then(|c| Some((Bytes(c.hash().0.to_vec()), sigs.get(&c.hash())?.clone())))
+            };
+            let need = bytes.len() + 16 + if sig.is_some() { 256 } else { 0 };
+            if need + 64 > MAX_GOSSIP_MESSAGE {
                 too_large = true;
                 continue;
             }
-            if size + bytes.len() + 16 > MAX_GOSSIP_MESSAGE {
+            if size + need > MAX_GOSSIP_MESSAGE {
                 out.push(
                     Wire::Changes {
                         sid: sid.clone(),
                         docs: std::mem::take(&mut docs),
+                        sigs: std::mem::take(&mut msg_sigs),
                     }
                     .encode(),
                 );
                 size = 64;
             }
-            size += bytes.len() + 16;
+            size += need;
+            msg_sigs.extend(sig);
             match docs.last_mut() {
                 Some((d, list)) if *d == doc => list.push(Bytes(bytes)),
                 _ => docs.push((doc, vec![Bytes(bytes)])),
@@ -595,6 +629,7 @@ impl Replicator {
                 Wire::Changes {
                     sid: sid.clone(),
                     docs,
+                    sigs: msg_sigs,
                 }
                 .encode(),
             );
@@ -662,13 +697,14 @@ impl Replicator {
                 }
                 Ok(rep.on_docs(peer, sid, docs, host, now))
             }
-            Wire::Sync { sid, msgs } => rep.on_sync(peer, sid, msgs, host, now),
-            Wire::Changes { sid, docs } => {
-                let g = rep.on_changes(peer, sid.clone(), docs, host, now)?;
+            Wire::Sync { sid, msgs, sigs } => rep.on_sync(peer, sid, msgs, sigs, host, now),
+            Wire::Changes { sid, docs, sigs } => {
+                let g = rep.on_changes(peer, sid.clone(), docs, sigs, host, now)?;
                 let mut out = g.out;
                 if g.relay && g.novel {
                     // New here: pass the message on to the other peers holding the map.
-                    out.extend(rep.push(&sid, &[bytes.to_vec()], Some(peer), host));
+                    let msg = g.rewritten.unwrap_or_else(|| bytes.to_vec());
+                    out.extend(rep.push(&sid, &[msg], Some(peer), host));
                 }
                 Ok(out)
             }
@@ -684,9 +720,9 @@ impl Replicator {
         now: Timestamp,
     ) -> Result<GossipOutcome, Violation> {
         match Wire::decode(bytes, MAX_GOSSIP_MESSAGE)? {
-            Wire::Changes { sid, docs } => {
+            Wire::Changes { sid, docs, sigs } => {
                 let sids = vec![sid.clone()];
-                self.guard(sids, |rep| rep.on_changes(peer, sid, docs, host, now))
+                self.guard(sids, |rep| rep.on_changes(peer, sid, docs, sigs, host, now))
             }
             _ => Err(Violation("only changes travel by gossip".into())),
         }
@@ -819,15 +855,19 @@ impl Replicator {
         peer: &str,
         sid: MapSid,
         msgs: Vec<(DocAddr, Bytes)>,
+        sigs: Sigs,
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Result<Vec<Outgoing>, Violation> {
         if !self.reads(peer, &sid, host) {
             return Ok(Vec::new());
         }
-        let policy = host.policy(&sid).unwrap_or_default();
-        let may_write =
-            self.peers.get(peer).is_some_and(|p| p.grant.writes(&sid)) && policy.writes(peer);
+        let sigs = sig_map(sigs).ok_or_else(|| Violation("malformed signature list".into()))?;
+        // This node's own decision about the sender; authors' rights are checked per change.
+        let may_write = self.peers.get(peer).is_some_and(|p| p.grant.writes(&sid));
+        // A peer that may not write keeps changes of its own this node refuses: it never agrees
+        // on heads with this node (see the replies below).
+        let writer = may_write && host.policy(&sid).is_none_or(|pol| pol.writes(peer));
         let m = match host.get(&sid) {
             Some(m) => m,
             None if self.hold_all => match host.adopt(&sid) {
@@ -844,26 +884,36 @@ impl Replicator {
         let meta_before = meta_digest(&before);
         // Check every message before applying any: a malformed one is the sender's fault.
         let mut decoded = Vec::with_capacity(msgs.len());
-        let mut refused = Vec::new();
         for (doc, bytes) in msgs {
-            let mut d =
+            let d =
                 decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
-            let allowed = may_write
-                && (doc != DocAddr::Meta
-                    || policy.manages(peer)
-                    || !d.changes().iter().any(crate::map::needs_manage));
-            if !allowed && d.change_count() > 0 {
-                // A read-only peer (or one changing what only managers may): its changes stay
-                // with it.
-                refused.extend(d.changes().iter().map(Change::hash));
-                d = d.without_changes(|h| m.has_change(doc, h));
-            }
             decoded.push((doc, d));
         }
+        let mut refused = Vec::new();
         let mut replies = Vec::new();
-        for (doc, msg) in decoded {
+        for (doc, mut msg) in decoded {
             if !m.syncs(doc) {
                 continue; // another incarnation: no session is kept for it
+            }
+            if msg.change_count() > 0 {
+                if !may_write {
+                    // A read-only peer: its changes stay with it.
+                    refused.extend(msg.changes().iter().map(Change::hash));
+                    msg = msg.without_changes(|h| m.has_change(doc, h));
+                } else {
+                    // Read here, after the documents before it (the map document first).
+                    let ok = authorize(m, doc, msg.changes(), &sigs);
+                    if ok.len() < msg.change_count() {
+                        refused.extend(
+                            msg.changes()
+                                .iter()
+                                .map(Change::hash)
+                                .filter(|h| !ok.contains(h)),
+                        );
+                        msg = msg.retain_changes(&ok, |h| m.has_change(doc, h));
+                    }
+                    keep_sigs(m, msg.changes(), &sigs);
+                }
             }
             let state = p.sessions.entry((sid.clone(), doc)).or_default();
             if let Err(e) = m.sync_apply(doc, state, msg, now) {
@@ -877,7 +927,7 @@ impl Replicator {
                     // A peer whose changes this node refuses never agrees on heads with it, so
                     // Automerge's exchange would not end: to such a peer a reply goes only when
                     // it offers changes not offered before (it has nothing to ask of it).
-                    if (may_write && refused.is_empty())
+                    if (writer && refused.is_empty())
                         || offers_something_new(&mut p.offered, &sid, &reply)
                     {
                         replies.push((doc, Bytes(reply)));
@@ -887,9 +937,9 @@ impl Replicator {
                 Err(e) => tracing::warn!(map = %sid, "sync message for {doc:?} failed: {e}"),
             }
         }
+        let mut out = batch_sync(peer, &sid, replies, m);
         host.touched(&sid);
         self.refuse(peer, &sid, refused);
-        let mut out = batch_sync(peer, &sid, replies);
         // The map document moved (a new incarnation, or the map just arrived): shards are
         // comparable now. Tell the peer our documents and sync the ones that differ.
         let Some(m) = host.get(&sid) else {
@@ -923,38 +973,37 @@ impl Replicator {
         peer: &str,
         sid: MapSid,
         docs: Vec<(DocAddr, Vec<Bytes>)>,
+        sigs: Sigs,
         host: &mut dyn MapHost,
         now: Timestamp,
     ) -> Result<GossipOutcome, Violation> {
+        let nothing = GossipOutcome {
+            out: Vec::new(),
+            relay: false,
+            novel: false,
+            rewritten: None,
+        };
         let grant = self
             .peers
             .get(peer)
             .map(|p| p.grant.clone())
             .unwrap_or_default();
-        let policy = host.policy(&sid).unwrap_or_default();
         if !grant.reads(&sid) {
             // Not a map this peer is given: nothing it says about it is taken.
-            return Ok(GossipOutcome {
-                out: Vec::new(),
-                relay: false,
-                novel: false,
-            });
+            return Ok(nothing);
         }
-        if !grant.writes(&sid) || !policy.writes(peer) {
+        if !grant.writes(&sid) {
+            // This node does not take changes from this peer (a read-only invitation).
             let hashes: Vec<ChangeHash> = docs
                 .iter()
                 .flat_map(|(_, l)| l.iter())
                 .filter_map(|b| Change::from_bytes(b.0.clone()).ok().map(|c| c.hash()))
                 .collect();
             self.refuse(peer, &sid, hashes);
-            return Ok(GossipOutcome {
-                out: Vec::new(),
-                relay: false,
-                novel: false,
-            });
+            return Ok(nothing);
         }
+        let sigs = sig_map(sigs).ok_or_else(|| Violation("malformed signature list".into()))?;
         // Check everything before applying anything.
-        let mut refused_meta = Vec::new();
         let mut decoded: Vec<(DocAddr, Vec<Change>, Checked)> = Vec::with_capacity(docs.len());
         for (doc, list) in docs {
             let mut cs = Vec::with_capacity(list.len());
@@ -965,29 +1014,38 @@ impl Replicator {
             }
             let checked =
                 check_changes(doc, &cs).map_err(|e| Violation(format!("map {sid}: {e}")))?;
-            if doc == DocAddr::Meta
-                && !policy.manages(peer)
-                && cs.iter().any(crate::map::needs_manage)
-            {
-                // Permissions or removal from a peer that may not manage the map.
-                refused_meta.extend(cs.iter().map(Change::hash));
-                continue;
-            }
             decoded.push((doc, cs, checked));
         }
-        self.refuse(peer, &sid, refused_meta);
         let Some(m) = host.get(&sid) else {
             // Not a map this node holds: valid, but nothing to do here.
             return Ok(GossipOutcome {
-                out: Vec::new(),
                 relay: true,
-                novel: false,
+                ..nothing
             });
         };
         let received_before = m.received_len();
         let mut relay = true;
         let mut lagging = Vec::new();
+        let mut refused = Vec::new();
+        let mut kept: Vec<(DocAddr, Vec<Bytes>)> = Vec::new();
         for (doc, cs, checked) in decoded {
+            // Authors' rights are read per document: a map-document change applied just
+            // before may have changed them.
+            let ok = authorize(m, doc, &cs, &sigs);
+            let n = cs.len();
+            let cs: Vec<Change> = if ok.len() == n {
+                cs
+            } else {
+                let (ok_cs, bad): (Vec<Change>, Vec<Change>) =
+                    cs.into_iter().partition(|c| ok.contains(&c.hash()));
+                refused.extend(bad.iter().map(Change::hash));
+                ok_cs
+            };
+            if cs.is_empty() {
+                continue;
+            }
+            kept.push((doc, cs.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect()));
+            keep_sigs(m, &cs, &sigs);
             if let Err(e) = m.apply_checked(doc, cs, checked, now) {
                 // Refused against this replica's state: not relayed, nobody blamed.
                 tracing::warn!(map = %sid, "gossip for {doc:?} was not applied: {e}");
@@ -1000,11 +1058,32 @@ impl Replicator {
         }
         let novel = m.received_len() > received_before;
         host.touched(&sid);
+        // What was refused is not passed on: the rest goes on as a message of its own.
+        let rewritten = (!refused.is_empty() && !kept.is_empty()).then(|| {
+            let hashes: BTreeSet<ChangeHash> = kept
+                .iter()
+                .flat_map(|(_, l)| l.iter())
+                .filter_map(|b| Change::from_bytes(b.0.clone()).ok().map(|c| c.hash()))
+                .collect();
+            Wire::Changes {
+                sid: sid.clone(),
+                docs: kept,
+                sigs: sigs
+                    .iter()
+                    .filter(|(h, _)| hashes.contains(h))
+                    .map(|(h, s)| (Bytes(h.0.to_vec()), s.clone()))
+                    .collect(),
+            }
+            .encode()
+        });
+        let relay = relay && (refused.is_empty() || rewritten.is_some());
+        self.refuse(peer, &sid, refused);
         if lagging.is_empty() {
             return Ok(GossipOutcome {
                 out: Vec::new(),
                 relay,
                 novel,
+                rewritten,
             });
         }
         // A change was missed: sync those documents with the sender.
@@ -1013,6 +1092,7 @@ impl Replicator {
                 out: Vec::new(),
                 relay,
                 novel,
+                rewritten,
             });
         };
         let p = self.peers.entry(peer.to_string()).or_default();
@@ -1025,11 +1105,119 @@ impl Replicator {
             }
         }
         Ok(GossipOutcome {
-            out: batch_sync(peer, &sid, msgs),
+            out: batch_sync(peer, &sid, msgs, m),
             relay,
             novel,
+            rewritten,
         })
     }
+}
+
+/// Which of `changes` (of document `doc` of map `m`) this node takes, by their authors' rights.
+///
+/// A map without permission entries takes every change (its shell already decided the sender
+/// may write). Otherwise a change is taken when
+/// - it is signed by its author ([`Signature::signs`]) and the map's permissions let the author
+///   write (and manage, for a change of permissions or a removal), or
+/// - it is in the history the map had when it got its first entry ([`MapReplica::endorsed`]),
+///   or a change taken earlier depends on it ([`MapReplica::wants`]), or
+/// - a change taken here depends on it (its author's change builds on it, which endorses it).
+///
+/// So a change by a peer without `Write`, or in a writer's name but not signed by it, is
+/// refused by every node, whoever passes it on.
+pub fn authorize(
+    m: &mut MapReplica,
+    doc: DocAddr,
+    changes: &[Change],
+    sigs: &HashMap<ChangeHash, Signature>,
+) -> std::collections::HashSet<ChangeHash> {
+    let policy = m.policy().clone();
+    if policy.is_open() {
+        return changes.iter().map(Change::hash).collect();
+    }
+    let by_hash: HashMap<ChangeHash, &Change> = changes.iter().map(|c| (c.hash(), c)).collect();
+    let mut ok = std::collections::HashSet::new();
+    let mut stack: Vec<ChangeHash> = Vec::new();
+    for c in changes {
+        let h = c.hash();
+        let root = m.endorsed().contains(&h)
+            || m.wants(doc, &h)
+            || sigs.get(&h).is_some_and(|s| {
+                policy.writes(&s.author)
+                    && (doc != DocAddr::Meta
+                        || policy.manages(&s.author)
+                        || !crate::map::needs_manage(c))
+                    && s.signs(c)
+            });
+        if root && ok.insert(h) {
+            stack.push(h);
+        }
+    }
+    while let Some(h) = stack.pop() {
+        let Some(c) = by_hash.get(&h) else { continue };
+        for d in c.deps() {
+            if by_hash.contains_key(d) && ok.insert(*d) {
+                stack.push(*d);
+            }
+        }
+    }
+    // What the taken changes depend on and is missing here is taken when it comes.
+    for h in &ok {
+        if let Some(c) = by_hash.get(h) {
+            for d in c.deps() {
+                if !ok.contains(d) && !m.has_change(doc, d) {
+                    m.want(doc, *d);
+                }
+            }
+        }
+    }
+    ok
+}
+
+/// Keeps the signatures of taken changes that carry one, once checked.
+fn keep_sigs(m: &mut MapReplica, taken: &[Change], sigs: &HashMap<ChangeHash, Signature>) {
+    if sigs.is_empty() {
+        return;
+    }
+    let good: Vec<(ChangeHash, Signature)> = taken
+        .iter()
+        .filter_map(|c| {
+            let h = c.hash();
+            let s = sigs.get(&h)?;
+            (m.signature(&h).is_none() && s.signs(c)).then(|| (h, s.clone()))
+        })
+        .collect();
+    m.keep_signatures(good);
+}
+
+/// The signatures this node has of the changes in an encoded sync message.
+fn sync_sigs(m: &MapReplica, doc: DocAddr, msg: &[u8]) -> Sigs {
+    if doc != DocAddr::Meta && m.policy().is_open() {
+        return Vec::new();
+    }
+    match sync::Message::decode(msg) {
+        Ok(msg) => {
+            let chunks: Vec<&[u8]> = msg.changes.iter().collect();
+            sigs_of(m, doc, &chunks)
+        }
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The signatures this node has of the changes in an encoded change list.
+/// Only map documents and maps with permission entries carry them (elsewhere no one asks).
+fn sigs_of(m: &MapReplica, doc: DocAddr, changes: &[&[u8]]) -> Sigs {
+    if doc != DocAddr::Meta && m.policy().is_open() {
+        return Vec::new();
+    }
+    changes
+        .iter()
+        .filter_map(|b| {
+            let c = Change::from_bytes(b.to_vec()).ok()?;
+            let s = m.signature(&c.hash())?;
+            Some((Bytes(c.hash().0.to_vec()), s.clone()))
+        })
+        .collect()
 }
 
 /// Whether a sync message carries a change not offered to the peer before (and notes them).
@@ -1123,58 +1311,72 @@ fn start_sessions(
             Err(e) => tracing::warn!(map = %sid, "sync message for {doc:?} failed: {e}"),
         }
     }
-    batch_sync(peer, sid, msgs)
+    batch_sync(peer, sid, msgs, m)
 }
 
 /// Splits a large sync message into [`Wire::Changes`] messages carrying its changes and the
-/// message without them.
-fn split_sync(sid: &MapSid, doc: DocAddr, bytes: &[u8]) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
+/// message without them. For a map with permission entries the newest changes go first:
+/// a receiver takes a change that the changes it took depend on (see [`authorize`]), so
+/// history endorsed by a later change must not arrive before it.
+fn split_sync(
+    sid: &MapSid,
+    doc: DocAddr,
+    bytes: &[u8],
+    m: &MapReplica,
+) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
     let mut msg = sync::Message::decode(bytes).ok()?;
-    let chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
+    let mut chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
     msg.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
+    if !m.policy().is_open() {
+        chunks.reverse();
+    }
     let mut out = Vec::new();
     let mut batch: Vec<Bytes> = Vec::new();
     let mut size = 0;
+    let changes_msg = |batch: Vec<Bytes>| {
+        let refs: Vec<&[u8]> = batch.iter().map(|b| b.0.as_slice()).collect();
+        let sigs = sigs_of(m, doc, &refs);
+        Wire::Changes {
+            sid: sid.clone(),
+            docs: vec![(doc, batch)],
+            sigs,
+        }
+        .encode()
+    };
     for c in chunks {
         if c.len() + 4096 > MAX_DIRECT_MESSAGE {
             return None; // one change larger than any message
         }
         if size + c.len() > SYNC_BATCH_BYTES && !batch.is_empty() {
-            out.push(
-                Wire::Changes {
-                    sid: sid.clone(),
-                    docs: vec![(doc, std::mem::take(&mut batch))],
-                }
-                .encode(),
-            );
+            out.push(changes_msg(std::mem::take(&mut batch)));
             size = 0;
         }
         size += c.len();
         batch.push(Bytes(c));
     }
     if !batch.is_empty() {
-        out.push(
-            Wire::Changes {
-                sid: sid.clone(),
-                docs: vec![(doc, batch)],
-            }
-            .encode(),
-        );
+        out.push(changes_msg(batch));
     }
     Some((out, msg.encode()))
 }
 
 /// Packs sync messages into direct messages of about [`SYNC_BATCH_BYTES`].
-fn batch_sync(peer: &str, sid: &MapSid, msgs: Vec<(DocAddr, Bytes)>) -> Vec<Outgoing> {
+fn batch_sync(
+    peer: &str,
+    sid: &MapSid,
+    msgs: Vec<(DocAddr, Bytes)>,
+    m: &MapReplica,
+) -> Vec<Outgoing> {
     let mut out = Vec::new();
     let mut batch = Vec::new();
+    let mut sigs = Vec::new();
     let mut size = 0;
     for (doc, mut b) in msgs {
         if b.0.len() > SYNC_BATCH_BYTES {
             // Automerge puts every change a peer lacks into one message: send the changes
             // ahead in batches (direct messages to a peer arrive in order), then the message
             // without them.
-            match split_sync(sid, doc, &b.0) {
+            match split_sync(sid, doc, &b.0, m) {
                 Some((changes, rest)) => {
                     out.extend(changes.into_iter().map(|bytes| Outgoing {
                         peer: peer.to_string(),
@@ -1194,12 +1396,14 @@ fn batch_sync(peer: &str, sid: &MapSid, msgs: Vec<(DocAddr, Bytes)>) -> Vec<Outg
                 bytes: Wire::Sync {
                     sid: sid.clone(),
                     msgs: std::mem::take(&mut batch),
+                    sigs: std::mem::take(&mut sigs),
                 }
                 .encode(),
             });
             size = 0;
         }
         size += b.0.len();
+        sigs.extend(sync_sigs(m, doc, &b.0));
         batch.push((doc, b));
     }
     if !batch.is_empty() {
@@ -1208,6 +1412,7 @@ fn batch_sync(peer: &str, sid: &MapSid, msgs: Vec<(DocAddr, Bytes)>) -> Vec<Outg
             bytes: Wire::Sync {
                 sid: sid.clone(),
                 msgs: batch,
+                sigs,
             }
             .encode(),
         });

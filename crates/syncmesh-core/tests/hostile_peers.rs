@@ -123,6 +123,7 @@ fn a_bloom_filter_with_zero_bits_is_a_violation_not_a_panic() {
         version: automerge::sync::MessageVersion::V1,
     };
     let bytes = Wire::Sync {
+        sigs: Vec::new(),
         sid,
         msgs: vec![(
             DocAddr::Meta,
@@ -177,8 +178,8 @@ fn equivocating_changes_do_not_make_honest_nodes_disconnect_each_other() {
     .unwrap();
     m1.flush(now()).unwrap();
     m2.flush(now()).unwrap();
-    let (g1, _) = Replicator::gossip(&sid, local_shard_changes(&mut m1));
-    let (g2, _) = Replicator::gossip(&sid, local_shard_changes(&mut m2));
+    let (g1, _) = Replicator::gossip(&sid, local_shard_changes(&mut m1), &Default::default());
+    let (g2, _) = Replicator::gossip(&sid, local_shard_changes(&mut m2), &Default::default());
 
     // Mallory gossips g1 to A and g2 to B: each is valid where it lands.
     a.rep
@@ -261,6 +262,7 @@ fn sync_messages_for_documents_not_synced_keep_no_sessions() {
             })
             .collect();
         let bytes = Wire::Sync {
+            sigs: Vec::new(),
             sid: sid.clone(),
             msgs,
         }
@@ -311,6 +313,7 @@ fn changes_for_a_future_incarnation_are_bounded_in_bytes() {
         let c = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
         sent += c.len();
         let bytes = Wire::Changes {
+            sigs: Vec::new(),
             sid: sid.clone(),
             docs: vec![(
                 DocAddr::Shard { inc: 7, index },
@@ -395,6 +398,7 @@ fn mutated_changes_never_panic_the_node() {
                     .unwrap();
             }
             let msg = Wire::Changes {
+                sigs: Vec::new(),
                 sid: sid.clone(),
                 docs: vec![(doc, vec![syncmesh_core::replication::Bytes(bytes.clone())])],
             }
@@ -458,6 +462,7 @@ fn replay(hexed: &str, with_base: bool) {
             .unwrap();
     }
     let msg = Wire::Changes {
+        sigs: Vec::new(),
         sid,
         docs: vec![(
             doc,

@@ -1,7 +1,9 @@
 //! Seeded property test of replication with mixed permissions: 3 to 6 nodes, some of them
 //! read-only members (every node grants them read access only, or — in half the cases — the
 //! map's own permission entries list them as readers), random links that come and go,
-//! random writes by everyone, pushes that get lost. After healing, every writer holds the same
+//! random writes by everyone, pushes that get lost. Where the map's entries make the readers,
+//! a hostile writer also passes readers' changes on as its own messages (with the reader's
+//! signature, or with one forged in its own name). After healing, every writer holds the same
 //! items, every reader holds all of them plus only its own writes, and no write of a reader is
 //! present on any other node.
 //!
@@ -35,9 +37,10 @@ fn run_case(seed: u64) {
     if by_policy {
         // The map's entries: writers read and write, readers read (n0 manages).
         let sid = syncmesh_core::MapSid::for_name("m");
+        let n0 = net.id("n0");
         for (j, b) in names.iter().enumerate().skip(1) {
             let p = syncmesh_core::Permission {
-                identity: b.to_string(),
+                identity: net.id(b),
                 read: true,
                 write: !reader[j],
                 manage: false,
@@ -46,15 +49,16 @@ fn run_case(seed: u64) {
                 .host
                 .by_sid(&sid)
                 .unwrap()
-                .set_permission(&p, "n0", now())
+                .set_permission(&p, &n0, now())
                 .unwrap();
         }
     } else {
         for (i, a) in names.iter().enumerate() {
             for (j, b) in names.iter().enumerate() {
                 if i != j && reader[j] {
+                    let b = net.id(b);
                     net.node(a).rep.set_grant(
-                        b,
+                        &b,
                         Grant {
                             maps: None,
                             write: false,
@@ -107,6 +111,11 @@ fn run_case(seed: u64) {
             &key,
             json!({"by": names[who], "step": step}),
         );
+        if by_policy && reader[who] && rng.chance(40) {
+            // A hostile writer passes the reader's change on as its own message.
+            let w = writers[rng.below(writers.len() as u64) as usize];
+            relay_as(&mut net, names[who], names[w], rng.chance(50));
+        }
         if rng.chance(15) {
             let (a, b) = (rng.below(n as u64) as usize, rng.below(n as u64) as usize);
             if a != b {
@@ -159,6 +168,44 @@ fn run_case(seed: u64) {
                 assert_eq!(v["by"], *name, "reader {name} holds another reader's write");
             }
         }
+    }
+}
+
+/// Takes `reader`'s unsent changes and has `relay` push them to each of its peers, signed by
+/// the reader or (`forge`) with a signature that claims the relay wrote them.
+fn relay_as(net: &mut Net, reader: &str, relay: &str, forge: bool) {
+    use syncmesh_core::replication::{Bytes, Wire};
+    let sid = syncmesh_core::MapSid::for_name("m");
+    let relay_id = net.id(relay);
+    let m = net.node(reader).host.by_sid(&sid).unwrap();
+    m.flush(now()).unwrap();
+    let changes = m.take_outgoing();
+    let sigs = m.take_signatures();
+    let mut msg_sigs = Vec::new();
+    for (h, mut s) in sigs {
+        if forge {
+            s.author = relay_id.clone();
+        }
+        msg_sigs.push((Bytes(h.0.to_vec()), s));
+    }
+    let bytes = Wire::Changes {
+        sigs: msg_sigs,
+        sid: sid.clone(),
+        docs: changes
+            .into_iter()
+            .map(|c| (c.doc, vec![Bytes(c.bytes)]))
+            .collect(),
+    }
+    .encode();
+    let peers: Vec<String> = net
+        .names
+        .values()
+        .filter(|p| p.as_str() != relay && net.linked(relay, p))
+        .cloned()
+        .collect();
+    for p in peers {
+        net.queue
+            .push_back(Msg::Direct(relay.to_string(), p, bytes.clone()));
     }
 }
 

@@ -205,6 +205,7 @@ fn hostile_input_is_a_violation_and_changes_nothing() {
     let (msgs, _) = Replicator::gossip(
         &sid,
         vec![(DocAddr::Shard { inc: 0, index: 3 }, change.clone())],
+        &Default::default(),
     );
     let err = node
         .rep
@@ -215,7 +216,7 @@ fn hostile_input_is_a_violation_and_changes_nothing() {
     let mut meta = automerge::AutoCommit::new();
     meta.put(automerge::ROOT, "owner", "mallory").unwrap();
     let c = meta.get_last_local_change().unwrap().raw_bytes().to_vec();
-    let (msgs, _) = Replicator::gossip(&sid, vec![(DocAddr::Meta, c)]);
+    let (msgs, _) = Replicator::gossip(&sid, vec![(DocAddr::Meta, c)], &Default::default());
     assert!(node
         .rep
         .receive_gossip("b", &msgs[0], &mut node.host, now())
@@ -278,8 +279,9 @@ fn grants_limit_what_a_peer_receives_and_may_change() {
     // B may read "shared" only and write nothing; C has every map. B holds every map it hears
     // of, so anything named to it would be adopted.
     let mut net = Net::new(&["a", "b", "c"], &["b"]);
+    let peer_id = net.id("b");
     net.node("a").rep.set_grant(
-        "b",
+        &peer_id,
         Grant {
             maps: Some([MapSid::for_name("shared")].into_iter().collect()),
             write: false,
@@ -312,7 +314,7 @@ fn grants_limit_what_a_peer_receives_and_may_change() {
     net.tick();
     let refusals = net.node("a").rep.take_refusals();
     assert!(
-        refusals.iter().any(|r| r.peer == "b" && r.changes > 0),
+        refusals.iter().any(|r| r.peer == net.id("b") && r.changes > 0),
         "{refusals:?}"
     );
     assert_eq!(net.items("a", "shared"), net.items("c", "shared"));
@@ -325,8 +327,9 @@ fn grants_limit_what_a_peer_receives_and_may_change() {
     let b: Vec<String> = net.items("b", "shared").into_iter().map(|i| i.0).collect();
     assert_eq!(b, vec!["a1", "a2", "b1"]);
     // Revoking read: nothing more of the map reaches B.
+    let peer_id = net.id("b");
     net.node("a").rep.set_grant(
-        "b",
+        &peer_id,
         Grant {
             maps: Some(Default::default()),
             write: false,
@@ -368,6 +371,7 @@ fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
     };
     // A triangle; C holds every map it hears of, so anything named to it would be adopted.
     let mut net = Net::new(&["a", "b", "c"], &["c"]);
+    let (a, b, c) = (net.id("a"), net.id("b"), net.id("c"));
     write(&mut net, "a", "m", "a0", json!({"v": 0}));
     let sid = MapSid::for_name("m");
     // Shared with B (read and write) only; A becomes its manager with the first entry.
@@ -375,7 +379,7 @@ fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
         .host
         .by_sid(&sid)
         .unwrap()
-        .set_permission(&perm("b", READ | WRITE), "a", now())
+        .set_permission(&perm(&b, READ | WRITE), &a, now())
         .unwrap();
     hold(&mut net, "b", "m");
     net.connect("a", "b");
@@ -400,16 +404,17 @@ fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
         .host
         .by_sid(&sid)
         .unwrap()
-        .set_permission(&perm("c", READ | WRITE), "b", now())
+        .set_permission(&perm(&c, READ | WRITE), &b, now())
         .unwrap_err();
     assert_eq!(e.http_status(), 403, "{e}");
     {
         // A hand-made change from B that lists B as a manager is refused by A.
         use automerge::transaction::Transactable;
         let mut doc = automerge::AutoCommit::new();
-        doc.put(automerge::ROOT, "p:b", 7u64).unwrap();
+        doc.put(automerge::ROOT, format!("p:{b}"), 7u64).unwrap();
         let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
         let msg = Wire::Changes {
+            sigs: Vec::new(),
             sid: sid.clone(),
             docs: vec![(
                 DocAddr::Meta,
@@ -418,18 +423,18 @@ fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
         }
         .encode();
         let node = net.node("a");
-        node.rep.receive("b", &msg, &mut node.host, now()).unwrap();
+        node.rep.receive(&b, &msg, &mut node.host, now()).unwrap();
         let refusals = node.rep.take_refusals();
-        assert!(refusals.iter().any(|r| r.peer == "b"), "{refusals:?}");
+        assert!(refusals.iter().any(|r| r.peer == b), "{refusals:?}");
         let pol = node.host.by_sid(&sid).unwrap().policy().clone();
-        assert!(!pol.manages("b"), "the forged entry was not applied");
+        assert!(!pol.manages(&b), "the forged entry was not applied");
     }
     // C becomes a reader: it receives the map, and its writes stay with it.
     net.node("a")
         .host
         .by_sid(&sid)
         .unwrap()
-        .set_permission(&perm("c", READ), "a", now())
+        .set_permission(&perm(&c, READ), &a, now())
         .unwrap();
     net.run();
     net.tick();
@@ -442,7 +447,7 @@ fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
     let refused: u64 = ["a", "b"]
         .iter()
         .flat_map(|n| net.node(n).rep.take_refusals())
-        .filter(|r| r.peer == "c")
+        .filter(|r| r.peer == c)
         .map(|r| r.changes)
         .sum();
     assert!(refused > 0, "A and B count C's refused changes");
@@ -451,7 +456,7 @@ fn map_permissions_travel_with_the_map_and_every_node_enforces_them() {
         .host
         .by_sid(&sid)
         .unwrap()
-        .remove_permission("c", "a", now())
+        .remove_permission(&c, &a, now())
         .unwrap();
     net.run();
     net.tick();
@@ -493,6 +498,7 @@ fn a_change_waiting_for_its_dependencies_is_not_passed_on_forever() {
     let pushes: Vec<Msg> = net.queue.drain(..).collect();
     for m in pushes {
         if let Msg::Push(from, to, bytes) = m {
+            let from = net.id(&from);
             let node = net.node(&to);
             let out = node
                 .rep
@@ -515,8 +521,9 @@ fn a_change_waiting_for_its_dependencies_is_not_passed_on_forever() {
 fn a_read_only_member_that_created_the_map_still_gets_its_history_and_is_refused_once() {
     use syncmesh_core::replication::Grant;
     let mut net = Net::new(&["a", "b"], &[]);
+    let peer_id = net.id("b");
     net.node("a").rep.set_grant(
-        "b",
+        &peer_id,
         Grant {
             maps: None,
             write: false,

@@ -22,9 +22,9 @@ use redb::{
 use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 /// The oldest schema this build upgrades in place (3 added the `digests` table, 4 the `trust`,
-/// `invites` and `policies` tables).
+/// `invites` and `policies` tables, 5 the `sigs` table).
 const OLDEST_UPGRADABLE: u32 = 2;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
@@ -46,6 +46,9 @@ const INVITES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("invites");
 /// Per map with permission entries, its permissions as of its last commit (encoded by the
 /// caller): replication checks them for maps it has not loaded. No row: an open map.
 const POLICIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("policies");
+/// Signatures of map changes: map sid followed by the change hash → the encoded signature.
+/// Kept apart from the change logs, so compaction into snapshots keeps them.
+const SIGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sigs");
 
 /// Everything that can go wrong with the store, each saying which file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +148,8 @@ pub struct LoadedMap {
     pub entries: Vec<(String, Vec<u8>)>,
     /// Id of the last stored event (0 if none).
     pub last_event_id: u64,
+    /// Stored signatures of its changes: change hash and encoded signature.
+    pub sigs: Vec<([u8; 32], Vec<u8>)>,
 }
 
 /// Writes for one map inside a [`Batch`].
@@ -164,6 +169,8 @@ pub struct MapWrite {
     pub view: ViewChanges,
     /// New events: id and encoded event.
     pub events: Vec<(u64, Vec<u8>)>,
+    /// Signatures of its changes to keep: change hash and encoded signature.
+    pub sigs: Vec<([u8; 32], Vec<u8>)>,
 }
 
 /// One atomic commit.
@@ -194,6 +201,7 @@ impl Batch {
             && self.policies.is_empty()
             && self.maps.iter().all(|m| {
                 m.changes.is_empty()
+                    && m.sigs.is_empty()
                     && m.view.entries.is_empty()
                     && !m.view.reset
                     && m.events.is_empty()
@@ -428,6 +436,7 @@ impl Store {
             tx.open_table(TRUST).map_err(|e| store.err(e))?;
             tx.open_table(INVITES).map_err(|e| store.err(e))?;
             tx.open_table(POLICIES).map_err(|e| store.err(e))?;
+            tx.open_table(SIGS).map_err(|e| store.err(e))?;
         }
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
@@ -604,10 +613,25 @@ impl Store {
         }
         let events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         let last_event_id = self.last_id(&events, sid)?;
+        let mut sigs = Vec::new();
+        let table = tx.open_table(SIGS).map_err(|e| self.err(e))?;
+        for row in table
+            .range(prefix.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let hash = k
+                .value()
+                .get(prefix.len()..)
+                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                .ok_or_else(|| self.corrupt("signature key"))?;
+            sigs.push((hash, v.value().to_vec()));
+        }
         Ok(Some(LoadedMap {
             docs: docs.into_iter().collect(),
             entries,
             last_event_id,
+            sigs,
         }))
     }
 
@@ -744,9 +768,16 @@ impl Store {
         let mut items = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
         let mut events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         let mut digests = tx.open_table(DIGESTS).map_err(|e| self.err(e))?;
+        let mut sigs = tx.open_table(SIGS).map_err(|e| self.err(e))?;
         for m in &batch.maps {
             let Some(sid) = &m.sid else { continue };
             let sid_bytes = sid.as_str().as_bytes();
+            for (hash, sig) in &m.sigs {
+                let mut k = sid_bytes.to_vec();
+                k.extend_from_slice(hash);
+                sigs.insert(k.as_slice(), sig.as_slice())
+                    .map_err(|e| self.err(e))?;
+            }
             if m.name.is_some() || maps.get(sid_bytes).map_err(|e| self.err(e))?.is_none() {
                 let rec = encode_catalog(m.name.as_deref().unwrap_or(""), m.next_expiry);
                 maps.insert(sid_bytes, rec.as_slice())
@@ -938,6 +969,7 @@ mod tests {
                     .into_iter()
                     .map(|i| (i, format!("e{i}").into_bytes()))
                     .collect(),
+                sigs: Vec::new(),
             }],
             ..Batch::default()
         };
@@ -1171,6 +1203,33 @@ mod tests {
         assert!(s.load_map(&sid()).unwrap().is_some());
         let v = s.get_meta("schema_version").unwrap().unwrap();
         assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
+    }
+
+    #[test]
+    fn signatures_are_kept_through_compaction_and_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = DocAddr::Shard { inc: 1, index: 3 };
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            let batch = Batch {
+                maps: vec![MapWrite {
+                    sid: Some(sid()),
+                    changes: vec![(shard, b"c1".to_vec())],
+                    sigs: vec![([7; 32], b"sig7".to_vec()), ([9; 32], b"sig9".to_vec())],
+                    ..MapWrite::default()
+                }],
+                ..Batch::default()
+            };
+            s.commit(&batch).unwrap();
+            s.compact_doc(&sid(), shard, b"snapshot").unwrap();
+        }
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let m = s.load_map(&sid()).unwrap().unwrap();
+        assert_eq!(
+            m.sigs,
+            vec![([7; 32], b"sig7".to_vec()), ([9; 32], b"sig9".to_vec())]
+        );
+        assert!(m.docs[0].1.changes.is_empty(), "compacted");
     }
 
     #[test]

@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncmesh_core::{
     Catalog, DocAddr, Event, Identity, Item, ItemConflicts, JsonObject, MapInfo, MapRef,
-    MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Timestamp, Ttl, WriteOptions,
+    MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Signature, Timestamp, Ttl,
+    WriteOptions,
 };
 use syncmesh_store::{Batch, FileCompaction, MapWrite, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -609,13 +610,16 @@ impl Engine {
                 self.changes_since_snapshot.insert((sid.clone(), *addr), n);
             }
         }
-        let m = MapReplica::restore(
+        let mut m = MapReplica::restore(
             self.catalog.identity().clone(),
             sid.clone(),
             stored.docs,
             stored.entries,
             stored.last_event_id,
         )?;
+        m.restore_signatures(stored.sigs.iter().filter_map(|(h, b)| {
+            Some((syncmesh_core::ChangeHash(*h), Signature::decode(b)?))
+        }));
         // Documents of earlier incarnations (the map was removed and created again) are dead
         // weight: forget them, after the commits already queued.
         let inc = m.incarnation();
@@ -790,6 +794,7 @@ impl Engine {
                 .collect();
             let local = changes.len();
             changes.extend(m.take_received());
+            let sigs = m.take_signatures();
             if !m.exists()
                 && changes.is_empty()
                 && view.entries.is_empty()
@@ -799,7 +804,8 @@ impl Engine {
                 continue;
             }
             if local > 0 && self.net.is_some() {
-                to_gossip.push((sid.clone(), changes[..local].to_vec()));
+                let sigs: std::collections::HashMap<_, _> = sigs.iter().cloned().collect();
+                to_gossip.push((sid.clone(), changes[..local].to_vec(), sigs));
             }
             for (doc, _) in &changes {
                 let n = self
@@ -854,6 +860,7 @@ impl Engine {
                 changes,
                 view,
                 events: encoded,
+                sigs: sigs.into_iter().map(|(h, s)| (h.0, s.encode())).collect(),
             });
             // Compactions follow the commit of every change they include.
             for (doc, snapshot) in snapshots {
@@ -905,8 +912,8 @@ impl Engine {
         // Peers get the changes while they are being fsynced here: each process writes as a
         // fresh Automerge actor, so a change lost to a crash is never re-made differently,
         // and peers hand it back on the next sync.
-        for (sid, changes) in to_gossip {
-            self.gossip(&sid, &changes);
+        for (sid, changes, sigs) in to_gossip {
+            self.gossip(&sid, &changes, &sigs);
         }
         // Fsync now if asked to (sync, compact, close) or if relaxed writes have waited long
         // enough; with Durability::Fsync every commit is fsynced anyway.

@@ -169,11 +169,13 @@ impl NodeBuilder {
         let mut configured = self.trust.clone();
         configured.extend(self.allow.iter().flatten().copied());
         let book = load_trust(&store, &configured)?;
+        let mut signer = None;
         let net = if self.networked() {
             let keypair = match &self.data_dir {
                 Some(d) => syncmesh_net::load_or_create_identity(&d.join("identity.key"))?,
                 None => syncmesh_net::Keypair::generate_ed25519(),
             };
+            signer = Some(syncmesh_core::Signer::new(keypair.clone()));
             let mut cfg = NetConfig::new(keypair);
             cfg.listen = self.listen.clone();
             cfg.peers = self.peers.clone();
@@ -205,7 +207,7 @@ impl NodeBuilder {
             None
         };
         let listens = !self.listen.is_empty();
-        Node::start(store, self.data_dir, net, self.hold_all, book, listens)
+        Node::start(store, self.data_dir, net, self.hold_all, book, listens, signer)
     }
 }
 
@@ -285,6 +287,7 @@ impl Node {
         hold_all: bool,
         book: crate::trust::TrustBook,
         listens: bool,
+        signer: Option<syncmesh_core::Signer>,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
@@ -308,7 +311,12 @@ impl Node {
         };
         // A fresh actor per process: Automerge must never see one actor reuse a sequence number,
         // which a node restored from an older copy of its data directory would otherwise do.
-        let identity = Identity::new(id, &random16()[..8]);
+        // A node with a key writes as an actor bound to it and signs what it writes.
+        let session = random16();
+        let identity = match signer {
+            Some(k) => Identity::signed(id, k, &session[..8]),
+            None => Identity::new(id, &session[..8]),
+        };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (closed, _) = tokio::sync::watch::channel(false);
         let shared = Arc::new(Shared {

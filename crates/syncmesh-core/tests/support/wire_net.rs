@@ -31,6 +31,10 @@ pub enum Msg {
 
 pub struct Net {
     pub nodes: BTreeMap<String, Node>,
+    /// Each node's peer id (what replication and permissions name it by), by name.
+    pub ids: BTreeMap<String, String>,
+    /// Names by peer id.
+    pub names: BTreeMap<String, String>,
     pub links: Vec<(String, String)>,
     pub queue: VecDeque<Msg>,
     /// Drop every n-th pushed message (0: none).
@@ -42,8 +46,15 @@ pub struct Net {
 impl Net {
     pub fn new(names: &[&str], hold_all: &[&str]) -> Net {
         let mut nodes = BTreeMap::new();
+        let mut ids = BTreeMap::new();
+        let mut by_id = BTreeMap::new();
         for (i, n) in names.iter().enumerate() {
-            let id = Identity::new(NodeId([i as u8 + 1; 16]), n.as_bytes());
+            // Keys from fixed seeds: a seeded test replays exactly.
+            let key = libp2p_identity::Keypair::ed25519_from_bytes([i as u8 + 1; 32]).unwrap();
+            let signer = syncmesh_core::Signer::new(key);
+            ids.insert(n.to_string(), signer.peer_id().to_string());
+            by_id.insert(signer.peer_id().to_string(), n.to_string());
+            let id = Identity::signed(NodeId([i as u8 + 1; 16]), signer, n.as_bytes());
             nodes.insert(
                 n.to_string(),
                 Node {
@@ -55,12 +66,19 @@ impl Net {
         }
         Net {
             nodes,
+            ids,
+            names: by_id,
             links: Vec::new(),
             queue: VecDeque::new(),
             drop_every: 0,
             gossip_seen: 0,
             violations: Vec::new(),
         }
+    }
+
+    /// A node's peer id.
+    pub fn id(&self, n: &str) -> String {
+        self.ids[n].clone()
     }
 
     pub fn node(&mut self, n: &str) -> &mut Node {
@@ -76,8 +94,9 @@ impl Net {
     pub fn connect(&mut self, a: &str, b: &str) {
         self.links.push((a.to_string(), b.to_string()));
         for (x, y) in [(a, b), (b, a)] {
+            let y = self.id(y);
             let node = self.nodes.get_mut(x).unwrap();
-            let out = node.rep.peer_up(y, &mut node.host);
+            let out = node.rep.peer_up(&y, &mut node.host);
             self.send(x, out);
         }
     }
@@ -85,14 +104,15 @@ impl Net {
     pub fn disconnect(&mut self, a: &str, b: &str) {
         self.links
             .retain(|(x, y)| !((x == a && y == b) || (x == b && y == a)));
-        self.node(a).rep.peer_down(b);
-        self.node(b).rep.peer_down(a);
+        let (ia, ib) = (self.id(a), self.id(b));
+        self.node(a).rep.peer_down(&ib);
+        self.node(b).rep.peer_down(&ia);
     }
 
     pub fn send(&mut self, from: &str, out: Vec<Outgoing>) {
         for o in out {
-            self.queue
-                .push_back(Msg::Direct(from.to_string(), o.peer, o.bytes));
+            let to = self.names[&o.peer].clone();
+            self.queue.push_back(Msg::Direct(from.to_string(), to, o.bytes));
         }
     }
 
@@ -103,20 +123,23 @@ impl Net {
         for n in names {
             let node = self.nodes.get_mut(&n).unwrap();
             let mut by_map: BTreeMap<MapSid, Vec<(DocAddr, Vec<u8>)>> = BTreeMap::new();
+            let mut sigs = std::collections::HashMap::new();
             for m in node.host.maps_mut() {
                 m.flush(now()).unwrap();
                 for c in m.take_outgoing() {
                     by_map.entry(c.map).or_default().push((c.doc, c.bytes));
                 }
+                sigs.extend(m.take_signatures());
                 node.events.extend(m.take_events());
                 m.take_received();
             }
             for (sid, changes) in by_map {
-                let (msgs, _) = Replicator::gossip(&sid, changes);
+                let (msgs, _) = Replicator::gossip(&sid, changes, &sigs);
                 let node = self.nodes.get_mut(&n).unwrap();
                 let out = node.rep.push(&sid, &msgs, None, &mut node.host);
                 for o in out {
-                    self.queue.push_back(Msg::Push(n.clone(), o.peer, o.bytes));
+                    let to = self.names[&o.peer].clone();
+                    self.queue.push_back(Msg::Push(n.clone(), to, o.bytes));
                 }
             }
         }
@@ -156,8 +179,9 @@ impl Net {
                     if !self.linked(&from, &to) {
                         continue;
                     }
+                    let from_id = self.id(&from);
                     let node = self.nodes.get_mut(&to).unwrap();
-                    match node.rep.receive(&from, &bytes, &mut node.host, now()) {
+                    match node.rep.receive(&from_id, &bytes, &mut node.host, now()) {
                         Ok(out) => self.send(&to, out),
                         Err(v) => self.violations.push((to.clone(), v.0)),
                     }
@@ -170,8 +194,9 @@ impl Net {
                     if self.drop_every > 0 && self.gossip_seen.is_multiple_of(self.drop_every) {
                         continue;
                     }
+                    let from_id = self.id(&from);
                     let node = self.nodes.get_mut(&to).unwrap();
-                    match node.rep.receive(&from, &bytes, &mut node.host, now()) {
+                    match node.rep.receive(&from_id, &bytes, &mut node.host, now()) {
                         Ok(out) => self.send(&to, out),
                         Err(v) => self.violations.push((to.clone(), v.0)),
                     }

@@ -160,12 +160,17 @@ impl Engine {
 
     /// Pushes the local changes of one commit of a map to every peer holding it (and allowed
     /// to read it).
-    pub(super) fn gossip(&mut self, sid: &MapSid, changes: &[(DocAddr, Vec<u8>)]) {
+    pub(super) fn gossip(
+        &mut self,
+        sid: &MapSid,
+        changes: &[(DocAddr, Vec<u8>)],
+        sigs: &std::collections::HashMap<syncmesh_core::ChangeHash, syncmesh_core::Signature>,
+    ) {
         let Some(n) = &self.net else { return };
         if changes.is_empty() || n.peers.is_empty() {
             return;
         }
-        let (msgs, too_large) = Replicator::gossip(sid, changes.to_vec());
+        let (msgs, too_large) = Replicator::gossip(sid, changes.to_vec(), sigs);
         let out = self
             .with_rep(|rep, host| rep.push(sid, &msgs, None, host))
             .unwrap_or_default();
