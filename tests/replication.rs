@@ -449,12 +449,11 @@ async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
         .unwrap();
         let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
         // Shard 0 is not where these keys live.
-        let (msgs, _) =
-            Replicator::gossip(
-                &sid,
-                vec![(DocAddr::Shard { inc: 0, index: 0 }, change)],
-                &Default::default(),
-            );
+        let (msgs, _) = Replicator::gossip(
+            &sid,
+            vec![(DocAddr::Shard { inc: 0, index: 0 }, change)],
+            &Default::default(),
+        );
         h2.send(a_peer2, msgs[0].clone());
     })
     .await;

@@ -885,8 +885,7 @@ impl Replicator {
         // Check every message before applying any: a malformed one is the sender's fault.
         let mut decoded = Vec::with_capacity(msgs.len());
         for (doc, bytes) in msgs {
-            let d =
-                decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
+            let d = decode_sync(doc, &bytes.0).map_err(|e| Violation(format!("map {sid}: {e}")))?;
             decoded.push((doc, d));
         }
         let mut refused = Vec::new();
@@ -1044,7 +1043,10 @@ impl Replicator {
             if cs.is_empty() {
                 continue;
             }
-            kept.push((doc, cs.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect()));
+            kept.push((
+                doc,
+                cs.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect(),
+            ));
             keep_sigs(m, &cs, &sigs);
             if let Err(e) = m.apply_checked(doc, cs, checked, now) {
                 // Refused against this replica's state: not relayed, nobody blamed.

@@ -314,7 +314,9 @@ fn grants_limit_what_a_peer_receives_and_may_change() {
     net.tick();
     let refusals = net.node("a").rep.take_refusals();
     assert!(
-        refusals.iter().any(|r| r.peer == net.id("b") && r.changes > 0),
+        refusals
+            .iter()
+            .any(|r| r.peer == net.id("b") && r.changes > 0),
         "{refusals:?}"
     );
     assert_eq!(net.items("a", "shared"), net.items("c", "shared"));
@@ -555,5 +557,146 @@ fn a_read_only_member_that_created_the_map_still_gets_its_history_and_is_refused
     assert!((1..=3).contains(&refused), "refused {refused}");
     net.tick();
     assert!(net.node("a").rep.take_refusals().is_empty());
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+fn perm(id: &str, f: u8) -> syncmesh_core::Permission {
+    use syncmesh_core::policy::{MANAGE, READ, WRITE};
+    syncmesh_core::Permission {
+        identity: id.to_string(),
+        read: f & READ != 0,
+        write: f & WRITE != 0,
+        manage: f & MANAGE != 0,
+    }
+}
+
+/// A's map with B (writer), C (writer) and R (reader): their ids, the map, everyone holding it.
+fn restricted_map(net: &mut Net) -> MapSid {
+    use syncmesh_core::policy::{READ, WRITE};
+    let sid = MapSid::for_name("m");
+    let a = net.id("a");
+    let entries = [
+        (net.id("b"), READ | WRITE),
+        (net.id("c"), READ | WRITE),
+        (net.id("r"), READ),
+    ];
+    write(net, "a", "m", "a0", json!({"v": 0}));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    for (id, f) in entries {
+        m.set_permission(&perm(&id, f), &a, now()).unwrap();
+    }
+    for n in ["b", "c", "r"] {
+        hold(net, n, "m");
+    }
+    sid
+}
+
+#[test]
+fn a_readers_change_relayed_by_a_writer_is_refused_by_its_author_rights() {
+    // R - B - C and A - B: B is a writer that passes R's change on as its own message.
+    let mut net = Net::new(&["a", "b", "c", "r"], &[]);
+    let sid = restricted_map(&mut net);
+    net.connect("a", "b");
+    net.connect("b", "c");
+    net.connect("b", "r");
+    net.run();
+    net.tick();
+    assert_eq!(net.items("r", "m").len(), 1);
+    // R writes; its change and signature are taken before its node sends them.
+    write(&mut net, "r", "m", "evil", json!({}));
+    let m = net.node("r").host.by_sid(&sid).unwrap();
+    m.flush(now()).unwrap();
+    let changes = m.take_outgoing();
+    let sigs = m.take_signatures();
+    assert_eq!(sigs.len(), 1, "a change of a map with entries is signed");
+    let (b, r) = (net.id("b"), net.id("r"));
+    for (author, label) in [(r.clone(), "its own"), (b.clone(), "a forged")] {
+        let msg = Wire::Changes {
+            sid: sid.clone(),
+            docs: vec![(
+                changes[0].doc,
+                vec![syncmesh_core::replication::Bytes(changes[0].bytes.clone())],
+            )],
+            sigs: vec![(
+                syncmesh_core::replication::Bytes(sigs[0].0 .0.to_vec()),
+                syncmesh_core::Signature {
+                    author: author.clone(),
+                    sig: sigs[0].1.sig.clone(),
+                },
+            )],
+        }
+        .encode();
+        for to in ["a", "c"] {
+            let node = net.node(to);
+            node.rep.receive(&b, &msg, &mut node.host, now()).unwrap();
+            // A refused change is counted once per peer, whatever signature came with it.
+            let refusals = node.rep.take_refusals();
+            assert!(
+                author != r || refusals.iter().any(|x| x.peer == b && x.changes == 1),
+                "{to} counts R's change: {refusals:?}"
+            );
+            assert!(
+                net.items(to, "m").iter().all(|(k, _, _)| k != "evil"),
+                "{to} took R's change with {label} signature"
+            );
+        }
+    }
+    net.run();
+    net.tick();
+    for n in ["a", "b", "c"] {
+        assert!(
+            net.items(n, "m").iter().all(|(k, _, _)| k != "evil"),
+            "{n} holds the reader's write"
+        );
+    }
+    // A writer's change, relayed by the reader, is taken: it is the author that counts.
+    net.disconnect("b", "c");
+    net.connect("c", "r");
+    write(&mut net, "a", "m", "a1", json!({"v": 1}));
+    net.disconnect("a", "b");
+    net.connect("a", "r");
+    net.run();
+    net.tick();
+    assert!(net.items("c", "m").iter().any(|(k, _, _)| k == "a1"));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
+fn history_from_before_the_first_entry_reaches_later_members() {
+    use syncmesh_core::policy::{READ, WRITE};
+    // While the map is open, X writes to it; then A restricts it to B, with X a reader.
+    let mut net = Net::new(&["a", "x", "b"], &[]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({"v": 0}));
+    hold(&mut net, "x", "m");
+    net.connect("a", "x");
+    net.run();
+    for i in 0..5 {
+        write(&mut net, "x", "m", &format!("x{i}"), json!({"v": i}));
+    }
+    net.run();
+    net.tick();
+    assert_eq!(net.items("a", "m").len(), 6);
+    let (a, b, x) = (net.id("a"), net.id("b"), net.id("x"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    m.set_permission(&perm(&b, READ | WRITE), &a, now())
+        .unwrap();
+    m.set_permission(&perm(&x, READ), &a, now()).unwrap();
+    assert!(
+        !m.endorsed().is_empty(),
+        "the first entry endorses the shards' heads"
+    );
+    // B arrives later and syncs only with X, a reader: it gets the whole history (X's
+    // writes from the open era included), and X's new writes stay with X.
+    write(&mut net, "x", "m", "late", json!({}));
+    net.run();
+    net.tick();
+    hold(&mut net, "b", "m");
+    net.connect("b", "x");
+    net.run();
+    net.tick();
+    let keys: Vec<String> = net.items("b", "m").into_iter().map(|i| i.0).collect();
+    assert_eq!(keys, vec!["a0", "x0", "x1", "x2", "x3", "x4"], "B's items");
+    assert_eq!(net.items("a", "m"), net.items("b", "m"));
     assert!(net.violations.is_empty(), "{:?}", net.violations);
 }

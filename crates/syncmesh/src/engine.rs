@@ -617,9 +617,12 @@ impl Engine {
             stored.entries,
             stored.last_event_id,
         )?;
-        m.restore_signatures(stored.sigs.iter().filter_map(|(h, b)| {
-            Some((syncmesh_core::ChangeHash(*h), Signature::decode(b)?))
-        }));
+        m.restore_signatures(
+            stored
+                .sigs
+                .iter()
+                .filter_map(|(h, b)| Some((syncmesh_core::ChangeHash(*h), Signature::decode(b)?))),
+        );
         // Documents of earlier incarnations (the map was removed and created again) are dead
         // weight: forget them, after the commits already queued.
         let inc = m.incarnation();

@@ -207,7 +207,15 @@ impl NodeBuilder {
             None
         };
         let listens = !self.listen.is_empty();
-        Node::start(store, self.data_dir, net, self.hold_all, book, listens, signer)
+        Node::start(
+            store,
+            self.data_dir,
+            net,
+            self.hold_all,
+            book,
+            listens,
+            signer,
+        )
     }
 }
 

@@ -112,7 +112,8 @@ impl Net {
     pub fn send(&mut self, from: &str, out: Vec<Outgoing>) {
         for o in out {
             let to = self.names[&o.peer].clone();
-            self.queue.push_back(Msg::Direct(from.to_string(), to, o.bytes));
+            self.queue
+                .push_back(Msg::Direct(from.to_string(), to, o.bytes));
         }
     }
 
