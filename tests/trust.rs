@@ -812,3 +812,62 @@ async fn a_map_created_with_permissions_never_reaches_unlisted_peers() {
         n.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_are_stored_and_passed_on_after_a_restart() {
+    // A shares "team" with B and C. B takes A's writes, restarts (A is gone by then), and is
+    // the only node C ever meets: C takes A's writes only if B still has their signatures.
+    let b_listen = fixed_local_addr();
+    let db = tempfile::tempdir().unwrap();
+    let open_b = || {
+        Node::builder()
+            .data_dir(db.path())
+            .listen(b_listen.clone())
+            .mdns(false)
+            .open()
+    };
+    let a = builder().open().await.unwrap();
+    let a_addr = addr(&a).await;
+    let b = open_b().await.unwrap();
+    let c = builder().open().await.unwrap();
+    a.trust(peer_id(&b), vec![a_addr.clone()]).await.unwrap();
+    b.trust(peer_id(&a), vec![a_addr]).await.unwrap();
+    let team = a
+        .map(
+            syncmesh::MapSpec::named("team")
+                .permissions([perm(&b, true, true), perm(&c, true, true)]),
+        )
+        .await
+        .unwrap();
+    team.set("from_a", json!({"v": 1})).await.unwrap();
+    wait_for("A and B connected", || {
+        let n = b.network().unwrap().connected.len();
+        async move { n == 1 }
+    })
+    .await;
+    let mb = b.open_existing("team").await.unwrap();
+    wait_for("B takes A's write", || has(&mb, "from_a")).await;
+    drop(mb);
+    drop(team);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+
+    let b = open_b().await.unwrap();
+    b.trust(peer_id(&c), vec![]).await.unwrap();
+    c.trust(peer_id(&b), vec![b_listen.clone()]).await.unwrap();
+    wait_for("B and C connected", || {
+        let n = c.network().unwrap().connected.len();
+        async move { n == 1 }
+    })
+    .await;
+    let mc = c.open_existing("team").await.unwrap();
+    wait_for("C takes A's write from B", || has(&mc, "from_a")).await;
+    // And C's own write, signed by C, reaches B.
+    mc.set("from_c", json!({})).await.unwrap();
+    let mb = b.map("team").await.unwrap();
+    wait_for("B takes C's write", || has(&mb, "from_c")).await;
+    assert_eq!(refused_from(b.clone(), peer_id(&c)).await, 0);
+    drop((mb, mc));
+    b.close().await.unwrap();
+    c.close().await.unwrap();
+}

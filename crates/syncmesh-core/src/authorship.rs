@@ -52,7 +52,7 @@ impl Signer {
         let sig = self.key.sign(&message(hash)).ok()?;
         Some(Signature {
             author: self.peer_id.clone(),
-            sig: sig.into(),
+            sig,
         })
     }
 }
