@@ -803,6 +803,12 @@ impl MapReplica {
         self.sigs.extend(sigs);
     }
 
+    /// Whether this replica has nothing of the map document yet (it is fetching the map, and
+    /// does not know its permissions).
+    pub fn knows_nothing(&self) -> bool {
+        self.meta_doc.get_heads().is_empty()
+    }
+
     /// Whether a change taken earlier depends on this missing change.
     pub fn wants(&self, doc: DocAddr, hash: &ChangeHash) -> bool {
         self.wanted.contains(&(doc, *hash))
@@ -2628,6 +2634,25 @@ fn read_endorsed(doc: &Automerge) -> HashSet<ChangeHash> {
         }
     }
     out
+}
+
+/// A map document made of `changes` alone (for checking them before they are applied); `None`
+/// if Automerge refuses them.
+pub(crate) fn scratch_meta(changes: Vec<Change>) -> Option<Automerge> {
+    let mut d = Automerge::new();
+    d.apply_changes(changes).ok()?;
+    Some(d)
+}
+
+/// The permissions a map document says, at its heads or at `at`.
+pub(crate) fn policy_at(doc: &Automerge, at: Option<&[ChangeHash]>) -> crate::policy::Policy {
+    match at {
+        None => read_policy(doc),
+        Some(heads) => match doc.fork_at(heads) {
+            Ok(d) => read_policy(&d),
+            Err(_) => read_policy(&Automerge::new()),
+        },
+    }
 }
 
 fn read_policy(doc: &Automerge) -> crate::policy::Policy {

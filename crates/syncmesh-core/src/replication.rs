@@ -1133,6 +1133,9 @@ pub fn authorize(
     changes: &[Change],
     sigs: &HashMap<ChangeHash, Signature>,
 ) -> std::collections::HashSet<ChangeHash> {
+    if doc == DocAddr::Meta && m.knows_nothing() {
+        return authorize_first_meta(changes, sigs);
+    }
     let policy = m.policy().clone();
     if policy.is_open() {
         return changes.iter().map(Change::hash).collect();
@@ -1170,6 +1173,85 @@ pub fn authorize(
                 if !ok.contains(d) && !m.has_change(doc, d) {
                     m.want(doc, *d);
                 }
+            }
+        }
+    }
+    ok
+}
+
+/// [`authorize`] for the first map-document changes a replica gets, when it does not know the
+/// map's permissions yet: they are read from the changes themselves. A change of permissions
+/// counts only if its author could manage the map as of the change's own dependencies (so a
+/// peer cannot grant itself rights in the same batch), and the rest is checked against the
+/// permissions the remaining changes give.
+fn authorize_first_meta(
+    changes: &[Change],
+    sigs: &HashMap<ChangeHash, Signature>,
+) -> std::collections::HashSet<ChangeHash> {
+    let Some(scratch) = crate::map::scratch_meta(changes.to_vec()) else {
+        return Default::default(); // Automerge would refuse them too
+    };
+    // A change whose history did not come with it cannot be judged: it comes again with it.
+    let changes: Vec<&Change> = changes
+        .iter()
+        .filter(|c| {
+            use automerge::ReadDoc;
+            scratch.get_change_by_hash(&c.hash()).is_some()
+        })
+        .collect();
+    if crate::map::policy_at(&scratch, None).is_open() {
+        // An open map: every trusted peer may write it.
+        return changes.iter().map(|c| c.hash()).collect();
+    }
+    let signed_by = |c: &Change| sigs.get(&c.hash()).filter(|s| s.signs(c)).map(|s| &s.author);
+    // Permission changes whose author could not manage the map where they were made, and
+    // everything built on them, are left out.
+    let mut bad: std::collections::HashSet<ChangeHash> = changes
+        .iter()
+        .filter(|c| crate::map::needs_manage(c))
+        .filter(|c| {
+            let at = crate::map::policy_at(&scratch, Some(c.deps()));
+            !signed_by(c).is_some_and(|a| at.manages(a))
+        })
+        .map(|c| c.hash())
+        .collect();
+    loop {
+        let more: Vec<ChangeHash> = changes
+            .iter()
+            .filter(|c| !bad.contains(&c.hash()) && c.deps().iter().any(|d| bad.contains(d)))
+            .map(|c| c.hash())
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        bad.extend(more);
+    }
+    let kept: Vec<&Change> = changes
+        .iter()
+        .copied()
+        .filter(|c| !bad.contains(&c.hash()))
+        .collect();
+    let Some(scratch) = crate::map::scratch_meta(kept.iter().map(|c| (*c).clone()).collect()) else {
+        return Default::default();
+    };
+    let policy = crate::map::policy_at(&scratch, None);
+    let by_hash: HashMap<ChangeHash, &Change> = kept.iter().map(|c| (c.hash(), *c)).collect();
+    let mut ok = std::collections::HashSet::new();
+    let mut stack = Vec::new();
+    for c in &kept {
+        let root = policy.is_open()
+            || signed_by(c).is_some_and(|a| {
+                policy.writes(a) && (policy.manages(a) || !crate::map::needs_manage(c))
+            });
+        if root && ok.insert(c.hash()) {
+            stack.push(c.hash());
+        }
+    }
+    while let Some(h) = stack.pop() {
+        let Some(c) = by_hash.get(&h) else { continue };
+        for d in c.deps() {
+            if by_hash.contains_key(d) && ok.insert(*d) {
+                stack.push(*d);
             }
         }
     }

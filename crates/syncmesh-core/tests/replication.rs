@@ -700,3 +700,59 @@ fn history_from_before_the_first_entry_reaches_later_members() {
     assert_eq!(net.items("a", "m"), net.items("b", "m"));
     assert!(net.violations.is_empty(), "{:?}", net.violations);
 }
+
+#[test]
+fn a_node_fetching_a_map_refuses_permissions_a_member_granted_itself() {
+    use automerge::transaction::Transactable;
+    use syncmesh_core::replication::Bytes;
+    // R, a reader, makes a change that lists itself as a manager, signs it, and hands the map
+    // document (history and forgery) to N, which does not hold the map yet.
+    let mut net = Net::new(&["a", "b", "c", "r", "n"], &[]);
+    let sid = restricted_map(&mut net);
+    net.connect("a", "r");
+    net.run();
+    net.tick();
+    let r = net.id("r");
+    let me = net.node("r").host.identity().clone();
+    let m = net.node("r").host.by_sid(&sid).unwrap();
+    let saved = m.snapshot(DocAddr::Meta, now()).unwrap().unwrap();
+    let mut doc = automerge::AutoCommit::load(&saved).unwrap();
+    doc.set_actor(automerge::ActorId::from(me.actor.clone()));
+    doc.put(automerge::ROOT, format!("p:{r}"), 7u64).unwrap();
+    doc.commit();
+    let forged = doc.get_last_local_change().unwrap().clone();
+    let mut sigs = vec![(
+        Bytes(forged.hash().0.to_vec()),
+        me.signer.as_ref().unwrap().sign(&forged.hash()).unwrap(),
+    )];
+    let history: Vec<automerge::Change> = doc.get_changes(&[]);
+    for c in &history {
+        if let Some(s) = m.signature(&c.hash()) {
+            sigs.push((Bytes(c.hash().0.to_vec()), s.clone()));
+        }
+    }
+    let msg = Wire::Changes {
+        sid: sid.clone(),
+        docs: vec![(
+            DocAddr::Meta,
+            history
+                .iter()
+                .map(|c| Bytes(c.raw_bytes().to_vec()))
+                .collect(),
+        )],
+        sigs,
+    }
+    .encode();
+    hold(&mut net, "n", "m");
+    net.connect("n", "r");
+    net.disconnect("n", "r"); // N only listens to this one message
+    let node = net.node("n");
+    node.rep.receive(&r, &msg, &mut node.host, now()).unwrap();
+    let m = node.host.by_sid(&sid).unwrap();
+    assert!(m.exists(), "N took the map's history");
+    assert!(!m.policy().is_open());
+    assert!(!m.policy().manages(&r), "N took R's grant to itself");
+    assert!(!m.policy().writes(&r));
+    let refusals = node.rep.take_refusals();
+    assert!(refusals.iter().any(|x| x.peer == r && x.changes == 1), "{refusals:?}");
+}
