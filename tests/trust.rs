@@ -53,10 +53,15 @@ async fn pair(opts: InviteOptions) -> (Node, Node) {
     let a = builder().open().await.unwrap();
     addr(&a).await;
     let b = builder().open().await.unwrap();
+    let write = opts.write;
     let inv = a.invite(opts).await.unwrap();
     let inviter = b.join(&inv.ticket).await.unwrap();
     assert_eq!(inviter.peer_id, peer_id(&a).to_string());
     assert_eq!(inviter.source, TrustSource::Joined);
+    // The invitee learns whether its writes will be taken, and remembers it.
+    assert_eq!(inviter.takes_our_writes, Some(write));
+    let listed = b.peers().await.unwrap().trusted;
+    assert_eq!(listed[0].takes_our_writes, Some(write));
     (a, b)
 }
 
@@ -870,4 +875,40 @@ async fn signatures_are_stored_and_passed_on_after_a_restart() {
     drop((mb, mc));
     b.close().await.unwrap();
     c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_join_with_the_same_inviter_waits_for_the_first() {
+    // The ticket's address takes TCP connections and never answers: the first join waits.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let a = builder().open().await.unwrap();
+    addr(&a).await;
+    let inv = a.invite(InviteOptions::default()).await.unwrap();
+    let mut t = Ticket::parse(&inv.ticket).unwrap();
+    t.addrs = vec![format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap()];
+    let ticket = t.encode();
+    let b = builder().open().await.unwrap();
+    // Two joins at once: the engine takes them in turn, and the first waits for the dial (which
+    // only fails after libp2p's handshake timeout), so the second finds it under way.
+    let (r1, r2) = tokio::join!(b.join(&ticket), b.join(&ticket));
+    let e = match (r1, r2) {
+        (Err(Error::Trust(TrustError::JoinUnderWay)), Err(other))
+        | (Err(other), Err(Error::Trust(TrustError::JoinUnderWay))) => {
+            assert!(
+                matches!(other, Error::Trust(TrustError::Unreachable(_))),
+                "{other}"
+            );
+            Error::Trust(TrustError::JoinUnderWay)
+        }
+        other => panic!("one join must find the other under way: {other:?}"),
+    };
+    assert_eq!(e.http_status(), 409);
+    assert!(
+        b.peers().await.unwrap().trusted.is_empty(),
+        "nobody is trusted"
+    );
+    drop(hole);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
 }

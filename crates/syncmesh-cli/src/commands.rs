@@ -494,6 +494,11 @@ pub async fn join(c: &Client, out: Out, ticket: &str) -> Outcome {
         s(&p["peer_id"]),
         maps_text(&p["maps"]),
     );
+    if p["takes_our_writes"] == false {
+        println!(
+            "read-only: the invitation does not let this node change them; its writes stay here"
+        );
+    }
     Ok(())
 }
 

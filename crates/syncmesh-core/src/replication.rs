@@ -1203,7 +1203,11 @@ fn authorize_first_meta(
         // An open map: every trusted peer may write it.
         return changes.iter().map(|c| c.hash()).collect();
     }
-    let signed_by = |c: &Change| sigs.get(&c.hash()).filter(|s| s.signs(c)).map(|s| &s.author);
+    let signed_by = |c: &Change| {
+        sigs.get(&c.hash())
+            .filter(|s| s.signs(c))
+            .map(|s| &s.author)
+    };
     // Permission changes whose author could not manage the map where they were made, and
     // everything built on them, are left out.
     let mut bad: std::collections::HashSet<ChangeHash> = changes
@@ -1231,7 +1235,8 @@ fn authorize_first_meta(
         .copied()
         .filter(|c| !bad.contains(&c.hash()))
         .collect();
-    let Some(scratch) = crate::map::scratch_meta(kept.iter().map(|c| (*c).clone()).collect()) else {
+    let Some(scratch) = crate::map::scratch_meta(kept.iter().map(|c| (*c).clone()).collect())
+    else {
         return Default::default();
     };
     let policy = crate::map::policy_at(&scratch, None);

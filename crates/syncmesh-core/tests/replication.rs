@@ -754,5 +754,8 @@ fn a_node_fetching_a_map_refuses_permissions_a_member_granted_itself() {
     assert!(!m.policy().manages(&r), "N took R's grant to itself");
     assert!(!m.policy().writes(&r));
     let refusals = node.rep.take_refusals();
-    assert!(refusals.iter().any(|x| x.peer == r && x.changes == 1), "{refusals:?}");
+    assert!(
+        refusals.iter().any(|x| x.peer == r && x.changes == 1),
+        "{refusals:?}"
+    );
 }

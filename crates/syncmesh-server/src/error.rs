@@ -43,6 +43,8 @@ pub mod codes {
     pub const NO_NETWORK: u32 = 20306;
     /// The ticket was issued by this node; it is for another node (400).
     pub const OWN_TICKET: u32 = 20307;
+    /// A join with the same inviter is already under way (409).
+    pub const JOIN_UNDER_WAY: u32 = 20308;
 }
 
 /// An error answered as `{"code", "message", "more_info", "status"}`.
@@ -107,6 +109,7 @@ impl From<syncmesh::Error> for ApiError {
                     TrustError::Unreachable(_) => codes::INVITER_UNREACHABLE,
                     TrustError::BadPeerId(_) => codes::BAD_PEER_ID,
                     TrustError::OwnTicket => codes::OWN_TICKET,
+                    TrustError::JoinUnderWay => codes::JOIN_UNDER_WAY,
                     _ => codes::INVALID_PARAMETER,
                 };
                 (

@@ -349,6 +349,9 @@ pub struct TrustedPeerResource {
     pub connected: bool,
     /// Changes it sent that were refused (it may not write the map) since the node started.
     pub refused_changes: u64,
+    /// Whether it takes this node's changes, as it answered when this node joined it with a
+    /// ticket (`false`: a read-only invitation); `null` when not known.
+    pub takes_our_writes: Option<bool>,
 }
 
 impl From<syncmesh::trust::TrustedPeer> for TrustedPeerResource {
@@ -365,6 +368,7 @@ impl From<syncmesh::trust::TrustedPeer> for TrustedPeerResource {
             write: p.write,
             connected: p.connected,
             refused_changes: p.refused_changes,
+            takes_our_writes: p.takes_our_writes,
         }
     }
 }

@@ -70,9 +70,9 @@ pub async fn invite(
     )),
     responses(
         (status = 201, description = "Joined: the inviter, now trusted", body = TrustedPeerResource),
-        (status = 400, description = "No ticket or a join already under way (20001), a malformed ticket (20301), or this node's own ticket (20307)", body = ErrorBody),
+        (status = 400, description = "No ticket (20001), a malformed ticket (20301), or this node's own ticket (20307)", body = ErrorBody),
         (status = 403, description = "The inviter refused: the ticket is used up, expired or forged (20302)", body = ErrorBody),
-        (status = 409, description = "The node is not on a network (20306)", body = ErrorBody),
+        (status = 409, description = "The node is not on a network (20306), or a join with this inviter is already under way (20308)", body = ErrorBody),
         (status = 504, description = "The inviter could not be reached or did not answer (20303)", body = ErrorBody),
     ),
 )]

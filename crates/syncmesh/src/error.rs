@@ -95,6 +95,7 @@ impl Error {
             Error::Trust(t) => match t {
                 crate::trust::TrustError::Refused(_) => 403,
                 crate::trust::TrustError::Unreachable(_) => 504,
+                crate::trust::TrustError::JoinUnderWay => 409,
                 _ => 400,
             },
             Error::NoNetwork => 409,

@@ -53,6 +53,9 @@ pub enum TrustError {
     /// The ticket is this node's own.
     #[error("this ticket was issued by this node; give it to another node")]
     OwnTicket,
+    /// A join with the same inviter is under way: wait for its answer.
+    #[error("a join with this inviter is already under way; wait for its answer")]
+    JoinUnderWay,
 }
 
 /// What an invitation allows. `Default`: every map, read and write, 10 minutes, one use.
@@ -139,6 +142,10 @@ pub struct TrustRecord {
     /// mesh): a record that denies.
     #[serde(default)]
     pub denied: bool,
+    /// Whether that peer takes this node's changes, as it answered when this node joined it
+    /// with a ticket (`None`: not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takes_our_writes: Option<bool>,
 }
 
 impl TrustRecord {
@@ -179,6 +186,10 @@ pub struct TrustedPeer {
     pub connected: bool,
     /// Changes it sent that were refused (it may not write the map) since this node started.
     pub refused_changes: u64,
+    /// Whether it takes this node's changes, as it answered when this node joined it with a
+    /// ticket (`Some(false)`: a read-only invitation, so this node's writes stay here); `None`
+    /// when not known.
+    pub takes_our_writes: Option<bool>,
 }
 
 /// A peer found on the local network (mDNS).
@@ -478,6 +489,7 @@ impl TrustBook {
                     maps: None,
                     write: true,
                     denied: false,
+                    takes_our_writes: None,
                 });
             }
         }
@@ -515,6 +527,7 @@ impl TrustBook {
                 maps: None,
                 write: true,
                 denied: false,
+                takes_our_writes: None,
             },
         };
         self.records.insert(key.clone(), rec.clone());
@@ -545,6 +558,7 @@ impl TrustBook {
                 maps: Some(Vec::new()),
                 write: false,
                 denied: true,
+                takes_our_writes: None,
             };
             self.records.insert(peer.to_string(), rec.clone());
             writes.trust.push((peer.to_string(), Some(rec)));
@@ -693,6 +707,7 @@ impl TrustBook {
                 maps: if configured { None } else { inv.maps.clone() },
                 write: inv.write || configured,
                 denied: false,
+                takes_our_writes: None,
             },
         };
         self.records.insert(key.clone(), rec.clone());
@@ -705,6 +720,7 @@ impl TrustBook {
         &mut self,
         ticket: &Ticket,
         maps: Option<Vec<String>>,
+        takes_our_writes: bool,
         now: Timestamp,
     ) -> (TrustRecord, TrustWrites) {
         let key = ticket.peer.to_string();
@@ -735,6 +751,7 @@ impl TrustBook {
             maps,
             write: true,
             denied: false,
+            takes_our_writes: Some(takes_our_writes),
         };
         self.records.insert(key.clone(), rec.clone());
         (

@@ -96,6 +96,7 @@ impl Engine {
             write: rec.write,
             connected,
             refused_changes: self.refused.get(&rec.peer_id).copied().unwrap_or(0),
+            takes_our_writes: rec.takes_our_writes,
         }
     }
 
@@ -254,9 +255,7 @@ impl Engine {
             return;
         }
         if n.joins.iter().any(|j| j.ticket.peer == ticket.peer) {
-            let _ = reply.send(Err(Error::Trust(TrustError::Invalid(
-                "a join with this inviter is already under way".into(),
-            ))));
+            let _ = reply.send(Err(Error::Trust(TrustError::JoinUnderWay)));
             return;
         }
         let req = JoinRequest {
@@ -428,13 +427,20 @@ impl Engine {
                 Ok(JoinResponse::Refused { reason }) => {
                     Err(Error::Trust(TrustError::Refused(reason)))
                 }
-                Ok(JoinResponse::Accepted { maps, .. }) => {
+                Ok(JoinResponse::Accepted { maps, write }) => {
                     let mut book = self.trust.clone();
-                    let (rec, w) = book.joined(&pending.ticket, maps, now);
+                    let (rec, w) = book.joined(&pending.ticket, maps, write, now);
                     self.persist_trust(w).map(|()| {
                         self.trust = book;
                         self.problems.remove(&peer.to_string());
-                        tracing::info!(%peer, "joined: the inviter is trusted");
+                        if write {
+                            tracing::info!(%peer, "joined: the inviter is trusted");
+                        } else {
+                            tracing::warn!(
+                                %peer,
+                                "joined read-only: the inviter is trusted, but it does not take this node's changes (they stay here)"
+                            );
+                        }
                         self.adopt_trust(&rec);
                         self.trusted_peer(&rec)
                     })
