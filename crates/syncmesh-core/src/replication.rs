@@ -901,7 +901,7 @@ impl Replicator {
                     msg = msg.without_changes(|h| m.has_change(doc, h));
                 } else {
                     // Read here, after the documents before it (the map document first).
-                    let ok = authorize(m, doc, msg.changes(), &sigs);
+                    let (ok, verified) = authorize(m, doc, msg.changes(), &sigs);
                     if ok.len() < msg.change_count() {
                         refused.extend(
                             msg.changes()
@@ -911,7 +911,7 @@ impl Replicator {
                         );
                         msg = msg.retain_changes(&ok, |h| m.has_change(doc, h));
                     }
-                    keep_sigs(m, msg.changes(), &sigs);
+                    keep_sigs(m, msg.changes(), &sigs, &verified);
                 }
             }
             let state = p.sessions.entry((sid.clone(), doc)).or_default();
@@ -1030,7 +1030,7 @@ impl Replicator {
         for (doc, cs, checked) in decoded {
             // Authors' rights are read per document: a map-document change applied just
             // before may have changed them.
-            let ok = authorize(m, doc, &cs, &sigs);
+            let (ok, verified) = authorize(m, doc, &cs, &sigs);
             let n = cs.len();
             let cs: Vec<Change> = if ok.len() == n {
                 cs
@@ -1047,7 +1047,7 @@ impl Replicator {
                 doc,
                 cs.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect(),
             ));
-            keep_sigs(m, &cs, &sigs);
+            keep_sigs(m, &cs, &sigs, &verified);
             if let Err(e) = m.apply_checked(doc, cs, checked, now) {
                 // Refused against this replica's state: not relayed, nobody blamed.
                 tracing::warn!(map = %sid, "gossip for {doc:?} was not applied: {e}");
@@ -1126,20 +1126,28 @@ impl Replicator {
 /// - a change taken here depends on it (its author's change builds on it, which endorses it).
 ///
 /// So a change by a peer without `Write`, or in a writer's name but not signed by it, is
-/// refused by every node, whoever passes it on.
+/// refused by every node, whoever passes it on. Returns the changes taken, and those whose
+/// signature was checked on the way.
 pub fn authorize(
     m: &mut MapReplica,
     doc: DocAddr,
     changes: &[Change],
     sigs: &HashMap<ChangeHash, Signature>,
-) -> std::collections::HashSet<ChangeHash> {
+) -> (
+    std::collections::HashSet<ChangeHash>,
+    std::collections::HashSet<ChangeHash>,
+) {
     if doc == DocAddr::Meta && m.knows_nothing() {
-        return authorize_first_meta(changes, sigs);
+        return (authorize_first_meta(changes, sigs), Default::default());
     }
     let policy = m.policy().clone();
     if policy.is_open() {
-        return changes.iter().map(Change::hash).collect();
+        return (
+            changes.iter().map(Change::hash).collect(),
+            Default::default(),
+        );
     }
+    let mut verified = std::collections::HashSet::new();
     let by_hash: HashMap<ChangeHash, &Change> = changes.iter().map(|c| (c.hash(), c)).collect();
     let mut ok = std::collections::HashSet::new();
     let mut stack: Vec<ChangeHash> = Vec::new();
@@ -1153,6 +1161,7 @@ pub fn authorize(
                         || policy.manages(&s.author)
                         || !crate::map::needs_manage(c))
                     && s.signs(c)
+                    && verified.insert(h)
             });
         if root && ok.insert(h) {
             stack.push(h);
@@ -1176,7 +1185,7 @@ pub fn authorize(
             }
         }
     }
-    ok
+    (ok, verified)
 }
 
 /// [`authorize`] for the first map-document changes a replica gets, when it does not know the
@@ -1264,7 +1273,12 @@ fn authorize_first_meta(
 }
 
 /// Keeps the signatures of taken changes that carry one, once checked.
-fn keep_sigs(m: &mut MapReplica, taken: &[Change], sigs: &HashMap<ChangeHash, Signature>) {
+fn keep_sigs(
+    m: &mut MapReplica,
+    taken: &[Change],
+    sigs: &HashMap<ChangeHash, Signature>,
+    verified: &std::collections::HashSet<ChangeHash>,
+) {
     if sigs.is_empty() {
         return;
     }
@@ -1273,7 +1287,8 @@ fn keep_sigs(m: &mut MapReplica, taken: &[Change], sigs: &HashMap<ChangeHash, Si
         .filter_map(|c| {
             let h = c.hash();
             let s = sigs.get(&h)?;
-            (m.signature(&h).is_none() && s.signs(c)).then(|| (h, s.clone()))
+            (m.signature(&h).is_none() && (verified.contains(&h) || s.signs(c)))
+                .then(|| (h, s.clone()))
         })
         .collect();
     m.keep_signatures(good);

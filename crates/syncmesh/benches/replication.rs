@@ -88,7 +88,7 @@ async fn node_role() {
     };
     loop {
         if let Some(a) = node.network().unwrap().listen_addrs.first() {
-            say(format!("addr {a}"));
+            say(format!("addr {a} {}", node.network().unwrap().peer_id));
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -115,6 +115,19 @@ async fn node_role() {
             }
             ["open"] => {
                 map = Some(node.map("users").await.unwrap());
+                say("ok".into());
+            }
+            ["share", peer] => {
+                // The map gets permission entries: every change to it is signed and checked.
+                let m = map.as_ref().unwrap();
+                m.set_permission(syncmesh::Permission {
+                    identity: peer.to_string(),
+                    read: true,
+                    write: true,
+                    manage: false,
+                })
+                .await
+                .unwrap();
                 say("ok".into());
             }
             ["fetch"] => {
@@ -200,6 +213,7 @@ struct Proc {
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
     addr: String,
+    id: String,
 }
 
 impl Proc {
@@ -229,9 +243,11 @@ impl Proc {
             stdin,
             lines,
             addr: String::new(),
+            id: String::new(),
         };
         let a = p.expect("addr");
         p.addr = a[0].clone();
+        p.id = a[1].clone();
         p
     }
 
@@ -272,14 +288,34 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn w1() {
-    let d = tempfile::tempdir().unwrap();
-    let mut a = Proc::start("A", &d.path().join("a"), &[]);
-    let mut b = Proc::start("B", &d.path().join("b"), &[&a.addr.clone()]);
+/// A and B connected, each holding "users"; with `shared`, the map has permission entries
+/// (B may write), so every change is signed and checked against its author.
+fn pair(d: &std::path::Path, shared: bool) -> (Proc, Proc) {
+    let mut a = Proc::start("A", &d.join("a"), &[]);
+    let mut b = Proc::start("B", &d.join("b"), &[&a.addr.clone()]);
     a.call("peers 1");
     b.call("peers 1");
     a.call("open");
-    b.call("open");
+    if shared {
+        a.call(&format!("share {}", b.id));
+        b.call("fetch");
+    } else {
+        b.call("open");
+    }
+    (a, b)
+}
+
+fn label(shared: bool) -> &'static str {
+    if shared {
+        " (map with permission entries: signed changes)"
+    } else {
+        ""
+    }
+}
+
+fn w1(shared: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(d.path(), shared);
     let warm = 100u64;
     let n = 1000u64;
     b.call(&format!("watch {}", warm + n));
@@ -298,7 +334,8 @@ fn w1() {
     lat.sort_by(f64::total_cmp);
     let (ra, rb) = (a.quit(), b.quit());
     println!(
-        "W1 latency (A's write call to B's event), {n} writes after {warm} warm-up: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs; peak RSS A {} MiB, B {} MiB",
+        "W1{} latency (A's write call to B's event), {n} writes after {warm} warm-up: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs; peak RSS A {} MiB, B {} MiB",
+        label(shared),
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         lat[lat.len() - 1],
@@ -307,14 +344,9 @@ fn w1() {
     );
 }
 
-fn w2() {
+fn w2(shared: bool) {
     let d = tempfile::tempdir().unwrap();
-    let mut a = Proc::start("A", &d.path().join("a"), &[]);
-    let mut b = Proc::start("B", &d.path().join("b"), &[&a.addr.clone()]);
-    a.call("peers 1");
-    b.call("peers 1");
-    a.call("open");
-    b.call("open");
+    let (mut a, mut b) = pair(d.path(), shared);
     let n = 10_000;
     b.call(&format!("watch {n}"));
     a.send(&format!("burst {n} 64"));
@@ -326,7 +358,8 @@ fn w2() {
     let secs = (tb - t0) as f64 / 1e9;
     let (ra, rb) = (a.quit(), b.quit());
     println!(
-        "W2 throughput: {n} items written on A (64 concurrent writers, durable) in {:.2} s; B had all of them after {secs:.2} s: {:.0} items/s end to end; peak RSS A {} MiB, B {} MiB",
+        "W2{} throughput: {n} items written on A (64 concurrent writers, durable) in {:.2} s; B had all of them after {secs:.2} s: {:.0} items/s end to end; peak RSS A {} MiB, B {} MiB",
+        label(shared),
         (ta - t0) as f64 / 1e9,
         n as f64 / secs,
         ra / 1024,
@@ -403,10 +436,16 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if want("w1") {
-        w1();
+        w1(false);
+    }
+    if want("w1s") {
+        w1(true);
     }
     if want("w2") {
-        w2();
+        w2(false);
+    }
+    if want("w2s") {
+        w2(true);
     }
     if want("w3") {
         w3();
