@@ -1908,6 +1908,9 @@ impl MapReplica {
     fn refresh_map_state(&mut self, is_local: bool, now: Timestamp) {
         let new = read_map_state(&self.meta_doc);
         let old = std::mem::replace(&mut self.state, new);
+        if !is_local && old.policy.is_open() && !self.state.policy.is_open() {
+            self.sign_own_history();
+        }
         if self.state.inc != old.inc {
             // A new incarnation: the previous one's items are gone.
             self.reset_items(is_local, now, !self.removal_announced && old.exists());
@@ -1919,6 +1922,53 @@ impl MapReplica {
         if self.state.exists() && self.state.removed.is_some() && !self.removal_announced {
             self.reset_items(is_local, now, true);
             self.removal_announced = true;
+        }
+    }
+
+    /// A peer gave the map permission entries: this node signs the changes it made while it
+    /// held the map open and that the entries do not endorse (made before it learnt of them,
+    /// they went out unsigned, and peers holding the entries take them only from a writer that
+    /// signed them). A signature over a change hash is as good made later as at commit time.
+    fn sign_own_history(&mut self) {
+        let Some(signer) = self.id.signer.clone() else {
+            return;
+        };
+        let Some(prefix) = crate::authorship::actor_prefix(signer.peer_id()) else {
+            return;
+        };
+        let mut docs: Vec<&mut Automerge> = vec![&mut self.meta_doc];
+        let mut failed = false;
+        for sh in self.shards.values_mut() {
+            match sh.doc() {
+                Ok(d) => docs.push(d),
+                Err(_) => failed = true,
+            }
+        }
+        let mut made = Vec::new();
+        for d in docs {
+            // Only what came after the endorsed heads this document has.
+            let since: Vec<ChangeHash> = self
+                .state
+                .endorsed
+                .iter()
+                .filter(|h| d.get_change_by_hash(h).is_some())
+                .copied()
+                .collect();
+            for c in d.get_changes(&since) {
+                let h = c.hash();
+                if !self.sigs.contains_key(&h) && c.actor_id().to_bytes().starts_with(&prefix) {
+                    if let Some(sig) = signer.sign(&h) {
+                        made.push((h, sig));
+                    }
+                }
+            }
+        }
+        if failed {
+            tracing::warn!(map = %self.sid, "a shard could not be loaded to sign this node's earlier changes to it");
+        }
+        for (h, sig) in made {
+            self.sigs.insert(h, sig.clone());
+            self.new_sigs.push((h, sig));
         }
     }
 

@@ -759,3 +759,37 @@ fn a_node_fetching_a_map_refuses_permissions_a_member_granted_itself() {
         "{refusals:?}"
     );
 }
+
+#[test]
+fn writes_made_before_a_writer_learnt_of_the_entries_are_signed_then_and_taken() {
+    use syncmesh_core::policy::{READ, WRITE};
+    // W writes while apart from A; meanwhile A restricts the map to W (and B).
+    let mut net = Net::new(&["a", "w", "b"], &[]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({"v": 0}));
+    hold(&mut net, "w", "m");
+    net.connect("a", "w");
+    net.run();
+    net.tick();
+    net.disconnect("a", "w");
+    for i in 0..3 {
+        write(&mut net, "w", "m", &format!("w{i}"), json!({"v": i}));
+    }
+    net.run();
+    let (a, w, b) = (net.id("a"), net.id("w"), net.id("b"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    m.set_permission(&perm(&w, READ | WRITE), &a, now())
+        .unwrap();
+    m.set_permission(&perm(&b, READ | WRITE), &a, now())
+        .unwrap();
+    net.run();
+    // They meet again: A takes W's writes once W has signed them.
+    net.connect("a", "w");
+    net.run();
+    net.tick();
+    net.tick();
+    let keys: Vec<String> = net.items("a", "m").into_iter().map(|i| i.0).collect();
+    assert_eq!(keys, vec!["a0", "w0", "w1", "w2"]);
+    assert_eq!(net.items("a", "m"), net.items("w", "m"));
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
