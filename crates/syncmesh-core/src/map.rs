@@ -464,6 +464,8 @@ struct MapState {
     policy: crate::policy::Policy,
     /// Endorsed shard heads (see [`MapReplica::endorsed`]).
     endorsed: HashSet<ChangeHash>,
+    /// The same, by shard (every conflicting value of each `g<shard>` slot).
+    endorsed_by_shard: BTreeMap<u16, Vec<ChangeHash>>,
 }
 
 impl MapState {
@@ -528,6 +530,8 @@ pub struct MapReplica {
     /// Changes that changes taken from peers depend on and that have not arrived: taken
     /// whoever wrote them ([`crate::replication::authorize`]).
     wanted: HashSet<(DocAddr, ChangeHash)>,
+    /// See [`MapReplica::take_resend`].
+    resend: Vec<(DocAddr, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -579,6 +583,7 @@ impl MapReplica {
             sigs: HashMap::new(),
             new_sigs: Vec::new(),
             wanted: HashSet::new(),
+            resend: Vec::new(),
         }
     }
 
@@ -862,20 +867,15 @@ impl MapReplica {
         }
         let add_me = policy.is_open() && p.identity != me && crate::policy::valid_identity(me);
         let flags = p.flags();
-        // The map's history so far was written while everyone could write: the change that
-        // restricts it endorses it, shard by shard (map-document history is endorsed by being
-        // this change's ancestors), so peers take those changes whoever made them.
-        let mut endorse = Vec::new();
-        if policy.is_open() {
-            self.flush(now)?;
-            for (index, sh) in self.shards.iter_mut() {
-                let heads = sh.heads()?;
-                if !heads.is_empty() {
-                    let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
-                    endorse.push((format!("g{index}"), bytes));
-                }
-            }
-        }
+        // The map's history so far was written while everyone could write (or by a writer who
+        // loses `Write` now): this change endorses it, shard by shard (map-document history is
+        // endorsed by being this change's ancestors), so peers take it whoever made it.
+        let loses_write = policy.get(&p.identity).is_some_and(|o| o.write) && !p.write;
+        let endorse = if policy.is_open() || loses_write {
+            self.endorsement(now)?
+        } else {
+            Vec::new()
+        };
         self.commit_meta(now, |tx| {
             for (slot, heads) in endorse {
                 tx.put(ROOT, slot, heads).map_err(tx_err)?;
@@ -914,10 +914,45 @@ impl MapReplica {
                 self.display_name()
             )));
         }
+        let endorse = if self.state.policy.writes(identity) {
+            self.endorsement(now)?
+        } else {
+            Vec::new()
+        };
         self.commit_meta(now, |tx| {
+            for (slot, heads) in endorse {
+                tx.put(ROOT, slot, heads).map_err(tx_err)?;
+            }
             tx.delete(ROOT, format!("{}{identity}", crate::policy::PREFIX))
                 .map_err(tx_err)
         })
+    }
+
+    /// `g<shard>` slots endorsing every shard's history as this replica has it, plus what was
+    /// endorsed before and this replica lacks (a slot can be rewritten by a manager that has
+    /// not seen everything the last one endorsed).
+    fn endorsement(&mut self, now: Timestamp) -> Result<Vec<(String, Vec<u8>)>> {
+        const MAX_HEADS: usize = 256;
+        self.flush(now)?;
+        let mut out = Vec::new();
+        let before = self.state.endorsed_by_shard.clone();
+        for (index, sh) in self.shards.iter_mut() {
+            let mut heads = sh.heads()?;
+            if let Some(old) = before.get(index) {
+                let d = sh.doc()?;
+                for h in old {
+                    if d.get_change_by_hash(h).is_none() && !heads.contains(h) {
+                        heads.push(*h);
+                    }
+                }
+            }
+            heads.truncate(MAX_HEADS);
+            if !heads.is_empty() {
+                let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
+                out.push((format!("g{index}"), bytes));
+            }
+        }
+        Ok(out)
     }
 
     // ----- items -----
@@ -1936,16 +1971,18 @@ impl MapReplica {
         let Some(prefix) = crate::authorship::actor_prefix(signer.peer_id()) else {
             return;
         };
-        let mut docs: Vec<&mut Automerge> = vec![&mut self.meta_doc];
+        let inc = self.state.inc;
+        let mut docs: Vec<(DocAddr, &mut Automerge)> = vec![(DocAddr::Meta, &mut self.meta_doc)];
         let mut failed = false;
-        for sh in self.shards.values_mut() {
+        for (index, sh) in self.shards.iter_mut() {
             match sh.doc() {
-                Ok(d) => docs.push(d),
+                Ok(d) => docs.push((DocAddr::Shard { inc, index: *index }, d)),
                 Err(_) => failed = true,
             }
         }
         let mut made = Vec::new();
-        for d in docs {
+        let mut resend = Vec::new();
+        for (addr, d) in docs {
             // Only what came after the endorsed heads this document has.
             let since: Vec<ChangeHash> = self
                 .state
@@ -1959,6 +1996,7 @@ impl MapReplica {
                 if !self.sigs.contains_key(&h) && c.actor_id().to_bytes().starts_with(&prefix) {
                     if let Some(sig) = signer.sign(&h) {
                         made.push((h, sig));
+                        resend.push((addr, c.raw_bytes().to_vec()));
                     }
                 }
             }
@@ -1970,6 +2008,19 @@ impl MapReplica {
             self.sigs.insert(h, sig.clone());
             self.new_sigs.push((h, sig));
         }
+        // Peers that took these changes unsigned need the signatures too (to pass them on).
+        self.resend.extend(resend);
+    }
+
+    /// Changes of this node to send to peers again, now with signatures (not to be stored
+    /// again: they are stored already).
+    pub fn take_resend(&mut self) -> Vec<(DocAddr, Vec<u8>)> {
+        std::mem::take(&mut self.resend)
+    }
+
+    /// A copy of the map document, to try peers' changes on before taking them.
+    pub(crate) fn meta_fork(&self) -> Automerge {
+        self.meta_doc.fork()
     }
 
     /// Applies the changes that were waiting for the map document (or a newer incarnation).
@@ -2651,7 +2702,8 @@ fn read_map_state(doc: &Automerge) -> MapState {
     heads.sort();
     let revision = Revision::from_hash(hash64(heads.iter().map(|h| h.0.as_slice())));
     let policy = read_policy(doc);
-    let endorsed = read_endorsed(doc);
+    let endorsed_by_shard = read_endorsed(doc);
+    let endorsed = endorsed_by_shard.values().flatten().copied().collect();
     MapState {
         name,
         inc,
@@ -2663,35 +2715,34 @@ fn read_map_state(doc: &Automerge) -> MapState {
         revision,
         policy,
         endorsed,
+        endorsed_by_shard,
     }
 }
 
-/// The shard heads endorsed when the map got its first permission entry (`g<shard>` slots).
-fn read_endorsed(doc: &Automerge) -> HashSet<ChangeHash> {
-    let mut out = HashSet::new();
+/// The shard heads endorsed when the map got its first permission entry or a writer lost
+/// `Write` (`g<shard>` slots; concurrent endorsements all count).
+fn read_endorsed(doc: &Automerge) -> BTreeMap<u16, Vec<ChangeHash>> {
+    let mut out: BTreeMap<u16, Vec<ChangeHash>> = BTreeMap::new();
     for k in doc.keys(ROOT) {
-        if !k.starts_with('g') {
+        let Some(index) = k.strip_prefix('g').and_then(|i| i.parse::<u16>().ok()) else {
             continue;
-        }
-        if let Some((Value::Scalar(s), _)) = doc.get(ROOT, k.as_str()).ok().flatten() {
-            if let ScalarValue::Bytes(b) = s.as_ref() {
-                for h in b.chunks_exact(32) {
-                    if let Ok(h) = ChangeHash::try_from(h) {
-                        out.insert(h);
+        };
+        for (v, _) in doc.get_all(ROOT, k.as_str()).unwrap_or_default() {
+            if let Value::Scalar(s) = v {
+                if let ScalarValue::Bytes(b) = s.as_ref() {
+                    let list = out.entry(index).or_default();
+                    for h in b.chunks_exact(32) {
+                        if let Ok(h) = ChangeHash::try_from(h) {
+                            if !list.contains(&h) {
+                                list.push(h);
+                            }
+                        }
                     }
                 }
             }
         }
     }
     out
-}
-
-/// A map document made of `changes` alone (for checking them before they are applied); `None`
-/// if Automerge refuses them.
-pub(crate) fn scratch_meta(changes: Vec<Change>) -> Option<Automerge> {
-    let mut d = Automerge::new();
-    d.apply_changes(changes).ok()?;
-    Some(d)
 }
 
 /// The permissions a map document says, at its heads or at `at`.

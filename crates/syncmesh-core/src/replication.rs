@@ -901,17 +901,17 @@ impl Replicator {
                     msg = msg.without_changes(|h| m.has_change(doc, h));
                 } else {
                     // Read here, after the documents before it (the map document first).
-                    let (ok, verified) = authorize(m, doc, msg.changes(), &sigs);
-                    if ok.len() < msg.change_count() {
+                    let v = authorize(m, doc, msg.changes(), &sigs);
+                    if v.ok.len() < msg.change_count() {
                         refused.extend(
                             msg.changes()
                                 .iter()
                                 .map(Change::hash)
-                                .filter(|h| !ok.contains(h)),
+                                .filter(|h| !v.ok.contains(h) && !v.deferred.contains(h)),
                         );
-                        msg = msg.retain_changes(&ok, |h| m.has_change(doc, h));
+                        msg = msg.retain_changes(&v.ok, |h| m.has_change(doc, h));
                     }
-                    keep_sigs(m, msg.changes(), &sigs, &verified);
+                    keep_sigs(m, msg.changes(), &sigs, &v.verified);
                 }
             }
             let state = p.sessions.entry((sid.clone(), doc)).or_default();
@@ -1027,17 +1027,23 @@ impl Replicator {
         let mut lagging = Vec::new();
         let mut refused = Vec::new();
         let mut kept: Vec<(DocAddr, Vec<Bytes>)> = Vec::new();
+        let mut dropped = false;
         for (doc, cs, checked) in decoded {
             // Authors' rights are read per document: a map-document change applied just
             // before may have changed them.
-            let (ok, verified) = authorize(m, doc, &cs, &sigs);
+            let v = authorize(m, doc, &cs, &sigs);
             let n = cs.len();
-            let cs: Vec<Change> = if ok.len() == n {
+            let cs: Vec<Change> = if v.ok.len() == n {
                 cs
             } else {
                 let (ok_cs, bad): (Vec<Change>, Vec<Change>) =
-                    cs.into_iter().partition(|c| ok.contains(&c.hash()));
-                refused.extend(bad.iter().map(Change::hash));
+                    cs.into_iter().partition(|c| v.ok.contains(&c.hash()));
+                refused.extend(
+                    bad.iter()
+                        .map(Change::hash)
+                        .filter(|h| !v.deferred.contains(h)),
+                );
+                dropped |= !bad.is_empty();
                 ok_cs
             };
             if cs.is_empty() {
@@ -1047,7 +1053,7 @@ impl Replicator {
                 doc,
                 cs.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect(),
             ));
-            keep_sigs(m, &cs, &sigs, &verified);
+            keep_sigs(m, &cs, &sigs, &v.verified);
             if let Err(e) = m.apply_checked(doc, cs, checked, now) {
                 // Refused against this replica's state: not relayed, nobody blamed.
                 tracing::warn!(map = %sid, "gossip for {doc:?} was not applied: {e}");
@@ -1061,7 +1067,7 @@ impl Replicator {
         let novel = m.received_len() > received_before;
         host.touched(&sid);
         // What was refused is not passed on: the rest goes on as a message of its own.
-        let rewritten = (!refused.is_empty() && !kept.is_empty()).then(|| {
+        let rewritten = (dropped && !kept.is_empty()).then(|| {
             let hashes: BTreeSet<ChangeHash> = kept
                 .iter()
                 .flat_map(|(_, l)| l.iter())
@@ -1078,7 +1084,7 @@ impl Replicator {
             }
             .encode()
         });
-        let relay = relay && (refused.is_empty() || rewritten.is_some());
+        let relay = relay && (!dropped || rewritten.is_some());
         self.refuse(peer, &sid, refused);
         if lagging.is_empty() {
             return Ok(GossipOutcome {
@@ -1115,37 +1121,58 @@ impl Replicator {
     }
 }
 
+/// What [`authorize`] decided about a batch of changes of one document.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// The changes taken.
+    pub ok: std::collections::HashSet<ChangeHash>,
+    /// Those whose signature was checked on the way.
+    pub verified: std::collections::HashSet<ChangeHash>,
+    /// Changes that cannot be judged yet (their history or the map's permissions have not
+    /// arrived): not taken, not held against the sender; they come again.
+    pub deferred: std::collections::HashSet<ChangeHash>,
+}
+
+/// Most permission changes judged in one batch (each costs a copy of the map document as of
+/// its dependencies); the rest are deferred to later batches.
+const MAX_JUDGED_PER_BATCH: usize = 64;
+
 /// Which of `changes` (of document `doc` of map `m`) this node takes, by their authors' rights.
 ///
 /// A map without permission entries takes every change (its shell already decided the sender
-/// may write). Otherwise a change is taken when
+/// may write). Otherwise a shard change is taken when
 /// - it is signed by its author ([`Signature::signs`]) and the map's permissions let the author
-///   write (and manage, for a change of permissions or a removal), or
-/// - it is in the history the map had when it got its first entry ([`MapReplica::endorsed`]),
-///   or a change taken earlier depends on it ([`MapReplica::wants`]), or
+///   write, or
+/// - it is in the history endorsed when the map got its first entry or a writer lost `Write`
+///   ([`MapReplica::endorsed`]), or a change taken earlier depends on it
+///   ([`MapReplica::wants`]), or
 /// - a change taken here depends on it (its author's change builds on it, which endorses it).
 ///
-/// So a change by a peer without `Write`, or in a writer's name but not signed by it, is
-/// refused by every node, whoever passes it on. Returns the changes taken, and those whose
-/// signature was checked on the way.
+/// Map-document changes are judged by [`authorize_meta`]. So a change by a peer without
+/// `Write`, or in a writer's name but not signed by it, is refused by every node, whoever
+/// passes it on.
 pub fn authorize(
     m: &mut MapReplica,
     doc: DocAddr,
     changes: &[Change],
     sigs: &HashMap<ChangeHash, Signature>,
-) -> (
-    std::collections::HashSet<ChangeHash>,
-    std::collections::HashSet<ChangeHash>,
-) {
-    if doc == DocAddr::Meta && m.knows_nothing() {
-        return (authorize_first_meta(changes, sigs), Default::default());
+) -> Verdict {
+    if doc == DocAddr::Meta {
+        return authorize_meta(m, changes, sigs);
+    }
+    if m.knows_nothing() {
+        // The map's permissions are not known here yet: its shards wait for it.
+        return Verdict {
+            deferred: changes.iter().map(Change::hash).collect(),
+            ..Verdict::default()
+        };
     }
     let policy = m.policy().clone();
     if policy.is_open() {
-        return (
-            changes.iter().map(Change::hash).collect(),
-            Default::default(),
-        );
+        return Verdict {
+            ok: changes.iter().map(Change::hash).collect(),
+            ..Verdict::default()
+        };
     }
     let mut verified = std::collections::HashSet::new();
     let by_hash: HashMap<ChangeHash, &Change> = changes.iter().map(|c| (c.hash(), c)).collect();
@@ -1155,14 +1182,9 @@ pub fn authorize(
         let h = c.hash();
         let root = m.endorsed().contains(&h)
             || m.wants(doc, &h)
-            || sigs.get(&h).is_some_and(|s| {
-                policy.writes(&s.author)
-                    && (doc != DocAddr::Meta
-                        || policy.manages(&s.author)
-                        || !crate::map::needs_manage(c))
-                    && s.signs(c)
-                    && verified.insert(h)
-            });
+            || sigs
+                .get(&h)
+                .is_some_and(|s| policy.writes(&s.author) && s.signs(c) && verified.insert(h));
         if root && ok.insert(h) {
             stack.push(h);
         }
@@ -1185,91 +1207,135 @@ pub fn authorize(
             }
         }
     }
-    (ok, verified)
+    Verdict {
+        ok,
+        verified,
+        deferred: Default::default(),
+    }
 }
 
-/// [`authorize`] for the first map-document changes a replica gets, when it does not know the
-/// map's permissions yet: they are read from the changes themselves. A change of permissions
-/// counts only if its author could manage the map as of the change's own dependencies (so a
-/// peer cannot grant itself rights in the same batch), and the rest is checked against the
-/// permissions the remaining changes give.
-fn authorize_first_meta(
+/// [`authorize`] for map-document changes. They are tried on a copy of the map document:
+/// - a change of permissions (or a removal) counts only if its signed author could manage the
+///   map as of the change's own dependencies, so nobody grants itself rights, whether the
+///   change is new or handed over as history; changes built on one that does not count do not
+///   count either;
+/// - the other changes are judged like shard changes, against the permissions the map has
+///   with the batch's counted changes applied (so a batch granting `Write` and using it is
+///   taken at once);
+/// - a change whose dependencies are missing here is deferred (it comes again with them).
+///
+/// A replica that has nothing of the map yet judges the first map-document changes it gets
+/// the same way, from the permissions those changes give.
+pub fn authorize_meta(
+    m: &mut MapReplica,
     changes: &[Change],
     sigs: &HashMap<ChangeHash, Signature>,
-) -> std::collections::HashSet<ChangeHash> {
-    let Some(scratch) = crate::map::scratch_meta(changes.to_vec()) else {
-        return Default::default(); // Automerge would refuse them too
-    };
-    // A change whose history did not come with it cannot be judged: it comes again with it.
-    let changes: Vec<&Change> = changes
-        .iter()
-        .filter(|c| {
-            use automerge::ReadDoc;
-            scratch.get_change_by_hash(&c.hash()).is_some()
-        })
-        .collect();
-    if crate::map::policy_at(&scratch, None).is_open() {
-        // An open map: every trusted peer may write it.
-        return changes.iter().map(|c| c.hash()).collect();
+) -> Verdict {
+    use automerge::ReadDoc;
+    let mut v = Verdict::default();
+    let mut fresh: Vec<&Change> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for c in changes {
+        let h = c.hash();
+        if !seen.insert(h) {
+            continue;
+        }
+        if m.has_change(DocAddr::Meta, &h) {
+            v.ok.insert(h); // already here: taking it again changes nothing
+        } else {
+            fresh.push(c);
+        }
     }
+    if fresh.is_empty() {
+        return v;
+    }
+    let mut scratch = m.meta_fork();
+    if scratch
+        .apply_changes(fresh.iter().map(|c| (*c).clone()))
+        .is_err()
+    {
+        // Automerge refuses them against this document: applying them would fail too.
+        v.deferred.extend(fresh.iter().map(|c| c.hash()));
+        return v;
+    }
+    let (applied, waiting): (Vec<&Change>, Vec<&Change>) = fresh
+        .into_iter()
+        .partition(|c| scratch.get_change_by_hash(&c.hash()).is_some());
+    v.deferred.extend(waiting.iter().map(|c| c.hash()));
     let signed_by = |c: &Change| {
         sigs.get(&c.hash())
             .filter(|s| s.signs(c))
             .map(|s| &s.author)
     };
-    // Permission changes whose author could not manage the map where they were made, and
-    // everything built on them, are left out.
-    let mut bad: std::collections::HashSet<ChangeHash> = changes
-        .iter()
-        .filter(|c| crate::map::needs_manage(c))
-        .filter(|c| {
-            let at = crate::map::policy_at(&scratch, Some(c.deps()));
-            !signed_by(c).is_some_and(|a| at.manages(a))
-        })
-        .map(|c| c.hash())
-        .collect();
-    loop {
-        let more: Vec<ChangeHash> = changes
-            .iter()
-            .filter(|c| !bad.contains(&c.hash()) && c.deps().iter().any(|d| bad.contains(d)))
-            .map(|c| c.hash())
-            .collect();
-        if more.is_empty() {
-            break;
+    // Permission changes, judged where they were made.
+    let mut bad: std::collections::HashSet<ChangeHash> = std::collections::HashSet::new();
+    let mut judged = 0;
+    for c in applied.iter().filter(|c| crate::map::needs_manage(c)) {
+        judged += 1;
+        if judged > MAX_JUDGED_PER_BATCH {
+            v.deferred.insert(c.hash());
+            bad.insert(c.hash());
+            continue;
         }
-        bad.extend(more);
+        let at = crate::map::policy_at(&scratch, Some(c.deps()));
+        match signed_by(c) {
+            Some(a) if at.manages(a) => {
+                v.verified.insert(c.hash());
+            }
+            _ => {
+                bad.insert(c.hash());
+            }
+        }
     }
-    let kept: Vec<&Change> = changes
+    // Everything built on a change that does not count does not count either.
+    let mut children: HashMap<ChangeHash, Vec<ChangeHash>> = HashMap::new();
+    for c in &applied {
+        for d in c.deps() {
+            children.entry(*d).or_default().push(c.hash());
+        }
+    }
+    let mut stack: Vec<ChangeHash> = bad.iter().copied().collect();
+    while let Some(h) = stack.pop() {
+        for child in children.get(&h).into_iter().flatten() {
+            if bad.insert(*child) {
+                stack.push(*child);
+            }
+        }
+    }
+    let kept: Vec<&Change> = applied
         .iter()
         .copied()
         .filter(|c| !bad.contains(&c.hash()))
         .collect();
-    let Some(scratch) = crate::map::scratch_meta(kept.iter().map(|c| (*c).clone()).collect())
-    else {
-        return Default::default();
-    };
-    let policy = crate::map::policy_at(&scratch, None);
+    let mut counted = m.meta_fork();
+    if counted
+        .apply_changes(kept.iter().map(|c| (*c).clone()))
+        .is_err()
+    {
+        v.deferred.extend(kept.iter().map(|c| c.hash()));
+        return v;
+    }
+    let policy = crate::map::policy_at(&counted, None);
     let by_hash: HashMap<ChangeHash, &Change> = kept.iter().map(|c| (c.hash(), *c)).collect();
-    let mut ok = std::collections::HashSet::new();
     let mut stack = Vec::new();
     for c in &kept {
+        let h = c.hash();
         let root = policy.is_open()
-            || signed_by(c).is_some_and(|a| {
-                policy.writes(a) && (policy.manages(a) || !crate::map::needs_manage(c))
-            });
-        if root && ok.insert(c.hash()) {
-            stack.push(c.hash());
+            || v.verified.contains(&h)
+            || signed_by(c).is_some_and(|a| policy.writes(a)) && v.verified.insert(h);
+        if root && v.ok.insert(h) {
+            stack.push(h);
         }
     }
     while let Some(h) = stack.pop() {
         let Some(c) = by_hash.get(&h) else { continue };
         for d in c.deps() {
-            if by_hash.contains_key(d) && ok.insert(*d) {
+            if by_hash.contains_key(d) && v.ok.insert(*d) {
                 stack.push(*d);
             }
         }
     }
-    ok
+    v
 }
 
 /// Keeps the signatures of taken changes that carry one, once checked.

@@ -707,7 +707,7 @@ fn a_node_fetching_a_map_refuses_permissions_a_member_granted_itself() {
     use syncmesh_core::replication::Bytes;
     // R, a reader, makes a change that lists itself as a manager, signs it, and hands the map
     // document (history and forgery) to N, which does not hold the map yet.
-    let mut net = Net::new(&["a", "b", "c", "r", "n"], &[]);
+    let mut net = Net::new(&["a", "b", "c", "r", "n", "n2"], &[]);
     let sid = restricted_map(&mut net);
     net.connect("a", "r");
     net.run();
@@ -731,33 +731,39 @@ fn a_node_fetching_a_map_refuses_permissions_a_member_granted_itself() {
             sigs.push((Bytes(c.hash().0.to_vec()), s.clone()));
         }
     }
-    let msg = Wire::Changes {
-        sid: sid.clone(),
-        docs: vec![(
-            DocAddr::Meta,
-            history
-                .iter()
-                .map(|c| Bytes(c.raw_bytes().to_vec()))
-                .collect(),
-        )],
-        sigs,
+    let msg = |cs: &[automerge::Change]| {
+        Wire::Changes {
+            sid: sid.clone(),
+            docs: vec![(
+                DocAddr::Meta,
+                cs.iter().map(|c| Bytes(c.raw_bytes().to_vec())).collect(),
+            )],
+            sigs: sigs.clone(),
+        }
+        .encode()
+    };
+    // In one message, and (found in review) with the map's creation sent ahead alone.
+    let whole = vec![msg(&history)];
+    let split = vec![msg(&history[..1]), msg(&history[1..])];
+    for (n, msgs) in [("n", whole), ("n2", split)] {
+        hold(&mut net, n, "m");
+        net.connect(n, "r");
+        net.disconnect(n, "r"); // N only listens to these messages
+        let node = net.node(n);
+        for bytes in msgs {
+            node.rep.receive(&r, &bytes, &mut node.host, now()).unwrap();
+        }
+        let m = node.host.by_sid(&sid).unwrap();
+        assert!(m.exists(), "{n} took the map's history");
+        assert!(!m.policy().is_open());
+        assert!(!m.policy().manages(&r), "{n} took R's grant to itself");
+        assert!(!m.policy().writes(&r));
+        let refusals = node.rep.take_refusals();
+        assert!(
+            refusals.iter().any(|x| x.peer == r && x.changes == 1),
+            "{n}: {refusals:?}"
+        );
     }
-    .encode();
-    hold(&mut net, "n", "m");
-    net.connect("n", "r");
-    net.disconnect("n", "r"); // N only listens to this one message
-    let node = net.node("n");
-    node.rep.receive(&r, &msg, &mut node.host, now()).unwrap();
-    let m = node.host.by_sid(&sid).unwrap();
-    assert!(m.exists(), "N took the map's history");
-    assert!(!m.policy().is_open());
-    assert!(!m.policy().manages(&r), "N took R's grant to itself");
-    assert!(!m.policy().writes(&r));
-    let refusals = node.rep.take_refusals();
-    assert!(
-        refusals.iter().any(|x| x.peer == r && x.changes == 1),
-        "{refusals:?}"
-    );
 }
 
 #[test]
@@ -792,4 +798,191 @@ fn writes_made_before_a_writer_learnt_of_the_entries_are_signed_then_and_taken()
     assert_eq!(keys, vec!["a0", "w0", "w1", "w2"]);
     assert_eq!(net.items("a", "m"), net.items("w", "m"));
     assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+/// R's map document as R holds it, with R's actor, to make changes R's node would refuse.
+fn forge_meta(net: &mut Net, who: &str, sid: &MapSid) -> (automerge::AutoCommit, Identity) {
+    let me = net.node(who).host.identity().clone();
+    let m = net.node(who).host.by_sid(sid).unwrap();
+    let saved = m.snapshot(DocAddr::Meta, now()).unwrap().unwrap();
+    let mut doc = automerge::AutoCommit::load(&saved).unwrap();
+    doc.set_actor(automerge::ActorId::from(me.actor.clone()));
+    (doc, me)
+}
+
+fn signed_changes(
+    me: &Identity,
+    sid: &MapSid,
+    doc: DocAddr,
+    changes: &[automerge::Change],
+) -> Vec<u8> {
+    use syncmesh_core::replication::Bytes;
+    Wire::Changes {
+        sid: sid.clone(),
+        docs: vec![(
+            doc,
+            changes
+                .iter()
+                .map(|c| Bytes(c.raw_bytes().to_vec()))
+                .collect(),
+        )],
+        sigs: changes
+            .iter()
+            .map(|c| {
+                (
+                    Bytes(c.hash().0.to_vec()),
+                    me.signer.as_ref().unwrap().sign(&c.hash()).unwrap(),
+                )
+            })
+            .collect(),
+    }
+    .encode()
+}
+
+#[test]
+fn a_writer_cannot_slip_a_grant_to_itself_under_a_change_it_may_make() {
+    use automerge::transaction::Transactable;
+    // Found in review: B (a writer) lists itself as a manager (C1), then makes an ordinary
+    // change on top (C2), both signed; C2 alone would be taken, and C1 with it as its ancestor.
+    let mut net = Net::new(&["a", "b", "c", "r"], &[]);
+    let sid = restricted_map(&mut net);
+    net.connect("a", "b");
+    net.run();
+    net.tick();
+    let b = net.id("b");
+    let (mut doc, me) = forge_meta(&mut net, "b", &sid);
+    doc.put(automerge::ROOT, format!("p:{b}"), 7u64).unwrap();
+    doc.commit();
+    let c1 = doc.get_last_local_change().unwrap().clone();
+    doc.put(automerge::ROOT, "u0", 5i64).unwrap();
+    doc.commit();
+    let c2 = doc.get_last_local_change().unwrap().clone();
+    for order in [vec![c1.clone(), c2.clone()], vec![c2.clone(), c1.clone()]] {
+        for c in order {
+            let msg = signed_changes(&me, &sid, DocAddr::Meta, std::slice::from_ref(&c));
+            let node = net.node("a");
+            node.rep.receive(&b, &msg, &mut node.host, now()).unwrap();
+        }
+        let msg = signed_changes(&me, &sid, DocAddr::Meta, &[c1.clone(), c2.clone()]);
+        let node = net.node("a");
+        node.rep.receive(&b, &msg, &mut node.host, now()).unwrap();
+        let m = node.host.by_sid(&sid).unwrap();
+        assert!(!m.policy().manages(&b), "B made itself a manager");
+        assert!(!m.has_change(DocAddr::Meta, &c2.hash()), "C2 rests on C1");
+    }
+}
+
+#[test]
+fn a_node_fetching_a_map_waits_for_its_permissions_before_taking_shard_changes() {
+    // Found in review: a reader's shard changes sent to a node that holds the map empty were
+    // parked, then applied unchecked once the map document arrived.
+    let mut net = Net::new(&["a", "b", "c", "r"], &[]);
+    let sid = restricted_map(&mut net);
+    net.connect("a", "r");
+    net.run();
+    net.tick();
+    write(&mut net, "r", "m", "evil", json!({}));
+    let m = net.node("r").host.by_sid(&sid).unwrap();
+    m.flush(now()).unwrap();
+    let ch = m.take_outgoing().pop().unwrap();
+    let sigs = m.take_signatures();
+    let msg = Wire::Changes {
+        sid: sid.clone(),
+        docs: vec![(
+            ch.doc,
+            vec![syncmesh_core::replication::Bytes(ch.bytes.clone())],
+        )],
+        sigs: sigs
+            .iter()
+            .map(|(h, s)| (syncmesh_core::replication::Bytes(h.0.to_vec()), s.clone()))
+            .collect(),
+    }
+    .encode();
+    // C is listed, holds the map empty (it is fetching it) and has met nobody yet.
+    let r = net.id("r");
+    {
+        let node = net.node("c");
+        node.rep.peer_up(&r, &mut node.host);
+        node.rep.receive(&r, &msg, &mut node.host, now()).unwrap();
+        assert!(
+            node.rep.take_refusals().is_empty(),
+            "not judged yet, not blamed"
+        );
+    }
+    net.node("c").rep.peer_down(&r);
+    net.queue.clear();
+    // C gets the map from A; R's change is nowhere but on R.
+    net.connect("c", "a");
+    net.run();
+    net.tick();
+    assert_eq!(net.items("c", "m"), net.items("a", "m"));
+    assert!(net.items("c", "m").iter().all(|(k, _, _)| k != "evil"));
+}
+
+#[test]
+fn a_revoked_writers_earlier_writes_reach_later_members() {
+    use syncmesh_core::policy::READ;
+    // Found in review: W's writes (signed, taken everywhere) were refused by members that
+    // arrived after W lost Write, unless someone had written on top of them since.
+    let mut net = Net::new(&["a", "b", "c", "r"], &[]);
+    let sid = restricted_map(&mut net);
+    net.connect("a", "b");
+    net.run();
+    write(&mut net, "b", "m", "from_b", json!({}));
+    net.run();
+    net.tick();
+    assert!(net.items("a", "m").iter().any(|(k, _, _)| k == "from_b"));
+    let (a, b) = (net.id("a"), net.id("b"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    m.set_permission(&perm(&b, READ), &a, now()).unwrap();
+    net.disconnect("a", "b");
+    net.connect("a", "c");
+    net.run();
+    net.tick();
+    assert_eq!(net.items("c", "m"), net.items("a", "m"));
+    assert!(net.items("c", "m").iter().any(|(k, _, _)| k == "from_b"));
+}
+
+#[test]
+fn signatures_made_late_reach_nodes_that_took_the_changes_unsigned() {
+    use syncmesh_core::policy::{READ, WRITE};
+    // W and X hold the map open and share W's writes; A restricts it (W and X writers) while
+    // apart from them. W signs its writes when it learns of the entries, and X must get the
+    // signatures too: C, arriving later, meets only X.
+    let mut net = Net::new(&["a", "w", "x", "c"], &[]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({}));
+    for n in ["w", "x"] {
+        hold(&mut net, n, "m");
+    }
+    net.connect("a", "w");
+    net.connect("w", "x");
+    net.run();
+    net.tick();
+    net.disconnect("a", "w");
+    write(&mut net, "w", "m", "from_w", json!({}));
+    net.run();
+    net.tick();
+    assert!(net.items("x", "m").iter().any(|(k, _, _)| k == "from_w"));
+    let (a, w, x, c) = (net.id("a"), net.id("w"), net.id("x"), net.id("c"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    for id in [&w, &x, &c] {
+        m.set_permission(&perm(id, READ | WRITE), &a, now())
+            .unwrap();
+    }
+    net.connect("a", "w");
+    net.run();
+    net.tick();
+    net.disconnect("a", "w");
+    net.disconnect("w", "x");
+    net.connect("x", "a");
+    net.run();
+    net.tick();
+    net.disconnect("x", "a");
+    hold(&mut net, "c", "m");
+    net.connect("c", "x");
+    net.run();
+    net.tick();
+    let keys: Vec<String> = net.items("c", "m").into_iter().map(|i| i.0).collect();
+    assert_eq!(keys, vec!["a0", "from_w"]);
 }

@@ -798,6 +798,8 @@ impl Engine {
             let local = changes.len();
             changes.extend(m.take_received());
             let sigs = m.take_signatures();
+            // Changes this node signed after the fact go out again (they are stored already).
+            let resend = m.take_resend();
             if !m.exists()
                 && changes.is_empty()
                 && view.entries.is_empty()
@@ -806,9 +808,11 @@ impl Engine {
                 // A map waited for that has not arrived: nothing to store yet.
                 continue;
             }
-            if local > 0 && self.net.is_some() {
+            if (local > 0 || !resend.is_empty()) && self.net.is_some() {
                 let sigs: std::collections::HashMap<_, _> = sigs.iter().cloned().collect();
-                to_gossip.push((sid.clone(), changes[..local].to_vec(), sigs));
+                let mut out = changes[..local].to_vec();
+                out.extend(resend);
+                to_gossip.push((sid.clone(), out, sigs));
             }
             for (doc, _) in &changes {
                 let n = self

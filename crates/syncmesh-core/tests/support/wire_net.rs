@@ -130,6 +130,10 @@ impl Net {
                 for c in m.take_outgoing() {
                     by_map.entry(c.map).or_default().push((c.doc, c.bytes));
                 }
+                let resend = m.take_resend();
+                if !resend.is_empty() {
+                    by_map.entry(m.sid().clone()).or_default().extend(resend);
+                }
                 sigs.extend(m.take_signatures());
                 node.events.extend(m.take_events());
                 m.take_received();
