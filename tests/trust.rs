@@ -44,6 +44,16 @@ async fn keys(m: &Map) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The unique names of the maps a node holds.
+async fn map_names(n: &Node) -> Vec<Option<String>> {
+    n.maps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.unique_name)
+        .collect()
+}
+
 async fn has(m: &Map, key: &str) -> bool {
     m.get(key).await.is_ok()
 }
@@ -519,22 +529,10 @@ async fn map_permissions_decide_who_receives_and_changes_a_map_on_every_node() {
     open.set("marker", json!({})).await.unwrap();
     wait_for("C holds the open map", || {
         let c = c.clone();
-        async move {
-            c.maps()
-                .await
-                .unwrap()
-                .iter()
-                .any(|m| m.unique_name.as_deref() == Some("open"))
-        }
+        async move { map_names(&c).await.contains(&Some("open".into())) }
     })
     .await;
-    let listed: Vec<Option<String>> = c
-        .maps()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.unique_name)
-        .collect();
+    let listed = map_names(&c).await;
     assert!(
         !listed.contains(&Some("m".into())),
         "C never hears of m: {listed:?}"
@@ -787,22 +785,10 @@ async fn a_map_created_with_permissions_never_reaches_unlisted_peers() {
         .unwrap();
     wait_for("C holds the open map", || {
         let c = c.clone();
-        async move {
-            c.maps()
-                .await
-                .unwrap()
-                .iter()
-                .any(|m| m.unique_name.as_deref() == Some("open"))
-        }
+        async move { map_names(&c).await.contains(&Some("open".into())) }
     })
     .await;
-    let names: Vec<Option<String>> = c
-        .maps()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| m.unique_name)
-        .collect();
+    let names = map_names(&c).await;
     assert!(!names.contains(&Some("secret".into())), "{names:?}");
     // Without a network there is nobody to name.
     let solo = Node::in_memory().await.unwrap();

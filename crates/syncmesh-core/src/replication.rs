@@ -1189,14 +1189,7 @@ pub fn authorize(
             stack.push(h);
         }
     }
-    while let Some(h) = stack.pop() {
-        let Some(c) = by_hash.get(&h) else { continue };
-        for d in c.deps() {
-            if by_hash.contains_key(d) && ok.insert(*d) {
-                stack.push(*d);
-            }
-        }
-    }
+    take_ancestors(&mut ok, stack, &by_hash);
     // What the taken changes depend on and is missing here is taken when it comes.
     for h in &ok {
         if let Some(c) = by_hash.get(h) {
@@ -1249,15 +1242,11 @@ pub fn authorize_meta(
     if fresh.is_empty() {
         return v;
     }
-    let mut scratch = m.meta_fork();
-    if scratch
-        .apply_changes(fresh.iter().map(|c| (*c).clone()))
-        .is_err()
-    {
+    let Some(scratch) = on_fork(m, &fresh) else {
         // Automerge refuses them against this document: applying them would fail too.
         v.deferred.extend(fresh.iter().map(|c| c.hash()));
         return v;
-    }
+    };
     let (applied, waiting): (Vec<&Change>, Vec<&Change>) = fresh
         .into_iter()
         .partition(|c| scratch.get_change_by_hash(&c.hash()).is_some());
@@ -1307,14 +1296,10 @@ pub fn authorize_meta(
         .copied()
         .filter(|c| !bad.contains(&c.hash()))
         .collect();
-    let mut counted = m.meta_fork();
-    if counted
-        .apply_changes(kept.iter().map(|c| (*c).clone()))
-        .is_err()
-    {
+    let Some(counted) = on_fork(m, &kept) else {
         v.deferred.extend(kept.iter().map(|c| c.hash()));
         return v;
-    }
+    };
     let policy = crate::map::policy_at(&counted, None);
     let by_hash: HashMap<ChangeHash, &Change> = kept.iter().map(|c| (c.hash(), *c)).collect();
     let mut stack = Vec::new();
@@ -1327,15 +1312,32 @@ pub fn authorize_meta(
             stack.push(h);
         }
     }
+    take_ancestors(&mut v.ok, stack, &by_hash);
+    v
+}
+
+/// Adds to `ok` every change of the batch (`by_hash`) that the changes in `stack` (taken
+/// already) depend on, directly or not.
+fn take_ancestors(
+    ok: &mut std::collections::HashSet<ChangeHash>,
+    mut stack: Vec<ChangeHash>,
+    by_hash: &HashMap<ChangeHash, &Change>,
+) {
     while let Some(h) = stack.pop() {
         let Some(c) = by_hash.get(&h) else { continue };
         for d in c.deps() {
-            if by_hash.contains_key(d) && v.ok.insert(*d) {
+            if by_hash.contains_key(d) && ok.insert(*d) {
                 stack.push(*d);
             }
         }
     }
-    v
+}
+
+/// A copy of the map document with `changes` applied; `None` if Automerge refuses them.
+fn on_fork(m: &MapReplica, changes: &[&Change]) -> Option<automerge::Automerge> {
+    let mut d = m.meta_fork();
+    d.apply_changes(changes.iter().map(|c| (*c).clone())).ok()?;
+    Some(d)
 }
 
 /// Keeps the signatures of taken changes that carry one, once checked.
