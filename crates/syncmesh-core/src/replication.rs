@@ -1258,22 +1258,28 @@ pub fn authorize_meta(
     };
     // Permission changes, judged where they were made.
     let mut bad: std::collections::HashSet<ChangeHash> = std::collections::HashSet::new();
+    let mut capped = Vec::new();
     let mut judged = 0;
+    // A replica holding the map judges by its current permissions too: a change built on an
+    // old state (or on none) cannot claim rights its author no longer has.
+    let current = (!m.knows_nothing()).then(|| m.policy().clone());
     for c in applied.iter().filter(|c| crate::map::needs_manage(c)) {
-        judged += 1;
-        if judged > MAX_JUDGED_PER_BATCH {
-            v.deferred.insert(c.hash());
+        // The cheap checks first: a copy of the document as of the change's dependencies is
+        // made only for a signed change whose author manages the map now.
+        let author = signed_by(c).filter(|a| current.as_ref().is_none_or(|p| p.manages(a)));
+        let Some(a) = author else {
             bad.insert(c.hash());
             continue;
+        };
+        judged += 1;
+        if judged > MAX_JUDGED_PER_BATCH {
+            capped.push(c.hash());
+            continue;
         }
-        let at = crate::map::policy_at(&scratch, Some(c.deps()));
-        match signed_by(c) {
-            Some(a) if at.manages(a) => {
-                v.verified.insert(c.hash());
-            }
-            _ => {
-                bad.insert(c.hash());
-            }
+        if !c.deps().is_empty() && crate::map::policy_at(&scratch, Some(c.deps())).manages(a) {
+            v.verified.insert(c.hash());
+        } else {
+            bad.insert(c.hash());
         }
     }
     // Everything built on a change that does not count does not count either.
@@ -1283,6 +1289,17 @@ pub fn authorize_meta(
             children.entry(*d).or_default().push(c.hash());
         }
     }
+    // Over the cap: not judged this time, so neither they nor what rests on them is refused.
+    let mut later: std::collections::HashSet<ChangeHash> = capped.iter().copied().collect();
+    let mut stack = capped;
+    while let Some(h) = stack.pop() {
+        for child in children.get(&h).into_iter().flatten() {
+            if later.insert(*child) {
+                stack.push(*child);
+            }
+        }
+    }
+    v.deferred.extend(later.iter().copied());
     let mut stack: Vec<ChangeHash> = bad.iter().copied().collect();
     while let Some(h) = stack.pop() {
         for child in children.get(&h).into_iter().flatten() {
@@ -1291,6 +1308,7 @@ pub fn authorize_meta(
             }
         }
     }
+    bad.extend(later);
     let kept: Vec<&Change> = applied
         .iter()
         .copied()

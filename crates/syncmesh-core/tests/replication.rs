@@ -986,3 +986,32 @@ fn signatures_made_late_reach_nodes_that_took_the_changes_unsigned() {
     let keys: Vec<String> = net.items("c", "m").into_iter().map(|i| i.0).collect();
     assert_eq!(keys, vec!["a0", "from_w"]);
 }
+
+#[test]
+fn a_permission_change_built_on_nothing_or_an_old_state_is_refused() {
+    use automerge::transaction::Transactable;
+    // Found in review: a change with no dependencies saw an open map, where anyone manages.
+    let mut net = Net::new(&["a", "b", "c", "r"], &[]);
+    let sid = restricted_map(&mut net);
+    net.connect("a", "b");
+    net.run();
+    net.tick();
+    let (b, r) = (net.id("b"), net.id("r"));
+    let me = net.node("b").host.identity().clone();
+    let mut doc = automerge::AutoCommit::new();
+    let mut actor = me.actor.clone();
+    actor.push(1);
+    doc.set_actor(automerge::ActorId::from(actor));
+    doc.put(automerge::ROOT, format!("p:{r}"), 7u64).unwrap();
+    doc.commit();
+    let c = doc.get_last_local_change().unwrap().clone();
+    let msg = signed_changes(&me, &sid, DocAddr::Meta, &[c.clone()]);
+    let node = net.node("a");
+    node.rep.receive(&b, &msg, &mut node.host, now()).unwrap();
+    let m = node.host.by_sid(&sid).unwrap();
+    assert!(
+        !m.policy().manages(&r),
+        "a grant built on nothing was taken"
+    );
+    assert!(!m.has_change(DocAddr::Meta, &c.hash()));
+}
