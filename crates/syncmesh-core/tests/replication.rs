@@ -1005,7 +1005,7 @@ fn a_permission_change_built_on_nothing_or_an_old_state_is_refused() {
     doc.put(automerge::ROOT, format!("p:{r}"), 7u64).unwrap();
     doc.commit();
     let c = doc.get_last_local_change().unwrap().clone();
-    let msg = signed_changes(&me, &sid, DocAddr::Meta, &[c.clone()]);
+    let msg = signed_changes(&me, &sid, DocAddr::Meta, std::slice::from_ref(&c));
     let node = net.node("a");
     node.rep.receive(&b, &msg, &mut node.host, now()).unwrap();
     let m = node.host.by_sid(&sid).unwrap();
