@@ -1517,7 +1517,8 @@ fn split_sync(
     let mut msg = sync::Message::decode(bytes).ok()?;
     let mut chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
     msg.changes = sync::ChunkList::from(Vec::<Vec<u8>>::new());
-    if !m.policy().is_open() {
+    // (Map-document changes are judged with their history, oldest first.)
+    if doc != DocAddr::Meta && !m.policy().is_open() {
         chunks.reverse();
     }
     let mut out = Vec::new();
