@@ -898,3 +898,109 @@ async fn a_second_join_with_the_same_inviter_waits_for_the_first() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_made_late_are_fetched_after_a_restart_and_passed_on() {
+    // W and X hold "team" open; W's write reaches X. A (alone) then restricts the map. X learns
+    // of it first (W's write is unsigned there), restarts, and only later loads the map again,
+    // after W has learnt of the entries from A and signed its write. C meets only X, so it gets
+    // W's write only if X asked for (and kept) the signature W made late.
+    let open_at = |dir: std::path::PathBuf, listen: Multiaddr| async move {
+        Node::builder()
+            .data_dir(dir)
+            .listen(listen)
+            .mdns(false)
+            .open()
+            .await
+            .unwrap()
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let listen: Vec<Multiaddr> = (0..3).map(|_| fixed_local_addr()).collect();
+    let (da, dw, dx) = (
+        dirs[0].path().to_path_buf(),
+        dirs[1].path().to_path_buf(),
+        dirs[2].path().to_path_buf(),
+    );
+    let (la, lw, lx) = (listen[0].clone(), listen[1].clone(), listen[2].clone());
+    let connected = |n: &Node, k: usize| {
+        let n = n.clone();
+        move || {
+            let c = n.network().unwrap().connected.len();
+            async move { c >= k }
+        }
+    };
+    let a = open_at(da.clone(), la.clone()).await;
+    let w = open_at(dw.clone(), lw.clone()).await;
+    let x = open_at(dx.clone(), lx.clone()).await;
+    let c = builder().open().await.unwrap();
+    let (ia, iw, ix) = (peer_id(&a), peer_id(&w), peer_id(&x));
+    let members = [
+        perm(&w, true, true),
+        perm(&x, true, true),
+        perm(&c, true, true),
+    ];
+    for (n, peers) in [
+        (&a, vec![(iw, lw.clone()), (ix, lx.clone())]),
+        (&w, vec![(ia, la.clone()), (ix, lx.clone())]),
+        (&x, vec![(ia, la.clone()), (iw, lw.clone())]),
+    ] {
+        for (p, l) in peers {
+            n.trust(p, vec![l]).await.unwrap();
+        }
+    }
+    wait_for("all three connected", connected(&x, 2)).await;
+    let team = a.map("team").await.unwrap();
+    team.set("a0", json!({})).await.unwrap();
+    let mw = w.open_existing("team").await.unwrap();
+    let mx = x.open_existing("team").await.unwrap();
+    wait_for("W has a0", || has(&mw, "a0")).await;
+    wait_for("X has a0", || has(&mx, "a0")).await;
+    drop(team);
+    a.close().await.unwrap();
+    mw.set("from_w", json!({})).await.unwrap();
+    wait_for("X takes W's write", || has(&mx, "from_w")).await;
+    drop((mw, mx));
+    w.close().await.unwrap();
+    x.close().await.unwrap();
+
+    // A, alone, restricts the map (its endorsement does not cover W's write).
+    let a = open_at(da.clone(), la.clone()).await;
+    let team = a.map("team").await.unwrap();
+    for p in members {
+        team.set_permission(p).await.unwrap();
+    }
+    assert!(!has(&team, "from_w").await);
+    // X learns of the entries from A, then restarts.
+    let x = open_at(dx.clone(), lx.clone()).await;
+    x.trust(ia, vec![la.clone()]).await.unwrap();
+    let mx = x.open_existing("team").await.unwrap();
+    wait_for("X takes the entries", || {
+        let mx = mx.clone();
+        async move { !mx.permissions().await.unwrap().is_empty() }
+    })
+    .await;
+    drop(mx);
+    x.close().await.unwrap();
+    // W learns of them from A and signs its write, which A then takes.
+    let w = open_at(dw.clone(), lw.clone()).await;
+    w.trust(ia, vec![la.clone()]).await.unwrap();
+    wait_for("A takes W's signed write", || has(&team, "from_w")).await;
+    w.close().await.unwrap();
+    // X comes back: its map equals A's, yet it asks for the signature once the map is loaded.
+    let x = open_at(dx.clone(), lx.clone()).await;
+    x.trust(ia, vec![la.clone()]).await.unwrap();
+    wait_for("A and X connected", connected(&x, 1)).await;
+    let mx = x.map("team").await.unwrap();
+    // C trusts only X: it meets nobody else.
+    drop(team);
+    c.trust(ix, vec![lx.clone()]).await.unwrap();
+    x.trust(peer_id(&c), vec![]).await.unwrap();
+    wait_for("C and X connected", connected(&c, 1)).await;
+    let mc = c.open_existing("team").await.unwrap();
+    wait_for("C takes W's write from X", || has(&mc, "from_w")).await;
+    assert!(has(&mc, "a0").await);
+    drop((mx, mc));
+    for n in [a, x, c] {
+        n.close().await.unwrap();
+    }
+}

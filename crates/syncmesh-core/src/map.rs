@@ -532,6 +532,12 @@ pub struct MapReplica {
     wanted: HashSet<(DocAddr, ChangeHash)>,
     /// See [`MapReplica::take_resend`].
     resend: Vec<(DocAddr, Vec<u8>)>,
+    /// Others' changes this replica took unsigned while the map was open, that the entries do
+    /// not endorse (shard index by hash): their signatures are asked of peers
+    /// ([`MapReplica::unsigned`]).
+    unsigned: HashMap<ChangeHash, u16>,
+    /// Entries added to `unsigned` since the last [`MapReplica::take_unsigned_marks`].
+    new_unsigned: Vec<(ChangeHash, u16)>,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -584,6 +590,8 @@ impl MapReplica {
             new_sigs: Vec::new(),
             wanted: HashSet::new(),
             resend: Vec::new(),
+            unsigned: HashMap::new(),
+            new_unsigned: Vec::new(),
         }
     }
 
@@ -796,6 +804,7 @@ impl MapReplica {
     /// Keeps verified signatures of changes merged from peers (so they can be passed on).
     pub fn keep_signatures(&mut self, sigs: impl IntoIterator<Item = (ChangeHash, Signature)>) {
         for (h, s) in sigs {
+            self.unsigned.remove(&h);
             if let std::collections::hash_map::Entry::Vacant(e) = self.sigs.entry(h) {
                 e.insert(s.clone());
                 self.new_sigs.push((h, s));
@@ -806,6 +815,66 @@ impl MapReplica {
     /// Signatures restored from storage (not stored again).
     pub fn restore_signatures(&mut self, sigs: impl IntoIterator<Item = (ChangeHash, Signature)>) {
         self.sigs.extend(sigs);
+        self.unsigned.retain(|h, _| !self.sigs.contains_key(h));
+    }
+
+    /// Hashes (at most `max`) of changes this replica holds unsigned and that peers joining
+    /// later take only with their author's signature: took while the map was open, not
+    /// endorsed by its first entry. Asked of peers until they come.
+    pub fn unsigned(&self, max: usize) -> Vec<ChangeHash> {
+        self.unsigned.keys().take(max).copied().collect()
+    }
+
+    /// Entries of [`Self::unsigned`] added since the last call (with their shard), for storage.
+    pub fn take_unsigned_marks(&mut self) -> Vec<(ChangeHash, u16)> {
+        let mut marks = std::mem::take(&mut self.new_unsigned);
+        // Signed since: the signature is stored instead.
+        marks.retain(|(h, _)| self.unsigned.contains_key(h));
+        marks
+    }
+
+    /// [`Self::unsigned`] entries restored from storage (those signed since are skipped).
+    pub fn restore_unsigned(&mut self, marks: impl IntoIterator<Item = (ChangeHash, u16)>) {
+        for (h, index) in marks {
+            if !self.sigs.contains_key(&h) && self.unsigned.len() < MAX_UNSIGNED {
+                self.unsigned.insert(h, index);
+            }
+        }
+    }
+
+    /// Takes signatures a peer sent for [`Self::unsigned`] changes, each checked against its
+    /// change; returns how many were taken (anything else is ignored).
+    pub fn take_late_signatures(&mut self, sigs: Vec<(ChangeHash, Signature)>) -> usize {
+        let inc = self.state.inc;
+        let mut good = Vec::new();
+        for (h, s) in sigs {
+            let Some(&index) = self.unsigned.get(&h) else {
+                continue;
+            };
+            let Some(sh) = self.shards.get_mut(&index) else {
+                // The shard went with an old incarnation: nothing to sign any more.
+                self.unsigned.remove(&h);
+                continue;
+            };
+            let Ok(d) = sh.doc() else { continue };
+            match d.get_change_by_hash(&h) {
+                Some(c) if s.signs(&c) => good.push((h, s)),
+                Some(_) => {}
+                None => {
+                    tracing::debug!(map = %self.sid, inc, "an unsigned change is gone");
+                    self.unsigned.remove(&h);
+                }
+            }
+        }
+        let n = good.len();
+        self.keep_signatures(good);
+        n
+    }
+
+    /// Whether changes of `doc` belong to an incarnation of the map this replica has not
+    /// seen yet (its map document has not arrived).
+    pub fn awaits_incarnation(&self, doc: DocAddr) -> bool {
+        matches!(self.fate(doc), Fate::Waiting)
     }
 
     /// Whether this replica has nothing of the map document yet (it is fetching the map, and
@@ -932,11 +1001,11 @@ impl MapReplica {
     /// endorsed before and this replica lacks (a slot can be rewritten by a manager that has
     /// not seen everything the last one endorsed).
     fn endorsement(&mut self, now: Timestamp) -> Result<Vec<(String, Vec<u8>)>> {
-        const MAX_HEADS: usize = 256;
         self.flush(now)?;
         let mut out = Vec::new();
         let before = self.state.endorsed_by_shard.clone();
         for (index, sh) in self.shards.iter_mut() {
+            // This replica's heads first: they endorse all it holds.
             let mut heads = sh.heads()?;
             if let Some(old) = before.get(index) {
                 let d = sh.doc()?;
@@ -946,7 +1015,15 @@ impl MapReplica {
                     }
                 }
             }
-            heads.truncate(MAX_HEADS);
+            if heads.len() > MAX_ENDORSED_HEADS {
+                tracing::warn!(
+                    map = %self.sid,
+                    shard = index,
+                    "{} heads to endorse, more than {MAX_ENDORSED_HEADS}: the history of the rest reaches later members only from writers that signed it",
+                    heads.len()
+                );
+                heads.truncate(MAX_ENDORSED_HEADS);
+            }
             if !heads.is_empty() {
                 let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
                 out.push((format!("g{index}"), bytes));
@@ -1964,6 +2041,7 @@ impl MapReplica {
     /// held the map open and that the entries do not endorse (made before it learnt of them,
     /// they went out unsigned, and peers holding the entries take them only from a writer that
     /// signed them). A signature over a change hash is as good made later as at commit time.
+    /// Others' such changes are noted in [`Self::unsigned`], to get their signatures.
     fn sign_own_history(&mut self) {
         let Some(signer) = self.id.signer.clone() else {
             return;
@@ -1993,10 +2071,21 @@ impl MapReplica {
                 .collect();
             for c in d.get_changes(&since) {
                 let h = c.hash();
-                if !self.sigs.contains_key(&h) && c.actor_id().to_bytes().starts_with(&prefix) {
+                if self.sigs.contains_key(&h) {
+                    continue;
+                }
+                if c.actor_id().to_bytes().starts_with(&prefix) {
                     if let Some(sig) = signer.sign(&h) {
                         made.push((h, sig));
                         resend.push((addr, c.raw_bytes().to_vec()));
+                    }
+                } else if let DocAddr::Shard { index, .. } = addr {
+                    // Another's: its author signs it when it learns of the entries, and
+                    // peers joining later need that signature from here.
+                    if self.unsigned.len() < MAX_UNSIGNED
+                        && self.unsigned.insert(h, index).is_none()
+                    {
+                        self.new_unsigned.push((h, index));
                     }
                 }
             }
@@ -2271,6 +2360,15 @@ enum Fate {
     Waiting,
     Dead,
 }
+
+/// Most heads endorsed per shard (32 bytes each in the map document). A shard has as many
+/// heads as concurrent branches not merged yet, so this is reached only by hundreds of
+/// writers' changes that never saw each other.
+const MAX_ENDORSED_HEADS: usize = 1024;
+
+/// Most entries of [`MapReplica::unsigned`] (beyond, such changes reach later members only
+/// from their authors).
+const MAX_UNSIGNED: usize = 4096;
 
 /// Most items one change of a shard document carries. An item's slots hold at most
 /// [`limits::MAX_DATA_BYTES`] of data, so a change stays well under the gossip limit

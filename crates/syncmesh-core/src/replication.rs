@@ -89,7 +89,25 @@ pub enum Wire {
         /// Signatures of changes in the message ([`crate::authorship`]).
         sigs: Sigs,
     },
+    /// Asks for the signatures of changes of one map that the sender holds unsigned
+    /// ([`MapReplica::unsigned`]): at most [`MAX_SIGS_ASKED`] hashes.
+    WantSigs {
+        /// The map.
+        sid: MapSid,
+        /// Change hashes.
+        hashes: Vec<Bytes>,
+    },
+    /// The signatures asked for by [`Wire::WantSigs`] that the sender has.
+    Sigs {
+        /// The map.
+        sid: MapSid,
+        /// The signatures.
+        sigs: Sigs,
+    },
 }
+
+/// Most signatures asked for in one [`Wire::WantSigs`].
+pub const MAX_SIGS_ASKED: usize = 1024;
 
 /// `(change hash, signature)` pairs carried with changes.
 pub type Sigs = Vec<(Bytes, Signature)>;
@@ -129,14 +147,8 @@ impl Wire {
         }
         let w: Wire = postcard::from_bytes(bytes)
             .map_err(|e| Violation(format!("undecodable message: {e}")))?;
-        let sids: Vec<&MapSid> = match &w {
-            Wire::Hello { maps, .. } => maps.iter().map(|(s, _)| s).collect(),
-            Wire::Docs { sid, .. } | Wire::Sync { sid, .. } | Wire::Changes { sid, .. } => {
-                vec![sid]
-            }
-        };
-        for s in sids {
-            if MapSid::parse(s.as_str()).as_ref() != Some(s) {
+        for s in msg_sids(&w) {
+            if MapSid::parse(s.as_str()).as_ref() != Some(&s) {
                 return Err(Violation(format!("malformed map sid {:?}", s.as_str())));
             }
         }
@@ -194,6 +206,12 @@ pub trait MapHost {
     /// the permissions of maps it has not loaded answers without loading them.
     fn policy(&mut self, sid: &MapSid) -> Option<Policy> {
         self.get(sid).map(|m| m.policy().clone())
+    }
+    /// Changes of a held map whose signatures this node lacks ([`MapReplica::unsigned`], at
+    /// most [`MAX_SIGS_ASKED`]); `None` if none. A host may answer only for loaded maps.
+    fn unsigned(&mut self, sid: &MapSid) -> Option<Vec<ChangeHash>> {
+        let h = self.get(sid)?.unsigned(MAX_SIGS_ASKED);
+        (!h.is_empty()).then_some(h)
     }
 }
 
@@ -276,6 +294,8 @@ struct PeerState {
     sessions: HashMap<(MapSid, DocAddr), sync::State>,
     /// The peer's latest document digests per map.
     their_docs: HashMap<MapSid, Vec<(DocAddr, u64)>>,
+    /// Maps whose unsigned changes' signatures were asked of the peer on this connection.
+    asked_sigs: BTreeSet<MapSid>,
 }
 
 /// Replication state with every connected peer.
@@ -698,6 +718,8 @@ impl Replicator {
                 Ok(rep.on_docs(peer, sid, docs, host, now))
             }
             Wire::Sync { sid, msgs, sigs } => rep.on_sync(peer, sid, msgs, sigs, host, now),
+            Wire::WantSigs { sid, hashes } => rep.on_want_sigs(peer, sid, hashes, host),
+            Wire::Sigs { sid, sigs } => rep.on_sigs(peer, sid, sigs, host),
             Wire::Changes { sid, docs, sigs } => {
                 let g = rep.on_changes(peer, sid.clone(), docs, sigs, host, now)?;
                 let mut out = g.out;
@@ -802,6 +824,15 @@ impl Replicator {
             };
             // Only maps this node holds are remembered: the set is bounded by them.
             p.held.insert(sid.clone());
+            if theirs != 0 && !p.asked_sigs.contains(&sid) {
+                if let Some(ask) = host.unsigned(&sid).and_then(|h| want_sigs(&sid, h)) {
+                    p.asked_sigs.insert(sid.clone());
+                    out.push(Outgoing {
+                        peer: peer.to_string(),
+                        bytes: ask,
+                    });
+                }
+            }
             let ours = match ours {
                 Ok(d) => d,
                 Err(e) => {
@@ -821,6 +852,85 @@ impl Replicator {
             }
         }
         out
+    }
+
+    /// Asks every peer holding `sid` (and allowed to read it) for the signatures of the
+    /// changes this node holds unsigned ([`MapReplica::unsigned`]), e.g. right after the map
+    /// got its first permission entries from a peer.
+    pub fn ask_signatures(&mut self, sid: &MapSid, host: &mut dyn MapHost) -> Vec<Outgoing> {
+        let Some(ask) = host.unsigned(sid).and_then(|h| want_sigs(sid, h)) else {
+            return Vec::new();
+        };
+        let policy = host.policy(sid);
+        let mut out = Vec::new();
+        for (peer, p) in self.peers.iter_mut() {
+            let reads = p.grant.reads(sid) && policy.as_ref().is_none_or(|pol| pol.reads(peer));
+            if reads && (p.hold_all || p.held.contains(sid)) {
+                p.asked_sigs.insert(sid.clone());
+                out.push(Outgoing {
+                    peer: peer.clone(),
+                    bytes: ask.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    fn on_want_sigs(
+        &mut self,
+        peer: &str,
+        sid: MapSid,
+        hashes: Vec<Bytes>,
+        host: &mut dyn MapHost,
+    ) -> Result<Vec<Outgoing>, Violation> {
+        if hashes.len() > MAX_SIGS_ASKED {
+            return Err(Violation("too many signatures asked for".into()));
+        }
+        if !self.reads(peer, &sid, host) {
+            return Ok(Vec::new());
+        }
+        let Some(m) = host.get(&sid) else {
+            return Ok(Vec::new());
+        };
+        let sigs: Sigs = hashes
+            .into_iter()
+            .filter_map(|b| {
+                let h = ChangeHash::try_from(b.0.as_slice()).ok()?;
+                Some((b, m.signature(&h)?.clone()))
+            })
+            .collect();
+        if sigs.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(vec![Outgoing {
+            peer: peer.to_string(),
+            bytes: Wire::Sigs { sid, sigs }.encode(),
+        }])
+    }
+
+    fn on_sigs(
+        &mut self,
+        peer: &str,
+        sid: MapSid,
+        sigs: Sigs,
+        host: &mut dyn MapHost,
+    ) -> Result<Vec<Outgoing>, Violation> {
+        if sigs.len() > MAX_SIGS_ASKED {
+            return Err(Violation("too many signatures".into()));
+        }
+        let sigs = sig_map(sigs).ok_or_else(|| Violation("malformed signature list".into()))?;
+        if !self.reads(peer, &sid, host) {
+            return Ok(Vec::new());
+        }
+        let Some(m) = host.get(&sid) else {
+            return Ok(Vec::new());
+        };
+        // Each is checked against its change; one that does not sign it is ignored (the
+        // sender may hold a bad copy: it is not blamed).
+        if m.take_late_signatures(sigs.into_iter().collect()) > 0 {
+            host.touched(&sid);
+        }
+        Ok(Vec::new())
     }
 
     fn on_docs(
@@ -1032,6 +1142,11 @@ impl Replicator {
             // Authors' rights are read per document: a map-document change applied just
             // before may have changed them.
             let v = authorize(m, doc, &cs, &sigs);
+            if !v.deferred.is_empty() && !lagging.contains(&DocAddr::Meta) {
+                // They wait for map-document changes this node has not got: fetch them now
+                // from the sender (the deferred changes come again after them).
+                lagging.push(DocAddr::Meta);
+            }
             let n = cs.len();
             let cs: Vec<Change> = if v.ok.len() == n {
                 cs
@@ -1060,7 +1175,7 @@ impl Replicator {
                 relay = false;
                 continue;
             }
-            if m.missing_deps(doc).unwrap_or(false) {
+            if m.missing_deps(doc).unwrap_or(false) && !lagging.contains(&doc) {
                 lagging.push(doc);
             }
         }
@@ -1160,8 +1275,9 @@ pub fn authorize(
     if doc == DocAddr::Meta {
         return authorize_meta(m, changes, sigs);
     }
-    if m.knows_nothing() {
-        // The map's permissions are not known here yet: its shards wait for it.
+    if m.knows_nothing() || m.awaits_incarnation(doc) {
+        // The map's permissions (or those of the incarnation the changes belong to) are not
+        // known here yet: its shards wait for them, and come again after the map document.
         return Verdict {
             deferred: changes.iter().map(Change::hash).collect(),
             ..Verdict::default()
@@ -1429,10 +1545,28 @@ fn offers_something_new(
     new
 }
 
+/// A [`Wire::WantSigs`] for `hashes`; `None` if there are none.
+fn want_sigs(sid: &MapSid, hashes: Vec<ChangeHash>) -> Option<Vec<u8>> {
+    if hashes.is_empty() {
+        return None;
+    }
+    Some(
+        Wire::WantSigs {
+            sid: sid.clone(),
+            hashes: hashes.into_iter().map(|h| Bytes(h.0.to_vec())).collect(),
+        }
+        .encode(),
+    )
+}
+
 fn msg_sids(w: &Wire) -> Vec<MapSid> {
     match w {
         Wire::Hello { maps, .. } => maps.iter().map(|(s, _)| s.clone()).collect(),
-        Wire::Docs { sid, .. } | Wire::Sync { sid, .. } | Wire::Changes { sid, .. } => {
+        Wire::Docs { sid, .. }
+        | Wire::Sync { sid, .. }
+        | Wire::Changes { sid, .. }
+        | Wire::WantSigs { sid, .. }
+        | Wire::Sigs { sid, .. } => {
             vec![sid.clone()]
         }
     }

@@ -988,6 +988,212 @@ fn signatures_made_late_reach_nodes_that_took_the_changes_unsigned() {
 }
 
 #[test]
+fn signatures_made_late_are_asked_for_by_nodes_that_took_the_changes_unsigned() {
+    use syncmesh_core::policy::{READ, WRITE};
+    // As above, but X learns of the entries (from A) before W has signed, and meets W only
+    // later: X asks W for the signatures then. C, arriving last, meets only X.
+    let mut net = Net::new(&["a", "w", "x", "c"], &[]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({}));
+    for n in ["w", "x"] {
+        hold(&mut net, n, "m");
+    }
+    net.connect("a", "w");
+    net.connect("w", "x");
+    net.run();
+    net.tick();
+    net.disconnect("a", "w");
+    write(&mut net, "w", "m", "from_w", json!({}));
+    net.run();
+    net.tick();
+    net.disconnect("w", "x");
+    let (a, w, x, c) = (net.id("a"), net.id("w"), net.id("x"), net.id("c"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    for id in [&w, &x, &c] {
+        m.set_permission(&perm(id, READ | WRITE), &a, now())
+            .unwrap();
+    }
+    // X gets the entries first: W's write is unsigned there, and A has not got it.
+    net.connect("a", "x");
+    net.run();
+    net.tick();
+    net.disconnect("a", "x");
+    assert_eq!(
+        net.node("x").host.by_sid(&sid).unwrap().unsigned(10).len(),
+        1,
+        "X notes the change it lacks a signature for"
+    );
+    // W learns of them from A, and signs.
+    net.connect("a", "w");
+    net.run();
+    net.tick();
+    net.disconnect("a", "w");
+    // W and X meet: their maps are equal, yet X asks W for the signature.
+    net.connect("w", "x");
+    net.run();
+    net.tick();
+    net.disconnect("w", "x");
+    assert!(net
+        .node("x")
+        .host
+        .by_sid(&sid)
+        .unwrap()
+        .unsigned(10)
+        .is_empty());
+    hold(&mut net, "c", "m");
+    net.connect("c", "x");
+    net.run();
+    net.tick();
+    let keys: Vec<String> = net.items("c", "m").into_iter().map(|i| i.0).collect();
+    assert_eq!(keys, vec!["a0", "from_w"]);
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
+fn a_forged_late_signature_is_not_taken() {
+    use syncmesh_core::policy::{READ, WRITE};
+    use syncmesh_core::replication::Bytes;
+    // X holds W's change unsigned; R answers X's question with its own signature of it.
+    let mut net = Net::new(&["a", "w", "x", "r"], &[]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({}));
+    hold(&mut net, "x", "m");
+    write(&mut net, "w", "m", "from_w", json!({}));
+    net.connect("w", "x");
+    net.run();
+    net.tick();
+    net.disconnect("w", "x");
+    let (a, w, x) = (net.id("a"), net.id("w"), net.id("x"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    for id in [&w, &x] {
+        m.set_permission(&perm(id, READ | WRITE), &a, now())
+            .unwrap();
+    }
+    net.connect("a", "x");
+    net.run();
+    net.tick();
+    let lacking = net.node("x").host.by_sid(&sid).unwrap().unsigned(10);
+    assert!(!lacking.is_empty());
+    let r = net.id("r");
+    let me = net.node("r").host.identity().clone();
+    let sigs = lacking
+        .iter()
+        .map(|h| {
+            (
+                Bytes(h.0.to_vec()),
+                me.signer.as_ref().unwrap().sign(h).unwrap(),
+            )
+        })
+        .collect();
+    let msg = Wire::Sigs {
+        sid: sid.clone(),
+        sigs,
+    }
+    .encode();
+    let node = net.node("x");
+    node.rep.peer_up(&r, &mut node.host);
+    node.rep.receive(&r, &msg, &mut node.host, now()).unwrap();
+    let m = node.host.by_sid(&sid).unwrap();
+    assert_eq!(m.unsigned(10), lacking, "still asked for");
+    assert!(lacking.iter().all(|h| m.signature(h).is_none()));
+}
+
+#[test]
+fn shard_changes_for_an_incarnation_not_seen_yet_wait_for_it() {
+    use syncmesh_core::policy::{READ, WRITE};
+    // Found in review: shard changes addressed to the map's next incarnation were judged by
+    // the current one's permissions (here: none, so anyone writes), parked, then applied
+    // unchecked once that incarnation arrived with entries that make R a reader.
+    let mut net = Net::new(&["a", "b", "c", "r"], &[]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({"v": 0}));
+    for n in ["c", "r"] {
+        hold(&mut net, n, "m");
+    }
+    net.connect("a", "r");
+    net.connect("a", "c");
+    net.run();
+    net.tick();
+    write(&mut net, "r", "m", "evil", json!({}));
+    let m = net.node("r").host.by_sid(&sid).unwrap();
+    m.flush(now()).unwrap();
+    let inc = m.incarnation();
+    let ch = m.take_outgoing().pop().unwrap();
+    let DocAddr::Shard { index, .. } = ch.doc else {
+        panic!("a shard change")
+    };
+    assert!(automerge::Change::from_bytes(ch.bytes.clone())
+        .unwrap()
+        .deps()
+        .is_empty());
+    let sigs = m.take_signatures();
+    let msg = Wire::Changes {
+        sid: sid.clone(),
+        docs: vec![(
+            DocAddr::Shard {
+                inc: inc + 1,
+                index,
+            },
+            vec![syncmesh_core::replication::Bytes(ch.bytes.clone())],
+        )],
+        sigs: sigs
+            .iter()
+            .map(|(h, s)| (syncmesh_core::replication::Bytes(h.0.to_vec()), s.clone()))
+            .collect(),
+    }
+    .encode();
+    let r = net.id("r");
+    net.disconnect("a", "r");
+    {
+        let node = net.node("c");
+        node.rep.peer_up(&r, &mut node.host);
+        node.rep.receive(&r, &msg, &mut node.host, now()).unwrap();
+        node.rep.peer_down(&r);
+    }
+    net.queue.clear();
+    // A removes the map, makes it again and shares it with R as a reader.
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    m.remove_map(now()).unwrap();
+    write(&mut net, "a", "m", "a1", json!({}));
+    let (a, c) = (net.id("a"), net.id("c"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    assert_eq!(m.incarnation(), inc + 1);
+    m.set_permission(&perm(&c, READ | WRITE), &a, now())
+        .unwrap();
+    m.set_permission(&perm(&r, READ), &a, now()).unwrap();
+    net.run();
+    net.tick();
+    let keys: Vec<String> = net.items("c", "m").into_iter().map(|i| i.0).collect();
+    assert_eq!(keys, vec!["a1"]);
+    assert!(!net.node("c").host.by_sid(&sid).unwrap().policy().is_open());
+}
+
+#[test]
+fn a_gossiped_map_change_whose_parent_was_missed_is_fetched_at_once() {
+    use syncmesh_core::policy::{MANAGE, READ, WRITE};
+    // B misses one of A's map-document changes; the next one waits for it, and B fetches
+    // the missing one from A right away, not at the next anti-entropy round.
+    let mut net = Net::new(&["a", "b", "c", "r"], &[]);
+    let sid = restricted_map(&mut net);
+    net.connect("a", "b");
+    net.run();
+    net.tick();
+    let (a, r) = (net.id("a"), net.id("r"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    m.set_permission(&perm(&r, READ | WRITE), &a, now())
+        .unwrap();
+    net.flush();
+    net.queue.clear(); // lost
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    m.set_permission(&perm(&r, READ | WRITE | MANAGE), &a, now())
+        .unwrap();
+    net.run(); // no anti-entropy round
+    let m = net.node("b").host.by_sid(&sid).unwrap();
+    assert!(m.policy().manages(&r), "B has both changes");
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
 fn a_permission_change_built_on_nothing_or_an_old_state_is_refused() {
     use automerge::transaction::Transactable;
     // Found in review: a change with no dependencies saw an open map, where anyone manages.

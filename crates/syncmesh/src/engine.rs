@@ -223,6 +223,8 @@ pub(crate) struct Engine {
     pub(crate) stored_digests: HashMap<MapSid, u64>,
     /// Loaded maps whose digest the next commit stores (computed after its changes).
     pub(crate) digests_wanted: BTreeSet<MapSid>,
+    /// Maps loaded with changes whose signatures peers are asked for (at the next commit).
+    signatures_wanted: BTreeSet<MapSid>,
     dirty: BTreeSet<MapSid>,
     changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
     pending_compactions: Vec<StoreJob>,
@@ -304,6 +306,7 @@ impl Engine {
             unloaded_expiry,
             stored_digests,
             digests_wanted: BTreeSet::new(),
+            signatures_wanted: BTreeSet::new(),
             dirty: BTreeSet::new(),
             changes_since_snapshot: HashMap::new(),
             pending_compactions: Vec::new(),
@@ -623,6 +626,15 @@ impl Engine {
                 .iter()
                 .filter_map(|(h, b)| Some((syncmesh_core::ChangeHash(*h), Signature::decode(b)?))),
         );
+        m.restore_unsigned(
+            stored
+                .sigs
+                .iter()
+                .filter_map(|(h, b)| Some((syncmesh_core::ChangeHash(*h), read_unsigned_mark(b)?))),
+        );
+        if !m.unsigned(1).is_empty() {
+            self.signatures_wanted.insert(sid.clone());
+        }
         // Documents of earlier incarnations (the map was removed and created again) are dead
         // weight: forget them, after the commits already queued.
         let inc = m.incarnation();
@@ -772,6 +784,9 @@ impl Engine {
         let mut compactions = Vec::new();
         let mut flush_failed = None;
         let mut to_gossip = Vec::new();
+        let mut to_ask: Vec<MapSid> = std::mem::take(&mut self.signatures_wanted)
+            .into_iter()
+            .collect();
         let mut dirty = std::mem::take(&mut self.dirty);
         let queued = std::mem::take(&mut self.compact_queue);
         for (sid, _) in &queued {
@@ -798,6 +813,10 @@ impl Engine {
             let local = changes.len();
             changes.extend(m.take_received());
             let sigs = m.take_signatures();
+            let unsigned = m.take_unsigned_marks();
+            if !unsigned.is_empty() {
+                to_ask.push(sid.clone());
+            }
             // Changes this node signed after the fact go out again (they are stored already).
             let resend = m.take_resend();
             if !m.exists()
@@ -867,7 +886,11 @@ impl Engine {
                 changes,
                 view,
                 events: encoded,
-                sigs: sigs.into_iter().map(|(h, s)| (h.0, s.encode())).collect(),
+                sigs: sigs
+                    .into_iter()
+                    .map(|(h, s)| (h.0, s.encode()))
+                    .chain(unsigned.into_iter().map(|(h, i)| (h.0, unsigned_mark(i))))
+                    .collect(),
             });
             // Compactions follow the commit of every change they include.
             for (doc, snapshot) in snapshots {
@@ -921,6 +944,9 @@ impl Engine {
         // and peers hand it back on the next sync.
         for (sid, changes, sigs) in to_gossip {
             self.gossip(&sid, &changes, &sigs);
+        }
+        for sid in to_ask {
+            self.ask_signatures(&sid);
         }
         // Fsync now if asked to (sync, compact, close) or if relaxed writes have waited long
         // enough; with Durability::Fsync every commit is fsynced anyway.
@@ -1118,5 +1144,40 @@ fn replace_docs(shared: &Shared, store: &Store, group: &[StoreJob]) {
             "compaction of {} documents failed (their change logs are kept): {e}",
             docs.len()
         );
+    }
+}
+
+/// What the `sigs` table holds for a change this node has unsigned and asks peers to sign
+/// ([`MapReplica::unsigned`]): a marker and the change's shard, never a valid
+/// [`Signature`] encoding (those are longer), overwritten once the signature comes.
+fn unsigned_mark(shard: u16) -> Vec<u8> {
+    let [a, b] = shard.to_be_bytes();
+    vec![UNSIGNED_MARK, a, b]
+}
+
+/// The shard of an [`unsigned_mark`].
+fn read_unsigned_mark(b: &[u8]) -> Option<u16> {
+    match b {
+        [UNSIGNED_MARK, a, b] => Some(u16::from_be_bytes([*a, *b])),
+        _ => None,
+    }
+}
+
+const UNSIGNED_MARK: u8 = 0xff;
+
+#[cfg(test)]
+mod mark_tests {
+    use super::*;
+
+    #[test]
+    fn an_unsigned_mark_is_never_a_signature() {
+        for shard in [0u16, 7, 255, u16::MAX] {
+            let m = unsigned_mark(shard);
+            assert_eq!(read_unsigned_mark(&m), Some(shard));
+            assert!(Signature::decode(&m).is_none());
+        }
+        let signer = syncmesh_core::Signer::new(syncmesh_net::Keypair::generate_ed25519());
+        let sig = signer.sign(&syncmesh_core::ChangeHash([3; 32])).unwrap();
+        assert_eq!(read_unsigned_mark(&sig.encode()), None);
     }
 }

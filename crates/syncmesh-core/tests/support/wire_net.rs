@@ -125,7 +125,11 @@ impl Net {
             let node = self.nodes.get_mut(&n).unwrap();
             let mut by_map: BTreeMap<MapSid, Vec<(DocAddr, Vec<u8>)>> = BTreeMap::new();
             let mut sigs = std::collections::HashMap::new();
+            let mut ask = Vec::new();
             for m in node.host.maps_mut() {
+                if !m.take_unsigned_marks().is_empty() {
+                    ask.push(m.sid().clone());
+                }
                 m.flush(now()).unwrap();
                 for c in m.take_outgoing() {
                     by_map.entry(c.map).or_default().push((c.doc, c.bytes));
@@ -137,6 +141,11 @@ impl Net {
                 sigs.extend(m.take_signatures());
                 node.events.extend(m.take_events());
                 m.take_received();
+            }
+            for sid in ask {
+                let node = self.nodes.get_mut(&n).unwrap();
+                let out = node.rep.ask_signatures(&sid, &mut node.host);
+                self.send(&n, out);
             }
             for (sid, changes) in by_map {
                 let (msgs, _) = Replicator::gossip(&sid, changes, &sigs);

@@ -112,6 +112,16 @@ impl MapHost for Engine {
         Some(self.policies.get(sid).cloned().unwrap_or_default())
     }
 
+    fn unsigned(&mut self, sid: &MapSid) -> Option<Vec<syncmesh_core::ChangeHash>> {
+        // Only loaded maps are asked about: loading every map for this would make each
+        // Hello cost a full load (a map with unsigned changes asks once it is used again).
+        let h = self
+            .catalog
+            .get(sid)?
+            .unsigned(syncmesh_core::replication::MAX_SIGS_ASKED);
+        (!h.is_empty()).then_some(h)
+    }
+
     fn digest(&mut self, sid: &MapSid) -> Option<syncmesh_core::Result<u64>> {
         if !self.catalog.contains(sid) {
             if let Some(d) = self.stored_digests.get(sid) {
@@ -160,6 +170,13 @@ impl Engine {
 
     /// Pushes the local changes of one commit of a map to every peer holding it (and allowed
     /// to read it).
+    /// Asks peers for the signatures of a map's changes this node holds unsigned.
+    pub(super) fn ask_signatures(&mut self, sid: &MapSid) {
+        if let Some(out) = self.with_rep(|rep, host| rep.ask_signatures(sid, host)) {
+            self.send_all(out);
+        }
+    }
+
     pub(super) fn gossip(
         &mut self,
         sid: &MapSid,
