@@ -63,6 +63,120 @@ pub struct Config {
     pub trust: Vec<String>,
     /// Trust every peer that connects (an isolated lab network only).
     pub trust_all: Option<bool>,
+    /// Host names a node without a token answers to besides loopback ones.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// What clients may take of the node (`[limits]`).
+    #[serde(default)]
+    pub limits: LimitArgs,
+}
+
+/// Limits on what HTTP clients may take of the node: flags, and the config file's `[limits]`
+/// table (same names, with `_`). Unset: defaults fitted to the open-file limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct LimitArgs {
+    /// HTTP connections at once, WebSockets included [default: 3/4 of the open-file limit,
+    /// at most 16384].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Live event subscriptions at once [default: 2/3 of --max-connections].
+    #[arg(long, value_name = "N")]
+    pub max_subscribers: Option<usize>,
+    /// Live event subscriptions at once on one map [default: half of --max-subscribers].
+    #[arg(long, value_name = "N")]
+    pub max_subscribers_per_map: Option<usize>,
+    /// Bytes of events held for one subscriber that does not read [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    pub subscriber_buffer: Option<usize>,
+    /// Seconds for a request head to arrive, and for a keep-alive connection to idle
+    /// [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub header_timeout: Option<u64>,
+    /// Seconds for a request body to arrive [default: 20].
+    #[arg(long, value_name = "SECONDS")]
+    pub body_timeout: Option<u64>,
+    /// Largest WebSocket message a client may send, in bytes [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    pub ws_max_message: Option<usize>,
+    /// Seconds a WebSocket send waits for a client that does not read [default: 20].
+    #[arg(long, value_name = "SECONDS")]
+    pub ws_send_timeout: Option<u64>,
+}
+
+impl LimitArgs {
+    /// `self` with every value `flags` sets replacing the file's.
+    fn overridden_by(self, f: LimitArgs) -> LimitArgs {
+        LimitArgs {
+            max_connections: f.max_connections.or(self.max_connections),
+            max_subscribers: f.max_subscribers.or(self.max_subscribers),
+            max_subscribers_per_map: f.max_subscribers_per_map.or(self.max_subscribers_per_map),
+            subscriber_buffer: f.subscriber_buffer.or(self.subscriber_buffer),
+            header_timeout: f.header_timeout.or(self.header_timeout),
+            body_timeout: f.body_timeout.or(self.body_timeout),
+            ws_max_message: f.ws_max_message.or(self.ws_max_message),
+            ws_send_timeout: f.ws_send_timeout.or(self.ws_send_timeout),
+        }
+    }
+
+    /// The server's limits: the defaults for `open_files` descriptors, then these values.
+    pub fn resolve(&self, open_files: Option<u64>) -> anyhow::Result<syncmesh_server::Limits> {
+        let mut l = match open_files {
+            Some(n) => syncmesh_server::Limits::for_open_files(n),
+            None => syncmesh_server::Limits::default(),
+        };
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                bail!("--{name} must be at least 1")
+            }
+            Ok(v)
+        };
+        let secs = |name: &str, v: u64| {
+            if v == 0 {
+                bail!("--{name} must be at least 1 second")
+            }
+            Ok(Duration::from_secs(v))
+        };
+        if let Some(v) = self.max_connections {
+            l.max_connections = positive("max-connections", v)?;
+            l.max_subscribers = (l.max_connections * 2 / 3).max(1);
+            l.max_subscribers_per_map = (l.max_subscribers / 2).max(1);
+        }
+        if let Some(v) = self.max_subscribers {
+            l.max_subscribers = positive("max-subscribers", v)?;
+            l.max_subscribers_per_map = (l.max_subscribers / 2).max(1);
+        }
+        if let Some(v) = self.max_subscribers_per_map {
+            l.max_subscribers_per_map = positive("max-subscribers-per-map", v)?;
+        }
+        if let Some(v) = self.header_timeout {
+            l.header_timeout = secs("header-timeout", v)?;
+        }
+        if let Some(v) = self.body_timeout {
+            l.body_timeout = secs("body-timeout", v)?;
+        }
+        if let Some(v) = self.ws_max_message {
+            l.ws_max_message = positive("ws-max-message", v)?;
+        }
+        if let Some(v) = self.ws_send_timeout {
+            l.ws_send_timeout = secs("ws-send-timeout", v)?;
+        }
+        Ok(l)
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit (a node's connections need
+/// descriptors) and returns the limit now in force, if it can be read.
+fn raise_open_files() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!("cannot read or raise the open-file limit: {e}");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|(soft, _)| soft)
+        }
+    }
 }
 
 impl Config {
@@ -109,6 +223,12 @@ impl Config {
                 flags.trust
             },
             trust_all: flags.trust_all.or(self.trust_all),
+            allow_hosts: if flags.allow_hosts.is_empty() {
+                self.allow_hosts
+            } else {
+                flags.allow_hosts
+            },
+            limits: self.limits.overridden_by(flags.limits),
         }
     }
 }
@@ -204,7 +324,15 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
         DurabilityArg::Fsync => Durability::Fsync,
         DurabilityArg::Relaxed => Durability::Relaxed,
     };
-    let builder = Node::builder().data_dir(&data_dir).durability(durability);
+    let open_files = raise_open_files();
+    let limits = cfg.limits.resolve(open_files)?;
+    let mut builder = Node::builder().data_dir(&data_dir).durability(durability);
+    if let Some(b) = cfg.limits.subscriber_buffer {
+        if b == 0 {
+            bail!("--subscriber-buffer must be at least 1 byte");
+        }
+        builder = builder.subscriber_buffer(b);
+    }
     let builder = network_options(&cfg, builder)?;
     if cfg.trust_all == Some(true) {
         eprintln!("{TRUST_ALL_WARNING}");
@@ -223,11 +351,20 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
             bail!("--cors-origin {o:?} is not an origin: scheme://host[:port] (e.g. http://localhost:5173), or *");
         }
     }
+    tracing::info!(
+        open_files = ?open_files,
+        max_connections = limits.max_connections,
+        max_subscribers = limits.max_subscribers,
+        "client limits"
+    );
     let opts = ServerOptions::new(local)
         .with_token(cfg.token.clone())
         .with_cors_origins(cfg.cors_origins.clone())
+        .with_allowed_hosts(cfg.allow_hosts.clone())
+        .with_limits(limits)
         .with_shutdown(shutdown.clone());
-    let app = router(node.clone(), opts);
+    let app = router(node.clone(), opts.clone());
+    let serve_opts = opts;
 
     let ready = Ready {
         http_addr: local.to_string(),
@@ -244,8 +381,7 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
     );
     tracing::info!(http = %local, data_dir = %data_dir.display(), node = %ready.node_id, "serving");
 
-    let stop = shutdown.clone();
-    let mut server = tokio::spawn(serve(listener, app, async move { stop.cancelled().await }));
+    let mut server = tokio::spawn(async move { serve(listener, app, &serve_opts).await });
     let served_until_signal = tokio::select! {
         sig = signals.recv() => {
             tracing::info!("{sig}: shutting down");

@@ -76,7 +76,7 @@ change every map) or everyone holding the `--swarm-key`.
 
 Prints one line `syncmesh node <id> listening on http://ADDR` on stdout when it serves; logs go
 to stderr (RUST_LOG=debug for more). SIGINT or SIGTERM stop it after committing every write.")]
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// List maps.
     #[command(
         after_help = "Examples:\n  syncmesh maps\n  syncmesh maps --json | jq -r '.[].unique_name'"
@@ -210,6 +210,12 @@ struct NodeArgs {
     /// http://localhost:5173 for an app's dev server. The token still guards every route.
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     cors_origins: Vec<String>,
+    /// A node without a token answers only to loopback host names (so that DNS rebinding
+    /// cannot reach it): also answer to this one (repeatable).
+    #[arg(long = "allow-host", value_name = "NAME")]
+    allow_hosts: Vec<String>,
+    #[command(flatten)]
+    limits: daemon::LimitArgs,
     /// Write {"http_addr", "node_id", "data_dir"} as JSON to this file once serving.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -239,6 +245,8 @@ impl NodeArgs {
             cors_origins: self.cors_origins.clone(),
             trust: self.trust.clone(),
             trust_all: self.trust_all.then_some(true),
+            allow_hosts: self.allow_hosts.clone(),
+            limits: self.limits.clone(),
         }))
     }
 }

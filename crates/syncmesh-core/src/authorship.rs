@@ -92,6 +92,14 @@ impl Signature {
         postcard::from_bytes(b).ok()
     }
 
+    /// Whether this is the author's signature of `hash` (the change it names is not looked
+    /// at: [`Self::signs`] also checks that its actor is the author's).
+    pub fn signs_hash(&self, hash: &ChangeHash) -> bool {
+        self.author.len() <= MAX_AUTHOR
+            && self.sig.len() <= MAX_SIG
+            && public_key(&self.author).is_some_and(|k| k.verify(&message(hash), &self.sig))
+    }
+
     /// Whether this signs `change`: the signature is the author's, of this change, and the
     /// change's actor is one of the author's ([`actor_prefix`]).
     pub fn signs(&self, change: &Change) -> bool {

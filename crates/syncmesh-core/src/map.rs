@@ -536,8 +536,9 @@ pub struct MapReplica {
     /// not endorse (shard index by hash): their signatures are asked of peers
     /// ([`MapReplica::unsigned`]).
     unsigned: HashMap<ChangeHash, u16>,
-    /// Entries added to `unsigned` since the last [`MapReplica::take_unsigned_marks`].
-    new_unsigned: Vec<(ChangeHash, u16)>,
+    /// Changes to `unsigned` since the last [`MapReplica::take_unsigned_marks`], for storage
+    /// (`None`: forgotten).
+    new_unsigned: Vec<(ChangeHash, Option<u16>)>,
 }
 
 impl std::fmt::Debug for MapReplica {
@@ -819,56 +820,140 @@ impl MapReplica {
     }
 
     /// Hashes (at most `max`) of changes this replica holds unsigned and that peers joining
-    /// later take only with their author's signature: took while the map was open, not
-    /// endorsed by its first entry. Asked of peers until they come.
-    pub fn unsigned(&self, max: usize) -> Vec<ChangeHash> {
-        self.unsigned.keys().take(max).copied().collect()
+    /// later take only with their author's signature: took while the map was open from a
+    /// writer, not endorsed by the entries. Asked of peers until they come.
+    ///
+    /// Forgets first what no longer needs a signature: changes the endorsed history now
+    /// covers (a shard whose endorsed heads have not all arrived waits), changes of writers
+    /// who lost `Write`, of shards gone with an old incarnation, or of a map open again.
+    pub fn unsigned(&mut self, max: usize) -> Vec<ChangeHash> {
+        if self.unsigned.is_empty() {
+            return Vec::new();
+        }
+        let mut drop: Vec<ChangeHash> = Vec::new();
+        let mut ask = Vec::new();
+        if self.state.policy.is_open() {
+            drop.extend(self.unsigned.keys().copied());
+        } else {
+            let writers = self.writer_prefixes();
+            let mut by_shard: BTreeMap<u16, Vec<ChangeHash>> = BTreeMap::new();
+            for (h, i) in &self.unsigned {
+                by_shard.entry(*i).or_default().push(*h);
+            }
+            for (index, hashes) in by_shard {
+                let endorsed = self
+                    .state
+                    .endorsed_by_shard
+                    .get(&index)
+                    .cloned()
+                    .unwrap_or_default();
+                let Some(d) = self.shards.get_mut(&index).and_then(|sh| sh.doc().ok()) else {
+                    drop.extend(hashes); // gone with an old incarnation
+                    continue;
+                };
+                if endorsed.iter().any(|h| d.get_change_by_hash(h).is_none()) {
+                    continue; // what is endorsed is not all here yet: decide later
+                }
+                let after: HashSet<ChangeHash> =
+                    d.get_changes(&endorsed).iter().map(|c| c.hash()).collect();
+                for h in hashes {
+                    let needed = after.contains(&h)
+                        && d.get_change_by_hash(&h).is_some_and(|c| {
+                            let actor = c.actor_id().to_bytes();
+                            writers.iter().any(|p| actor.starts_with(p))
+                        });
+                    if needed {
+                        ask.push(h);
+                    } else {
+                        drop.push(h);
+                    }
+                }
+            }
+        }
+        for h in drop {
+            self.forget_unsigned(h);
+        }
+        ask.truncate(max);
+        ask
     }
 
-    /// Entries of [`Self::unsigned`] added since the last call (with their shard), for storage.
-    pub fn take_unsigned_marks(&mut self) -> Vec<(ChangeHash, u16)> {
-        let mut marks = std::mem::take(&mut self.new_unsigned);
-        // Signed since: the signature is stored instead.
-        marks.retain(|(h, _)| self.unsigned.contains_key(h));
+    /// Whether [`Self::unsigned`] has entries (before it forgets what is no longer needed).
+    pub fn has_unsigned(&self) -> bool {
+        !self.unsigned.is_empty()
+    }
+
+    fn forget_unsigned(&mut self, h: ChangeHash) {
+        if self.unsigned.remove(&h).is_some() {
+            self.new_unsigned.push((h, None));
+        }
+    }
+
+    /// Actor prefixes of the identities the map's entries let write.
+    fn writer_prefixes(&self) -> Vec<[u8; 16]> {
+        self.state
+            .policy
+            .permissions()
+            .iter()
+            .filter(|p| p.write)
+            .filter_map(|p| crate::authorship::actor_prefix(&p.identity))
+            .collect()
+    }
+
+    /// Changes to [`Self::unsigned`] since the last call, for storage: `(hash, Some(shard))`
+    /// noted, `(hash, None)` forgotten (or signed: the signature is stored instead).
+    pub fn take_unsigned_marks(&mut self) -> Vec<(ChangeHash, Option<u16>)> {
+        let marks = std::mem::take(&mut self.new_unsigned);
         marks
+            .into_iter()
+            .filter(|(h, i)| match i {
+                Some(_) => self.unsigned.contains_key(h),
+                None => !self.sigs.contains_key(h) && !self.unsigned.contains_key(h),
+            })
+            .collect()
     }
 
     /// [`Self::unsigned`] entries restored from storage (those signed since are skipped).
     pub fn restore_unsigned(&mut self, marks: impl IntoIterator<Item = (ChangeHash, u16)>) {
         for (h, index) in marks {
-            if !self.sigs.contains_key(&h) && self.unsigned.len() < MAX_UNSIGNED {
+            if self.sigs.contains_key(&h) {
+                continue;
+            }
+            if self.unsigned.len() < MAX_UNSIGNED {
                 self.unsigned.insert(h, index);
+            } else {
+                self.new_unsigned.push((h, None));
             }
         }
     }
 
-    /// Takes signatures a peer sent for [`Self::unsigned`] changes, each checked against its
-    /// change; returns how many were taken (anything else is ignored).
-    pub fn take_late_signatures(&mut self, sigs: Vec<(ChangeHash, Signature)>) -> usize {
-        let inc = self.state.inc;
+    /// Takes signatures a peer sent for [`Self::unsigned`] changes; returns how many were
+    /// taken, or `Err` with the first that is not a valid signature of its hash by a writer
+    /// of the map (an honest peer holds only signatures it checked). Each signature is checked
+    /// before the change is looked at.
+    pub fn take_late_signatures(
+        &mut self,
+        sigs: Vec<(ChangeHash, Signature)>,
+    ) -> std::result::Result<usize, ChangeHash> {
+        for (h, s) in &sigs {
+            if !s.signs_hash(h) || !self.state.policy.writes(&s.author) {
+                return Err(*h);
+            }
+        }
         let mut good = Vec::new();
         for (h, s) in sigs {
             let Some(&index) = self.unsigned.get(&h) else {
                 continue;
             };
-            let Some(sh) = self.shards.get_mut(&index) else {
-                // The shard went with an old incarnation: nothing to sign any more.
-                self.unsigned.remove(&h);
+            let Some(d) = self.shards.get_mut(&index).and_then(|sh| sh.doc().ok()) else {
                 continue;
             };
-            let Ok(d) = sh.doc() else { continue };
-            match d.get_change_by_hash(&h) {
-                Some(c) if s.signs(&c) => good.push((h, s)),
-                Some(_) => {}
-                None => {
-                    tracing::debug!(map = %self.sid, inc, "an unsigned change is gone");
-                    self.unsigned.remove(&h);
-                }
+            if d.get_change_by_hash(&h).is_some_and(|c| s.signs(&c)) {
+                good.push((h, s));
             }
         }
         let n = good.len();
         self.keep_signatures(good);
-        n
+        Ok(n)
     }
 
     /// Whether changes of `doc` belong to an incarnation of the map this replica has not
@@ -1004,6 +1089,7 @@ impl MapReplica {
         self.flush(now)?;
         let mut out = Vec::new();
         let before = self.state.endorsed_by_shard.clone();
+        let mut room = MAX_ENDORSED_TOTAL;
         for (index, sh) in self.shards.iter_mut() {
             // This replica's heads first: they endorse all it holds.
             let mut heads = sh.heads()?;
@@ -1015,15 +1101,17 @@ impl MapReplica {
                     }
                 }
             }
-            if heads.len() > MAX_ENDORSED_HEADS {
+            let cap = MAX_ENDORSED_HEADS.min(room);
+            if heads.len() > cap {
                 tracing::warn!(
                     map = %self.sid,
                     shard = index,
-                    "{} heads to endorse, more than {MAX_ENDORSED_HEADS}: the history of the rest reaches later members only from writers that signed it",
+                    "{} heads to endorse, more than the {cap} that fit: the history of the rest reaches later members only from writers that signed it",
                     heads.len()
                 );
-                heads.truncate(MAX_ENDORSED_HEADS);
+                heads.truncate(cap);
             }
+            room -= heads.len();
             if !heads.is_empty() {
                 let bytes: Vec<u8> = heads.iter().flat_map(|h| h.0).collect();
                 out.push((format!("g{index}"), bytes));
@@ -2050,6 +2138,7 @@ impl MapReplica {
             return;
         };
         let inc = self.state.inc;
+        let writers = self.writer_prefixes();
         let mut docs: Vec<(DocAddr, &mut Automerge)> = vec![(DocAddr::Meta, &mut self.meta_doc)];
         let mut failed = false;
         for (index, sh) in self.shards.iter_mut() {
@@ -2080,12 +2169,14 @@ impl MapReplica {
                         resend.push((addr, c.raw_bytes().to_vec()));
                     }
                 } else if let DocAddr::Shard { index, .. } = addr {
-                    // Another's: its author signs it when it learns of the entries, and
+                    // A writer's: its author signs it when it learns of the entries, and
                     // peers joining later need that signature from here.
-                    if self.unsigned.len() < MAX_UNSIGNED
+                    let actor = c.actor_id().to_bytes();
+                    if writers.iter().any(|p| actor.starts_with(p))
+                        && self.unsigned.len() < MAX_UNSIGNED
                         && self.unsigned.insert(h, index).is_none()
                     {
-                        self.new_unsigned.push((h, index));
+                        self.new_unsigned.push((h, Some(index)));
                     }
                 }
             }
@@ -2365,10 +2456,13 @@ enum Fate {
 /// heads as concurrent branches not merged yet, so this is reached only by hundreds of
 /// writers' changes that never saw each other.
 const MAX_ENDORSED_HEADS: usize = 1024;
+/// Most heads endorsed by one change over all shards (256 KiB), so it stays far below the
+/// message limits ([`crate::replication::MAX_GOSSIP_MESSAGE`] is 1 MiB).
+const MAX_ENDORSED_TOTAL: usize = 8192;
 
-/// Most entries of [`MapReplica::unsigned`] (beyond, such changes reach later members only
-/// from their authors).
-const MAX_UNSIGNED: usize = 4096;
+/// Most entries of [`MapReplica::unsigned`], all asked for in one message (beyond, such
+/// changes reach later members only from their authors).
+const MAX_UNSIGNED: usize = crate::replication::MAX_SIGS_ASKED;
 
 /// Most items one change of a shard document carries. An item's slots hold at most
 /// [`limits::MAX_DATA_BYTES`] of data, so a change stays well under the gossip limit

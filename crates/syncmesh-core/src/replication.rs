@@ -106,6 +106,10 @@ pub enum Wire {
     },
 }
 
+/// Milliseconds between two fetches of a map document from one peer caused by deferred
+/// gossip.
+const META_FETCH_INTERVAL: i64 = 1000;
+
 /// Most signatures asked for in one [`Wire::WantSigs`].
 pub const MAX_SIGS_ASKED: usize = 1024;
 
@@ -211,6 +215,8 @@ pub trait MapHost {
     /// most [`MAX_SIGS_ASKED`]); `None` if none. A host may answer only for loaded maps.
     fn unsigned(&mut self, sid: &MapSid) -> Option<Vec<ChangeHash>> {
         let h = self.get(sid)?.unsigned(MAX_SIGS_ASKED);
+        // What it forgot on the way is stored as gone.
+        self.touched(sid);
         (!h.is_empty()).then_some(h)
     }
 }
@@ -296,6 +302,11 @@ struct PeerState {
     their_docs: HashMap<MapSid, Vec<(DocAddr, u64)>>,
     /// Maps whose unsigned changes' signatures were asked of the peer on this connection.
     asked_sigs: BTreeSet<MapSid>,
+    /// Maps whose [`Wire::Sigs`] answer is awaited from the peer (one answer per ask).
+    awaiting_sigs: BTreeSet<MapSid>,
+    /// When the map document of each map was last fetched from the peer because its gossip
+    /// was deferred (at most once per [`META_FETCH_INTERVAL`]).
+    meta_fetched: HashMap<MapSid, Timestamp>,
 }
 
 /// Replication state with every connected peer.
@@ -793,11 +804,7 @@ impl Replicator {
             // the peer's differs.
             let ours = match ours {
                 Some(d) => d,
-                None if me_all
-                    && theirs != 0
-                    && adopted < MAX_ADOPT_PER_HELLO
-                    && grant.reads(&sid) =>
-                {
+                None if me_all && theirs != 0 && adopted < MAX_ADOPT_PER_HELLO && readable => {
                     adopted += 1;
                     match host.adopt(&sid) {
                         Some(m) => m.digest(),
@@ -824,9 +831,10 @@ impl Replicator {
             };
             // Only maps this node holds are remembered: the set is bounded by them.
             p.held.insert(sid.clone());
-            if theirs != 0 && !p.asked_sigs.contains(&sid) {
+            if readable && theirs != 0 && !p.asked_sigs.contains(&sid) {
                 if let Some(ask) = host.unsigned(&sid).and_then(|h| want_sigs(&sid, h)) {
                     p.asked_sigs.insert(sid.clone());
+                    p.awaiting_sigs.insert(sid.clone());
                     out.push(Outgoing {
                         peer: peer.to_string(),
                         bytes: ask,
@@ -867,6 +875,7 @@ impl Replicator {
             let reads = p.grant.reads(sid) && policy.as_ref().is_none_or(|pol| pol.reads(peer));
             if reads && (p.hold_all || p.held.contains(sid)) {
                 p.asked_sigs.insert(sid.clone());
+                p.awaiting_sigs.insert(sid.clone());
                 out.push(Outgoing {
                     peer: peer.clone(),
                     bytes: ask.clone(),
@@ -919,16 +928,26 @@ impl Replicator {
             return Err(Violation("too many signatures".into()));
         }
         let sigs = sig_map(sigs).ok_or_else(|| Violation("malformed signature list".into()))?;
-        if !self.reads(peer, &sid, host) {
+        // Only an answer to this node's question is looked at, once.
+        let asked = self
+            .peers
+            .get_mut(peer)
+            .is_some_and(|p| p.awaiting_sigs.remove(&sid));
+        if !asked || !self.reads(peer, &sid, host) {
             return Ok(Vec::new());
         }
         let Some(m) = host.get(&sid) else {
             return Ok(Vec::new());
         };
-        // Each is checked against its change; one that does not sign it is ignored (the
-        // sender may hold a bad copy: it is not blamed).
-        if m.take_late_signatures(sigs.into_iter().collect()) > 0 {
-            host.touched(&sid);
+        match m.take_late_signatures(sigs.into_iter().collect()) {
+            Ok(0) => {}
+            Ok(_) => host.touched(&sid),
+            // An honest node passes on only signatures it checked.
+            Err(h) => {
+                return Err(Violation(format!(
+                    "map {sid}: a signature of change {h} that is not its writer's"
+                )))
+            }
         }
         Ok(Vec::new())
     }
@@ -1135,6 +1154,7 @@ impl Replicator {
         let received_before = m.received_len();
         let mut relay = true;
         let mut lagging = Vec::new();
+        let mut fetch_meta = false;
         let mut refused = Vec::new();
         let mut kept: Vec<(DocAddr, Vec<Bytes>)> = Vec::new();
         let mut dropped = false;
@@ -1142,11 +1162,9 @@ impl Replicator {
             // Authors' rights are read per document: a map-document change applied just
             // before may have changed them.
             let v = authorize(m, doc, &cs, &sigs);
-            if !v.deferred.is_empty() && !lagging.contains(&DocAddr::Meta) {
-                // They wait for map-document changes this node has not got: fetch them now
-                // from the sender (the deferred changes come again after them).
-                lagging.push(DocAddr::Meta);
-            }
+            // They wait for map-document changes this node has not got: fetch them now from
+            // the sender (the deferred changes come again after them).
+            fetch_meta |= !v.deferred.is_empty();
             let n = cs.len();
             let cs: Vec<Change> = if v.ok.len() == n {
                 cs
@@ -1201,7 +1219,7 @@ impl Replicator {
         });
         let relay = relay && (!dropped || rewritten.is_some());
         self.refuse(peer, &sid, refused);
-        if lagging.is_empty() {
+        if lagging.is_empty() && !fetch_meta {
             return Ok(GossipOutcome {
                 out: Vec::new(),
                 relay,
@@ -1220,11 +1238,27 @@ impl Replicator {
         };
         let p = self.peers.entry(peer.to_string()).or_default();
         let mut msgs = Vec::new();
-        for doc in lagging {
-            let state = p.sessions.entry((sid.clone(), doc)).or_default();
+        for doc in &lagging {
+            let state = p.sessions.entry((sid.clone(), *doc)).or_default();
             *state = sync::State::new();
-            if let Ok(Some(b)) = m.sync_generate(doc, state, now) {
-                msgs.push((doc, Bytes(b)));
+            if let Ok(Some(b)) = m.sync_generate(*doc, state, now) {
+                msgs.push((*doc, Bytes(b)));
+            }
+        }
+        let recently = p
+            .meta_fetched
+            .get(&sid)
+            .is_some_and(|t| now.millis().saturating_sub(t.millis()) < META_FETCH_INTERVAL);
+        if fetch_meta && !lagging.contains(&DocAddr::Meta) && !recently {
+            // A burst of such gossip costs one exchange, not one each.
+            if p.meta_fetched.len() >= 4096 {
+                p.meta_fetched.clear();
+            }
+            p.meta_fetched.insert(sid.clone(), now);
+            let state = p.sessions.entry((sid.clone(), DocAddr::Meta)).or_default();
+            *state = sync::State::new();
+            if let Ok(Some(b)) = m.sync_generate(DocAddr::Meta, state, now) {
+                msgs.push((DocAddr::Meta, Bytes(b)));
             }
         }
         Ok(GossipOutcome {

@@ -1053,7 +1053,7 @@ fn signatures_made_late_are_asked_for_by_nodes_that_took_the_changes_unsigned() 
 fn a_forged_late_signature_is_not_taken() {
     use syncmesh_core::policy::{READ, WRITE};
     use syncmesh_core::replication::Bytes;
-    // X holds W's change unsigned; R answers X's question with its own signature of it.
+    // X holds W's change unsigned; R (a reader) answers X's question with forgeries.
     let mut net = Net::new(&["a", "w", "x", "r"], &[]);
     let sid = MapSid::for_name("m");
     write(&mut net, "a", "m", "a0", json!({}));
@@ -1063,18 +1063,18 @@ fn a_forged_late_signature_is_not_taken() {
     net.run();
     net.tick();
     net.disconnect("w", "x");
-    let (a, w, x) = (net.id("a"), net.id("w"), net.id("x"));
+    let (a, w, x, r) = (net.id("a"), net.id("w"), net.id("x"), net.id("r"));
     let m = net.node("a").host.by_sid(&sid).unwrap();
     for id in [&w, &x] {
         m.set_permission(&perm(id, READ | WRITE), &a, now())
             .unwrap();
     }
+    m.set_permission(&perm(&r, READ), &a, now()).unwrap();
     net.connect("a", "x");
     net.run();
     net.tick();
     let lacking = net.node("x").host.by_sid(&sid).unwrap().unsigned(10);
     assert!(!lacking.is_empty());
-    let r = net.id("r");
     let me = net.node("r").host.identity().clone();
     let sigs = lacking
         .iter()
@@ -1092,10 +1092,57 @@ fn a_forged_late_signature_is_not_taken() {
     .encode();
     let node = net.node("x");
     node.rep.peer_up(&r, &mut node.host);
-    node.rep.receive(&r, &msg, &mut node.host, now()).unwrap();
-    let m = node.host.by_sid(&sid).unwrap();
+    // Not asked of R: not even looked at.
+    assert!(node.rep.receive(&r, &msg, &mut node.host, now()).is_ok());
+    // Asked (R holds the map): R's own signature, W's with a byte flipped, and W's genuine
+    // signature of another change are each a violation, and none is taken.
+    let w_sig_of_other = net
+        .node("w")
+        .host
+        .identity()
+        .signer
+        .clone()
+        .unwrap()
+        .sign(&syncmesh_core::ChangeHash([9; 32]))
+        .unwrap();
+    let mut flipped = net
+        .node("w")
+        .host
+        .identity()
+        .signer
+        .clone()
+        .unwrap()
+        .sign(&lacking[0])
+        .unwrap();
+    flipped.sig[0] ^= 1;
+    for bad in [msg_sig(&me, &lacking[0]), flipped, w_sig_of_other] {
+        let node = net.node("x");
+        let hello = Wire::Hello {
+            hold_all: false,
+            maps: vec![(sid.clone(), 1)],
+        }
+        .encode();
+        node.rep.peer_down(&r);
+        node.rep.peer_up(&r, &mut node.host);
+        let asked = node.rep.receive(&r, &hello, &mut node.host, now()).unwrap();
+        assert!(asked.iter().any(|o| matches!(
+            Wire::decode(&o.bytes, usize::MAX),
+            Ok(Wire::WantSigs { .. })
+        )));
+        let msg = Wire::Sigs {
+            sid: sid.clone(),
+            sigs: vec![(Bytes(lacking[0].0.to_vec()), bad)],
+        }
+        .encode();
+        assert!(node.rep.receive(&r, &msg, &mut node.host, now()).is_err());
+    }
+    let m = net.node("x").host.by_sid(&sid).unwrap();
     assert_eq!(m.unsigned(10), lacking, "still asked for");
     assert!(lacking.iter().all(|h| m.signature(h).is_none()));
+}
+
+fn msg_sig(me: &Identity, h: &syncmesh_core::ChangeHash) -> syncmesh_core::Signature {
+    me.signer.as_ref().unwrap().sign(h).unwrap()
 }
 
 #[test]
@@ -1191,6 +1238,149 @@ fn a_gossiped_map_change_whose_parent_was_missed_is_fetched_at_once() {
     let m = net.node("b").host.by_sid(&sid).unwrap();
     assert!(m.policy().manages(&r), "B has both changes");
     assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
+fn endorsed_history_noted_unsigned_before_it_arrived_is_forgotten() {
+    use syncmesh_core::layout::shard_of;
+    use syncmesh_core::policy::{READ, WRITE};
+    // Found in review: X learns of the entries while missing A's latest write to a shard;
+    // A's older changes there looked unendorsed and were asked for forever.
+    let mut net = Net::new(&["a", "x"], &[]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({}));
+    hold(&mut net, "x", "m");
+    net.connect("a", "x");
+    net.run();
+    net.tick();
+    let s = shard_of("a0");
+    let k = (0..100_000)
+        .map(|i| format!("k{i}"))
+        .find(|k| shard_of(k) == s)
+        .unwrap();
+    write(&mut net, "a", "m", &k, json!({}));
+    net.flush();
+    net.queue.clear(); // lost
+    let (a, x) = (net.id("a"), net.id("x"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    m.set_permission(&perm(&x, READ | WRITE), &a, now())
+        .unwrap();
+    net.run();
+    net.tick();
+    net.tick();
+    assert!(net.items("x", "m").iter().any(|(key, _, _)| *key == k));
+    let m = net.node("x").host.by_sid(&sid).unwrap();
+    assert!(
+        m.unsigned(10).is_empty(),
+        "the endorsed history is not asked for"
+    );
+    assert!(!m.has_unsigned());
+    let marks = m.take_unsigned_marks();
+    assert!(
+        marks.iter().all(|(_, i)| i.is_none()),
+        "what was noted is stored as forgotten: {marks:?}"
+    );
+    // And nothing is asked on a new connection.
+    net.disconnect("a", "x");
+    let node = net.node("x");
+    node.rep.peer_up(&a, &mut node.host);
+    let hello = Wire::Hello {
+        hold_all: false,
+        maps: vec![(sid.clone(), 1)],
+    }
+    .encode();
+    let out = node.rep.receive(&a, &hello, &mut node.host, now()).unwrap();
+    assert!(out.iter().all(|o| !matches!(
+        Wire::decode(&o.bytes, usize::MAX),
+        Ok(Wire::WantSigs { .. })
+    )));
+}
+
+#[test]
+fn a_hold_all_node_names_no_change_of_a_map_to_a_peer_that_may_not_read_it() {
+    use syncmesh_core::policy::{READ, WRITE};
+    // Found in review: a hold-all node answered a Hello naming a map the peer may not read
+    // (as if to adopt it) with its documents and a question naming change hashes.
+    let mut net = Net::new(&["a", "w", "x", "r"], &["x"]);
+    let sid = MapSid::for_name("m");
+    write(&mut net, "a", "m", "a0", json!({}));
+    hold(&mut net, "x", "m");
+    write(&mut net, "w", "m", "from_w", json!({}));
+    net.connect("w", "x");
+    net.run();
+    net.tick();
+    net.disconnect("w", "x");
+    let (a, w, x) = (net.id("a"), net.id("w"), net.id("x"));
+    let m = net.node("a").host.by_sid(&sid).unwrap();
+    for id in [&w, &x] {
+        m.set_permission(&perm(id, READ | WRITE), &a, now())
+            .unwrap();
+    }
+    net.connect("a", "x");
+    net.run();
+    net.tick();
+    net.disconnect("a", "x");
+    assert!(net.node("x").host.by_sid(&sid).unwrap().has_unsigned());
+    let r = net.id("r");
+    let node = net.node("x");
+    node.rep.peer_up(&r, &mut node.host);
+    let hello = Wire::Hello {
+        hold_all: false,
+        maps: vec![(sid.clone(), 12345)],
+    }
+    .encode();
+    let out = node.rep.receive(&r, &hello, &mut node.host, now()).unwrap();
+    assert!(out.is_empty(), "{} messages to a non-reader", out.len());
+}
+
+#[test]
+fn gossip_for_an_unknown_incarnation_costs_one_map_document_exchange() {
+    // Found in review: each such message restarted the map-document sync with its sender.
+    let mut net = Net::new(&["a", "c", "h"], &[]);
+    let sid = MapSid::for_name("m");
+    for i in 0..20 {
+        write(&mut net, "a", "m", &format!("x{i}"), json!({}));
+    }
+    hold(&mut net, "c", "m");
+    net.connect("a", "c");
+    net.run();
+    net.tick();
+    write(&mut net, "h", "m", "evil", json!({}));
+    let hm = net.node("h").host.by_sid(&sid).unwrap();
+    hm.flush(now()).unwrap();
+    let ch = hm
+        .take_outgoing()
+        .into_iter()
+        .find(|c| matches!(c.doc, DocAddr::Shard { .. }))
+        .unwrap();
+    let DocAddr::Shard { index, .. } = ch.doc else {
+        panic!("a shard change")
+    };
+    let h = net.id("h");
+    let node = net.node("c");
+    let inc = node.host.by_sid(&sid).unwrap().incarnation();
+    node.rep.peer_up(&h, &mut node.host);
+    let mut replies = 0;
+    for i in 0..20u64 {
+        let msg = Wire::Changes {
+            sid: sid.clone(),
+            docs: vec![(
+                DocAddr::Shard {
+                    inc: inc + 1 + i,
+                    index,
+                },
+                vec![syncmesh_core::replication::Bytes(ch.bytes.clone())],
+            )],
+            sigs: vec![],
+        }
+        .encode();
+        replies += node
+            .rep
+            .receive(&h, &msg, &mut node.host, now())
+            .unwrap()
+            .len();
+    }
+    assert_eq!(replies, 1, "one exchange, not one per message");
 }
 
 #[test]

@@ -6,8 +6,9 @@ use axum::Json;
 
 use crate::model::ErrorBody;
 
-/// Where an error's `more_info` points: the error table of the HTTP API document.
-pub const MORE_INFO: &str = concat!(env!("CARGO_PKG_REPOSITORY"), "/docs/http-api.md#errors");
+/// Where an error's `more_info` points: the error table of the HTTP API document, as a path
+/// in the syncmesh source tree (the project has no web site to link to).
+pub const MORE_INFO: &str = "docs/http-api.md#errors";
 
 /// Codes this server answers with besides the Sync Maps ones of [`syncmesh::Error::code`].
 pub mod codes {
@@ -45,6 +46,14 @@ pub mod codes {
     pub const OWN_TICKET: u32 = 20307;
     /// A join with the same inviter is already under way (409).
     pub const JOIN_UNDER_WAY: u32 = 20308;
+    /// A limit of this node is reached (connections: 503, event subscribers: 429); retry after
+    /// the `Retry-After` seconds.
+    pub const OVERLOADED: u32 = 20429;
+    /// The request body did not arrive in time (408).
+    pub const REQUEST_TIMEOUT: u32 = 20408;
+    /// A cross-site request that would change something, or a `Host` this node does not
+    /// answer to (403).
+    pub const FORBIDDEN: u32 = 20403;
 }
 
 /// An error answered as `{"code", "message", "more_info", "status"}`.

@@ -102,6 +102,10 @@ pub async fn events(
     let map = st.map(&id).await?;
     // Handles are cached by id: a map removed since must not get an idle stream.
     map.info().await?;
+    let slot = st.subscribe_slot(map.sid().as_str())?;
+    // A WebSocket keeps its connection's slot after the upgrade: it still holds a socket.
+    let conn_slot = parts.extensions.get::<crate::serve::ConnSlot>().cloned();
+    let limits = st.limits().clone();
     let stream = match after {
         Some(a) => map.subscribe_from(a).await?,
         None => map.subscribe().await?,
@@ -110,9 +114,14 @@ pub async fn events(
     let resume = stream.resume_point();
     let mut resp = match ws {
         Some(ws) => ws
-            .on_upgrade(move |socket| run_ws(socket, stream, shutdown))
+            .max_message_size(limits.ws_max_message)
+            .max_frame_size(limits.ws_max_message)
+            .on_upgrade(move |socket| async move {
+                run_ws(socket, stream, shutdown, limits.ws_send_timeout).await;
+                drop((slot, conn_slot));
+            })
             .into_response(),
-        None => sse(stream, shutdown).into_response(),
+        None => sse(stream, shutdown, slot).into_response(),
     };
     // Also a header: a WebSocket has no place for it in the stream without a message that
     // consumers of events would have to skip.
@@ -171,15 +180,17 @@ async fn next(stream: &mut EventStream, shutdown: &CancellationToken) -> Option<
 fn sse(
     stream: EventStream,
     shutdown: CancellationToken,
+    slot: crate::state::SubscriberSlot,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     // First an event with only an id: the stream's resume point, so a client that reconnects
     // before any event arrives resumes (`Last-Event-ID`) without missing what happened meanwhile.
     let start = stream
         .resume_point()
         .map(|id| Ok(SseEvent::default().id(id.to_string())));
+    // The slot lives as long as the stream (hyper drops it when the client goes).
     let s = futures_util::stream::unfold(
-        (stream, shutdown, false),
-        |(mut stream, shutdown, done)| async move {
+        (stream, shutdown, false, slot),
+        |(mut stream, shutdown, done, slot)| async move {
             if done {
                 return None;
             }
@@ -196,14 +207,32 @@ fn sse(
                     (SseEvent::default().event("error").data(data), true)
                 }
             };
-            Some((Ok(ev.0), (stream, shutdown, ev.1)))
+            Some((Ok(ev.0), (stream, shutdown, ev.1, slot)))
         },
     );
     let s = futures_util::stream::iter(start).chain(s);
     Sse::new(s).keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE))
 }
 
-async fn run_ws(mut socket: WebSocket, mut stream: EventStream, shutdown: CancellationToken) {
+/// Sends one message within `deadline`; false if the client is gone or did not take it.
+async fn send(
+    tx: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    deadline: Duration,
+    m: Message,
+) -> bool {
+    use futures_util::SinkExt as _;
+    matches!(tokio::time::timeout(deadline, tx.send(m)).await, Ok(Ok(())))
+}
+
+async fn run_ws(
+    socket: WebSocket,
+    mut stream: EventStream,
+    shutdown: CancellationToken,
+    send_timeout: Duration,
+) {
+    // Sending and receiving apart: a client that stops reading blocks sends, and must still
+    // be found out (by the send deadline) while its pongs and close are read.
+    let (mut tx, mut rx) = socket.split();
     // Pings find clients that vanished without closing (their host went away): one that has
     // not answered the previous ping by the next is dropped, with its subscription.
     let mut ping = tokio::time::interval(SSE_KEEPALIVE);
@@ -214,13 +243,13 @@ async fn run_ws(mut socket: WebSocket, mut stream: EventStream, shutdown: Cancel
             n = next(&mut stream, &shutdown) => match n {
                 Some(Next::Event(body)) => {
                     let text = serde_json::to_string(&body).unwrap_or_default();
-                    if socket.send(Message::Text(text.into())).await.is_err() {
-                        return;
+                    if !send(&mut tx, send_timeout, Message::Text(text.into())).await {
+                        return; // gone, or not reading within the deadline
                     }
                 }
                 Some(Next::Error(e)) => {
                     let text = serde_json::to_string(&stream_error(&e)).unwrap_or_default();
-                    let _ = socket.send(Message::Text(text.into())).await;
+                    let _ = send(&mut tx, send_timeout, Message::Text(text.into())).await;
                     let code = if e.code == codes::EVENTS_PRUNED {
                         CLOSE_PRUNED
                     } else {
@@ -236,18 +265,19 @@ async fn run_ws(mut socket: WebSocket, mut stream: EventStream, shutdown: Cancel
                     return; // no answer since the last ping: the client is gone
                 }
                 awaiting_pong = true;
-                if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                if !send(&mut tx, send_timeout, Message::Ping(Vec::new().into())).await {
                     return;
                 }
             }
-            incoming = socket.recv() => match incoming {
+            incoming = rx.next() => match incoming {
+                // A message over the size limit is an error here: that socket ends.
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 // Any message shows the client is there; pings are answered by axum.
                 Some(Ok(_)) => awaiting_pong = false,
             },
         }
     };
-    let _ = socket.send(Message::Close(Some(close))).await;
+    let _ = send(&mut tx, send_timeout, Message::Close(Some(close))).await;
 }
 
 #[cfg(test)]

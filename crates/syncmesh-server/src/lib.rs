@@ -13,10 +13,9 @@
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7700").await?;
 //! let opts = ServerOptions::new(listener.local_addr()?);
 //! let app = router(node.clone(), opts.clone());
-//! // Serves until `opts.shutdown` is cancelled (the daemon does that on SIGINT/SIGTERM),
-//! // which also ends live event streams; then the node commits what is queued.
-//! let stop = opts.shutdown.clone();
-//! serve(listener, app, async move { stop.cancelled().await }).await?;
+//! // Serves, within `opts.limits`, until `opts.shutdown` is cancelled (the daemon does that
+//! // on SIGINT/SIGTERM), which also ends live event streams; then the node commits.
+//! serve(listener, app, &opts).await?;
 //! node.close().await?;
 //! # Ok(()) }
 //! ```
@@ -29,18 +28,19 @@
 
 pub mod error;
 pub mod events;
+pub mod guard;
 pub mod items;
 pub mod maps;
 pub mod model;
 pub mod node;
 pub mod params;
 pub mod permissions;
+pub mod serve;
 pub mod state;
 pub mod trust;
 pub mod ui;
 pub mod urls;
 
-use std::future::Future;
 use std::sync::OnceLock;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -54,7 +54,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::ApiError;
-pub use state::{AppState, ServerOptions};
+pub use serve::serve;
+pub use state::{AppState, Limits, ServerOptions};
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
@@ -162,6 +163,7 @@ pub fn router(node: syncmesh::Node, opts: ServerOptions) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(params::BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .layer(
             // The path only: a query may carry `access_token`, which must never reach a log.
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
@@ -212,18 +214,6 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .expose_headers([header::ETAG, header::LOCATION])
             .max_age(std::time::Duration::from_secs(600)),
     )
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then lets requests in flight finish.
-/// Cancel [`ServerOptions::shutdown`] as well, so live event streams end.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -302,6 +302,31 @@ pub struct NodeStatus {
     pub problems: Vec<PeerProblemResource>,
     /// Changes refused from peers that may not write a map, since the node started.
     pub refused_changes: u64,
+    /// What clients may take of this node (see docs/http-api.md, "Limits").
+    pub limits: LimitsResource,
+    /// Live event subscriptions now.
+    pub subscribers: u64,
+}
+
+/// A node's limits on clients.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LimitsResource {
+    /// HTTP connections at once (WebSockets included).
+    pub max_connections: u64,
+    /// Live event subscriptions at once.
+    pub max_subscribers: u64,
+    /// Live event subscriptions at once on one map.
+    pub max_subscribers_per_map: u64,
+    /// Seconds for a request head to arrive (and for a keep-alive connection to idle).
+    pub header_timeout: u64,
+    /// Seconds for a request body to arrive.
+    pub body_timeout: u64,
+    /// Largest WebSocket message a client may send, in bytes.
+    pub ws_max_message: u64,
+    /// Seconds a WebSocket send waits for a client that does not read.
+    pub ws_send_timeout: u64,
+    /// The process's limit on open files (descriptors), when known.
+    pub open_files: Option<u64>,
 }
 
 /// How a peer came to be trusted.

@@ -74,5 +74,20 @@ pub async fn node_status(st: &AppState) -> Result<NodeStatus, ApiError> {
         discovered_peers: peers.discovered_peers,
         problems: peers.problems,
         refused_changes: peers.refused_changes,
+        limits: {
+            let l = st.limits();
+            let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+            crate::model::LimitsResource {
+                max_connections: n(l.max_connections),
+                max_subscribers: n(l.max_subscribers),
+                max_subscribers_per_map: n(l.max_subscribers_per_map),
+                header_timeout: l.header_timeout.as_secs(),
+                body_timeout: l.body_timeout.as_secs(),
+                ws_max_message: n(l.ws_max_message),
+                ws_send_timeout: l.ws_send_timeout.as_secs(),
+                open_files: l.open_files,
+            }
+        },
+        subscribers: st.subscribers() as u64,
     })
 }

@@ -27,6 +27,69 @@ pub struct ServerOptions {
     /// Web origins (`https://app.example:8443`, or `*`) whose pages may call the API (CORS);
     /// empty: only pages the node serves itself.
     pub cors_origins: Vec<String>,
+    /// What one client, or all of them, may take of this node.
+    pub limits: Limits,
+    /// Host names a node without a token answers to besides loopback ones (`--allow-host`).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Bounds on what clients may take of a node: connections, time, event subscriptions and
+/// their buffers. The defaults keep a node's memory in the low hundreds of MB and its
+/// descriptors under a 1,024 limit whatever clients do (see docs/http-api.md, "Limits").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// HTTP connections at once, WebSockets included. When full, the oldest connection that
+    /// has not sent a whole request yet is closed to make room, else the new one gets 503.
+    pub max_connections: usize,
+    /// Time for a request's head to arrive; also how long a keep-alive connection may idle.
+    pub header_timeout: std::time::Duration,
+    /// Time for a whole request body to arrive (bodies are at most 64 KiB).
+    pub body_timeout: std::time::Duration,
+    /// Live event subscriptions (SSE and WebSocket) at once, on all maps.
+    pub max_subscribers: usize,
+    /// Live event subscriptions at once on one map.
+    pub max_subscribers_per_map: usize,
+    /// Largest WebSocket message a client may send (clients only answer pings).
+    pub ws_max_message: usize,
+    /// Time a WebSocket send may wait for a client that does not read before it is dropped.
+    pub ws_send_timeout: std::time::Duration,
+    /// The process's limit on open descriptors these were fitted to (reported only).
+    pub open_files: Option<u64>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 768,
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(20),
+            max_subscribers: 512,
+            max_subscribers_per_map: 256,
+            ws_max_message: 64 * 1024,
+            ws_send_timeout: std::time::Duration::from_secs(20),
+            open_files: None,
+        }
+    }
+}
+
+impl Limits {
+    /// The defaults, with the connection limit fitted to `open_files`, the process's limit on
+    /// open descriptors: a quarter of them (at least 64) stay for storage, the network and
+    /// answers to refused connections.
+    pub fn for_open_files(open_files: u64) -> Self {
+        let spare = (open_files / 4).max(64);
+        let fit = usize::try_from(open_files.saturating_sub(spare)).unwrap_or(usize::MAX);
+        let max_connections = fit.clamp(16, 16_384);
+        // Subscribers hold connections: a third stays for everything else.
+        let max_subscribers = (max_connections * 2 / 3).max(1);
+        Limits {
+            max_connections,
+            max_subscribers,
+            max_subscribers_per_map: (max_subscribers / 2).max(1),
+            open_files: Some(open_files),
+            ..Limits::default()
+        }
+    }
 }
 
 impl ServerOptions {
@@ -37,7 +100,22 @@ impl ServerOptions {
             http_addr,
             shutdown: CancellationToken::new(),
             cors_origins: Vec::new(),
+            limits: Limits::default(),
+            allowed_hosts: Vec::new(),
         }
+    }
+
+    /// Lets a node without a token answer to these host names too (it answers to loopback
+    /// names only, so that DNS rebinding cannot reach it).
+    pub fn with_allowed_hosts(mut self, hosts: Vec<String>) -> Self {
+        self.allowed_hosts = hosts;
+        self
+    }
+
+    /// Uses these limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Lets pages from these origins call the API (`*`: any origin). The token still guards
@@ -75,6 +153,17 @@ struct Inner {
     http_addr: SocketAddr,
     shutdown: CancellationToken,
     maps: Mutex<HashMap<String, Map>>,
+    cors_origins: Vec<String>,
+    allowed_hosts: Vec<String>,
+    limits: Limits,
+    subscribers: Mutex<Subscribers>,
+}
+
+/// Live event subscriptions, counted to keep them within [`Limits`].
+#[derive(Default)]
+struct Subscribers {
+    total: usize,
+    per_map: HashMap<String, usize>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -101,6 +190,14 @@ impl AppState {
                 http_addr: opts.http_addr,
                 shutdown: opts.shutdown,
                 maps: Mutex::new(HashMap::new()),
+                cors_origins: opts
+                    .cors_origins
+                    .iter()
+                    .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+                    .collect(),
+                allowed_hosts: opts.allowed_hosts,
+                limits: opts.limits,
+                subscribers: Mutex::new(Subscribers::default()),
             }),
         }
     }
@@ -118,6 +215,69 @@ impl AppState {
     /// Cancelled at shutdown.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.inner.shutdown
+    }
+
+    /// The limits clients are held to.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// Host names answered besides loopback ones by a node without a token.
+    pub fn allowed_hosts(&self) -> &[String] {
+        &self.inner.allowed_hosts
+    }
+
+    /// Whether pages of `origin` were allowed to call the API (`--cors-origin`).
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        let o = origin.trim_end_matches('/').to_ascii_lowercase();
+        self.inner.cors_origins.iter().any(|a| a == "*" || *a == o)
+    }
+
+    /// Counts a new live event subscription on map `sid`, or refuses it (429) when a limit
+    /// is reached. The subscription ends when the returned guard is dropped.
+    pub fn subscribe_slot(&self, sid: &str) -> Result<SubscriberSlot, ApiError> {
+        let lim = &self.inner.limits;
+        let mut s = self
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let on_map = s.per_map.get(sid).copied().unwrap_or(0);
+        let full = if s.total >= lim.max_subscribers {
+            Some(format!(
+                "this node serves at most {} event subscriptions at once",
+                lim.max_subscribers
+            ))
+        } else if on_map >= lim.max_subscribers_per_map {
+            Some(format!(
+                "this map has the most event subscriptions a node serves for one map ({})",
+                lim.max_subscribers_per_map
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = full {
+            return Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                crate::error::codes::OVERLOADED,
+                format!("{why}; retry later"),
+            ));
+        }
+        s.total += 1;
+        *s.per_map.entry(sid.to_string()).or_insert(0) += 1;
+        Ok(SubscriberSlot {
+            state: self.clone(),
+            sid: sid.to_string(),
+        })
+    }
+
+    /// Live event subscriptions now (all maps).
+    pub fn subscribers(&self) -> usize {
+        self.inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .total
     }
 
     /// Whether requests need a token.
@@ -158,5 +318,29 @@ impl AppState {
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Map>> {
         self.inner.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One live event subscription, counted until dropped ([`AppState::subscribe_slot`]).
+pub struct SubscriberSlot {
+    state: AppState,
+    sid: String,
+}
+
+impl Drop for SubscriberSlot {
+    fn drop(&mut self) {
+        let mut s = self
+            .state
+            .inner
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        s.total = s.total.saturating_sub(1);
+        if let Some(n) = s.per_map.get_mut(&self.sid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.per_map.remove(&self.sid);
+            }
+        }
     }
 }

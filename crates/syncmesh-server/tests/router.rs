@@ -2118,3 +2118,253 @@ async fn map_permissions_need_a_network() {
     .await
     .err(409, 20306);
 }
+
+async fn status_of(app: &Router, req: Request<Body>) -> (u16, Value) {
+    let r = tokio::time::timeout(DEADLINE, app.clone().oneshot(req))
+        .await
+        .expect("an answer within the deadline")
+        .unwrap();
+    let status = r.status().as_u16();
+    let bytes = axum::body::to_bytes(r.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn form_post(uri: &str, headers: &[(&str, &str)], body: &str) -> Request<Body> {
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Body::from(body.to_string())).unwrap()
+}
+
+#[tokio::test]
+async fn a_page_of_another_site_cannot_change_a_node_or_follow_its_events() {
+    let node = Node::in_memory().await.unwrap();
+    let app = router(node.clone(), ServerOptions::new(addr()));
+    let maps = format!("{P}/Maps");
+    // A form on another site posts to the node: refused, nothing created.
+    for headers in [
+        vec![
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:7700"),
+        ],
+        vec![("sec-fetch-site", "cross-site"), ("host", "127.0.0.1:7700")],
+        vec![
+            ("sec-fetch-site", "same-site"),
+            ("origin", "http://app.localhost:7700"),
+        ],
+        vec![("origin", "null")],
+    ] {
+        let (status, body) = status_of(&app, form_post(&maps, &headers, "UniqueName=x")).await;
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert_eq!(body["code"], 20403);
+        assert_eq!(body["more_info"], "docs/http-api.md#errors");
+    }
+    assert!(node.maps().await.unwrap().is_empty(), "nothing was created");
+    // An event WebSocket opened by another site's page: refused (no CORS rule guards it).
+    let ws = Request::builder()
+        .uri(format!("{P}/Maps/m/Events"))
+        .header("origin", "http://evil.example")
+        .header("host", "127.0.0.1:7700")
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(status_of(&app, ws).await.0, 403);
+    // The node's own pages, what a user types, and clients that are not browsers pass.
+    for (i, headers) in [
+        vec![
+            ("origin", "http://127.0.0.1:7700"),
+            ("host", "127.0.0.1:7700"),
+        ],
+        vec![
+            ("sec-fetch-site", "same-origin"),
+            ("origin", "http://127.0.0.1:7700"),
+        ],
+        vec![("sec-fetch-site", "none")],
+        vec![],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("ok{i}");
+        let (status, body) = status_of(
+            &app,
+            form_post(&maps, &headers, &format!("UniqueName={name}")),
+        )
+        .await;
+        assert_eq!(status, 201, "{headers:?}: {body}");
+    }
+    // Reading is not refused (the browser keeps the answer from the page, per CORS).
+    let (status, _, _) = raw_get(&app, &maps, &[("origin", "http://evil.example")]).await;
+    assert_eq!(status, 200);
+    // An origin allowed with --cors-origin may write.
+    let allowed = router(
+        node.clone(),
+        ServerOptions::new(addr()).with_cors_origins(vec!["http://app.example".into()]),
+    );
+    let (status, body) = status_of(
+        &allowed,
+        form_post(
+            &maps,
+            &[
+                ("origin", "http://app.example"),
+                ("sec-fetch-site", "cross-site"),
+            ],
+            "UniqueName=from_app",
+        ),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+#[tokio::test]
+async fn a_node_without_a_token_answers_only_to_loopback_host_names() {
+    let node = Node::in_memory().await.unwrap();
+    let app = router(
+        node.clone(),
+        ServerOptions::new(addr()).with_allowed_hosts(vec!["lab.example".into()]),
+    );
+    let get = |host: &str| {
+        Request::builder()
+            .uri(format!("{P}/Maps"))
+            .header("host", host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    // DNS rebinding: a page on a name the attacker controls, now resolving to 127.0.0.1.
+    let (status, body) = status_of(&app, get("rebind.attacker.example:7700")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["code"], 20403);
+    assert_eq!(
+        status_of(&app, get("localhost.attacker.example")).await.0,
+        403
+    );
+    for ok in [
+        "127.0.0.1:7700",
+        "localhost:7700",
+        "[::1]:7700",
+        "lab.example:7700",
+    ] {
+        assert_eq!(status_of(&app, get(ok)).await.0, 200, "{ok}");
+    }
+    // With a token, the token is the guard.
+    let guarded = router(
+        node,
+        ServerOptions::new(addr()).with_token(Some("t".into())),
+    );
+    let mut req = get("node.lan:7700");
+    req.headers_mut()
+        .insert(header::AUTHORIZATION, "Bearer t".parse().unwrap());
+    assert_eq!(status_of(&guarded, req).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_come_in_time_or_is_announced_too_large_is_refused() {
+    let limits = syncmesh_server::Limits {
+        body_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let node = Node::in_memory().await.unwrap();
+    let app = router(node.clone(), ServerOptions::new(addr()).with_limits(limits));
+    // A body that never ends (a client that stops sending).
+    let never = futures_util::stream::pending::<Result<Vec<u8>, std::io::Error>>();
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{P}/Maps"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(never))
+        .unwrap();
+    let (status, body) = status_of(&app, req).await;
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(body["code"], 20408);
+    // Content-Length: 10^12 with no body: refused at once, nothing read.
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{P}/Maps"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, "1000000000000")
+        .body(Body::from_stream(futures_util::stream::pending::<
+            Result<Vec<u8>, std::io::Error>,
+        >()))
+        .unwrap();
+    let (status, body) = status_of(&app, req).await;
+    assert_eq!(status, 413, "{body}");
+    // An endless chunked body stops at the limit.
+    let endless = futures_util::stream::repeat_with(|| Ok::<_, std::io::Error>(vec![b' '; 8192]));
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{P}/Maps"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(endless))
+        .unwrap();
+    assert_eq!(status_of(&app, req).await.0, 413);
+    assert!(node.maps().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn event_subscriptions_are_limited_per_map_and_per_node() {
+    let limits = syncmesh_server::Limits {
+        max_subscribers: 3,
+        max_subscribers_per_map: 2,
+        ..Default::default()
+    };
+    let node = Node::in_memory().await.unwrap();
+    let app = router(node.clone(), ServerOptions::new(addr()).with_limits(limits));
+    let api = Api {
+        app: app.clone(),
+        token: None,
+    };
+    for m in ["a", "b"] {
+        api.post(&format!("{P}/Maps"), json!({"UniqueName": m}))
+            .await
+            .ok(201);
+    }
+    let sub = |m: &str| {
+        Request::builder()
+            .uri(format!("{P}/Maps/{m}/Events"))
+            .header(header::ACCEPT, "text/event-stream")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let open = |m: &'static str| {
+        let app = app.clone();
+        async move {
+            let r = app.oneshot(sub(m)).await.unwrap();
+            (r.status().as_u16(), r)
+        }
+    };
+    let (s1, a1) = open("a").await;
+    let (s2, _a2) = open("a").await;
+    assert_eq!((s1, s2), (200, 200));
+    let (status, body) = status_of(&app, sub("a")).await;
+    assert_eq!(status, 429, "the map's limit: {body}");
+    assert_eq!(body["code"], 20429);
+    let (s3, _b1) = open("b").await;
+    assert_eq!(s3, 200);
+    assert_eq!(status_of(&app, sub("b")).await.0, 429, "the node's limit");
+    let status = api.get("/v1/Node").await;
+    assert_eq!(status.ok(200)["subscribers"], 3);
+    assert_eq!(status.body["limits"]["max_subscribers"], 3);
+    // A subscriber that goes away gives its place back.
+    drop(a1);
+    let mut freed = false;
+    for _ in 0..100 {
+        if open("a").await.0 == 200 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed);
+}

@@ -169,7 +169,8 @@ pub struct MapWrite {
     pub view: ViewChanges,
     /// New events: id and encoded event.
     pub events: Vec<(u64, Vec<u8>)>,
-    /// Signatures of its changes to keep: change hash and encoded signature.
+    /// Signatures of its changes to keep: change hash and encoded signature (empty: forget
+    /// what is kept for that hash).
     pub sigs: Vec<([u8; 32], Vec<u8>)>,
 }
 
@@ -649,16 +650,32 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.events_after_within(sid, after, limit, usize::MAX)
+    }
+
+    /// [`Self::events_after`], stopping once the events read reach `max_bytes` (at least one
+    /// event is read), so a page costs bounded memory whatever the events' size.
+    pub fn events_after_within(
+        &self,
+        sid: &MapSid,
+        after: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         let start = event_key(sid, after.saturating_add(1));
         let end = prefix_end(sid.as_str().as_bytes());
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for row in t
             .range(start.as_slice()..end.as_slice())
             .map_err(|e| self.err(e))?
             .take(limit)
         {
+            if bytes >= max_bytes {
+                break;
+            }
             let (k, v) = row.map_err(|e| self.err(e))?;
             let id = k
                 .value()
@@ -666,7 +683,9 @@ impl Store {
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| self.corrupt("event key"))?;
-            out.push((id, v.value().to_vec()));
+            let v = v.value().to_vec();
+            bytes = bytes.saturating_add(v.len());
+            out.push((id, v));
         }
         Ok(out)
     }
@@ -775,8 +794,12 @@ impl Store {
             for (hash, sig) in &m.sigs {
                 let mut k = sid_bytes.to_vec();
                 k.extend_from_slice(hash);
-                sigs.insert(k.as_slice(), sig.as_slice())
-                    .map_err(|e| self.err(e))?;
+                if sig.is_empty() {
+                    sigs.remove(k.as_slice()).map_err(|e| self.err(e))?;
+                } else {
+                    sigs.insert(k.as_slice(), sig.as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
             }
             if m.name.is_some() || maps.get(sid_bytes).map_err(|e| self.err(e))?.is_none() {
                 let rec = encode_catalog(m.name.as_deref().unwrap_or(""), m.next_expiry);

@@ -169,7 +169,7 @@ enum StoreJob {
         batch: Batch,
         acks: Vec<Ack>,
         barriers: Vec<oneshot::Sender<Result<()>>>,
-        events: Vec<Arc<Event>>,
+        events: Vec<Arc<Published>>,
         /// Force an fsync (relaxed stores otherwise commit without one).
         durable: bool,
     },
@@ -198,12 +198,22 @@ impl Shared {
     }
 }
 
+/// An event as published to live subscribers, with the size of its stored encoding (what a
+/// subscriber's buffer is charged for holding it).
+#[derive(Debug)]
+pub(crate) struct Published {
+    pub event: Event,
+    pub bytes: usize,
+}
+
 /// What the engine shares with the rest of the node.
 pub(crate) struct Shared {
     /// The store while the node is open; `None` once closed, so the file is released even
     /// while handles remain.
     pub store: Mutex<Option<Arc<Store>>>,
-    pub events: broadcast::Sender<Arc<Event>>,
+    pub events: broadcast::Sender<Arc<Published>>,
+    /// Bytes of events one subscription may hold for a consumer that does not read.
+    pub subscriber_buffer: usize,
     /// Becomes true when the node has closed: subscription tasks end on it.
     pub closed: tokio::sync::watch::Sender<bool>,
     /// Set by the store writer when a commit fails; writes are refused from then on.
@@ -632,7 +642,7 @@ impl Engine {
                 .iter()
                 .filter_map(|(h, b)| Some((syncmesh_core::ChangeHash(*h), read_unsigned_mark(b)?))),
         );
-        if !m.unsigned(1).is_empty() {
+        if m.has_unsigned() {
             self.signatures_wanted.insert(sid.clone());
         }
         // Documents of earlier incarnations (the map was removed and created again) are dead
@@ -847,11 +857,18 @@ impl Engine {
             let evs = m.take_events();
             let mut encoded = Vec::with_capacity(evs.len());
             for e in evs {
-                match serde_json::to_vec(&e) {
-                    Ok(b) => encoded.push((e.id, b)),
-                    Err(err) => tracing::error!("event {} cannot be encoded: {err}", e.id),
-                }
-                events.push(Arc::new(e));
+                let bytes = match serde_json::to_vec(&e) {
+                    Ok(b) => {
+                        let n = b.len();
+                        encoded.push((e.id, b));
+                        n
+                    }
+                    Err(err) => {
+                        tracing::error!("event {} cannot be encoded: {err}", e.id);
+                        0
+                    }
+                };
+                events.push(Arc::new(Published { event: e, bytes }));
             }
             // The catalog record goes with every batch of the map: it carries the next expiry.
             self.on_disk
@@ -889,7 +906,11 @@ impl Engine {
                 sigs: sigs
                     .into_iter()
                     .map(|(h, s)| (h.0, s.encode()))
-                    .chain(unsigned.into_iter().map(|(h, i)| (h.0, unsigned_mark(i))))
+                    .chain(
+                        unsigned
+                            .into_iter()
+                            .map(|(h, i)| (h.0, i.map(unsigned_mark).unwrap_or_default())),
+                    )
                     .collect(),
             });
             // Compactions follow the commit of every change they include.

@@ -11,7 +11,7 @@ use syncmesh_core::{
     Page, PageRequest, Permission, Revision, Ttl, WriteOptions,
 };
 use syncmesh_store::{Batch, FileCompaction, Store, StoreOptions};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use syncmesh_net::{Multiaddr, NetConfig, NetHandle, NetStatus, PeerId, SwarmKey};
 
@@ -21,8 +21,10 @@ use crate::trust::{Invite, InviteOptions, Peers, Ticket, TrustedPeer};
 
 /// Events buffered for live subscribers before a slow one is told it lagged.
 const EVENT_BUFFER: usize = 4096;
-/// Events a subscription holds for its consumer.
+/// Events a subscription holds for its consumer (at most [`SUBSCRIBER_BUFFER`] bytes of them).
 const SUBSCRIBER_QUEUE: usize = 256;
+/// Default bytes of events a subscription holds for its consumer.
+const SUBSCRIBER_BUFFER: usize = 64 * 1024;
 /// Stored events read per replay step.
 const REPLAY_PAGE: usize = 512;
 
@@ -45,6 +47,7 @@ pub struct NodeBuilder {
     durability: Durability,
     event_retention: Option<u64>,
     cache_bytes: Option<usize>,
+    subscriber_buffer: Option<usize>,
     listen: Vec<Multiaddr>,
     peers: Vec<Multiaddr>,
     mdns: Option<bool>,
@@ -119,6 +122,15 @@ impl NodeBuilder {
     /// are trusted.
     pub fn allow_peers(mut self, peers: impl IntoIterator<Item = PeerId>) -> Self {
         self.allow = Some(peers.into_iter().collect());
+        self
+    }
+
+    /// Bytes of events one subscription holds for a consumer that does not keep up (default
+    /// 64 KiB, at least one event). Past it, a map's subscription is fed from storage as its
+    /// consumer reads, and the node-wide one ([`Node::subscribe`]) reports a lag: a stalled
+    /// consumer costs this much memory, however many events are written.
+    pub fn subscriber_buffer(mut self, bytes: usize) -> Self {
+        self.subscriber_buffer = Some(bytes);
         self
     }
 
@@ -215,6 +227,7 @@ impl NodeBuilder {
             book,
             listens,
             signer,
+            self.subscriber_buffer.unwrap_or(SUBSCRIBER_BUFFER),
         )
     }
 }
@@ -288,6 +301,8 @@ impl Node {
         Node::builder().in_memory().open().await
     }
 
+    // Private, called once from `NodeBuilder::open` with what it resolved.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         store: Store,
         data_dir: Option<PathBuf>,
@@ -296,6 +311,7 @@ impl Node {
         book: crate::trust::TrustBook,
         listens: bool,
         signer: Option<syncmesh_core::Signer>,
+        subscriber_buffer: usize,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
@@ -331,6 +347,7 @@ impl Node {
             closed,
             store: Mutex::new(Some(Arc::new(store))),
             events,
+            subscriber_buffer: subscriber_buffer.clamp(1, u32::MAX as usize),
             failed: Mutex::new(None),
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
@@ -526,7 +543,7 @@ impl Node {
     pub fn subscribe(&self) -> EventStream {
         let mut live = self.inner.shared.events.subscribe();
         let mut closed = self.inner.shared.closed.subscribe();
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let (tx, rx) = queue(self.inner.shared.subscriber_buffer);
         spawn(async move {
             loop {
                 let r = tokio::select! {
@@ -534,12 +551,14 @@ impl Node {
                     _ = closed.wait_for(|c| *c) => return,
                     _ = tx.closed() => return,
                 };
-                let item = match r {
-                    Ok(e) => Ok((*e).clone()),
-                    Err(broadcast::error::RecvError::Lagged(n)) => Err(Error::Lagged { missed: n }),
+                let (item, bytes) = match r {
+                    Ok(e) => (Ok(e.event.clone()), e.bytes),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        (Err(Error::Lagged { missed: n }), 0)
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 };
-                if tx.send(item).await.is_err() {
+                if tx.send(item, bytes).await.is_err() {
                     return;
                 }
             }
@@ -800,7 +819,8 @@ impl Map {
         let shared = self.node.inner.shared.clone();
         // Subscribe to the live feed first, so nothing falls between replay and live.
         let mut live = shared.events.subscribe();
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+        let budget = shared.subscriber_buffer;
+        let (tx, rx) = queue(budget);
         let sid = self.sid.clone();
         let store = shared.store()?;
         // Where a live-only subscriber resumes from storage if it lags: the newest stored id.
@@ -853,29 +873,35 @@ impl Map {
                         // Fetched per page: a subscriber must not keep a closed node's file open.
                         let Ok(s2) = shared.store() else { return };
                         let sid2 = sid.clone();
+                        // A page costs at most about one buffer of memory, however large
+                        // the events.
                         let page = tokio::task::spawn_blocking(move || {
-                            s2.events_after(&sid2, from, REPLAY_PAGE)
+                            s2.events_after_within(&sid2, from, REPLAY_PAGE, budget)
                         })
                         .await;
                         let page = match page {
                             Ok(Ok(p)) => p,
                             Ok(Err(e)) => {
-                                let _ = tx.send(Err(e.into())).await;
+                                let _ = tx.send(Err(e.into()), 0).await;
                                 return;
                             }
                             Err(_) => return,
                         };
-                        let full = page.len() == REPLAY_PAGE;
+                        // Cut by count or by bytes: read on until a page comes back empty.
+                        let full = !page.is_empty();
                         if let Some((first, _)) = page.first() {
                             if *first > from.saturating_add(1) && !gap_allowed {
                                 // Pruned while this subscriber was behind: say so and stop,
                                 // rather than silently skip.
                                 let _ = tx
-                                    .send(Err(Error::EventsPruned {
-                                        map: sid.to_string(),
-                                        from: from.saturating_add(1),
-                                        to: *first,
-                                    }))
+                                    .send(
+                                        Err(Error::EventsPruned {
+                                            map: sid.to_string(),
+                                            from: from.saturating_add(1),
+                                            to: *first,
+                                        }),
+                                        0,
+                                    )
                                     .await;
                                 return;
                             }
@@ -885,7 +911,7 @@ impl Map {
                             from = id;
                             match serde_json::from_slice::<Event>(&bytes) {
                                 Ok(ev) => {
-                                    if tx.send(Ok(ev)).await.is_err() {
+                                    if tx.send(Ok(ev), bytes.len()).await.is_err() {
                                         return;
                                     }
                                 }
@@ -909,12 +935,14 @@ impl Map {
                         _ = tx.closed() => return,
                     };
                     match r {
-                        Ok(ev) if ev.map == sid => {
-                            if last.is_some_and(|l| ev.id <= l) {
+                        Ok(p) if p.event.map == sid => {
+                            if last.is_some_and(|l| p.event.id <= l) {
                                 continue;
                             }
-                            last = Some(ev.id);
-                            if tx.send(Ok((*ev).clone())).await.is_err() {
+                            last = Some(p.event.id);
+                            // Waits while the consumer's buffer is full; the live feed moves
+                            // on meanwhile, and a lag sends this subscription to storage.
+                            if tx.send(Ok(p.event.clone()), p.bytes).await.is_err() {
                                 return;
                             }
                         }
@@ -936,10 +964,52 @@ impl Map {
     }
 }
 
+/// An event in a subscription's buffer, with its share of the buffer's byte budget.
+type Queued = (Result<Event>, Option<OwnedSemaphorePermit>);
+
+/// The sending half of a subscription's buffer: bounded in events and in bytes (each event
+/// holds its share of the byte budget until its consumer takes it).
+struct QueueTx {
+    tx: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+    max: usize,
+}
+
+impl QueueTx {
+    /// Queues `item`, charged `bytes` (capped at the whole budget, so any event fits);
+    /// waits while the buffer is full. `Err` once the consumer is gone.
+    async fn send(&self, item: Result<Event>, bytes: usize) -> std::result::Result<(), ()> {
+        let cost = u32::try_from(bytes.clamp(1, self.max)).unwrap_or(u32::MAX);
+        let permit = tokio::select! {
+            p = self.budget.clone().acquire_many_owned(cost) => p.ok(),
+            _ = self.tx.closed() => return Err(()),
+        };
+        self.tx.send((item, permit)).await.map_err(|_| ())
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// A subscription's buffer of at most [`SUBSCRIBER_QUEUE`] events and `bytes` bytes.
+fn queue(bytes: usize) -> (QueueTx, mpsc::Receiver<Queued>) {
+    let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+    let max = bytes.clamp(1, u32::MAX as usize);
+    (
+        QueueTx {
+            tx,
+            budget: Arc::new(Semaphore::new(max)),
+            max,
+        },
+        rx,
+    )
+}
+
 /// A stream of events (`futures_core::Stream`), ending when the node closes.
 #[derive(Debug)]
 pub struct EventStream {
-    rx: mpsc::Receiver<Result<Event>>,
+    rx: mpsc::Receiver<Queued>,
     resume_point: Option<u64>,
 }
 
@@ -954,7 +1024,8 @@ impl EventStream {
 
     /// The next event, or `None` once the node is closed.
     pub async fn next(&mut self) -> Option<Result<Event>> {
-        self.rx.recv().await
+        // The permit goes here: the event's bytes leave the buffer's budget.
+        self.rx.recv().await.map(|(e, _)| e)
     }
 }
 
@@ -962,6 +1033,6 @@ impl futures_core::Stream for EventStream {
     type Item = Result<Event>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        self.rx.poll_recv(cx).map(|o| o.map(|(e, _)| e))
     }
 }

@@ -115,10 +115,13 @@ impl MapHost for Engine {
     fn unsigned(&mut self, sid: &MapSid) -> Option<Vec<syncmesh_core::ChangeHash>> {
         // Only loaded maps are asked about: loading every map for this would make each
         // Hello cost a full load (a map with unsigned changes asks once it is used again).
-        let h = self
-            .catalog
-            .get(sid)?
-            .unsigned(syncmesh_core::replication::MAX_SIGS_ASKED);
+        let m = self.catalog.by_sid(sid)?;
+        if !m.has_unsigned() {
+            return None;
+        }
+        let h = m.unsigned(syncmesh_core::replication::MAX_SIGS_ASKED);
+        // What it forgot on the way is stored as gone with the next commit.
+        self.dirty.insert(sid.clone());
         (!h.is_empty()).then_some(h)
     }
 
@@ -168,8 +171,6 @@ impl Engine {
         }
     }
 
-    /// Pushes the local changes of one commit of a map to every peer holding it (and allowed
-    /// to read it).
     /// Asks peers for the signatures of a map's changes this node holds unsigned.
     pub(super) fn ask_signatures(&mut self, sid: &MapSid) {
         if let Some(out) = self.with_rep(|rep, host| rep.ask_signatures(sid, host)) {
@@ -177,6 +178,8 @@ impl Engine {
         }
     }
 
+    /// Pushes the local changes of one commit of a map to every peer holding it (and allowed
+    /// to read it).
     pub(super) fn gossip(
         &mut self,
         sid: &MapSid,
