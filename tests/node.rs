@@ -325,6 +325,7 @@ async fn a_full_disk_loses_no_acknowledged_write() {
         }
     }
     let failure = failure.expect("a 3 MiB disk fills up");
+    let refused = acked.last().map_or(0, |i| i + 1);
     let text = failure.to_string();
     assert!(
         text.contains("no space") || text.contains("stopped"),
@@ -335,6 +336,21 @@ async fn a_full_disk_loses_no_acknowledged_write() {
     let why = node.writes_stopped().expect("writes stopped");
     assert!(why.contains("syncmesh.redb"), "{why}");
     assert_eq!(m.get("k00000").await.unwrap().data["i"], 0);
+    // No phantom: the write that was refused is not read, nor is a map whose creation was.
+    let phantom = m.get(&format!("k{refused:05}")).await;
+    assert!(
+        phantom.is_err(),
+        "the refused write k{refused:05} is readable"
+    );
+    assert!(node.map("never").await.is_err());
+    let names: Vec<Option<String>> = node
+        .maps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.unique_name)
+        .collect();
+    assert_eq!(names, vec![Some("big".to_string())]);
     let again = m.set("after", json!({})).await.unwrap_err();
     assert!(
         again.to_string().contains("storage failure") || again.to_string().contains("no space"),

@@ -497,6 +497,55 @@ mod tests {
         let cfg = Config::parse(&uncommented).unwrap();
         assert_eq!(cfg.trust.len(), 1);
         assert!(network_options(&cfg, Node::builder()).is_ok());
+        // the limits table, every key uncommented, resolves; flags override it
+        let limits: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| {
+                        r.starts_with("max_")
+                            || r.starts_with("subscriber_")
+                            || r.starts_with("body_")
+                            || r.starts_with("ws_")
+                    })
+                    .unwrap_or(l)
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = Config::parse(&limits).unwrap();
+        assert_eq!(cfg.limits.max_connections, Some(768));
+        assert_eq!(cfg.limits.ws_send_timeout, Some(20));
+        let l = cfg.limits.resolve(Some(1024)).unwrap();
+        assert_eq!(l.header_timeout, Duration::from_secs(10));
+        assert_eq!(l.max_subscribers_per_map, 256);
+        let flags = Config {
+            limits: LimitArgs {
+                max_connections: Some(100),
+                ..LimitArgs::default()
+            },
+            ..Config::default()
+        };
+        let merged = cfg.overridden_by(flags);
+        assert_eq!(merged.limits.max_connections, Some(100));
+        assert_eq!(merged.limits.header_timeout, Some(10));
+        let zero = LimitArgs {
+            body_timeout: Some(0),
+            ..LimitArgs::default()
+        };
+        assert!(zero.resolve(None).is_err());
+    }
+
+    #[test]
+    fn default_limits_fit_the_open_file_limit() {
+        let l = LimitArgs::default().resolve(Some(1024)).unwrap();
+        assert_eq!(l.max_connections, 768);
+        assert_eq!(l.max_subscribers, 512);
+        assert_eq!(l.open_files, Some(1024));
+        let l = LimitArgs::default().resolve(Some(1 << 20)).unwrap();
+        assert_eq!(l.max_connections, 16_384);
+        let l = LimitArgs::default().resolve(Some(40)).unwrap();
+        assert!(l.max_connections >= 16);
     }
 
     #[test]

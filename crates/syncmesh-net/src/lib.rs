@@ -376,6 +376,14 @@ impl NetHandle {
 
     /// Stops trusting a peer: it goes down and is disconnected at once.
     pub fn untrust(&self, peer: PeerId) {
+        // Not listed as connected from now on, although the network thread closes the
+        // connection a moment later.
+        let id = peer.to_string();
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connected
+            .retain(|p| *p != id);
         self.control(Command::Untrust(peer));
     }
 

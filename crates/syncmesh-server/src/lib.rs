@@ -275,7 +275,21 @@ async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response 
             })
     };
     match from_header.or_else(from_query) {
+        // The inspector page's key: good only with its session's cookie (see `ui`).
+        Some(t)
+            if t.starts_with(state::PAGE_KEY_PREFIX)
+                && ui::page_cookie(&st, req.headers())
+                    .is_some_and(|c| st.page_key_matches(&c, &t)) =>
+        {
+            next.run(req).await
+        }
         Some(t) if st.token_matches(&t) => next.run(req).await,
+        Some(t) if t.starts_with(state::PAGE_KEY_PREFIX) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            error::codes::UNAUTHORIZED,
+            "this page's session has ended (the node restarted, or it was unused for 12 hours): reload the page and sign in again",
+        )
+        .into_response(),
         Some(_) => ApiError::new(
             StatusCode::UNAUTHORIZED,
             error::codes::UNAUTHORIZED,

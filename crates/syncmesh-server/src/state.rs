@@ -157,6 +157,52 @@ struct Inner {
     allowed_hosts: Vec<String>,
     limits: Limits,
     subscribers: Mutex<Subscribers>,
+    /// Inspector page sessions ([`AppState::new_page_session`]).
+    pages: Mutex<PageSessions>,
+}
+
+/// Sessions of the inspector page: a random id in the page's cookie, and a key the page was
+/// given (derived from the id and a secret of this process) that the API takes only together
+/// with that cookie. The node token never reaches the page; a restart ends every session.
+struct PageSessions {
+    secret: [u8; 32],
+    /// Session id → when it was last used.
+    live: HashMap<[u8; 32], std::time::Instant>,
+}
+
+/// Most page sessions at once (the oldest ends first).
+const MAX_PAGE_SESSIONS: usize = 256;
+/// A page session unused this long ends.
+const PAGE_SESSION_IDLE: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+/// What a page's API key starts with (a node token never does, as far as this node cares:
+/// such a bearer value is checked as a page key only).
+pub const PAGE_KEY_PREFIX: &str = "page.";
+
+fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    if getrandom::fill(&mut b).is_err() {
+        // No OS randomness: sessions cannot be made safely; this one then never matches.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        b = Sha256::digest(t.to_le_bytes()).into();
+    }
+    b
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Live event subscriptions, counted to keep them within [`Limits`].
@@ -198,6 +244,10 @@ impl AppState {
                 allowed_hosts: opts.allowed_hosts,
                 limits: opts.limits,
                 subscribers: Mutex::new(Subscribers::default()),
+                pages: Mutex::new(PageSessions {
+                    secret: random32(),
+                    live: HashMap::new(),
+                }),
             }),
         }
     }
@@ -278,6 +328,47 @@ impl AppState {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .total
+    }
+
+    /// Starts an inspector page session: returns the cookie value (the session id, hex).
+    pub fn new_page_session(&self) -> String {
+        let id = random32();
+        let mut p = self.inner.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        p.live
+            .retain(|_, t| now.duration_since(*t) < PAGE_SESSION_IDLE);
+        if p.live.len() >= MAX_PAGE_SESSIONS {
+            if let Some(oldest) = p.live.iter().min_by_key(|(_, t)| **t).map(|(k, _)| *k) {
+                p.live.remove(&oldest);
+            }
+        }
+        p.live.insert(id, now);
+        hex(&id)
+    }
+
+    /// The API key of the page session whose cookie value is `cookie`, if it is live.
+    pub fn page_key(&self, cookie: &str) -> Option<String> {
+        let id = unhex32(cookie)?;
+        let mut p = self.inner.pages.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let t = p.live.get_mut(&id)?;
+        if now.duration_since(*t) >= PAGE_SESSION_IDLE {
+            p.live.remove(&id);
+            return None;
+        }
+        *t = now;
+        let key = Sha256::new()
+            .chain_update(b"syncmesh page key\0")
+            .chain_update(p.secret)
+            .chain_update(id)
+            .finalize();
+        Some(format!("{PAGE_KEY_PREFIX}{}", hex(&key)))
+    }
+
+    /// Whether `given` is the page key of the session in `cookie` (compared in constant time).
+    pub fn page_key_matches(&self, cookie: &str, given: &str) -> bool {
+        self.page_key(cookie)
+            .is_some_and(|k| bool::from(k.as_bytes().ct_eq(given.as_bytes())))
     }
 
     /// Whether requests need a token.

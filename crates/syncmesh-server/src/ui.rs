@@ -3,16 +3,15 @@
 //!
 //! The client and the page's code are public (they hold no data); the page itself is behind
 //! the token when the node has one. A browser cannot send a bearer header when it navigates, so
-//! `/` also accepts a cookie, set by `/?access_token=…` (which then redirects to `/`, so the
-//! token leaves the address bar) or by the login form, which posts the token so that typing it
-//! never puts it in a URL (history, logs). The cookie is honoured on `/` only: accepting it on
-//! the API would let any page on the same host forge writes with it.
-//!
-//! Browsers send a host's cookies to every port of it, so the cookie is named after this
-//! node's port (two nodes on one host keep theirs apart) and holds a key derived from the token
-//! rather than the token itself (another service on that host, which receives it, does not
-//! learn a token the user may have used elsewhere; it can still open this node's page, as
-//! anyone holding the cookie can: run nodes on a host name of their own where that matters).
+//! the page is opened with `/?access_token=…` (which then redirects to `/`, so the token leaves
+//! the address bar) or through the login form, which posts the token so that typing it never
+//! puts it in a URL (history, logs). Either starts a **page session**: a random id in a cookie
+//! (`HttpOnly`, `SameSite=Strict`, named after this node's port so two nodes on one host keep
+//! theirs apart), and a page key written into the page, which the page's client sends as its
+//! bearer value. The API takes a page key only together with its session's cookie: a page of
+//! another site cannot read the key, and whoever holds only the cookie (another service on the
+//! same host receives it) never learns the node's token. Sessions live in memory: a restart
+//! ends them all, and one unused for 12 hours ends.
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -20,9 +19,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::state::AppState;
 
@@ -42,13 +38,17 @@ fn cookie_name(st: &AppState) -> String {
     format!("{COOKIE_PREFIX}{}", st.http_addr().port())
 }
 
-/// The cookie's value for `token`: a key derived from it, in hex.
-fn page_key(token: &str) -> String {
-    let d = Sha256::new()
-        .chain_update(b"syncmesh inspector page\0")
-        .chain_update(token.as_bytes())
-        .finalize();
-    d.iter().map(|b| format!("{b:02x}")).collect()
+/// The value of this node's page cookie in a request, if it has one.
+pub(crate) fn page_cookie(st: &AppState, headers: &HeaderMap) -> Option<String> {
+    let name = cookie_name(st);
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value.trim().to_string())
 }
 
 /// Paths served without the token: static code, no data.
@@ -93,10 +93,14 @@ async fn asset(body: &'static str, content_type: &'static str) -> Response {
 /// What a request to `/` proved about the token.
 #[derive(Debug, PartialEq, Eq)]
 enum Admission {
-    /// No token needed, or a valid one in the header or cookie.
-    In,
-    /// A valid `?access_token=`: set the cookie and redirect to `/`.
-    SetCookie(String),
+    /// No token needed.
+    Open,
+    /// A live page session: the page, with this page key.
+    Session(String),
+    /// A valid token in the header: a new session, and the page.
+    Bearer,
+    /// A valid `?access_token=`: a new session, and a redirect to `/`.
+    SetCookie,
     /// A token was given and is wrong.
     Wrong,
     /// None given.
@@ -105,7 +109,7 @@ enum Admission {
 
 fn admission(st: &AppState, headers: &HeaderMap, query: Option<&str>) -> Admission {
     if !st.token_required() {
-        return Admission::In;
+        return Admission::Open;
     }
     let bearer = headers
         .get(header::AUTHORIZATION)
@@ -116,15 +120,7 @@ fn admission(st: &AppState, headers: &HeaderMap, query: Option<&str>) -> Admissi
                 .eq_ignore_ascii_case("bearer")
                 .then(|| token.trim().to_string())
         });
-    let name = cookie_name(st);
-    let cookie = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, value)| value.trim().to_string());
+    let cookie = page_cookie(st, headers);
     let from_query = query.and_then(|q| {
         form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "access_token")
@@ -132,24 +128,22 @@ fn admission(st: &AppState, headers: &HeaderMap, query: Option<&str>) -> Admissi
     });
     if let Some(t) = from_query {
         return if st.token_matches(&t) {
-            Admission::SetCookie(t)
+            Admission::SetCookie
         } else {
             Admission::Wrong
         };
     }
     if let Some(t) = bearer {
         return if st.token_matches(&t) {
-            Admission::In
+            Admission::Bearer
         } else {
             Admission::Wrong
         };
     }
-    match (cookie, st.token()) {
-        (Some(c), Some(t)) if bool::from(c.as_bytes().ct_eq(page_key(t).as_bytes())) => {
-            Admission::In
-        }
-        // A stale cookie (the token changed): ask again, without blaming anyone.
-        _ => Admission::Missing,
+    match cookie.and_then(|c| st.page_key(&c)) {
+        Some(key) => Admission::Session(key),
+        // An ended session (a restart, or unused too long): ask again, blaming no one.
+        None => Admission::Missing,
     }
 }
 
@@ -163,19 +157,24 @@ async fn sign_in(State(st): State<AppState>, body: Bytes) -> Response {
         return (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
     }
     match given {
-        Some(t) if st.token_matches(&t) => admitted(&st, &t),
+        Some(t) if st.token_matches(&t) => admitted(&st),
         Some(_) => login(Some("That is not the token of this node.")),
         None => login(None),
     }
 }
 
-/// Sets the cookie that admits a browser to `/`, and sends it there.
-fn admitted(st: &AppState, token: &str) -> Response {
-    let cookie = format!(
+/// The `Set-Cookie` value of a new page session.
+fn session_cookie(st: &AppState) -> String {
+    format!(
         "{}={}; Path=/; HttpOnly; SameSite=Strict",
         cookie_name(st),
-        page_key(token)
-    );
+        st.new_page_session()
+    )
+}
+
+/// Starts a page session and sends the browser to `/`.
+fn admitted(st: &AppState) -> Response {
+    let cookie = session_cookie(st);
     let mut r = (
         StatusCode::SEE_OTHER,
         [
@@ -193,19 +192,33 @@ fn admitted(st: &AppState, token: &str) -> Response {
 
 async fn index(State(st): State<AppState>, req: Request) -> Response {
     match admission(&st, req.headers(), req.uri().query()) {
-        Admission::In => page(st.token()),
-        Admission::SetCookie(token) => admitted(&st, &token),
+        Admission::Open => page(None),
+        Admission::Session(key) => page(Some(&key)),
+        Admission::Bearer => {
+            let cookie = session_cookie(&st);
+            let key = cookie
+                .split_once('=')
+                .and_then(|(_, v)| v.split(';').next())
+                .and_then(|id| st.page_key(id));
+            let mut r = page(key.as_deref());
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Admission::SetCookie => admitted(&st),
         Admission::Wrong => login(Some("That is not the token of this node.")),
         Admission::Missing => login(None),
     }
 }
 
-fn page(token: Option<&str>) -> Response {
-    let html = INDEX_HTML.replace(TOKEN_SLOT, &escape_html(token.unwrap_or("")));
+/// The page, with the page key its client sends (none on a node without a token).
+fn page(key: Option<&str>) -> Response {
+    let html = INDEX_HTML.replace(TOKEN_SLOT, &escape_html(key.unwrap_or("")));
     (
         [
             (header::CONTENT_TYPE, HeaderValue::from_static(HTML)),
-            // The page may carry the token: never cache it, never frame it.
+            // The page may carry a page key: never cache it, never frame it.
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
             (
                 header::HeaderName::from_static("x-frame-options"),

@@ -1550,7 +1550,7 @@ async fn the_client_and_the_inspector_are_served() {
 }
 
 #[tokio::test]
-async fn the_inspector_is_behind_the_token_and_the_cookie_opens_only_the_page() {
+async fn the_inspector_is_behind_the_token_and_its_cookie_never_reveals_the_token() {
     let node = Node::in_memory().await.unwrap();
     let app = router(
         node,
@@ -1587,15 +1587,54 @@ async fn the_inspector_is_behind_the_token_and_the_cookie_opens_only_the_page() 
     let (status, headers, body) = raw_get(&app, "/", &[("cookie", &pair)]).await;
     assert_eq!(status, 200);
     assert_eq!(headers[header::CACHE_CONTROL], "no-store");
-    // The page hands the token to its client, escaped.
-    assert!(body.contains("content=\"s3&lt;c&gt;&quot;t\""), "{body}");
-    let bearer = "Bearer s3<c>\"t";
-    assert_eq!(
-        raw_get(&app, "/", &[("authorization", bearer)]).await.0,
-        200
+    // The page holds a page key for its client, never the token (whoever holds only the
+    // cookie, e.g. another service on this host, must not learn it).
+    assert!(
+        !body.contains("s3&lt;c&gt;") && !body.contains("s3<c>"),
+        "{body}"
     );
-    // The cookie never opens the API: another page on this host could forge requests with it.
+    let key = body
+        .split("name=\"syncmesh-token\" content=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    assert!(key.starts_with("page."), "{key}");
+    let bearer = "Bearer s3<c>\"t";
+    let (status, headers, body) = raw_get(&app, "/", &[("authorization", bearer)]).await;
+    assert_eq!(status, 200);
+    assert!(headers.contains_key(header::SET_COOKIE));
+    assert!(!body.contains("s3&lt;c&gt;"));
+    // The cookie alone never opens the API; nor does the key alone (a page elsewhere could
+    // not read it, but a log could): together they do.
     let (status, _, _) = raw_get(&app, "/v1/Node", &[("cookie", &pair)]).await;
+    assert_eq!(status, 401);
+    let with_key = format!("Bearer {key}");
+    let (status, _, _) = raw_get(&app, "/v1/Node", &[("authorization", &with_key)]).await;
+    assert_eq!(status, 401);
+    let (status, _, _) = raw_get(
+        &app,
+        "/v1/Node",
+        &[("authorization", &with_key), ("cookie", &pair)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Another session's key does not go with this cookie.
+    let (_, headers, _) = raw_get(&app, "/?access_token=s3%3Cc%3E%22t", &[]).await;
+    let other = headers[header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_ne!(other, pair);
+    let (status, _, _) = raw_get(
+        &app,
+        "/v1/Node",
+        &[("authorization", &with_key), ("cookie", &other)],
+    )
+    .await;
     assert_eq!(status, 401);
 }
 

@@ -235,6 +235,8 @@ pub(crate) struct Engine {
     pub(crate) digests_wanted: BTreeSet<MapSid>,
     /// Maps loaded with changes whose signatures peers are asked for (at the next commit).
     signatures_wanted: BTreeSet<MapSid>,
+    /// Whether [`Engine::forget_uncommitted`] ran.
+    forgot_uncommitted: bool,
     dirty: BTreeSet<MapSid>,
     changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
     pending_compactions: Vec<StoreJob>,
@@ -317,6 +319,7 @@ impl Engine {
             stored_digests,
             digests_wanted: BTreeSet::new(),
             signatures_wanted: BTreeSet::new(),
+            forgot_uncommitted: false,
             dirty: BTreeSet::new(),
             changes_since_snapshot: HashMap::new(),
             pending_compactions: Vec::new(),
@@ -376,6 +379,8 @@ impl Engine {
                 let mut acks = Vec::new();
                 let mut barriers = Vec::new();
                 let now = now();
+                // Before anything is read: a refused write must not be.
+                self.forget_uncommitted();
                 self.expire_due(now);
                 match first {
                     Some(Input::Cmd(c)) => self.handle(c, now, &mut acks, &mut barriers),
@@ -388,6 +393,7 @@ impl Engine {
                 while handled < MAX_BATCH_COMMANDS {
                     let mut any = false;
                     if let Ok(c) = rx.try_recv() {
+                        self.forget_uncommitted();
                         self.handle(c, now, &mut acks, &mut barriers);
                         any = true;
                     }
@@ -599,6 +605,38 @@ impl Engine {
         }
     }
 
+    /// After a commit failed: forgets every map in memory and what the engine remembered of
+    /// the store, so that from now on readers see only what the store holds (a write or a
+    /// map that was refused is never read, before or after a restart). Runs once.
+    fn forget_uncommitted(&mut self) {
+        if self.forgot_uncommitted || self.write_stop().is_none() {
+            return;
+        }
+        self.forgot_uncommitted = true;
+        // Whatever was queued failed too (writes stop at the first failure).
+        self.fence();
+        let sids: Vec<MapSid> = self.catalog.maps().map(|m| m.sid().clone()).collect();
+        for sid in sids {
+            self.catalog.remove(&sid);
+            *self.epochs.entry(sid).or_insert(0) += 1;
+        }
+        self.dirty.clear();
+        self.compact_queue.clear();
+        self.pending_compactions.clear();
+        match self.store.list_maps() {
+            Ok(entries) => {
+                self.on_disk = entries.into_iter().map(|e| (e.sid, e.name)).collect();
+            }
+            Err(e) => tracing::error!("cannot list the stored maps after a failed commit: {e}"),
+        }
+        if let Ok(d) = self.store.map_digests() {
+            self.stored_digests = d.into_iter().collect();
+        }
+        tracing::warn!(
+            "a commit failed: maps are read from storage from now on, without what was not stored"
+        );
+    }
+
     fn write_stop(&self) -> Option<Error> {
         let f = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner());
         f.as_ref().map(|e| Error::WritesStopped(e.clone()))
@@ -703,7 +741,8 @@ impl Engine {
         let info = m.info(now)?;
         if created {
             if let Some(e) = stopped {
-                // The creation stays in memory only; it is not acknowledged.
+                // Not stored, not acknowledged: not kept either (no reader may see it).
+                self.catalog.remove(&info.sid);
                 return Err(e);
             }
             self.dirty.insert(info.sid.clone());

@@ -318,7 +318,10 @@ impl Engine {
     /// Whether an open that found nothing should wait for peers to send the map.
     pub(super) fn should_fetch(&self, spec: &MapSpec) -> Option<MapSid> {
         let n = self.net.as_ref()?;
-        if n.peers.is_empty() {
+        // Peers the network has connected and whose arrival the engine has not handled yet
+        // count too: a caller that saw them connected must not get "not found".
+        let pending = self.peers_pending();
+        if n.peers.is_empty() && !pending {
             return None;
         }
         let id = spec.id.as_ref()?;
@@ -329,16 +332,28 @@ impl Engine {
         }
         let sid = r.sid();
         // Only peers that may give it to this node are asked.
-        let someone = n
-            .rep
-            .as_ref()
-            .is_some_and(|rep| n.peers.keys().any(|p| rep.grant(p).reads(&sid)));
+        let someone = pending
+            || n.rep
+                .as_ref()
+                .is_some_and(|rep| n.peers.keys().any(|p| rep.grant(p).reads(&sid)));
         if !someone {
             return None;
         }
         // A map known here and removed is not fetched again.
         let known = self.catalog.get(&sid).is_some_and(MapReplica::exists);
         (!known && !self.on_disk.contains_key(&sid)).then_some(sid)
+    }
+
+    /// Whether the network has trusted peers connected that the engine has not been told of
+    /// yet (their `PeerUp` is still queued).
+    fn peers_pending(&self) -> bool {
+        self.net.as_ref().is_some_and(|n| {
+            n.handle
+                .status()
+                .connected
+                .iter()
+                .any(|p| !n.peers.contains_key(p))
+        })
     }
 
     /// Waits (up to [`FETCH_TIMEOUT`]) for peers to send a map this node does not have.
@@ -379,6 +394,7 @@ impl Engine {
                     .unwrap_or(false);
             // Every peer said it has none of it: no use waiting for the deadline.
             let nobody = !exists
+                && !self.peers_pending()
                 && self
                     .with_rep(|rep, _| rep.nobody_has(&sid))
                     .unwrap_or(false);
