@@ -407,3 +407,67 @@ async fn cross_site_writes_and_rebinding_hosts_change_nothing() {
     let (_, body) = request(&addr, "GET", &format!("{P}/Maps"), &[], "").await;
     assert!(body.contains("\"maps\":[]"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_stops_reading_is_dropped() {
+    raise_own_open_files();
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), &["--ws-send-timeout", "2"]);
+    let addr = d.addr.clone();
+    let (s, _) = json_request(
+        &addr,
+        "POST",
+        &format!("{P}/Maps"),
+        json!({"UniqueName": "m"}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    // A WebSocket subscriber that completes the handshake and then never reads. Its receive
+    // buffer is kept small, so the node's sends block soon.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr.parse().unwrap()).await.unwrap();
+    s.write_all(
+        format!(
+            "GET {P}/Maps/m/Events HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let subscribers = |addr: String| async move {
+        let (_, body) = request(&addr, "GET", "/v1/Node", &[], "").await;
+        serde_json::from_str::<Value>(&body).unwrap()["subscribers"]
+            .as_u64()
+            .unwrap()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while subscribers(addr.clone()).await != 1 {
+        assert!(Instant::now() < deadline, "the subscription never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Writes until the node gives up on it (its sends stop completing).
+    let big = "y".repeat(16 * 1024 - 64);
+    let mut i = 0;
+    let t = Instant::now();
+    while subscribers(addr.clone()).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled WebSocket was never dropped"
+        );
+        let (s, b) = json_request(
+            &addr,
+            "POST",
+            &format!("{P}/Maps/m/Items/k{}", i % 20),
+            json!({"Data": {"v": big}}),
+        )
+        .await;
+        assert!(s == 200 || s == 201, "{s} {b}");
+        i += 1;
+    }
+    println!(
+        "stalled WebSocket dropped after {i} writes of 16 KB, {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    drop(s);
+}

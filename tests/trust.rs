@@ -1004,3 +1004,32 @@ async fn signatures_made_late_are_fetched_after_a_restart_and_passed_on() {
         n.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_cannot_listen_on_a_port_a_node_holds() {
+    // libp2p sets SO_REUSEPORT: without a check, both would bind and dialers reach either.
+    let listen = fixed_local_addr();
+    let a = Node::builder()
+        .listen(listen.clone())
+        .mdns(false)
+        .open()
+        .await
+        .unwrap();
+    addr(&a).await;
+    let err = Node::builder()
+        .listen(listen.clone())
+        .mdns(false)
+        .open()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already in use"), "{err}");
+    // Once the first closes, the port is free again at once (a restart).
+    a.close().await.unwrap();
+    let b = Node::builder()
+        .listen(listen)
+        .mdns(false)
+        .open()
+        .await
+        .unwrap();
+    b.close().await.unwrap();
+}

@@ -117,12 +117,15 @@ impl Revision {
         Revision(format!("{h:016x}"))
     }
 
-    /// A revision given by a client (If-Match / ETag): surrounding quotes and a weak `W/`
-    /// prefix are dropped; the rest is compared as is.
+    /// A revision given by a client (If-Match / ETag): surrounding quotes are dropped; the
+    /// rest is compared as is. A weak tag (`W/"..."`) is kept whole, so it matches no
+    /// revision: `If-Match` compares strongly (RFC 9110, 13.1.1).
     pub fn from_client(s: impl Into<String>) -> Self {
         let s = s.into();
         let t = s.trim();
-        let t = t.strip_prefix("W/").unwrap_or(t);
+        if t.starts_with("W/") {
+            return Revision(t.to_string());
+        }
         let t = t
             .strip_prefix('"')
             .and_then(|x| x.strip_suffix('"'))
@@ -184,9 +187,10 @@ mod tests {
             Revision::from_client("\"00ff\""),
             Revision::from_client("00ff")
         );
-        assert_eq!(
+        assert_ne!(
             Revision::from_client("W/\"00ff\""),
-            Revision::from_client("00ff")
+            Revision::from_client("00ff"),
+            "a weak tag never matches"
         );
         assert_eq!(Revision::from_hash(255).as_str(), "00000000000000ff");
     }

@@ -1542,6 +1542,7 @@ impl MapReplica {
     pub fn items(&self, req: &PageRequest, now: Timestamp) -> Result<Page> {
         self.check_live(now)?;
         paging::page(
+            self.sid.as_str(),
             &self.view,
             req,
             |st| !st.expired(now),

@@ -65,7 +65,10 @@ pub struct Page {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Token {
+    /// What is listed (the map's sid): a token of another listing is refused.
+    s: String,
     /// Listing order.
     o: Order,
     /// Anchor key (exclusive).
@@ -101,6 +104,7 @@ fn walk<'a, S>(
 
 /// Lists one page of `view`, skipping entries for which `visible` is false.
 pub(crate) fn page<S>(
+    scope: &str,
     view: &BTreeMap<String, S>,
     req: &PageRequest,
     visible: impl Fn(&S) -> bool,
@@ -111,6 +115,9 @@ pub(crate) fn page<S>(
         None => limits::DEFAULT_PAGE_SIZE,
     };
     let token = req.token.as_deref().map(decode_token).transpose()?;
+    if token.as_ref().is_some_and(|t| t.s != scope) {
+        return Err(Error::InvalidPageToken);
+    }
     let (order, start, forward) = match &token {
         Some(t) => (t.o, Bound::Excluded(t.k.as_str()), t.n),
         None => {
@@ -140,6 +147,7 @@ pub(crate) fn page<S>(
         .filter(|(k, _)| exists_beyond(k, true))
         .map(|(k, _)| {
             encode_token(&Token {
+                s: scope.to_string(),
                 o: order,
                 k: (*k).clone(),
                 n: true,
@@ -150,6 +158,7 @@ pub(crate) fn page<S>(
         .filter(|(k, _)| exists_beyond(k, false))
         .map(|(k, _)| {
             encode_token(&Token {
+                s: scope.to_string(),
                 o: order,
                 k: (*k).clone(),
                 n: false,

@@ -241,6 +241,12 @@ impl Runner {
                     detail: "QUIC cannot carry a private network (swarm key): use TCP".into(),
                 });
             }
+            if let Some(taken) = tcp_port_taken(addr) {
+                return Err(NetError::Listen {
+                    addr: addr.to_string(),
+                    detail: taken,
+                });
+            }
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| NetError::Listen {
@@ -1010,5 +1016,31 @@ fn dial_reason(e: &libp2p::swarm::DialError) -> String {
         }
         DialError::Denied { cause } => format!("refused by this node's peer lists: {cause}"),
         other => format!("cannot connect: {other}"),
+    }
+}
+
+/// libp2p's TCP listener sets `SO_REUSEPORT`, so a second process could bind a fixed port a
+/// node already listens on, and dialers would reach either. A plain bind first finds the port
+/// taken (by anyone, libp2p or not); port 0 and QUIC are left to libp2p.
+fn tcp_port_taken(addr: &Multiaddr) -> Option<String> {
+    use libp2p::multiaddr::Protocol;
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            Protocol::Udp(_) => return None,
+            _ => {}
+        }
+    }
+    let (ip, port) = (ip?, port.filter(|p| *p != 0)?);
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Some(format!(
+            "TCP port {port} is already in use by another process (another node?); pick another --listen port"
+        )),
+        Err(_) => None, // anything else: libp2p reports it
     }
 }

@@ -151,6 +151,10 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Bearer realm=\"syncmesh\""),
             );
         }
+        if self.code == codes::OVERLOADED {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         r
     }
 }

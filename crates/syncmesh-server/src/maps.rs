@@ -104,7 +104,10 @@ pub async fn list_maps(
 
 /// Where a page of maps continues: after (`n`) or before a sid.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MapToken {
+    /// Always `"maps"`: a token of an item listing is refused here.
+    l: String,
     /// The anchor sid (exclusive).
     k: String,
     /// `true`: the page after the anchor; `false`: the page before it.
@@ -112,6 +115,16 @@ struct MapToken {
 }
 
 impl MapToken {
+    const LISTING: &'static str = "maps";
+
+    fn new(k: String, n: bool) -> Self {
+        MapToken {
+            l: Self::LISTING.to_string(),
+            k,
+            n,
+        }
+    }
+
     fn encode(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
@@ -121,7 +134,8 @@ impl MapToken {
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(s)
             .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
+            .and_then(|b| serde_json::from_slice::<MapToken>(&b).ok())
+            .filter(|t| t.l == Self::LISTING)
             .ok_or_else(|| syncmesh_core::Error::InvalidPageToken.into())
     }
 }
@@ -148,17 +162,11 @@ fn page_maps<'a>(
     let next = (end < all.len())
         .then(|| page.last())
         .flatten()
-        .map(|m| MapToken {
-            k: m.sid.to_string(),
-            n: true,
-        });
+        .map(|m| MapToken::new(m.sid.to_string(), true));
     let prev = (start > 0)
         .then(|| page.first())
         .flatten()
-        .map(|m| MapToken {
-            k: m.sid.to_string(),
-            n: false,
-        });
+        .map(|m| MapToken::new(m.sid.to_string(), false));
     (page, next, prev)
 }
 
@@ -262,10 +270,7 @@ mod tests {
         assert!(prev1.is_none());
         let (p3, next3, _) = page_maps(&all, 2, next2.as_ref());
         assert_eq!((p3.len(), next3), (1, None));
-        let t = MapToken {
-            k: "x".into(),
-            n: true,
-        };
+        let t = MapToken::new("x".into(), true);
         assert_eq!(MapToken::decode(&t.encode()).unwrap(), t);
         assert_eq!(MapToken::decode("!!").unwrap_err().code, 54455);
     }

@@ -82,7 +82,7 @@ fn parse_body<T: DeserializeOwned + Default>(
         }
     };
     let value = if form {
-        serde_json::from_value(form_object(body))
+        serde_json::from_value(form_object(body)?)
             .map_err(|e| ApiError::invalid(format!("invalid form-encoded body: {e}")))?
     } else {
         let v: Value = serde_json::from_slice(body)
@@ -98,20 +98,37 @@ fn parse_body<T: DeserializeOwned + Default>(
 }
 
 /// A form body as a JSON object of strings; a repeated parameter becomes an array of its
-/// values, in order (`Maps=a&Maps=b`).
-fn form_object(body: &[u8]) -> Value {
+/// values, in order (`Maps=a&Maps=b`). Names and values must be UTF-8 once decoded, as a
+/// JSON body must be (substituting U+FFFD would make different keys collide).
+fn form_object(body: &[u8]) -> Result<Value, ApiError> {
+    let decode = |part: &[u8]| -> Result<String, ApiError> {
+        let spaced: Vec<u8> = part
+            .iter()
+            .map(|b| if *b == b'+' { b' ' } else { *b })
+            .collect();
+        percent_encoding::percent_decode(&spaced)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| {
+                ApiError::invalid("invalid form-encoded body: a name or value is not UTF-8")
+            })
+    };
     let mut obj = serde_json::Map::new();
-    for (k, v) in form_urlencoded::parse(body) {
-        let v = Value::String(v.into_owned());
-        match obj.get_mut(k.as_ref()) {
+    for pair in body.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+        let (k, v) = match pair.iter().position(|b| *b == b'=') {
+            Some(i) => (&pair[..i], &pair[i + 1..]),
+            None => (pair, &pair[pair.len()..]),
+        };
+        let (k, v) = (decode(k)?, Value::String(decode(v)?));
+        match obj.get_mut(k.as_str()) {
             None => {
-                obj.insert(k.into_owned(), v);
+                obj.insert(k, v);
             }
             Some(Value::Array(a)) => a.push(v),
             Some(first) => *first = Value::Array(vec![first.take(), v]),
         }
     }
-    Value::Object(obj)
+    Ok(Value::Object(obj))
 }
 
 /// Reads a repeatable text parameter: one string, or an array of strings (JSON, or a

@@ -2386,6 +2386,8 @@ async fn event_subscriptions_are_limited_per_map_and_per_node() {
     let (s1, a1) = open("a").await;
     let (s2, _a2) = open("a").await;
     assert_eq!((s1, s2), (200, 200));
+    let refused = app.clone().oneshot(sub("a")).await.unwrap();
+    assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
     let (status, body) = status_of(&app, sub("a")).await;
     assert_eq!(status, 429, "the map's limit: {body}");
     assert_eq!(body["code"], 20429);
@@ -2406,4 +2408,103 @@ async fn event_subscriptions_are_limited_per_map_and_per_node() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(freed);
+}
+
+#[tokio::test]
+async fn weak_tags_invalid_form_text_and_foreign_page_tokens_are_refused() {
+    let api = api().await;
+    for m in ["a", "b"] {
+        api.post(&format!("{P}/Maps"), json!({"UniqueName": m}))
+            .await
+            .ok(201);
+        for k in ["k1", "k2", "k3"] {
+            api.post(
+                &format!("{P}/Maps/{m}/Items"),
+                json!({"Key": k, "Data": {}}),
+            )
+            .await
+            .ok(201);
+        }
+    }
+    // If-Match compares strongly: the current tag marked weak does not match.
+    let it = format!("{P}/Maps/a/Items/k1");
+    let etag = api.get(&it).await.headers[header::ETAG]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let r = api
+        .with_header(
+            Method::POST,
+            &it,
+            ("if-match", &format!("W/{etag}")),
+            Some(json!({"Data": {"x": 1}})),
+        )
+        .await;
+    r.err(412, 54205);
+    let r = api
+        .with_header(
+            Method::POST,
+            &it,
+            ("if-match", &etag),
+            Some(json!({"Data": {"x": 1}})),
+        )
+        .await;
+    r.ok(200);
+    // A form body whose text is not UTF-8 is refused like a JSON one (two different invalid
+    // keys would otherwise both become U+FFFD and collide).
+    let r = api
+        .raw(
+            Method::POST,
+            &format!("{P}/Maps/a/Items"),
+            "application/x-www-form-urlencoded",
+            "Key=%FF&Data=%7B%7D",
+        )
+        .await;
+    r.err(400, 20001);
+    let r = api
+        .raw(
+            Method::POST,
+            &format!("{P}/Maps/a/Items"),
+            "application/json",
+            "{\"Key\": \"\\ud800\", \"Data\": {}}",
+        )
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    // A page token belongs to its listing.
+    let first = api.get(&format!("{P}/Maps/a/Items?PageSize=1")).await;
+    let next = first.ok(200)["meta"]["next_page_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = next
+        .split("PageToken=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    api.get(&format!("{P}/Maps/a/Items?PageSize=1&PageToken={token}"))
+        .await
+        .ok(200);
+    api.get(&format!("{P}/Maps/b/Items?PageSize=1&PageToken={token}"))
+        .await
+        .err(400, 54455);
+    api.get(&format!("{P}/Maps?PageSize=1&PageToken={token}"))
+        .await
+        .err(400, 54455);
+    let maps = api.get(&format!("{P}/Maps?PageSize=1")).await;
+    let next = maps.ok(200)["meta"]["next_page_url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = next
+        .split("PageToken=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    api.get(&format!("{P}/Maps/a/Items?PageToken={token}"))
+        .await
+        .err(400, 54455);
 }

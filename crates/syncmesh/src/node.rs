@@ -19,8 +19,10 @@ use crate::engine::{random16, Cmd, Engine, Net, Op, Reply, Shared, TrustCmd, COM
 use crate::error::{Error, Result};
 use crate::trust::{Invite, InviteOptions, Peers, Ticket, TrustedPeer};
 
-/// Events buffered for live subscribers before a slow one is told it lagged.
-const EVENT_BUFFER: usize = 4096;
+/// Events buffered for live subscribers before a slow one is told it lagged (then a map's
+/// subscription reads on from storage). Kept small: an event of a 16 KiB item with its
+/// previous data takes ~100 KB in memory, so this is ~100 MB at worst.
+const EVENT_BUFFER: usize = 1024;
 /// Events a subscription holds for its consumer (at most [`SUBSCRIBER_BUFFER`] bytes of them).
 const SUBSCRIBER_QUEUE: usize = 256;
 /// Default bytes of events a subscription holds for its consumer.
