@@ -943,12 +943,8 @@ fn a_revoked_writers_earlier_writes_reach_later_members() {
     assert!(net.items("c", "m").iter().any(|(k, _, _)| k == "from_b"));
 }
 
-#[test]
-fn signatures_made_late_reach_nodes_that_took_the_changes_unsigned() {
-    use syncmesh_core::policy::{READ, WRITE};
-    // W and X hold the map open and share W's writes; A restricts it (W and X writers) while
-    // apart from them. W signs its writes when it learns of the entries, and X must get the
-    // signatures too: C, arriving later, meets only X.
+/// A holds "m" open with W and X; W writes `from_w` while apart from A, and X takes it.
+fn w_wrote_while_open() -> (Net, MapSid) {
     let mut net = Net::new(&["a", "w", "x", "c"], &[]);
     let sid = MapSid::for_name("m");
     write(&mut net, "a", "m", "a0", json!({}));
@@ -964,6 +960,16 @@ fn signatures_made_late_reach_nodes_that_took_the_changes_unsigned() {
     net.run();
     net.tick();
     assert!(net.items("x", "m").iter().any(|(k, _, _)| k == "from_w"));
+    (net, sid)
+}
+
+#[test]
+fn signatures_made_late_reach_nodes_that_took_the_changes_unsigned() {
+    use syncmesh_core::policy::{READ, WRITE};
+    // W and X hold the map open and share W's writes; A restricts it (W and X writers) while
+    // apart from them. W signs its writes when it learns of the entries, and X must get the
+    // signatures too: C, arriving later, meets only X.
+    let (mut net, sid) = w_wrote_while_open();
     let (a, w, x, c) = (net.id("a"), net.id("w"), net.id("x"), net.id("c"));
     let m = net.node("a").host.by_sid(&sid).unwrap();
     for id in [&w, &x, &c] {
@@ -992,20 +998,7 @@ fn signatures_made_late_are_asked_for_by_nodes_that_took_the_changes_unsigned() 
     use syncmesh_core::policy::{READ, WRITE};
     // As above, but X learns of the entries (from A) before W has signed, and meets W only
     // later: X asks W for the signatures then. C, arriving last, meets only X.
-    let mut net = Net::new(&["a", "w", "x", "c"], &[]);
-    let sid = MapSid::for_name("m");
-    write(&mut net, "a", "m", "a0", json!({}));
-    for n in ["w", "x"] {
-        hold(&mut net, n, "m");
-    }
-    net.connect("a", "w");
-    net.connect("w", "x");
-    net.run();
-    net.tick();
-    net.disconnect("a", "w");
-    write(&mut net, "w", "m", "from_w", json!({}));
-    net.run();
-    net.tick();
+    let (mut net, sid) = w_wrote_while_open();
     net.disconnect("w", "x");
     let (a, w, x, c) = (net.id("a"), net.id("w"), net.id("x"), net.id("c"));
     let m = net.node("a").host.by_sid(&sid).unwrap();
