@@ -1144,3 +1144,86 @@ async fn trust_flags_and_config_keys() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("is not a peer id"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_never_names_another_resource_never_panics_and_imports_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, _c) = daemon_with_map(dir.path(), "users").await;
+    let node = d.url("");
+    // `.`, `..` and empty names or keys would be resolved away by the URL: refused, nothing made.
+    for (args, code_want) in [
+        (vec!["map", "ttl", ".", "5"], "54302"),
+        (vec!["get", "users", ".."], "54209"),
+        (vec!["items", "."], "54302"),
+        (vec!["set", "users", "", "{}"], "54209"),
+    ] {
+        let o = d.cli(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(code(&o), 1, "{args:?}: {err}");
+        assert!(err.contains(code_want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one error line: {err}");
+    }
+    let maps = stdout_json(&d.cli(&["--json", "maps"]));
+    assert_eq!(maps.as_array().unwrap().len(), 1, "{maps}");
+    // A node address without a scheme.
+    let bare = d.addr.clone();
+    let o = cli_at(&bare, &["map", "get", "users"], None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A reader that stops early: no panic, success. (More output than a pipe holds.)
+    let item = format!("{{\"i\": 1, \"pad\": \"{}\"}}", "x".repeat(1000));
+    for i in 0..120 {
+        assert!(d
+            .cli(&["set", "users", &format!("k{i:03}"), &item])
+            .status
+            .success());
+    }
+    let mut child = base_command()
+        .args(["--node", &node, "--json", "items", "users", "--all"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    use std::io::Read as _;
+    out.read_exact(&mut first).unwrap();
+    drop(out); // the pipe closes, as with `| head -c 1`
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        o.status.success() || o.status.code() == Some(0),
+        "{:?} {err}",
+        o.status
+    );
+    // An item's TTL alone.
+    let o = d.cli(&["--json", "ttl", "users", "k000", "3600"]);
+    let it = stdout_json(&o);
+    assert!(it["date_expires"].is_string(), "{it}");
+    assert_eq!(it["data"]["i"], 1);
+    assert_eq!(code(&d.cli(&["ttl", "users", "missing", "60"])), 3);
+    // --if-match on a missing item says so.
+    let o = d.cli(&["remove", "users", "missing", "--if-match", "abc"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("does not exist") || code(&o) == 3, "{err}");
+    // import: a bad line anywhere writes nothing; a good file writes every line.
+    let input = "{\"key\": \"a\", \"data\": {}}\n{\"key\": \"b\", \"data\": {}}\nnot json\n";
+    let o = cli_at(&node, &["import", "fresh"], Some(input));
+    assert_eq!(code(&o), 1);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("line 3") && err.contains("nothing was imported"),
+        "{err}"
+    );
+    assert_eq!(
+        code(&d.cli(&["map", "get", "fresh"])),
+        3,
+        "not even the map"
+    );
+    let input = "{\"key\": \"a\", \"data\": {}}\n\n{\"key\": \"b\", \"data\": {}}\n";
+    let o = cli_at(&node, &["--json", "import", "fresh"], Some(input));
+    let r = stdout_json(&o);
+    assert_eq!(r["imported"], 2);
+    assert_eq!(r["written_lines"], json!([[1, 1], [3, 3]]));
+    d.terminate();
+}

@@ -107,6 +107,14 @@ pub struct Client {
 impl Client {
     /// A client of the node at `base` (e.g. `http://127.0.0.1:7700`).
     pub fn new(base: &str, token: Option<String>) -> Outcome<Client> {
+        // `127.0.0.1:7700` or `localhost:7700`: plain HTTP is meant.
+        let with_scheme;
+        let base = if base.contains("://") {
+            base
+        } else {
+            with_scheme = format!("http://{base}");
+            &with_scheme
+        };
         let base = Url::parse(base)
             .map_err(|e| Failure::Other(anyhow::anyhow!("--node {base:?} is not a URL: {e}")))?;
         // Nodes serve plain HTTP (loopback by default); this client is built without TLS.
@@ -142,11 +150,30 @@ impl Client {
         u
     }
 
-    /// The URL of a path under `/v1/Services/default`.
-    pub fn api(&self, segments: &[&str]) -> Url {
+    /// The URL of a path under `/v1/Services/default` (`Maps`, map, `Items`, key, ...). A map
+    /// or key that is empty, `.` or `..` cannot travel in a URL (it would be dropped or resolved
+    /// away, and the request would name another resource): it is refused here, with the code
+    /// the node gives an invalid name (54302) or key (54209).
+    pub fn api(&self, segments: &[&str]) -> Outcome<Url> {
+        for (i, seg) in segments.iter().enumerate() {
+            if matches!(*seg, "" | "." | "..") {
+                let (code, what) = if i == 1 {
+                    (54302, "map name or sid")
+                } else {
+                    (54209, "key")
+                };
+                return Err(Failure::Api {
+                    status: StatusCode::BAD_REQUEST,
+                    code,
+                    message: format!(
+                        "invalid {what} {seg:?}: it cannot be addressed in a URL (empty, `.` and `..` are not allowed)"
+                    ),
+                });
+            }
+        }
         let mut all = vec!["v1", "Services", "default"];
         all.extend_from_slice(segments);
-        self.url(&all)
+        Ok(self.url(&all))
     }
 
     /// A request with the token set.
@@ -208,12 +235,29 @@ mod tests {
     fn segments_are_encoded_one_by_one() {
         let c = Client::new("http://127.0.0.1:7700", None).unwrap();
         assert_eq!(
-            c.api(&["Maps", "users", "Items", "a/b c?é"]).as_str(),
+            c.api(&["Maps", "users", "Items", "a/b c?é"])
+                .unwrap()
+                .as_str(),
             "http://127.0.0.1:7700/v1/Services/default/Maps/users/Items/a%2Fb%20c%3F%C3%A9"
         );
+        for (segs, code) in [
+            (&["Maps", ".", "Items"][..], 54302),
+            (&["Maps", "..", "Items"][..], 54302),
+            (&["Maps", "m", "Items", ".."][..], 54209),
+            (&["Maps", "m", "Items", ""][..], 54209),
+        ] {
+            match c.api(segs) {
+                Err(Failure::Api { code: got, .. }) => assert_eq!(got, code, "{segs:?}"),
+                other => panic!("{segs:?}: {other:?}"),
+            }
+        }
         let c = Client::new("http://h:1/prefix/", None).unwrap();
         assert_eq!(c.url(&["v1", "Node"]).as_str(), "http://h:1/prefix/v1/Node");
         assert!(Client::new("not a url", None).is_err());
+        for bare in ["127.0.0.1:7700", "localhost:7700"] {
+            let c = Client::new(bare, None).unwrap();
+            assert_eq!(c.base().as_str(), format!("http://{bare}/"));
+        }
         assert!(Client::new("ftp://x", None).is_err());
         assert!(Client::new("https://x", None).is_err());
     }

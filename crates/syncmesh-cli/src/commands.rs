@@ -20,6 +20,28 @@ const IMPORT_CONCURRENCY: usize = 32;
 /// Longest wait between `watch` reconnection attempts.
 const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// `println!` for command output: a reader that went away (`| head -1`) ends the command
+/// quietly, with success, as Unix tools do, instead of a panic on the closed pipe.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout().lock();
+        if let Err(e) = writeln!(o, $($t)*).and_then(|()| o.flush()) {
+            crate::commands::output_failed(e);
+        }
+    }};
+}
+
+/// What [`outln!`] does when stdout cannot be written: exit at once (0 when the reader left,
+/// 1 for any other error, said on stderr).
+pub fn output_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
+
 /// How to print.
 #[derive(Debug, Clone, Copy)]
 pub struct Out {
@@ -29,7 +51,7 @@ pub struct Out {
 
 fn print_json(v: &Value) -> Outcome {
     let text = serde_json::to_string_pretty(v).map_err(|e| Failure::Other(e.into()))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -62,7 +84,7 @@ fn parse_object(text: &str) -> Outcome<Value> {
 
 /// `syncmesh maps`: every map, all pages.
 pub async fn maps(c: &Client, out: Out) -> Outcome {
-    let mut url = c.api(&["Maps"]);
+    let mut url = c.api(&["Maps"])?;
     url.set_query(Some("PageSize=100"));
     let mut all = Vec::new();
     loop {
@@ -85,7 +107,7 @@ pub async fn maps(c: &Client, out: Out) -> Outcome {
             s(&m["date_expires"]),
         ]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
@@ -119,7 +141,7 @@ fn print_map(m: &Value, out: Out) -> Outcome {
     ] {
         t.add_row([f.to_string(), s(&m[f])]);
     }
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
@@ -132,31 +154,39 @@ pub async fn map_create(c: &Client, out: Out, name: Option<String>, ttl: Option<
     if let Some(t) = ttl {
         body.insert("Ttl".into(), json!(t));
     }
-    let req = c.request(Method::POST, c.api(&["Maps"])).json(&body);
+    let req = c.request(Method::POST, c.api(&["Maps"])?).json(&body);
     print_map(&c.send(req).await?, out)
 }
 
 /// `syncmesh map get MAP`.
 pub async fn map_get(c: &Client, out: Out, map: &str) -> Outcome {
-    print_map(&c.get(c.api(&["Maps", map])).await?, out)
+    print_map(&c.get(c.api(&["Maps", map])?).await?, out)
 }
 
 /// `syncmesh map ttl MAP SECONDS`.
 pub async fn map_ttl(c: &Client, out: Out, map: &str, secs: i64) -> Outcome {
     let req = c
-        .request(Method::POST, c.api(&["Maps", map]))
+        .request(Method::POST, c.api(&["Maps", map])?)
         .json(&json!({ "Ttl": secs }));
     print_map(&c.send(req).await?, out)
 }
 
+/// `syncmesh ttl MAP KEY SECONDS`: the item's expiry only (the item must exist).
+pub async fn item_ttl(c: &Client, out: Out, map: &str, key: &str, secs: i64) -> Outcome {
+    let req = c
+        .request(Method::POST, c.api(&["Maps", map, "Items", key])?)
+        .json(&json!({ "Ttl": secs }));
+    print_item(&c.send(req).await?, out)
+}
+
 /// `syncmesh map delete MAP`.
 pub async fn map_delete(c: &Client, out: Out, map: &str) -> Outcome {
-    c.send(c.request(Method::DELETE, c.api(&["Maps", map])))
+    c.send(c.request(Method::DELETE, c.api(&["Maps", map])?))
         .await?;
     if out.json {
         return print_json(&json!({"deleted": map}));
     }
-    println!("deleted map {map}");
+    outln!("deleted map {map}");
     Ok(())
 }
 
@@ -186,7 +216,7 @@ fn print_item(it: &Value, out: Out) -> Outcome {
     }
     let data = serde_json::to_string_pretty(&it["data"]).unwrap_or_default();
     t.add_row(["data".to_string(), data]);
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
@@ -212,7 +242,7 @@ pub async fn write(
         WriteKind::Update => Method::PATCH,
     };
     let mut req = c
-        .request(method, c.api(&["Maps", map, "Items", key]))
+        .request(method, c.api(&["Maps", map, "Items", key])?)
         .json(&body);
     if let Some(rev) = if_match {
         req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
@@ -221,7 +251,7 @@ pub async fn write(
     if out.json {
         return print_json(&it);
     }
-    println!(
+    outln!(
         "{} {map}/{key} revision {}",
         match how {
             WriteKind::Set => "set",
@@ -234,7 +264,7 @@ pub async fn write(
 
 /// `syncmesh get MAP KEY`.
 pub async fn get(c: &Client, out: Out, map: &str, key: &str) -> Outcome {
-    print_item(&c.get(c.api(&["Maps", map, "Items", key])).await?, out)
+    print_item(&c.get(c.api(&["Maps", map, "Items", key])?).await?, out)
 }
 
 /// `syncmesh remove MAP KEY`.
@@ -245,7 +275,7 @@ pub async fn remove(
     key: &str,
     if_match: Option<String>,
 ) -> Outcome {
-    let mut req = c.request(Method::DELETE, c.api(&["Maps", map, "Items", key]));
+    let mut req = c.request(Method::DELETE, c.api(&["Maps", map, "Items", key])?);
     if let Some(rev) = if_match {
         req = req.header(reqwest::header::IF_MATCH, format!("\"{rev}\""));
     }
@@ -253,7 +283,7 @@ pub async fn remove(
     if out.json {
         return print_json(&json!({"removed": key, "map": map}));
     }
-    println!("removed {map}/{key}");
+    outln!("removed {map}/{key}");
     Ok(())
 }
 
@@ -274,7 +304,7 @@ pub struct ItemsQuery {
 
 /// `syncmesh items MAP`.
 pub async fn items(c: &Client, out: Out, map: &str, q: ItemsQuery) -> Outcome {
-    let mut url = c.api(&["Maps", map, "Items"]);
+    let mut url = c.api(&["Maps", map, "Items"])?;
     {
         let mut qs = url.query_pairs_mut();
         if q.desc {
@@ -320,7 +350,7 @@ pub async fn items(c: &Client, out: Out, map: &str, q: ItemsQuery) -> Outcome {
                 data,
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
     }
     if more {
         eprintln!("more items: use --all, or --from {last:?} --exclusive");
@@ -372,7 +402,7 @@ pub async fn status(c: &Client, out: Out) -> Outcome {
     t.add_row(["problems".to_string(), problem_lines(&n["problems"])]);
     t.add_row(["refused_changes".to_string(), s(&n["refused_changes"])]);
     t.add_row(["writes_stopped".to_string(), s(&n["writes_stopped"])]);
-    println!("{t}");
+    outln!("{t}");
     Ok(())
 }
 
@@ -476,7 +506,7 @@ pub async fn invite(c: &Client, out: Out, scope: InviteScope) -> Outcome {
     eprintln!(
         "on the other node run:  syncmesh join <ticket>   (the ticket is a secret until used)"
     );
-    println!("{ticket}");
+    outln!("{ticket}");
     Ok(())
 }
 
@@ -489,13 +519,13 @@ pub async fn join(c: &Client, out: Out, ticket: &str) -> Outcome {
     if out.json {
         return print_json(&p);
     }
-    println!(
+    outln!(
         "joined {}: the two nodes now trust each other; maps shared: {}",
         s(&p["peer_id"]),
         maps_text(&p["maps"]),
     );
     if p["takes_our_writes"] == false {
-        println!(
+        outln!(
             "read-only: the invitation does not let this node change them; its writes stay here"
         );
     }
@@ -510,12 +540,12 @@ pub async fn peers(c: &Client, out: Out) -> Outcome {
     }
     let yes_no = |v: &Value| if *v == true { "yes" } else { "no" }.to_string();
     if p["trusts_everyone"] == true {
-        println!("This node trusts every peer that connects (--trust-all or a swarm key).\n");
+        outln!("This node trusts every peer that connects (--trust-all or a swarm key).\n");
     }
     let trusted = p["trusted_peers"].as_array().cloned().unwrap_or_default();
-    println!("Trusted peers ({})", trusted.len());
+    outln!("Trusted peers ({})", trusted.len());
     if trusted.is_empty() {
-        println!("  none: `syncmesh invite` here and `syncmesh join <ticket>` there, or `syncmesh peers trust <peer id>`");
+        outln!("  none: `syncmesh invite` here and `syncmesh join <ticket>` there, or `syncmesh peers trust <peer id>`");
     } else {
         let mut t = table(&[
             "PEER ID",
@@ -547,16 +577,16 @@ pub async fn peers(c: &Client, out: Out) -> Outcome {
                     ),
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
     }
     let untrusted = p["untrusted_peers"].as_array().cloned().unwrap_or_default();
     if !untrusted.is_empty() {
-        println!(
+        outln!(
             "\nConnected but not trusted ({}): nothing is exchanged with them",
             untrusted.len()
         );
         for u in &untrusted {
-            println!("  {}", s(u));
+            outln!("  {}", s(u));
         }
     }
     let discovered = p["discovered_peers"]
@@ -564,7 +594,7 @@ pub async fn peers(c: &Client, out: Out) -> Outcome {
         .cloned()
         .unwrap_or_default();
     if !discovered.is_empty() {
-        println!("\nDiscovered on the local network ({})", discovered.len());
+        outln!("\nDiscovered on the local network ({})", discovered.len());
         let mut t = table(&["PEER ID", "TRUSTED", "LAST SEEN", "ADDRESSES"]);
         for d in &discovered {
             t.add_row([
@@ -576,11 +606,11 @@ pub async fn peers(c: &Client, out: Out) -> Outcome {
                 }),
             ]);
         }
-        println!("{t}");
+        outln!("{t}");
     }
     let problems = p["problems"].as_array().cloned().unwrap_or_default();
     if !problems.is_empty() {
-        println!("\nProblems ({}), newest first", problems.len());
+        outln!("\nProblems ({}), newest first", problems.len());
         let mut t = table(&["PEER OR ADDRESS", "WHEN", "REASON"]);
         for pr in &problems {
             let who = pr["peer_id"]
@@ -589,11 +619,11 @@ pub async fn peers(c: &Client, out: Out) -> Outcome {
                 .unwrap_or("-");
             t.add_row([who.to_string(), s(&pr["at"]), s(&pr["reason"])]);
         }
-        println!("{t}");
+        outln!("{t}");
     }
     let refused = p["refused_changes"].as_u64().unwrap_or(0);
     if refused > 0 {
-        println!("\n{refused} change(s) refused from peers that may not write a map");
+        outln!("\n{refused} change(s) refused from peers that may not write a map");
     }
     Ok(())
 }
@@ -611,7 +641,7 @@ pub async fn peers_trust(c: &Client, out: Out, peer: &str, addrs: &[String]) -> 
     if out.json {
         return print_json(&p);
     }
-    println!(
+    outln!(
         "trusted {} (every map, read and write); trust this node on it too for maps to flow",
         s(&p["peer_id"])
     );
@@ -625,7 +655,7 @@ pub async fn peers_untrust(c: &Client, out: Out, peer: &str) -> Outcome {
     if out.json {
         return print_json(&json!({"untrusted": peer}));
     }
-    println!("no longer trusting {peer}: disconnected, and nothing more is exchanged with it");
+    outln!("no longer trusting {peer}: disconnected, and nothing more is exchanged with it");
     Ok(())
 }
 
@@ -637,7 +667,7 @@ pub async fn compact(c: &Client, out: Out) -> Outcome {
         return print_json(&r);
     }
     let mb = |f: &str| r[f].as_u64().unwrap_or(0) as f64 / 1e6;
-    println!(
+    outln!(
         "file {:.1} MB -> {:.1} MB (live data {:.1} MB) in {:.1} s{}",
         mb("file_bytes_before"),
         mb("file_bytes_after"),
@@ -655,7 +685,7 @@ pub async fn compact(c: &Client, out: Out) -> Outcome {
 /// `syncmesh watch MAP`: events as JSON lines over a WebSocket, reconnecting after any
 /// disconnect and resuming after the last event printed, so none is missed or repeated.
 pub async fn watch(c: &Client, map: &str, after: Option<u64>) -> Outcome {
-    let mut url = c.api(&["Maps", map, "Events"]);
+    let mut url = c.api(&["Maps", map, "Events"])?;
     // http -> ws is always a valid scheme change, so this cannot fail.
     let _ = url.set_scheme("ws");
     let mut last = after;
@@ -785,7 +815,7 @@ fn progress(what: &str) -> ProgressBar {
 
 /// `syncmesh export MAP`: JSON lines `{"key", "data"}` (and `date_expires` when set).
 pub async fn export(c: &Client, map: &str) -> Outcome {
-    let mut url = c.api(&["Maps", map, "Items"]);
+    let mut url = c.api(&["Maps", map, "Items"])?;
     url.set_query(Some("PageSize=100"));
     let pb = progress("exported");
     let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
@@ -796,7 +826,9 @@ pub async fn export(c: &Client, map: &str) -> Outcome {
             if !it["date_expires"].is_null() {
                 line["date_expires"] = it["date_expires"].clone();
             }
-            writeln!(stdout, "{line}").context("writing to stdout")?;
+            if let Err(e) = writeln!(stdout, "{line}") {
+                output_failed(e);
+            }
             pb.inc(1);
         }
         match next_url(c, &page)? {
@@ -804,7 +836,9 @@ pub async fn export(c: &Client, map: &str) -> Outcome {
             None => break,
         }
     }
-    stdout.flush().context("writing to stdout")?;
+    if let Err(e) = stdout.flush() {
+        output_failed(e);
+    }
     pb.finish_and_clear();
     eprintln!("exported {} items from {map}", pb.position());
     Ok(())
@@ -812,9 +846,52 @@ pub async fn export(c: &Client, map: &str) -> Outcome {
 
 /// `syncmesh import MAP`: sets every `{"key", "data"}` line of stdin, many writes in flight.
 pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
+    // Every line is read and checked before anything is written: bad input writes nothing.
+    let mut writes: Vec<(u64, String, Value)> = Vec::new();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut line_no: u64 = 0;
+    while let Some(line) = lines.next_line().await.context("reading stdin")? {
+        line_no += 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |why: String| {
+            Failure::Other(anyhow::anyhow!(
+                "line {line_no}: {why}; nothing was imported"
+            ))
+        };
+        let v: Value = serde_json::from_str(&line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let (Some(key), Some(data)) = (v["key"].as_str(), v.get("data").filter(|d| d.is_object()))
+        else {
+            return Err(bad("expected {\"key\": \"...\", \"data\": {...}}".into()));
+        };
+        c.api(&["Maps", map, "Items", key])
+            .map_err(|e| bad(e.to_string()))?;
+        // An exported expiry comes back as a TTL from now; an item already expired is skipped.
+        let ttl = match v.get("date_expires").and_then(Value::as_str) {
+            None => None,
+            Some(d) => {
+                let t =
+                    time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339)
+                        .map_err(|e| {
+                            bad(format!("date_expires {d:?} is not an RFC 3339 date: {e}"))
+                        })?;
+                let left = (t - time::OffsetDateTime::now_utc()).whole_milliseconds();
+                if left <= 0 {
+                    continue;
+                }
+                Some((left + 999) / 1000)
+            }
+        };
+        let body = match ttl {
+            Some(t) => json!({ "Data": data, "Ttl": t }),
+            None => json!({ "Data": data }),
+        };
+        writes.push((line_no, key.to_string(), body));
+    }
     // Create the map if it does not exist (an existing one is fine).
     let create = c
-        .request(Method::POST, c.api(&["Maps"]))
+        .request(Method::POST, c.api(&["Maps"])?)
         .json(&json!({ "UniqueName": map }));
     match c.send(create).await {
         Ok(_) => {}
@@ -823,83 +900,27 @@ pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
         Err(e) => return Err(e),
     }
     let pb = progress("imported");
-    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     let mut inflight = futures_util::stream::FuturesUnordered::new();
-    let mut n: u64 = 0;
-    let mut line_no: u64 = 0;
+    let mut written: Vec<u64> = Vec::new();
     let mut failure: Option<Failure> = None;
+    let mut pending = writes.into_iter();
     loop {
-        let line = match lines.next_line().await.context("reading stdin")? {
-            Some(l) => l,
-            None => break,
-        };
-        line_no += 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(e) => {
-                failure = Some(Failure::Other(anyhow::anyhow!(
-                    "line {line_no}: not JSON: {e}"
-                )));
+        while failure.is_none() && inflight.len() < IMPORT_CONCURRENCY {
+            let Some((at, key, body)) = pending.next() else {
                 break;
-            }
-        };
-        let (Some(key), Some(data)) = (v["key"].as_str(), v.get("data").filter(|d| d.is_object()))
-        else {
-            failure = Some(Failure::Other(anyhow::anyhow!(
-                "line {line_no}: expected {{\"key\": \"...\", \"data\": {{...}}}}"
-            )));
+            };
+            let req = c
+                .request(Method::POST, c.api(&["Maps", map, "Items", &key])?)
+                .json(&body);
+            inflight.push(async move { (key, at, c.send(req).await) });
+        }
+        // Writes already sent are waited for, also after a failure: each is reported.
+        let Some((key, at, r)) = inflight.next().await else {
             break;
         };
-        // An exported expiry comes back as a TTL from now; an item already expired is skipped.
-        let ttl = match v.get("date_expires").and_then(Value::as_str) {
-            None => None,
-            Some(d) => {
-                match time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339)
-                {
-                    Ok(t) => {
-                        let left = (t - time::OffsetDateTime::now_utc()).whole_milliseconds();
-                        if left <= 0 {
-                            continue;
-                        }
-                        Some((left + 999) / 1000)
-                    }
-                    Err(e) => {
-                        failure = Some(Failure::Other(anyhow::anyhow!(
-                            "line {line_no}: date_expires {d:?} is not an RFC 3339 date: {e}"
-                        )));
-                        break;
-                    }
-                }
-            }
-        };
-        let body = match ttl {
-            Some(t) => json!({ "Data": data, "Ttl": t }),
-            None => json!({ "Data": data }),
-        };
-        let req = c
-            .request(Method::POST, c.api(&["Maps", map, "Items", key]))
-            .json(&body);
-        let key = key.to_string();
-        inflight.push(async move { (key, line_no, c.send(req).await) });
-        if inflight.len() >= IMPORT_CONCURRENCY {
-            if let Some((key, at, r)) = inflight.next().await {
-                if let Err(e) = r {
-                    failure = Some(e.context(&format!("line {at} ({key:?})")));
-                    break;
-                }
-                n += 1;
-                pb.inc(1);
-            }
-        }
-    }
-    // Writes already sent are waited for, also after a failure: none is left unreported.
-    while let Some((key, at, r)) = inflight.next().await {
         match r {
             Ok(_) => {
-                n += 1;
+                written.push(at);
                 pb.inc(1);
             }
             Err(e) => {
@@ -910,8 +931,30 @@ pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
         }
     }
     pb.finish_and_clear();
+    written.sort_unstable();
+    let n = written.len();
+    let ranges = line_ranges(&written);
     if out.json {
-        print_json(&json!({"map": map, "imported": n}))?;
+        print_json(&json!({"map": map, "imported": n, "written_lines": ranges}))?;
+    } else if failure.is_some() {
+        let list: Vec<String> = ranges
+            .iter()
+            .map(|[a, b]| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect();
+        eprintln!(
+            "imported {n} items into {map}; lines written: {}",
+            if list.is_empty() {
+                "none".to_string()
+            } else {
+                list.join(", ")
+            }
+        );
     } else {
         eprintln!("imported {n} items into {map}");
     }
@@ -921,9 +964,30 @@ pub async fn import(c: &Client, out: Out, map: &str) -> Outcome {
     }
 }
 
+/// Sorted line numbers as `[first, last]` runs.
+fn line_ranges(lines: &[u64]) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for &l in lines {
+        match out.last_mut() {
+            Some(r) if r[1] + 1 == l => r[1] = l,
+            _ => out.push([l, l]),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn written_lines_as_runs() {
+        assert_eq!(line_ranges(&[]), Vec::<[u64; 2]>::new());
+        assert_eq!(
+            line_ranges(&[1, 2, 3, 5, 7, 8]),
+            vec![[1, 3], [5, 5], [7, 8]]
+        );
+    }
 
     #[test]
     fn durations() {

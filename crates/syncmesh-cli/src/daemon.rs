@@ -184,7 +184,15 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config file {}", path.display()))?;
-        Config::parse(&text).with_context(|| format!("in the config file {}", path.display()))
+        let mut cfg = Config::parse(&text)
+            .with_context(|| format!("in the config file {}", path.display()))?;
+        // A key file named in the config sits beside it, wherever the node is started from.
+        if let (Some(key), Some(dir)) = (&cfg.swarm_key, path.parent()) {
+            if key.is_relative() {
+                cfg.swarm_key = Some(dir.join(key));
+            }
+        }
+        Ok(cfg)
     }
 
     /// Parses config text.

@@ -105,6 +105,19 @@ Examples:
         after_help = "Examples:\n  syncmesh remove users david\n  syncmesh remove users david --if-match 3f2a9c1d0b7e6a55"
     )]
     Remove(RemoveArgs),
+    /// Set only an item's time to live, from now (0 = never expires); its data stays.
+    #[command(
+        after_help = "Examples:\n  syncmesh ttl sessions s-41 3600\n  syncmesh ttl sessions s-41 0"
+    )]
+    Ttl {
+        /// Sid or unique name of the map.
+        map: String,
+        /// The item's key.
+        key: String,
+        /// Seconds from now.
+        #[arg(allow_negative_numbers = true)]
+        seconds: i64,
+    },
     /// List a map's items in key order.
     #[command(after_help = "\
 Examples:
@@ -432,8 +445,8 @@ async fn run(cli: Cli) -> u8 {
         };
         return match r {
             Ok(()) => exit::OK,
+            // One line: the log (also on stderr) does not repeat it.
             Err(e) => {
-                tracing::error!("{e:#}");
                 eprintln!("error: {e:#}");
                 exit::FAILURE
             }
@@ -486,6 +499,9 @@ async fn run(cli: Cli) -> u8 {
         }
         Command::Get(a) => commands::get(&client, out, &a.map, &a.key).await,
         Command::Remove(a) => commands::remove(&client, out, &a.map, &a.key, a.if_match).await,
+        Command::Ttl { map, key, seconds } => {
+            commands::item_ttl(&client, out, &map, &key, seconds).await
+        }
         Command::Items(a) => {
             let q = commands::ItemsQuery {
                 from: a.from,

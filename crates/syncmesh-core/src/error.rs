@@ -22,7 +22,7 @@ pub enum Error {
     #[error("item {0:?} already exists")]
     ItemExists(String),
     /// The conditional write's revision is not the item's current one.
-    #[error("revision mismatch for item {key:?}: expected {expected}, current is {current}")]
+    #[error("revision mismatch for item {key:?}: expected {expected}, {}", now_text(.current))]
     RevisionMismatch {
         /// The item's key.
         key: String,
@@ -155,5 +155,38 @@ mod tests {
             assert_eq!(err.code(), *code, "{err}");
             assert_eq!(err.http_status(), *status, "{err}");
         }
+    }
+}
+
+/// How [`Error::RevisionMismatch`] states the item's revision now.
+fn now_text(current: &str) -> String {
+    if current.is_empty() {
+        "but the item does not exist".to_string()
+    } else {
+        format!("current is {current}")
+    }
+}
+
+#[cfg(test)]
+mod mismatch_text {
+    use super::*;
+
+    #[test]
+    fn a_missing_item_is_said_so() {
+        let e = Error::RevisionMismatch {
+            key: "k".into(),
+            expected: "r1".into(),
+            current: String::new(),
+        };
+        assert!(
+            e.to_string().ends_with("but the item does not exist"),
+            "{e}"
+        );
+        let e = Error::RevisionMismatch {
+            key: "k".into(),
+            expected: "r1".into(),
+            current: "r2".into(),
+        };
+        assert!(e.to_string().ends_with("current is r2"), "{e}");
     }
 }
