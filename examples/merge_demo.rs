@@ -108,13 +108,14 @@ fn main() -> Result<(), syncmesh_core::Error> {
     assert_eq!(a, b, "replicas must converge");
     let c = laptop.get_mut("users", now)?.conflicts("david", now)?;
     println!("  concurrent values kept for: {}", json!(c.fields));
+    show("laptop", laptop.get_mut("users", now)?.take_events());
+    show("desktop", desktop.get_mut("users", now)?.take_events());
 
     println!("list items, remove david, remove the map");
     let l = laptop.get_mut("users", now)?;
     for item in l.items(&PageRequest::default(), now)?.items {
         println!("  item {} = {}", item.key, json!(item.data));
     }
-    l.take_events();
     l.remove("david", None, now)?;
     l.remove_map(now)?;
     show("laptop", l.take_events());

@@ -1227,3 +1227,26 @@ async fn the_cli_never_names_another_resource_never_panics_and_imports_whole() {
     assert_eq!(r["written_lines"], json!([[1, 1], [3, 3]]));
     d.terminate();
 }
+
+#[test]
+fn a_swarm_key_is_made_by_the_cli_and_found_beside_its_config_file() {
+    let key = |()| {
+        let o = base_command().arg("swarm-key").output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (k1, k2) = (key(()), key(()));
+    assert_ne!(k1, k2, "random");
+    assert!(syncmesh::SwarmKey::parse(&k1).is_ok(), "{k1}");
+    // A config file naming the key by a relative path: resolved beside the file, not in the
+    // directory the node is started from.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("swarm.key"), &k1).unwrap();
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(&cfg, "swarm_key = \"swarm.key\"\n").unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &["--http", "127.0.0.1:0", "--config", cfg.to_str().unwrap()],
+    );
+    d.terminate();
+}

@@ -168,6 +168,13 @@ Examples:
     /// while the file is rewritten).
     #[command(after_help = "Examples:\n  syncmesh compact\n  syncmesh compact --json")]
     Compact,
+    /// Print a new random swarm key (the usual `swarm.key` format) for `--swarm-key`: every
+    /// node given the same key forms one private mesh. Needs no running node.
+    #[command(
+        name = "swarm-key",
+        after_help = "Examples:\n  (umask 077; syncmesh swarm-key > swarm.key)\n  syncmesh node --swarm-key swarm.key"
+    )]
+    SwarmKey,
     /// Write every item of a map to stdout as JSON lines ({"key", "data"}).
     #[command(after_help = "Examples:\n  syncmesh export users > users.jsonl")]
     Export(MapArg),
@@ -437,6 +444,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> u8 {
+    if let Command::SwarmKey = &cli.command {
+        return match syncmesh::SwarmKey::generate() {
+            Ok(text) => {
+                print!("{text}");
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit::FAILURE
+            }
+        };
+    }
     if let Command::Node(args) = &cli.command {
         init_logging();
         let r = match args.config(cli.token.clone()) {
@@ -532,6 +551,7 @@ async fn run(cli: Cli) -> u8 {
             command: Some(PeersCommand::Untrust { peer_id }),
         }) => commands::peers_untrust(&client, out, &peer_id).await,
         Command::Compact => commands::compact(&client, out).await,
+        Command::SwarmKey => Ok(()),
         Command::Export(a) => commands::export(&client, &a.map).await,
         Command::Import(a) => commands::import(&client, out, &a.map).await,
     };

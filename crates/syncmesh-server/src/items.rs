@@ -117,6 +117,13 @@ pub async fn list_items(
     };
     let page_size = params::page_size(q.page_size.as_deref())?;
     let page_no = params::page_number(q.page.as_deref())?;
+    // The number only labels a page found by its token: without one it would mislabel the
+    // first page.
+    if page_no > 0 && q.page_token.is_none() {
+        return Err(ApiError::invalid(
+            "Page needs the PageToken of that page (follow next_page_url); without one, omit Page",
+        ));
+    }
     let map = st.map(&id).await?;
     let sid = map.sid().as_str().to_string();
     let page = map

@@ -75,6 +75,13 @@ pub async fn list_maps(
     let size = params::page_size(q.page_size.as_deref())?
         .map_or(limits::DEFAULT_PAGE_SIZE, |n| n as usize);
     let page_no = params::page_number(q.page.as_deref())?;
+    // The number only labels a page found by its token: without one it would mislabel the
+    // first page.
+    if page_no > 0 && q.page_token.is_none() {
+        return Err(ApiError::invalid(
+            "Page needs the PageToken of that page (follow next_page_url); without one, omit Page",
+        ));
+    }
     let all = st.node().maps().await?;
     let token = q.page_token.as_deref().map(MapToken::decode).transpose()?;
     let (picked, next, prev) = page_maps(&all, size, token.as_ref());

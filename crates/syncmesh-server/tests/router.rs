@@ -2508,3 +2508,16 @@ async fn weak_tags_invalid_form_text_and_foreign_page_tokens_are_refused() {
         .await
         .err(400, 54455);
 }
+
+#[tokio::test]
+async fn a_page_number_without_its_token_is_refused() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "m"}))
+        .await
+        .ok(201);
+    api.get(&format!("{P}/Maps/m/Items?Page=2"))
+        .await
+        .err(400, 20001);
+    api.get(&format!("{P}/Maps?Page=1")).await.err(400, 20001);
+    api.get(&format!("{P}/Maps/m/Items?Page=0")).await.ok(200);
+}

@@ -390,3 +390,27 @@ test("a write resolves after its own event was delivered, as with the hosted SDK
   await m.removeMap();
   assert.ok(removed, "removeMap resolves after 'removed'");
 });
+
+test("the README's JavaScript example runs as written", async () => {
+  const { readFileSync, writeFileSync, copyFileSync, mkdtempSync } = await import("node:fs");
+  const { join } = await import("node:path");
+  const { tmpdir } = await import("node:os");
+  const { execFile } = await import("node:child_process");
+  const { REPO } = await import("./support.mjs");
+  const readme = readFileSync(join(REPO, "README.md"), "utf8");
+  const block = readme.match(/```js\n(\/\/ demo\.mjs\n[\s\S]*?)```/);
+  assert.ok(block, "the README has the demo.mjs example");
+  const n = await node();
+  const dir = mkdtempSync(join(tmpdir(), "syncmesh-readme-"));
+  copyFileSync(new URL("../syncmesh.js", import.meta.url), join(dir, "syncmesh.js"));
+  writeFileSync(join(dir, "demo.mjs"), block[1]);
+  const out = await new Promise((resolve, reject) => {
+    execFile(process.execPath, ["demo.mjs"], {
+      cwd: dir,
+      timeout: 90_000,
+      env: { ...process.env, SYNCMESH_NODE: n.url },
+    }, (err, stdout, stderr) => (err ? reject(new Error(`${err.message}\n${stderr}`)) : resolve(stdout)));
+  });
+  assert.match(out, /updated david .*IRL.* true/);
+  assert.match(out, /country: 'IRL'/);
+});
