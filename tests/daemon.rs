@@ -1250,3 +1250,79 @@ fn a_swarm_key_is_made_by_the_cli_and_found_beside_its_config_file() {
     );
     d.terminate();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_of_two_nodes_are_shown_by_the_http_api_and_the_cli() {
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = Daemon::start(dir_a.path(), &["--http", "127.0.0.1:0"]);
+    let b = Daemon::start(dir_b.path(), &["--http", "127.0.0.1:0"]);
+    let c = http();
+    // Apart, both write the same item's `country` differently (a map by name is the same map).
+    for (d, country) in [(&a, "UK"), (&b, "FR")] {
+        let (s, _) = post(
+            &c,
+            &d.url(&format!("{P}/Maps")),
+            json!({"UniqueName": "users"}),
+        )
+        .await;
+        assert_eq!(s, 201);
+        let (s, _) = post(
+            &c,
+            &d.url(&format!("{P}/Maps/users/Items")),
+            json!({"Key": "david", "Data": {"country": country, "phone": 1}}),
+        )
+        .await;
+        assert_eq!(s, 201);
+    }
+    // They meet.
+    let (s, inv) = post(&c, &a.url("/v1/Node/Invites"), json!({})).await;
+    assert_eq!(s, 201, "{inv}");
+    let (s, joined) = post(
+        &c,
+        &b.url("/v1/Node/Join"),
+        json!({"Ticket": inv["ticket"]}),
+    )
+    .await;
+    assert_eq!(s, 201, "{joined}");
+    let url = |d: &Daemon| d.url(&format!("{P}/Maps/users/Items/david/Conflicts"));
+    let start = std::time::Instant::now();
+    let (ca, cb) = loop {
+        let ca: Value = c.get(url(&a)).send().await.unwrap().json().await.unwrap();
+        let cb: Value = c.get(url(&b)).send().await.unwrap().json().await.unwrap();
+        let same = ca["fields"] == cb["fields"] && ca["writers"] == cb["writers"];
+        if ca["writers"].as_array().is_some_and(|w| w.len() == 2) && same {
+            break (ca, cb);
+        }
+        assert!(start.elapsed() < DEADLINE, "no merged conflict: {ca} {cb}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let values = ca["fields"]["country"].as_array().unwrap();
+    assert_eq!(values.len(), 2, "{ca}");
+    let item: Value = c
+        .get(a.url(&format!("{P}/Maps/users/Items/david")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        values[0], item["data"]["country"],
+        "the visible value first"
+    );
+    // Equal values written concurrently are still two writes: both are listed.
+    assert_eq!(ca["fields"]["phone"], json!([1, 1]));
+    assert_eq!(cb["key"], "david");
+    // The CLI shows the same.
+    let o = a.cli(&["--json", "conflicts", "users", "david"]);
+    assert_eq!(stdout_json(&o), ca);
+    let text = ok(&b.cli(&["conflicts", "users", "david"]));
+    assert!(
+        text.contains("country") && text.contains("\"UK\"") && text.contains("\"FR\""),
+        "{text}"
+    );
+    assert_eq!(code(&a.cli(&["conflicts", "users", "nobody"])), 3);
+    a.terminate();
+    b.terminate();
+}

@@ -171,6 +171,45 @@ pub async fn map_ttl(c: &Client, out: Out, map: &str, secs: i64) -> Outcome {
     print_map(&c.send(req).await?, out)
 }
 
+/// `syncmesh conflicts MAP KEY`.
+pub async fn conflicts(c: &Client, out: Out, map: &str, key: &str) -> Outcome {
+    let mut url = c.api(&["Maps", map, "Items", key])?;
+    if let Ok(mut p) = url.path_segments_mut() {
+        p.push("Conflicts");
+    }
+    let v = c.get(url).await?;
+    if out.json {
+        return print_json(&v);
+    }
+    let writers: Vec<&str> = v["writers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let fields = v["fields"].as_object().cloned().unwrap_or_default();
+    if fields.is_empty() {
+        outln!(
+            "no conflicting fields in {key}; current writes by: {}",
+            writers.join(", ")
+        );
+        return Ok(());
+    }
+    let mut t = table(&["field", "values (visible first)"]);
+    for (f, values) in &fields {
+        let vals: Vec<String> = values
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(Value::to_string)
+            .collect();
+        t.add_row(vec![f.clone(), vals.join("  |  ")]);
+    }
+    outln!("{t}");
+    outln!("concurrent writes by: {}", writers.join(", "));
+    Ok(())
+}
+
 /// `syncmesh ttl MAP KEY SECONDS`: the item's expiry only (the item must exist).
 pub async fn item_ttl(c: &Client, out: Out, map: &str, key: &str, secs: i64) -> Outcome {
     let req = c

@@ -118,6 +118,12 @@ Examples:
         #[arg(allow_negative_numbers = true)]
         seconds: i64,
     },
+    /// Show an item's conflicts: every value concurrent writes on several nodes left in a field
+    /// (the visible one first), and the nodes whose concurrent writes are current.
+    #[command(
+        after_help = "Examples:\n  syncmesh conflicts users david\n  syncmesh conflicts users david --json"
+    )]
+    Conflicts(ItemArgs),
     /// List a map's items in key order.
     #[command(after_help = "\
 Examples:
@@ -517,6 +523,7 @@ async fn run(cli: Cli) -> u8 {
             .await
         }
         Command::Get(a) => commands::get(&client, out, &a.map, &a.key).await,
+        Command::Conflicts(a) => commands::conflicts(&client, out, &a.map, &a.key).await,
         Command::Remove(a) => commands::remove(&client, out, &a.map, &a.key, a.if_match).await,
         Command::Ttl { map, key, seconds } => {
             commands::item_ttl(&client, out, &map, &key, seconds).await

@@ -137,6 +137,15 @@ export interface SyncMapEvents {
   removed: MapRemovedArgs;
 }
 
+/** What [`SyncMap.getConflicts`] returns. */
+export interface ItemConflicts {
+  key: string;
+  /** Field name → every current value, the visible one first (only conflicting fields). */
+  fields: Record<string, unknown[]>;
+  /** Node ids whose concurrent writes to the item are current, the winner first. */
+  writers: string[];
+}
+
 /** A map of JSON items. Events are delivered once each, in order, across reconnects. */
 export declare class SyncMap {
   readonly sid: string;
@@ -161,6 +170,11 @@ export declare class SyncMap {
   get(key: string): Promise<SyncMapItem>;
   /** Rejects with SyncError 54201 when there is no such item. */
   remove(key: string): Promise<void>;
+  /**
+   * Every value concurrent writes left in the item's fields (the visible one first) and the
+   * nodes whose concurrent writes are current, as this node sees them (a syncmesh extension).
+   */
+  getConflicts(key: string): Promise<ItemConflicts>;
   getItems(query?: ItemQuery): Promise<Paginator<SyncMapItem>>;
   /** The map expires `ttl` seconds from now (0: never). */
   setTtl(ttl: number): Promise<void>;

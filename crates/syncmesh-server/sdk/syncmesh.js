@@ -859,6 +859,20 @@ export class SyncMap extends Emitter {
     });
   }
 
+  /**
+   * The item's conflicts as this node sees them: `{ key, fields, writers }`, where `fields`
+   * maps each field written concurrently on several nodes to every value the merge kept (the
+   * visible one first) and `writers` lists the node ids whose concurrent writes are current.
+   * Rejects with SyncError 54201 when there is no such item.
+   */
+  async getConflicts(key) {
+    this.#check();
+    checkKey(key);
+    const res = await this.#core.client.send("GET", `${this.#path(key)}/Conflicts`);
+    const { key: k, fields, writers } = res.body;
+    return { key: k, fields, writers };
+  }
+
   async remove(key) {
     this.#check();
     checkKey(key);

@@ -213,6 +213,45 @@ pub async fn fetch_item(
     ))
 }
 
+/// An item's conflicts: for each field that nodes wrote concurrently, every value the merge
+/// kept (the visible one first), and the nodes whose concurrent writes are current. This
+/// replica's view: a node that has not received a peer's write does not list it.
+#[utoipa::path(
+    get,
+    path = "/v1/Services/default/Maps/{map}/Items/{key}/Conflicts",
+    tag = "items",
+    params(
+        ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
+        ("key" = String, Path, description = "The key, percent-encoded (`/` as `%2F`)"),
+    ),
+    responses(
+        (status = 200, description = "The item's concurrent values", body = crate::model::ConflictsResource),
+        (status = 400, description = "Invalid key (54209)", body = ErrorBody),
+        (status = 404, description = "No such map (54200) or item (54201)", body = ErrorBody),
+    ),
+)]
+pub async fn item_conflicts(
+    State(st): State<AppState>,
+    urls: Urls,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<axum::Json<crate::model::ConflictsResource>, ApiError> {
+    limits::validate_key(&key)?;
+    let map = st.map(&id).await?;
+    let c = map.conflicts(&key).await?;
+    let sid = map.sid().to_string();
+    Ok(axum::Json(crate::model::ConflictsResource {
+        url: format!("{}/Conflicts", urls.item(&sid, &key)),
+        key: c.key,
+        map_sid: sid,
+        fields: c
+            .fields
+            .into_iter()
+            .map(|(f, values)| (f, serde_json::Value::Array(values)))
+            .collect(),
+        writers: c.writers.iter().map(ToString::to_string).collect(),
+    }))
+}
+
 /// Sets an item: `Data` replaces its data (creating the item if missing), `Ttl` sets its
 /// expiry from now; `If-Match` makes the write conditional (412/54205).
 #[utoipa::path(

@@ -107,6 +107,7 @@ fn api() -> OpenApiRouter<AppState> {
             items::update_item,
             items::delete_item
         ))
+        .routes(routes!(items::item_conflicts))
         .routes(routes!(permissions::list_permissions))
         .routes(routes!(
             permissions::fetch_permission,

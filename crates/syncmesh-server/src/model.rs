@@ -76,6 +76,24 @@ impl MapResource {
     }
 }
 
+/// An item's concurrent values: what the merge kept besides the visible data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConflictsResource {
+    /// The item's key.
+    pub key: String,
+    /// The map's sid.
+    pub map_sid: String,
+    /// For each field written concurrently on several nodes: every value still current, the
+    /// visible (winning) one first. Empty when nothing conflicts.
+    #[schema(value_type = Object)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// Ids of the nodes whose concurrent writes to the item are all still current, the
+    /// winner first (one when there is no conflict).
+    pub writers: Vec<String>,
+    /// This resource.
+    pub url: String,
+}
+
 /// An item.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ItemResource {

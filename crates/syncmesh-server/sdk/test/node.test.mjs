@@ -414,3 +414,15 @@ test("the README's JavaScript example runs as written", async () => {
   assert.match(out, /updated david .*IRL.* true/);
   assert.match(out, /country: 'IRL'/);
 });
+
+test("getConflicts: none on an item one node wrote; 54201 for a missing item", async () => {
+  const n = await node();
+  const c = client({ url: n.url });
+  const map = await c.map("conflicts");
+  await map.set("k", { a: 1 });
+  const got = await map.getConflicts("k");
+  assert.equal(got.key, "k");
+  assert.deepEqual(got.fields, {});
+  assert.equal(got.writers.length, 1);
+  await assert.rejects(map.getConflicts("missing"), (e) => e instanceof SyncError && e.code === 54201);
+});
