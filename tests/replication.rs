@@ -601,3 +601,83 @@ async fn a_restarted_node_loads_only_the_maps_that_changed() {
         n.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetched_map_is_whole_or_an_error_and_its_events_come_before_the_answer() {
+    let a = node(None, &[]).await;
+    let ma = a.map("big").await.unwrap();
+    const N: usize = 10_000;
+    let batch: Vec<(String, serde_json::Value)> = (0..N)
+        .map(|i| (format!("k{i:05}"), json!({"n": i})))
+        .collect();
+    for chunk in batch.chunks(500) {
+        for (k, v) in chunk {
+            ma.set(k, v.clone()).await.unwrap();
+        }
+    }
+    let a_addr = addr(&a).await;
+    // B asks with a wait far too short for 10,000 items: an error, or all of it.
+    let b = Node::builder()
+        .listen(local())
+        .mdns(false)
+        .trust_all(true)
+        .peer(a_addr.clone())
+        .fetch_timeout(Duration::from_millis(1))
+        .open()
+        .await
+        .unwrap();
+    connected(&b, 1).await;
+    match b.open_existing("big").await {
+        Ok(m) => assert_eq!(items(&m).await.len(), N, "a map returned whole"),
+        Err(syncmesh::Error::FetchIncomplete { map, why }) => {
+            assert_eq!(map, "big");
+            assert!(!why.is_empty());
+            assert_eq!(
+                syncmesh::Error::FetchIncomplete { map, why }.http_status(),
+                503
+            );
+        }
+        Err(e) => panic!("{e}"),
+    }
+    // C cut off half-way (A stops trusting it while it fetches): never a part as if whole.
+    let c = Node::builder()
+        .listen(local())
+        .mdns(false)
+        .peer(a_addr.clone())
+        .trust(a.network().unwrap().peer_id.parse().unwrap())
+        .open()
+        .await
+        .unwrap();
+    let c_id: syncmesh::PeerId = c.network().unwrap().peer_id.parse().unwrap();
+    a.trust(c_id, vec![]).await.unwrap();
+    connected(&c, 1).await;
+    let fetch = {
+        let c = c.clone();
+        tokio::spawn(async move { c.open_existing("big").await })
+    };
+    a.untrust(c_id).await.unwrap();
+    match fetch.await.unwrap() {
+        Ok(m) => assert_eq!(items(&m).await.len(), N, "a map returned whole"),
+        Err(syncmesh::Error::FetchIncomplete { .. }) => {}
+        // Cut before it asked: nobody to ask.
+        Err(e @ syncmesh::Error::Map(_)) if e.code() == 54200 => {}
+        Err(e) => panic!("{e}"),
+    }
+    // D, with the default wait: the whole map, and its events were published before the
+    // answer, so a subscription made after it starts with what comes next.
+    let d = node(None, &[a_addr]).await;
+    connected(&d, 1).await;
+    let md = d.open_existing("big").await.unwrap();
+    assert_eq!(items(&md).await.len(), N);
+    let mut events = md.subscribe().await.unwrap();
+    ma.set("after", json!({})).await.unwrap();
+    let first = tokio::time::timeout(DEADLINE, events.next())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.kind.key(), Some("after"), "{first:?}");
+    for n in [a, b, c, d] {
+        n.close().await.unwrap();
+    }
+}

@@ -66,6 +66,8 @@ pub struct Config {
     /// Host names a node without a token answers to besides loopback ones.
     #[serde(default)]
     pub allow_hosts: Vec<String>,
+    /// Seconds an open of a map only peers hold waits for all of it.
+    pub fetch_timeout: Option<u64>,
     /// What clients may take of the node (`[limits]`).
     #[serde(default)]
     pub limits: LimitArgs,
@@ -237,6 +239,7 @@ impl Config {
                 flags.allow_hosts
             },
             limits: self.limits.overridden_by(flags.limits),
+            fetch_timeout: flags.fetch_timeout.or(self.fetch_timeout),
         }
     }
 }
@@ -335,6 +338,12 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
     let open_files = raise_open_files();
     let limits = cfg.limits.resolve(open_files)?;
     let mut builder = Node::builder().data_dir(&data_dir).durability(durability);
+    if let Some(s) = cfg.fetch_timeout {
+        if s == 0 {
+            bail!("--fetch-timeout must be at least 1 second");
+        }
+        builder = builder.fetch_timeout(Duration::from_secs(s));
+    }
     if let Some(b) = cfg.limits.subscriber_buffer {
         if b == 0 {
             bail!("--subscriber-buffer must be at least 1 byte");

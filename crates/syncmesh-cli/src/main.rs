@@ -242,6 +242,10 @@ struct NodeArgs {
     allow_hosts: Vec<String>,
     #[command(flatten)]
     limits: daemon::LimitArgs,
+    /// Seconds an open of a map that only peers hold (`GET /Maps/{name}`) waits for all of it
+    /// before answering 503/20513 [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    fetch_timeout: Option<u64>,
     /// Write {"http_addr", "node_id", "data_dir"} as JSON to this file once serving.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -273,6 +277,7 @@ impl NodeArgs {
             trust_all: self.trust_all.then_some(true),
             allow_hosts: self.allow_hosts.clone(),
             limits: self.limits.clone(),
+            fetch_timeout: self.fetch_timeout,
         }))
     }
 }

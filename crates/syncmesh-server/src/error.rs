@@ -49,6 +49,9 @@ pub mod codes {
     /// A limit of this node is reached (connections: 503, event subscribers: 429); retry after
     /// the `Retry-After` seconds.
     pub const OVERLOADED: u32 = 20429;
+    /// A map only peers hold could not be fetched whole in time; the fetch goes on (503,
+    /// `Retry-After`).
+    pub const MAP_INCOMPLETE: u32 = 20513;
     /// The request body did not arrive in time (408).
     pub const REQUEST_TIMEOUT: u32 = 20408;
     /// A cross-site request that would change something, or a `Host` this node does not
@@ -127,9 +130,12 @@ impl From<syncmesh::Error> for ApiError {
                 )
             }
             syncmesh::Error::NoNetwork => (StatusCode::CONFLICT, codes::NO_NETWORK),
+            syncmesh::Error::FetchIncomplete { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, codes::MAP_INCOMPLETE)
+            }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL),
         };
-        if status.is_server_error() {
+        if status.is_server_error() && code != codes::MAP_INCOMPLETE {
             tracing::error!("request failed: {e}");
         }
         ApiError::new(status, code, e.to_string())
@@ -151,7 +157,7 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("Bearer realm=\"syncmesh\""),
             );
         }
-        if self.code == codes::OVERLOADED {
+        if self.code == codes::OVERLOADED || self.code == codes::MAP_INCOMPLETE {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -924,6 +924,7 @@ async fn openapi_document_matches_the_router() {
         "POST /v1/Services/default/Maps/{map}/Items/{key}",
         "PATCH /v1/Services/default/Maps/{map}/Items/{key}",
         "DELETE /v1/Services/default/Maps/{map}/Items/{key}",
+        "GET /v1/Services/default/Maps/{map}/Items/{key}/Conflicts",
         "GET /v1/Services/default/Maps/{map}/Events",
         "POST /v1/Node/Invites",
         "POST /v1/Node/Join",
@@ -2520,4 +2521,31 @@ async fn a_page_number_without_its_token_is_refused() {
         .err(400, 20001);
     api.get(&format!("{P}/Maps?Page=1")).await.err(400, 20001);
     api.get(&format!("{P}/Maps/m/Items?Page=0")).await.ok(200);
+}
+
+#[tokio::test]
+async fn the_conflicts_of_an_item_one_node_wrote() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "m"}))
+        .await
+        .ok(201);
+    api.post(
+        &format!("{P}/Maps/m/Items"),
+        json!({"Key": "a/b", "Data": {"x": 1}}),
+    )
+    .await
+    .ok(201);
+    let r = api.get(&format!("{P}/Maps/m/Items/a%2Fb/Conflicts")).await;
+    let body = r.ok(200).clone();
+    check_schema(&body, &schema("ConflictsResource"));
+    assert_eq!(body["key"], "a/b");
+    assert_eq!(body["fields"], json!({}));
+    assert_eq!(body["writers"].as_array().unwrap().len(), 1);
+    assert!(body["url"]
+        .as_str()
+        .unwrap()
+        .ends_with("/Items/a%2Fb/Conflicts"));
+    api.get(&format!("{P}/Maps/m/Items/nope/Conflicts"))
+        .await
+        .err(404, 54201);
 }

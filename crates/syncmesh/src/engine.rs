@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 
 mod replication;
 mod trust;
-pub(crate) use replication::Net;
+pub(crate) use replication::{Net, FETCH_TIMEOUT};
 pub(crate) use trust::TrustCmd;
 
 /// Commands queued for the engine; the capacity bounds memory under load.
@@ -825,9 +825,21 @@ impl Engine {
     fn commit(
         &mut self,
         now: Timestamp,
-        acks: Vec<Ack>,
+        mut acks: Vec<Ack>,
         barriers: Vec<oneshot::Sender<Result<()>>>,
     ) {
+        // Opens of maps fetched from peers are answered with this batch.
+        if let Some(n) = self.net.as_mut() {
+            let fetched = std::mem::take(&mut n.fetched);
+            for (sid, info, reply) in fetched {
+                let map = Some((sid.clone(), self.epoch(&sid)));
+                acks.push(Ack {
+                    reply: AckTo::Open(reply),
+                    value: Reply::Info(info),
+                    map,
+                });
+            }
+        }
         let mut batch = Batch::default();
         let mut events = Vec::new();
         let mut compactions = Vec::new();
@@ -1096,15 +1108,17 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                 };
                 match result {
                     Ok(()) => {
+                        // Events first: whoever is answered next and subscribes then finds
+                        // them behind it, not in front.
+                        for e in events {
+                            // No subscriber is not an error.
+                            let _ = shared.events.send(e);
+                        }
                         for a in acks {
                             a.send(Ok(()));
                         }
                         for b in barriers {
                             let _ = b.send(Ok(()));
-                        }
-                        for e in events {
-                            // No subscriber is not an error.
-                            let _ = shared.events.send(e);
                         }
                     }
                     Err(e) => {

@@ -40,6 +40,16 @@ pub enum Error {
     /// The network could not be set up (identity, swarm key, listen address).
     #[error(transparent)]
     Net(Arc<syncmesh_net::NetError>),
+    /// A map only peers hold could not be fetched whole in time: no peer that may have it
+    /// answered, or only part of it arrived. What arrived is kept and the fetch goes on in the
+    /// background; try again. (A map no peer has is [`syncmesh_core::Error::MapNotFound`].)
+    #[error("map {map} could not be fetched from peers in time: {why}; what arrived is kept and the fetch goes on — try again")]
+    FetchIncomplete {
+        /// The map asked for.
+        map: String,
+        /// What happened.
+        why: String,
+    },
     /// A network operation on a node opened without a network.
     #[error("this node is not on a network (give it a listen address, a peer, or mDNS)")]
     NoNetwork,
@@ -90,7 +100,7 @@ impl Error {
     pub fn http_status(&self) -> u16 {
         match self {
             Error::Map(e) => e.http_status(),
-            Error::Closed | Error::WritesStopped(_) => 503,
+            Error::Closed | Error::WritesStopped(_) | Error::FetchIncomplete { .. } => 503,
             Error::EventsPruned { .. } | Error::UnknownEventId { .. } => 410,
             Error::Trust(t) => match t {
                 crate::trust::TrustError::Refused(_) => 403,

@@ -50,6 +50,7 @@ pub struct NodeBuilder {
     event_retention: Option<u64>,
     cache_bytes: Option<usize>,
     subscriber_buffer: Option<usize>,
+    fetch_timeout: Option<std::time::Duration>,
     listen: Vec<Multiaddr>,
     peers: Vec<Multiaddr>,
     mdns: Option<bool>,
@@ -133,6 +134,14 @@ impl NodeBuilder {
     /// consumer costs this much memory, however many events are written.
     pub fn subscriber_buffer(mut self, bytes: usize) -> Self {
         self.subscriber_buffer = Some(bytes);
+        self
+    }
+
+    /// How long [`Node::open_existing`] waits for a map that only peers hold (default 10 s).
+    /// It returns the map only once it holds everything a peer it asked had; past this wait it
+    /// fails with [`Error::FetchIncomplete`] (the fetch goes on in the background).
+    pub fn fetch_timeout(mut self, wait: std::time::Duration) -> Self {
+        self.fetch_timeout = Some(wait);
         self
     }
 
@@ -230,6 +239,7 @@ impl NodeBuilder {
             listens,
             signer,
             self.subscriber_buffer.unwrap_or(SUBSCRIBER_BUFFER),
+            self.fetch_timeout.unwrap_or(crate::engine::FETCH_TIMEOUT),
         )
     }
 }
@@ -314,6 +324,7 @@ impl Node {
         listens: bool,
         signer: Option<syncmesh_core::Signer>,
         subscriber_buffer: usize,
+        fetch_timeout: std::time::Duration,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
@@ -353,7 +364,7 @@ impl Node {
             failed: Mutex::new(None),
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
-        let net = net.map(|(h, rx)| Net::new(h, rx, hold_all));
+        let net = net.map(|(h, rx)| Net::new(h, rx, hold_all, fetch_timeout));
         let engine = Engine::new(identity, shared.clone(), net, book)?;
         let (cmds, rx) = mpsc::channel(COMMAND_QUEUE);
         let thread = std::thread::Builder::new()
@@ -470,7 +481,13 @@ impl Node {
         })
     }
 
-    /// Opens an existing map only (404/54200 if absent).
+    /// Opens an existing map only. A map this node does not hold is fetched from the peers
+    /// that may give it (also peers the network has connected and the node has not set up
+    /// yet): the call returns once it holds everything one of them had, committed, with its
+    /// events published (a subscription made after it starts with what comes next). Fails
+    /// with [`syncmesh_core::Error::MapNotFound`] (54200) when no peer has it, and with
+    /// [`Error::FetchIncomplete`] when it could not be fetched whole within
+    /// [`NodeBuilder::fetch_timeout`] (what arrived is kept; the fetch goes on).
     pub async fn open_existing(&self, id: &str) -> Result<Map> {
         self.map(MapSpec::named(id).mode(OpenMode::OpenExisting))
             .await

@@ -38,11 +38,23 @@ pub(crate) struct Net {
     pub(crate) joins: Vec<super::trust::PendingJoin>,
     /// Successful joins waiting for the inviter to come up before answering.
     pub(crate) joined: Vec<super::trust::Joined>,
+    /// How long an open waits for a map only peers hold.
+    fetch_timeout: Duration,
+    /// Fetched maps whose opens are answered with the next commit (after their data is on
+    /// disk and their events are published).
+    pub(crate) fetched: Vec<(MapSid, MapInfo, oneshot::Sender<Result<MapInfo>>)>,
 }
 
 impl Net {
-    pub(crate) fn new(handle: NetHandle, rx: mpsc::Receiver<NetEvent>, hold_all: bool) -> Net {
+    pub(crate) fn new(
+        handle: NetHandle,
+        rx: mpsc::Receiver<NetEvent>,
+        hold_all: bool,
+        fetch_timeout: Duration,
+    ) -> Net {
         Net {
+            fetch_timeout,
+            fetched: Vec::new(),
             handle,
             rx,
             rep: Some(Replicator::new(hold_all)),
@@ -356,7 +368,8 @@ impl Engine {
         })
     }
 
-    /// Waits (up to [`FETCH_TIMEOUT`]) for peers to send a map this node does not have.
+    /// Waits (up to the fetch timeout, [`FETCH_TIMEOUT`] unless the node was given another)
+    /// for peers to send a map this node does not have.
     pub(super) fn fetch(
         &mut self,
         sid: MapSid,
@@ -369,11 +382,12 @@ impl Engine {
         }
         self.announce(&sid);
         if let Some(n) = self.net.as_mut() {
+            let deadline = Instant::now() + n.fetch_timeout;
             n.wants.push(Want {
                 sid,
                 spec,
                 reply,
-                deadline: Instant::now() + FETCH_TIMEOUT,
+                deadline,
             });
         }
     }
@@ -398,13 +412,24 @@ impl Engine {
                 && self
                     .with_rep(|rep, _| rep.nobody_has(&sid))
                     .unwrap_or(false);
-            let late = Instant::now() >= w.deadline || nobody;
-            if complete || (exists && late) {
-                // Complete as a peer described it (or, past the deadline, as far as it came:
-                // the rest keeps arriving, with events).
-                let r = self.open(&w.spec, now).map(|(info, _)| info);
-                let _ = w.reply.send(r);
-            } else if late || w.reply.is_closed() {
+            let past = Instant::now() >= w.deadline;
+            let id = w.spec.id.clone().unwrap_or_default();
+            if complete {
+                // Whole as a peer described it: answered once it is committed and its events
+                // are published, so a subscriber that starts after the answer sees none of it
+                // again.
+                match self.open(&w.spec, now) {
+                    Ok((info, _)) => {
+                        self.dirty.insert(w.sid.clone());
+                        if let Some(n) = self.net.as_mut() {
+                            n.fetched.push((w.sid.clone(), info, w.reply));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = w.reply.send(Err(e));
+                    }
+                }
+            } else if nobody || past || w.reply.is_closed() {
                 if self
                     .catalog
                     .by_sid(&w.sid)
@@ -412,10 +437,20 @@ impl Engine {
                 {
                     self.catalog.remove(&w.sid);
                 }
-                let id = w.spec.id.clone().unwrap_or_default();
-                let _ = w
-                    .reply
-                    .send(Err(Error::Map(syncmesh_core::Error::MapNotFound(id))));
+                let e = if nobody {
+                    Error::Map(syncmesh_core::Error::MapNotFound(id))
+                } else {
+                    // Never a part of a map as if it were all of it.
+                    Error::FetchIncomplete {
+                        map: id,
+                        why: if exists {
+                            "only part of it arrived".into()
+                        } else {
+                            "no peer that may have it answered".into()
+                        },
+                    }
+                };
+                let _ = w.reply.send(Err(e));
             } else {
                 keep.push(w);
             }
