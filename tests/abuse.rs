@@ -412,7 +412,7 @@ async fn cross_site_writes_and_rebinding_hosts_change_nothing() {
 async fn a_websocket_client_that_stops_reading_is_dropped() {
     raise_own_open_files();
     let dir = tempfile::tempdir().unwrap();
-    let d = start(dir.path(), &["--ws-send-timeout", "2"]);
+    let d = start(dir.path(), &["--send-timeout", "2"]);
     let addr = d.addr.clone();
     let (s, _) = json_request(
         &addr,
@@ -470,4 +470,90 @@ async fn a_websocket_client_that_stops_reading_is_dropped() {
         t.elapsed().as_secs_f64()
     );
     drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_reader_that_stops_is_dropped_and_slow_senders_make_room() {
+    raise_own_open_files();
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(
+        dir.path(),
+        &["--send-timeout", "2", "--max-connections", "16"],
+    );
+    let addr = d.addr.clone();
+    let (s, _) = json_request(
+        &addr,
+        "POST",
+        &format!("{P}/Maps"),
+        json!({"UniqueName": "m"}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    // An SSE subscriber with a tiny receive buffer that never reads.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut s = sock.connect(addr.parse().unwrap()).await.unwrap();
+    s.write_all(
+        format!(
+            "GET {P}/Maps/m/Events HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let subscribers = |addr: String| async move {
+        let (_, body) = request(&addr, "GET", "/v1/Node", &[], "").await;
+        serde_json::from_str::<Value>(&body).unwrap()["subscribers"]
+            .as_u64()
+            .unwrap()
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while subscribers(addr.clone()).await != 1 {
+        assert!(Instant::now() < deadline, "the subscription never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let big = "z".repeat(16 * 1024 - 64);
+    let mut i = 0;
+    while subscribers(addr.clone()).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled SSE reader was never dropped"
+        );
+        let (st, b) = json_request(
+            &addr,
+            "POST",
+            &format!("{P}/Maps/m/Items/k{}", i % 20),
+            json!({"Data": {"v": big}}),
+        )
+        .await;
+        assert!(st == 200 || st == 201, "{st} {b}");
+        i += 1;
+    }
+    println!("stalled SSE reader dropped after {i} writes of 16 KB");
+    drop(s);
+    // 16 connections that send a body byte by byte hold every slot: a normal request still
+    // gets through (a slow sender is not "in flight").
+    let mut slow = Vec::new();
+    for _ in 0..16 {
+        if let Some(s) = stalled(
+            &addr,
+            format!("POST {P}/Maps HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{"),
+        )
+        .await
+        {
+            slow.push(s);
+        }
+    }
+    // Once they are all sending their bodies, a normal request is served.
+    let deadline = Instant::now() + DEADLINE;
+    while request(&addr, "GET", "/v1/Node", &[], "").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "slow senders locked a normal client out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let get_ms = best_get_ms(&addr, 3).await;
+    println!("16 slow body senders on 16 connections; normal GET best of 3: {get_ms:.1} ms");
+    drop(slow);
 }

@@ -101,9 +101,10 @@ pub struct LimitArgs {
     /// Largest WebSocket message a client may send, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")]
     pub ws_max_message: Option<usize>,
-    /// Seconds a WebSocket send waits for a client that does not read [default: 20].
+    /// Seconds a write to a client that stopped reading may wait (event streams, WebSockets,
+    /// any answer) before the client is dropped [default: 20].
     #[arg(long, value_name = "SECONDS")]
-    pub ws_send_timeout: Option<u64>,
+    pub send_timeout: Option<u64>,
 }
 
 impl LimitArgs {
@@ -117,7 +118,7 @@ impl LimitArgs {
             header_timeout: f.header_timeout.or(self.header_timeout),
             body_timeout: f.body_timeout.or(self.body_timeout),
             ws_max_message: f.ws_max_message.or(self.ws_max_message),
-            ws_send_timeout: f.ws_send_timeout.or(self.ws_send_timeout),
+            send_timeout: f.send_timeout.or(self.send_timeout),
         }
     }
 
@@ -160,8 +161,8 @@ impl LimitArgs {
         if let Some(v) = self.ws_max_message {
             l.ws_max_message = positive("ws-max-message", v)?;
         }
-        if let Some(v) = self.ws_send_timeout {
-            l.ws_send_timeout = secs("ws-send-timeout", v)?;
+        if let Some(v) = self.send_timeout {
+            l.send_timeout = secs("send-timeout", v)?;
         }
         Ok(l)
     }
@@ -524,6 +525,7 @@ mod tests {
                             || r.starts_with("subscriber_")
                             || r.starts_with("body_")
                             || r.starts_with("ws_")
+                            || r.starts_with("send_")
                     })
                     .unwrap_or(l)
                     .to_string()
@@ -532,7 +534,7 @@ mod tests {
             .join("\n");
         let cfg = Config::parse(&limits).unwrap();
         assert_eq!(cfg.limits.max_connections, Some(768));
-        assert_eq!(cfg.limits.ws_send_timeout, Some(20));
+        assert_eq!(cfg.limits.send_timeout, Some(20));
         let l = cfg.limits.resolve(Some(1024)).unwrap();
         assert_eq!(l.header_timeout, Duration::from_secs(10));
         assert_eq!(l.max_subscribers_per_map, 256);

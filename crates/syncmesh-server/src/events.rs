@@ -117,7 +117,7 @@ pub async fn events(
             .max_message_size(limits.ws_max_message)
             .max_frame_size(limits.ws_max_message)
             .on_upgrade(move |socket| async move {
-                run_ws(socket, stream, shutdown, limits.ws_send_timeout).await;
+                run_ws(socket, stream, shutdown, limits.send_timeout).await;
                 drop((slot, conn_slot));
             })
             .into_response(),

@@ -14,7 +14,7 @@ use crate::params::BODY_LIMIT;
 use crate::state::AppState;
 
 /// Refuses cross-site writes and WebSockets, and (on a node without a token) host names that
-/// do not name this machine; then reads the body within the deadline.
+/// do not name this machine. Runs before the token check, which runs before [`body`].
 pub async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
     if let Err(e) = check_host(&st, req.headers()) {
         return e.into_response();
@@ -22,7 +22,22 @@ pub async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Resp
     if let Err(e) = check_site(&st, req.method(), req.headers()) {
         return e.into_response();
     }
-    match read_body(&st, req).await {
+    next.run(req).await
+}
+
+/// Reads the body within the deadline, after the token check (a client without the token
+/// never gets to send one). While it arrives the connection counts as idle, so a client that
+/// sends slowly is the first closed when connections run out.
+pub async fn body(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let idle = req
+        .extensions()
+        .get::<crate::serve::ConnActivity>()
+        .cloned();
+    let read = {
+        let _waiting = idle.as_ref().map(crate::serve::ConnActivity::waiting);
+        read_body(&st, req).await
+    };
+    match read {
         Ok(req) => next.run(req).await,
         Err(e) => e.into_response(),
     }

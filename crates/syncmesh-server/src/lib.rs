@@ -163,6 +163,8 @@ pub fn router(node: syncmesh::Node, opts: ServerOptions) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(params::BODY_LIMIT))
+        // Outermost last: site and host checks, then the token, then the body.
+        .layer(middleware::from_fn_with_state(state.clone(), guard::body))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .layer(

@@ -341,8 +341,8 @@ pub struct LimitsResource {
     pub body_timeout: u64,
     /// Largest WebSocket message a client may send, in bytes.
     pub ws_max_message: u64,
-    /// Seconds a WebSocket send waits for a client that does not read.
-    pub ws_send_timeout: u64,
+    /// Seconds a write to a client that stopped reading may wait before it is dropped.
+    pub send_timeout: u64,
     /// The process's limit on open files (descriptors), when known.
     pub open_files: Option<u64>,
 }

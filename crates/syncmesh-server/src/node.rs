@@ -84,7 +84,7 @@ pub async fn node_status(st: &AppState) -> Result<NodeStatus, ApiError> {
                 header_timeout: l.header_timeout.as_secs(),
                 body_timeout: l.body_timeout.as_secs(),
                 ws_max_message: n(l.ws_max_message),
-                ws_send_timeout: l.ws_send_timeout.as_secs(),
+                send_timeout: l.send_timeout.as_secs(),
                 open_files: l.open_files,
             }
         },

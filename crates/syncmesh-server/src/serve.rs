@@ -30,6 +30,29 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct ConnSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
+/// A request's view of its connection's activity (in its extensions): [`Self::waiting`] marks
+/// the time spent waiting on the client (its body) as idle, so such a connection can be
+/// closed to make room.
+#[derive(Clone)]
+pub struct ConnActivity(Arc<Conn>);
+
+impl ConnActivity {
+    /// Until the returned guard drops, the request counts as not in flight.
+    pub fn waiting(&self) -> Waiting {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        Waiting(self.0.clone())
+    }
+}
+
+/// See [`ConnActivity::waiting`]: in flight again when dropped.
+pub struct Waiting(Arc<Conn>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.active.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What the listener knows of one connection, to pick one to close when full.
 struct Conn {
     /// Requests whose answer is still being sent (a live event stream stays in flight).
@@ -65,8 +88,12 @@ struct Registry {
 }
 
 impl Registry {
-    fn add(&self, c: &Arc<Conn>) {
+    fn add(&self, c: &Arc<Conn>, max: usize) {
         let mut q = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Ended connections are forgotten here too, so the list stays near the live count.
+        if q.len() >= max.saturating_mul(2).max(64) {
+            q.retain(|w| w.strong_count() > 0);
+        }
         q.push_back(Arc::downgrade(c));
     }
 
@@ -148,7 +175,7 @@ pub async fn serve(
             active: AtomicUsize::new(0),
             close: shutdown.child_token(),
         });
-        registry.add(&conn);
+        registry.add(&conn, limits.max_connections);
         let slot = ConnSlot(Arc::new(slot));
         let app = app.clone();
         let seen = conn.clone();
@@ -156,6 +183,7 @@ pub async fn serve(
             hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 let flight = InFlight::new(&seen);
                 req.extensions_mut().insert(slot.clone());
+                req.extensions_mut().insert(ConnActivity(seen.clone()));
                 let app = app.clone();
                 async move {
                     let resp = app.oneshot(req).await?;
@@ -168,9 +196,8 @@ pub async fn serve(
                     }))
                 }
             });
-        let served = http
-            .serve_connection(TokioIo::new(stream), svc)
-            .with_upgrades();
+        let io = DeadlineIo::new(stream, limits.send_timeout);
+        let served = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
         let close = conn.close.clone();
         let stopping = shutdown.clone();
         tokio::spawn(async move {
@@ -190,7 +217,8 @@ pub async fn serve(
         });
     }
     drop(listener);
-    // Every slot back: every connection (and WebSocket) has ended.
+    // Every slot back: every connection (and WebSocket) has ended. A client that stops
+    // reading cannot hold this up for longer than the send deadline.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = slots.acquire_many(all).await;
     Ok(())
@@ -225,4 +253,105 @@ fn refuse(mut stream: TcpStream, refusals: &Arc<Semaphore>, limits: &Limits) {
         let _ = tokio::time::timeout(REFUSAL_DEADLINE, write).await;
         drop(permit);
     });
+}
+
+/// A socket whose writes fail once they have made no progress for `deadline`: a client that
+/// stops reading (an event stream, a large answer, a WebSocket) is dropped, and shutdown never
+/// waits on it for longer.
+struct DeadlineIo {
+    inner: TcpStream,
+    deadline: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl DeadlineIo {
+    fn new(inner: TcpStream, deadline: Duration) -> Self {
+        DeadlineIo {
+            inner,
+            deadline,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write said "not now": fails once that has lasted the deadline.
+    fn pending<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        let deadline = self.deadline;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(deadline)));
+        match std::future::Future::poll(sleep.as_mut(), cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took nothing of what was sent for the send timeout",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for DeadlineIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for DeadlineIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.pending(cx),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            std::task::Poll::Pending => self.pending(cx),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Pending => self.pending(cx),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }

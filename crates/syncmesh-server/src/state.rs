@@ -51,8 +51,9 @@ pub struct Limits {
     pub max_subscribers_per_map: usize,
     /// Largest WebSocket message a client may send (clients only answer pings).
     pub ws_max_message: usize,
-    /// Time a WebSocket send may wait for a client that does not read before it is dropped.
-    pub ws_send_timeout: std::time::Duration,
+    /// Time a write to a client may make no progress before the client is dropped: an event
+    /// stream (SSE or WebSocket) or any answer to a client that stopped reading.
+    pub send_timeout: std::time::Duration,
     /// The process's limit on open descriptors these were fitted to (reported only).
     pub open_files: Option<u64>,
 }
@@ -66,7 +67,7 @@ impl Default for Limits {
             max_subscribers: 512,
             max_subscribers_per_map: 256,
             ws_max_message: 64 * 1024,
-            ws_send_timeout: std::time::Duration::from_secs(20),
+            send_timeout: std::time::Duration::from_secs(20),
             open_files: None,
         }
     }
@@ -195,7 +196,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -277,10 +278,15 @@ impl AppState {
         &self.inner.allowed_hosts
     }
 
-    /// Whether pages of `origin` were allowed to call the API (`--cors-origin`).
+    /// Whether pages of `origin` were allowed to call the API (`--cors-origin`). `*` counts
+    /// only on a node with a token: on one without, it would let any site write.
     pub fn origin_allowed(&self, origin: &str) -> bool {
         let o = origin.trim_end_matches('/').to_ascii_lowercase();
-        self.inner.cors_origins.iter().any(|a| a == "*" || *a == o)
+        let any = self.token_required();
+        self.inner
+            .cors_origins
+            .iter()
+            .any(|a| (a == "*" && any) || *a == o)
     }
 
     /// Counts a new live event subscription on map `sid`, or refuses it (429) when a limit

@@ -7,11 +7,12 @@
 //! the address bar) or through the login form, which posts the token so that typing it never
 //! puts it in a URL (history, logs). Either starts a **page session**: a random id in a cookie
 //! (`HttpOnly`, `SameSite=Strict`, named after this node's port so two nodes on one host keep
-//! theirs apart), and a page key written into the page, which the page's client sends as its
-//! bearer value. The API takes a page key only together with its session's cookie: a page of
-//! another site cannot read the key, and whoever holds only the cookie (another service on the
-//! same host receives it) never learns the node's token. Sessions live in memory: a restart
-//! ends them all, and one unused for 12 hours ends.
+//! theirs apart), and a page key, handed to the page once (in the redirect's fragment, which
+//! browsers never send to a server) and kept in the origin's storage, which the page's client
+//! sends as its bearer value. The API takes a page key only together with its session's cookie,
+//! and `/` never writes the key into the page for a cookie: whoever holds only the cookie
+//! (another service on the same host receives it) gets neither the key nor the node's token.
+//! Sessions live in memory: a restart ends them all, and one unused for 12 hours ends.
 
 use axum::body::Bytes;
 use axum::extract::{Request, State};
@@ -95,8 +96,8 @@ async fn asset(body: &'static str, content_type: &'static str) -> Response {
 enum Admission {
     /// No token needed.
     Open,
-    /// A live page session: the page, with this page key.
-    Session(String),
+    /// A live page session: the page (its key is kept by the page itself).
+    Session,
     /// A valid token in the header: a new session, and the page.
     Bearer,
     /// A valid `?access_token=`: a new session, and a redirect to `/`.
@@ -141,7 +142,7 @@ fn admission(st: &AppState, headers: &HeaderMap, query: Option<&str>) -> Admissi
         };
     }
     match cookie.and_then(|c| st.page_key(&c)) {
-        Some(key) => Admission::Session(key),
+        Some(_) => Admission::Session,
         // An ended session (a restart, or unused too long): ask again, blaming no one.
         None => Admission::Missing,
     }
@@ -172,18 +173,27 @@ fn session_cookie(st: &AppState) -> String {
     )
 }
 
-/// Starts a page session and sends the browser to `/`.
+/// Starts a page session and sends the browser to `/`, handing the page its key once, in the
+/// fragment (which browsers never send to a server).
 fn admitted(st: &AppState) -> Response {
     let cookie = session_cookie(st);
+    let key = cookie
+        .split_once('=')
+        .and_then(|(_, v)| v.split(';').next())
+        .and_then(|id| st.page_key(id))
+        .unwrap_or_default();
+    let location = format!("/#k={key}");
     let mut r = (
         StatusCode::SEE_OTHER,
         [
-            (header::LOCATION, "/"),
             (header::CACHE_CONTROL, "no-store"),
             (header::REFERRER_POLICY, "no-referrer"),
         ],
     )
         .into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
@@ -193,7 +203,9 @@ fn admitted(st: &AppState) -> Response {
 async fn index(State(st): State<AppState>, req: Request) -> Response {
     match admission(&st, req.headers(), req.uri().query()) {
         Admission::Open => page(None),
-        Admission::Session(key) => page(Some(&key)),
+        // The key is not in the page: a holder of the cookie alone (another service on this
+        // host) must not get it. The page keeps the key it was handed at sign-in.
+        Admission::Session => page(None),
         Admission::Bearer => {
             let cookie = session_cookie(&st);
             let key = cookie

@@ -13,10 +13,22 @@ const NODE_POLL_MS = 2000;
 const MAX_TTL = 31_536_000;
 const MAX_DATA_BYTES = 16 * 1024;
 
-// The server writes the node's token into this meta tag (empty without one). The page is served
-// without substitution only by development servers: the slot's own text then means "no token".
+// The page's key (see the node's ui.rs): handed over once, right after signing in, in the
+// address's fragment (never sent to a server), then kept in this origin's storage (other ports
+// of the host cannot read it) and taken out of the address. The meta tag carries it only when
+// the page was asked for with the token itself. The page is served without substitution only by
+// development servers: the slot's own text then means "no key".
+const KEY_STORE = "syncmesh-page-key";
+const fromFragment = new URLSearchParams(location.hash.slice(1)).get("k");
+if (fromFragment) {
+  try { localStorage.setItem(KEY_STORE, fromFragment); } catch { /* storage off: this load only */ }
+  history.replaceState(null, "", location.pathname + location.search);
+}
 const tokenSlot = document.querySelector('meta[name="syncmesh-token"]')?.content ?? "";
-const token = tokenSlot && tokenSlot !== "__SYNCMESH" + "_TOKEN__" ? tokenSlot : undefined;
+const fromSlot = tokenSlot && tokenSlot !== "__SYNCMESH" + "_TOKEN__" ? tokenSlot : undefined;
+let stored;
+try { stored = localStorage.getItem(KEY_STORE) ?? undefined; } catch { stored = undefined; }
+const token = fromSlot ?? fromFragment ?? stored;
 
 const client = new SyncClient({ url: location.origin, token });
 
