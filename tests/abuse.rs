@@ -150,6 +150,14 @@ async fn stalled(addr: &str, head: String) -> Option<TcpStream> {
     Some(s)
 }
 
+/// The node's live event subscriptions now (`GET /v1/Node`).
+async fn subscribers(addr: &str) -> u64 {
+    let (_, body) = request(addr, "GET", "/v1/Node", &[], "").await;
+    serde_json::from_str::<Value>(&body).unwrap()["subscribers"]
+        .as_u64()
+        .unwrap()
+}
+
 fn raise_own_open_files() {
     let _ = rlimit::increase_nofile_limit(8192);
 }
@@ -435,14 +443,8 @@ async fn a_websocket_client_that_stops_reading_is_dropped() {
     )
     .await
     .unwrap();
-    let subscribers = |addr: String| async move {
-        let (_, body) = request(&addr, "GET", "/v1/Node", &[], "").await;
-        serde_json::from_str::<Value>(&body).unwrap()["subscribers"]
-            .as_u64()
-            .unwrap()
-    };
     let deadline = Instant::now() + DEADLINE;
-    while subscribers(addr.clone()).await != 1 {
+    while subscribers(&addr).await != 1 {
         assert!(Instant::now() < deadline, "the subscription never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -450,7 +452,7 @@ async fn a_websocket_client_that_stops_reading_is_dropped() {
     let big = "y".repeat(16 * 1024 - 64);
     let mut i = 0;
     let t = Instant::now();
-    while subscribers(addr.clone()).await != 0 {
+    while subscribers(&addr).await != 0 {
         assert!(
             Instant::now() < deadline,
             "the stalled WebSocket was never dropped"
@@ -501,20 +503,14 @@ async fn an_event_stream_reader_that_stops_is_dropped_and_slow_senders_make_room
     )
     .await
     .unwrap();
-    let subscribers = |addr: String| async move {
-        let (_, body) = request(&addr, "GET", "/v1/Node", &[], "").await;
-        serde_json::from_str::<Value>(&body).unwrap()["subscribers"]
-            .as_u64()
-            .unwrap()
-    };
     let deadline = Instant::now() + DEADLINE;
-    while subscribers(addr.clone()).await != 1 {
+    while subscribers(&addr).await != 1 {
         assert!(Instant::now() < deadline, "the subscription never started");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let big = "z".repeat(16 * 1024 - 64);
     let mut i = 0;
-    while subscribers(addr.clone()).await != 0 {
+    while subscribers(&addr).await != 0 {
         assert!(
             Instant::now() < deadline,
             "the stalled SSE reader was never dropped"

@@ -164,24 +164,21 @@ async fn sign_in(State(st): State<AppState>, body: Bytes) -> Response {
     }
 }
 
-/// The `Set-Cookie` value of a new page session.
-fn session_cookie(st: &AppState) -> String {
-    format!(
-        "{}={}; Path=/; HttpOnly; SameSite=Strict",
-        cookie_name(st),
-        st.new_page_session()
-    )
+/// A new page session: its `Set-Cookie` value and its page key.
+fn new_session(st: &AppState) -> (String, String) {
+    let id = st.new_page_session();
+    let key = st.page_key(&id).unwrap_or_default();
+    let cookie = format!(
+        "{}={id}; Path=/; HttpOnly; SameSite=Strict",
+        cookie_name(st)
+    );
+    (cookie, key)
 }
 
 /// Starts a page session and sends the browser to `/`, handing the page its key once, in the
 /// fragment (which browsers never send to a server).
 fn admitted(st: &AppState) -> Response {
-    let cookie = session_cookie(st);
-    let key = cookie
-        .split_once('=')
-        .and_then(|(_, v)| v.split(';').next())
-        .and_then(|id| st.page_key(id))
-        .unwrap_or_default();
+    let (cookie, key) = new_session(st);
     let location = format!("/#k={key}");
     let mut r = (
         StatusCode::SEE_OTHER,
@@ -207,12 +204,8 @@ async fn index(State(st): State<AppState>, req: Request) -> Response {
         // host) must not get it. The page keeps the key it was handed at sign-in.
         Admission::Session => page(None),
         Admission::Bearer => {
-            let cookie = session_cookie(&st);
-            let key = cookie
-                .split_once('=')
-                .and_then(|(_, v)| v.split(';').next())
-                .and_then(|id| st.page_key(id));
-            let mut r = page(key.as_deref());
+            let (cookie, key) = new_session(&st);
+            let mut r = page(Some(&key));
             if let Ok(v) = HeaderValue::from_str(&cookie) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
             }
