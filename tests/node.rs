@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -312,7 +314,25 @@ async fn a_full_disk_loses_no_acknowledged_write() {
     let blob = "x".repeat(8 * 1024);
     let mut acked = Vec::new();
     let mut failure = None;
+    // A reader keeps asking for the item being written: it may see it only once acknowledged
+    // (never while its commit is under way, which is when the refused one fails).
+    let writing = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (m, writing, done) = (m.clone(), writing.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::Acquire) {
+                let i = writing.load(Ordering::Acquire);
+                if m.get(&format!("k{i:05}")).await.is_ok() {
+                    seen.push(i);
+                }
+            }
+            seen
+        })
+    };
     for i in 0..10_000 {
+        writing.store(i, Ordering::Release);
         match m
             .set(&format!("k{i:05}"), json!({ "blob": blob, "i": i }))
             .await
@@ -326,6 +346,16 @@ async fn a_full_disk_loses_no_acknowledged_write() {
     }
     let failure = failure.expect("a 3 MiB disk fills up");
     let refused = acked.last().map_or(0, |i| i + 1);
+    done.store(true, Ordering::Release);
+    let seen = reader.await.unwrap();
+    assert!(
+        seen.iter().all(|i| *i < refused),
+        "a reader saw the refused write k{refused:05} while it was being committed"
+    );
+    eprintln!(
+        "the concurrent reader read {} acknowledged items, none refused",
+        seen.len()
+    );
     let text = failure.to_string();
     assert!(
         text.contains("no space") || text.contains("stopped"),

@@ -8,6 +8,7 @@
 //! never sees an event that a crash could take back.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -138,6 +139,9 @@ pub(crate) enum Cmd {
 enum AckTo {
     Op(oneshot::Sender<Result<Reply>>),
     Open(oneshot::Sender<Result<MapInfo>>),
+    /// A read that saw writes not committed yet: answered once they are (with an error if
+    /// they are refused), so no reader sees a write that is never acknowledged.
+    Read(Box<dyn FnOnce(Result<()>) + Send>),
 }
 
 struct Ack {
@@ -148,6 +152,15 @@ struct Ack {
 }
 
 impl Ack {
+    /// A read answered by `answer` with the outcome of the commit it waits for.
+    fn read(map: Option<(MapSid, u64)>, answer: impl FnOnce(Result<()>) + Send + 'static) -> Ack {
+        Ack {
+            reply: AckTo::Read(Box::new(answer)),
+            value: Reply::Unit,
+            map,
+        }
+    }
+
     fn send(self, r: Result<()>) {
         match self.reply {
             AckTo::Op(tx) => {
@@ -160,6 +173,7 @@ impl Ack {
                 };
                 let _ = tx.send(r.and(info));
             }
+            AckTo::Read(answer) => answer(r),
         }
     }
 }
@@ -172,6 +186,8 @@ enum StoreJob {
         events: Vec<Arc<Published>>,
         /// Force an fsync (relaxed stores otherwise commit without one).
         durable: bool,
+        /// This commit's number ([`Shared::committed`] once it is stored).
+        seq: u64,
     },
     Compact {
         sid: MapSid,
@@ -218,6 +234,8 @@ pub(crate) struct Shared {
     pub closed: tokio::sync::watch::Sender<bool>,
     /// Set by the store writer when a commit fails; writes are refused from then on.
     pub failed: Mutex<Option<Arc<StoreError>>>,
+    /// The number of the last commit stored (see [`Engine::unsettled`]).
+    pub committed: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) struct Engine {
@@ -237,7 +255,13 @@ pub(crate) struct Engine {
     signatures_wanted: BTreeSet<MapSid>,
     /// Whether [`Engine::forget_uncommitted`] ran.
     forgot_uncommitted: bool,
+    /// Whether ignoring peers for stopped writes was logged.
+    warned_unstorable: bool,
     dirty: BTreeSet<MapSid>,
+    /// Number of the last commit sent to the store writer.
+    commit_seq: u64,
+    /// Per map changed lately, the number of the commit that carries its last change.
+    last_commit: HashMap<MapSid, u64>,
     changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
     pending_compactions: Vec<StoreJob>,
     shutdown: Option<oneshot::Sender<Result<()>>>,
@@ -320,7 +344,10 @@ impl Engine {
             digests_wanted: BTreeSet::new(),
             signatures_wanted: BTreeSet::new(),
             forgot_uncommitted: false,
+            warned_unstorable: false,
             dirty: BTreeSet::new(),
+            commit_seq: 0,
+            last_commit: HashMap::new(),
             changes_since_snapshot: HashMap::new(),
             pending_compactions: Vec::new(),
             shutdown: None,
@@ -537,7 +564,14 @@ impl Engine {
                 barriers.push(reply);
             }
             Cmd::List { reply } => {
-                let _ = reply.send(self.list(now));
+                let r = self.list(now);
+                if self.any_unsettled() {
+                    acks.push(Ack::read(None, move |c| {
+                        let _ = reply.send(c.and(r));
+                    }));
+                } else {
+                    let _ = reply.send(r);
+                }
             }
             Cmd::Open { spec, reply } => {
                 let r = self.open(&spec, now);
@@ -555,6 +589,12 @@ impl Engine {
                             value: Reply::Info(info),
                             map,
                         })
+                    }
+                    Ok((info, false)) if self.unsettled(&info.sid) => {
+                        let map = Some((info.sid.clone(), self.epoch(&info.sid)));
+                        acks.push(Ack::read(map, move |c| {
+                            let _ = reply.send(c.map(|()| info));
+                        }));
                     }
                     Ok((info, false)) => {
                         let _ = reply.send(Ok(info));
@@ -586,11 +626,35 @@ impl Engine {
                         })
                     }
                     other => {
-                        let _ = reply.send(other);
+                        let sid = MapRef::parse(&id).ok().map(|r| r.sid());
+                        match sid {
+                            Some(sid) if self.unsettled(&sid) => {
+                                let map = Some((sid.clone(), self.epoch(&sid)));
+                                acks.push(Ack::read(map, move |c| {
+                                    let _ = reply.send(c.and(other));
+                                }));
+                            }
+                            _ => {
+                                let _ = reply.send(other);
+                            }
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// Whether a read of `sid` could see changes that are not stored yet (made this round,
+    /// or in a commit the store writer has not finished).
+    fn unsettled(&self, sid: &MapSid) -> bool {
+        let committed = self.shared.committed.load(Ordering::Acquire);
+        self.dirty.contains(sid) || self.last_commit.get(sid).is_some_and(|s| *s > committed)
+    }
+
+    /// Whether any map could be read with changes not stored yet.
+    fn any_unsettled(&self) -> bool {
+        let committed = self.shared.committed.load(Ordering::Acquire);
+        !self.dirty.is_empty() || self.last_commit.values().any(|s| *s > committed)
     }
 
     fn epoch(&self, sid: &MapSid) -> u64 {
@@ -621,6 +685,7 @@ impl Engine {
             *self.epochs.entry(sid).or_insert(0) += 1;
         }
         self.dirty.clear();
+        self.last_commit.clear();
         self.compact_queue.clear();
         self.pending_compactions.clear();
         match self.store.list_maps() {
@@ -637,7 +702,7 @@ impl Engine {
         );
     }
 
-    fn write_stop(&self) -> Option<Error> {
+    pub(crate) fn write_stop(&self) -> Option<Error> {
         let f = self.shared.failed.lock().unwrap_or_else(|p| p.into_inner());
         f.as_ref().map(|e| Error::WritesStopped(e.clone()))
     }
@@ -1035,12 +1100,22 @@ impl Engine {
         } else {
             self.needs_fsync = !self.store.is_durable();
         }
+        self.commit_seq += 1;
+        let seq = self.commit_seq;
+        let committed = self.shared.committed.load(Ordering::Acquire);
+        self.last_commit.retain(|_, s| *s > committed);
+        for w in &batch.maps {
+            if let Some(sid) = &w.sid {
+                self.last_commit.insert(sid.clone(), seq);
+            }
+        }
         let job = StoreJob::Commit {
             batch,
             acks,
             barriers,
             events,
             durable,
+            seq,
         };
         if self.jobs.send(job).is_err() {
             tracing::error!("the store writer has stopped");
@@ -1086,6 +1161,7 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                 barriers,
                 events,
                 durable,
+                seq,
             } => {
                 let stopped = shared
                     .failed
@@ -1108,6 +1184,9 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                 };
                 match result {
                     Ok(()) => {
+                        // Settled before anyone is answered: a read that follows an answer
+                        // is not held for this commit.
+                        shared.committed.store(seq, Ordering::Release);
                         // Events first: whoever is answered next and subscribes then finds
                         // them behind it, not in front.
                         for e in events {

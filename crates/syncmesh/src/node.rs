@@ -362,6 +362,7 @@ impl Node {
             events,
             subscriber_buffer: subscriber_buffer.clamp(1, u32::MAX as usize),
             failed: Mutex::new(None),
+            committed: std::sync::atomic::AtomicU64::new(0),
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
         let net = net.map(|(h, rx)| Net::new(h, rx, hold_all, fetch_timeout));

@@ -271,6 +271,17 @@ impl Engine {
                 {
                     return;
                 }
+                if self.write_stop().is_some() {
+                    // What this node cannot store it must not serve either: peers keep their
+                    // changes and hand them over after a restart with room on disk.
+                    if !self.warned_unstorable {
+                        self.warned_unstorable = true;
+                        tracing::warn!(
+                            "writes are stopped: peers' messages are ignored until a restart"
+                        );
+                    }
+                    return;
+                }
                 for bytes in msgs {
                     let r = self.with_rep(|rep, host| rep.receive(&key, &bytes, host, now));
                     self.reload_poisoned();
