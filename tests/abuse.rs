@@ -553,3 +553,103 @@ async fn an_event_stream_reader_that_stops_is_dropped_and_slow_senders_make_room
     println!("16 slow body senders on 16 connections; normal GET best of 3: {get_ms:.1} ms");
     drop(slow);
 }
+
+/// One raw request (whatever `head` holds) on a fresh connection; the whole answer.
+async fn raw(addr: &str, head: &str) -> String {
+    let go = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(head.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&out).to_string())
+    };
+    tokio::time::timeout(DEADLINE, go)
+        .await
+        .expect("an answer")
+        .expect("a connection")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_says_when_to_come_back_and_requests_need_a_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(
+        dir.path(),
+        &[
+            "--max-connections",
+            "3",
+            "--max-subscribers",
+            "8",
+            "--max-subscribers-per-map",
+            "8",
+        ],
+    );
+    let addr = node.addr.clone();
+    let (s, _) = json_request(
+        &addr,
+        "POST",
+        &format!("{P}/Maps"),
+        json!({"UniqueName": "m"}),
+    )
+    .await;
+    assert_eq!(s, 201);
+    // HTTP/1.1 without a Host (or with two) is refused in the API's shape.
+    for head in [
+        "GET /v1/Node HTTP/1.1\r\nconnection: close\r\n\r\n".to_string(),
+        format!(
+            "GET /v1/Node HTTP/1.1\r\nhost: {addr}\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+        ),
+    ] {
+        let answer = raw(&addr, &head).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert!(body["message"].as_str().unwrap().contains("Host"), "{body}");
+    }
+    // Every connection busy with a request in flight (event streams being read): nothing can
+    // be evicted, so a newcomer is told to come back, and nothing else is disturbed.
+    let head = format!(
+        "GET {P}/Maps/m/Events HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\n\r\n"
+    );
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(&addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let got = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+        streams.push(s);
+    }
+    let answer = raw(
+        &addr,
+        &format!("GET /v1/Node HTTP/1.1\r\nhost: {addr}\r\n\r\n"),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["code"], 20429, "{body}");
+    // A stream closed makes room again.
+    drop(streams.pop());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let answer = raw(
+            &addr,
+            &format!("GET /v1/Node HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"),
+        )
+        .await;
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no room after a stream closed: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -186,6 +186,15 @@ pub async fn serve(
                 req.extensions_mut().insert(ConnActivity(seen.clone()));
                 let app = app.clone();
                 async move {
+                    // RFC 9112 §3.2: an HTTP/1.1 request without exactly one Host is refused
+                    // (the Host check of a tokenless node relies on it being there).
+                    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
+                    if req.version() == hyper::Version::HTTP_11 && hosts != 1 {
+                        let e = crate::ApiError::invalid(
+                            "an HTTP/1.1 request needs exactly one Host header",
+                        );
+                        return Ok(axum::response::IntoResponse::into_response(e));
+                    }
                     let resp = app.oneshot(req).await?;
                     // In flight until hyper is done with the body (sent, or the client gone).
                     Ok::<_, std::convert::Infallible>(resp.map(|b| {
