@@ -681,3 +681,72 @@ async fn a_fetched_map_is_whole_or_an_error_and_its_events_come_before_the_answe
         n.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_and_its_stream_show_every_key_exactly_once_under_concurrent_writes() {
+    let a = node(None, &[]).await;
+    let a_addr = addr(&a).await;
+    let b = node(None, &[a_addr]).await;
+    connected(&a, 1).await;
+    connected(&b, 1).await;
+    let ma = a.map("feed").await.unwrap();
+    let mb = b.map("feed").await.unwrap();
+    const HALF: usize = 1_000;
+    const LOCAL: usize = 300;
+    let (taken_tx, taken_rx) = tokio::sync::oneshot::channel::<()>();
+    // B writes half its keys, then the other half once A has its snapshot (so the stream
+    // surely has work); A writes its own keys meanwhile.
+    let remote = tokio::spawn(async move {
+        for i in 0..HALF {
+            mb.set(&format!("b{i:05}"), json!({"i": i})).await.unwrap();
+        }
+        taken_rx.await.unwrap();
+        for i in HALF..2 * HALF {
+            mb.set(&format!("b{i:05}"), json!({"i": i})).await.unwrap();
+        }
+    });
+    let local = {
+        let ma = ma.clone();
+        tokio::spawn(async move {
+            for i in 0..LOCAL {
+                ma.set(&format!("a{i:05}"), json!({"i": i})).await.unwrap();
+            }
+        })
+    };
+    wait_for("some of B's writes on A", || {
+        let ma = ma.clone();
+        async move { ma.info().await.unwrap().items_count >= 100 }
+    })
+    .await;
+    let (snap, mut events) = ma.snapshot_and_subscribe().await.unwrap();
+    taken_tx.send(()).unwrap();
+    let total = 2 * HALF + LOCAL;
+    assert!(snap.items.len() <= HALF + LOCAL);
+    let mut seen: std::collections::BTreeMap<String, usize> =
+        snap.items.iter().map(|i| (i.key.clone(), 1)).collect();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while seen.len() < total {
+        let ev = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {total} keys seen", seen.len()))
+            .unwrap()
+            .unwrap();
+        assert!(ev.id > snap.last_event_id);
+        match ev.kind {
+            EventKind::ItemAdded { item } => *seen.entry(item.key).or_insert(0) += 1,
+            other => panic!("every key is written once: {other:?}"),
+        }
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "keys seen more than once: {twice:?}");
+    let info = ma.info().await.unwrap();
+    assert_eq!(info.items_count, total as u64);
+    remote.await.unwrap();
+    local.await.unwrap();
+    eprintln!(
+        "snapshot of {} items at event {}, then {} events",
+        snap.items.len(),
+        snap.last_event_id,
+        total - snap.items.len()
+    );
+}

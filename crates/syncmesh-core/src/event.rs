@@ -40,6 +40,9 @@ pub struct MapInfo {
     pub date_expires: Option<Timestamp>,
     /// The node that created the map.
     pub created_by: NodeId,
+    /// Live items this replica holds (others may hold changes it has not seen yet).
+    #[serde(default)]
+    pub items_count: u64,
 }
 
 /// What happened, in an [`Event`].

@@ -752,6 +752,7 @@ impl MapReplica {
             date_updated: self.state.updated.max(self.last_change).max(created),
             date_expires: self.state.expires,
             created_by: self.state.created_by,
+            items_count: u64::try_from(self.len(now)).unwrap_or(u64::MAX),
         })
     }
 
@@ -1131,9 +1132,28 @@ impl MapReplica {
         }
     }
 
-    /// Number of live items.
+    /// Number of live items (without a scan: only items already due to expire are looked at).
     pub fn len(&self, now: Timestamp) -> usize {
-        self.view.values().filter(|s| !s.expired(now)).count()
+        let expired: std::collections::BTreeSet<&str> = self
+            .expiry
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .filter(|(_, k)| self.view.get(k).is_some_and(|s| s.expired(now)))
+            .map(|(_, k)| k.as_str())
+            .collect();
+        self.view.len().saturating_sub(expired.len())
+    }
+
+    /// Every live item in key order, and the id of the newest event they reflect: the map's
+    /// events after that id are exactly the changes not in the list.
+    pub fn listing(&self, now: Timestamp) -> Result<(Vec<Item>, u64)> {
+        self.check_live(now)?;
+        Ok((self.all_items(now), self.last_event_id()))
+    }
+
+    /// The id of the newest event this replica made for the map (0: none yet).
+    pub fn last_event_id(&self) -> u64 {
+        self.next_event_id.saturating_sub(1)
     }
 
     /// Whether the map has no live items.
@@ -1541,13 +1561,15 @@ impl MapReplica {
     /// A page of items in key order.
     pub fn items(&self, req: &PageRequest, now: Timestamp) -> Result<Page> {
         self.check_live(now)?;
-        paging::page(
+        let mut page = paging::page(
             self.sid.as_str(),
             &self.view,
             req,
             |st| !st.expired(now),
             |k, st| st.to_item(k, &self.nodes),
-        )
+        )?;
+        page.last_event_id = self.last_event_id();
+        Ok(page)
     }
 
     /// Every concurrent value of an item's fields and the writers of its concurrent writes.

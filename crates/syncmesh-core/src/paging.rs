@@ -62,6 +62,10 @@ pub struct Page {
     pub prev_token: Option<String>,
     /// The page size used.
     pub page_size: usize,
+    /// The id of the newest event of the map this page reflects (0: none yet). The map's
+    /// events after it are exactly the changes the page does not show, for the keys this
+    /// page covers (see [`Page::covers`]).
+    pub last_event_id: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -169,5 +173,6 @@ pub(crate) fn page<S>(
         next_token,
         prev_token,
         page_size: size,
+        last_event_id: 0,
     })
 }

@@ -262,6 +262,7 @@ mod tests {
             date_updated: Timestamp::from_millis(0),
             date_expires: None,
             created_by: NodeId([0; 16]),
+            items_count: 0,
         }
     }
 

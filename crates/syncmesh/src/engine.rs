@@ -73,6 +73,7 @@ pub(crate) enum Op {
     Info,
     Get(String),
     Items(PageRequest),
+    Listing,
     Conflicts(String),
     Set(String, JsonObject, WriteOptions),
     Create(String, JsonObject, Option<Ttl>),
@@ -89,7 +90,10 @@ pub(crate) enum Op {
 
 impl Op {
     fn is_write(&self) -> bool {
-        !matches!(self, Op::Info | Op::Get(_) | Op::Items(_) | Op::Permissions)
+        !matches!(
+            self,
+            Op::Info | Op::Get(_) | Op::Items(_) | Op::Listing | Op::Permissions
+        )
     }
 }
 
@@ -98,6 +102,7 @@ pub(crate) enum Reply {
     Item(Item),
     MaybeItem(Option<Item>),
     Page(Page),
+    Listing(Vec<syncmesh_core::Item>, u64),
     Conflicts(ItemConflicts),
     Permissions(Vec<syncmesh_core::Permission>),
     Permission(syncmesh_core::Permission),
@@ -838,12 +843,22 @@ impl Engine {
             _ => None,
         };
         let me = me.unwrap_or_default();
+        let stopped = self.write_stop().is_some();
         let m = self.catalog.get_mut(id, now)?;
         let write = op.is_write();
+        // What is due to expire is removed (with its events) before anything is read, so a
+        // read and the events after it agree (a map just loaded has not been through
+        // `expire_due` yet).
+        if !stopped && m.next_expiry().is_some_and(|t| t <= now) {
+            m.expire(now);
+            self.dirty.insert(sid.clone());
+        }
+        let m = self.catalog.get_mut(id, now)?;
         let r = match op {
             Op::Info => m.info(now).map(Reply::Info),
             Op::Get(k) => m.get(&k, now).map(Reply::Item),
             Op::Items(req) => m.items(&req, now).map(Reply::Page),
+            Op::Listing => m.listing(now).map(|(items, id)| Reply::Listing(items, id)),
             Op::Conflicts(k) => m.conflicts(&k, now).map(Reply::Conflicts),
             Op::Set(k, d, o) => m.set(&k, d, &o, now).map(Reply::Item),
             Op::Create(k, d, t) => m.create_item(&k, d, t, now).map(Reply::Item),

@@ -50,7 +50,7 @@ mod node;
 pub mod trust;
 
 pub use error::{Error, Result};
-pub use node::{Durability, EventStream, Map, MapOpen, Node, NodeBuilder};
+pub use node::{Durability, EventStream, Map, MapOpen, Node, NodeBuilder, Snapshot};
 pub use syncmesh_core::{
     Bounds, Event, EventKind, Item, ItemConflicts, JsonObject, MapInfo, MapSid, MapSpec, NodeId,
     OpenMode, Order, Page, PageRequest, Permission, Revision, Timestamp, Ttl, WriteOptions,

@@ -766,6 +766,22 @@ impl Map {
         expect_reply!(self.op(Op::Items(req)).await, Reply::Page(p) => p)
     }
 
+    /// Every live item and the event stream that continues exactly after them: each change
+    /// the items do not show arrives on the stream, and none they show does. This is the way
+    /// to mirror a map (read it, then follow it) without missing or repeating anything.
+    pub async fn snapshot_and_subscribe(&self) -> Result<(Snapshot, EventStream)> {
+        let (items, last_event_id) =
+            expect_reply!(self.op(Op::Listing).await, Reply::Listing(i, id) => (i, id))?;
+        let events = self.stream(Some(last_event_id)).await?;
+        Ok((
+            Snapshot {
+                items,
+                last_event_id,
+            },
+            events,
+        ))
+    }
+
     /// Every concurrent value of an item's fields.
     pub async fn conflicts(&self, key: &str) -> Result<ItemConflicts> {
         expect_reply!(self.op(Op::Conflicts(key.into())).await, Reply::Conflicts(c) => c)
@@ -982,6 +998,16 @@ impl Map {
             resume_point: Some(resume_point),
         })
     }
+}
+
+/// Every live item of a map at one moment, from [`Map::snapshot_and_subscribe`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// The items, in key order.
+    pub items: Vec<syncmesh_core::Item>,
+    /// The id of the newest event of the map the items reflect (0: none yet); the stream
+    /// returned with them starts after it.
+    pub last_event_id: u64,
 }
 
 /// An event in a subscription's buffer, with its share of the buffer's byte budget.
