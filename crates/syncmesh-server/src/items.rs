@@ -170,6 +170,7 @@ pub async fn list_items(
             .map(|t| link(Some(t), page_no.saturating_add(1))),
         url: link(q.page_token.as_deref(), page_no),
         key: "items".into(),
+        last_event_id: Some(page.last_event_id),
     };
     Ok(Json(ItemList {
         items: page

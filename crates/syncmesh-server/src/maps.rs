@@ -102,6 +102,7 @@ pub async fn list_maps(
         next_page_url: next.map(|t| link(Some(t.encode()), page_no.saturating_add(1))),
         url: link(q.page_token.clone(), page_no),
         key: "maps".into(),
+        last_event_id: None,
     };
     Ok(Json(MapList {
         maps: picked.iter().map(|m| MapResource::new(m, &urls)).collect(),

@@ -49,6 +49,8 @@ pub struct MapResource {
     pub date_expires: Option<String>,
     /// Id of the node that created the map.
     pub created_by: String,
+    /// Live items this node holds (peers may hold changes it has not received yet).
+    pub items_count: u64,
     /// This resource.
     pub url: String,
     /// Related resources.
@@ -67,6 +69,7 @@ impl MapResource {
             date_updated: rfc3339(info.date_updated),
             date_expires: info.date_expires.map(rfc3339),
             created_by: info.created_by.to_string(),
+            items_count: info.items_count,
             url: urls.map(sid),
             links: MapLinks {
                 items: urls.items(sid),
@@ -152,6 +155,11 @@ pub struct PageMeta {
     pub url: String,
     /// Name of the list field: `maps` or `items`.
     pub key: String,
+    /// Item listings only: the id of the newest event of the map this page reflects (0: none
+    /// yet). The map's events after it (`?after=` on its events route) are exactly the changes
+    /// this page does not show for the keys it covers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_id: Option<u64>,
 }
 
 /// A page of maps.

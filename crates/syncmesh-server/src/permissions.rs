@@ -126,6 +126,7 @@ pub async fn list_permissions(
             next_page_url: None,
             url,
             key: "permissions".into(),
+            last_event_id: None,
         },
         permissions: all
             .iter()

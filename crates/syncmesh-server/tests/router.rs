@@ -2572,3 +2572,44 @@ async fn the_conflicts_of_an_item_one_node_wrote() {
         .await
         .err(404, 54201);
 }
+
+#[tokio::test]
+async fn a_listing_says_which_event_it_reflects_and_the_stream_resumes_there() {
+    let api = api().await;
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "lw"}))
+        .await
+        .ok(201);
+    let items = format!("{P}/Maps/lw/Items");
+    for k in ["a", "b", "c"] {
+        api.post(&items, json!({"Key": k, "Data": {"k": k}}))
+            .await
+            .ok(201);
+    }
+    let list = api.get(&format!("{items}?PageSize=2")).await.ok(200).clone();
+    check_schema(&list, &schema("ItemList"));
+    let seen = list["meta"]["last_event_id"].as_u64().unwrap();
+    assert_eq!(seen, 3, "{}", list);
+    let map = api.get(&format!("{P}/Maps/lw")).await.ok(200).clone();
+    assert_eq!(map["items_count"], 3);
+    api.call(Method::DELETE, &format!("{items}/a"), None).await;
+    api.post(&items, json!({"Key": "d", "Data": {}}))
+        .await
+        .ok(201);
+    // After the listing's id: exactly the two changes it does not show.
+    let frames = sse_events(
+        &api,
+        &format!("{P}/Maps/lw/Events?after={seen}"),
+        &[],
+        2,
+    )
+    .await;
+    let bodies: Vec<Value> = frames.iter().map(|f| sse_data(f)).collect();
+    assert_eq!(bodies[0]["type"], "map_item_removed");
+    assert_eq!(bodies[0]["item_key"], "a");
+    assert_eq!(bodies[1]["item_key"], "d");
+    let map = api.get(&format!("{P}/Maps/lw")).await.ok(200).clone();
+    assert_eq!(map["items_count"], 3);
+    // Map listings carry no event id (map events are per map).
+    let maps = api.get(&format!("{P}/Maps")).await.ok(200).clone();
+    assert!(maps["meta"].get("last_event_id").is_none());
+}
