@@ -176,6 +176,13 @@ export declare class SyncMap {
    */
   getConflicts(key: string): Promise<ItemConflicts>;
   getItems(query?: ItemQuery): Promise<Paginator<SyncMapItem>>;
+  /**
+   * Every live item (all pages), lined up with this object's events: an event delivered to
+   * its handlers after the promise resolves is a change the items do not show, every such
+   * change is delivered, and none the items show is (a syncmesh extension). Events that
+   * arrive while it reads wait until it resolves.
+   */
+  snapshot(): Promise<{ items: SyncMapItem[]; lastEventId: number }>;
   /** The map expires `ttl` seconds from now (0: never). */
   setTtl(ttl: number): Promise<void>;
   /** The item expires `ttl` seconds from now (0: never). */
@@ -252,3 +259,6 @@ export declare class SyncClient {
 }
 
 export default SyncClient;
+
+/** Compares two keys in the order the node lists them (by Unicode code point). */
+export declare function compareKeys(a: string, b: string): number;

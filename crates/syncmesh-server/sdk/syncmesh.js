@@ -717,6 +717,10 @@ async function errorOf(res) {
 export class SyncMap extends Emitter {
   #core;
   #closed = false;
+  /** Events waiting while `snapshot()` reads (null: none is reading). */
+  #hold = null;
+  /** What the last snapshot showed, per page: events it shows are not delivered. */
+  #covered = null;
 
   /** @internal */
   constructor(core) {
@@ -926,6 +930,50 @@ export class SyncMap extends Emitter {
     return core.mapWide(() => load(first));
   }
 
+  /**
+   * Every live item (all pages), lined up with this object's events: an event delivered to
+   * its handlers after the promise resolves is a change the items do not show, and every such
+   * change is delivered; none the items show is. Events that arrive meanwhile wait.
+   * Resolves to `{ items, lastEventId }` (`lastEventId`: the first page's, from the node).
+   */
+  async snapshot() {
+    this.#check();
+    const core = this.#core;
+    const hold = [];
+    this.#hold = hold;
+    try {
+      const read = async (params) => {
+        const res = await core.client.send("GET", `${this.#path()}/Items`, { query: params });
+        const body = res.body;
+        const id = body?.meta?.last_event_id;
+        if (!body || !Array.isArray(body.items) || !Number.isSafeInteger(id)) {
+          throw new SyncError("the node's item page is not understood (a node older than this client?)", res.status, ErrorCodes.BAD_ANSWER);
+        }
+        return { items: body.items.map(SyncMapItem.fromResource), id, next: pageToken(body.meta.next_page_url) };
+      };
+      const items = [];
+      const pages = []; // the key range each page covers (up to `last`, inclusive) and its event id
+      let page = await core.mapWide(() => read({ PageSize: "100" }));
+      for (;;) {
+        items.push(...page.items);
+        const last = page.next === null || page.items.length === 0 ? null : page.items[page.items.length - 1].key;
+        pages.push({ last, id: page.id });
+        if (page.next === null) break;
+        const token = page.next;
+        page = await core.client.admitted(() => read({ PageSize: "100", PageToken: token }));
+      }
+      this.#covered = { pages, maxId: Math.max(...pages.map((p) => p.id)) };
+      return { items, lastEventId: pages[0].id };
+    } finally {
+      // After the caller has the items (its code after `await` runs first), in order; events
+      // arriving until then join the queue.
+      setTimeout(() => {
+        if (this.#hold === hold) this.#hold = null;
+        for (const [name, args] of hold) this._emit(name, args);
+      }, 0);
+    }
+  }
+
   async removeMap() {
     this.#check();
     const core = this.#core;
@@ -954,7 +1002,35 @@ export class SyncMap extends Emitter {
 
   /** @internal */
   _emit(name, args) {
-    if (!this.#closed) this.emit(name, args);
+    if (this.#closed) return;
+    if (this.#hold) {
+      this.#hold.push([name, args]);
+      return;
+    }
+    const covered = this.#covered;
+    if (covered && typeof args.eventId === "number") {
+      if (args.eventId > covered.maxId) this.#covered = null;
+      else if (args.key !== undefined) {
+        // The page whose key range holds the key was read after this event: it shows it.
+        const page = covered.pages.find((p) => p.last === null || compareKeys(args.key, p.last) <= 0);
+        if (page && args.eventId <= page.id) return;
+      }
+    }
+    this.emit(name, args);
+  }
+}
+
+/** Key order as the node lists keys: by code point (UTF-16 order differs past U+FFFF). */
+export function compareKeys(a, b) {
+  const ia = a[Symbol.iterator]();
+  const ib = b[Symbol.iterator]();
+  for (;;) {
+    const x = ia.next();
+    const y = ib.next();
+    if (x.done || y.done) return x.done ? (y.done ? 0 : -1) : 1;
+    const cx = x.value.codePointAt(0);
+    const cy = y.value.codePointAt(0);
+    if (cx !== cy) return cx < cy ? -1 : 1;
   }
 }
 

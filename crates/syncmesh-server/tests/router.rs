@@ -2585,7 +2585,11 @@ async fn a_listing_says_which_event_it_reflects_and_the_stream_resumes_there() {
             .await
             .ok(201);
     }
-    let list = api.get(&format!("{items}?PageSize=2")).await.ok(200).clone();
+    let list = api
+        .get(&format!("{items}?PageSize=2"))
+        .await
+        .ok(200)
+        .clone();
     check_schema(&list, &schema("ItemList"));
     let seen = list["meta"]["last_event_id"].as_u64().unwrap();
     assert_eq!(seen, 3, "{}", list);
@@ -2596,13 +2600,7 @@ async fn a_listing_says_which_event_it_reflects_and_the_stream_resumes_there() {
         .await
         .ok(201);
     // After the listing's id: exactly the two changes it does not show.
-    let frames = sse_events(
-        &api,
-        &format!("{P}/Maps/lw/Events?after={seen}"),
-        &[],
-        2,
-    )
-    .await;
+    let frames = sse_events(&api, &format!("{P}/Maps/lw/Events?after={seen}"), &[], 2).await;
     let bodies: Vec<Value> = frames.iter().map(|f| sse_data(f)).collect();
     assert_eq!(bodies[0]["type"], "map_item_removed");
     assert_eq!(bodies[0]["item_key"], "a");

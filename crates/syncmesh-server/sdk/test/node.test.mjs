@@ -426,3 +426,57 @@ test("getConflicts: none on an item one node wrote; 54201 for a missing item", a
   assert.equal(got.writers.length, 1);
   await assert.rejects(map.getConflicts("missing"), (e) => e instanceof SyncError && e.code === 54201);
 });
+
+test("snapshot: a mirror of a map being written misses nothing and repeats nothing", async () => {
+  const n = await node();
+  const writer = client({ url: n.url });
+  const reader = client({ url: n.url });
+  const mw = await writer.map("mirror");
+  const key = (i) => `k${String(i).padStart(4, "0")}`;
+  // More than two pages before the snapshot, so its pages are read at different moments.
+  for (let i = 0; i < 250; i += 50) {
+    await Promise.all(Array.from({ length: 50 }, (_, j) => mw.set(key(i + j), { i: i + j })));
+  }
+  const mr = await reader.map("mirror");
+  const mirror = new Map();
+  const problems = [];
+  mr.on("itemAdded", (e) => {
+    if (mirror.has(e.key)) problems.push(`added twice: ${e.key}`);
+    mirror.set(e.key, e.item.revision);
+  });
+  mr.on("itemUpdated", (e) => {
+    if (!mirror.has(e.key)) problems.push(`update of a key not seen: ${e.key}`);
+    if (mirror.get(e.key) === e.item.revision) problems.push(`update shown twice: ${e.key}`);
+    mirror.set(e.key, e.item.revision);
+  });
+  mr.on("itemRemoved", (e) => {
+    if (!mirror.delete(e.key)) problems.push(`removal of a key not seen: ${e.key}`);
+  });
+  // Writes go on while the snapshot is read: new keys, updates and removals spread over
+  // every page's range.
+  const more = (async () => {
+    for (let i = 0; i < 150; i++) {
+      await Promise.all([
+        mw.set(key(250 + i), { i: 250 + i }),
+        mw.update(key((i * 7) % 250), { round: i }),
+        i % 10 === 0 ? mw.remove(key(i)) : Promise.resolve(),
+      ]);
+    }
+  })();
+  const snap = await mr.snapshot();
+  for (const it of snap.items) mirror.set(it.key, it.revision);
+  assert.ok(Number.isSafeInteger(snap.lastEventId) && snap.lastEventId > 0);
+  await more;
+  const truth = async () => {
+    const out = new Map();
+    let page = await mw.getItems({ pageSize: 100 });
+    for (;;) {
+      for (const it of page.items) out.set(it.key, it.revision);
+      if (!page.hasNextPage) return out;
+      page = await page.nextPage();
+    }
+  };
+  const final = await truth();
+  await waitFor("the mirror matches the map", () => mirror.size === final.size && [...final].every(([k, r]) => mirror.get(k) === r));
+  assert.deepEqual(problems, []);
+});

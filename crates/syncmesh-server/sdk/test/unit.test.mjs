@@ -2,7 +2,7 @@
 // parser, paging, mutate's retries, the offline queue, per-key order, `isLocal` and resumption.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { SyncClient, SyncError, SseParser, pageToken } from "../syncmesh.js";
+import { SyncClient, SyncError, SseParser, pageToken, compareKeys } from "../syncmesh.js";
 
 const P = "/v1/Services/default";
 const SID = "MP" + "0".repeat(31) + "1";
@@ -485,4 +485,14 @@ test("shutdown lets a write already sent finish, and refuses what had not been s
   await assert.rejects(queued, (e) => e.code === 20499);
   await down;
   assert.equal(node.requests.filter((r) => r.method === "POST").length, 1);
+});
+
+test("keys compare by code point, as the node lists them", () => {
+  assert.equal(compareKeys("a", "b"), -1);
+  assert.equal(compareKeys("b", "a"), 1);
+  assert.equal(compareKeys("ab", "ab"), 0);
+  assert.equal(compareKeys("a", "ab"), -1);
+  // U+FFFD sorts before U+1F600 by code point, after it in UTF-16 code units.
+  assert.equal(compareKeys("\uFFFD", "😀"), -1);
+  assert.ok("\uFFFD" > "😀");
 });
