@@ -18,13 +18,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .mdns(false)
         .open()
         .await?;
-    let a_addr = loop {
-        if let Some(addr) = a.network().and_then(|n| n.listen_addrs.first().cloned()) {
-            break addr;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    println!("A is {a_addr}");
+    let a_addrs = a.listening().await?;
+    println!("A is {}", a_addrs[0]);
     let users_a = a.map("users").await?;
     users_a
         .set("david", json!({"phone_number": 12345678, "country": "UK"}))
@@ -42,9 +37,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Both now trust each other (stored: it survives restarts) and B keeps dialing A.
     let inviter = b.join(&invite.ticket).await?;
     println!("B joined {}", inviter.peer_id);
-    while b.network().is_none_or(|n| n.connected.is_empty()) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Wait (at most 30 s) until B exchanges maps with A.
+    tokio::time::timeout(Duration::from_secs(30), b.peers_connected(1)).await??;
     // B has never seen `users`: opening it asks its peers and waits until it has arrived.
     let users_b = b.open_existing("users").await?;
     let david = users_b.get("david").await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 #[path = "support/net.rs"]
 mod support;
-use support::{raw_peer, wait_for};
+use support::{raw_peer, wait_for, DEADLINE};
 
 use serde_json::json;
 use syncmesh::{Multiaddr, Node};
@@ -21,14 +21,11 @@ async fn node() -> (Node, Multiaddr) {
         .open()
         .await
         .unwrap();
-    let mut out = None;
-    wait_for("a listen address", || {
-        let a = n.network().unwrap().listen_addrs.first().cloned();
-        out = a.clone();
-        async move { a.is_some() }
-    })
-    .await;
-    (n, out.unwrap().parse().unwrap())
+    let addrs = tokio::time::timeout(DEADLINE, n.listening())
+        .await
+        .unwrap()
+        .unwrap();
+    (n, addrs[0].clone())
 }
 
 /// Used to: 17 bytes of sync message from any connected peer kill the node's engine.

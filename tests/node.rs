@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use syncmesh::{
-    Error, EventKind, FileCompaction, MapSpec, Node, OpenMode, PageRequest, StoreError, Ttl,
-    WriteOptions,
+    Error, EventKind, FileCompaction, MapError, MapSpec, Node, OpenMode, PageRequest, StoreError,
+    Ttl, WriteOptions,
 };
 
 /// Generous: these machines are shared and slow; tests wait on conditions, never on time.
@@ -187,7 +187,7 @@ async fn a_slow_subscriber_blocks_nobody_and_misses_nothing() {
     let node = Node::in_memory().await.unwrap();
     let m = node.map("busy").await.unwrap();
     let mut slow = m.subscribe_from(0).await.unwrap();
-    let mut node_wide = node.subscribe();
+    let mut node_wide = node.subscribe().unwrap();
     // Far more events than any buffer holds, written while nobody reads.
     let n = 6_000u64;
     let writers: Vec<_> = (0..8)
@@ -544,7 +544,7 @@ async fn streams_end_when_the_node_closes() {
     let m = node.map("m").await.unwrap();
     let mut a = m.subscribe_from(0).await.unwrap();
     let mut b = m.subscribe().await.unwrap();
-    let mut c = node.subscribe();
+    let mut c = node.subscribe().unwrap();
     m.set("a", json!({})).await.unwrap();
     next_event(&mut a).await;
     next_event(&mut b).await;
@@ -655,7 +655,7 @@ async fn ttls_expire_in_maps_nobody_has_opened_since_a_restart() {
     node.close().await.unwrap();
     // Reopen and never touch the map: the node loads it on its own when the TTL is due.
     let node = Node::open(dir.path()).await.unwrap();
-    let mut all = node.subscribe();
+    let mut all = node.subscribe().unwrap();
     let removed = loop {
         let ev = tokio::time::timeout(DEADLINE, all.next())
             .await
@@ -671,4 +671,96 @@ async fn ttls_expire_in_maps_nobody_has_opened_since_a_restart() {
     assert_eq!(m.get("soon").await.unwrap_err().code(), 54201);
     m.get("stays").await.unwrap();
     node.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_matchable_and_say_what_happened() {
+    let node = Node::in_memory().await.unwrap();
+    let e = node
+        .map(MapSpec {
+            id: Some("missing".into()),
+            mode: OpenMode::OpenExisting,
+            ..MapSpec::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::Map(MapError::MapNotFound(name)) if name == "missing"),
+        "{e:?}"
+    );
+    assert!(e.is_not_found());
+    let m = node.map("m").await.unwrap();
+    let e = m.get("nope").await.unwrap_err();
+    assert!(
+        matches!(e.map_error(), Some(MapError::ItemNotFound(_))),
+        "{e:?}"
+    );
+    // Network calls on a node without a network say so.
+    assert!(matches!(node.listening().await, Err(Error::NoNetwork)));
+    assert!(matches!(
+        node.peers_connected(1).await,
+        Err(Error::NoNetwork)
+    ));
+    // Subscribing outside a tokio runtime is an error, not a silent stream.
+    let n2 = node.clone();
+    let outside = std::thread::spawn(move || n2.subscribe().map(|_| ()))
+        .join()
+        .unwrap();
+    assert!(matches!(outside, Err(Error::NoRuntime)), "{outside:?}");
+    assert!(node.subscribe().is_ok());
+    // A closed node answers Closed.
+    node.clone().close().await.unwrap();
+    assert!(matches!(m.get("x").await, Err(Error::Closed)));
+    assert!(matches!(node.maps().await, Err(Error::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_awaited_not_polled() {
+    let a = Node::builder()
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .mdns(false)
+        .trust_all(true)
+        .open()
+        .await
+        .unwrap();
+    let addrs = tokio::time::timeout(DEADLINE, a.listening())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(addrs[0].to_string().contains("/p2p/"), "{}", addrs[0]);
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move { a.peers_connected(1).await })
+    };
+    let b = Node::builder()
+        .peer(addrs[0].clone())
+        .mdns(false)
+        .trust_all(true)
+        .open()
+        .await
+        .unwrap();
+    let b_id = b.network().unwrap().peer_id;
+    let up = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(up, vec![b_id]);
+    // Once a node is up for B, B's maps are found from A.
+    let mb = b.map("only-on-b").await.unwrap();
+    mb.set("k", json!({"v": 1})).await.unwrap();
+    let found = a.open_existing("only-on-b").await.unwrap();
+    assert_eq!(found.get("k").await.unwrap().data["v"], 1);
+    // Waiting on a node that closes ends with Closed.
+    let stuck = {
+        let a = a.clone();
+        tokio::spawn(async move { a.peers_connected(5).await })
+    };
+    a.close().await.unwrap();
+    let r = tokio::time::timeout(DEADLINE, stuck)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(r, Err(Error::Closed)), "{r:?}");
+    b.close().await.unwrap();
 }

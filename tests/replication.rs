@@ -35,22 +35,19 @@ async fn node(dir: Option<&Path>, peers: &[Multiaddr]) -> Node {
 
 /// The node's first listen address (with `/p2p/`), once it is listening.
 async fn addr(n: &Node) -> Multiaddr {
-    let mut out = None;
-    wait_for("a listen address", || {
-        let a = n.network().unwrap().listen_addrs.first().cloned();
-        out = a.clone();
-        async move { a.is_some() }
-    })
-    .await;
-    out.unwrap().parse().unwrap()
+    let addrs = tokio::time::timeout(DEADLINE, n.listening())
+        .await
+        .expect("listening within the deadline")
+        .unwrap();
+    addrs[0].clone()
 }
 
+/// Waits until the node exchanges maps with `count` peers.
 async fn connected(n: &Node, count: usize) {
-    wait_for(&format!("{count} connected peers"), || {
-        let c = n.network().unwrap().connected.len();
-        async move { c >= count }
-    })
-    .await;
+    tokio::time::timeout(DEADLINE, n.peers_connected(count))
+        .await
+        .unwrap_or_else(|_| panic!("{count} connected peers within the deadline"))
+        .unwrap();
 }
 
 async fn items(m: &Map) -> Vec<(String, serde_json::Value, String)> {
@@ -370,7 +367,7 @@ async fn strangers_without_the_key_or_off_the_list_get_nothing() {
     assert!(keyless.network().unwrap().connected.is_empty());
 
     // An allow-list: only B may connect to D.
-    let b_id: syncmesh::PeerId = b.network().unwrap().peer_id.parse().unwrap();
+    let b_id: syncmesh::PeerId = b.network().unwrap().peer_id;
     let d = with(&key).allow_peers([b_id]).open().await.unwrap();
     let d_addr = addr(&d).await;
     let off_list = with(&key).peer(d_addr.clone()).open().await.unwrap();
@@ -461,11 +458,7 @@ async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
     // The honest pair never stopped.
     ma.set("after", json!({})).await.unwrap();
     wait_for("B still syncs", || has(&mb, "after")).await;
-    assert!(!a
-        .network()
-        .unwrap()
-        .connected
-        .contains(&a_peer2.to_string()));
+    assert!(!a.network().unwrap().connected.contains(&a_peer2));
     assert_eq!(
         items(&ma).await.len(),
         2,
@@ -644,11 +637,11 @@ async fn a_fetched_map_is_whole_or_an_error_and_its_events_come_before_the_answe
         .listen(local())
         .mdns(false)
         .peer(a_addr.clone())
-        .trust(a.network().unwrap().peer_id.parse().unwrap())
+        .trust(a.network().unwrap().peer_id)
         .open()
         .await
         .unwrap();
-    let c_id: syncmesh::PeerId = c.network().unwrap().peer_id.parse().unwrap();
+    let c_id: syncmesh::PeerId = c.network().unwrap().peer_id;
     a.trust(c_id, vec![]).await.unwrap();
     connected(&c, 1).await;
     let fetch = {

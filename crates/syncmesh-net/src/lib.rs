@@ -15,7 +15,7 @@ mod codec;
 mod swarm;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use libp2p::identity::Keypair;
@@ -253,6 +253,24 @@ pub struct Discovered {
     pub last_seen: SystemTime,
 }
 
+impl NetStatus {
+    fn new(peer_id: PeerId, trusts_everyone: bool) -> Self {
+        NetStatus {
+            peer_id,
+            listen_addrs: Vec::new(),
+            connected: Vec::new(),
+            untrusted: Vec::new(),
+            discovered: Vec::new(),
+            problems: Vec::new(),
+            trusts_everyone,
+        }
+    }
+}
+
+/// The network's status, shared by the network thread (which updates it) and the handles
+/// (which read it, or wait for it to change).
+pub(crate) type StatusCell = Arc<tokio::sync::watch::Sender<NetStatus>>;
+
 /// Why a peer is not exchanging data with this node (the latest reason).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerProblem {
@@ -267,17 +285,17 @@ pub struct PeerProblem {
 }
 
 /// What the node can see of the network.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NetStatus {
     /// This node's peer id.
-    pub peer_id: String,
+    pub peer_id: PeerId,
     /// Addresses it listens on, each ending in `/p2p/<peer id>`.
-    pub listen_addrs: Vec<String>,
-    /// Trusted peers connected now (the ones data is exchanged with).
-    pub connected: Vec<String>,
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Trusted peers connected now (the ones data is exchanged with), in id order.
+    pub connected: Vec<PeerId>,
     /// Peers connected now that are not trusted (nothing is exchanged with them; they are
     /// disconnected after a short grace period unless they present a ticket).
-    pub untrusted: Vec<String>,
+    pub untrusted: Vec<PeerId>,
     /// Peers found by mDNS (listed, never synced unless trusted).
     pub discovered: Vec<Discovered>,
     /// The latest problem per peer or address (not trusted, unreachable, wrong key, ...).
@@ -323,7 +341,7 @@ pub struct NetHandle {
     /// Control (trust, joins, disconnects, dials): never dropped. Bounded by what the node
     /// does (one per user action or misbehaving peer), not by peers' traffic.
     ctl: mpsc::UnboundedSender<Command>,
-    status: Arc<Mutex<NetStatus>>,
+    status: StatusCell,
 }
 
 impl std::fmt::Debug for NetHandle {
@@ -378,12 +396,8 @@ impl NetHandle {
     pub fn untrust(&self, peer: PeerId) {
         // Not listed as connected from now on, although the network thread closes the
         // connection a moment later.
-        let id = peer.to_string();
         self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .connected
-            .retain(|p| *p != id);
+            .send_modify(|st| st.connected.retain(|p| *p != peer));
         self.control(Command::Untrust(peer));
     }
 
@@ -404,10 +418,15 @@ impl NetHandle {
 
     /// What the network looks like now.
     pub fn status(&self) -> NetStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.status.borrow().clone()
+    }
+
+    /// Waits until the status satisfies `ready` (checked now and at every change), then
+    /// returns it; `None` once the network has stopped.
+    pub async fn wait_for(&self, mut ready: impl FnMut(&NetStatus) -> bool) -> Option<NetStatus> {
+        let mut rx = self.status.subscribe();
+        let st = rx.wait_for(|st| ready(st)).await.ok()?;
+        Some(st.clone())
     }
 
     /// Stops the network thread (connections close).
@@ -425,7 +444,11 @@ pub fn start(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), Ne
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::channel(4096);
-    let status = Arc::new(Mutex::new(NetStatus::default()));
+    let me = cfg.keypair.public().to_peer_id();
+    let status = Arc::new(tokio::sync::watch::Sender::new(NetStatus::new(
+        me,
+        cfg.trusts_everyone(),
+    )));
     let runner = swarm::Runner::new(cfg, status.clone(), ev_tx)?;
     std::thread::Builder::new()
         .name("syncmesh-net".into())

@@ -1,7 +1,6 @@
 //! The swarm and its event loop, on the network thread.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
@@ -19,7 +18,7 @@ use libp2p::{
 use tokio::sync::mpsc;
 
 use crate::codec::{Ack, Codec, JoinCodec, JOIN_PROTOCOL, PROTOCOL};
-use crate::{Command, Discovered, JoinId, NetConfig, NetError, NetEvent, NetStatus, PeerProblem};
+use crate::{Command, Discovered, JoinId, NetConfig, NetError, NetEvent, PeerProblem};
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
@@ -75,7 +74,7 @@ pub(crate) struct Runner {
     /// Taken out by [`Runner::run`] (a runtime must not be dropped inside itself).
     rt: Rt,
     swarm: Swarm<Behaviour>,
-    status: Arc<Mutex<NetStatus>>,
+    status: crate::StatusCell,
     events: mpsc::Sender<NetEvent>,
     statics: Vec<StaticPeer>,
     /// Direct messages waiting per peer (and their bytes); one request in flight per peer
@@ -210,7 +209,7 @@ fn now_sys() -> SystemTime {
 impl Runner {
     pub(crate) fn new(
         cfg: NetConfig,
-        status: Arc<Mutex<NetStatus>>,
+        status: crate::StatusCell,
         events: mpsc::Sender<NetEvent>,
     ) -> Result<Runner, NetError> {
         let rt = Rt(Some(
@@ -225,7 +224,6 @@ impl Runner {
         let _guard = handle.enter();
         let transport = transport(&cfg)?;
         let behaviour = behaviour(&cfg)?;
-        let peer_id = cfg.keypair.public().to_peer_id();
         let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
             .with_tokio()
             .with_other_transport(|_| transport)
@@ -253,11 +251,6 @@ impl Runner {
                     addr: addr.to_string(),
                     detail: e.to_string(),
                 })?;
-        }
-        {
-            let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
-            st.peer_id = peer_id.to_string();
-            st.trusts_everyone = cfg.trusts_everyone();
         }
         let mut runner = Runner {
             rt,
@@ -448,19 +441,20 @@ impl Runner {
     }
 
     fn publish_status(&mut self) {
-        let mut connected: Vec<String> = self.up.iter().map(ToString::to_string).collect();
-        connected.sort();
-        let mut untrusted: Vec<String> = self.untrusted.keys().map(ToString::to_string).collect();
-        untrusted.sort();
+        let mut connected: Vec<PeerId> = self.up.iter().copied().collect();
+        connected.sort_by_key(ToString::to_string);
+        let mut untrusted: Vec<PeerId> = self.untrusted.keys().copied().collect();
+        untrusted.sort_by_key(ToString::to_string);
         let mut discovered: Vec<Discovered> = self.discovered.values().cloned().collect();
         discovered.sort_by_key(|d| d.peer_id.to_string());
         let mut problems: Vec<PeerProblem> = self.problems.values().cloned().collect();
         problems.sort_by_key(|p| std::cmp::Reverse(p.at));
-        let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        st.connected = connected;
-        st.untrusted = untrusted;
-        st.discovered = discovered;
-        st.problems = problems;
+        self.status.send_modify(|st| {
+            st.connected = connected;
+            st.untrusted = untrusted;
+            st.discovered = discovered;
+            st.problems = problems;
+        });
     }
 
     async fn emit(&self, ev: NetEvent) {
@@ -494,13 +488,12 @@ impl Runner {
                 let me = *self.swarm.local_peer_id();
                 let full = address.with_p2p(me).unwrap_or_else(|a| a);
                 tracing::info!("listening on {full}");
-                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                st.listen_addrs.push(full.to_string());
+                self.status.send_modify(|st| st.listen_addrs.push(full));
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 let s = address.to_string();
-                let mut st = self.status.lock().unwrap_or_else(|p| p.into_inner());
-                st.listen_addrs.retain(|a| !a.starts_with(&s));
+                self.status
+                    .send_modify(|st| st.listen_addrs.retain(|a| !a.to_string().starts_with(&s)));
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,

@@ -63,14 +63,15 @@ async fn a_peer_on_the_older_protocol_is_refused_with_a_reason() {
     cfg.mdns = false;
     cfg.trust_all = true;
     let (node, mut events) = syncmesh_net::start(cfg).unwrap();
+    let st = tokio::time::timeout(
+        Duration::from_secs(90),
+        node.wait_for(|st| !st.listen_addrs.is_empty()),
+    )
+    .await
+    .expect("a listen address")
+    .unwrap();
+    let addr = st.listen_addrs[0].clone();
     let deadline = Instant::now() + Duration::from_secs(90);
-    let addr = loop {
-        if let Some(a) = node.status().listen_addrs.first() {
-            break a.parse::<libp2p::Multiaddr>().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no listen address");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
 
     // An "old" node: the same transport, the previous direct protocol.
     let mut old = libp2p::SwarmBuilder::with_new_identity()

@@ -60,8 +60,10 @@ pub async fn node_status(st: &AppState) -> Result<NodeStatus, ApiError> {
     let net = node.network();
     let peers = PeersResource::from(node.peers().await?);
     Ok(NodeStatus {
-        peer_id: net.as_ref().map(|n| n.peer_id.clone()),
-        listen_addrs: net.map(|n| n.listen_addrs).unwrap_or_default(),
+        peer_id: net.as_ref().map(|n| n.peer_id.to_string()),
+        listen_addrs: net
+            .map(|n| n.listen_addrs.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
         http_addr: st.http_addr().to_string(),
         connected_peers: peers.connected_peers,
         maps,

@@ -131,10 +131,7 @@ pub async fn trust(
 ) -> Result<Response, ApiError> {
     let peer = peer_id(&id)?;
     let node = st.node();
-    if node
-        .network()
-        .is_some_and(|n| n.peer_id == peer.to_string())
-    {
+    if node.network().is_some_and(|n| n.peer_id == peer) {
         return Err(ApiError::invalid(
             "this is this node's own peer id: trust the other node's",
         ));

@@ -1760,7 +1760,10 @@ async fn networked() -> (Api, Node) {
 }
 
 fn peer_id_of(node: &Node) -> String {
-    node.network().expect("a networked node").peer_id
+    node.network()
+        .expect("a networked node")
+        .peer_id
+        .to_string()
 }
 
 /// Polls `f` until it holds, failing after the deadline.
@@ -1938,7 +1941,7 @@ async fn invitations_and_their_parameters() {
     api.post("/v1/Node/Join", json!({"Ticket": own}))
         .await
         .err(400, 20307);
-    assert_eq!(node.network().unwrap().peer_id, me);
+    assert_eq!(node.network().unwrap().peer_id.to_string(), me);
 }
 
 /// Milliseconds since the epoch, now.

@@ -86,13 +86,12 @@ async fn node_role() {
             o.flush().unwrap();
         }
     };
-    loop {
-        if let Some(a) = node.network().unwrap().listen_addrs.first() {
-            say(format!("addr {a} {}", node.network().unwrap().peer_id));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let addrs = node.listening().await.unwrap();
+    say(format!(
+        "addr {} {}",
+        addrs[0],
+        node.network().unwrap().peer_id
+    ));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(16);
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {
@@ -108,9 +107,7 @@ async fn node_role() {
         match parts.as_slice() {
             ["peers", n] => {
                 let n: usize = n.parse().unwrap();
-                while node.network().unwrap().connected.len() < n {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
+                node.peers_connected(n).await.unwrap();
                 say("ok".into());
             }
             ["open"] => {

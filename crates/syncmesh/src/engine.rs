@@ -174,7 +174,7 @@ impl Ack {
             AckTo::Open(tx) => {
                 let info = match self.value {
                     Reply::Info(i) => Ok(i),
-                    _ => Err(Error::Closed),
+                    _ => Err(Error::Internal("an open was answered with something else")),
                 };
                 let _ = tx.send(r.and(info));
             }
@@ -241,6 +241,8 @@ pub(crate) struct Shared {
     pub failed: Mutex<Option<Arc<StoreError>>>,
     /// The number of the last commit stored (see [`Engine::unsettled`]).
     pub committed: std::sync::atomic::AtomicU64,
+    /// Trusted peers the engine exchanges maps with now, in id order.
+    pub peers: tokio::sync::watch::Sender<Vec<syncmesh_net::PeerId>>,
 }
 
 pub(crate) struct Engine {
@@ -338,7 +340,10 @@ impl Engine {
         let writer = std::thread::Builder::new()
             .name("syncmesh-store".into())
             .spawn(move || store_writer(shared2, store2, jobs_rx))
-            .map_err(|_| Error::Closed)?;
+            .map_err(|e| Error::Start {
+                what: "storage thread",
+                why: e.to_string(),
+            })?;
         Ok(Engine {
             store,
             catalog: Catalog::new(id),
@@ -798,7 +803,7 @@ impl Engine {
             }
             self.net
                 .as_ref()
-                .map(|n| n.handle.status().peer_id)
+                .map(|n| n.handle.status().peer_id.to_string())
                 .ok_or(Error::NoNetwork)?
         };
         let stopped = self.write_stop();
@@ -837,7 +842,7 @@ impl Engine {
             Op::SetPermission(_) | Op::RemovePermission(_) => Some(
                 self.net
                     .as_ref()
-                    .map(|n| n.handle.status().peer_id)
+                    .map(|n| n.handle.status().peer_id.to_string())
                     .ok_or(Error::NoNetwork)?,
             ),
             _ => None,

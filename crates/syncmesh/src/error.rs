@@ -20,6 +20,24 @@ pub enum Error {
     /// The node was closed (or its engine thread ended).
     #[error("the node is closed")]
     Closed,
+    /// The node could not start a thread or task it needs (the system refused it).
+    #[error("the node could not start its {what}: {why}")]
+    Start {
+        /// What could not start.
+        what: &'static str,
+        /// Why, as the system said.
+        why: String,
+    },
+    /// A background task of the node failed (it panicked, or its runtime shut down): a bug or
+    /// a runtime stopping under the node.
+    #[error("a background task of the node failed: {0}")]
+    Task(String),
+    /// Streams and waits need a tokio runtime: the call was made outside one.
+    #[error("this call needs a tokio runtime (call it from within one)")]
+    NoRuntime,
+    /// An internal inconsistency (a bug): the operation was not done.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     /// A subscriber asked to resume from an event that is no longer retained.
     #[error("events {from} to {to} (exclusive) of map {map} are no longer retained; re-read the map, then subscribe from the newest event id")]
     EventsPruned {
@@ -88,6 +106,26 @@ impl From<StoreError> for Error {
 }
 
 impl Error {
+    /// The map's rule this error is, if it is one (match on [`crate::MapError`]).
+    pub fn map_error(&self) -> Option<&syncmesh_core::Error> {
+        match self {
+            Error::Map(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Whether the map (or, for item operations, the item) does not exist here.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Error::Map(
+                syncmesh_core::Error::MapNotFound(_)
+                    | syncmesh_core::Error::MapRemoved(_)
+                    | syncmesh_core::Error::ItemNotFound(_)
+            )
+        )
+    }
+
     /// The Sync Maps error code, for map errors; 20500 (internal) otherwise.
     pub fn code(&self) -> u32 {
         match self {
@@ -100,7 +138,10 @@ impl Error {
     pub fn http_status(&self) -> u16 {
         match self {
             Error::Map(e) => e.http_status(),
-            Error::Closed | Error::WritesStopped(_) | Error::FetchIncomplete { .. } => 503,
+            Error::Closed
+            | Error::WritesStopped(_)
+            | Error::FetchIncomplete { .. }
+            | Error::Start { .. } => 503,
             Error::EventsPruned { .. } | Error::UnknownEventId { .. } => 410,
             Error::Trust(t) => match t {
                 crate::trust::TrustError::Refused(_) => 403,

@@ -51,6 +51,9 @@ pub mod trust;
 
 pub use error::{Error, Result};
 pub use node::{Durability, EventStream, Map, MapOpen, Node, NodeBuilder, Snapshot};
+/// The map rules an operation can break (not found, revision mismatch, limits, ...), inside
+/// [`Error::Map`]: match on it rather than on codes.
+pub use syncmesh_core::Error as MapError;
 pub use syncmesh_core::{
     Bounds, Event, EventKind, Item, ItemConflicts, JsonObject, MapInfo, MapSid, MapSpec, NodeId,
     OpenMode, Order, Page, PageRequest, Permission, Revision, Timestamp, Ttl, WriteOptions,

@@ -182,12 +182,11 @@ impl NodeBuilder {
                 .unwrap_or(StoreOptions::default().cache_bytes),
         };
         let dir = self.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || match dir {
+        let store = blocking(move || match dir {
             Some(d) => Store::open(&d, opts),
             None => Store::in_memory(opts),
         })
-        .await
-        .map_err(|_| Error::Closed)??;
+        .await??;
         // Peers on the allow-list were named deliberately: they are trusted too.
         let mut configured = self.trust.clone();
         configured.extend(self.allow.iter().flatten().copied());
@@ -363,6 +362,7 @@ impl Node {
             subscriber_buffer: subscriber_buffer.clamp(1, u32::MAX as usize),
             failed: Mutex::new(None),
             committed: std::sync::atomic::AtomicU64::new(0),
+            peers: tokio::sync::watch::Sender::new(Vec::new()),
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
         let net = net.map(|(h, rx)| Net::new(h, rx, hold_all, fetch_timeout));
@@ -371,7 +371,10 @@ impl Node {
         let thread = std::thread::Builder::new()
             .name("syncmesh-engine".into())
             .spawn(move || engine.run(rx))
-            .map_err(|_| Error::Closed)?;
+            .map_err(|e| Error::Start {
+                what: "engine thread",
+                why: e.to_string(),
+            })?;
         Ok(Node {
             inner: Arc::new(Inner {
                 cmds,
@@ -396,6 +399,35 @@ impl Node {
         self.inner.net.as_ref().map(NetHandle::status)
     }
 
+    /// Waits until the node listens, and returns its listen addresses (each ending in
+    /// `/p2p/<peer id>`). [`Error::NoNetwork`] for a node that has no listen address.
+    pub async fn listening(&self) -> Result<Vec<Multiaddr>> {
+        let net = self.inner.net.as_ref().ok_or(Error::NoNetwork)?;
+        if !self.inner.listens {
+            return Err(Error::NoNetwork);
+        }
+        let st = net
+            .wait_for(|st| !st.listen_addrs.is_empty())
+            .await
+            .ok_or(Error::Closed)?;
+        Ok(st.listen_addrs)
+    }
+
+    /// Waits until at least `n` trusted peers are connected and the node exchanges maps with
+    /// them (opening a map only they hold finds it from then on); returns those peers.
+    /// [`Error::NoNetwork`] for a node not on a network, [`Error::Closed`] once it closes.
+    pub async fn peers_connected(&self, n: usize) -> Result<Vec<PeerId>> {
+        if self.inner.net.is_none() {
+            return Err(Error::NoNetwork);
+        }
+        let mut peers = self.inner.shared.peers.subscribe();
+        let mut closed = self.inner.shared.closed.subscribe();
+        tokio::select! {
+            r = peers.wait_for(|p| p.len() >= n) => r.map(|p| p.clone()).map_err(|_| Error::Closed),
+            _ = closed.wait_for(|c| *c) => Err(Error::Closed),
+        }
+    }
+
     /// Dials a peer once (peers given to [`NodeBuilder::peer`] are redialed on their own).
     pub fn dial(&self, addr: Multiaddr) -> Result<()> {
         match &self.inner.net {
@@ -414,12 +446,8 @@ impl Node {
         // Listeners report their addresses a moment after the node opens: an invitation made
         // right away waits for them (a ticket without addresses would be useless).
         if self.inner.listens {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while self.network().is_some_and(|n| n.listen_addrs.is_empty())
-                && std::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            let wait = std::time::Duration::from_secs(10);
+            let _ = tokio::time::timeout(wait, self.listening()).await;
         }
         self.call(|reply| Cmd::Trust(TrustCmd::Invite(opts, reply)))
             .await
@@ -527,9 +555,8 @@ impl Node {
     /// Bytes of live data in the store (keys, values and B-tree overhead; not the file size).
     pub async fn used_bytes(&self) -> Result<u64> {
         let store = self.inner.shared.store()?;
-        tokio::task::spawn_blocking(move || store.used_bytes())
-            .await
-            .map_err(|_| Error::Closed)?
+        blocking(move || store.used_bytes())
+            .await?
             .map_err(Error::from)
     }
 
@@ -560,7 +587,9 @@ impl Node {
     /// Live events of every map from now on. A subscriber that falls behind receives
     /// [`Error::Lagged`] once and continues with newer events; to miss nothing, subscribe per
     /// map with [`Map::subscribe_from`].
-    pub fn subscribe(&self) -> EventStream {
+    pub fn subscribe(&self) -> Result<EventStream> {
+        // Checked first: outside a runtime nothing would ever be delivered.
+        tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let mut live = self.inner.shared.events.subscribe();
         let mut closed = self.inner.shared.closed.subscribe();
         let (tx, rx) = queue(self.inner.shared.subscriber_buffer);
@@ -582,11 +611,11 @@ impl Node {
                     return;
                 }
             }
-        });
-        EventStream {
+        })?;
+        Ok(EventStream {
             rx,
             resume_point: None,
-        }
+        })
     }
 
     /// Commits everything queued, stops the engine and waits for it. Every clone of this
@@ -600,11 +629,10 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(h) = handle {
-            tokio::task::spawn_blocking(move || {
+            blocking(move || {
                 let _ = h.join();
             })
-            .await
-            .map_err(|_| Error::Closed)?;
+            .await?;
         } else {
             // Another close is joining the engine: return only once the file is released.
             let mut closed = self.inner.shared.closed.subscribe();
@@ -617,16 +645,26 @@ impl Node {
     }
 }
 
-fn spawn<F>(f: F)
+/// A blocking task that did not finish (it panicked, or the runtime is shutting down).
+fn task_failed(e: tokio::task::JoinError) -> Error {
+    Error::Task(e.to_string())
+}
+
+/// Runs `f` on the runtime's blocking pool; [`Error::NoRuntime`] outside a tokio runtime
+/// (where spawning would panic).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let h = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+    h.spawn_blocking(f).await.map_err(task_failed)
+}
+
+/// Runs `f` on the caller's tokio runtime ([`Error::NoRuntime`] outside one).
+fn spawn<F>(f: F) -> Result<()>
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) => {
-            h.spawn(f);
-        }
-        Err(_) => tracing::error!("syncmesh subscriptions need a tokio runtime"),
-    }
+    let h = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
+    h.spawn(f);
+    Ok(())
 }
 
 /// What [`Node::map`] accepts: a name or sid (open-or-create) or a [`MapSpec`].
@@ -678,7 +716,9 @@ macro_rules! expect_reply {
     ($r:expr, $pat:pat => $out:expr) => {
         match $r? {
             $pat => Ok($out),
-            _ => Err(Error::Closed),
+            _ => Err(Error::Internal(
+                "the engine answered with another kind of reply",
+            )),
         }
     };
 }
@@ -862,9 +902,7 @@ impl Map {
         // Where a live-only subscriber resumes from storage if it lags: the newest stored id.
         let lagged_from = {
             let (s2, sid2) = (store.clone(), sid.clone());
-            tokio::task::spawn_blocking(move || s2.last_event_id(&sid2))
-                .await
-                .map_err(|_| Error::Closed)??
+            blocking(move || s2.last_event_id(&sid2)).await??
         };
         // An id this node never issued (ids are per node; a client may come from another node
         // or a reset data directory) would silently skip every event up to it.
@@ -881,9 +919,7 @@ impl Map {
         // 0 means "from the first retained event"; any other id must still be retained.
         if let Some(after) = after.filter(|a| *a > 0) {
             let (s2, sid2) = (store.clone(), sid.clone());
-            let first = tokio::task::spawn_blocking(move || s2.first_event_id(&sid2))
-                .await
-                .map_err(|_| Error::Closed)??;
+            let first = blocking(move || s2.first_event_id(&sid2)).await??;
             if let Some(first) = first {
                 if first > after.saturating_add(1) {
                     return Err(Error::EventsPruned {
@@ -992,7 +1028,7 @@ impl Map {
                     }
                 }
             }
-        });
+        })?;
         Ok(EventStream {
             rx,
             resume_point: Some(resume_point),

@@ -316,9 +316,18 @@ impl Engine {
     /// After a batch of work: spread what sync brought, run anti-entropy when due, and
     /// settle opens waiting for maps from peers.
     pub(super) fn net_housekeeping(&mut self, now: Timestamp) {
-        if self.net.is_none() {
+        let Some(n) = self.net.as_ref() else {
             return;
-        }
+        };
+        let mut up: Vec<PeerId> = n.peers.values().copied().collect();
+        up.sort_by_key(ToString::to_string);
+        self.shared.peers.send_if_modified(|p| {
+            let changed = *p != up;
+            if changed {
+                *p = up;
+            }
+            changed
+        });
         self.expire_joins();
         if let Some(out) = self.with_rep(|rep, host| rep.take_nudges(host)) {
             self.send_all(out);
@@ -375,7 +384,7 @@ impl Engine {
                 .status()
                 .connected
                 .iter()
-                .any(|p| !n.peers.contains_key(p))
+                .any(|p| !n.peers.contains_key(&p.to_string()))
         })
     }
 

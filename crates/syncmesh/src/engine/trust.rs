@@ -123,7 +123,7 @@ impl Engine {
                 if self
                     .net
                     .as_ref()
-                    .is_some_and(|n| n.handle.status().peer_id == peer.to_string()) =>
+                    .is_some_and(|n| n.handle.status().peer_id == peer) =>
             {
                 let _ = reply.send(Err(Error::Trust(TrustError::Invalid(
                     "that is this node's own peer id".into(),
@@ -147,9 +147,10 @@ impl Engine {
                     }
                     rec
                 });
-                let _ = reply.send(
-                    r.and_then(|rec| rec.map(|r| self.trusted_peer(&r)).ok_or(Error::Closed)),
-                );
+                let _ = reply.send(r.and_then(|rec| {
+                    rec.map(|r| self.trusted_peer(&r))
+                        .ok_or(Error::Internal("a trusted peer has no record"))
+                }));
             }
             TrustCmd::Untrust(peer, reply) => {
                 let key = peer.to_string();
@@ -187,11 +188,11 @@ impl Engine {
             return Err(Error::NoNetwork);
         };
         let st = n.handle.status();
-        let me: PeerId = st.peer_id.parse().map_err(|_| Error::NoNetwork)?;
+        let me: PeerId = st.peer_id;
         let addrs: Vec<Multiaddr> = st
             .listen_addrs
             .iter()
-            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .cloned()
             .map(|a| {
                 // The ticket carries the peer id once; addresses go without it.
                 let mut a = a;
@@ -246,10 +247,7 @@ impl Engine {
             return;
         };
         let st = n.handle.status();
-        let Ok(me) = st.peer_id.parse::<PeerId>() else {
-            let _ = reply.send(Err(Error::NoNetwork));
-            return;
-        };
+        let me = st.peer_id;
         if ticket.peer == me {
             let _ = reply.send(Err(Error::Trust(TrustError::OwnTicket)));
             return;
@@ -264,7 +262,7 @@ impl Engine {
             addrs: st
                 .listen_addrs
                 .iter()
-                .filter_map(|a| a.parse::<Multiaddr>().ok())
+                .cloned()
                 .map(|mut a| {
                     if matches!(a.iter().last(), Some(syncmesh_net::Protocol::P2p(_))) {
                         a.pop();
@@ -274,7 +272,7 @@ impl Engine {
                 .collect(),
         };
         let Ok(bytes) = serde_json::to_vec(&req) else {
-            let _ = reply.send(Err(Error::Closed));
+            let _ = reply.send(Err(Error::Internal("a join request could not be encoded")));
             return;
         };
         tracing::info!(inviter = %ticket.peer, "joining with a ticket");
@@ -295,9 +293,7 @@ impl Engine {
         now: Timestamp,
     ) {
         let Some(n) = self.net.as_ref() else { return };
-        let Ok(me) = n.handle.status().peer_id.parse::<PeerId>() else {
-            return;
-        };
+        let me = n.handle.status().peer_id;
         let mut book = self.trust.clone();
         let result = serde_json::from_slice::<JoinRequest>(request)
             .map_err(|_| TrustError::Refused("a malformed join request".into()))
@@ -560,14 +556,20 @@ impl Engine {
             .iter()
             .map(|r| self.trusted_peer(r))
             .collect();
-        let st = self
-            .net
-            .as_ref()
-            .map(|n| n.handle.status())
-            .unwrap_or_default();
+        let st = self.net.as_ref().map(|n| n.handle.status());
+        let (net_problems, trusts_everyone, connected, untrusted, discovered) = match &st {
+            Some(st) => (
+                st.problems.as_slice(),
+                st.trusts_everyone,
+                st.connected.iter().map(ToString::to_string).collect(),
+                st.untrusted.iter().map(ToString::to_string).collect(),
+                st.discovered.as_slice(),
+            ),
+            None => (&[][..], false, Vec::new(), Vec::new(), &[][..]),
+        };
         // The latest reason per peer: the network's and the engine's, whichever is newer.
         let mut problems: HashMap<String, PeerProblem> = HashMap::new();
-        for p in &st.problems {
+        for p in net_problems {
             let key = p
                 .peer_id
                 .map(|x| x.to_string())
@@ -601,18 +603,17 @@ impl Engine {
         problems.sort_by_key(|p| std::cmp::Reverse(p.at));
         Peers {
             networked: self.net.is_some(),
-            trusts_everyone: st.trusts_everyone,
+            trusts_everyone,
             trusted,
-            connected: st.connected.clone(),
-            untrusted: st.untrusted.clone(),
-            discovered: st
-                .discovered
+            connected,
+            untrusted,
+            discovered: discovered
                 .iter()
                 .map(|d| DiscoveredPeer {
                     peer_id: d.peer_id.to_string(),
                     addrs: d.addrs.iter().map(ToString::to_string).collect(),
                     last_seen: to_ts(d.last_seen),
-                    trusted: self.trust.trusts(&d.peer_id.to_string()) || st.trusts_everyone,
+                    trusted: self.trust.trusts(&d.peer_id.to_string()) || trusts_everyone,
                 })
                 .collect(),
             problems,
