@@ -39,23 +39,38 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "syncmesh", version, after_help = format!("{MAIN_EXAMPLES}\n\n{EXIT_CODES}"))]
 struct Cli {
-    /// The node to talk to.
-    #[arg(
-        long,
-        global = true,
-        env = "SYNCMESH_NODE",
-        default_value = "http://127.0.0.1:7700"
-    )]
-    node: String,
+    /// The node to talk to [default: http://127.0.0.1:7700] (also accepted after the command).
+    #[arg(long, env = "SYNCMESH_NODE", value_name = "URL")]
+    node: Option<String>,
     /// Bearer token: required by the node on every request (for `syncmesh node`: the token
     /// clients must send).
     #[arg(long, global = true, env = "SYNCMESH_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Print JSON (the node's answers) instead of tables.
-    #[arg(long, global = true)]
+    /// Print JSON (the node's answers) instead of tables (also accepted after the command).
+    #[arg(long)]
     json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Options of every command that talks to a running node (not of `syncmesh node`).
+#[derive(Debug, Clone, Default, Args)]
+struct ClientOpts {
+    /// The node to talk to [default: $SYNCMESH_NODE, else http://127.0.0.1:7700].
+    #[arg(long, value_name = "URL")]
+    node: Option<String>,
+    /// Print JSON (the node's answers) instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of a command that names only a map.
+#[derive(Debug, Args)]
+struct MapOnly {
+    /// Sid or unique name.
+    map: String,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,7 +96,7 @@ to stderr (RUST_LOG=debug for more). SIGINT or SIGTERM stop it after committing 
     #[command(
         after_help = "Examples:\n  syncmesh maps\n  syncmesh maps --json | jq -r '.[].unique_name'"
     )]
-    Maps,
+    Maps(ClientOpts),
     /// Create, show, expire or delete a map.
     #[command(subcommand)]
     Map(MapCommand),
@@ -117,6 +132,8 @@ Examples:
         /// Seconds from now.
         #[arg(allow_negative_numbers = true)]
         seconds: i64,
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Show an item's conflicts: every value concurrent writes on several nodes left in a field
     /// (the visible one first), and the nodes whose concurrent writes are current.
@@ -140,7 +157,7 @@ Examples:
     Watch(WatchArgs),
     /// Show the node: id, addresses, trust, peers, number of maps.
     #[command(after_help = "Examples:\n  syncmesh status\n  syncmesh status --json")]
-    Status,
+    Status(ClientOpts),
     /// Invite another node: prints a ticket (the last line on stdout) for `syncmesh join` there.
     #[command(after_help = "\
 Examples:
@@ -173,7 +190,7 @@ Examples:
     /// Compact the node's storage and give freed disk space back (the node's storage pauses
     /// while the file is rewritten).
     #[command(after_help = "Examples:\n  syncmesh compact\n  syncmesh compact --json")]
-    Compact,
+    Compact(ClientOpts),
     /// Print a new random swarm key (the usual `swarm.key` format) for `--swarm-key`: every
     /// node given the same key forms one private mesh. Needs no running node.
     #[command(
@@ -183,13 +200,13 @@ Examples:
     SwarmKey,
     /// Write every item of a map to stdout as JSON lines ({"key", "data"}).
     #[command(after_help = "Examples:\n  syncmesh export users > users.jsonl")]
-    Export(MapArg),
+    Export(MapOnly),
     /// Set items from JSON lines ({"key", "data"}) on stdin, creating the map if needed.
     #[command(after_help = "\
 Examples:
   syncmesh import users < users.jsonl
   syncmesh export users | syncmesh --node http://127.0.0.1:7701 import users")]
-    Import(MapArg),
+    Import(MapOnly),
 }
 
 #[derive(Debug, Args)]
@@ -294,10 +311,12 @@ enum MapCommand {
         /// Seconds until the map expires (0 = never).
         #[arg(long, allow_negative_numbers = true)]
         ttl: Option<i64>,
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Show a map.
     #[command(after_help = "Examples:\n  syncmesh map get users")]
-    Get(MapArg),
+    Get(MapOnly),
     /// Set a map's time to live from now (0 = never expires).
     #[command(after_help = "Examples:\n  syncmesh map ttl sessions 3600")]
     Ttl {
@@ -306,16 +325,12 @@ enum MapCommand {
         /// Seconds from now.
         #[arg(allow_negative_numbers = true)]
         seconds: i64,
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Delete a map and all its items.
     #[command(after_help = "Examples:\n  syncmesh map delete users")]
-    Delete(MapArg),
-}
-
-#[derive(Debug, Args)]
-struct MapArg {
-    /// Sid or unique name.
-    map: String,
+    Delete(MapOnly),
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +339,8 @@ struct ItemArgs {
     map: String,
     /// The item's key (any characters).
     key: String,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -341,6 +358,8 @@ struct WriteArgs {
     /// Write only if the item's revision is this one (exit code 4 otherwise).
     #[arg(long, value_name = "REVISION")]
     if_match: Option<String>,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -352,6 +371,8 @@ struct RemoveArgs {
     /// Remove only if the item's revision is this one (exit code 4 otherwise).
     #[arg(long, value_name = "REVISION")]
     if_match: Option<String>,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -373,6 +394,8 @@ struct ItemsArgs {
     /// Every page, not just the first.
     #[arg(long)]
     all: bool,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -389,12 +412,16 @@ struct InviteArgs {
     /// How many nodes may join with the ticket.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     uses: u32,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
 struct JoinArgs {
     /// The ticket (`smt1…`) printed by `syncmesh invite` on the other node.
     ticket: String,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Args)]
@@ -402,6 +429,8 @@ struct JoinArgs {
 struct PeersArgs {
     #[command(subcommand)]
     command: Option<PeersCommand>,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Subcommand)]
@@ -420,12 +449,16 @@ read and change every map. Without --addr the peer must dial this node, or be fo
         /// Dial the peer at this multiaddr, and keep it dialed (repeatable).
         #[arg(long = "addr", value_name = "MULTIADDR")]
         addrs: Vec<String>,
+        #[command(flatten)]
+        client: ClientOpts,
     },
     /// Stop trusting a peer: it is disconnected at once and gets nothing more.
     #[command(after_help = "Examples:\n  syncmesh peers untrust 12D3KooWJ5…")]
     Untrust {
         /// The peer's id.
         peer_id: String,
+        #[command(flatten)]
+        client: ClientOpts,
     },
 }
 
@@ -436,6 +469,8 @@ struct WatchArgs {
     /// Start after this event id (0: every retained event); default: from the next change.
     #[arg(long)]
     after: Option<u64>,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 fn main() -> ExitCode {
@@ -482,22 +517,29 @@ async fn run(cli: Cli) -> u8 {
             }
         };
     }
-    let client = match Client::new(&cli.node, cli.token.clone()) {
+    let opts = client_opts(&cli.command).unwrap_or_default();
+    let node = opts
+        .node
+        .or(cli.node)
+        .unwrap_or_else(|| DEFAULT_NODE.to_string());
+    let client = match Client::new(&node, cli.token.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");
             return e.exit_code();
         }
     };
-    let out = commands::Out { json: cli.json };
+    let out = commands::Out {
+        json: cli.json || opts.json,
+    };
     let r = match cli.command {
         Command::Node(_) => Ok(()),
-        Command::Maps => commands::maps(&client, out).await,
-        Command::Map(MapCommand::Create { name, ttl }) => {
+        Command::Maps(_) => commands::maps(&client, out).await,
+        Command::Map(MapCommand::Create { name, ttl, .. }) => {
             commands::map_create(&client, out, name, ttl).await
         }
         Command::Map(MapCommand::Get(a)) => commands::map_get(&client, out, &a.map).await,
-        Command::Map(MapCommand::Ttl { map, seconds }) => {
+        Command::Map(MapCommand::Ttl { map, seconds, .. }) => {
             commands::map_ttl(&client, out, &map, seconds).await
         }
         Command::Map(MapCommand::Delete(a)) => commands::map_delete(&client, out, &a.map).await,
@@ -530,9 +572,9 @@ async fn run(cli: Cli) -> u8 {
         Command::Get(a) => commands::get(&client, out, &a.map, &a.key).await,
         Command::Conflicts(a) => commands::conflicts(&client, out, &a.map, &a.key).await,
         Command::Remove(a) => commands::remove(&client, out, &a.map, &a.key, a.if_match).await,
-        Command::Ttl { map, key, seconds } => {
-            commands::item_ttl(&client, out, &map, &key, seconds).await
-        }
+        Command::Ttl {
+            map, key, seconds, ..
+        } => commands::item_ttl(&client, out, &map, &key, seconds).await,
         Command::Items(a) => {
             let q = commands::ItemsQuery {
                 from: a.from,
@@ -544,7 +586,7 @@ async fn run(cli: Cli) -> u8 {
             commands::items(&client, out, &a.map, q).await
         }
         Command::Watch(a) => commands::watch(&client, &a.map, a.after).await,
-        Command::Status => commands::status(&client, out).await,
+        Command::Status(_) => commands::status(&client, out).await,
         Command::Invite(a) => {
             let scope = commands::InviteScope {
                 maps: a.maps,
@@ -555,14 +597,16 @@ async fn run(cli: Cli) -> u8 {
             commands::invite(&client, out, scope).await
         }
         Command::Join(a) => commands::join(&client, out, &a.ticket).await,
-        Command::Peers(PeersArgs { command: None }) => commands::peers(&client, out).await,
+        Command::Peers(PeersArgs { command: None, .. }) => commands::peers(&client, out).await,
         Command::Peers(PeersArgs {
-            command: Some(PeersCommand::Trust { peer_id, addrs }),
+            command: Some(PeersCommand::Trust { peer_id, addrs, .. }),
+            ..
         }) => commands::peers_trust(&client, out, &peer_id, &addrs).await,
         Command::Peers(PeersArgs {
-            command: Some(PeersCommand::Untrust { peer_id }),
+            command: Some(PeersCommand::Untrust { peer_id, .. }),
+            ..
         }) => commands::peers_untrust(&client, out, &peer_id).await,
-        Command::Compact => commands::compact(&client, out).await,
+        Command::Compact(_) => commands::compact(&client, out).await,
         Command::SwarmKey => Ok(()),
         Command::Export(a) => commands::export(&client, &a.map).await,
         Command::Import(a) => commands::import(&client, out, &a.map).await,
@@ -574,6 +618,41 @@ async fn run(cli: Cli) -> u8 {
             e.exit_code()
         }
     }
+}
+
+const DEFAULT_NODE: &str = "http://127.0.0.1:7700";
+
+/// The node and output options given after a command that talks to a node.
+fn client_opts(cmd: &Command) -> Option<ClientOpts> {
+    Some(
+        match cmd {
+            Command::Node(_) | Command::SwarmKey => return None,
+            Command::Maps(c) | Command::Status(c) | Command::Compact(c) => c,
+            Command::Map(m) => match m {
+                MapCommand::Create { client, .. } | MapCommand::Ttl { client, .. } => client,
+                MapCommand::Get(a) | MapCommand::Delete(a) => &a.client,
+            },
+            Command::Set(a) | Command::Update(a) => &a.client,
+            Command::Get(a) | Command::Conflicts(a) => &a.client,
+            Command::Remove(a) => &a.client,
+            Command::Ttl { client, .. } => client,
+            Command::Items(a) => &a.client,
+            Command::Watch(a) => &a.client,
+            Command::Invite(a) => &a.client,
+            Command::Join(a) => &a.client,
+            Command::Peers(p) => match &p.command {
+                Some(PeersCommand::Trust { client, .. } | PeersCommand::Untrust { client, .. }) => {
+                    return Some(ClientOpts {
+                        node: client.node.clone().or_else(|| p.client.node.clone()),
+                        json: client.json || p.client.json,
+                    });
+                }
+                None => &p.client,
+            },
+            Command::Export(a) | Command::Import(a) => &a.client,
+        }
+        .clone(),
+    )
 }
 
 fn init_logging() {
@@ -590,6 +669,56 @@ fn init_logging() {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn node_options_belong_to_client_commands_only() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let help = cmd
+            .find_subcommand_mut("node")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(
+            !help.contains("--node") && !help.contains("--json"),
+            "{help}"
+        );
+        assert!(help.contains("--token"));
+        assert!(Cli::try_parse_from(["syncmesh", "node", "--json"]).is_err());
+        // After the command, or before it: the one after wins.
+        let cli = Cli::try_parse_from([
+            "syncmesh",
+            "--node",
+            "http://a:1",
+            "get",
+            "m",
+            "k",
+            "--node",
+            "http://b:2",
+            "--json",
+        ])
+        .unwrap();
+        let o = client_opts(&cli.command).unwrap();
+        assert_eq!((o.node.as_deref(), o.json), (Some("http://b:2"), true));
+        assert_eq!(cli.node.as_deref(), Some("http://a:1"));
+        let cli = Cli::try_parse_from(["syncmesh", "--json", "maps"]).unwrap();
+        assert!(cli.json);
+        let cli =
+            Cli::try_parse_from(["syncmesh", "peers", "trust", "12D3KooWA", "--json"]).unwrap();
+        assert!(client_opts(&cli.command).unwrap().json);
+        let cli =
+            Cli::try_parse_from(["syncmesh", "map", "ttl", "m", "5", "--node", "x:1"]).unwrap();
+        assert_eq!(
+            client_opts(&cli.command).unwrap().node.as_deref(),
+            Some("x:1")
+        );
+        assert!(client_opts(
+            &Cli::try_parse_from(["syncmesh", "swarm-key"])
+                .unwrap()
+                .command
+        )
+        .is_none());
+    }
 
     #[test]
     fn the_cli_is_well_formed_and_every_command_has_examples() {
@@ -697,7 +826,7 @@ mod tests {
         let cli = Cli::try_parse_from(["syncmesh", "peers"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Peers(PeersArgs { command: None })
+            Command::Peers(PeersArgs { command: None, .. })
         ));
         let cli = Cli::try_parse_from([
             "syncmesh",
@@ -709,7 +838,8 @@ mod tests {
         ])
         .unwrap();
         let Command::Peers(PeersArgs {
-            command: Some(PeersCommand::Trust { peer_id, addrs }),
+            command: Some(PeersCommand::Trust { peer_id, addrs, .. }),
+            ..
         }) = cli.command
         else {
             panic!()
@@ -719,7 +849,8 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Peers(PeersArgs {
-                command: Some(PeersCommand::Untrust { .. })
+                command: Some(PeersCommand::Untrust { .. }),
+                ..
             })
         ));
     }
