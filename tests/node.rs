@@ -381,6 +381,11 @@ async fn a_full_disk_loses_no_acknowledged_write() {
         .map(|i| i.unique_name)
         .collect();
     assert_eq!(names, vec![Some("big".to_string())]);
+    // Compaction and parking cannot store anything either; reads still go on after them.
+    assert!(node.compact().await.is_err());
+    assert_eq!(m.get("k00000").await.unwrap().data["i"], 0);
+    assert_eq!(node.maps().await.unwrap().len(), 1);
+    assert!(m.items(PageRequest::default()).await.is_ok());
     let again = m.set("after", json!({})).await.unwrap_err();
     assert!(
         again.to_string().contains("storage failure") || again.to_string().contains("no space"),
@@ -763,4 +768,78 @@ async fn readiness_is_awaited_not_polled() {
         .unwrap();
     assert!(matches!(r, Err(Error::Closed)), "{r:?}");
     b.close().await.unwrap();
+}
+
+/// A networked node whose disk fills up leaves the mesh (it could store nothing peers send)
+/// and answers waits at once; its peer sees it go. Needs `mount` (root, as on CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_writes_stopped_leaves_the_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED a_node_whose_writes_stopped_leaves_the_mesh: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let a = Node::builder()
+        .data_dir(mnt.join("data"))
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .mdns(false)
+        .trust_all(true)
+        .open()
+        .await
+        .unwrap();
+    let a_addr = tokio::time::timeout(DEADLINE, a.listening())
+        .await
+        .unwrap()
+        .unwrap()[0]
+        .clone();
+    let b = Node::builder()
+        .peer(a_addr)
+        .mdns(false)
+        .trust_all(true)
+        .open()
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, b.peers_connected(1))
+        .await
+        .unwrap()
+        .unwrap();
+    let m = a.map("big").await.unwrap();
+    let blob = "x".repeat(8 * 1024);
+    let mut i = 0;
+    while m
+        .set(&format!("k{i:05}"), json!({ "blob": blob }))
+        .await
+        .is_ok()
+    {
+        i += 1;
+        assert!(i < 10_000, "a 3 MiB disk fills up");
+    }
+    // A leaves: B sees it go, A's network says it stopped, and waiting on it ends.
+    let gone = async {
+        while !b.network().unwrap().connected.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(DEADLINE, gone).await.unwrap();
+    assert!(a.network().unwrap().stopped);
+    assert!(matches!(a.listening().await, Err(Error::NoNetwork)));
+    // Reads on A go on.
+    assert!(m.get("k00000").await.is_ok());
+    b.close().await.unwrap();
+    drop(m);
+    let _ = a.close().await;
 }

@@ -98,8 +98,7 @@ to stderr (RUST_LOG=debug for more). SIGINT or SIGTERM stop it after committing 
     )]
     Maps(ClientOpts),
     /// Create, show, expire or delete a map.
-    #[command(subcommand)]
-    Map(MapCommand),
+    Map(MapArgs),
     /// Set an item's data (creating it), replacing what was there.
     #[command(after_help = "\
 Examples:
@@ -297,6 +296,14 @@ impl NodeArgs {
             fetch_timeout: self.fetch_timeout,
         }))
     }
+}
+
+#[derive(Debug, Args)]
+struct MapArgs {
+    #[command(subcommand)]
+    command: MapCommand,
+    #[command(flatten)]
+    client: ClientOpts,
 }
 
 #[derive(Debug, Subcommand)]
@@ -535,14 +542,22 @@ async fn run(cli: Cli) -> u8 {
     let r = match cli.command {
         Command::Node(_) => Ok(()),
         Command::Maps(_) => commands::maps(&client, out).await,
-        Command::Map(MapCommand::Create { name, ttl, .. }) => {
-            commands::map_create(&client, out, name, ttl).await
-        }
-        Command::Map(MapCommand::Get(a)) => commands::map_get(&client, out, &a.map).await,
-        Command::Map(MapCommand::Ttl { map, seconds, .. }) => {
-            commands::map_ttl(&client, out, &map, seconds).await
-        }
-        Command::Map(MapCommand::Delete(a)) => commands::map_delete(&client, out, &a.map).await,
+        Command::Map(MapArgs {
+            command: MapCommand::Create { name, ttl, .. },
+            ..
+        }) => commands::map_create(&client, out, name, ttl).await,
+        Command::Map(MapArgs {
+            command: MapCommand::Get(a),
+            ..
+        }) => commands::map_get(&client, out, &a.map).await,
+        Command::Map(MapArgs {
+            command: MapCommand::Ttl { map, seconds, .. },
+            ..
+        }) => commands::map_ttl(&client, out, &map, seconds).await,
+        Command::Map(MapArgs {
+            command: MapCommand::Delete(a),
+            ..
+        }) => commands::map_delete(&client, out, &a.map).await,
         Command::Set(a) => {
             commands::write(
                 &client,
@@ -628,10 +643,16 @@ fn client_opts(cmd: &Command) -> Option<ClientOpts> {
         match cmd {
             Command::Node(_) | Command::SwarmKey => return None,
             Command::Maps(c) | Command::Status(c) | Command::Compact(c) => c,
-            Command::Map(m) => match m {
-                MapCommand::Create { client, .. } | MapCommand::Ttl { client, .. } => client,
-                MapCommand::Get(a) | MapCommand::Delete(a) => &a.client,
-            },
+            Command::Map(m) => {
+                let sub = match &m.command {
+                    MapCommand::Create { client, .. } | MapCommand::Ttl { client, .. } => client,
+                    MapCommand::Get(a) | MapCommand::Delete(a) => &a.client,
+                };
+                return Some(ClientOpts {
+                    node: sub.node.clone().or_else(|| m.client.node.clone()),
+                    json: sub.json || m.client.json,
+                });
+            }
             Command::Set(a) | Command::Update(a) => &a.client,
             Command::Get(a) | Command::Conflicts(a) => &a.client,
             Command::Remove(a) => &a.client,
@@ -718,6 +739,8 @@ mod tests {
                 .command
         )
         .is_none());
+        let cli = Cli::try_parse_from(["syncmesh", "map", "--json", "get", "users"]).unwrap();
+        assert!(client_opts(&cli.command).unwrap().json);
     }
 
     #[test]

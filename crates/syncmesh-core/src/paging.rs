@@ -62,9 +62,9 @@ pub struct Page {
     pub prev_token: Option<String>,
     /// The page size used.
     pub page_size: usize,
-    /// The id of the newest event of the map this page reflects (0: none yet). The map's
-    /// events after it are exactly the changes the page does not show, for the keys this
-    /// page covers (see [`Page::covers`]).
+    /// The id of the newest event of the map this page reflects (0: none yet). For the keys
+    /// this page covers (from just after the previous page's last key to its own last key),
+    /// the map's events after it are exactly the changes the page does not show.
     pub last_event_id: u64,
 }
 

@@ -263,6 +263,7 @@ impl NetStatus {
             discovered: Vec::new(),
             problems: Vec::new(),
             trusts_everyone,
+            stopped: false,
         }
     }
 }
@@ -302,6 +303,8 @@ pub struct NetStatus {
     pub problems: Vec<PeerProblem>,
     /// Whether every peer that connects is trusted (`trust_all` or a swarm key).
     pub trusts_everyone: bool,
+    /// The network has stopped (the node closed, or left the mesh): nothing will change.
+    pub stopped: bool,
 }
 
 pub(crate) enum Command {
@@ -425,8 +428,8 @@ impl NetHandle {
     /// returns it; `None` once the network has stopped.
     pub async fn wait_for(&self, mut ready: impl FnMut(&NetStatus) -> bool) -> Option<NetStatus> {
         let mut rx = self.status.subscribe();
-        let st = rx.wait_for(|st| ready(st)).await.ok()?;
-        Some(st.clone())
+        let st = rx.wait_for(|st| st.stopped || ready(st)).await.ok()?;
+        (!st.stopped).then(|| st.clone())
     }
 
     /// Stops the network thread (connections close).
@@ -435,6 +438,12 @@ impl NetHandle {
         if self.tx.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
+        self.status.send_modify(|st| {
+            st.stopped = true;
+            st.listen_addrs.clear();
+            st.connected.clear();
+            st.untrusted.clear();
+        });
     }
 }
 

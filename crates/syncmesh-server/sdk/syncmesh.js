@@ -721,6 +721,9 @@ export class SyncMap extends Emitter {
   #hold = null;
   /** What the last snapshot showed, per page: events it shows are not delivered. */
   #covered = null;
+  /** The last `snapshot()` call, and when its held events have gone out. */
+  #snapshotTail = Promise.resolve();
+  #released = Promise.resolve();
 
   /** @internal */
   constructor(core) {
@@ -938,9 +941,22 @@ export class SyncMap extends Emitter {
    */
   async snapshot() {
     this.#check();
+    // One at a time per object, each after the previous one's events went out: two holds
+    // at once would reorder events.
+    const run = this.#snapshotTail.then(() => this.#takeSnapshot());
+    this.#snapshotTail = run.then(
+      () => this.#released,
+      () => this.#released,
+    );
+    return run;
+  }
+
+  async #takeSnapshot() {
     const core = this.#core;
     const hold = [];
     this.#hold = hold;
+    let release;
+    this.#released = new Promise((r) => (release = r));
     try {
       const read = async (params) => {
         const res = await core.client.send("GET", `${this.#path()}/Items`, { query: params });
@@ -968,8 +984,9 @@ export class SyncMap extends Emitter {
       // After the caller has the items (its code after `await` runs first), in order; events
       // arriving until then join the queue.
       setTimeout(() => {
-        if (this.#hold === hold) this.#hold = null;
+        this.#hold = null;
         for (const [name, args] of hold) this._emit(name, args);
+        release();
       }, 0);
     }
   }

@@ -262,8 +262,6 @@ pub(crate) struct Engine {
     signatures_wanted: BTreeSet<MapSid>,
     /// Whether [`Engine::forget_uncommitted`] ran.
     forgot_uncommitted: bool,
-    /// Whether ignoring peers for stopped writes was logged.
-    warned_unstorable: bool,
     dirty: BTreeSet<MapSid>,
     /// Number of the last commit sent to the store writer.
     commit_seq: u64,
@@ -354,7 +352,6 @@ impl Engine {
             digests_wanted: BTreeSet::new(),
             signatures_wanted: BTreeSet::new(),
             forgot_uncommitted: false,
-            warned_unstorable: false,
             dirty: BTreeSet::new(),
             commit_seq: 0,
             last_commit: HashMap::new(),
@@ -445,6 +442,14 @@ impl Engine {
                 }
                 self.net_housekeeping(now);
                 self.commit(now, acks, barriers);
+                if self.forgot_uncommitted && self.net.is_some() {
+                    // It can store nothing peers send, nor answer them honestly: it leaves
+                    // the mesh until it is reopened (peers keep their changes).
+                    tracing::warn!(
+                        "writes are stopped: leaving the mesh until the node is reopened"
+                    );
+                    self.stop_net_for_stopped_writes().await;
+                }
                 if self.shutdown.is_some() {
                     break;
                 }
@@ -510,6 +515,9 @@ impl Engine {
     /// Parks shard documents no command touched since the previous round.
     fn park_idle(&mut self, now: Timestamp) {
         self.next_park = std::time::Instant::now() + PARK_PERIOD;
+        if self.write_stop().is_some() {
+            return; // parking commits what it flushes: nothing can be committed now
+        }
         for m in self.catalog.maps_mut() {
             let mark = m.use_mark();
             if let Some(prev) = self.park_marks.insert(m.sid().clone(), mark) {
@@ -564,6 +572,11 @@ impl Engine {
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
             Cmd::Trust(c) => self.on_trust_cmd(c, now),
             Cmd::Compact { reply, file } => {
+                if let Some(e) = self.write_stop() {
+                    let _ = reply.send(Err(e.clone()));
+                    let _ = file.send(Err(e));
+                    return;
+                }
                 for ((sid, doc), n) in self.changes_since_snapshot.iter_mut() {
                     if *n > 0 {
                         *n = 0;
@@ -657,12 +670,19 @@ impl Engine {
     /// Whether a read of `sid` could see changes that are not stored yet (made this round,
     /// or in a commit the store writer has not finished).
     fn unsettled(&self, sid: &MapSid) -> bool {
+        // After a failed commit memory is what the store holds (nothing changes it any more).
+        if self.forgot_uncommitted {
+            return false;
+        }
         let committed = self.shared.committed.load(Ordering::Acquire);
         self.dirty.contains(sid) || self.last_commit.get(sid).is_some_and(|s| *s > committed)
     }
 
     /// Whether any map could be read with changes not stored yet.
     fn any_unsettled(&self) -> bool {
+        if self.forgot_uncommitted {
+            return false;
+        }
         let committed = self.shared.committed.load(Ordering::Acquire);
         !self.dirty.is_empty() || self.last_commit.values().any(|s| *s > committed)
     }
@@ -1204,15 +1224,16 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                 };
                 match result {
                     Ok(()) => {
-                        // Settled before anyone is answered: a read that follows an answer
-                        // is not held for this commit.
-                        shared.committed.store(seq, Ordering::Release);
                         // Events first: whoever is answered next and subscribes then finds
                         // them behind it, not in front.
                         for e in events {
                             // No subscriber is not an error.
                             let _ = shared.events.send(e);
                         }
+                        // Settled before anyone is answered (a read that follows an answer is
+                        // not held for this commit) and after the events are out (a reader not
+                        // held then subscribes behind them).
+                        shared.committed.store(seq, Ordering::Release);
                         for a in acks {
                             a.send(Ok(()));
                         }

@@ -406,11 +406,13 @@ impl Node {
         if !self.inner.listens {
             return Err(Error::NoNetwork);
         }
-        let st = net
-            .wait_for(|st| !st.listen_addrs.is_empty())
-            .await
-            .ok_or(Error::Closed)?;
-        Ok(st.listen_addrs)
+        let mut closed = self.inner.shared.closed.subscribe();
+        tokio::select! {
+            st = net.wait_for(|st| !st.listen_addrs.is_empty()) => {
+                st.map(|st| st.listen_addrs).ok_or(Error::NoNetwork)
+            }
+            _ = closed.wait_for(|c| *c) => Err(Error::Closed),
+        }
     }
 
     /// Waits until at least `n` trusted peers are connected and the node exchanges maps with
@@ -808,7 +810,10 @@ impl Map {
 
     /// Every live item and the event stream that continues exactly after them: each change
     /// the items do not show arrives on the stream, and none they show does. This is the way
-    /// to mirror a map (read it, then follow it) without missing or repeating anything.
+    /// to mirror a map (read it, then follow it) without missing or repeating anything. The
+    /// items are copied in one step of the engine (other maps' operations wait meanwhile), so
+    /// for a very large map prefer paging with [`Map::items`], whose pages carry
+    /// [`Page::last_event_id`].
     pub async fn snapshot_and_subscribe(&self) -> Result<(Snapshot, EventStream)> {
         let (items, last_event_id) =
             expect_reply!(self.op(Op::Listing).await, Reply::Listing(i, id) => (i, id))?;

@@ -272,14 +272,8 @@ impl Engine {
                     return;
                 }
                 if self.write_stop().is_some() {
-                    // What this node cannot store it must not serve either: peers keep their
-                    // changes and hand them over after a restart with room on disk.
-                    if !self.warned_unstorable {
-                        self.warned_unstorable = true;
-                        tracing::warn!(
-                            "writes are stopped: peers' messages are ignored until a restart"
-                        );
-                    }
+                    // What this node cannot store it must not take (it leaves the mesh at
+                    // the end of this round): peers keep their changes.
                     return;
                 }
                 for bytes in msgs {
@@ -507,6 +501,21 @@ impl Engine {
 
     /// Shuts the network thread down. Its events are dropped first, so a network thread
     /// waiting to deliver one is never stuck.
+    /// After a failed commit: answers every open and join waiting on peers with the failure,
+    /// then stops the network.
+    pub(super) async fn stop_net_for_stopped_writes(&mut self) {
+        let Some(e) = self.write_stop() else { return };
+        if let Some(n) = self.net.as_mut() {
+            for w in n.wants.drain(..) {
+                let _ = w.reply.send(Err(e.clone()));
+            }
+            for j in n.joins.drain(..) {
+                j.fail(e.clone());
+            }
+        }
+        self.stop_net().await;
+    }
+
     pub(super) async fn stop_net(&mut self) {
         if let Some(n) = self.net.take() {
             let Net { handle, rx, .. } = n;

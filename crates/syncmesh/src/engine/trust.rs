@@ -40,6 +40,13 @@ pub(crate) struct PendingJoin {
     pub(crate) deadline: Instant,
 }
 
+impl PendingJoin {
+    /// Answers the join with `e` (it will not be carried out).
+    pub(crate) fn fail(self, e: Error) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
 /// Trust commands.
 pub(crate) enum TrustCmd {
     Invite(InviteOptions, oneshot::Sender<Result<Invite>>),
