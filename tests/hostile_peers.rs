@@ -44,7 +44,7 @@ async fn a_hostile_sync_message_does_not_stop_the_node() {
             bloom,
         }],
         changes: automerge::sync::ChunkList::from(Vec::<Vec<u8>>::new()),
-        flags: None,
+        supported_capabilities: None,
         version: automerge::sync::MessageVersion::V1,
     };
     let bytes = Wire::Sync {

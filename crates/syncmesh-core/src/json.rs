@@ -20,24 +20,77 @@
 //! `null`. So every JSON value round-trips exactly (numbers as `serde_json` parses them:
 //! `1` and `1.0` stay distinct), and foreign documents still read as JSON.
 
+use automerge::transaction::Transactable;
 use automerge::{hydrate, ObjType, ReadDoc, ScalarValue, Value};
 use base64::Engine as _;
 use serde_json::Value as Json;
 
 /// How one JSON value is written into a map slot.
-pub(crate) enum Encoded {
+pub(crate) enum Encoded<'a> {
     /// A single scalar operation.
     Scalar(ScalarValue),
-    /// A new object (map or list) created with its whole content in one batch.
-    Object(hydrate::Value),
+    /// A new object (map or list) created with its whole content ([`put_object`]).
+    Object(&'a Json),
 }
 
-/// Encodes a JSON value for writing.
-pub(crate) fn encode(v: &Json) -> Encoded {
+/// How `v` is written.
+pub(crate) fn encode(v: &Json) -> Encoded<'_> {
     match v {
-        Json::Array(_) | Json::Object(_) => Encoded::Object(to_hydrate(v)),
+        Json::Array(_) | Json::Object(_) => Encoded::Object(v),
         other => Encoded::Scalar(scalar(other)),
     }
+}
+
+/// Writes `v` (an object or array) as a new object at `prop` of `obj`, with its content.
+pub(crate) fn put_object<T: Transactable + ?Sized>(
+    tx: &mut T,
+    obj: &automerge::ObjId,
+    prop: &str,
+    v: &Json,
+) -> Result<(), automerge::AutomergeError> {
+    let id = tx.put_object(obj, prop, obj_type(v))?;
+    fill(tx, &id, v)
+}
+
+fn obj_type(v: &Json) -> ObjType {
+    match v {
+        Json::Array(_) => ObjType::List,
+        _ => ObjType::Map,
+    }
+}
+
+/// Writes the content of `v` into the new object `id`.
+fn fill<T: Transactable + ?Sized>(
+    tx: &mut T,
+    id: &automerge::ObjId,
+    v: &Json,
+) -> Result<(), automerge::AutomergeError> {
+    match v {
+        Json::Object(map) => {
+            for (k, x) in map {
+                match x {
+                    Json::Object(_) | Json::Array(_) => {
+                        let child = tx.put_object(id, k.as_str(), obj_type(x))?;
+                        fill(tx, &child, x)?;
+                    }
+                    other => tx.put(id, k.as_str(), scalar(other))?,
+                }
+            }
+        }
+        Json::Array(items) => {
+            for (i, x) in items.iter().enumerate() {
+                match x {
+                    Json::Object(_) | Json::Array(_) => {
+                        let child = tx.insert_object(id, i, obj_type(x))?;
+                        fill(tx, &child, x)?;
+                    }
+                    other => tx.insert(id, i, scalar(other))?,
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn scalar(v: &Json) -> ScalarValue {
@@ -55,23 +108,6 @@ fn scalar(v: &Json) -> ScalarValue {
         }
         Json::String(s) => ScalarValue::Str(s.as_str().into()),
         Json::Array(_) | Json::Object(_) => ScalarValue::Null,
-    }
-}
-
-/// The hydrate form of a JSON value (used for nested objects and arrays).
-pub(crate) fn to_hydrate(v: &Json) -> hydrate::Value {
-    match v {
-        Json::Array(items) => {
-            hydrate::Value::from(items.iter().map(to_hydrate).collect::<Vec<_>>())
-        }
-        Json::Object(map) => {
-            let m: std::collections::HashMap<String, hydrate::Value> = map
-                .iter()
-                .map(|(k, v)| (k.clone(), to_hydrate(v)))
-                .collect();
-            hydrate::Value::Map(hydrate::Map::from(m))
-        }
-        other => hydrate::Value::Scalar(scalar(other)),
     }
 }
 
@@ -121,7 +157,7 @@ pub(crate) fn read<R: ReadDoc>(doc: &R, value: &Value<'_>, id: &automerge::ObjId
 #[cfg(test)]
 mod tests {
     use super::*;
-    use automerge::{transaction::Transactable, AutoCommit, ROOT};
+    use automerge::{AutoCommit, ROOT};
     use serde_json::json;
 
     fn roundtrip(v: &Json) -> Json {
@@ -130,8 +166,8 @@ mod tests {
             Encoded::Scalar(s) => {
                 doc.put(ROOT, "x", s).unwrap();
             }
-            Encoded::Object(h) => {
-                doc.batch_create_object(ROOT, "x", &h, false).unwrap();
+            Encoded::Object(v) => {
+                put_object(&mut doc, &ROOT, "x", v).unwrap();
             }
         }
         let (val, id) = doc.get(ROOT, "x").unwrap().unwrap();

@@ -34,6 +34,7 @@
 
 #![warn(missing_docs)]
 
+mod am;
 pub mod authorship;
 mod catalog;
 mod error;

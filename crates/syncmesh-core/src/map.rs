@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use automerge::legacy::{Key, ObjectId};
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
@@ -345,7 +344,10 @@ impl StoredDoc {
         let mut out = match &self.snapshot {
             Some(s) => Automerge::load(s)
                 .map_err(|e| Error::Corrupt(format!("{what}: snapshot: {e}")))?
-                .get_changes(&[]),
+                .get_changes(&[])
+                .into_iter()
+                .cloned()
+                .collect(),
             None => Vec::new(),
         };
         for (i, c) in self.changes.iter().enumerate() {
@@ -1911,7 +1913,7 @@ impl MapReplica {
             // Without flags the peer never learns we could take version 2 messages, whose
             // single chunk (possibly a whole saved document) could not be checked change by
             // change before applying.
-            m.flags = None;
+            m.supported_capabilities = None;
             m.version = sync::MessageVersion::V1;
             m.encode()
         }))
@@ -2044,21 +2046,21 @@ impl MapReplica {
         // A change with no root operation scans to nothing: scanning twice is harmless.
         let scan_now = before.is_none() && slots.is_empty();
         let mut scan = |c: &Change| {
-            for op in c.decode().operations {
-                if let (ObjectId::Root, Key::Map(k)) = (&op.obj, &op.key) {
-                    slots.insert(k.to_string());
-                }
+            for k in crate::am::root_map_keys(c) {
+                slots.insert(k);
             }
         };
         if scan_now {
             changes.iter().for_each(&mut scan);
         }
-        let mut log = PatchLog::active();
+        let mut log = PatchLog::active(automerge::patches::TextRepresentation::String(
+            automerge::TextEncoding::UnicodeCodePoint,
+        ));
         doc.apply_changes_log_patches(changes, &mut log)
             .map_err(|e| Error::InvalidChange(e.to_string()))?;
         let patches = doc.make_patches(&mut log);
         if let Some(before) = before {
-            doc.get_changes(&before).iter().for_each(&mut scan);
+            doc.get_changes(&before).into_iter().for_each(&mut scan);
         }
         let mut touched: BTreeSet<String> = BTreeSet::new();
         let nested = patches.iter().map(|p| match p.path.first() {
@@ -2534,10 +2536,7 @@ fn write_pending(
         match op {
             Pending::Field(v) => match json::encode(v) {
                 Encoded::Scalar(s) => tx.put(ROOT, slot, s).map_err(tx_err)?,
-                Encoded::Object(h) => {
-                    tx.batch_create_object(ROOT, slot, &h, false)
-                        .map_err(tx_err)?;
-                }
+                Encoded::Object(v) => json::put_object(tx, &ROOT, slot, v).map_err(tx_err)?,
             },
             Pending::Meta(b, fresh) => {
                 if *fresh {
@@ -2564,7 +2563,7 @@ fn write_pending(
 fn field_slots_tx(tx: &automerge::transaction::Transaction<'_>, key: &str) -> Vec<String> {
     let prefix = layout::field_prefix(key);
     tx.map_range(ROOT, prefix.clone()..)
-        .map(|it| it.key.into_owned())
+        .map(|it| it.key.to_string())
         .take_while(|k| k.starts_with(&prefix))
         .collect()
 }
@@ -2615,7 +2614,7 @@ fn raw_meta(v: &Value<'_>) -> Option<Vec<u8>> {
 fn field_slots(doc: &Automerge, key: &str) -> Vec<String> {
     let prefix = layout::field_prefix(key);
     doc.map_range(ROOT, prefix.clone()..)
-        .map(|it| it.key.into_owned())
+        .map(|it| it.key.to_string())
         .take_while(|k| k.starts_with(&prefix))
         .collect()
 }
@@ -2731,12 +2730,9 @@ pub fn check_changes(doc: DocAddr, changes: &[Change]) -> Result<Checked> {
     }
     let mut slots = BTreeSet::new();
     for change in changes {
-        for op in change.decode().operations {
-            if op.obj != ObjectId::Root {
-                // Inside an item's object or list value: any JSON shape is fine.
-                continue;
-            }
-            let Key::Map(k) = &op.key else {
+        // Inside an item's object or list value any JSON shape is fine: only root operations.
+        for op in crate::am::root_ops(change) {
+            let crate::am::RootOp::Key(k) = &op else {
                 return Err(Error::InvalidChange(
                     "a sequence operation on a document root".into(),
                 ));
@@ -2825,7 +2821,7 @@ pub fn decode_sync(doc: DocAddr, bytes: &[u8]) -> Result<DecodedSync> {
             "sync messages must be version 1".into(),
         ));
     }
-    msg.flags = None;
+    msg.supported_capabilities = None;
     if msg.have.len() > 16 {
         return Err(Error::InvalidChange("too many bloom filters".into()));
     }
@@ -2996,17 +2992,11 @@ fn read_policy(doc: &Automerge) -> crate::policy::Policy {
 /// Whether a change of the map document needs the `Manage` permission: it changes permission
 /// entries or removes the map. Other map-document changes need `Write`.
 pub fn needs_manage(change: &Change) -> bool {
-    change.decode().operations.iter().any(|op| {
-        op.obj == ObjectId::Root
-            && match &op.key {
-                Key::Map(k) => {
-                    k.starts_with(crate::policy::PREFIX)
-                        || ((k.starts_with('r') || k.starts_with('g'))
-                            && k.len() > 1
-                            && k[1..].bytes().all(|b| b.is_ascii_digit()))
-                }
-                _ => false,
-            }
+    crate::am::root_map_keys(change).iter().any(|k| {
+        k.starts_with(crate::policy::PREFIX)
+            || ((k.starts_with('r') || k.starts_with('g'))
+                && k.len() > 1
+                && k[1..].bytes().all(|b| b.is_ascii_digit()))
     })
 }
 

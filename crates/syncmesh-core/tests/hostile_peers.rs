@@ -119,7 +119,7 @@ fn a_bloom_filter_with_zero_bits_is_a_violation_not_a_panic() {
             bloom,
         }],
         changes: automerge::sync::ChunkList::from(Vec::<Vec<u8>>::new()),
-        flags: None,
+        supported_capabilities: None,
         version: automerge::sync::MessageVersion::V1,
     };
     let bytes = Wire::Sync {
@@ -244,7 +244,7 @@ fn sync_messages_for_documents_not_synced_keep_no_sessions() {
     let msg = {
         use automerge::sync::SyncDoc;
         let mut m = empty.generate_sync_message(&mut st).unwrap();
-        m.flags = None;
+        m.supported_capabilities = None;
         m.version = automerge::sync::MessageVersion::V1;
         m.encode()
     };

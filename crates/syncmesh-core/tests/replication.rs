@@ -725,7 +725,7 @@ fn a_node_fetching_a_map_refuses_permissions_a_member_granted_itself() {
         Bytes(forged.hash().0.to_vec()),
         me.signer.as_ref().unwrap().sign(&forged.hash()).unwrap(),
     )];
-    let history: Vec<automerge::Change> = doc.get_changes(&[]);
+    let history: Vec<automerge::Change> = doc.get_changes(&[]).into_iter().cloned().collect();
     for c in &history {
         if let Some(s) = m.signature(&c.hash()) {
             sigs.push((Bytes(c.hash().0.to_vec()), s.clone()));

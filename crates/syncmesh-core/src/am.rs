@@ -1,0 +1,67 @@
+//! What syncmesh needs of Automerge that differs between its release lines (this build: the
+//! 0.6 line, see docs/benchmarks.md for why): kept here so the line can be changed in one place.
+
+use automerge::Change;
+
+/// An operation of a change on the document's root object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RootOp {
+    /// On a map key (a put or a delete).
+    Key(String),
+    /// A sequence operation (never valid on a map root).
+    Seq,
+}
+
+/// The operations a change makes on the root object, in order (operations inside nested
+/// objects are left out).
+pub(crate) fn root_ops(c: &Change) -> Vec<RootOp> {
+    let mut out = Vec::new();
+    for op in c.decode().operations {
+        // 0.6 keeps its expanded-change types private: their serde forms are "_root" for the
+        // root object and the key's string for a map key.
+        let root = serde_json::to_value(&op.obj).is_ok_and(|o| o == "_root");
+        if !root {
+            continue;
+        }
+        if !op.key.is_map_key() {
+            out.push(RootOp::Seq);
+            continue;
+        }
+        match serde_json::to_value(&op.key) {
+            Ok(serde_json::Value::String(k)) => out.push(RootOp::Key(k)),
+            _ => out.push(RootOp::Seq),
+        }
+    }
+    out
+}
+
+/// The root-level map keys a change writes (puts and deletes), in order, repeats included.
+pub(crate) fn root_map_keys(c: &Change) -> Vec<String> {
+    root_ops(c)
+        .into_iter()
+        .filter_map(|o| match o {
+            RootOp::Key(k) => Some(k),
+            RootOp::Seq => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+    use automerge::{Automerge, ObjType, ROOT};
+
+    #[test]
+    fn root_keys_of_a_change_leave_nested_operations_out() {
+        let mut doc = Automerge::new();
+        let mut tx = doc.transaction();
+        tx.put(ROOT, "a", 1).unwrap();
+        let m = tx.put_object(ROOT, "b", ObjType::Map).unwrap();
+        tx.put(&m, "inner", 2).unwrap();
+        tx.delete(ROOT, "a").unwrap();
+        tx.commit();
+        let c = doc.get_last_local_change().unwrap().clone();
+        assert_eq!(root_map_keys(&c), vec!["a", "b", "a"]);
+    }
+}
