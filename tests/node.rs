@@ -843,3 +843,48 @@ async fn a_node_whose_writes_stopped_leaves_the_mesh() {
     drop(m);
     let _ = a.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_documents_stay_within_the_budget_and_parked_ones_come_back() {
+    let budget = 2 * 1024 * 1024;
+    let node = Node::builder()
+        .in_memory()
+        .document_budget(budget)
+        .open()
+        .await
+        .unwrap();
+    let maps = [node.map("a").await.unwrap(), node.map("b").await.unwrap()];
+    for i in 0..3_000 {
+        let m = &maps[i % 2];
+        m.set(&format!("k{i}"), json!({"i": i, "s": "some text"}))
+            .await
+            .unwrap();
+    }
+    // Checked every 50 ms after a round: wait for it (no fixed sleep).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let (bytes, docs) = loop {
+        let (bytes, docs) = node.live_documents().await.unwrap();
+        if bytes <= budget {
+            break (bytes, docs);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "live documents at {bytes} bytes over a {budget}-byte budget"
+        );
+        let _ = maps[0].get("k0").await; // a command: the engine runs a round
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("live documents: ~{bytes} bytes in {docs} shard documents");
+    assert!(
+        docs < 2 * 1024,
+        "some shard documents were parked ({docs} live)"
+    );
+    // Everything is still there, parked or not, and writes to parked shards work.
+    for i in (0..3_000).step_by(7) {
+        let m = &maps[i % 2];
+        assert_eq!(m.get(&format!("k{i}")).await.unwrap().data["i"], i);
+    }
+    maps[1].set("k1", json!({"i": -1})).await.unwrap();
+    assert_eq!(maps[1].get("k1").await.unwrap().data["i"], -1);
+    node.close().await.unwrap();
+}

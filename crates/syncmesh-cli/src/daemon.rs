@@ -68,6 +68,8 @@ pub struct Config {
     pub allow_hosts: Vec<String>,
     /// Seconds an open of a map only peers hold waits for all of it.
     pub fetch_timeout: Option<u64>,
+    /// Megabytes of memory for live Automerge documents (least recently used ones are parked).
+    pub document_budget: Option<u64>,
     /// What clients may take of the node (`[limits]`).
     #[serde(default)]
     pub limits: LimitArgs,
@@ -241,6 +243,7 @@ impl Config {
             },
             limits: self.limits.overridden_by(flags.limits),
             fetch_timeout: flags.fetch_timeout.or(self.fetch_timeout),
+            document_budget: flags.document_budget.or(self.document_budget),
         }
     }
 }
@@ -344,6 +347,12 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
             bail!("--fetch-timeout must be at least 1 second");
         }
         builder = builder.fetch_timeout(Duration::from_secs(s));
+    }
+    if let Some(mb) = cfg.document_budget {
+        if mb == 0 {
+            bail!("--document-budget must be at least 1 (MB)");
+        }
+        builder = builder.document_budget(mb.saturating_mul(1024 * 1024));
     }
     if let Some(b) = cfg.limits.subscriber_buffer {
         if b == 0 {

@@ -262,6 +262,10 @@ struct NodeArgs {
     /// before answering 503/20513 [default: 10].
     #[arg(long, value_name = "SECONDS")]
     fetch_timeout: Option<u64>,
+    /// Megabytes of memory for live Automerge documents, all maps together; past it the least
+    /// recently used are parked as their saved bytes and reloaded on use [default: 64].
+    #[arg(long, value_name = "MB")]
+    document_budget: Option<u64>,
     /// Write {"http_addr", "node_id", "data_dir"} as JSON to this file once serving.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -294,6 +298,7 @@ impl NodeArgs {
             allow_hosts: self.allow_hosts.clone(),
             limits: self.limits.clone(),
             fetch_timeout: self.fetch_timeout,
+            document_budget: self.document_budget,
         }))
     }
 }

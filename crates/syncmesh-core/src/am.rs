@@ -1,7 +1,13 @@
 //! What syncmesh needs of Automerge that differs between its release lines (this build: the
 //! 0.6 line, see docs/benchmarks.md for why): kept here so the line can be changed in one place.
 
-use automerge::Change;
+use automerge::{Automerge, Change};
+
+/// Operations a document holds, history included (0.6 keeps every change in memory, so this
+/// walks them without decoding).
+pub(crate) fn op_count(doc: &Automerge) -> u64 {
+    doc.get_changes(&[]).iter().map(|c| c.len() as u64).sum()
+}
 
 /// An operation of a change on the document's root object.
 #[derive(Debug, Clone, PartialEq, Eq)]

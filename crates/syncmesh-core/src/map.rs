@@ -381,11 +381,20 @@ impl StoredDoc {
     }
 }
 
+/// Estimated heap of a live shard document: per operation it holds (history included) and
+/// per document (Automerge 0.6; calibrated with `benches/engine.rs`, which prints the estimate
+/// next to the measured heap).
+pub const LIVE_OP_BYTES: u64 = 480;
+/// See [`LIVE_OP_BYTES`].
+pub const LIVE_DOC_BYTES: u64 = 12 * 1024;
+
 struct Shard {
     body: Body,
     actor: ActorId,
     pending: BTreeMap<String, Pending>,
     last_used: u64,
+    /// Operations the live document holds (0 while parked), for [`MapReplica::live_bytes`].
+    ops: u64,
     /// Heads of a parked document, so digests for replication need not load it.
     cold_heads: Option<Vec<ChangeHash>>,
 }
@@ -399,7 +408,16 @@ impl Shard {
             actor: actor.clone(),
             pending: BTreeMap::new(),
             last_used: 0,
+            ops: 0,
             cold_heads: None,
+        }
+    }
+
+    /// Estimated heap of the document while live; 0 when parked.
+    fn live_bytes(&self) -> u64 {
+        match self.body {
+            Body::Live(_) => LIVE_DOC_BYTES + self.ops * LIVE_OP_BYTES,
+            Body::Cold(_) => 0,
         }
     }
 
@@ -415,6 +433,7 @@ impl Shard {
     fn doc(&mut self) -> Result<&mut Automerge> {
         if let Body::Cold(stored) = &self.body {
             let d = stored.load(&self.actor, "shard document")?;
+            self.ops = crate::am::op_count(&d);
             self.body = Body::Live(Box::new(d));
         }
         match &mut self.body {
@@ -432,6 +451,7 @@ impl Shard {
         // save() over-allocates; parked bytes are kept for a long time.
         saved.shrink_to_fit();
         self.cold_heads = Some(d.get_heads());
+        self.ops = 0;
         self.body = Body::Cold(StoredDoc {
             snapshot: Some(saved),
             changes: Vec::new(),
@@ -950,7 +970,7 @@ impl MapReplica {
             let Some(d) = self.shards.get_mut(&index).and_then(|sh| sh.doc().ok()) else {
                 continue;
             };
-            if d.get_change_by_hash(&h).is_some_and(|c| s.signs(&c)) {
+            if d.get_change_by_hash(&h).is_some_and(|c| s.signs(c)) {
                 good.push((h, s));
             }
         }
@@ -1426,6 +1446,34 @@ impl MapReplica {
         Ok(parked)
     }
 
+    /// Estimated heap of the shard documents held in memory ([`LIVE_OP_BYTES`]).
+    pub fn live_bytes(&self) -> u64 {
+        self.shards.values().map(Shard::live_bytes).sum()
+    }
+
+    /// Parks the least recently used shard documents until about `bytes` of estimated heap
+    /// is freed (or none is left); returns the estimate freed. Queued writes are flushed first.
+    pub fn park_lru(&mut self, bytes: u64, now: Timestamp) -> Result<u64> {
+        self.flush(now)?;
+        let mut live: Vec<(u64, u16, u64)> = self
+            .shards
+            .iter()
+            .map(|(i, s)| (s.last_used, *i, s.live_bytes()))
+            .filter(|(_, _, b)| *b > 0)
+            .collect();
+        live.sort_unstable();
+        let mut freed = 0;
+        for (_, i, b) in live {
+            if freed >= bytes {
+                break;
+            }
+            if self.shards.get_mut(&i).is_some_and(Shard::park) {
+                freed += b;
+            }
+        }
+        Ok(freed)
+    }
+
     /// Number of shard documents held in memory (not parked).
     pub fn live_shards(&self) -> usize {
         self.shards
@@ -1653,6 +1701,7 @@ impl MapReplica {
         let groups = item_groups(&pending);
         let mut done = 0;
         let mut failed = None;
+        let mut added = 0;
         for group in &groups {
             let mut tx = doc.transaction();
             if let Err(e) = write_pending(&mut tx, group, &pending) {
@@ -1671,6 +1720,7 @@ impl MapReplica {
                     }
                 }
                 if let Some(ch) = doc.get_last_local_change() {
+                    added += ch.len() as u64;
                     self.outbox.push(OutgoingChange {
                         map: self.sid.clone(),
                         doc: DocAddr::Shard {
@@ -1683,6 +1733,7 @@ impl MapReplica {
             }
             done += 1;
         }
+        sh.ops += added;
         if let Some(e) = failed {
             let left: BTreeMap<String, Pending> = groups[done..]
                 .iter()
@@ -2035,7 +2086,10 @@ impl MapReplica {
         // Read them from what was applied, not from what was given: a change that waited for
         // a missing dependency is applied together with it.
         let prescanned = self.prescanned.take();
-        let doc = self.shard_mut(index).doc()?;
+        let added: u64 = changes.iter().map(|c| c.len() as u64).sum();
+        let sh = self.shard_mut(index);
+        sh.ops += added;
+        let doc = sh.doc()?;
         // Only a document holding such waiting changes needs the (costlier) exact answer.
         let waiting = !doc.get_missing_deps(&[]).is_empty();
         let before = waiting.then(|| doc.get_heads());
@@ -2350,6 +2404,7 @@ impl MapReplica {
                     actor: m.actor.clone(),
                     pending: BTreeMap::new(),
                     last_used: 0,
+                    ops: 0,
                     cold_heads: None,
                 },
             );
@@ -2438,6 +2493,7 @@ impl MapReplica {
                         actor: m.actor.clone(),
                         pending: BTreeMap::new(),
                         last_used: 0,
+                        ops: 0,
                         cold_heads: None,
                     },
                 );

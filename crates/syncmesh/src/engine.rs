@@ -38,6 +38,10 @@ const COMPACT_AFTER_CHANGES: u32 = 1000;
 /// How often idle shard documents are parked: a shard untouched for a whole period leaves
 /// memory (kept as its saved bytes) and is reloaded on next use.
 const PARK_PERIOD: Duration = Duration::from_secs(30);
+/// Default memory for live shard documents ([`crate::NodeBuilder::document_budget`]).
+pub(crate) const DOCUMENT_BUDGET: u64 = 64 * 1024 * 1024;
+/// How often the live documents are measured against the budget.
+const BUDGET_CHECK: Duration = Duration::from_millis(50);
 /// Most snapshots or forgotten documents stored in one transaction.
 const MAX_MERGED_REPLACEMENTS: usize = 1024;
 /// Attempts (50 ms apart) to find the file free of readers for compaction.
@@ -135,6 +139,10 @@ pub(crate) enum Cmd {
     /// How many maps are loaded in memory.
     Loaded {
         reply: oneshot::Sender<Result<usize>>,
+    },
+    /// The estimated memory of live shard documents and how many there are.
+    LiveDocuments {
+        reply: oneshot::Sender<Result<(u64, usize)>>,
     },
     /// Invitations, joins, trust.
     Trust(TrustCmd),
@@ -278,6 +286,9 @@ pub(crate) struct Engine {
     /// Use marks taken at the last parking round, per map.
     park_marks: HashMap<MapSid, u64>,
     next_park: std::time::Instant,
+    /// Memory for live shard documents, all maps together.
+    budget: u64,
+    next_budget_check: std::time::Instant,
     last_durable: std::time::Instant,
     /// A relaxed (not fsynced) commit went out since the last fsync.
     needs_fsync: bool,
@@ -362,6 +373,8 @@ impl Engine {
             compact_file: Vec::new(),
             park_marks: HashMap::new(),
             next_park: std::time::Instant::now() + PARK_PERIOD,
+            budget: DOCUMENT_BUDGET,
+            next_budget_check: std::time::Instant::now(),
             last_durable: std::time::Instant::now(),
             needs_fsync: false,
             jobs,
@@ -456,6 +469,10 @@ impl Engine {
                 if std::time::Instant::now() >= self.next_park {
                     self.park_idle(now);
                 }
+                if std::time::Instant::now() >= self.next_budget_check {
+                    self.next_budget_check = std::time::Instant::now() + BUDGET_CHECK;
+                    self.keep_to_budget(now);
+                }
             }
             self.stop_net().await;
         });
@@ -532,6 +549,58 @@ impl Engine {
             .extend(sids.into_iter().filter(|s| self.park_marks.contains_key(s)));
     }
 
+    /// Sets the memory for live shard documents.
+    pub(crate) fn document_budget(mut self, bytes: u64) -> Self {
+        self.budget = bytes;
+        self
+    }
+
+    /// Parks the least recently used shard documents of the largest maps while the live ones
+    /// take more than the budget, down to 3/4 of it (so this does not run every round).
+    fn keep_to_budget(&mut self, now: Timestamp) {
+        if self.write_stop().is_some() {
+            return;
+        }
+        let mut sizes: Vec<(u64, MapSid)> = self
+            .catalog
+            .maps()
+            .map(|m| (m.live_bytes(), m.sid().clone()))
+            .collect();
+        let total: u64 = sizes.iter().map(|(b, _)| b).sum();
+        if total <= self.budget {
+            return;
+        }
+        let mut excess = total - (self.budget - self.budget / 4);
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        for (bytes, sid) in sizes {
+            if excess == 0 {
+                break;
+            }
+            let Some(m) = self.catalog.by_sid(&sid) else {
+                continue;
+            };
+            // Parking flushes first: whatever that commits goes out with the next batch (after
+            // a commit nothing is queued, so this is rare).
+            match m.flush(now) {
+                Ok(0) => {}
+                Ok(_) => {
+                    self.dirty.insert(sid.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(map = %sid, "flushing before parking failed: {e}");
+                    continue;
+                }
+            }
+            let Some(m) = self.catalog.by_sid(&sid) else {
+                continue;
+            };
+            match m.park_lru(excess.min(bytes), now) {
+                Ok(freed) => excess = excess.saturating_sub(freed),
+                Err(e) => tracing::warn!(map = %sid, "parking shards over the budget failed: {e}"),
+            }
+        }
+    }
+
     /// Removes everything whose TTL has passed, with replicated deletes.
     fn expire_due(&mut self, now: Timestamp) {
         if self.write_stop().is_some() {
@@ -568,6 +637,11 @@ impl Engine {
             Cmd::Sync { reply } => barriers.push(reply),
             Cmd::Loaded { reply } => {
                 let _ = reply.send(Ok(self.catalog.maps().count()));
+            }
+            Cmd::LiveDocuments { reply } => {
+                let bytes = self.catalog.maps().map(MapReplica::live_bytes).sum();
+                let docs = self.catalog.maps().map(MapReplica::live_shards).sum();
+                let _ = reply.send(Ok((bytes, docs)));
             }
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
             Cmd::Trust(c) => self.on_trust_cmd(c, now),

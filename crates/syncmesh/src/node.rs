@@ -51,6 +51,7 @@ pub struct NodeBuilder {
     cache_bytes: Option<usize>,
     subscriber_buffer: Option<usize>,
     fetch_timeout: Option<std::time::Duration>,
+    document_budget: Option<u64>,
     listen: Vec<Multiaddr>,
     peers: Vec<Multiaddr>,
     mdns: Option<bool>,
@@ -142,6 +143,15 @@ impl NodeBuilder {
     /// fails with [`Error::FetchIncomplete`] (the fetch goes on in the background).
     pub fn fetch_timeout(mut self, wait: std::time::Duration) -> Self {
         self.fetch_timeout = Some(wait);
+        self
+    }
+
+    /// Memory for live (unpacked) Automerge documents, all maps together (default 64 MiB,
+    /// estimated per operation held). Past it the least recently used shard documents are
+    /// parked as their saved bytes (~14 bytes per slot) and reloaded when used, so a node's
+    /// memory follows this budget and its data size, not how much of it is in use.
+    pub fn document_budget(mut self, bytes: u64) -> Self {
+        self.document_budget = Some(bytes);
         self
     }
 
@@ -239,6 +249,8 @@ impl NodeBuilder {
             signer,
             self.subscriber_buffer.unwrap_or(SUBSCRIBER_BUFFER),
             self.fetch_timeout.unwrap_or(crate::engine::FETCH_TIMEOUT),
+            self.document_budget
+                .unwrap_or(crate::engine::DOCUMENT_BUDGET),
         )
     }
 }
@@ -324,6 +336,7 @@ impl Node {
         signer: Option<syncmesh_core::Signer>,
         subscriber_buffer: usize,
         fetch_timeout: std::time::Duration,
+        document_budget: u64,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
@@ -366,7 +379,8 @@ impl Node {
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
         let net = net.map(|(h, rx)| Net::new(h, rx, hold_all, fetch_timeout));
-        let engine = Engine::new(identity, shared.clone(), net, book)?;
+        let engine =
+            Engine::new(identity, shared.clone(), net, book)?.document_budget(document_budget);
         let (cmds, rx) = mpsc::channel(COMMAND_QUEUE);
         let thread = std::thread::Builder::new()
             .name("syncmesh-engine".into())
@@ -618,6 +632,12 @@ impl Node {
             rx,
             resume_point: None,
         })
+    }
+
+    /// The estimated memory of the live (unpacked) shard documents of every map, and how many
+    /// there are; [`NodeBuilder::document_budget`] bounds the first.
+    pub async fn live_documents(&self) -> Result<(u64, usize)> {
+        self.call(|reply| Cmd::LiveDocuments { reply }).await
     }
 
     /// Commits everything queued, stops the engine and waits for it. Every clone of this
