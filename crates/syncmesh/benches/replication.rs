@@ -1,9 +1,11 @@
 //! Replication benchmark: nodes as separate processes on 127.0.0.1, durable storage on each.
 //!
-//! `cargo bench -p syncmesh --bench replication` (or name sections: `-- w1 w2 w3 ten`).
+//! `cargo bench -p syncmesh --bench replication` (or name sections: `-- w1 w2 w2seq w3 ten`);
+//! `SYNCMESH_BENCH_DURABILITY=relaxed` runs every node with `Durability::Relaxed`.
 //!
 //! - W1 latency: 1,000 single writes on A, each waiting until B's subscription sees it.
-//! - W2 throughput: A writes 10,000 items as fast as it can; time until B has all of them.
+//! - W2 throughput: A writes 10,000 items as fast as it can (64 writers; `w2seq`: one writer
+//!   awaiting each write); time until B has all of them.
 //! - W3 catch-up: A holds 10,000 items; B starts with an empty data directory; time from B's
 //!   start until it has all of them.
 //! - ten: one writer, nine readers; time until all nine have 10,000 items.
@@ -71,6 +73,10 @@ async fn node_role() {
         for p in peers.split(',').filter(|p| !p.is_empty()) {
             b = b.peer(p.parse::<Multiaddr>().unwrap());
         }
+    }
+    // `SYNCMESH_BENCH_DURABILITY=relaxed`: acknowledged before fsync (inherited by every node).
+    if std::env::var("SYNCMESH_BENCH_DURABILITY").is_ok_and(|d| d == "relaxed") {
+        b = b.durability(syncmesh::Durability::Relaxed);
     }
     // The store's page cache, to measure its part in RSS (`SYNCMESH_BENCH_CACHE=bytes`).
     if let Ok(c) = std::env::var("SYNCMESH_BENCH_CACHE") {
@@ -341,12 +347,12 @@ fn w1(shared: bool) {
     );
 }
 
-fn w2(shared: bool) {
+fn w2(shared: bool, writers: usize) {
     let d = tempfile::tempdir().unwrap();
     let (mut a, mut b) = pair(d.path(), shared);
     let n = 10_000;
     b.call(&format!("watch {n}"));
-    a.send(&format!("burst {n} 64"));
+    a.send(&format!("burst {n} {writers}"));
     let burst = a.expect("burst");
     let all = b.expect("all");
     let t0: u128 = burst[0].parse().unwrap();
@@ -355,8 +361,9 @@ fn w2(shared: bool) {
     let secs = (tb - t0) as f64 / 1e9;
     let (ra, rb) = (a.quit(), b.quit());
     println!(
-        "W2{} throughput: {n} items written on A (64 concurrent writers, durable) in {:.2} s; B had all of them after {secs:.2} s: {:.0} items/s end to end; peak RSS A {} MiB, B {} MiB",
+        "W2{} throughput: {n} items written on A ({writers} concurrent writer(s), each awaiting its writes; {}) in {:.2} s; B had all of them after {secs:.2} s: {:.0} items/s end to end; peak RSS A {} MiB, B {} MiB",
         label(shared),
+        durability(),
         (ta - t0) as f64 / 1e9,
         n as f64 / secs,
         ra / 1024,
@@ -417,6 +424,15 @@ fn ten() {
     );
 }
 
+/// The durability every node of this run uses.
+fn durability() -> &'static str {
+    if std::env::var("SYNCMESH_BENCH_DURABILITY").is_ok_and(|d| d == "relaxed") {
+        "relaxed"
+    } else {
+        "fsync"
+    }
+}
+
 fn main() {
     if std::env::var("SYNCMESH_BENCH_ROLE").is_ok() {
         node_main();
@@ -439,10 +455,13 @@ fn main() {
         w1(true);
     }
     if want("w2") {
-        w2(false);
+        w2(false, 64);
+    }
+    if want("w2seq") {
+        w2(false, 1);
     }
     if want("w2s") {
-        w2(true);
+        w2(true, 64);
     }
     if want("w3") {
         w3();
