@@ -285,28 +285,41 @@ async fn a_damaged_store_gives_a_clear_error() {
     );
 }
 
+/// A 3 MiB tmpfs under `dir`, unmounted when dropped; `None` (after saying so) where `mount`
+/// is not allowed (it needs root, as on CI).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, test: &str) -> Option<SmallDisk> {
+        let mnt = dir.join("small");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED {test}: cannot mount a tmpfs here");
+            return None;
+        }
+        Some(SmallDisk(mnt))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// A full disk: a 3 MiB tmpfs. Needs `mount` (root, as on CI); elsewhere it says so and skips.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED a_full_disk_loses_no_acknowledged_write: cannot mount a tmpfs here");
+    let Some(disk) = SmallDisk::mount(dir.path(), "a_full_disk_loses_no_acknowledged_write") else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    };
+    let mnt = disk.0.clone();
     let data = mnt.join("data");
     let node = Node::open(&data).await.unwrap();
     assert_eq!(node.writes_stopped(), None);
@@ -775,24 +788,11 @@ async fn readiness_is_awaited_not_polled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_writes_stopped_leaves_the_mesh() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&mnt)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED a_node_whose_writes_stopped_leaves_the_mesh: cannot mount a tmpfs here");
+    let Some(disk) = SmallDisk::mount(dir.path(), "a_node_whose_writes_stopped_leaves_the_mesh")
+    else {
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    };
+    let mnt = disk.0.clone();
     let a = Node::builder()
         .data_dir(mnt.join("data"))
         .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
