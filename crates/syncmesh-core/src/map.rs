@@ -2693,13 +2693,9 @@ fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
     if raws.is_empty() {
         return None;
     }
-    // The visible meta: Automerge's winner if it decodes, else the highest decodable one.
-    let meta = doc
-        .get(ROOT, mk.as_str())
-        .ok()
-        .flatten()
-        .and_then(|(v, _)| decode_meta_value(&v))
-        .or_else(|| all.iter().rev().find_map(|(v, _)| decode_meta_value(v)))?;
+    // The visible meta: Automerge's winner (the last of `get_all`, which is in operation
+    // order) if it decodes, else the highest decodable one.
+    let meta = all.iter().rev().find_map(|(v, _)| decode_meta_value(v))?;
     let max_stamp = raws
         .iter()
         .filter_map(|b| ItemMeta::decode(b))
@@ -2711,6 +2707,8 @@ fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
     let prefix_len = layout::field_prefix(key).len();
     let mut data = JsonObject::new();
     let mut conflicted = false;
+    // (`map_range`'s own `conflict` flag does not say whether concurrent values are current on
+    // the 0.6 line: `get_all` per field does.)
     for slot in field_slots(doc, key) {
         let Ok(all) = doc.get_all(ROOT, slot.as_str()) else {
             continue;
