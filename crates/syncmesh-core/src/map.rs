@@ -1451,13 +1451,16 @@ impl MapReplica {
         self.shards.values().map(Shard::live_bytes).sum()
     }
 
-    /// Parks the least recently used shard documents until about `bytes` of estimated heap
-    /// is freed (or none is left); returns the estimate freed. Queued writes are flushed first.
-    pub fn park_lru(&mut self, bytes: u64, now: Timestamp) -> Result<u64> {
+    /// Parks the least recently used shard documents not used since `mark` (a
+    /// [`Self::use_mark`]) until about `bytes` of estimated heap is freed (or none is left);
+    /// returns the estimate freed. Shards in use are never parked, so a working set larger
+    /// than the budget is not reloaded on every use. Queued writes are flushed first.
+    pub fn park_lru(&mut self, bytes: u64, mark: u64, now: Timestamp) -> Result<u64> {
         self.flush(now)?;
         let mut live: Vec<(u64, u16, u64)> = self
             .shards
             .iter()
+            .filter(|(_, s)| s.last_used <= mark)
             .map(|(i, s)| (s.last_used, *i, s.live_bytes()))
             .filter(|(_, _, b)| *b > 0)
             .collect();
@@ -2087,9 +2090,7 @@ impl MapReplica {
         // a missing dependency is applied together with it.
         let prescanned = self.prescanned.take();
         let added: u64 = changes.iter().map(|c| c.len() as u64).sum();
-        let sh = self.shard_mut(index);
-        sh.ops += added;
-        let doc = sh.doc()?;
+        let doc = self.shard_mut(index).doc()?;
         // Only a document holding such waiting changes needs the (costlier) exact answer.
         let waiting = !doc.get_missing_deps(&[]).is_empty();
         let before = waiting.then(|| doc.get_heads());
@@ -2113,6 +2114,11 @@ impl MapReplica {
         doc.apply_changes_log_patches(changes, &mut log)
             .map_err(|e| Error::InvalidChange(e.to_string()))?;
         let patches = doc.make_patches(&mut log);
+        // Counted once applied (a parked shard was loaded above with its own count).
+        if let Some(sh) = self.shards.get_mut(&index) {
+            sh.ops += added;
+        }
+        let doc = self.shard_mut(index).doc()?;
         if let Some(before) = before {
             doc.get_changes(&before).into_iter().for_each(&mut scan);
         }
@@ -3057,4 +3063,46 @@ pub fn needs_manage(change: &Change) -> bool {
 #[allow(dead_code)]
 fn assert_send(m: MapReplica) -> impl Send {
     m
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn parking_for_the_budget_spares_shards_in_use_and_counts_operations() {
+        let now = Timestamp::from_millis(1);
+        let id = Identity::new(NodeId([1; 16]), &[1; 8]);
+        let mut m = MapReplica::create(id, MapSid::for_name("b"), Some("b"), None, now).unwrap();
+        let data = |i: i64| {
+            serde_json::json!({ "i": i })
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+        };
+        for i in 0..200 {
+            m.set(&format!("k{i}"), data(i), &WriteOptions::default(), now)
+                .unwrap();
+        }
+        m.flush(now).unwrap();
+        let live = m.live_bytes();
+        assert!(live >= 200 * 2 * LIVE_OP_BYTES, "{live}");
+        let mark = m.use_mark();
+        m.set("k1", data(-1), &WriteOptions::default(), now)
+            .unwrap();
+        let freed = m.park_lru(u64::MAX, mark, now).unwrap();
+        assert!(freed > 0);
+        assert_eq!(
+            m.live_shards(),
+            1,
+            "only the shard used after the mark stays"
+        );
+        assert_eq!(m.get("k1", now).unwrap().data["i"], -1);
+        // What is left is that one small shard (its flushed write included).
+        let left = m.live_bytes();
+        assert!(
+            left > live - freed && left < LIVE_DOC_BYTES + 16 * LIVE_OP_BYTES,
+            "{left}"
+        );
+    }
 }

@@ -289,6 +289,12 @@ pub(crate) struct Engine {
     /// Memory for live shard documents, all maps together.
     budget: u64,
     next_budget_check: std::time::Instant,
+    /// Use marks of every loaded map at the previous budget check.
+    budget_marks: HashMap<MapSid, u64>,
+    /// Whether "in use over the budget" was logged since the node was last under it.
+    over_budget_warned: bool,
+    /// The live documents were over the budget at the last check (check again when idle).
+    over_budget: bool,
     last_durable: std::time::Instant,
     /// A relaxed (not fsynced) commit went out since the last fsync.
     needs_fsync: bool,
@@ -375,6 +381,9 @@ impl Engine {
             next_park: std::time::Instant::now() + PARK_PERIOD,
             budget: DOCUMENT_BUDGET,
             next_budget_check: std::time::Instant::now(),
+            budget_marks: HashMap::new(),
+            over_budget_warned: false,
+            over_budget: false,
             last_durable: std::time::Instant::now(),
             needs_fsync: false,
             jobs,
@@ -407,6 +416,10 @@ impl Engine {
                 let mut wake = self.next_park;
                 if let Some(n) = &self.net {
                     wake = wake.min(n.next_wake());
+                }
+                if self.over_budget {
+                    // Shards in use at the last check may be parked at the next one.
+                    wake = wake.min(self.next_budget_check);
                 }
                 let mut wait = self
                     .next_expiry_wait()
@@ -561,15 +574,24 @@ impl Engine {
         if self.write_stop().is_some() {
             return;
         }
+        // Shards used since the previous check are in use: never parked for the budget.
+        let marks = std::mem::take(&mut self.budget_marks);
+        self.budget_marks = self
+            .catalog
+            .maps()
+            .map(|m| (m.sid().clone(), m.use_mark()))
+            .collect();
+        let total: u64 = self.catalog.maps().map(MapReplica::live_bytes).sum();
+        self.over_budget = total > self.budget;
+        if !self.over_budget {
+            self.over_budget_warned = false;
+            return;
+        }
         let mut sizes: Vec<(u64, MapSid)> = self
             .catalog
             .maps()
             .map(|m| (m.live_bytes(), m.sid().clone()))
             .collect();
-        let total: u64 = sizes.iter().map(|(b, _)| b).sum();
-        if total <= self.budget {
-            return;
-        }
         let mut excess = total - (self.budget - self.budget / 4);
         sizes.sort_unstable_by(|a, b| b.cmp(a));
         for (bytes, sid) in sizes {
@@ -594,10 +616,22 @@ impl Engine {
             let Some(m) = self.catalog.by_sid(&sid) else {
                 continue;
             };
-            match m.park_lru(excess.min(bytes), now) {
+            // A map loaded since the previous check: all of it is in use.
+            let Some(mark) = marks.get(&sid).copied() else {
+                continue;
+            };
+            match m.park_lru(excess.min(bytes), mark, now) {
                 Ok(freed) => excess = excess.saturating_sub(freed),
                 Err(e) => tracing::warn!(map = %sid, "parking shards over the budget failed: {e}"),
             }
+        }
+        if excess > 0 && !self.over_budget_warned {
+            self.over_budget_warned = true;
+            tracing::warn!(
+                budget = self.budget,
+                live = total,
+                "the shard documents in use take more than the document budget; raise --document-budget"
+            );
         }
     }
 
