@@ -732,31 +732,34 @@ async fn errors_are_matchable_and_say_what_happened() {
     assert!(matches!(node.maps().await, Err(Error::Closed)));
 }
 
+/// A builder for a node of an isolated loopback mesh (no mDNS; every peer trusted).
+fn mesh_node() -> syncmesh::NodeBuilder {
+    Node::builder().mdns(false).trust_all(true)
+}
+
+/// The node's first listen address, once it listens.
+async fn first_addr(n: &Node) -> syncmesh::Multiaddr {
+    tokio::time::timeout(DEADLINE, n.listening())
+        .await
+        .unwrap()
+        .unwrap()[0]
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_is_awaited_not_polled() {
-    let a = Node::builder()
+    let a = mesh_node()
         .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
-        .mdns(false)
-        .trust_all(true)
         .open()
         .await
         .unwrap();
-    let addrs = tokio::time::timeout(DEADLINE, a.listening())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(addrs[0].to_string().contains("/p2p/"), "{}", addrs[0]);
+    let a_addr = first_addr(&a).await;
+    assert!(a_addr.to_string().contains("/p2p/"), "{a_addr}");
     let waiting = {
         let a = a.clone();
         tokio::spawn(async move { a.peers_connected(1).await })
     };
-    let b = Node::builder()
-        .peer(addrs[0].clone())
-        .mdns(false)
-        .trust_all(true)
-        .open()
-        .await
-        .unwrap();
+    let b = mesh_node().peer(a_addr).open().await.unwrap();
     let b_id = b.network().unwrap().peer_id;
     let up = tokio::time::timeout(DEADLINE, waiting)
         .await
@@ -793,26 +796,14 @@ async fn a_node_whose_writes_stopped_leaves_the_mesh() {
         return;
     };
     let mnt = disk.0.clone();
-    let a = Node::builder()
+    let a = mesh_node()
         .data_dir(mnt.join("data"))
         .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
-        .mdns(false)
-        .trust_all(true)
         .open()
         .await
         .unwrap();
-    let a_addr = tokio::time::timeout(DEADLINE, a.listening())
-        .await
-        .unwrap()
-        .unwrap()[0]
-        .clone();
-    let b = Node::builder()
-        .peer(a_addr)
-        .mdns(false)
-        .trust_all(true)
-        .open()
-        .await
-        .unwrap();
+    let a_addr = first_addr(&a).await;
+    let b = mesh_node().peer(a_addr).open().await.unwrap();
     tokio::time::timeout(DEADLINE, b.peers_connected(1))
         .await
         .unwrap()
