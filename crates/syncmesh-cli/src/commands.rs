@@ -188,11 +188,27 @@ pub async fn conflicts(c: &Client, out: Out, map: &str, key: &str) -> Outcome {
         .filter_map(Value::as_str)
         .collect();
     let fields = v["fields"].as_object().cloned().unwrap_or_default();
-    if fields.is_empty() {
+    let values: Vec<String> = v["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(Value::to_string)
+        .collect();
+    if fields.is_empty() && values.is_empty() {
         outln!(
-            "no conflicting fields in {key}; current writes by: {}",
+            "no conflicts in {key}; current writes by: {}",
             writers.join(", ")
         );
+        return Ok(());
+    }
+    if !values.is_empty() {
+        outln!("concurrent values of {key} (visible first):");
+        for v in &values {
+            outln!("  {v}");
+        }
+    }
+    if fields.is_empty() {
+        outln!("concurrent writes by: {}", writers.join(", "));
         return Ok(());
     }
     let mut t = table(&["field", "values (visible first)"]);

@@ -9,7 +9,14 @@
 //! two replicas ever create a shared container independently (Automerge would keep only one):
 //!
 //! - `m<len>:<key>` → the item's meta record ([`ItemMeta`], bytes). The item exists iff present.
-//! - `f<len>:<key><field>` → one top-level field of the item's data, encoded by [`crate::json`].
+//! - `w<len>:<key>` → the item's *whole* data as written by the last `set`, `mutate` or
+//!   `create_item` (compact JSON text of an object, one string scalar). Concurrent whole
+//!   writes are concurrent values of this one slot, so Automerge picks one of them whole.
+//! - `f<len>:<key><field>` → one top-level field written by an `update` after that whole
+//!   write, encoded by [`crate::json`]; it is read on top of the whole data. A whole write
+//!   deletes every field slot it saw, so only updates it did not see (concurrent ones) stay.
+//!
+//! Data written before whole slots existed (layout 1) has field slots only and reads the same.
 //!
 //! `<len>` is the key's length in bytes, so any key (including `:` or NUL) and any field name
 //! parse back unambiguously.
@@ -46,6 +53,14 @@ pub(crate) fn field_prefix(key: &str) -> String {
     s
 }
 
+/// Root key of an item's whole-data slot.
+pub(crate) fn whole_key(key: &str) -> String {
+    let mut s = String::with_capacity(key.len() + 6);
+    s.push('w');
+    push_len_key(&mut s, key);
+    s
+}
+
 /// Root key of one field of an item.
 pub(crate) fn field_key(key: &str, field: &str) -> String {
     let mut s = field_prefix(key);
@@ -64,8 +79,19 @@ fn push_len_key(s: &mut String, key: &str) {
 pub(crate) enum Slot<'a> {
     /// The meta record of the item with this key.
     Meta(&'a str),
+    /// The whole data of the item with this key.
+    Whole(&'a str),
     /// A field of the item with this key.
     Field(&'a str, &'a str),
+}
+
+impl<'a> Slot<'a> {
+    /// The item key the slot belongs to.
+    pub(crate) fn key(&self) -> &'a str {
+        match self {
+            Slot::Meta(k) | Slot::Whole(k) | Slot::Field(k, _) => k,
+        }
+    }
 }
 
 /// Parses a shard root key; `None` for anything not written by this layout.
@@ -86,6 +112,7 @@ pub(crate) fn parse_slot(root_key: &str) -> Option<Slot<'_>> {
     }
     match tag {
         b'm' if tail.is_empty() => Some(Slot::Meta(key)),
+        b'w' if tail.is_empty() => Some(Slot::Whole(key)),
         b'f' => Some(Slot::Field(key, tail)),
         _ => None,
     }
@@ -161,6 +188,7 @@ mod tests {
     fn slots_parse_back_for_awkward_keys() {
         for key in ["a", "a:b", "1:x", "m5:david", "\0", "ü/🎉", "with space"] {
             assert_eq!(parse_slot(&meta_key(key)), Some(Slot::Meta(key)));
+            assert_eq!(parse_slot(&whole_key(key)), Some(Slot::Whole(key)));
             for field in ["", "x", ":", "f1:a", "ü"] {
                 assert_eq!(
                     parse_slot(&field_key(key, field)),
@@ -169,7 +197,7 @@ mod tests {
             }
         }
         for bad in [
-            "", "m", "m:", "m0:", "x1:a", "m2:a", "m1:ab", "m01:a", "mx:a",
+            "", "m", "m:", "m0:", "x1:a", "m2:a", "m1:ab", "m01:a", "mx:a", "w1:ab", "w0:",
         ] {
             assert_eq!(parse_slot(bad), None, "{bad:?}");
         }

@@ -177,7 +177,12 @@ fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
 pub struct ItemConflicts {
     /// The item's key.
     pub key: String,
-    /// For each field with concurrent values: all of them, the visible (winning) one first.
+    /// Concurrent whole values (of `set`, `mutate` or `create_item` on several replicas) that
+    /// no later write resolved: all of them, the visible (winning) one first; empty when
+    /// there is at most one.
+    pub values: Vec<JsonObject>,
+    /// For each field that concurrent `update`s wrote: all its values, the visible (winning)
+    /// one first.
     pub fields: BTreeMap<String, Vec<Json>>,
     /// The nodes whose concurrent writes to the item are all still current, winner first
     /// (one entry when there is no conflict).
@@ -312,6 +317,9 @@ impl ItemState {
 
 #[derive(Debug, Clone)]
 enum Pending {
+    /// An item's whole data (its JSON text), replacing every field slot the writer saw.
+    Whole(Box<str>),
+    /// One field written by an update, on top of the whole data.
     Field(Json),
     /// The meta record, and whether the write creates the item.
     Meta(Vec<u8>, bool),
@@ -1233,7 +1241,7 @@ impl MapReplica {
     }
 
     /// Runs `f` on the current data (or `None`) and writes what it returns; `None` cancels and
-    /// returns `Ok(None)`. Only fields whose values changed become Automerge operations.
+    /// returns `Ok(None)`. Like [`Self::set`], the result is written whole.
     pub fn mutate<F>(
         &mut self,
         key: &str,
@@ -1314,6 +1322,10 @@ impl MapReplica {
             return Ok(None);
         };
         limits::validate_data(&new_data)?;
+        // `set`, `mutate` and `create_item` write the item whole, so that concurrent ones
+        // resolve to one of the values written; `update` (and an update that creates the
+        // item) writes only its fields, which merge per field.
+        let whole = matches!(explicit, Explicit::All);
 
         let stamp_floor = cur.map_or(0, |c| c.max_stamp);
         let created = cur.map_or(now, |c| c.meta.created());
@@ -1330,13 +1342,19 @@ impl MapReplica {
         } else {
             Vec::new()
         };
-        let mut slot_ops = diff_slots(key, cur_data.as_ref(), &new_data);
-        for f in forced {
-            if let Some(v) = new_data.get(f) {
-                slot_ops.push((layout::field_key(key, f), Pending::Field(v.clone())));
+        let mut slot_ops = if whole {
+            Vec::new()
+        } else {
+            diff_slots(key, cur_data.as_ref(), &new_data)
+        };
+        if !whole {
+            for f in forced {
+                if let Some(v) = new_data.get(f) {
+                    slot_ops.push((layout::field_key(key, f), Pending::Field(v.clone())));
+                }
             }
         }
-        let still_conflicted = conflicted && matches!(explicit, Explicit::Fields(_));
+        let still_conflicted = conflicted && !whole;
         let creates = cur.is_none();
 
         let stamp = self.next_stamp(stamp_floor, now);
@@ -1354,17 +1372,23 @@ impl MapReplica {
         let meta_bytes = meta.encode();
         let revision = hash64([meta_bytes.as_slice()]);
 
+        let mut st = ItemState::new(&new_data, &meta, stamp, revision, &mut self.nodes);
+        st.meta.conflicted = still_conflicted;
+
         let shard = layout::shard_of(key);
         let sh = self.shard_mut(shard);
+        if whole {
+            // Field writes queued before this one were seen by it: it replaces them.
+            drop_pending_fields(&mut sh.pending, key);
+            sh.pending
+                .insert(layout::whole_key(key), Pending::Whole(st.data.clone()));
+        }
         sh.pending.extend(slot_ops);
         let mk = layout::meta_key(key);
         // Creation survives coalescing with later writes queued before the same flush.
         let fresh = creates || matches!(sh.pending.get(&mk), Some(Pending::Meta(_, true)));
         sh.pending.insert(mk, Pending::Meta(meta_bytes, fresh));
         self.dirty.insert(shard);
-
-        let mut st = ItemState::new(&new_data, &meta, stamp, revision, &mut self.nodes);
-        st.meta.conflicted = still_conflicted;
         let item = Item {
             key: key.to_string(),
             data: new_data,
@@ -1487,20 +1511,19 @@ impl MapReplica {
 
     /// Deletes an item's slots (queued) and drops it from the view with an event.
     fn delete_item(&mut self, key: &str, is_local: bool, now: Timestamp) {
-        let fields: Vec<String> = self
-            .view
-            .get(key)
-            .map(|c| c.data().keys().cloned().collect())
-            .unwrap_or_default();
+        self.queue_item_delete(key);
+        self.replace_view(key, None, is_local, now);
+    }
+
+    /// Queues the deletion of every slot of `key` (the flush deletes the whole and field
+    /// slots the document holds then, which is what this replica saw).
+    fn queue_item_delete(&mut self, key: &str) {
         let shard = layout::shard_of(key);
         let sh = self.shard_mut(shard);
-        for f in fields {
-            sh.pending
-                .insert(layout::field_key(key, &f), Pending::Delete);
-        }
+        drop_pending_fields(&mut sh.pending, key);
+        sh.pending.remove(&layout::whole_key(key));
         sh.pending.insert(layout::meta_key(key), Pending::Delete);
         self.dirty.insert(shard);
-        self.replace_view(key, None, is_local, now);
     }
 
     /// Puts `new` in the view for `key` and emits the event the difference implies.
@@ -1634,6 +1657,16 @@ impl MapReplica {
             return Err(Error::ItemNotFound(key.to_string()));
         };
         let doc: &Automerge = sh.doc()?;
+        let mut values: Vec<JsonObject> = doc
+            .get_all(ROOT, layout::whole_key(key).as_str())
+            .map_err(tx_err)?
+            .iter()
+            .rev()
+            .filter_map(|(v, _)| decode_whole(v))
+            .collect();
+        if values.len() < 2 {
+            values.clear();
+        }
         let mut fields = BTreeMap::new();
         for root_key in field_slots(doc, key) {
             let mut vals: Vec<Json> = doc
@@ -1658,6 +1691,7 @@ impl MapReplica {
         writers.reverse();
         Ok(ItemConflicts {
             key: key.to_string(),
+            values,
             fields,
             writers,
         })
@@ -2139,9 +2173,7 @@ impl MapReplica {
         });
         for root_key in nested.chain(slots.iter().map(|s| Some(s.as_str()))) {
             if let Some(slot) = root_key.and_then(layout::parse_slot) {
-                let key = match slot {
-                    Slot::Meta(k) | Slot::Field(k, _) => k,
-                };
+                let key = slot.key();
                 if layout::belongs(key, index) {
                     touched.insert(key.to_string());
                 }
@@ -2159,7 +2191,7 @@ impl MapReplica {
             match fresh {
                 Some(st) if st.expired(now) => {
                     // Already dead here: remove it for everyone rather than show it.
-                    self.view_set_for_expired(&key, st, now);
+                    self.view_set_for_expired(&key, now);
                 }
                 other => self.replace_view(&key, other, false, now),
             }
@@ -2168,23 +2200,15 @@ impl MapReplica {
     }
 
     /// An item merged in already expired: drop it from the view and delete every slot it has.
-    fn view_set_for_expired(&mut self, key: &str, st: ItemState, now: Timestamp) {
-        let shard = layout::shard_of(key);
+    fn view_set_for_expired(&mut self, key: &str, now: Timestamp) {
         let old = self.view.get(key).cloned();
-        // Make the view hold the merged state so the delete covers every field, then delete.
         if let Some(o) = &old {
             if let Some(e) = o.meta.expires() {
                 self.expiry.remove(&(e, key.to_string()));
             }
         }
-        let fields: Vec<String> = st.data().keys().cloned().collect();
-        let sh = self.shard_mut(shard);
-        for f in fields {
-            sh.pending
-                .insert(layout::field_key(key, &f), Pending::Delete);
-        }
-        sh.pending.insert(layout::meta_key(key), Pending::Delete);
-        self.dirty.insert(shard);
+        // The flush deletes every slot the merged document holds for the item.
+        self.queue_item_delete(key);
         if old.is_some() {
             self.replace_view(key, None, false, now);
         }
@@ -2565,10 +2589,7 @@ fn item_groups(pending: &BTreeMap<String, Pending>) -> Vec<Vec<(&str, &Pending)>
     }
     let mut by_item: BTreeMap<&str, Vec<(&str, &Pending)>> = BTreeMap::new();
     for (slot, op) in pending {
-        let key = match layout::parse_slot(slot) {
-            Some(Slot::Meta(k)) | Some(Slot::Field(k, _)) => k,
-            None => "",
-        };
+        let key = layout::parse_slot(slot).map_or("", |s| s.key());
         by_item.entry(key).or_default().push((slot.as_str(), op));
     }
     let mut groups = Vec::new();
@@ -2596,38 +2617,80 @@ fn write_pending(
 ) -> Result<()> {
     for &(slot, op) in group {
         match op {
+            Pending::Whole(text) => {
+                if let Some(key) = layout::parse_slot(slot).map(|s| s.key()) {
+                    clear_item_slots(tx, key, all, false)?;
+                }
+                tx.put(ROOT, slot, ScalarValue::Str(text.as_ref().into()))
+                    .map_err(tx_err)?
+            }
             Pending::Field(v) => match json::encode(v) {
                 Encoded::Scalar(s) => tx.put(ROOT, slot, s).map_err(tx_err)?,
                 Encoded::Object(v) => json::put_object(tx, &ROOT, slot, v).map_err(tx_err)?,
             },
             Pending::Meta(b, fresh) => {
                 if *fresh {
-                    // A new item: field slots left by a foreign writer without a meta slot
-                    // would otherwise join it on every other replica.
-                    if let Some(Slot::Meta(key)) = layout::parse_slot(slot) {
-                        for f in field_slots_tx(tx, key) {
-                            if !all.contains_key(&f) {
-                                tx.delete(ROOT, f.as_str()).map_err(tx_err)?;
-                            }
-                        }
+                    // A new item: slots left by a foreign writer without a meta slot would
+                    // otherwise join it on every other replica.
+                    if let Some(key) = layout::parse_slot(slot).map(|s| s.key()) {
+                        clear_item_slots(tx, key, all, true)?;
                     }
                 }
                 tx.put(ROOT, slot, ScalarValue::Bytes(b.clone()))
                     .map_err(tx_err)?
             }
-            Pending::Delete => tx.delete(ROOT, slot).map_err(tx_err)?,
+            Pending::Delete => {
+                if let Some(key) = layout::parse_slot(slot).map(|s| s.key()) {
+                    clear_item_slots(tx, key, all, true)?;
+                }
+                if tx.get(ROOT, slot).map_err(tx_err)?.is_some() {
+                    tx.delete(ROOT, slot).map_err(tx_err)?;
+                }
+            }
         }
     }
     Ok(())
 }
 
-/// Root keys of every field slot of `key`, inside a transaction.
-fn field_slots_tx(tx: &automerge::transaction::Transaction<'_>, key: &str) -> Vec<String> {
+/// Deletes the field slots of `key` the document holds (and its whole slot if `whole`),
+/// except those written by the same flush (`all`).
+fn clear_item_slots(
+    tx: &mut automerge::transaction::Transaction<'_>,
+    key: &str,
+    all: &BTreeMap<String, Pending>,
+    whole: bool,
+) -> Result<()> {
     let prefix = layout::field_prefix(key);
-    tx.map_range(ROOT, prefix.clone()..)
+    let fields: Vec<String> = tx
+        .map_range(ROOT, prefix.clone()..)
         .map(|it| it.key.to_string())
         .take_while(|k| k.starts_with(&prefix))
-        .collect()
+        .filter(|k| !all.contains_key(k))
+        .collect();
+    for f in fields {
+        tx.delete(ROOT, f.as_str()).map_err(tx_err)?;
+    }
+    if whole {
+        let wk = layout::whole_key(key);
+        if !all.contains_key(&wk) && tx.get(ROOT, wk.as_str()).map_err(tx_err)?.is_some() {
+            tx.delete(ROOT, wk.as_str()).map_err(tx_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the queued field writes of `key` (a later whole write or delete replaces them).
+fn drop_pending_fields(pending: &mut BTreeMap<String, Pending>, key: &str) {
+    let prefix = layout::field_prefix(key);
+    let queued: Vec<String> = pending
+        .range(prefix.clone()..)
+        .map(|(k, _)| k)
+        .take_while(|k| k.starts_with(&prefix))
+        .cloned()
+        .collect();
+    for k in queued {
+        pending.remove(&k);
+    }
 }
 
 /// The slot writes that turn `old` into `new`: only fields whose values changed.
@@ -2656,6 +2719,17 @@ fn decode_meta_value(v: &Value<'_>) -> Option<ItemMeta> {
     match v {
         Value::Scalar(s) => match s.as_ref() {
             ScalarValue::Bytes(b) => ItemMeta::decode(b),
+            _ => None,
+        },
+        Value::Object(_) => None,
+    }
+}
+
+/// An item's whole data from its slot value; `None` unless it is the JSON text of an object.
+fn decode_whole(v: &Value<'_>) -> Option<JsonObject> {
+    match v {
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(t) => serde_json::from_str(t).ok(),
             _ => None,
         },
         Value::Object(_) => None,
@@ -2711,8 +2785,17 @@ fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
     raws.sort();
     let revision = hash64(raws.iter().map(|r| r.as_slice()));
     let prefix_len = layout::field_prefix(key).len();
-    let mut data = JsonObject::new();
-    let mut conflicted = false;
+    // The whole data: Automerge's winner among concurrent whole writes if it decodes (a
+    // peer's garbage is ignored), then the fields updates wrote on top of it.
+    let wholes = doc
+        .get_all(ROOT, layout::whole_key(key).as_str())
+        .unwrap_or_default();
+    let mut conflicted = wholes.len() > 1;
+    let mut data = wholes
+        .iter()
+        .rev()
+        .find_map(|(v, _)| decode_whole(v))
+        .unwrap_or_default();
     // (`map_range`'s own `conflict` flag does not say whether concurrent values are current on
     // the 0.6 line: `get_all` per field does.)
     for slot in field_slots(doc, key) {
@@ -2799,10 +2882,9 @@ pub fn check_changes(doc: DocAddr, changes: &[Change]) -> Result<Checked> {
             };
             let ok = match doc {
                 DocAddr::Meta => is_meta_key(k),
-                DocAddr::Shard { index, .. } => match layout::parse_slot(k) {
-                    Some(Slot::Meta(key) | Slot::Field(key, _)) => layout::belongs(key, index),
-                    None => false,
-                },
+                DocAddr::Shard { index, .. } => {
+                    layout::parse_slot(k).is_some_and(|s| layout::belongs(s.key(), index))
+                }
             };
             if !ok {
                 return Err(Error::InvalidChange(format!(

@@ -1,7 +1,9 @@
 //! Seeded property test: random operations on 3 to 5 replicas, changes delivered in random
 //! order with duplicates, delays and partitions; once everything is delivered every replica
 //! must hold identical items, revisions and conflicts, and each replica's event stream must
-//! rebuild its items exactly.
+//! rebuild its items exactly. In a quarter of the cases replicas only write items whole
+//! (`set`, `mutate`, `create_item`, `remove`): then every converged item must equal one of
+//! the values some replica wrote, never a mix of several.
 //!
 //! `SYNCMESH_SEED=<n>` replays one case; `SYNCMESH_CASES=<n>` sets how many run (default 2000).
 
@@ -62,8 +64,14 @@ fn opts(rng: &mut Rng, m: &MapReplica, key: &str, now: Timestamp) -> WriteOption
 }
 
 /// One random operation on one replica. Errors are expected outcomes (removed map, missing
-/// item, stale revision) and only need to leave the replica consistent.
-fn random_op(rng: &mut Rng, p: &mut Peer, now: Timestamp) {
+/// item, stale revision) and only need to leave the replica consistent. With `whole_only`,
+/// items are only written whole. Returns the key and data of a successful whole write.
+fn random_op(
+    rng: &mut Rng,
+    p: &mut Peer,
+    now: Timestamp,
+    whole_only: bool,
+) -> Option<(String, syncmesh_core::JsonObject)> {
     let sid = MapSid::for_name(MAP);
     if p.cat.by_sid(&sid).is_none_or(|m| !m.is_live(now)) {
         if rng.chance(30) {
@@ -73,19 +81,27 @@ fn random_op(rng: &mut Rng, p: &mut Peer, now: Timestamp) {
                 now,
             );
         }
-        return;
+        return None;
     }
     let m = p.map(MAP);
     let key = *rng.pick(KEYS);
     let o = opts(rng, m, key, now);
-    match rng.below(100) {
-        0..=24 => drop(m.set(key, data(rng), &o, now)),
+    let whole = |r: syncmesh_core::Result<syncmesh_core::Item>| r.ok().map(|i| (i.key, i.data));
+    let mut op = rng.below(100);
+    if whole_only && (25..=49).contains(&op) {
+        op -= 25; // a set instead of an update
+    }
+    if whole_only && (80..=84).contains(&op) {
+        op = 99; // a flush instead of an item TTL (which is fine, but keeps cases focused)
+    }
+    match op {
+        0..=24 => return whole(m.set(key, data(rng), &o, now)),
         25..=49 => drop(m.update(key, data(rng), &o, now)),
         50..=61 => {
             let f = *rng.pick(FIELDS);
             let v = value(rng);
             let cancel = rng.chance(10);
-            drop(m.mutate(key, &o, now, |cur| {
+            let r = m.mutate(key, &o, now, |cur| {
                 if cancel {
                     return None;
                 }
@@ -96,10 +112,11 @@ fn random_op(rng: &mut Rng, p: &mut Peer, now: Timestamp) {
                     d.insert(f.to_string(), v);
                 }
                 Some(d)
-            }))
+            });
+            return r.ok().flatten().map(|i| (i.key, i.data));
         }
         62..=73 => drop(m.remove(key, o.if_match.as_ref(), now)),
-        74..=79 => drop(m.create_item(key, data(rng), o.ttl, now)),
+        74..=79 => return whole(m.create_item(key, data(rng), o.ttl, now)),
         80..=84 => {
             drop(m.set_item_ttl(key, Ttl::from_secs(rng.below(30) as i64).expect("ttl"), now))
         }
@@ -110,6 +127,7 @@ fn random_op(rng: &mut Rng, p: &mut Peer, now: Timestamp) {
         95..=96 => drop(m.unload_idle(rng.below(4) as usize, now)),
         _ => drop(m.flush(now)),
     }
+    None
 }
 
 /// A change from an actor no replica knows, with slots that are garbage, misplaced or valid.
@@ -127,6 +145,7 @@ fn foreign_change(rng: &mut Rng, inc: u64) -> OutgoingChange {
         rng.below(u64::from(syncmesh_core::layout::SHARDS)) as u16
     };
     let meta_key = format!("m{}:{key}", key.len());
+    let whole_key = format!("w{}:{key}", key.len());
     let field = format!("f{}:{key}{}", key.len(), rng.pick(FIELDS));
     let mut valid_meta = vec![1u8];
     for v in [rng.next(), 1_700_000_000_000, 1_700_000_000_000] {
@@ -135,7 +154,12 @@ fn foreign_change(rng: &mut Rng, inc: u64) -> OutgoingChange {
     valid_meta.push(0);
     valid_meta.extend_from_slice(&0u64.to_le_bytes());
     valid_meta.extend_from_slice(&[0xF0; 32]);
-    let puts: Vec<(String, automerge::ScalarValue)> = match rng.below(5) {
+    let puts: Vec<(String, automerge::ScalarValue)> = match rng.below(7) {
+        5 => vec![(whole_key, automerge::ScalarValue::Str("not json".into()))],
+        6 => vec![
+            (meta_key, automerge::ScalarValue::Bytes(valid_meta.clone())),
+            (whole_key, automerge::ScalarValue::Str("{\"x\": 1}".into())),
+        ],
         0 => vec![(field, automerge::ScalarValue::Int(7))],
         1 => vec![(meta_key, automerge::ScalarValue::Bytes(vec![9; 5]))],
         2 => vec![
@@ -260,6 +284,9 @@ fn run_case(seed: u64) {
             p.open(MAP, t(skew[i]));
         }
     }
+    let whole_only = rng.chance(25);
+    // Every value written whole, per key (checked against the converged items).
+    let mut written: BTreeMap<String, Vec<syncmesh_core::JsonObject>> = BTreeMap::new();
     let steps = 20 + rng.below(60);
     for _ in 0..steps {
         time += rng.below(3_000) as i64;
@@ -274,7 +301,7 @@ fn run_case(seed: u64) {
             }
         }
         let who = rng.below(n as u64) as usize;
-        if rng.chance(3) {
+        if !whole_only && rng.chance(3) {
             // A foreign writer's well-formed but hostile change, delivered to some now and to
             // everyone at the end: replicas must still converge (and never panic).
             let inc = peers[0]
@@ -289,7 +316,11 @@ fn run_case(seed: u64) {
                 }
             }
         } else {
-            random_op(&mut rng, &mut peers[who], t(time + skew[who]));
+            if let Some((k, d)) =
+                random_op(&mut rng, &mut peers[who], t(time + skew[who]), whole_only)
+            {
+                written.entry(k).or_default().push(d);
+            }
         }
         net.collect(&mut peers, &mut rng, t(time));
         net.deliver_some(&mut peers, &mut rng, t(time));
@@ -341,6 +372,17 @@ fn run_case(seed: u64) {
             s.3, snaps[0].3,
             "conflicts differ between replica 0 and {i}"
         );
+    }
+    if whole_only {
+        for item in &snaps[0].2 {
+            let values = written.get(&item.key).map_or(&[][..], |v| v.as_slice());
+            assert!(
+                values.contains(&item.data),
+                "item {:?} = {:?} is none of the values written whole: {values:?}",
+                item.key,
+                item.data
+            );
+        }
     }
     for (i, p) in peers.iter_mut().enumerate() {
         p.collect_events();

@@ -310,16 +310,35 @@ fn r9_writing_the_visible_value_does_not_resolve_a_field_conflict() {
     sync_all(&mut peers, t(2));
     let m = peers[0].map("m");
     let c = m.conflicts("k", t(2)).unwrap();
-    assert_eq!(c.fields["f"].len(), 2);
-    let winner = c.fields["f"][0].clone();
+    assert_eq!(c.values.len(), 2, "{c:?}");
+    let winner = c.values[0].clone();
+    assert_eq!(m.get("k", t(2)).unwrap().data, winner);
     // the user picks the visible value to resolve the conflict
-    m.set("k", obj(json!({"f": winner})), &none(), t(3))
-        .unwrap();
+    m.set("k", winner, &none(), t(3)).unwrap();
     let c = m.conflicts("k", t(3)).unwrap();
     assert!(
-        c.fields.is_empty(),
-        "conflict still there after writing the field: {c:?}"
+        c.values.is_empty() && c.fields.is_empty(),
+        "conflict still there after writing the item: {c:?}"
     );
+    // the same with concurrent updates of one field, resolved by an update
+    peers[0]
+        .map("m")
+        .update("k", obj(json!({"g": 1})), &none(), t(4))
+        .unwrap();
+    peers[1]
+        .map("m")
+        .update("k", obj(json!({"g": 2})), &none(), t(4))
+        .unwrap();
+    sync_all(&mut peers, t(5));
+    let m = peers[0].map("m");
+    let c = m.conflicts("k", t(5)).unwrap();
+    assert_eq!(c.fields["g"].len(), 2, "{c:?}");
+    let visible = c.fields["g"][0].clone();
+    let mut patch = serde_json::Map::new();
+    patch.insert("g".into(), visible);
+    m.update("k", patch, &none(), t(6)).unwrap();
+    let c = m.conflicts("k", t(6)).unwrap();
+    assert!(c.fields.is_empty(), "field conflict still there: {c:?}");
 }
 
 #[test]

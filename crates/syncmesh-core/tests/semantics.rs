@@ -147,13 +147,21 @@ fn conditional_writes_check_the_revision() {
 }
 
 #[test]
-fn mutate_writes_only_changed_fields() {
+fn set_and_mutate_write_the_item_as_one_value_and_update_only_its_fields() {
     let mut p = Peer::new(1);
     let m = p.open("m", t(0));
+    m.flush(t(0)).unwrap();
+    m.take_outgoing();
     let big = json!({"a": 1, "b": 2, "c": 3, "d": {"nested": [1, 2, 3]}, "e": "text"});
     m.set("k", obj(big), &none(), t(1)).unwrap();
     m.flush(t(1)).unwrap();
-    m.take_outgoing();
+    let change = |m: &mut MapReplica| {
+        let out = m.take_outgoing();
+        assert_eq!(out.len(), 1);
+        automerge::Change::from_bytes(out[0].bytes.clone()).unwrap()
+    };
+    // the whole value and the meta record, however many fields (nested ones included)
+    assert_eq!(change(m).len(), 2);
     m.mutate("k", &none(), t(2), |cur| {
         let mut d = cur.cloned().unwrap();
         d.insert("b".into(), json!(20));
@@ -161,11 +169,17 @@ fn mutate_writes_only_changed_fields() {
     })
     .unwrap();
     m.flush(t(2)).unwrap();
-    let out = m.take_outgoing();
-    assert_eq!(out.len(), 1);
-    let change = automerge::Change::from_bytes(out[0].bytes.clone()).unwrap();
-    // one field slot plus the meta slot
-    assert_eq!(change.len(), 2);
+    assert_eq!(change(m).len(), 2);
+    // an update writes only the fields whose values change, and the meta record
+    m.update("k", obj(json!({"a": 1, "c": 30})), &none(), t(3))
+        .unwrap();
+    m.flush(t(3)).unwrap();
+    assert_eq!(change(m).len(), 2);
+    // a set then replaces the field the update wrote (one delete) and the whole value
+    m.set("k", obj(json!({"z": 1})), &none(), t(4)).unwrap();
+    m.flush(t(4)).unwrap();
+    assert_eq!(change(m).len(), 3);
+    assert_eq!(m.get("k", t(4)).unwrap().data, obj(json!({"z": 1})));
 }
 
 #[test]
@@ -468,6 +482,179 @@ fn same_field_converges_and_conflicts_are_readable() {
         assert!(c.fields.is_empty());
         assert_eq!(c.writers.len(), 1);
     }
+}
+
+#[test]
+fn concurrent_sets_resolve_as_a_unit() {
+    let mut peers = [Peer::new(1), Peer::new(2), Peer::new(3)];
+    peers[0].open("m", t(0));
+    peers[0]
+        .map("m")
+        .set(
+            "k",
+            obj(json!({"n": 1, "node": 9, "seq": 1, "word": "oak", "old": true})),
+            &none(),
+            t(0),
+        )
+        .unwrap();
+    sync_all(&mut peers, t(0));
+    let written = [
+        json!({"n": 673650, "node": 4, "seq": 16, "word": "pine"}),
+        json!({"n": 621131, "node": 0, "seq": 49, "word": "elm"}),
+        json!({"word": "ash"}),
+    ];
+    // a set, a mutate and a remove-then-create, concurrently on three replicas
+    peers[0]
+        .map("m")
+        .set("k", obj(written[0].clone()), &none(), t(1))
+        .unwrap();
+    peers[1]
+        .map("m")
+        .mutate("k", &none(), t(1), |_| Some(obj(written[1].clone())))
+        .unwrap();
+    peers[2].map("m").remove("k", None, t(1)).unwrap();
+    peers[2]
+        .map("m")
+        .create_item("k", obj(written[2].clone()), None, t(1))
+        .unwrap();
+    sync_all(&mut peers, t(2));
+    let items: Vec<_> = peers
+        .iter_mut()
+        .map(|p| p.map("m").get("k", t(2)).unwrap())
+        .collect();
+    assert!(items.windows(2).all(|w| w[0] == w[1]), "{items:?}");
+    let data = serde_json::Value::Object(items[0].data.clone());
+    assert!(
+        written.contains(&data),
+        "{data} is none of the values written"
+    );
+    // the losing values stay readable, the visible one first, the same on every replica
+    let conflicts: Vec<_> = peers
+        .iter_mut()
+        .map(|p| p.map("m").conflicts("k", t(2)).unwrap())
+        .collect();
+    assert!(conflicts.windows(2).all(|w| w[0] == w[1]));
+    let values: Vec<serde_json::Value> = conflicts[0]
+        .values
+        .iter()
+        .map(|v| serde_json::Value::Object(v.clone()))
+        .collect();
+    assert_eq!(values.len(), 3, "{values:?}");
+    assert_eq!(values[0], data);
+    assert!(written.iter().all(|w| values.contains(w)));
+    // the next whole write resolves it
+    peers[1]
+        .map("m")
+        .set("k", obj(json!({"n": 2})), &none(), t(3))
+        .unwrap();
+    sync_all(&mut peers, t(3));
+    for p in peers.iter_mut() {
+        assert_eq!(
+            p.map("m").get("k", t(3)).unwrap().data,
+            obj(json!({"n": 2}))
+        );
+        assert!(p.map("m").conflicts("k", t(3)).unwrap().values.is_empty());
+    }
+}
+
+#[test]
+fn an_update_concurrent_with_a_set_is_merged_on_top_and_a_later_set_replaces_it() {
+    let mut peers = [Peer::new(1), Peer::new(2)];
+    peers[0].open("m", t(0));
+    peers[0]
+        .map("m")
+        .set("k", obj(json!({"a": 0, "b": 0, "c": 0})), &none(), t(0))
+        .unwrap();
+    sync_all(&mut peers, t(0));
+    peers[0]
+        .map("m")
+        .set("k", obj(json!({"a": 1})), &none(), t(1))
+        .unwrap();
+    peers[1]
+        .map("m")
+        .update("k", obj(json!({"b": 2, "d": 2})), &none(), t(1))
+        .unwrap();
+    sync_all(&mut peers, t(2));
+    for p in peers.iter_mut() {
+        // the set's value whole (c is gone: the set saw it), the update's fields on top
+        assert_eq!(
+            p.map("m").get("k", t(2)).unwrap().data,
+            obj(json!({"a": 1, "b": 2, "d": 2}))
+        );
+    }
+    // a set that saw the update replaces its fields too
+    peers[1]
+        .map("m")
+        .set("k", obj(json!({"e": 5})), &none(), t(3))
+        .unwrap();
+    sync_all(&mut peers, t(3));
+    for p in peers.iter_mut() {
+        assert_eq!(
+            p.map("m").get("k", t(3)).unwrap().data,
+            obj(json!({"e": 5}))
+        );
+    }
+}
+
+#[test]
+fn items_written_by_the_field_per_slot_layout_read_the_same_and_are_upgraded_by_a_set() {
+    // What syncmesh wrote before whole values existed: a meta record and one slot per field.
+    use automerge::transaction::Transactable;
+    let mut p = Peer::new(1);
+    let m = p.open("m", t(0));
+    let key = "old";
+    let mut meta = vec![1u8];
+    for v in [5, t(1_000).millis(), t(2_000).millis()] {
+        meta.extend_from_slice(&(v as u64).to_le_bytes());
+    }
+    meta.push(0);
+    meta.extend_from_slice(&0u64.to_le_bytes());
+    meta.extend_from_slice(&[7; 32]);
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(
+        automerge::ROOT,
+        format!("m3:{key}"),
+        automerge::ScalarValue::Bytes(meta),
+    )
+    .unwrap();
+    doc.put(automerge::ROOT, format!("f3:{key}name"), "Ada")
+        .unwrap();
+    let list = doc
+        .put_object(
+            automerge::ROOT,
+            format!("f3:{key}tags"),
+            automerge::ObjType::List,
+        )
+        .unwrap();
+    doc.insert(&list, 0, "x").unwrap();
+    let bytes: Vec<Vec<u8>> = doc
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().to_vec())
+        .collect();
+    let index = syncmesh_core::layout::shard_of(key);
+    m.apply_changes(DocAddr::Shard { inc: 0, index }, &bytes, t(3))
+        .unwrap();
+    let item = m.get(key, t(3)).unwrap();
+    assert_eq!(item.data, obj(json!({"name": "Ada", "tags": ["x"]})));
+    assert_eq!(item.date_created, t(1_000));
+    // an update adds a field slot; a set turns the item into a whole value
+    m.update(key, obj(json!({"age": 36})), &none(), t(4))
+        .unwrap();
+    assert_eq!(
+        m.get(key, t(4)).unwrap().data,
+        obj(json!({"name": "Ada", "tags": ["x"], "age": 36}))
+    );
+    m.set(key, obj(json!({"name": "Grace"})), &none(), t(5))
+        .unwrap();
+    m.flush(t(5)).unwrap();
+    let docs = m.save_all(t(5)).unwrap();
+    let loaded = MapReplica::load(m_identity(1), MapSid::for_name("m"), &docs, t(5)).unwrap();
+    assert_eq!(
+        loaded.get(key, t(5)).unwrap().data,
+        obj(json!({"name": "Grace"}))
+    );
+    assert_eq!(loaded.get(key, t(5)).unwrap(), m.get(key, t(5)).unwrap());
 }
 
 #[test]

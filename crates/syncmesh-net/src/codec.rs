@@ -14,7 +14,7 @@ use libp2p::StreamProtocol;
 /// Version 3 carries change signatures; version 2 answered with a status byte but sent no
 /// signatures, version 1 (before trust) neither: a peer running either fails to negotiate,
 /// which is logged as an older protocol.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/direct/4");
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/direct/5");
 /// The join protocol (an invitee proves it holds a ticket).
 pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/join/1");
 /// Largest join request or answer.

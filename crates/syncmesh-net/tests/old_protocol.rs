@@ -1,4 +1,4 @@
-//! A peer running the protocol of the previous release (`/syncmesh/direct/1`) is refused with
+//! A peer running the protocol of the previous release (`/syncmesh/direct/4`, whose nodes write items field by field) is refused with
 //! a reason the node shows, and the node keeps working.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -86,7 +86,7 @@ async fn a_peer_on_the_older_protocol_is_refused_with_a_reason() {
             request_response::Behaviour::with_codec(
                 OldCodec,
                 [(
-                    StreamProtocol::new("/syncmesh/direct/1"),
+                    StreamProtocol::new("/syncmesh/direct/4"),
                     ProtocolSupport::Full,
                 )],
                 request_response::Config::default(),

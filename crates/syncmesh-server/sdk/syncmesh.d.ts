@@ -140,7 +140,12 @@ export interface SyncMapEvents {
 /** What [`SyncMap.getConflicts`] returns. */
 export interface ItemConflicts {
   key: string;
-  /** Field name → every current value, the visible one first (only conflicting fields). */
+  /**
+   * Whole values written concurrently (set, mutate, create) that no later write resolved,
+   * the visible one first; empty unless there are at least two.
+   */
+  values: Record<string, unknown>[];
+  /** Field name → every current value written by concurrent updates, the visible one first. */
   fields: Record<string, unknown[]>;
   /** Node ids whose concurrent writes to the item are current, the winner first. */
   writers: string[];

@@ -867,17 +867,19 @@ export class SyncMap extends Emitter {
   }
 
   /**
-   * The item's conflicts as this node sees them: `{ key, fields, writers }`, where `fields`
-   * maps each field written concurrently on several nodes to every value the merge kept (the
-   * visible one first) and `writers` lists the node ids whose concurrent writes are current.
+   * The item's conflicts as this node sees them: `{ key, values, fields, writers }`, where
+   * `values` lists whole values several nodes wrote concurrently (set, mutate, create; the
+   * visible one first, empty unless there are two or more), `fields` maps each field updated
+   * concurrently on several nodes to every value the merge kept (the visible one first) and
+   * `writers` lists the node ids whose concurrent writes are current.
    * Rejects with SyncError 54201 when there is no such item.
    */
   async getConflicts(key) {
     this.#check();
     checkKey(key);
     const res = await this.#core.client.send("GET", `${this.#path(key)}/Conflicts`);
-    const { key: k, fields, writers } = res.body;
-    return { key: k, fields, writers };
+    const { key: k, values, fields, writers } = res.body;
+    return { key: k, values, fields, writers };
   }
 
   async remove(key) {

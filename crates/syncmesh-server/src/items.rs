@@ -214,9 +214,10 @@ pub async fn fetch_item(
     ))
 }
 
-/// An item's conflicts: for each field that nodes wrote concurrently, every value the merge
-/// kept (the visible one first), and the nodes whose concurrent writes are current. This
-/// replica's view: a node that has not received a peer's write does not list it.
+/// An item's conflicts: the whole values nodes wrote concurrently, for each field that nodes
+/// updated concurrently every value the merge kept (the visible one first), and the nodes
+/// whose concurrent writes are current. This replica's view: a node that has not received a
+/// peer's write does not list it.
 #[utoipa::path(
     get,
     path = "/v1/Services/default/Maps/{map}/Items/{key}/Conflicts",
@@ -244,6 +245,7 @@ pub async fn item_conflicts(
         url: format!("{}/Conflicts", urls.item(&sid, &key)),
         key: c.key,
         map_sid: sid,
+        values: c.values,
         fields: c
             .fields
             .into_iter()

@@ -86,7 +86,12 @@ pub struct ConflictsResource {
     pub key: String,
     /// The map's sid.
     pub map_sid: String,
-    /// For each field written concurrently on several nodes: every value still current, the
+    /// Whole values written concurrently on several nodes (by set, mutate or create) that no
+    /// later write resolved: all of them, the visible (winning) one first. Empty unless there
+    /// are at least two.
+    #[schema(value_type = Vec<Object>)]
+    pub values: Vec<JsonObject>,
+    /// For each field updated concurrently on several nodes: every value still current, the
     /// visible (winning) one first. Empty when nothing conflicts.
     #[schema(value_type = Object)]
     pub fields: serde_json::Map<String, serde_json::Value>,

@@ -2565,6 +2565,7 @@ async fn the_conflicts_of_an_item_one_node_wrote() {
     let body = r.ok(200).clone();
     check_schema(&body, &schema("ConflictsResource"));
     assert_eq!(body["key"], "a/b");
+    assert_eq!(body["values"], json!([]));
     assert_eq!(body["fields"], json!({}));
     assert_eq!(body["writers"].as_array().unwrap().len(), 1);
     assert!(body["url"]

@@ -22,9 +22,10 @@ use redb::{
 use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
 /// Version of the on-disk layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 /// The oldest schema this build upgrades in place (3 added the `digests` table, 4 the `trust`,
-/// `invites` and `policies` tables, 5 the `sigs` table).
+/// `invites` and `policies` tables, 5 the `sigs` table; 6 changed no table: its documents
+/// hold items written whole, which older builds would read as empty, so they must refuse it).
 const OLDEST_UPGRADABLE: u32 = 2;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
@@ -1202,6 +1203,25 @@ mod tests {
         }
         let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
         assert!(s.trust_records().unwrap().is_empty());
+        assert!(s.load_map(&sid()).unwrap().is_some());
+        let v = s.get_meta("schema_version").unwrap().unwrap();
+        assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
+    }
+
+    #[test]
+    fn a_schema_5_store_is_upgraded_and_keeps_its_maps() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            write(&s, vec![(DocAddr::Meta, b"m".to_vec())], vec![], vec![]);
+            let tx = s.db().begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 5u32.to_le_bytes().as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
         assert!(s.load_map(&sid()).unwrap().is_some());
         let v = s.get_meta("schema_version").unwrap().unwrap();
         assert_eq!(v, SCHEMA_VERSION.to_le_bytes());

@@ -422,6 +422,7 @@ test("getConflicts: none on an item one node wrote; 54201 for a missing item", a
   await map.set("k", { a: 1 });
   const got = await map.getConflicts("k");
   assert.equal(got.key, "k");
+  assert.deepEqual(got.values, []);
   assert.deepEqual(got.fields, {});
   assert.equal(got.writers.length, 1);
   await assert.rejects(map.getConflicts("missing"), (e) => e instanceof SyncError && e.code === 54201);
