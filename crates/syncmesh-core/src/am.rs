@@ -19,10 +19,14 @@ pub(crate) enum RootOp {
 }
 
 /// The operations a change makes on the root object, in order (operations inside nested
-/// objects are left out).
-pub(crate) fn root_ops(c: &Change) -> Vec<RootOp> {
+/// objects are left out); `None` if the change is malformed in a way Automerge only finds by
+/// panicking (0.6's `decode` unwraps the actor index of every operation, and `Change::from_bytes`
+/// does not check them: a peer can name an actor the change does not list).
+pub(crate) fn root_ops(c: &Change) -> Option<Vec<RootOp>> {
+    let ops =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.decode().operations)).ok()?;
     let mut out = Vec::new();
-    for op in c.decode().operations {
+    for op in ops {
         // 0.6 keeps its expanded-change types private: their serde forms are "_root" for the
         // root object and the key's string for a map key.
         let root = serde_json::to_value(&op.obj).is_ok_and(|o| o == "_root");
@@ -38,18 +42,21 @@ pub(crate) fn root_ops(c: &Change) -> Vec<RootOp> {
             _ => out.push(RootOp::Seq),
         }
     }
-    out
+    Some(out)
 }
 
-/// The root-level map keys a change writes (puts and deletes), in order, repeats included.
-pub(crate) fn root_map_keys(c: &Change) -> Vec<String> {
-    root_ops(c)
-        .into_iter()
-        .filter_map(|o| match o {
-            RootOp::Key(k) => Some(k),
-            RootOp::Seq => None,
-        })
-        .collect()
+/// The root-level map keys a change writes (puts and deletes), in order, repeats included;
+/// `None` for a malformed change (see [`root_ops`]).
+pub(crate) fn root_map_keys(c: &Change) -> Option<Vec<String>> {
+    Some(
+        root_ops(c)?
+            .into_iter()
+            .filter_map(|o| match o {
+                RootOp::Key(k) => Some(k),
+                RootOp::Seq => None,
+            })
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -68,6 +75,6 @@ mod tests {
         tx.delete(ROOT, "a").unwrap();
         tx.commit();
         let c = doc.get_last_local_change().unwrap().clone();
-        assert_eq!(root_map_keys(&c), vec!["a", "b", "a"]);
+        assert_eq!(root_map_keys(&c).unwrap(), vec!["a", "b", "a"]);
     }
 }

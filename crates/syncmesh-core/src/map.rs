@@ -1814,12 +1814,19 @@ impl MapReplica {
         now: Timestamp,
     ) -> Result<()> {
         let mut decoded = Vec::with_capacity(changes.len());
+        let mut slots = BTreeSet::new();
         for (i, bytes) in changes.iter().enumerate() {
             let c = Change::from_bytes(bytes.clone())
                 .map_err(|e| Error::InvalidChange(format!("change {i}: {e}")))?;
+            // Scanned before anything is applied: a malformed change is refused here, and the
+            // scan is what applying needs anyway.
+            let keys = crate::am::root_map_keys(&c).ok_or_else(|| {
+                Error::InvalidChange(format!("change {i}: operations name unlisted actors"))
+            })?;
+            slots.extend(keys);
             decoded.push(c);
         }
-        self.apply_remote(doc, decoded, now)
+        self.apply_checked(doc, decoded, Checked(slots), now)
     }
 
     /// Merges decoded changes from a peer that the caller already checked, like
@@ -2135,7 +2142,7 @@ impl MapReplica {
         // A change with no root operation scans to nothing: scanning twice is harmless.
         let scan_now = before.is_none() && slots.is_empty();
         let mut scan = |c: &Change| {
-            for k in crate::am::root_map_keys(c) {
+            for k in crate::am::root_map_keys(c).unwrap_or_default() {
                 slots.insert(k);
             }
         };
@@ -2874,7 +2881,10 @@ pub fn check_changes(doc: DocAddr, changes: &[Change]) -> Result<Checked> {
     let mut slots = BTreeSet::new();
     for change in changes {
         // Inside an item's object or list value any JSON shape is fine: only root operations.
-        for op in crate::am::root_ops(change) {
+        let ops = crate::am::root_ops(change).ok_or_else(|| {
+            Error::InvalidChange("a change whose operations name actors it does not list".into())
+        })?;
+        for op in ops {
             let crate::am::RootOp::Key(k) = &op else {
                 return Err(Error::InvalidChange(
                     "a sequence operation on a document root".into(),
@@ -3134,7 +3144,11 @@ fn read_policy(doc: &Automerge) -> crate::policy::Policy {
 /// Whether a change of the map document needs the `Manage` permission: it changes permission
 /// entries or removes the map. Other map-document changes need `Write`.
 pub fn needs_manage(change: &Change) -> bool {
-    crate::am::root_map_keys(change).iter().any(|k| {
+    // A malformed change needs the most (it is refused by `check_changes` anyway).
+    let Some(keys) = crate::am::root_map_keys(change) else {
+        return true;
+    };
+    keys.iter().any(|k| {
         k.starts_with(crate::policy::PREFIX)
             || ((k.starts_with('r') || k.starts_with('g'))
                 && k.len() > 1

@@ -563,3 +563,133 @@ fn a_hold_all_node_adopts_a_bounded_number_of_maps_per_hello() {
         out.len()
     );
 }
+
+/// A change whose operations name an actor index its actor list does not have. Automerge 0.6
+/// parses it (`Change::from_bytes` does not check the indexes) and then panics on the first use
+/// of one (`Change::decode`). Used to: the replicator's panic guard caught it, called it data
+/// that makes Automerge fail and reloaded the whole map; now it is refused as what it is, before
+/// anything touches the map.
+fn change_naming_an_unlisted_actor() -> Vec<u8> {
+    use automerge::transaction::Transactable;
+    use sha2::Digest;
+    fn leb(b: &[u8], at: &mut usize) -> u64 {
+        let (mut v, mut s) = (0u64, 0);
+        loop {
+            let x = b[*at];
+            *at += 1;
+            v |= u64::from(x & 0x7f) << s;
+            s += 7;
+            if x & 0x80 == 0 {
+                return v;
+            }
+        }
+    }
+    fn put_leb(mut v: u64, out: &mut Vec<u8>) {
+        loop {
+            let mut x = (v & 0x7f) as u8;
+            v >>= 7;
+            if v != 0 {
+                x |= 0x80;
+            }
+            out.push(x);
+            if v == 0 {
+                return;
+            }
+        }
+    }
+    // Actor B writes inside an object actor A created: B's change lists A as its other actor.
+    let key = "k";
+    let mut a = automerge::AutoCommit::new();
+    a.set_actor(automerge::ActorId::from(vec![0xAA; 16]));
+    let o = a
+        .put_object(
+            automerge::ROOT,
+            format!("f1:{key}x"),
+            automerge::ObjType::Map,
+        )
+        .unwrap();
+    a.put(&o, "in", 1).unwrap();
+    a.commit();
+    let mut b = a.fork();
+    b.set_actor(automerge::ActorId::from(vec![0xBB; 16]));
+    b.put(&o, "in", 2).unwrap();
+    b.commit();
+    let raw = b.get_last_local_change().unwrap().raw_bytes().to_vec();
+    // Chunk: magic (4), checksum (4), type (1), length, body. Drop the body's other actors.
+    let mut at = 9;
+    let len = leb(&raw, &mut at) as usize;
+    let body = &raw[at..at + len];
+    let mut p = 0;
+    let deps = leb(body, &mut p);
+    p += 32 * deps as usize;
+    let actor = leb(body, &mut p) as usize;
+    p += actor;
+    for _ in 0..3 {
+        leb(body, &mut p); // seq, start op, time
+    }
+    let msg = leb(body, &mut p) as usize;
+    p += msg;
+    let others_at = p;
+    let others = leb(body, &mut p);
+    assert_eq!(others, 1);
+    let l = leb(body, &mut p) as usize;
+    p += l;
+    let mut new_body = body[..others_at].to_vec();
+    put_leb(0, &mut new_body);
+    new_body.extend_from_slice(&body[p..]);
+    let mut head = vec![raw[8]];
+    put_leb(new_body.len() as u64, &mut head);
+    let mut h = sha2::Sha256::new();
+    h.update(&head);
+    h.update(&new_body);
+    let sum = h.finalize();
+    let mut out = raw[..4].to_vec();
+    out.extend_from_slice(&sum[..4]);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&new_body);
+    out
+}
+
+#[test]
+fn a_change_naming_an_unlisted_actor_is_refused_without_a_panic() {
+    let _serial = serial();
+    let bytes = change_naming_an_unlisted_actor();
+    let change = automerge::Change::from_bytes(bytes.clone()).expect("Automerge parses it");
+    let doc = DocAddr::Shard {
+        inc: 0,
+        index: syncmesh_core::layout::shard_of("k"),
+    };
+    let err = syncmesh_core::check_change(doc, &change).unwrap_err();
+    assert!(
+        matches!(err, syncmesh_core::Error::InvalidChange(_)),
+        "{err}"
+    );
+
+    let mut a = Node::new("a", 1, false);
+    a.write("other", json!({"v": 1}));
+    let err = a
+        .map()
+        .apply_changes(doc, std::slice::from_ref(&bytes), now())
+        .unwrap_err();
+    assert!(
+        matches!(err, syncmesh_core::Error::InvalidChange(_)),
+        "{err}"
+    );
+    // As gossip from a connected peer: a violation, the map is not reloaded, nothing changed.
+    let msg = Wire::Changes {
+        sigs: Vec::new(),
+        sid: MapSid::for_name("users"),
+        docs: vec![(doc, vec![syncmesh_core::replication::Bytes(bytes)])],
+    }
+    .encode();
+    let v = a
+        .rep
+        .receive_gossip("p", &msg, &mut a.host, now())
+        .unwrap_err();
+    assert!(!v.0.contains("Automerge fail"), "{}", v.0);
+    assert!(a.rep.take_poisoned().is_empty());
+    assert_eq!(
+        a.map().get("other", now()).unwrap().data,
+        obj(json!({"v": 1}))
+    );
+}
