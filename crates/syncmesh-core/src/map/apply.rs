@@ -1,0 +1,295 @@
+//! Merging a peer's changes: deduplication, documents waiting for their map document or
+//! incarnation, one `apply_changes` per shard with a patch log, and the re-read of every item
+//! the changes touched (view updates and events).
+
+use super::*;
+
+impl MapReplica {
+    /// Merges encoded changes from a peer into one document of the map. Duplicates are ignored,
+    /// changes whose dependencies are missing wait inside Automerge until those arrive.
+    /// Undecodable input is refused as a whole and changes nothing.
+    pub fn apply_changes(
+        &mut self,
+        doc: DocAddr,
+        changes: &[Vec<u8>],
+        now: Timestamp,
+    ) -> Result<()> {
+        let mut decoded = Vec::with_capacity(changes.len());
+        let mut slots = BTreeSet::new();
+        for (i, bytes) in changes.iter().enumerate() {
+            let c = Change::from_bytes(bytes.clone())
+                .map_err(|e| Error::InvalidChange(format!("change {i}: {e}")))?;
+            // Scanned before anything is applied: a malformed change is refused here, and the
+            // scan is what applying needs anyway.
+            let keys = crate::am::root_map_keys(&c).ok_or_else(|| {
+                Error::InvalidChange(format!("change {i}: operations name unlisted actors"))
+            })?;
+            slots.extend(keys);
+            decoded.push(c);
+        }
+        self.apply_checked(doc, decoded, Checked(slots), now)
+    }
+
+    /// Merges decoded changes from a peer that the caller already checked, like
+    /// [`Self::apply_changes`]; `checked` comes from [`check_changes`] on the same changes
+    /// (it saves decoding them again).
+    pub fn apply_checked(
+        &mut self,
+        doc: DocAddr,
+        changes: Vec<Change>,
+        checked: Checked,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.prescanned = Some(checked.0);
+        let r = self.apply_remote(doc, changes, now);
+        self.prescanned = None;
+        r
+    }
+
+    /// Applies changes from a peer and keeps the new ones for [`Self::take_received`].
+    pub(super) fn apply_remote(
+        &mut self,
+        doc: DocAddr,
+        changes: Vec<Change>,
+        now: Timestamp,
+    ) -> Result<()> {
+        if let DocAddr::Shard { index, .. } = doc {
+            if index >= SHARDS {
+                return Err(Error::InvalidChange(format!(
+                    "shard {index} out of range (0..{SHARDS})"
+                )));
+            }
+        }
+        let fate = self.fate(doc);
+        if fate == Fate::Dead {
+            return Ok(()); // its items are gone for good: nothing to apply or store
+        }
+        let mut fresh = Vec::with_capacity(changes.len());
+        let mut seen = HashSet::with_capacity(changes.len());
+        for c in changes {
+            let h = c.hash();
+            let known = match fate {
+                Fate::Waiting => self.future_hashes.contains(&(doc, h)),
+                _ => self.knows(doc, &h)?,
+            };
+            if !known && seen.insert(h) {
+                fresh.push(c);
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let bytes: Vec<Vec<u8>> = fresh.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let hashes: Vec<ChangeHash> = fresh.iter().map(Change::hash).collect();
+        self.apply_decoded(doc, fresh, now)?;
+        self.received.extend(bytes.into_iter().map(|b| (doc, b)));
+        // Only a document with changes waiting for dependencies can have queued some of these.
+        if fate != Fate::Waiting && self.missing_deps(doc)? {
+            if self.queued_hashes.len() > 100_000 {
+                // Bounded: at worst a queued change sent again is stored once more.
+                self.queued_hashes.clear();
+            }
+            for h in hashes {
+                if !self.knows(doc, &h)? {
+                    self.queued_hashes.insert((doc, h));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a document holds a change (a document this replica does not hold has none).
+    pub fn has_change(&mut self, doc: DocAddr, hash: &ChangeHash) -> bool {
+        self.knows(doc, hash).unwrap_or(false)
+    }
+
+    /// Whether a document already holds a change (changes for documents this replica does
+    /// not hold yet count as unknown).
+    pub(super) fn knows(&mut self, doc: DocAddr, hash: &ChangeHash) -> Result<bool> {
+        if self.queued_hashes.contains(&(doc, *hash)) {
+            return Ok(true);
+        }
+        match doc {
+            DocAddr::Meta => Ok(self.meta_doc.get_change_by_hash(hash).is_some()),
+            DocAddr::Shard { inc, index } => {
+                if inc != self.state.inc || !self.state.exists() {
+                    return Ok(false);
+                }
+                match self.shards.get_mut(&index) {
+                    Some(sh) => Ok(sh.doc()?.get_change_by_hash(hash).is_some()),
+                    None => Ok(false),
+                }
+            }
+        }
+    }
+
+    /// How many merged changes wait for [`Self::take_received`] (a call that raised it merged
+    /// something new).
+    pub fn received_len(&self) -> usize {
+        self.received.len()
+    }
+
+    /// Takes the changes merged from peers since the last call, for storage (they are not to
+    /// be sent on: the network relays them itself).
+    pub fn take_received(&mut self) -> Vec<(DocAddr, Vec<u8>)> {
+        std::mem::take(&mut self.received)
+    }
+}
+
+impl MapReplica {
+    /// What becomes of changes to `doc`: shards of a removed incarnation are dead, shards of
+    /// an incarnation this replica has not seen created yet wait for the map document.
+    pub(super) fn fate(&self, doc: DocAddr) -> Fate {
+        match doc {
+            DocAddr::Meta => Fate::Current,
+            DocAddr::Shard { inc, .. } => {
+                if inc < self.state.inc || (inc == self.state.inc && self.state.removed.is_some()) {
+                    Fate::Dead
+                } else if inc > self.state.inc || !self.state.exists() {
+                    Fate::Waiting
+                } else {
+                    Fate::Current
+                }
+            }
+        }
+    }
+
+    pub(super) fn apply_decoded(
+        &mut self,
+        doc: DocAddr,
+        changes: Vec<Change>,
+        now: Timestamp,
+    ) -> Result<()> {
+        match doc {
+            DocAddr::Meta => {
+                self.meta_doc
+                    .apply_changes(changes)
+                    .map_err(|e| Error::InvalidChange(e.to_string()))?;
+                self.refresh_map_state(false, now);
+                Ok(())
+            }
+            DocAddr::Shard { index, .. } => {
+                if index >= SHARDS {
+                    return Err(Error::InvalidChange(format!(
+                        "shard {index} out of range (0..{SHARDS})"
+                    )));
+                }
+                match self.fate(doc) {
+                    Fate::Dead => return Ok(()), // an old incarnation: its items are gone for good
+                    Fate::Current => {}
+                    Fate::Waiting => {
+                        let bytes: usize = self
+                            .future
+                            .iter()
+                            .map(|(_, c)| c.raw_bytes().len())
+                            .chain(changes.iter().map(|c| c.raw_bytes().len()))
+                            .sum();
+                        if self.future.len() + changes.len() > MAX_FUTURE_CHANGES
+                            || bytes > MAX_FUTURE_BYTES
+                        {
+                            return Err(Error::InvalidChange(format!(
+                            "more than {MAX_FUTURE_CHANGES} changes wait for map {}'s document; send it first",
+                            self.sid
+                        )));
+                        }
+                        for c in changes {
+                            if self.future_hashes.insert((doc, c.hash())) {
+                                self.future.push((doc, c));
+                            }
+                        }
+                        return Ok(());
+                    }
+                }
+                self.apply_to_shard(index, changes, now)
+            }
+        }
+    }
+
+    pub(super) fn apply_to_shard(
+        &mut self,
+        index: u16,
+        changes: Vec<Change>,
+        now: Timestamp,
+    ) -> Result<()> {
+        self.flush_shard(index, now)?;
+        // Slots the changes write at the root. Patches alone miss a concurrent value that loses
+        // to the current winner (nothing visible changes), yet it changes the revision.
+        // Read them from what was applied, not from what was given: a change that waited for
+        // a missing dependency is applied together with it.
+        let prescanned = self.prescanned.take();
+        let added: u64 = changes.iter().map(|c| c.len() as u64).sum();
+        let doc = self.shard_mut(index).doc()?;
+        // Only a document holding such waiting changes needs the (costlier) exact answer.
+        let waiting = !doc.get_missing_deps(&[]).is_empty();
+        let before = waiting.then(|| doc.get_heads());
+        let mut slots: BTreeSet<String> = match (&before, prescanned) {
+            (None, Some(pre)) => pre,
+            _ => BTreeSet::new(),
+        };
+        // A change with no root operation scans to nothing: scanning twice is harmless.
+        let scan_now = before.is_none() && slots.is_empty();
+        let mut scan = |c: &Change| {
+            for k in crate::am::root_map_keys(c).unwrap_or_default() {
+                slots.insert(k);
+            }
+        };
+        if scan_now {
+            changes.iter().for_each(&mut scan);
+        }
+        let mut log = PatchLog::active(automerge::patches::TextRepresentation::String(
+            automerge::TextEncoding::UnicodeCodePoint,
+        ));
+        doc.apply_changes_log_patches(changes, &mut log)
+            .map_err(|e| Error::InvalidChange(e.to_string()))?;
+        let patches = doc.make_patches(&mut log);
+        // Counted once applied (a parked shard was loaded above with its own count).
+        if let Some(sh) = self.shards.get_mut(&index) {
+            sh.ops += added;
+        }
+        let doc = self.shard_mut(index).doc()?;
+        if let Some(before) = before {
+            doc.get_changes(&before).into_iter().for_each(&mut scan);
+        }
+        let mut touched: BTreeSet<String> = BTreeSet::new();
+        let nested = patches.iter().map(|p| match p.path.first() {
+            Some((_, Prop::Map(k))) => Some(k.as_str()),
+            Some(_) => None,
+            None => match &p.action {
+                PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
+                    Some(key.as_str())
+                }
+                PatchAction::Conflict { prop: Prop::Map(k) }
+                | PatchAction::Increment {
+                    prop: Prop::Map(k), ..
+                } => Some(k.as_str()),
+                _ => None,
+            },
+        });
+        for root_key in nested.chain(slots.iter().map(|s| Some(s.as_str()))) {
+            if let Some(slot) = root_key.and_then(layout::parse_slot) {
+                let key = slot.key();
+                if layout::belongs(key, index) {
+                    touched.insert(key.to_string());
+                }
+            }
+        }
+        for key in touched {
+            let (fresh, seen_stamp) = {
+                let doc = self.shard_mut(index).doc()?;
+                let st = read_item(doc, &key);
+                let s = st.as_ref().map_or(0, |s| s.max_stamp);
+                (st, s)
+            };
+            self.clock = self.clock.max(seen_stamp);
+            let fresh = fresh.map(|raw| ItemState::from_raw(raw, &mut self.nodes));
+            match fresh {
+                Some(st) if st.expired(now) => {
+                    // Already dead here: remove it for everyone rather than show it.
+                    self.view_set_for_expired(&key, now);
+                }
+                other => self.replace_view(&key, other, false, now),
+            }
+        }
+        Ok(())
+    }
+}

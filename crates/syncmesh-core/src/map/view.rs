@@ -1,0 +1,219 @@
+//! The read view: one compact entry per item (JSON text plus metadata), how a store encodes it,
+//! and how an item read from the documents enters it.
+
+use super::*;
+
+/// How a map's read view changed, for a store that keeps a copy of it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ViewChanges {
+    /// The view was emptied first (the map was removed or created again).
+    pub reset: bool,
+    /// Entries to write (`Some`) or delete (`None`), by item key, in key order.
+    pub entries: Vec<(String, Option<Vec<u8>>)>,
+}
+
+pub(super) const ENTRY_VERSION: u8 = 1;
+pub(super) const ENTRY_HEADER: usize = 1 + 8 * 5 + 16 + 1;
+
+/// A view entry as stored: version, stamps, revision, dates, creator, then the JSON text.
+pub(super) fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
+    let mut b = Vec::with_capacity(ENTRY_HEADER + st.data.len());
+    b.push(ENTRY_VERSION);
+    b.extend_from_slice(&st.max_stamp.to_le_bytes());
+    b.extend_from_slice(&st.revision.to_le_bytes());
+    b.extend_from_slice(&st.meta.created.to_le_bytes());
+    b.extend_from_slice(&st.meta.updated.to_le_bytes());
+    b.extend_from_slice(&st.meta.expires.to_le_bytes());
+    b.extend_from_slice(&nodes.get(st.meta.created_by).0);
+    b.push(u8::from(st.meta.conflicted));
+    b.extend_from_slice(st.data.as_bytes());
+    b
+}
+
+pub(super) fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
+    if b.len() < ENTRY_HEADER || b[0] != ENTRY_VERSION {
+        return None;
+    }
+    let w = |i: usize| -> Option<[u8; 8]> { b.get(i..i + 8)?.try_into().ok() };
+    // Not parsed here: reopening a 1M-item map must stay one cheap pass; the store's
+    // checksums guard the bytes, and the text was written by serde_json from an object.
+    let data = std::str::from_utf8(&b[ENTRY_HEADER..]).ok()?;
+    if !(data.starts_with('{') && data.ends_with('}')) {
+        return None;
+    }
+    Some(ItemState {
+        data: data.into(),
+        meta: ViewMeta {
+            created: i64::from_le_bytes(w(17)?),
+            updated: i64::from_le_bytes(w(25)?),
+            expires: i64::from_le_bytes(w(33)?),
+            created_by: nodes.intern(NodeId::from_slice(b.get(41..57)?)?),
+            conflicted: *b.get(57)? == 1,
+        },
+        max_stamp: u64::from_le_bytes(w(1)?),
+        revision: u64::from_le_bytes(w(9)?),
+    })
+}
+
+/// One item in the read view. The data is kept as compact JSON text: a parsed
+/// `serde_json::Map` costs several times more memory per item than its text.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct ItemState {
+    pub(super) data: Box<str>,
+    pub(super) meta: ViewMeta,
+    pub(super) max_stamp: u64,
+    pub(super) revision: u64,
+}
+
+/// The winning meta record as the view keeps it: node ids interned, no option tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ViewMeta {
+    pub(super) created: i64,
+    pub(super) updated: i64,
+    /// `i64::MIN` when the item has no TTL.
+    pub(super) expires: i64,
+    pub(super) created_by: u32,
+    /// Some field has concurrent values (set from the documents, cleared by full writes).
+    pub(super) conflicted: bool,
+}
+
+impl ViewMeta {
+    pub(super) fn created(self) -> Timestamp {
+        Timestamp::from_millis(self.created)
+    }
+    pub(super) fn updated(self) -> Timestamp {
+        Timestamp::from_millis(self.updated)
+    }
+    pub(super) fn expires(self) -> Option<Timestamp> {
+        (self.expires != i64::MIN).then(|| Timestamp::from_millis(self.expires))
+    }
+}
+
+/// Node ids seen in a map, interned so each view entry stores 4 bytes instead of 16.
+#[derive(Debug, Default)]
+pub(super) struct Nodes {
+    pub(super) list: Vec<NodeId>,
+    pub(super) index: std::collections::HashMap<NodeId, u32>,
+}
+
+impl Nodes {
+    pub(super) fn intern(&mut self, n: NodeId) -> u32 {
+        if let Some(i) = self.index.get(&n) {
+            return *i;
+        }
+        let i = self.list.len() as u32;
+        self.list.push(n);
+        self.index.insert(n, i);
+        i
+    }
+    pub(super) fn get(&self, i: u32) -> NodeId {
+        self.list
+            .get(i as usize)
+            .copied()
+            .unwrap_or(NodeId([0; 16]))
+    }
+}
+
+/// An item as read from a shard document, before it enters the view.
+pub(super) struct RawItem {
+    pub(super) data: JsonObject,
+    pub(super) meta: ItemMeta,
+    pub(super) max_stamp: u64,
+    pub(super) revision: u64,
+    pub(super) conflicted: bool,
+}
+
+impl ItemState {
+    pub(super) fn new(
+        data: &JsonObject,
+        meta: &ItemMeta,
+        max_stamp: u64,
+        revision: u64,
+        nodes: &mut Nodes,
+    ) -> Self {
+        ItemState {
+            data: serde_json::to_string(data)
+                .unwrap_or_default()
+                .into_boxed_str(),
+            meta: ViewMeta {
+                created: meta.created.millis(),
+                updated: meta.updated.millis(),
+                expires: meta
+                    .expires
+                    .map_or(i64::MIN, |e| e.millis().max(i64::MIN + 1)),
+                created_by: nodes.intern(meta.created_by),
+                conflicted: false,
+            },
+            max_stamp,
+            revision,
+        }
+    }
+
+    pub(super) fn from_raw(raw: RawItem, nodes: &mut Nodes) -> Self {
+        let mut st = ItemState::new(&raw.data, &raw.meta, raw.max_stamp, raw.revision, nodes);
+        st.meta.conflicted = raw.conflicted;
+        st
+    }
+
+    pub(super) fn data(&self) -> JsonObject {
+        // The text was produced by serde_json from a Map, so it always parses back.
+        serde_json::from_str(&self.data).unwrap_or_default()
+    }
+
+    pub(super) fn revision(&self) -> Revision {
+        Revision::from_hash(self.revision)
+    }
+
+    pub(super) fn to_item(&self, key: &str, nodes: &Nodes) -> Item {
+        Item {
+            key: key.to_string(),
+            data: self.data(),
+            revision: self.revision(),
+            date_created: self.meta.created(),
+            date_updated: self.meta.updated(),
+            date_expires: self.meta.expires(),
+            created_by: nodes.get(self.meta.created_by),
+        }
+    }
+
+    pub(super) fn expired(&self, now: Timestamp) -> bool {
+        self.meta.expires().is_some_and(|e| e <= now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_garbage_is_refused() {
+        let mut nodes = Nodes::default();
+        let data: JsonObject = serde_json::from_str(r#"{"a":1,"b":{"c":[true,null]}}"#).unwrap();
+        let meta = ItemMeta {
+            stamp: 9,
+            created: Timestamp::from_millis(1),
+            updated: Timestamp::from_millis(2),
+            expires: Some(Timestamp::from_millis(3)),
+            created_by: NodeId([4; 16]),
+            writer: NodeId([5; 16]),
+        };
+        let mut st = ItemState::new(&data, &meta, 9, 77, &mut nodes);
+        st.meta.conflicted = true;
+        let b = encode_entry(&st, &nodes);
+        let mut fresh = Nodes::default();
+        let back = decode_entry(&b, &mut fresh).unwrap();
+        assert_eq!(back.data(), data);
+        assert_eq!(back.revision, 77);
+        assert_eq!(back.max_stamp, 9);
+        assert!(back.meta.conflicted);
+        assert_eq!(back.meta.expires(), Some(Timestamp::from_millis(3)));
+        assert_eq!(fresh.get(back.meta.created_by), NodeId([4; 16]));
+        assert!(decode_entry(&b[..10], &mut fresh).is_none());
+        let mut bad = b.clone();
+        bad[0] = 9;
+        assert!(decode_entry(&bad, &mut fresh).is_none());
+        let mut not_object = b[..ENTRY_HEADER].to_vec();
+        not_object.extend_from_slice(b"[1]");
+        assert!(decode_entry(&not_object, &mut fresh).is_none());
+    }
+}
