@@ -250,7 +250,8 @@ impl MapReplica {
         if let Some(before) = before {
             doc.get_changes(&before).into_iter().for_each(&mut scan);
         }
-        let mut touched: BTreeSet<String> = BTreeSet::new();
+        // Touched items, and whether the changes touched an update field slot of theirs.
+        let mut touched: BTreeMap<String, bool> = BTreeMap::new();
         let nested = patches.iter().map(|p| match p.path.first() {
             Some((_, Prop::Map(k))) => Some(k.as_str()),
             Some(_) => None,
@@ -269,25 +270,46 @@ impl MapReplica {
             if let Some(slot) = root_key.and_then(layout::parse_slot) {
                 let key = slot.key();
                 if layout::belongs(key, index) {
-                    touched.insert(key.to_string());
+                    let field = matches!(slot, Slot::Field(..));
+                    *touched.entry(key.to_string()).or_default() |= field;
                 }
             }
         }
-        for key in touched {
+        for (key, fields_touched) in touched {
+            // Unless the changes wrote field slots of the item, those it had are still there:
+            // none if the view knows it had none.
+            let scan = fields_touched || !self.view.get(&key).is_some_and(|s| s.meta.no_fields);
             let (fresh, seen_stamp) = {
                 let doc = self.shard_mut(index).doc()?;
-                let st = read_item(doc, &key);
+                let st = read_item(doc, &key, scan);
                 let s = st.as_ref().map_or(0, |s| s.max_stamp);
                 (st, s)
             };
             self.clock = self.clock.max(seen_stamp);
-            let fresh = fresh.map(|raw| ItemState::from_raw(raw, &mut self.nodes));
-            match fresh {
-                Some(st) if st.expired(now) => {
-                    // Already dead here: remove it for everyone rather than show it.
-                    self.view_set_for_expired(&key, now);
-                }
-                other => self.replace_view(&key, other, false, now),
+            let Some(raw) = fresh else {
+                self.replace_view(&key, None, false, now);
+                continue;
+            };
+            // The event's item is built from what was read (the view keeps it as text).
+            let item = Item {
+                key: key.clone(),
+                data: raw.data.clone(),
+                revision: Revision::from_hash(raw.revision),
+                date_created: raw.meta.created,
+                date_updated: raw.meta.updated,
+                // as the view keeps it (see `ItemState::new`)
+                date_expires: raw
+                    .meta
+                    .expires
+                    .map(|e| Timestamp::from_millis(e.millis().max(i64::MIN + 1))),
+                created_by: raw.meta.created_by,
+            };
+            let st = ItemState::from_raw(raw, &mut self.nodes);
+            if st.expired(now) {
+                // Already dead here: remove it for everyone rather than show it.
+                self.view_set_for_expired(&key, now);
+            } else {
+                self.replace_view_with(&key, Some(st), Some(&item), false, now);
             }
         }
         Ok(())

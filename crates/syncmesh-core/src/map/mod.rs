@@ -719,6 +719,9 @@ impl MapReplica {
 
         let mut st = ItemState::new(&new_data, &meta, stamp, revision, &mut self.nodes);
         st.meta.conflicted = still_conflicted;
+        // A whole write deletes every field slot this replica holds for the item (at its
+        // flush, which comes before any peer's change to the shard is merged).
+        st.meta.no_fields = whole;
 
         let shard = layout::shard_of(key);
         let sh = self.shard_mut(shard);
@@ -813,7 +816,7 @@ impl MapReplica {
                     .unwrap_or_else(|| n.to_item(key, &self.nodes)),
             },
             (Some(o), Some(n)) => {
-                if o.revision == n.revision && o.data == n.data && o.meta == n.meta {
+                if o.revision == n.revision && o.data == n.data && o.meta.same_visible(n.meta) {
                     return;
                 }
                 EventKind::ItemUpdated {

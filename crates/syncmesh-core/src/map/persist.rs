@@ -161,7 +161,7 @@ impl MapReplica {
                 d.set_actor(m.actor.clone());
                 let keys = item_keys(&d, index);
                 for k in keys {
-                    if let Some(raw) = read_item(&d, &k) {
+                    if let Some(raw) = read_item(&d, &k, true) {
                         let st = ItemState::from_raw(raw, &mut m.nodes);
                         m.clock = m.clock.max(st.max_stamp);
                         m.last_change = m.last_change.max(st.meta.updated());

@@ -54,7 +54,9 @@ pub(super) fn item_keys(doc: &Automerge, index: u16) -> Vec<String> {
 }
 
 /// Reads an item's state straight from its shard document.
-pub(super) fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
+/// `scan_fields: false` trusts the caller that the document holds no update field slot for
+/// the item (see `ViewMeta::no_fields`).
+pub(super) fn read_item(doc: &Automerge, key: &str, scan_fields: bool) -> Option<RawItem> {
     let mk = layout::meta_key(key);
     let all = doc.get_all(ROOT, mk.as_str()).ok()?;
     let mut raws: Vec<Vec<u8>> = all.iter().filter_map(|(v, _)| raw_meta(v)).collect();
@@ -86,7 +88,13 @@ pub(super) fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
         .unwrap_or_default();
     // (`map_range`'s own `conflict` flag does not say whether concurrent values are current on
     // the 0.6 line: `get_all` per field does.)
-    for slot in field_slots(doc, key) {
+    let fields = if scan_fields {
+        field_slots(doc, key)
+    } else {
+        Vec::new()
+    };
+    let no_fields = fields.is_empty();
+    for slot in fields {
         let Ok(all) = doc.get_all(ROOT, slot.as_str()) else {
             continue;
         };
@@ -102,6 +110,7 @@ pub(super) fn read_item(doc: &Automerge, key: &str) -> Option<RawItem> {
         max_stamp,
         revision,
         conflicted,
+        no_fields,
     })
 }
 
@@ -271,14 +280,14 @@ mod tests {
         tx.put(ROOT, layout::field_key("k", "b"), 3).unwrap();
         tx.put(ROOT, layout::field_key("k", "c"), "x").unwrap();
         tx.commit();
-        let raw = read_item(&doc, "k").unwrap();
+        let raw = read_item(&doc, "k", true).unwrap();
         assert_eq!(
             Json::Object(raw.data),
             serde_json::json!({"a": 1, "b": 3, "c": "x"})
         );
         assert_eq!(raw.meta.stamp, 5);
         assert!(!raw.conflicted);
-        assert!(read_item(&doc, "other").is_none());
+        assert!(read_item(&doc, "other", true).is_none());
     }
 
     #[test]
@@ -299,7 +308,7 @@ mod tests {
             tx.put(ROOT, layout::whole_key("k"), garbage).unwrap();
             tx.put(ROOT, layout::field_key("k", "f"), 1).unwrap();
             tx.commit();
-            let raw = read_item(&doc, "k").unwrap();
+            let raw = read_item(&doc, "k", true).unwrap();
             assert_eq!(Json::Object(raw.data), serde_json::json!({"f": 1}));
         }
     }
@@ -321,7 +330,10 @@ mod tests {
         }
         a.merge(&mut b).unwrap();
         b.merge(&mut a).unwrap();
-        let (ra, rb) = (read_item(&a, "k").unwrap(), read_item(&b, "k").unwrap());
+        let (ra, rb) = (
+            read_item(&a, "k", true).unwrap(),
+            read_item(&b, "k", true).unwrap(),
+        );
         assert_eq!(ra.data, rb.data);
         assert!(ra.conflicted && rb.conflicted);
         let d = Json::Object(ra.data);

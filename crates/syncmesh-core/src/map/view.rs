@@ -25,7 +25,7 @@ pub(super) fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
     b.extend_from_slice(&st.meta.updated.to_le_bytes());
     b.extend_from_slice(&st.meta.expires.to_le_bytes());
     b.extend_from_slice(&nodes.get(st.meta.created_by).0);
-    b.push(u8::from(st.meta.conflicted));
+    b.push(u8::from(st.meta.conflicted) | (u8::from(st.meta.no_fields) << 1));
     b.extend_from_slice(st.data.as_bytes());
     b
 }
@@ -48,7 +48,9 @@ pub(super) fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
             updated: i64::from_le_bytes(w(25)?),
             expires: i64::from_le_bytes(w(33)?),
             created_by: nodes.intern(NodeId::from_slice(b.get(41..57)?)?),
-            conflicted: *b.get(57)? == 1,
+            conflicted: *b.get(57)? & 1 == 1,
+            // Entries written before this flag existed say nothing: fields are scanned.
+            no_fields: *b.get(57)? & 2 == 2,
         },
         max_stamp: u64::from_le_bytes(w(1)?),
         revision: u64::from_le_bytes(w(9)?),
@@ -75,6 +77,19 @@ pub(super) struct ViewMeta {
     pub(super) created_by: u32,
     /// Some field has concurrent values (set from the documents, cleared by full writes).
     pub(super) conflicted: bool,
+    /// The shard document is known to hold no update field slots for the item, so a re-read
+    /// after a peer's change that writes none can skip scanning for them.
+    pub(super) no_fields: bool,
+}
+
+impl ViewMeta {
+    /// Equal in everything a reader sees (`no_fields` is bookkeeping).
+    pub(super) fn same_visible(self, other: ViewMeta) -> bool {
+        ViewMeta {
+            no_fields: other.no_fields,
+            ..self
+        } == other
+    }
 }
 
 impl ViewMeta {
@@ -121,6 +136,8 @@ pub(super) struct RawItem {
     pub(super) max_stamp: u64,
     pub(super) revision: u64,
     pub(super) conflicted: bool,
+    /// No update field slot was found (or looked for: see `read_item`).
+    pub(super) no_fields: bool,
 }
 
 impl ItemState {
@@ -143,6 +160,7 @@ impl ItemState {
                     .map_or(i64::MIN, |e| e.millis().max(i64::MIN + 1)),
                 created_by: nodes.intern(meta.created_by),
                 conflicted: false,
+                no_fields: false,
             },
             max_stamp,
             revision,
@@ -152,6 +170,7 @@ impl ItemState {
     pub(super) fn from_raw(raw: RawItem, nodes: &mut Nodes) -> Self {
         let mut st = ItemState::new(&raw.data, &raw.meta, raw.max_stamp, raw.revision, nodes);
         st.meta.conflicted = raw.conflicted;
+        st.meta.no_fields = raw.no_fields;
         st
     }
 
@@ -199,13 +218,14 @@ mod tests {
         };
         let mut st = ItemState::new(&data, &meta, 9, 77, &mut nodes);
         st.meta.conflicted = true;
+        st.meta.no_fields = true;
         let b = encode_entry(&st, &nodes);
         let mut fresh = Nodes::default();
         let back = decode_entry(&b, &mut fresh).unwrap();
         assert_eq!(back.data(), data);
         assert_eq!(back.revision, 77);
         assert_eq!(back.max_stamp, 9);
-        assert!(back.meta.conflicted);
+        assert!(back.meta.conflicted && back.meta.no_fields);
         assert_eq!(back.meta.expires(), Some(Timestamp::from_millis(3)));
         assert_eq!(fresh.get(back.meta.created_by), NodeId([4; 16]));
         assert!(decode_entry(&b[..10], &mut fresh).is_none());
