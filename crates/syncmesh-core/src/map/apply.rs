@@ -275,13 +275,14 @@ impl MapReplica {
                 }
             }
         }
+        self.shard_mut(index).note_slots(&slots);
         for (key, fields_touched) in touched {
             // Unless the changes wrote field slots of the item, those it had are still there:
             // none if the view knows it had none.
             let scan = fields_touched || !self.view.get(&key).is_some_and(|s| s.meta.no_fields);
             let (fresh, seen_stamp) = {
-                let doc = self.shard_mut(index).doc()?;
-                let st = read_item(doc, &key, scan);
+                let (doc, fields) = self.shard_mut(index).parts()?;
+                let st = read_item(doc, &key, scan.then_some(&*fields));
                 let s = st.as_ref().map_or(0, |s| s.max_stamp);
                 (st, s)
             };

@@ -869,7 +869,8 @@ impl MapReplica {
         let Some(sh) = self.shards.get_mut(&shard) else {
             return Err(Error::ItemNotFound(key.to_string()));
         };
-        let doc: &Automerge = sh.doc()?;
+        let (doc, index) = sh.parts()?;
+        let doc: &Automerge = doc;
         let mut values: Vec<JsonObject> = doc
             .get_all(ROOT, layout::whole_key(key).as_str())
             .map_err(tx_err)?
@@ -881,7 +882,7 @@ impl MapReplica {
             values.clear();
         }
         let mut fields = BTreeMap::new();
-        for root_key in field_slots(doc, key) {
+        for root_key in indexed_fields(index, key) {
             let mut vals: Vec<Json> = doc
                 .get_all(ROOT, root_key.as_str())
                 .map_err(tx_err)?

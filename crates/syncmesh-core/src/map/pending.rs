@@ -42,7 +42,7 @@ impl MapReplica {
             return Ok(());
         }
         let pending = std::mem::take(&mut sh.pending);
-        let doc = match sh.doc() {
+        let (doc, fields) = match sh.parts() {
             Ok(d) => d,
             Err(e) => {
                 // the queued writes stay queued
@@ -59,13 +59,19 @@ impl MapReplica {
         let mut added = 0;
         for group in &groups {
             let mut tx = doc.transaction();
-            if let Err(e) = write_pending(&mut tx, group, &pending) {
+            if let Err(e) = write_pending(&mut tx, group, &pending, fields) {
                 // Dropping the transaction rolls it back; this group and later ones stay queued.
                 drop(tx);
                 failed = Some(e);
                 break;
             }
             let (hash, _) = tx.commit_with(commit_opts(now));
+            fields.extend(
+                group
+                    .iter()
+                    .filter(|(_, op)| matches!(op, Pending::Field(_)))
+                    .map(|(slot, _)| slot.to_string()),
+            );
             if let Some(hash) = hash {
                 // Item changes are signed only where authors matter: maps with entries.
                 if !self.state.policy.is_open() {
@@ -138,16 +144,18 @@ pub(super) fn item_groups(pending: &BTreeMap<String, Pending>) -> Vec<Vec<(&str,
 }
 
 /// Applies queued slot writes to a transaction; `all` is everything queued for the shard.
+/// `fields` indexes the document's field slots ([`field_index`]).
 pub(super) fn write_pending(
     tx: &mut automerge::transaction::Transaction<'_>,
     group: &[(&str, &Pending)],
     all: &BTreeMap<String, Pending>,
+    fields: &BTreeSet<String>,
 ) -> Result<()> {
     for &(slot, op) in group {
         match op {
             Pending::Whole(text) => {
                 if let Some(key) = layout::parse_slot(slot).map(|s| s.key()) {
-                    clear_item_slots(tx, key, all, false)?;
+                    clear_item_slots(tx, key, all, fields, false)?;
                 }
                 tx.put(ROOT, slot, ScalarValue::Str(text.as_ref().into()))
                     .map_err(tx_err)?
@@ -161,7 +169,7 @@ pub(super) fn write_pending(
                     // A new item: slots left by a foreign writer without a meta slot would
                     // otherwise join it on every other replica.
                     if let Some(key) = layout::parse_slot(slot).map(|s| s.key()) {
-                        clear_item_slots(tx, key, all, true)?;
+                        clear_item_slots(tx, key, all, fields, true)?;
                     }
                 }
                 tx.put(ROOT, slot, ScalarValue::Bytes(b.clone()))
@@ -169,7 +177,7 @@ pub(super) fn write_pending(
             }
             Pending::Delete => {
                 if let Some(key) = layout::parse_slot(slot).map(|s| s.key()) {
-                    clear_item_slots(tx, key, all, true)?;
+                    clear_item_slots(tx, key, all, fields, true)?;
                 }
                 if tx.get(ROOT, slot).map_err(tx_err)?.is_some() {
                     tx.delete(ROOT, slot).map_err(tx_err)?;
@@ -186,17 +194,13 @@ pub(super) fn clear_item_slots(
     tx: &mut automerge::transaction::Transaction<'_>,
     key: &str,
     all: &BTreeMap<String, Pending>,
+    fields: &BTreeSet<String>,
     whole: bool,
 ) -> Result<()> {
-    let prefix = layout::field_prefix(key);
-    let fields: Vec<String> = tx
-        .map_range(ROOT, prefix.clone()..)
-        .map(|it| it.key.to_string())
-        .take_while(|k| k.starts_with(&prefix))
-        .filter(|k| !all.contains_key(k))
-        .collect();
-    for f in fields {
-        tx.delete(ROOT, f.as_str()).map_err(tx_err)?;
+    for f in indexed_fields(fields, key) {
+        if !all.contains_key(&f) && tx.get(ROOT, f.as_str()).map_err(tx_err)?.is_some() {
+            tx.delete(ROOT, f.as_str()).map_err(tx_err)?;
+        }
     }
     if whole {
         let wk = layout::whole_key(key);

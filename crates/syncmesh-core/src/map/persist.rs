@@ -95,6 +95,7 @@ impl MapReplica {
                     last_used: 0,
                     ops: 0,
                     cold_heads: None,
+                    fields: None,
                 },
             );
         }
@@ -160,8 +161,9 @@ impl MapReplica {
                     .map_err(|e| Error::Corrupt(format!("shard {index}: {e}")))?;
                 d.set_actor(m.actor.clone());
                 let keys = item_keys(&d, index);
+                let fields = field_index(&d);
                 for k in keys {
-                    if let Some(raw) = read_item(&d, &k, true) {
+                    if let Some(raw) = read_item(&d, &k, Some(&fields)) {
                         let st = ItemState::from_raw(raw, &mut m.nodes);
                         m.clock = m.clock.max(st.max_stamp);
                         m.last_change = m.last_change.max(st.meta.updated());
@@ -184,6 +186,7 @@ impl MapReplica {
                         last_used: 0,
                         ops: 0,
                         cold_heads: None,
+                        fields: None,
                     },
                 );
             }

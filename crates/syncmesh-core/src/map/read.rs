@@ -34,12 +34,20 @@ pub(super) fn raw_meta(v: &Value<'_>) -> Option<Vec<u8>> {
     }
 }
 
-/// Root keys of every field slot of `key` in a shard document.
-pub(super) fn field_slots(doc: &Automerge, key: &str) -> Vec<String> {
+/// Root keys of every field slot in a shard document, from one pass over its keys. (0.6's
+/// `map_range` walks every key of the object, so looking up one item's fields by range costs
+/// as much as this whole pass: callers keep this index and look items up in it.)
+pub(super) fn field_index(doc: &Automerge) -> BTreeSet<String> {
+    doc.keys(ROOT).filter(|k| k.starts_with('f')).collect()
+}
+
+/// The field slots of `key` listed in an index of a shard document's field slots.
+pub(super) fn indexed_fields(index: &BTreeSet<String>, key: &str) -> Vec<String> {
     let prefix = layout::field_prefix(key);
-    doc.map_range(ROOT, prefix.clone()..)
-        .map(|it| it.key.to_string())
+    index
+        .range(prefix.clone()..)
         .take_while(|k| k.starts_with(&prefix))
+        .cloned()
         .collect()
 }
 
@@ -54,9 +62,13 @@ pub(super) fn item_keys(doc: &Automerge, index: u16) -> Vec<String> {
 }
 
 /// Reads an item's state straight from its shard document.
-/// `scan_fields: false` trusts the caller that the document holds no update field slot for
-/// the item (see `ViewMeta::no_fields`).
-pub(super) fn read_item(doc: &Automerge, key: &str, scan_fields: bool) -> Option<RawItem> {
+/// `fields` lists (at least) the field slots the document holds ([`field_index`]); `None`
+/// trusts the caller that it holds none for the item (see `ViewMeta::no_fields`).
+pub(super) fn read_item(
+    doc: &Automerge,
+    key: &str,
+    fields: Option<&BTreeSet<String>>,
+) -> Option<RawItem> {
     let mk = layout::meta_key(key);
     let all = doc.get_all(ROOT, mk.as_str()).ok()?;
     let mut raws: Vec<Vec<u8>> = all.iter().filter_map(|(v, _)| raw_meta(v)).collect();
@@ -88,16 +100,16 @@ pub(super) fn read_item(doc: &Automerge, key: &str, scan_fields: bool) -> Option
         .unwrap_or_default();
     // (`map_range`'s own `conflict` flag does not say whether concurrent values are current on
     // the 0.6 line: `get_all` per field does.)
-    let fields = if scan_fields {
-        field_slots(doc, key)
-    } else {
-        Vec::new()
-    };
-    let no_fields = fields.is_empty();
+    let fields = fields.map_or_else(Vec::new, |idx| indexed_fields(idx, key));
+    let mut no_fields = true;
     for slot in fields {
         let Ok(all) = doc.get_all(ROOT, slot.as_str()) else {
             continue;
         };
+        if all.is_empty() {
+            continue; // deleted since it was indexed
+        }
+        no_fields = false;
         conflicted |= all.len() > 1;
         // get_all is in operation order; the last is the visible (winning) value.
         if let (Some((v, id)), Some(field)) = (all.last(), slot.get(prefix_len..)) {
@@ -280,14 +292,14 @@ mod tests {
         tx.put(ROOT, layout::field_key("k", "b"), 3).unwrap();
         tx.put(ROOT, layout::field_key("k", "c"), "x").unwrap();
         tx.commit();
-        let raw = read_item(&doc, "k", true).unwrap();
+        let raw = read_item(&doc, "k", Some(&field_index(&doc))).unwrap();
         assert_eq!(
             Json::Object(raw.data),
             serde_json::json!({"a": 1, "b": 3, "c": "x"})
         );
         assert_eq!(raw.meta.stamp, 5);
         assert!(!raw.conflicted);
-        assert!(read_item(&doc, "other", true).is_none());
+        assert!(read_item(&doc, "other", Some(&field_index(&doc))).is_none());
     }
 
     #[test]
@@ -308,7 +320,7 @@ mod tests {
             tx.put(ROOT, layout::whole_key("k"), garbage).unwrap();
             tx.put(ROOT, layout::field_key("k", "f"), 1).unwrap();
             tx.commit();
-            let raw = read_item(&doc, "k", true).unwrap();
+            let raw = read_item(&doc, "k", Some(&field_index(&doc))).unwrap();
             assert_eq!(Json::Object(raw.data), serde_json::json!({"f": 1}));
         }
     }
@@ -331,8 +343,8 @@ mod tests {
         a.merge(&mut b).unwrap();
         b.merge(&mut a).unwrap();
         let (ra, rb) = (
-            read_item(&a, "k", true).unwrap(),
-            read_item(&b, "k", true).unwrap(),
+            read_item(&a, "k", Some(&field_index(&a))).unwrap(),
+            read_item(&b, "k", Some(&field_index(&b))).unwrap(),
         );
         assert_eq!(ra.data, rb.data);
         assert!(ra.conflicted && rb.conflicted);

@@ -82,6 +82,10 @@ pub(super) struct Shard {
     pub(super) ops: u64,
     /// Heads of a parked document, so digests for replication need not load it.
     pub(super) cold_heads: Option<Vec<ChangeHash>>,
+    /// Root keys of the field slots the live document may hold (a superset: deleted ones stay
+    /// until it is parked), built on first use ([`field_index`]) and kept up to date by
+    /// flushes and merges.
+    pub(super) fields: Option<BTreeSet<String>>,
 }
 
 impl Shard {
@@ -95,6 +99,7 @@ impl Shard {
             last_used: 0,
             ops: 0,
             cold_heads: None,
+            fields: None,
         }
     }
 
@@ -127,6 +132,23 @@ impl Shard {
         }
     }
 
+    /// The live document (loaded if parked) and its field-slot index.
+    pub(super) fn parts(&mut self) -> Result<(&mut Automerge, &mut BTreeSet<String>)> {
+        self.doc()?;
+        let Body::Live(d) = &mut self.body else {
+            return Err(Error::Corrupt("shard document failed to load".into()));
+        };
+        let idx = self.fields.get_or_insert_with(|| field_index(d));
+        Ok((d, idx))
+    }
+
+    /// Records root keys the document was just given (those of field slots enter the index).
+    pub(super) fn note_slots<'a>(&mut self, slots: impl IntoIterator<Item = &'a String>) {
+        if let Some(idx) = &mut self.fields {
+            idx.extend(slots.into_iter().filter(|s| s.starts_with('f')).cloned());
+        }
+    }
+
     /// Replaces a live document by its saved bytes; false if it was already parked.
     pub(super) fn park(&mut self) -> bool {
         let Body::Live(d) = &self.body else {
@@ -137,6 +159,7 @@ impl Shard {
         saved.shrink_to_fit();
         self.cold_heads = Some(d.get_heads());
         self.ops = 0;
+        self.fields = None;
         self.body = Body::Cold(StoredDoc {
             snapshot: Some(saved),
             changes: Vec::new(),
