@@ -194,6 +194,41 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Appends a later batch, so that committing the result writes what committing both in
+    /// order would. (A digest describes its map after the changes of its own batch: one of
+    /// this batch for a map the later batch changes is dropped.)
+    pub fn append(&mut self, later: Batch) {
+        let changed: std::collections::HashSet<&MapSid> = later
+            .maps
+            .iter()
+            .filter(|m| !m.changes.is_empty())
+            .filter_map(|m| m.sid.as_ref())
+            .collect();
+        self.digests.retain(|(sid, _)| !changed.contains(sid));
+        self.maps.extend(later.maps);
+        self.meta.extend(later.meta);
+        self.digests.extend(later.digests);
+        self.trust.extend(later.trust);
+        self.invites.extend(later.invites);
+        self.policies.extend(later.policies);
+    }
+
+    /// Bytes the batch carries (changes, view entries, events), roughly.
+    pub fn bytes(&self) -> usize {
+        self.maps
+            .iter()
+            .map(|m| {
+                m.changes.iter().map(|(_, b)| b.len()).sum::<usize>()
+                    + m.view
+                        .entries
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+                        .sum::<usize>()
+                    + m.events.iter().map(|(_, b)| b.len()).sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Whether the batch writes nothing.
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty()

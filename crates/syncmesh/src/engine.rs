@@ -33,6 +33,12 @@ pub(crate) const COMMAND_QUEUE: usize = 4096;
 const MAX_BATCH_COMMANDS: usize = 512;
 /// With relaxed durability, the longest time an acknowledged write waits for an fsync.
 const RELAXED_WINDOW: Duration = Duration::from_millis(100);
+/// Commits a relaxed engine may hand to the store writer ahead of it.
+const RELAXED_QUEUE_JOBS: usize = 64;
+/// Bytes of commits queued for the store writer beyond which the engine waits for it.
+const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// Queued commits the store writer merges into one transaction, at most.
+const MAX_MERGED_COMMITS: usize = 256;
 /// Stored changes of one document after which it is replaced by a snapshot.
 const COMPACT_AFTER_CHANGES: u32 = 1000;
 /// How often idle shard documents are parked: a shard untouched for a whole period leaves
@@ -201,6 +207,8 @@ enum StoreJob {
         durable: bool,
         /// This commit's number ([`Shared::committed`] once it is stored).
         seq: u64,
+        /// What the batch carries, counted in [`Shared::queued_bytes`] until stored.
+        bytes: usize,
     },
     Compact {
         sid: MapSid,
@@ -249,6 +257,8 @@ pub(crate) struct Shared {
     pub failed: Mutex<Option<Arc<StoreError>>>,
     /// The number of the last commit stored (see [`Engine::unsettled`]).
     pub committed: std::sync::atomic::AtomicU64,
+    /// Bytes of commits handed to the store writer and not stored yet.
+    pub queued_bytes: std::sync::atomic::AtomicUsize,
     /// Trusted peers the engine exchanges maps with now, in id order.
     pub peers: tokio::sync::watch::Sender<Vec<syncmesh_net::PeerId>>,
 }
@@ -350,7 +360,15 @@ impl Engine {
                 (sid, p)
             })
             .collect();
-        let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<StoreJob>(1);
+        // With fsync, the engine waits while one commit is queued and gathers the commands that
+        // arrive meanwhile into the next (group commit). Relaxed writes are acknowledged at
+        // hand-off, so the engine runs ahead instead and the store writer merges what is queued.
+        let queue = if store.is_durable() {
+            1
+        } else {
+            RELAXED_QUEUE_JOBS
+        };
+        let (jobs, jobs_rx) = std::sync::mpsc::sync_channel::<StoreJob>(queue);
         let (shared2, store2) = (shared.clone(), store.clone());
         let writer = std::thread::Builder::new()
             .name("syncmesh-store".into())
@@ -1257,6 +1275,27 @@ impl Engine {
                 self.last_commit.insert(sid.clone(), seq);
             }
         }
+        // Relaxed writes are acknowledged now (reads waiting for this commit still wait).
+        let acks = if self.store.is_durable() {
+            acks
+        } else {
+            let (reads, writes): (Vec<Ack>, Vec<Ack>) = acks
+                .into_iter()
+                .partition(|a| matches!(a.reply, AckTo::Read(_)));
+            for a in writes {
+                a.send(Ok(()));
+            }
+            reads
+        };
+        let bytes = batch.bytes();
+        if self.shared.queued_bytes.load(Ordering::Acquire) > MAX_QUEUED_BYTES {
+            // The store writer is far behind: wait for it rather than queue more memory.
+            let (tx, rx) = std::sync::mpsc::channel();
+            if self.jobs.send(StoreJob::Fence(tx)).is_ok() {
+                let _ = rx.recv();
+            }
+        }
+        self.shared.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         let job = StoreJob::Commit {
             batch,
             acks,
@@ -1264,6 +1303,7 @@ impl Engine {
             events,
             durable,
             seq,
+            bytes,
         };
         if self.jobs.send(job).is_err() {
             tracing::error!("the store writer has stopped");
@@ -1304,13 +1344,43 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
         };
         match job {
             StoreJob::Commit {
-                batch,
-                acks,
-                barriers,
-                events,
-                durable,
-                seq,
+                mut batch,
+                mut acks,
+                mut barriers,
+                mut events,
+                mut durable,
+                mut seq,
+                mut bytes,
             } => {
+                // Commits queued behind this one share its transaction (and fsync).
+                let mut merged = 1;
+                while merged < MAX_MERGED_COMMITS && bytes < MAX_QUEUED_BYTES {
+                    match jobs.try_recv() {
+                        Ok(StoreJob::Commit {
+                            batch: b,
+                            acks: a,
+                            barriers: w,
+                            events: e,
+                            durable: d,
+                            seq: s,
+                            bytes: n,
+                        }) => {
+                            batch.append(b);
+                            acks.extend(a);
+                            barriers.extend(w);
+                            events.extend(e);
+                            durable |= d;
+                            seq = seq.max(s);
+                            bytes += n;
+                            merged += 1;
+                        }
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 let stopped = shared
                     .failed
                     .lock()
@@ -1330,6 +1400,7 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                         Error::Store(e)
                     }),
                 };
+                shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 match result {
                     Ok(()) => {
                         // Events first: whoever is answered next and subscribes then finds

@@ -36,9 +36,12 @@ pub enum Durability {
     /// Acknowledge after fsync (default): an acknowledged write survives a crash.
     #[default]
     Fsync,
-    /// Acknowledge before fsync; an fsync follows within 100 ms (and at `sync`, `compact` and
-    /// `close`). A crash — not a clean close — can lose writes acknowledged in that window.
-    /// The store stays consistent either way.
+    /// Acknowledge a write once it is applied in memory and handed to storage, before it is
+    /// committed; the commit follows at once (several writes share one when they come faster
+    /// than commits) and an fsync within 100 ms (and at `sync`, `compact` and `close`: await
+    /// [`Node::sync`] for a durability barrier). A crash — not a clean close — or a failed
+    /// commit (a full disk) can lose writes acknowledged in that window; the store stays
+    /// consistent either way, and reads still only show what is committed.
     Relaxed,
 }
 
@@ -375,6 +378,7 @@ impl Node {
             subscriber_buffer: subscriber_buffer.clamp(1, u32::MAX as usize),
             failed: Mutex::new(None),
             committed: std::sync::atomic::AtomicU64::new(0),
+            queued_bytes: std::sync::atomic::AtomicUsize::new(0),
             peers: tokio::sync::watch::Sender::new(Vec::new()),
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
