@@ -276,6 +276,22 @@ fn bench_size(n: u64) {
     let estimate = a.live_bytes();
     drop(b);
     drop(changes);
+    // What a node's default document budget (64 MiB) leaves: every shard was used above; the
+    // engine parks the least recently used down to 3/4 of the budget.
+    const BUDGET: u64 = 64 << 20;
+    if estimate > BUDGET {
+        let heap_all = heap_bytes().saturating_sub(heap0);
+        let mark = a.use_mark();
+        a.park_lru(estimate - BUDGET / 4 * 3, mark, now)
+            .expect("park to the budget");
+        println!(
+            "  with a 64 MiB document budget: {} live shards, estimated {:.0} MiB live; heap {:.0} bytes/item (all live: {:.0})",
+            a.live_shards(),
+            a.live_bytes() as f64 / f64::from(1u32 << 20),
+            heap_bytes().saturating_sub(heap0) as f64 / n as f64,
+            heap_all as f64 / n as f64
+        );
+    }
     let before = heap_bytes().saturating_sub(heap0);
     a.unload_idle(0, now).expect("park");
     let after = heap_bytes().saturating_sub(heap0);
