@@ -95,10 +95,10 @@ fn decode_token(s: &str) -> Result<Token> {
 
 /// Walks `view` from `start` in ascending (`up`) or descending key order.
 fn walk<'a, S>(
-    view: &'a BTreeMap<String, S>,
+    view: &'a BTreeMap<Box<str>, S>,
     start: Bound<&'a str>,
     up: bool,
-) -> Box<dyn Iterator<Item = (&'a String, &'a S)> + 'a> {
+) -> Box<dyn Iterator<Item = (&'a Box<str>, &'a S)> + 'a> {
     if up {
         Box::new(view.range::<str, _>((start, Bound::Unbounded)))
     } else {
@@ -109,7 +109,7 @@ fn walk<'a, S>(
 /// Lists one page of `view`, skipping entries for which `visible` is false.
 pub(crate) fn page<S>(
     scope: &str,
-    view: &BTreeMap<String, S>,
+    view: &BTreeMap<Box<str>, S>,
     req: &PageRequest,
     visible: impl Fn(&S) -> bool,
     to_item: impl Fn(&str, &S) -> Item,
@@ -136,7 +136,7 @@ pub(crate) fn page<S>(
     let asc = order == Order::Asc;
     // Walking "forward" means in listing order; backward pages are collected then reversed.
     let up = asc == forward;
-    let mut picked: Vec<(&String, &S)> = walk(view, start, up)
+    let mut picked: Vec<(&Box<str>, &S)> = walk(view, start, up)
         .filter(|(_, s)| visible(s))
         .take(size)
         .collect();
@@ -153,7 +153,7 @@ pub(crate) fn page<S>(
             encode_token(&Token {
                 s: scope.to_string(),
                 o: order,
-                k: (*k).clone(),
+                k: (*k).to_string(),
                 n: true,
             })
         });
@@ -164,7 +164,7 @@ pub(crate) fn page<S>(
             encode_token(&Token {
                 s: scope.to_string(),
                 o: order,
-                k: (*k).clone(),
+                k: (*k).to_string(),
                 n: false,
             })
         });

@@ -279,7 +279,11 @@ impl MapReplica {
         for (key, fields_touched) in touched {
             // Unless the changes wrote field slots of the item, those it had are still there:
             // none if the view knows it had none.
-            let scan = fields_touched || !self.view.get(&key).is_some_and(|s| s.meta.no_fields);
+            let scan = fields_touched
+                || !self
+                    .view
+                    .get(key.as_str())
+                    .is_some_and(|s| s.meta.no_fields);
             let (fresh, seen_stamp) = {
                 let (doc, fields) = self.shard_mut(index).parts()?;
                 let st = read_item(doc, &key, scan.then_some(&*fields));

@@ -22,7 +22,7 @@ impl MapReplica {
             let Some((_, key)) = self.expiry.pop_first() else {
                 break;
             };
-            if self.view.contains_key(&key) {
+            if self.view.contains_key(key.as_str()) {
                 self.delete_item(&key, true, now);
                 n += 1;
             }

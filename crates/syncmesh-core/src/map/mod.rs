@@ -209,7 +209,8 @@ pub struct MapReplica {
     /// Shard documents that exist, by index (a map touches few of them until it is large).
     shards: BTreeMap<u16, Shard>,
     dirty: BTreeSet<u16>,
-    view: BTreeMap<String, ItemState>,
+    /// Keys as `Box<str>`: 8 bytes less per item than `String`, with no spare capacity.
+    view: BTreeMap<Box<str>, ItemState>,
     expiry: BTreeSet<(Timestamp, String)>,
     future: Vec<(DocAddr, Change)>,
     /// Documents and hashes of the changes in `future`, so one sent again is neither kept nor
@@ -513,7 +514,7 @@ impl MapReplica {
             .expiry
             .iter()
             .take_while(|(t, _)| *t <= now)
-            .filter(|(_, k)| self.view.get(k).is_some_and(|s| s.expired(now)))
+            .filter(|(_, k)| self.view.get(k.as_str()).is_some_and(|s| s.expired(now)))
             .map(|(_, k)| k.as_str())
             .collect();
         self.view.len().saturating_sub(expired.len())
@@ -794,7 +795,7 @@ impl MapReplica {
         now: Timestamp,
     ) {
         let old = match &new {
-            Some(st) => self.view.insert(key.to_string(), st.clone()),
+            Some(st) => self.view.insert(key.into(), st.clone()),
             None => self.view.remove(key),
         };
         if let Some(o) = &old {

@@ -37,7 +37,10 @@ impl MapReplica {
         let entries = keys
             .into_iter()
             .map(|k| {
-                let e = self.view.get(&k).map(|st| encode_entry(st, &self.nodes));
+                let e = self
+                    .view
+                    .get(k.as_str())
+                    .map(|st| encode_entry(st, &self.nodes));
                 (k, e)
             })
             .collect();
@@ -115,7 +118,10 @@ impl MapReplica {
             view.push((key, st));
         }
         // Stores hand entries over in key order: collecting builds the tree in one pass.
-        m.view = view.into_iter().collect();
+        m.view = view
+            .into_iter()
+            .map(|(k, v)| (k.into_boxed_str(), v))
+            .collect();
         Ok(m)
     }
 
@@ -170,7 +176,7 @@ impl MapReplica {
                         if let Some(e) = st.meta.expires() {
                             m.expiry.insert((e, k.clone()));
                         }
-                        m.view.insert(k, st);
+                        m.view.insert(k.into(), st);
                     }
                 }
                 // The view is built; the document waits, compressed, until first used.
