@@ -952,3 +952,37 @@ async fn relaxed_writes_share_commits_and_lose_nothing_on_close() {
     }
     node.close().await.unwrap();
 }
+
+/// Used to: relaxed writes are answered before their commit, and events are published with
+/// the commit, so a live subscription made right after a write was answered received that
+/// write's event (43 of 50 rounds in a review; 0 with fsync). It now starts after the newest
+/// event the map has, published or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_subscription_starts_after_every_answered_write() {
+    for durability in [syncmesh::Durability::Relaxed, syncmesh::Durability::Fsync] {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::builder()
+            .data_dir(dir.path())
+            .durability(durability)
+            .open()
+            .await
+            .unwrap();
+        let m = node.map("r").await.unwrap();
+        for i in 0..50 {
+            m.set(&format!("before{i}"), json!({"i": i})).await.unwrap();
+            let mut live = m.subscribe().await.unwrap();
+            m.set(&format!("after{i}"), json!({"i": i})).await.unwrap();
+            let e = next_event(&mut live).await;
+            match &e.kind {
+                EventKind::ItemAdded { item } => {
+                    assert_eq!(item.key, format!("after{i}"), "{durability:?}")
+                }
+                other => panic!("{other:?}"),
+            }
+            // and it resumes from where it started
+            let resumed = m.subscribe_from(e.id - 1).await.unwrap();
+            drop(resumed);
+        }
+        node.close().await.unwrap();
+    }
+}

@@ -9,6 +9,14 @@ pub(crate) fn op_count(doc: &Automerge) -> u64 {
     doc.get_changes(&[]).iter().map(|c| c.len() as u64).sum()
 }
 
+/// Whether two operations were made by the same actor.
+pub(crate) fn same_actor(a: &automerge::ObjId, b: &automerge::ObjId) -> bool {
+    match (a, b) {
+        (automerge::ObjId::Id(_, x, _), automerge::ObjId::Id(_, y, _)) => x == y,
+        _ => false,
+    }
+}
+
 /// An operation of a change on the document's root object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum RootOp {

@@ -537,3 +537,122 @@ fn r14_a_change_sent_for_another_document_hid_the_genuine_one() {
     }
     assert!(b.map("m").get("k", t(2)).is_ok());
 }
+
+/// A key in the same shard as `k` whose slots sort after k's (its operations in a change
+/// come after k's, which shifts op counters).
+fn sibling_after(k: &str) -> String {
+    let order = |key: &str| format!("{}:{}", key.len(), key);
+    let s = shard_of(k);
+    (0..100_000)
+        .map(|i| format!("z{i}"))
+        .find(|z| shard_of(z) == s && order(z) > order(k))
+        .unwrap()
+}
+
+/// Used to: Automerge picks the winner of the meta slot and of the whole slot independently
+/// (by op id, which depends on what else a change wrote before them), so every replica showed
+/// A's data with B's TTL, date and writer.
+#[test]
+fn r11_data_and_metadata_of_an_item_come_from_the_same_write() {
+    let mut peers = [Peer::new(1), Peer::new(2)];
+    peers[0].open("m", t(0));
+    peers[0]
+        .map("m")
+        .set("k", obj(json!({"v": "init"})), &none(), t(0))
+        .unwrap();
+    sync_all(&mut peers, t(0));
+    let z = sibling_after("k");
+    peers[0]
+        .map("m")
+        .set("k", obj(json!({"v": "A"})), &none(), t(1))
+        .unwrap();
+    peers[0]
+        .map("m")
+        .set(&z, obj(json!({"v": 0})), &none(), t(1))
+        .unwrap();
+    let ttl = WriteOptions::ttl(Ttl::from_secs(5).unwrap());
+    peers[1]
+        .map("m")
+        .set("k", obj(json!({"v": "B"})), &ttl, t(1))
+        .unwrap();
+    sync_all(&mut peers, t(2));
+    let a = peers[0].map("m").get("k", t(2)).unwrap();
+    assert_eq!(a, peers[1].map("m").get("k", t(2)).unwrap());
+    let data_from_b = a.data["v"] == json!("B");
+    assert_eq!(
+        data_from_b,
+        a.date_expires.is_some(),
+        "data from one write, TTL from the other: {a:?}"
+    );
+    let c = peers[0].map("m").conflicts("k", t(2)).unwrap();
+    assert_eq!(c.values[0], a.data, "the visible value first");
+    assert_eq!(c.writers[0], NodeId([if data_from_b { 2 } else { 1 }; 16]));
+}
+
+/// Used to: Automerge applies a batch change by change; when it refused a later change (a
+/// reused sequence number) the earlier ones were in the document but their field slots never
+/// entered the shard's field index, their items were not re-read and they were not stored: a
+/// later whole write on that replica left the update's field in place while its view said it
+/// was gone, and replicas holding the same changes differed.
+#[test]
+fn r12_a_batch_applied_in_part_leaves_nothing_stale() {
+    let mut peers = [Peer::new(1), Peer::new(2), Peer::new(3)];
+    peers[0].open("m", t(0));
+    peers[0]
+        .map("m")
+        .set("k", obj(json!({"v": 1})), &none(), t(0))
+        .unwrap();
+    sync_all(&mut peers, t(0));
+    let sid = MapSid::for_name("m");
+    // A clone of replica 0 writing as the same actor makes a change with the same sequence
+    // number as replica 0's next one.
+    let docs = peers[0].map("m").save_all(t(0)).unwrap();
+    let mut clone =
+        MapReplica::load(peers[0].cat.identity().clone(), sid.clone(), &docs, t(0)).unwrap();
+    let z = sibling_after("k");
+    peers[0]
+        .map("m")
+        .update("k", obj(json!({"f": 1})), &none(), t(1))
+        .unwrap();
+    peers[0].map("m").flush(t(1)).unwrap();
+    let c1 = peers[0].map("m").take_outgoing();
+    clone.set(&z, obj(json!({"g": 2})), &none(), t(1)).unwrap();
+    clone.flush(t(1)).unwrap();
+    let c2 = clone.take_outgoing();
+    assert_eq!((c1.len(), c2.len()), (1, 1));
+    assert_eq!(c1[0].doc, c2[0].doc);
+    let doc = c1[0].doc;
+    peers[2].receive(&c1, t(1));
+    let r = peers[1]
+        .map("m")
+        .apply_changes(doc, &[c1[0].bytes.clone(), c2[0].bytes.clone()], t(1));
+    assert!(r.is_err(), "the reused sequence number is refused");
+    // What was taken is visible and stored like any merged change.
+    assert_eq!(
+        peers[1].map("m").get("k", t(1)).unwrap().data,
+        obj(json!({"v": 1, "f": 1}))
+    );
+    assert!(peers[1]
+        .map("m")
+        .take_received()
+        .iter()
+        .any(|(_, b)| *b == c1[0].bytes));
+    peers[1]
+        .map("m")
+        .set("k", obj(json!({"v": 2})), &none(), t(2))
+        .unwrap();
+    peers[1].pump(t(2));
+    let out = std::mem::take(&mut peers[1].sent);
+    peers[2].receive(&out, t(2));
+    let p1 = peers[1].map("m").get("k", t(3)).unwrap();
+    let p2 = peers[2].map("m").get("k", t(3)).unwrap();
+    let docs1 = peers[1].map("m").save_all(t(3)).unwrap();
+    let reloaded = MapReplica::load(peers[1].cat.identity().clone(), sid, &docs1, t(3)).unwrap();
+    assert_eq!(p1.data, obj(json!({"v": 2})));
+    assert_eq!(p1, p2, "replicas holding the same changes differ");
+    assert_eq!(
+        reloaded.get("k", t(3)).unwrap(),
+        p1,
+        "view differs from the documents"
+    );
+}

@@ -96,13 +96,15 @@ pub(crate) enum Op {
     Permissions,
     SetPermission(syncmesh_core::Permission),
     RemovePermission(String),
+    /// The id of the map's newest event, published or not.
+    LastEventId,
 }
 
 impl Op {
     fn is_write(&self) -> bool {
         !matches!(
             self,
-            Op::Info | Op::Get(_) | Op::Items(_) | Op::Listing | Op::Permissions
+            Op::Info | Op::Get(_) | Op::Items(_) | Op::Listing | Op::Permissions | Op::LastEventId
         )
     }
 }
@@ -116,6 +118,7 @@ pub(crate) enum Reply {
     Conflicts(ItemConflicts),
     Permissions(Vec<syncmesh_core::Permission>),
     Permission(syncmesh_core::Permission),
+    EventId(u64),
     Unit,
 }
 
@@ -1010,6 +1013,7 @@ impl Engine {
             Op::Get(k) => m.get(&k, now).map(Reply::Item),
             Op::Items(req) => m.items(&req, now).map(Reply::Page),
             Op::Listing => m.listing(now).map(|(items, id)| Reply::Listing(items, id)),
+            Op::LastEventId => Ok(Reply::EventId(m.last_event_id())),
             Op::Conflicts(k) => m.conflicts(&k, now).map(Reply::Conflicts),
             Op::Set(k, d, o) => m.set(&k, d, &o, now).map(Reply::Item),
             Op::Create(k, d, t) => m.create_item(&k, d, t, now).map(Reply::Item),
@@ -1279,9 +1283,11 @@ impl Engine {
         let acks = if self.store.is_durable() {
             acks
         } else {
+            // Opens (of maps fetched from peers: their events are published with the
+            // commit) and held reads wait for the commit.
             let (reads, writes): (Vec<Ack>, Vec<Ack>) = acks
                 .into_iter()
-                .partition(|a| matches!(a.reply, AckTo::Read(_)));
+                .partition(|a| !matches!(a.reply, AckTo::Op(_)));
             for a in writes {
                 a.send(Ok(()));
             }

@@ -924,6 +924,12 @@ impl Map {
         let shared = self.node.inner.shared.clone();
         // Subscribe to the live feed first, so nothing falls between replay and live.
         let mut live = shared.events.subscribe();
+        // Events of writes answered before this call may still be on their way to the live
+        // feed (relaxed writes are answered before their commit): a live subscription starts
+        // after the newest event the map has, published or not.
+        let issued =
+            expect_reply!(self.op(Op::LastEventId).await, Reply::EventId(id) => id).unwrap_or(0);
+        let floor = if after.is_none() { issued } else { 0 };
         let budget = shared.subscriber_buffer;
         let (tx, rx) = queue(budget);
         let sid = self.sid.clone();
@@ -936,7 +942,7 @@ impl Map {
         // An id this node never issued (ids are per node; a client may come from another node
         // or a reset data directory) would silently skip every event up to it.
         if let Some(after) = after {
-            let newest = lagged_from;
+            let newest = lagged_from.max(issued);
             if after > newest {
                 return Err(Error::UnknownEventId {
                     map: sid.to_string(),
@@ -960,7 +966,7 @@ impl Map {
             }
         }
         drop(store);
-        let resume_point = after.unwrap_or(lagged_from);
+        let resume_point = after.unwrap_or(lagged_from.max(floor));
         let mut closed = shared.closed.subscribe();
         spawn(async move {
             // `last`: id of the last event delivered; `None` = live only, nothing to replay.
@@ -1037,7 +1043,7 @@ impl Map {
                     };
                     match r {
                         Ok(p) if p.event.map == sid => {
-                            if last.is_some_and(|l| p.event.id <= l) {
+                            if last.is_some_and(|l| p.event.id <= l) || p.event.id <= floor {
                                 continue;
                             }
                             last = Some(p.event.id);
@@ -1050,7 +1056,7 @@ impl Map {
                         Ok(_) => {}
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             // Fell behind the live feed: what it missed is in storage.
-                            last = Some(last.unwrap_or(lagged_from));
+                            last = Some(last.unwrap_or(lagged_from.max(floor)));
                             break;
                         }
                         Err(broadcast::error::RecvError::Closed) => return,
@@ -1126,7 +1132,7 @@ pub struct EventStream {
 
 impl EventStream {
     /// For a map's stream, the event id it starts after: every event with a larger id is
-    /// delivered. For a live-only stream it is the newest stored event when it was created, so
+    /// delivered. For a live-only stream it is the map's newest event when it was created, so
     /// a consumer that has not seen an event yet can still resume ([`Map::subscribe_from`])
     /// without a gap. `None` for the node-wide stream (event ids are per map).
     pub fn resume_point(&self) -> Option<u64> {

@@ -81,7 +81,16 @@ impl MapReplica {
         }
         let bytes: Vec<Vec<u8>> = fresh.iter().map(|c| c.raw_bytes().to_vec()).collect();
         let hashes: Vec<ChangeHash> = fresh.iter().map(Change::hash).collect();
-        self.apply_decoded(doc, fresh, now)?;
+        if let Err(e) = self.apply_decoded(doc, fresh, now) {
+            // Those of a refused batch that Automerge took before the refused one are stored
+            // like any other.
+            for (b, h) in bytes.into_iter().zip(&hashes) {
+                if fate != Fate::Waiting && self.knows(doc, h)? {
+                    self.received.push((doc, b));
+                }
+            }
+            return Err(e);
+        }
         self.received.extend(bytes.into_iter().map(|b| (doc, b)));
         // Only a document with changes waiting for dependencies can have queued some of these.
         if fate != Fate::Waiting && self.missing_deps(doc)? {
@@ -162,11 +171,17 @@ impl MapReplica {
     ) -> Result<()> {
         match doc {
             DocAddr::Meta => {
-                self.meta_doc
+                // Slots scanned for a shard's changes are no use here (nor to a shard this
+                // replays).
+                self.prescanned = None;
+                let r = self
+                    .meta_doc
                     .apply_changes(changes)
-                    .map_err(|e| Error::InvalidChange(e.to_string()))?;
+                    .map_err(|e| Error::InvalidChange(e.to_string()));
+                // Automerge applies a batch change by change: after a refused one, those
+                // before it are in, and the state must show them.
                 self.refresh_map_state(false, now);
-                Ok(())
+                r
             }
             DocAddr::Shard { index, .. } => {
                 if index >= SHARDS {
@@ -239,8 +254,13 @@ impl MapReplica {
         let mut log = PatchLog::active(automerge::patches::TextRepresentation::String(
             automerge::TextEncoding::UnicodeCodePoint,
         ));
-        doc.apply_changes_log_patches(changes, &mut log)
-            .map_err(|e| Error::InvalidChange(e.to_string()))?;
+        if let Err(e) = doc.apply_changes_log_patches(changes, &mut log) {
+            // Automerge applies a batch change by change (a reused sequence number is found
+            // only when its change comes up): those before the refused one are in. Rare, so
+            // the whole shard is read again rather than worked out from the patches.
+            self.reread_shard(index, now)?;
+            return Err(Error::InvalidChange(e.to_string()));
+        }
         let patches = doc.make_patches(&mut log);
         // Counted once applied (a parked shard was loaded above with its own count).
         if let Some(sh) = self.shards.get_mut(&index) {
@@ -284,38 +304,66 @@ impl MapReplica {
                     .view
                     .get(key.as_str())
                     .is_some_and(|s| s.meta.no_fields);
-            let (fresh, seen_stamp) = {
-                let (doc, fields) = self.shard_mut(index).parts()?;
-                let st = read_item(doc, &key, scan.then_some(&*fields));
-                let s = st.as_ref().map_or(0, |s| s.max_stamp);
-                (st, s)
-            };
-            self.clock = self.clock.max(seen_stamp);
-            let Some(raw) = fresh else {
-                self.replace_view(&key, None, false, now);
-                continue;
-            };
-            // The event's item is built from what was read (the view keeps it as text).
-            let item = Item {
-                key: key.clone(),
-                data: raw.data.clone(),
-                revision: Revision::from_hash(raw.revision),
-                date_created: raw.meta.created,
-                date_updated: raw.meta.updated,
-                // as the view keeps it (see `ItemState::new`)
-                date_expires: raw
-                    .meta
-                    .expires
-                    .map(|e| Timestamp::from_millis(e.millis().max(i64::MIN + 1))),
-                created_by: raw.meta.created_by,
-            };
-            let st = ItemState::from_raw(raw, &mut self.nodes);
-            if st.expired(now) {
-                // Already dead here: remove it for everyone rather than show it.
-                self.view_set_for_expired(&key, now);
-            } else {
-                self.replace_view_with(&key, Some(st), Some(&item), false, now);
-            }
+            self.reread_item(index, key, scan, now)?;
+        }
+        Ok(())
+    }
+
+    /// Reads an item back from its shard document into the view, with its event.
+    fn reread_item(&mut self, index: u16, key: String, scan: bool, now: Timestamp) -> Result<()> {
+        let (fresh, seen_stamp) = {
+            let (doc, fields) = self.shard_mut(index).parts()?;
+            let st = read_item(doc, &key, scan.then_some(&*fields));
+            let s = st.as_ref().map_or(0, |s| s.max_stamp);
+            (st, s)
+        };
+        self.clock = self.clock.max(seen_stamp);
+        let Some(raw) = fresh else {
+            self.replace_view(&key, None, false, now);
+            return Ok(());
+        };
+        // The event's item is built from what was read (the view keeps it as text).
+        let item = Item {
+            key: key.clone(),
+            data: raw.data.clone(),
+            revision: Revision::from_hash(raw.revision),
+            date_created: raw.meta.created,
+            date_updated: raw.meta.updated,
+            // as the view keeps it (see `ItemState::new`)
+            date_expires: raw
+                .meta
+                .expires
+                .map(|e| Timestamp::from_millis(e.millis().max(i64::MIN + 1))),
+            created_by: raw.meta.created_by,
+        };
+        let st = ItemState::from_raw(raw, &mut self.nodes);
+        if st.expired(now) {
+            // Already dead here: remove it for everyone rather than show it.
+            self.view_set_for_expired(&key, now);
+        } else {
+            self.replace_view_with(&key, Some(st), Some(&item), false, now);
+        }
+        Ok(())
+    }
+
+    /// Reads every item of a shard back (after a batch Automerge applied only in part): the
+    /// field-slot index is rebuilt, and items the view has there but the document no longer
+    /// holds are removed.
+    fn reread_shard(&mut self, index: u16, now: Timestamp) -> Result<()> {
+        let sh = self.shard_mut(index);
+        sh.fields = None;
+        let (doc, _) = sh.parts()?;
+        let mut keys: BTreeSet<String> = item_keys(doc, index).into_iter().collect();
+        let ops = crate::am::op_count(doc);
+        self.shard_mut(index).ops = ops;
+        keys.extend(
+            self.view
+                .keys()
+                .filter(|k| layout::shard_of(k) == index)
+                .map(|k| k.to_string()),
+        );
+        for key in keys {
+            self.reread_item(index, key, true, now)?;
         }
         Ok(())
     }

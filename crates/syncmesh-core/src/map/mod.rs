@@ -872,12 +872,22 @@ impl MapReplica {
         };
         let (doc, index) = sh.parts()?;
         let doc: &Automerge = doc;
-        let mut values: Vec<JsonObject> = doc
+        let wholes = doc
             .get_all(ROOT, layout::whole_key(key).as_str())
-            .map_err(tx_err)?
+            .map_err(tx_err)?;
+        let metas = doc.get_all(ROOT, layout::meta_key(key)).map_err(tx_err)?;
+        let meta_op = metas
             .iter()
             .rev()
-            .filter_map(|(v, _)| decode_whole(v))
+            .find(|(v, _)| decode_meta_value(v).is_some())
+            .map(|(_, id)| id.clone())
+            .unwrap_or(automerge::ObjId::Root);
+        // The visible value first (as `read_item` picks it), then the others, newest first.
+        let visible = visible_whole(&wholes, &meta_op).map(|(_, i)| i);
+        let mut values: Vec<JsonObject> = visible
+            .into_iter()
+            .chain((0..wholes.len()).rev().filter(|i| Some(*i) != visible))
+            .filter_map(|i| wholes.get(i).and_then(|(v, _)| decode_whole(v)))
             .collect();
         if values.len() < 2 {
             values.clear();

@@ -13,6 +13,27 @@ pub(super) fn decode_meta_value(v: &Value<'_>) -> Option<ItemMeta> {
     }
 }
 
+/// The visible whole value among concurrent ones (`get_all` of the whole slot) and its
+/// position: the one written with the visible meta record (same actor: concurrent values of
+/// one slot never share one), so data, dates and TTL come from one write; else Automerge's
+/// winner (the visible meta came from an update); garbage is skipped.
+pub(super) fn visible_whole(
+    wholes: &[(Value<'_>, automerge::ObjId)],
+    meta_op: &automerge::ObjId,
+) -> Option<(JsonObject, usize)> {
+    let decoded = || {
+        wholes
+            .iter()
+            .enumerate()
+            .rev()
+            .filter_map(|(i, (v, id))| decode_whole(v).map(|d| (d, i, id)))
+    };
+    decoded()
+        .find(|(_, _, id)| crate::am::same_actor(id, meta_op))
+        .or_else(|| decoded().next())
+        .map(|(d, i, _)| (d, i))
+}
+
 /// An item's whole data from its slot value; `None` unless it is the JSON text of an object.
 pub(super) fn decode_whole(v: &Value<'_>) -> Option<JsonObject> {
     match v {
@@ -77,7 +98,10 @@ pub(super) fn read_item(
     }
     // The visible meta: Automerge's winner (the last of `get_all`, which is in operation
     // order) if it decodes, else the highest decodable one.
-    let meta = all.iter().rev().find_map(|(v, _)| decode_meta_value(v))?;
+    let (meta, meta_op) = all
+        .iter()
+        .rev()
+        .find_map(|(v, id)| decode_meta_value(v).map(|m| (m, id)))?;
     let max_stamp = raws
         .iter()
         .filter_map(|b| ItemMeta::decode(b))
@@ -93,10 +117,8 @@ pub(super) fn read_item(
         .get_all(ROOT, layout::whole_key(key).as_str())
         .unwrap_or_default();
     let mut conflicted = wholes.len() > 1;
-    let mut data = wholes
-        .iter()
-        .rev()
-        .find_map(|(v, _)| decode_whole(v))
+    let mut data = visible_whole(&wholes, meta_op)
+        .map(|(d, _)| d)
         .unwrap_or_default();
     // (`map_range`'s own `conflict` flag does not say whether concurrent values are current on
     // the 0.6 line: `get_all` per field does.)
