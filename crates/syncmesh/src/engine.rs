@@ -1293,7 +1293,8 @@ impl Engine {
             }
             reads
         };
-        let bytes = batch.bytes();
+        // The batch, and its events again as they are published (decoded and encoded).
+        let bytes = batch.bytes() + events.iter().map(|e| e.bytes).sum::<usize>();
         if self.shared.queued_bytes.load(Ordering::Acquire) > MAX_QUEUED_BYTES {
             // The store writer is far behind: wait for it rather than queue more memory.
             let (tx, rx) = std::sync::mpsc::channel();
@@ -1315,6 +1316,11 @@ impl Engine {
             tracing::error!("the store writer has stopped");
         }
         for job in self.pending_compactions.drain(..) {
+            if let StoreJob::Compact { snapshot, .. } = &job {
+                self.shared
+                    .queued_bytes
+                    .fetch_add(snapshot.len(), Ordering::AcqRel);
+            }
             let _ = self.jobs.send(job);
         }
         let waiting = std::mem::take(&mut self.compact_file);
@@ -1460,6 +1466,14 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                     }
                 }
                 replace_docs(&shared, &store, &group);
+                let snapshots: usize = group
+                    .iter()
+                    .map(|j| match j {
+                        StoreJob::Compact { snapshot, .. } => snapshot.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                shared.queued_bytes.fetch_sub(snapshots, Ordering::AcqRel);
             }
         }
     }

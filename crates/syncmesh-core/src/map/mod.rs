@@ -876,22 +876,16 @@ impl MapReplica {
             .get_all(ROOT, layout::whole_key(key).as_str())
             .map_err(tx_err)?;
         let metas = doc.get_all(ROOT, layout::meta_key(key)).map_err(tx_err)?;
-        let meta_op = metas
+        // Visible first (as `read_item` picks them), then the others, newest first.
+        let mut values: Vec<JsonObject> = wholes
             .iter()
             .rev()
-            .find(|(v, _)| decode_meta_value(v).is_some())
-            .map(|(_, id)| id.clone())
-            .unwrap_or(automerge::ObjId::Root);
-        // The visible value first (as `read_item` picks it), then the others, newest first.
-        let visible = visible_whole(&wholes, &meta_op).map(|(_, i)| i);
-        let mut values: Vec<JsonObject> = visible
-            .into_iter()
-            .chain((0..wholes.len()).rev().filter(|i| Some(*i) != visible))
-            .filter_map(|i| wholes.get(i).and_then(|(v, _)| decode_whole(v)))
+            .filter_map(|(v, _)| decode_whole(v))
             .collect();
         if values.len() < 2 {
             values.clear();
         }
+        let visible_meta = visible_meta(&metas, visible_whole(&wholes).map(|(_, id)| id));
         let mut fields = BTreeMap::new();
         for root_key in indexed_fields(index, key) {
             let mut vals: Vec<Json> = doc
@@ -906,14 +900,13 @@ impl MapReplica {
                 fields.insert(field, vals);
             }
         }
-        let mut writers: Vec<NodeId> = doc
-            .get_all(ROOT, layout::meta_key(key))
-            .map_err(tx_err)?
-            .iter()
-            .filter_map(|(v, _)| decode_meta_value(v))
+        let visible = visible_meta.map(|(_, i)| i);
+        let writers: Vec<NodeId> = visible
+            .into_iter()
+            .chain((0..metas.len()).rev().filter(|i| Some(*i) != visible))
+            .filter_map(|i| metas.get(i).and_then(|(v, _)| decode_meta_value(v)))
             .map(|m| m.writer)
             .collect();
-        writers.reverse();
         Ok(ItemConflicts {
             key: key.to_string(),
             values,

@@ -13,25 +13,37 @@ pub(super) fn decode_meta_value(v: &Value<'_>) -> Option<ItemMeta> {
     }
 }
 
-/// The visible whole value among concurrent ones (`get_all` of the whole slot) and its
-/// position: the one written with the visible meta record (same actor: concurrent values of
-/// one slot never share one), so data, dates and TTL come from one write; else Automerge's
-/// winner (the visible meta came from an update); garbage is skipped.
-pub(super) fn visible_whole(
-    wholes: &[(Value<'_>, automerge::ObjId)],
-    meta_op: &automerge::ObjId,
-) -> Option<(JsonObject, usize)> {
+/// The visible whole value among concurrent ones (`get_all` of the whole slot): Automerge's
+/// winner (the last), garbage skipped; with the operation that wrote it.
+pub(super) fn visible_whole<'a>(
+    wholes: &'a [(Value<'_>, automerge::ObjId)],
+) -> Option<(JsonObject, &'a automerge::ObjId)> {
+    wholes
+        .iter()
+        .rev()
+        .find_map(|(v, id)| decode_whole(v).map(|d| (d, id)))
+}
+
+/// The visible meta record among concurrent ones (`get_all` of the meta slot) and its
+/// position: the one written with the visible whole value (same actor: concurrent values of
+/// one slot never share one), so an item's data, dates and TTL come from one write; else
+/// Automerge's winner (the whole value's own record was overwritten by an update that saw it,
+/// or there is none). Undecodable records are skipped.
+pub(super) fn visible_meta(
+    metas: &[(Value<'_>, automerge::ObjId)],
+    whole_op: Option<&automerge::ObjId>,
+) -> Option<(ItemMeta, usize)> {
     let decoded = || {
-        wholes
+        metas
             .iter()
             .enumerate()
             .rev()
-            .filter_map(|(i, (v, id))| decode_whole(v).map(|d| (d, i, id)))
+            .filter_map(|(i, (v, id))| decode_meta_value(v).map(|m| (m, i, id)))
     };
-    decoded()
-        .find(|(_, _, id)| crate::am::same_actor(id, meta_op))
+    whole_op
+        .and_then(|w| decoded().find(|(_, _, id)| crate::am::same_actor(id, w)))
         .or_else(|| decoded().next())
-        .map(|(d, i, _)| (d, i))
+        .map(|(m, i, _)| (m, i))
 }
 
 /// An item's whole data from its slot value; `None` unless it is the JSON text of an object.
@@ -96,12 +108,16 @@ pub(super) fn read_item(
     if raws.is_empty() {
         return None;
     }
-    // The visible meta: Automerge's winner (the last of `get_all`, which is in operation
-    // order) if it decodes, else the highest decodable one.
-    let (meta, meta_op) = all
-        .iter()
-        .rev()
-        .find_map(|(v, id)| decode_meta_value(v).map(|m| (m, id)))?;
+    // The whole data: Automerge's winner among concurrent whole writes if it decodes (a
+    // peer's garbage is ignored), then the fields updates wrote on top of it; the visible
+    // meta record is that write's.
+    let wholes = doc
+        .get_all(ROOT, layout::whole_key(key).as_str())
+        .unwrap_or_default();
+    let whole = visible_whole(&wholes);
+    let (meta, _) = visible_meta(&all, whole.as_ref().map(|(_, id)| *id))?;
+    let mut conflicted = wholes.len() > 1;
+    let mut data = whole.map(|(d, _)| d).unwrap_or_default();
     let max_stamp = raws
         .iter()
         .filter_map(|b| ItemMeta::decode(b))
@@ -111,15 +127,6 @@ pub(super) fn read_item(
     raws.sort();
     let revision = hash64(raws.iter().map(|r| r.as_slice()));
     let prefix_len = layout::field_prefix(key).len();
-    // The whole data: Automerge's winner among concurrent whole writes if it decodes (a
-    // peer's garbage is ignored), then the fields updates wrote on top of it.
-    let wholes = doc
-        .get_all(ROOT, layout::whole_key(key).as_str())
-        .unwrap_or_default();
-    let mut conflicted = wholes.len() > 1;
-    let mut data = visible_whole(&wholes, meta_op)
-        .map(|(d, _)| d)
-        .unwrap_or_default();
     // (`map_range`'s own `conflict` flag does not say whether concurrent values are current on
     // the 0.6 line: `get_all` per field does.)
     let fields = fields.map_or_else(Vec::new, |idx| indexed_fields(idx, key));
