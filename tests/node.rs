@@ -880,6 +880,18 @@ async fn live_documents_stay_within_the_budget_and_parked_ones_come_back() {
     node.close().await.unwrap();
 }
 
+/// Every item's data, by key (one page: the maps here hold at most 100 items).
+async fn all_data(m: &syncmesh::Map) -> std::collections::BTreeMap<String, syncmesh::JsonObject> {
+    let page = m
+        .items(PageRequest {
+            page_size: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    page.items.into_iter().map(|i| (i.key, i.data)).collect()
+}
+
 /// Relaxed writes are acknowledged before their commit and many share one; what a reader,
 /// the event feed and a reopened node see is exactly what was written, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -919,31 +931,14 @@ async fn relaxed_writes_share_commits_and_lose_nothing_on_close() {
         assert_eq!(e.id, last + 1);
         last = e.id;
     }
-    let page = m
-        .items(PageRequest {
-            page_size: Some(100),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let got: std::collections::BTreeMap<_, _> =
-        page.items.into_iter().map(|i| (i.key, i.data)).collect();
-    assert_eq!(got, expected);
+    assert_eq!(all_data(&m).await, expected);
     node.close().await.unwrap();
 
     let node = Node::open(dir.path()).await.unwrap();
     let m = node.open_existing("relaxed").await.unwrap();
-    let page = m
-        .items(PageRequest {
-            page_size: Some(100),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let got: std::collections::BTreeMap<_, _> =
-        page.items.into_iter().map(|i| (i.key, i.data)).collect();
     assert_eq!(
-        got, expected,
+        all_data(&m).await,
+        expected,
         "a clean close keeps every acknowledged write"
     );
     let mut all = m.subscribe_from(0).await.unwrap();

@@ -89,18 +89,7 @@ impl MapReplica {
             if !current {
                 continue;
             }
-            m.shards.insert(
-                index,
-                Shard {
-                    body: Body::Cold(bytes),
-                    actor: m.actor.clone(),
-                    pending: BTreeMap::new(),
-                    last_used: 0,
-                    ops: 0,
-                    cold_heads: None,
-                    fields: None,
-                },
-            );
+            m.shards.insert(index, Shard::cold(bytes, &m.actor));
         }
         if !m.state.live_or_expired() {
             return Ok(m);
@@ -180,21 +169,11 @@ impl MapReplica {
                     }
                 }
                 // The view is built; the document waits, compressed, until first used.
-                m.shards.insert(
-                    index,
-                    Shard {
-                        body: Body::Cold(StoredDoc {
-                            snapshot: Some(bytes.clone()),
-                            changes: Vec::new(),
-                        }),
-                        actor: m.actor.clone(),
-                        pending: BTreeMap::new(),
-                        last_used: 0,
-                        ops: 0,
-                        cold_heads: None,
-                        fields: None,
-                    },
-                );
+                let stored = StoredDoc {
+                    snapshot: Some(bytes.clone()),
+                    changes: Vec::new(),
+                };
+                m.shards.insert(index, Shard::cold(stored, &m.actor));
             }
         }
         Ok(m)

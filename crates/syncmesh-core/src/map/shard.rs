@@ -104,6 +104,19 @@ impl Shard {
         }
     }
 
+    /// A parked shard: its document stays as stored until first used.
+    pub(super) fn cold(stored: StoredDoc, actor: &ActorId) -> Self {
+        Shard {
+            body: Body::Cold(stored),
+            actor: actor.clone(),
+            pending: BTreeMap::new(),
+            last_used: 0,
+            ops: 0,
+            cold_heads: None,
+            fields: None,
+        }
+    }
+
     /// Estimated heap of the document while live; 0 when parked.
     pub(super) fn live_bytes(&self) -> u64 {
         match self.body {
