@@ -368,3 +368,40 @@ impl MapReplica {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn a_change_merged_twice_changes_nothing_the_second_time() {
+        let mut a = replica(1);
+        let mut b = blank(2);
+        send(&mut a, &mut b, t(0));
+        b.take_events();
+        b.take_received();
+        a.set(
+            "k",
+            obj(serde_json::json!({"v": 1})),
+            &WriteOptions::default(),
+            t(1),
+        )
+        .unwrap();
+        a.flush(t(1)).unwrap();
+        let out = a.take_outgoing();
+        for _ in 0..2 {
+            for c in &out {
+                b.apply_changes(c.doc, std::slice::from_ref(&c.bytes), t(1))
+                    .unwrap();
+            }
+        }
+        let events = b.take_events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(
+            matches!(&events[0].kind, EventKind::ItemAdded { item } if !events[0].is_local && item.key == "k")
+        );
+        assert_eq!(b.take_received().len(), out.len(), "stored once");
+        assert_eq!(b.get("k", t(1)).unwrap(), a.get("k", t(1)).unwrap());
+    }
+}

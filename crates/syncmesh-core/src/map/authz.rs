@@ -433,3 +433,46 @@ pub(super) const MAX_ENDORSED_TOTAL: usize = 8192;
 /// Most entries of [`MapReplica::unsigned`], all asked for in one message (beyond, such
 /// changes reach later members only from their authors).
 pub(super) const MAX_UNSIGNED: usize = crate::replication::MAX_SIGS_ASKED;
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+    use crate::policy::Permission;
+
+    fn reader(id: &str) -> Permission {
+        Permission {
+            identity: id.into(),
+            read: true,
+            write: false,
+            manage: false,
+        }
+    }
+
+    #[test]
+    fn the_first_entry_closes_the_map_and_keeps_its_manager_and_the_last_reopens_it() {
+        let mut m = replica(1);
+        assert!(m.policy().is_open());
+        m.set_permission(&reader("peerB"), "peerA", t(1)).unwrap();
+        // the node that closed the map keeps every right; the other reads only
+        assert!(!m.policy().is_open());
+        assert!(m.policy().manages("peerA"));
+        assert!(!m.policy().manages("peerB"));
+        // a reader cannot manage, and identities are checked
+        assert!(matches!(
+            m.set_permission(&reader("peerC"), "peerB", t(2)),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert!(matches!(
+            m.set_permission(&reader("not an id!"), "peerA", t(2)),
+            Err(Error::InvalidPermission(_))
+        ));
+        m.remove_permission("peerB", "peerA", t(3)).unwrap();
+        m.remove_permission("peerA", "peerA", t(4)).unwrap();
+        assert!(m.policy().is_open());
+        assert!(matches!(
+            m.remove_permission("peerA", "peerA", t(5)),
+            Err(Error::PermissionNotFound(_))
+        ));
+    }
+}

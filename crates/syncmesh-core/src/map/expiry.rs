@@ -60,3 +60,35 @@ impl MapReplica {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn an_expired_item_is_removed_once_with_one_event() {
+        let mut m = replica(1);
+        let ttl = WriteOptions::ttl(Ttl::from_secs(10).unwrap());
+        m.set("k", obj(serde_json::json!({"a": 1})), &ttl, t(0))
+            .unwrap();
+        m.set(
+            "other",
+            obj(serde_json::json!({})),
+            &WriteOptions::default(),
+            t(0),
+        )
+        .unwrap();
+        m.take_events();
+        assert_eq!(m.next_expiry(), Some(t(10_000)));
+        assert_eq!(m.expire(t(9_999)), 0);
+        assert_eq!(m.expire(t(10_000)), 1);
+        let events = m.take_events();
+        assert_eq!(events.len(), 1);
+        assert!(matches!(&events[0].kind, EventKind::ItemRemoved { key, .. } if key == "k"));
+        assert_eq!(m.expire(t(20_000)), 0);
+        assert!(m.take_events().is_empty());
+        assert_eq!(m.next_expiry(), None);
+        assert!(m.get("other", t(20_000)).is_ok());
+    }
+}

@@ -59,3 +59,37 @@ impl MapReplica {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn a_recreated_map_starts_empty_and_late_changes_to_the_old_one_are_dropped() {
+        let mut a = replica(1);
+        let mut b = blank(2);
+        send(&mut a, &mut b, t(0));
+        let opts = WriteOptions::default();
+        a.set("k", obj(serde_json::json!({"v": 1})), &opts, t(1))
+            .unwrap();
+        a.flush(t(1)).unwrap();
+        let late = a.take_outgoing();
+        b.set("k", obj(serde_json::json!({"v": 2})), &opts, t(1))
+            .unwrap();
+        let first = b.incarnation();
+        b.remove_map(t(2)).unwrap();
+        b.recreate(Some("m"), None, t(3)).unwrap();
+        assert_eq!(b.incarnation(), first + 1);
+        assert!(b.all_items(t(3)).is_empty());
+        // A's write to the first incarnation arrives after the re-creation: it is dropped.
+        for c in late {
+            b.apply_changes(c.doc, &[c.bytes], t(4)).unwrap();
+        }
+        assert!(b.all_items(t(4)).is_empty());
+        // and A, told of it all, joins the new incarnation empty too
+        send(&mut b, &mut a, t(5));
+        assert_eq!(a.incarnation(), first + 1);
+        assert!(a.all_items(t(5)).is_empty());
+    }
+}

@@ -961,3 +961,36 @@ enum Fate {
 fn assert_send(m: MapReplica) -> impl Send {
     m
 }
+
+/// Helpers for the unit tests of this module's parts.
+#[cfg(test)]
+pub(super) mod test_support {
+    use super::*;
+
+    pub(crate) fn t(ms: i64) -> Timestamp {
+        Timestamp::from_millis(1_700_000_000_000 + ms)
+    }
+
+    pub(crate) fn obj(v: Json) -> JsonObject {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    /// A new map "m" on replica `n`.
+    pub(crate) fn replica(n: u8) -> MapReplica {
+        let id = Identity::new(NodeId([n; 16]), &[n]);
+        MapReplica::create(id, MapSid::for_name("m"), Some("m"), None, t(0)).unwrap()
+    }
+
+    /// Replica `n` knowing nothing yet (it learns the map from another's changes).
+    pub(crate) fn blank(n: u8) -> MapReplica {
+        MapReplica::empty(Identity::new(NodeId([n; 16]), &[n]), MapSid::for_name("m"))
+    }
+
+    /// Every change `from` made since the last call, applied to `to`.
+    pub(crate) fn send(from: &mut MapReplica, to: &mut MapReplica, now: Timestamp) {
+        from.flush(now).unwrap();
+        for c in from.take_outgoing() {
+            to.apply_changes(c.doc, &[c.bytes], now).unwrap();
+        }
+    }
+}

@@ -188,3 +188,33 @@ impl MapReplica {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn view_changes_are_taken_once_and_saved_documents_load_back_the_same() {
+        let mut m = replica(1);
+        let opts = WriteOptions::default();
+        m.set("a", obj(serde_json::json!({"x": 1})), &opts, t(1))
+            .unwrap();
+        m.update("b", obj(serde_json::json!({"y": [1, 2]})), &opts, t(1))
+            .unwrap();
+        m.remove("a", None, t(2)).unwrap();
+        let v = m.take_view_changes(t(2)).unwrap();
+        let keys: Vec<(&str, bool)> = v
+            .entries
+            .iter()
+            .map(|(k, e)| (k.as_str(), e.is_some()))
+            .collect();
+        assert_eq!(keys, [("a", false), ("b", true)]);
+        assert!(m.take_view_changes(t(2)).unwrap().entries.is_empty());
+        let docs = m.save_all(t(2)).unwrap();
+        let id = Identity::new(NodeId([1; 16]), &[1]);
+        let loaded = MapReplica::load(id, MapSid::for_name("m"), &docs, t(2)).unwrap();
+        assert_eq!(loaded.all_items(t(2)), m.all_items(t(2)));
+        assert_eq!(loaded.unique_name(), Some("m"));
+    }
+}

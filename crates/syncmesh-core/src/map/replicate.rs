@@ -135,3 +135,30 @@ impl MapReplica {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::*;
+
+    #[test]
+    fn digests_match_once_replicas_hold_the_same_changes() {
+        let mut a = replica(1);
+        let mut b = blank(2);
+        send(&mut a, &mut b, t(0));
+        assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+        a.set(
+            "k",
+            obj(serde_json::json!({"v": 1})),
+            &WriteOptions::default(),
+            t(1),
+        )
+        .unwrap();
+        a.flush(t(1)).unwrap();
+        assert_ne!(a.digest().unwrap(), b.digest().unwrap());
+        send(&mut a, &mut b, t(1));
+        assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+        assert_eq!(a.doc_digests().unwrap(), b.doc_digests().unwrap());
+        assert!(!b.missing_deps(DocAddr::Meta).unwrap());
+    }
+}
