@@ -111,6 +111,32 @@ fn main() -> Result<(), syncmesh_core::Error> {
     show("laptop", laptop.get_mut("users", now)?.take_events());
     show("desktop", desktop.get_mut("users", now)?.take_events());
 
+    println!("both set david whole while apart: one value wins whole, the other is kept");
+    now = now.plus_millis(1000);
+    laptop.get_mut("users", now)?.set(
+        "david",
+        obj(json!({"country": "NL", "city": "Utrecht"})),
+        &none,
+        now,
+    )?;
+    desktop.get_mut("users", now)?.set(
+        "david",
+        obj(json!({"country": "BE", "city": "Ghent"})),
+        &none,
+        now,
+    )?;
+    sync(laptop.get_mut("users", now)?, &mut desktop, now)?;
+    sync(desktop.get_mut("users", now)?, &mut laptop, now)?;
+    let a = laptop.get_mut("users", now)?.get("david", now)?;
+    let b = desktop.get_mut("users", now)?.get("david", now)?;
+    println!("  laptop : {}", json!(a.data));
+    println!("  desktop: {}", json!(b.data));
+    assert_eq!(a, b, "replicas must converge");
+    let c = laptop.get_mut("users", now)?.conflicts("david", now)?;
+    println!("  concurrent values (visible first): {}", json!(c.values));
+    laptop.get_mut("users", now)?.take_events();
+    desktop.get_mut("users", now)?.take_events();
+
     println!("list items, remove david, remove the map");
     let l = laptop.get_mut("users", now)?;
     for item in l.items(&PageRequest::default(), now)?.items {
