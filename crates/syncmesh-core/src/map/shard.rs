@@ -93,21 +93,17 @@ impl Shard {
     pub(super) fn new(actor: &ActorId) -> Self {
         let mut doc = Automerge::new();
         doc.set_actor(actor.clone());
-        Shard {
-            body: Body::Live(Box::new(doc)),
-            actor: actor.clone(),
-            pending: BTreeMap::new(),
-            last_used: 0,
-            ops: 0,
-            cold_heads: None,
-            fields: None,
-        }
+        Shard::with_body(Body::Live(Box::new(doc)), actor)
     }
 
     /// A parked shard: its document stays as stored until first used.
     pub(super) fn cold(stored: StoredDoc, actor: &ActorId) -> Self {
+        Shard::with_body(Body::Cold(stored), actor)
+    }
+
+    fn with_body(body: Body, actor: &ActorId) -> Self {
         Shard {
-            body: Body::Cold(stored),
+            body,
             actor: actor.clone(),
             pending: BTreeMap::new(),
             last_used: 0,
