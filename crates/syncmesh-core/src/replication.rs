@@ -298,6 +298,9 @@ struct PeerState {
     /// Maps the peer said it holds.
     held: BTreeSet<MapSid>,
     sessions: HashMap<(MapSid, DocAddr), sync::State>,
+    /// Sessions in which a repeated "I hold nothing" was taken as the crossing of both sides'
+    /// first messages (see [`Replicator::on_sync`]); once per session.
+    crossed: std::collections::HashSet<(MapSid, DocAddr)>,
     /// The peer's latest document digests per map.
     their_docs: HashMap<MapSid, Vec<(DocAddr, u64)>>,
     /// Maps whose unsigned changes' signatures were asked of the peer on this connection.
@@ -1044,7 +1047,23 @@ impl Replicator {
                 }
             }
             let state = p.sessions.entry((sid.clone(), doc)).or_default();
-            if let Err(e) = m.sync_apply(doc, state, msg, now) {
+            // Automerge forgets what it sent when a message says the peer holds nothing (to
+            // resend everything to a peer that lost its data). When both sides open a session
+            // at once, a peer holding nothing says so twice, once in its first message and
+            // once answering ours, and every change would travel twice. The second time is
+            // taken as that crossing, once per session; a peer that lost its data comes back
+            // on a new connection, and any later repeat resends as Automerge would.
+            let crossing = msg.holds_nothing()
+                && state.their_heads.as_ref().is_some_and(Vec::is_empty)
+                && !state.sent_hashes.is_empty()
+                && p.crossed.insert((sid.clone(), doc));
+            let sent = crossing.then(|| (state.sent_hashes.clone(), state.last_sent_heads.clone()));
+            let applied = m.sync_apply(doc, state, msg, now);
+            if let (Ok(()), Some((hashes, heads))) = (&applied, sent) {
+                state.sent_hashes = hashes;
+                state.last_sent_heads = heads;
+            }
+            if let Err(e) = applied {
                 // Refused against this replica's state (e.g. a change that reuses a sequence
                 // number): this document's exchange stops here; the peer is not blamed.
                 tracing::warn!(map = %sid, "a sync message for {doc:?} was not applied: {e}");
@@ -1663,6 +1682,7 @@ fn start_sessions(
         let state = p.sessions.entry((sid.clone(), doc)).or_default();
         // A fresh state: an earlier exchange may have stalled (a lost message).
         *state = sync::State::new();
+        p.crossed.remove(&(sid.clone(), doc));
         match m.sync_generate(doc, state, now) {
             Ok(Some(b)) => msgs.push((doc, Bytes(b))),
             Ok(None) => {}

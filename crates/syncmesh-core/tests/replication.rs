@@ -39,6 +39,29 @@ fn a_late_peer_catches_up_and_sees_remote_events() {
 }
 
 #[test]
+fn a_catch_up_carries_each_change_once() {
+    // Both sides open their sessions at once and each answers the other's first message,
+    // both saying B holds nothing: Automerge alone would send every change twice.
+    let mut net = Net::new(&["a", "b"], &[]);
+    for i in 0..200 {
+        write(&mut net, "a", "users", &format!("k_{i}"), json!({"n": i}));
+    }
+    net.flush();
+    net.node("b").host.insert(MapReplica::empty(
+        Identity::new(NodeId([2; 16]), b"b"),
+        MapSid::for_name("users"),
+    ));
+    net.connect("a", "b");
+    net.run();
+    assert_eq!(net.items("b", "users").len(), 200);
+    let to_b: Vec<_> = net.carried.iter().filter(|(_, to, _)| to == "b").collect();
+    let distinct: std::collections::HashSet<_> = to_b.iter().map(|(_, _, h)| h).collect();
+    // One change per shard written (the writes were flushed together), and the map document's.
+    assert!(distinct.len() > 150, "{} changes carried", distinct.len());
+    assert_eq!(to_b.len(), distinct.len(), "a change was carried twice");
+}
+
+#[test]
 fn gossip_spreads_writes_and_lost_messages_are_fetched() {
     let mut net = Net::new(&["a", "b", "c"], &[]);
     for n in ["a", "b", "c"] {

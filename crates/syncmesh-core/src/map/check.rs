@@ -79,6 +79,11 @@ pub struct DecodedSync {
 }
 
 impl DecodedSync {
+    /// Whether the sender says it holds nothing of the document (no heads).
+    pub fn holds_nothing(&self) -> bool {
+        self.msg.heads.is_empty()
+    }
+
     /// How many changes the message carries.
     pub fn change_count(&self) -> usize {
         self.changes.len()

@@ -41,6 +41,8 @@ pub struct Net {
     pub drop_every: usize,
     pub gossip_seen: usize,
     pub violations: Vec<(String, String)>,
+    /// `(from, to, change hash)` of every change carried in a direct sync message.
+    pub carried: Vec<(String, String, syncmesh_core::ChangeHash)>,
 }
 
 impl Net {
@@ -73,6 +75,7 @@ impl Net {
             drop_every: 0,
             gossip_seen: 0,
             violations: Vec::new(),
+            carried: Vec::new(),
         }
     }
 
@@ -112,6 +115,9 @@ impl Net {
     pub fn send(&mut self, from: &str, out: Vec<Outgoing>) {
         for o in out {
             let to = self.names[&o.peer].clone();
+            for h in sync_changes(&o.bytes) {
+                self.carried.push((from.to_string(), to.clone(), h));
+            }
             self.queue
                 .push_back(Msg::Direct(from.to_string(), to, o.bytes));
         }
@@ -253,6 +259,31 @@ impl Net {
         let sid = syncmesh_core::MapRef::parse(map).unwrap().sid();
         let node = self.node(n);
         node.host.by_sid(&sid).map_or(0, |m| m.digest().unwrap())
+    }
+}
+
+/// Hashes of the changes a direct message carries (in sync messages or split off them).
+fn sync_changes(bytes: &[u8]) -> Vec<syncmesh_core::ChangeHash> {
+    use syncmesh_core::replication::Wire;
+    match Wire::decode(bytes, usize::MAX) {
+        Ok(Wire::Sync { msgs, .. }) => msgs
+            .iter()
+            .filter_map(|(_, b)| automerge::sync::Message::decode(&b.0).ok())
+            .flat_map(|m| {
+                m.changes
+                    .iter()
+                    .filter_map(|c| automerge::Change::from_bytes(c.to_vec()).ok())
+                    .map(|c| c.hash())
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        Ok(Wire::Changes { docs, .. }) => docs
+            .iter()
+            .flat_map(|(_, cs)| cs.iter())
+            .filter_map(|c| automerge::Change::from_bytes(c.0.clone()).ok())
+            .map(|c| c.hash())
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
