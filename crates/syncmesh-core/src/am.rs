@@ -1,12 +1,66 @@
 //! What syncmesh needs of Automerge that differs between its release lines (this build: the
 //! 0.6 line, see docs/benchmarks.md for why): kept here so the line can be changed in one place.
 
-use automerge::{Automerge, Change};
+use automerge::{Automerge, Change, ChangeHash, PatchLog, ReadDoc};
 
 /// Operations a document holds, history included (0.6 keeps every change in memory, so this
 /// walks them without decoding).
 pub(crate) fn op_count(doc: &Automerge) -> u64 {
-    doc.get_changes(&[]).iter().map(|c| c.len() as u64).sum()
+    let mut n = 0;
+    for_each_change_since(doc, &[], |c| n += c.len() as u64);
+    n
+}
+
+// The 0.6 and 0.12 lines differ in what these return (borrowed changes on 0.6, owned on
+// 0.7+; a text representation for patch logs on 0.6 only): callers use these and never the
+// methods themselves, so changing the line changes only this file.
+
+/// Runs `f` on the change this document committed last itself, if any.
+pub(crate) fn with_last_local_change<T>(
+    doc: &Automerge,
+    f: impl FnOnce(&Change) -> T,
+) -> Option<T> {
+    doc.get_last_local_change().map(f)
+}
+
+/// Whether the document holds the change.
+pub(crate) fn has_change(doc: &Automerge, hash: &ChangeHash) -> bool {
+    doc.get_change_by_hash(hash).is_some()
+}
+
+/// Runs `f` on one change the document holds, if it does.
+pub(crate) fn with_change<T>(
+    doc: &Automerge,
+    hash: &ChangeHash,
+    f: impl FnOnce(&Change) -> T,
+) -> Option<T> {
+    doc.get_change_by_hash(hash).map(f)
+}
+
+/// Runs `f` on every change the document holds that is not an ancestor of `heads` (all of
+/// them for no heads), dependencies first.
+pub(crate) fn for_each_change_since(doc: &Automerge, heads: &[ChangeHash], f: impl FnMut(&Change)) {
+    doc.get_changes(heads).into_iter().for_each(f);
+}
+
+/// Every change the document holds, owned, dependencies first.
+pub(crate) fn all_changes(doc: &Automerge) -> Vec<Change> {
+    doc.get_changes(&[]).into_iter().cloned().collect()
+}
+
+/// A patch log that records (string text, as syncmesh never makes text objects).
+pub(crate) fn patch_log() -> PatchLog {
+    PatchLog::active(automerge::patches::TextRepresentation::String(
+        automerge::TextEncoding::UnicodeCodePoint,
+    ))
+}
+
+/// A sync message reduced to version 1 without capability flags: a peer that never learns we
+/// could take version 2 messages never sends one (their single chunk, possibly a whole saved
+/// document, could not be checked change by change before it is applied).
+pub(crate) fn plain_sync_message(msg: &mut automerge::sync::Message) {
+    msg.supported_capabilities = None;
+    msg.version = automerge::sync::MessageVersion::V1;
 }
 
 /// Whether two operations were made by the same actor.

@@ -1393,7 +1393,6 @@ pub fn authorize_meta(
     changes: &[Change],
     sigs: &HashMap<ChangeHash, Signature>,
 ) -> Verdict {
-    use automerge::ReadDoc;
     let mut v = Verdict::default();
     let mut fresh: Vec<&Change> = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -1418,7 +1417,7 @@ pub fn authorize_meta(
     };
     let (applied, waiting): (Vec<&Change>, Vec<&Change>) = fresh
         .into_iter()
-        .partition(|c| scratch.get_change_by_hash(&c.hash()).is_some());
+        .partition(|c| crate::am::has_change(&scratch, &c.hash()));
     v.deferred.extend(waiting.iter().map(|c| c.hash()));
     let signed_by = |c: &Change| {
         sigs.get(&c.hash())

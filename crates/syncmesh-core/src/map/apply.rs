@@ -119,13 +119,13 @@ impl MapReplica {
             return Ok(true);
         }
         match doc {
-            DocAddr::Meta => Ok(self.meta_doc.get_change_by_hash(hash).is_some()),
+            DocAddr::Meta => Ok(crate::am::has_change(&self.meta_doc, hash)),
             DocAddr::Shard { inc, index } => {
                 if inc != self.state.inc || !self.state.exists() {
                     return Ok(false);
                 }
                 match self.shards.get_mut(&index) {
-                    Some(sh) => Ok(sh.doc()?.get_change_by_hash(hash).is_some()),
+                    Some(sh) => Ok(crate::am::has_change(sh.doc()?, hash)),
                     None => Ok(false),
                 }
             }
@@ -251,9 +251,7 @@ impl MapReplica {
         if scan_now {
             changes.iter().for_each(&mut scan);
         }
-        let mut log = PatchLog::active(automerge::patches::TextRepresentation::String(
-            automerge::TextEncoding::UnicodeCodePoint,
-        ));
+        let mut log = crate::am::patch_log();
         if let Err(e) = doc.apply_changes_log_patches(changes, &mut log) {
             // Automerge applies a batch change by change (a reused sequence number is found
             // only when its change comes up): those before the refused one are in. Rare, so
@@ -268,7 +266,7 @@ impl MapReplica {
         }
         let doc = self.shard_mut(index).doc()?;
         if let Some(before) = before {
-            doc.get_changes(&before).into_iter().for_each(&mut scan);
+            crate::am::for_each_change_since(doc, &before, &mut scan);
         }
         // Touched items, and whether the changes touched an update field slot of theirs.
         let mut touched: BTreeMap<String, bool> = BTreeMap::new();

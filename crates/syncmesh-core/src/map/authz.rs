@@ -72,17 +72,20 @@ impl MapReplica {
                     drop.extend(hashes); // gone with an old incarnation
                     continue;
                 };
-                if endorsed.iter().any(|h| d.get_change_by_hash(h).is_none()) {
+                if endorsed.iter().any(|h| !crate::am::has_change(d, h)) {
                     continue; // what is endorsed is not all here yet: decide later
                 }
-                let after: HashSet<ChangeHash> =
-                    d.get_changes(&endorsed).iter().map(|c| c.hash()).collect();
+                let mut after: HashSet<ChangeHash> = HashSet::new();
+                crate::am::for_each_change_since(d, &endorsed, |c| {
+                    after.insert(c.hash());
+                });
                 for h in hashes {
                     let needed = after.contains(&h)
-                        && d.get_change_by_hash(&h).is_some_and(|c| {
+                        && crate::am::with_change(d, &h, |c| {
                             let actor = c.actor_id().to_bytes();
                             writers.iter().any(|p| actor.starts_with(p))
-                        });
+                        })
+                        .unwrap_or(false);
                     if needed {
                         ask.push(h);
                     } else {
@@ -168,7 +171,7 @@ impl MapReplica {
             let Some(d) = self.shards.get_mut(&index).and_then(|sh| sh.doc().ok()) else {
                 continue;
             };
-            if d.get_change_by_hash(&h).is_some_and(|c| s.signs(c)) {
+            if crate::am::with_change(d, &h, |c| s.signs(c)).unwrap_or(false) {
                 good.push((h, s));
             }
         }
@@ -317,7 +320,7 @@ impl MapReplica {
             if let Some(old) = before.get(index) {
                 let d = sh.doc()?;
                 for h in old {
-                    if d.get_change_by_hash(h).is_none() && !heads.contains(h) {
+                    if !crate::am::has_change(d, h) && !heads.contains(h) {
                         heads.push(*h);
                     }
                 }
@@ -373,13 +376,15 @@ impl MapReplica {
                 .state
                 .endorsed
                 .iter()
-                .filter(|h| d.get_change_by_hash(h).is_some())
+                .filter(|h| crate::am::has_change(d, h))
                 .copied()
                 .collect();
-            for c in d.get_changes(&since) {
+            let (sigs, unsigned, new_unsigned) =
+                (&self.sigs, &mut self.unsigned, &mut self.new_unsigned);
+            crate::am::for_each_change_since(d, &since, |c| {
                 let h = c.hash();
-                if self.sigs.contains_key(&h) {
-                    continue;
+                if sigs.contains_key(&h) {
+                    return;
                 }
                 if c.actor_id().to_bytes().starts_with(&prefix) {
                     if let Some(sig) = signer.sign(&h) {
@@ -391,13 +396,13 @@ impl MapReplica {
                     // peers joining later need that signature from here.
                     let actor = c.actor_id().to_bytes();
                     if writers.iter().any(|p| actor.starts_with(p))
-                        && self.unsigned.len() < MAX_UNSIGNED
-                        && self.unsigned.insert(h, index).is_none()
+                        && unsigned.len() < MAX_UNSIGNED
+                        && unsigned.insert(h, index).is_none()
                     {
-                        self.new_unsigned.push((h, Some(index)));
+                        new_unsigned.push((h, Some(index)));
                     }
                 }
-            }
+            });
         }
         if failed {
             tracing::warn!(map = %self.sid, "a shard could not be loaded to sign this node's earlier changes to it");

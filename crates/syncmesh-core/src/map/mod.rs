@@ -13,8 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{
-    ActorId, Automerge, Change, ChangeHash, PatchAction, PatchLog, Prop, ReadDoc, ScalarValue,
-    Value, ROOT,
+    ActorId, Automerge, Change, ChangeHash, PatchAction, Prop, ReadDoc, ScalarValue, Value, ROOT,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -387,10 +386,12 @@ impl MapReplica {
     }
 
     fn after_meta_commit(&mut self, now: Timestamp) {
-        if let Some(ch) = self.meta_doc.get_last_local_change() {
+        let last = crate::am::with_last_local_change(&self.meta_doc, |ch| {
+            (ch.hash(), ch.raw_bytes().to_vec())
+        });
+        if let Some((hash, bytes)) = last {
             // Every map-document change is signed: one may be what restricts the map, or opens
             // it again, and its author's rights decide whether peers take it.
-            let hash = ch.hash();
             if let Some(sig) = self.id.signer.as_ref().and_then(|k| k.sign(&hash)) {
                 self.sigs.insert(hash, sig.clone());
                 self.new_sigs.push((hash, sig));
@@ -398,7 +399,7 @@ impl MapReplica {
             self.outbox.push(OutgoingChange {
                 map: self.sid.clone(),
                 doc: DocAddr::Meta,
-                bytes: ch.raw_bytes().to_vec(),
+                bytes,
             });
         }
         self.refresh_map_state(true, now);

@@ -80,15 +80,17 @@ impl MapReplica {
                         self.new_sigs.push((hash, sig));
                     }
                 }
-                if let Some(ch) = doc.get_last_local_change() {
-                    added += ch.len() as u64;
+                if let Some((ops, bytes)) = crate::am::with_last_local_change(doc, |ch| {
+                    (ch.len() as u64, ch.raw_bytes().to_vec())
+                }) {
+                    added += ops;
                     self.outbox.push(OutgoingChange {
                         map: self.sid.clone(),
                         doc: DocAddr::Shard {
                             inc: self.state.inc,
                             index,
                         },
-                        bytes: ch.raw_bytes().to_vec(),
+                        bytes,
                     });
                 }
             }

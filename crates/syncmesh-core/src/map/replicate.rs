@@ -80,11 +80,7 @@ impl MapReplica {
             }
         };
         Ok(d.generate_sync_message(state).map(|mut m| {
-            // Without flags the peer never learns we could take version 2 messages, whose
-            // single chunk (possibly a whole saved document) could not be checked change by
-            // change before applying.
-            m.supported_capabilities = None;
-            m.version = sync::MessageVersion::V1;
+            crate::am::plain_sync_message(&mut m);
             m.encode()
         }))
     }

@@ -27,12 +27,10 @@ impl StoredDoc {
     /// Every change it holds, decoded (including ones whose dependencies are missing).
     pub(super) fn decode_changes(&self, what: &str) -> Result<Vec<Change>> {
         let mut out = match &self.snapshot {
-            Some(s) => Automerge::load(s)
-                .map_err(|e| Error::Corrupt(format!("{what}: snapshot: {e}")))?
-                .get_changes(&[])
-                .into_iter()
-                .cloned()
-                .collect(),
+            Some(s) => crate::am::all_changes(
+                &Automerge::load(s)
+                    .map_err(|e| Error::Corrupt(format!("{what}: snapshot: {e}")))?,
+            ),
             None => Vec::new(),
         };
         for (i, c) in self.changes.iter().enumerate() {
