@@ -662,6 +662,23 @@ async fn a_fetched_map_is_whole_or_an_error_and_its_events_come_before_the_answe
     connected(&d, 1).await;
     let md = d.open_existing("big").await.unwrap();
     assert_eq!(items(&md).await.len(), N);
+    // The catch-up took several engine rounds (its changes are megabytes): every item has
+    // exactly one event.
+    let mut all = md.subscribe_from(0).await.unwrap();
+    let mut added = std::collections::HashSet::new();
+    while added.len() < N {
+        let e = tokio::time::timeout(DEADLINE, all.next())
+            .await
+            .expect("an event")
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(e.kind, syncmesh::EventKind::ItemAdded { .. }),
+            "{e:?}"
+        );
+        assert!(added.insert(e.kind.key().unwrap().to_string()), "{e:?}");
+    }
+    drop(all);
     let mut events = md.subscribe().await.unwrap();
     ma.set("after", json!({})).await.unwrap();
     let first = tokio::time::timeout(DEADLINE, events.next())

@@ -45,8 +45,10 @@ pub const MAX_DIRECT_MESSAGE: usize = 16 << 20;
 /// Largest gossip message (the changes of one commit of one map); larger commits are
 /// announced with [`Wire::Docs`] instead and travel by sync.
 pub const MAX_GOSSIP_MESSAGE: usize = 1 << 20;
-/// Sync messages are batched up to about this many bytes per direct message.
-const SYNC_BATCH_BYTES: usize = 4 << 20;
+/// Sync messages are batched up to about this many bytes per direct message: small enough
+/// that a node catching up merges, stores and publishes in slices (its engine takes about
+/// this much of peers' messages per round) rather than one pause of the whole catch-up.
+const SYNC_BATCH_BYTES: usize = 256 << 10;
 /// Maps a hold-all node starts holding per Hello (the rest follow in later rounds), so one
 /// message cannot make it create unbounded replicas.
 const MAX_ADOPT_PER_HELLO: usize = 64;

@@ -459,6 +459,9 @@ impl Engine {
                 };
                 let mut acks = Vec::new();
                 let mut barriers = Vec::new();
+                if let Some(n) = self.net.as_mut() {
+                    n.round_bytes = 0;
+                }
                 let now = now();
                 // Before anything is read: a refused write must not be.
                 self.forget_uncommitted();
@@ -478,7 +481,7 @@ impl Engine {
                         self.handle(c, now, &mut acks, &mut barriers);
                         any = true;
                     }
-                    if let Some(ev) = self.net.as_mut().and_then(|n| n.rx.try_recv().ok()) {
+                    if let Some(ev) = self.net.as_mut().and_then(Net::try_next) {
                         self.on_net(ev, now);
                         any = true;
                     }
@@ -1339,7 +1342,7 @@ enum Input {
 /// The next network event, or never when the node has no network.
 async fn net_recv(net: &mut Option<Net>) -> Option<syncmesh_net::NetEvent> {
     match net {
-        Some(n) => n.rx.recv().await,
+        Some(n) => n.next().await,
         None => std::future::pending().await,
     }
 }

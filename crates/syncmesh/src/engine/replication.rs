@@ -1,7 +1,7 @@
 //! The engine's side of replication: it hosts the maps for the sans-IO [`Replicator`], feeds
 //! it what the network delivers, and hands what it says to the network thread.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use syncmesh_core::replication::{MapHost, Outgoing, Replicator};
@@ -43,7 +43,16 @@ pub(crate) struct Net {
     /// Fetched maps whose opens are answered with the next commit (after their data is on
     /// disk and their events are published).
     pub(crate) fetched: Vec<(MapSid, MapInfo, oneshot::Sender<Result<MapInfo>>)>,
+    /// Peers' messages received but left for the next rounds ([`ROUND_PEER_BYTES`]).
+    backlog: VecDeque<NetEvent>,
+    /// Bytes of peers' messages handled in the current round.
+    pub(crate) round_bytes: usize,
 }
+
+/// Bytes of peers' messages one engine round handles before it commits. A catch-up arrives as
+/// megabytes of changes: merged a slice per round, each slice is stored (on the store thread)
+/// and its events published while the next is merged, and commands are answered in between.
+pub(crate) const ROUND_PEER_BYTES: usize = 256 << 10;
 
 impl Net {
     pub(crate) fn new(
@@ -63,6 +72,25 @@ impl Net {
             wants: Vec::new(),
             joins: Vec::new(),
             joined: Vec::new(),
+            backlog: VecDeque::new(),
+            round_bytes: 0,
+        }
+    }
+
+    /// The next peer event to handle: what an earlier round left first. `None` when the round
+    /// has had its share of peers' bytes or nothing is waiting.
+    pub(crate) fn try_next(&mut self) -> Option<NetEvent> {
+        if self.round_bytes >= ROUND_PEER_BYTES {
+            return None;
+        }
+        self.backlog.pop_front().or_else(|| self.rx.try_recv().ok())
+    }
+
+    /// Waits for the next peer event (at once if an earlier round left some).
+    pub(crate) async fn next(&mut self) -> Option<NetEvent> {
+        match self.backlog.pop_front() {
+            Some(ev) => Some(ev),
+            None => self.rx.recv().await,
         }
     }
 
@@ -276,7 +304,20 @@ impl Engine {
                     // the end of this round): peers keep their changes.
                     return;
                 }
-                for bytes in msgs {
+                let mut msgs = VecDeque::from(msgs);
+                while let Some(bytes) = msgs.pop_front() {
+                    if let Some(n) = self.net.as_mut() {
+                        if n.round_bytes >= ROUND_PEER_BYTES {
+                            // The rest waits for the next round (ahead of anything newer).
+                            msgs.push_front(bytes);
+                            n.backlog.push_front(NetEvent::Direct {
+                                peer,
+                                msgs: msgs.into(),
+                            });
+                            break;
+                        }
+                        n.round_bytes += bytes.len();
+                    }
                     let r = self.with_rep(|rep, host| rep.receive(&key, &bytes, host, now));
                     self.reload_poisoned();
                     match r {
