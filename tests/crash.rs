@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use serde_json::json;
-use syncmesh::Node;
+use syncmesh::{Durability, Node, WriteOptions};
 
 const ROUNDS: u64 = 5;
 
@@ -124,39 +124,67 @@ async fn sigkill_loses_no_acknowledged_write() {
     assert!(all_acked.len() as u64 >= ROUNDS * 20);
 }
 
-/// Relaxed durability: a write acknowledged before `sync()` resolved survives SIGKILL.
+/// Relaxed writes (the node's default, or chosen per write on a node that fsyncs) are durable
+/// once `sync()` resolved; a write that chose fsync on a relaxed node is durable once
+/// acknowledged. Both survive SIGKILL.
 #[test]
 fn relaxed_child() {
     let Ok(dir) = std::env::var("SYNCMESH_RELAXED_DIR") else {
         return;
     };
+    // "node": relaxed by default, some writes choose fsync; "write": the node fsyncs by
+    // default, the writes choose relaxed.
+    let per_write = std::env::var("SYNCMESH_RELAXED_MODE").is_ok_and(|m| m == "write");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
+        let (node_default, relaxed, durable) = if per_write {
+            (Durability::Fsync, Some(Durability::Relaxed), None)
+        } else {
+            (Durability::Relaxed, None, Some(Durability::Fsync))
+        };
         let node = Node::builder()
             .data_dir(&dir)
-            .durability(syncmesh::Durability::Relaxed)
+            .durability(node_default)
             .open()
             .await
             .unwrap();
         let m = node.map("relaxed").await.unwrap();
+        let relaxed_opts = WriteOptions {
+            durability: relaxed,
+            ..WriteOptions::default()
+        };
         for i in 0..200 {
-            m.set(&format!("k{i}"), json!({"i": i})).await.unwrap();
+            m.set_with(&format!("k{i}"), json!({"i": i}), relaxed_opts.clone())
+                .await
+                .unwrap();
         }
         node.sync().await.unwrap();
         println!("synced");
-        // Keep writing until killed: these may be lost, the 200 above may not.
+        // Keep writing until killed: the relaxed ones may be lost, the 200 above and every
+        // durable one acknowledged may not.
         for i in 200.. {
-            m.set(&format!("k{i}"), json!({"i": i})).await.unwrap();
+            m.set_with(&format!("k{i}"), json!({"i": i}), relaxed_opts.clone())
+                .await
+                .unwrap();
+            if i % 20 == 0 {
+                let opts = WriteOptions {
+                    durability: durable,
+                    ..WriteOptions::default()
+                };
+                m.set_with(&format!("d{i}"), json!({"i": i}), opts)
+                    .await
+                    .unwrap();
+                println!("durable {i}");
+            }
         }
     });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relaxed_writes_are_durable_once_synced() {
+async fn relaxed_writes_survive(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -166,19 +194,34 @@ async fn relaxed_writes_are_durable_once_synced() {
             "--test-threads=1",
         ])
         .env("SYNCMESH_RELAXED_DIR", dir.path())
+        .env("SYNCMESH_RELAXED_MODE", mode)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
-    let synced = tokio::task::spawn_blocking(move || {
-        BufReader::new(out)
-            .lines()
-            .any(|l| l.is_ok_and(|l| l.contains("synced")))
+    // Killed after the fifth durable write was acknowledged.
+    let (synced, durable) = tokio::task::spawn_blocking(move || {
+        let mut synced = false;
+        let mut durable = Vec::new();
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if l.contains("synced") {
+                synced = true;
+            }
+            if let Some(i) = l.strip_prefix("durable ") {
+                durable.push(i.trim().parse::<u64>().unwrap());
+                if durable.len() == 5 {
+                    break;
+                }
+            }
+        }
+        (synced, durable)
     })
     .await
     .unwrap();
     assert!(synced);
+    assert_eq!(durable.len(), 5);
     child.kill().unwrap();
     child.wait().unwrap();
     let node = Node::open(dir.path()).await.unwrap();
@@ -186,5 +229,22 @@ async fn relaxed_writes_are_durable_once_synced() {
     for i in 0..200 {
         assert_eq!(m.get(&format!("k{i}")).await.unwrap().data["i"], i);
     }
+    for i in durable {
+        assert_eq!(
+            m.get(&format!("d{i}")).await.unwrap().data["i"],
+            i,
+            "{mode}"
+        );
+    }
     node.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_writes_are_durable_once_synced() {
+    relaxed_writes_survive("node").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_choose_relaxed_on_an_fsync_node_are_durable_once_synced() {
+    relaxed_writes_survive("write").await;
 }

@@ -58,8 +58,8 @@ pub use ids::{MapSid, NodeId, Revision, Timestamp};
 pub use limits::Ttl;
 pub use map::{
     check_change, check_changes, decode_sync, needs_manage, Checked, DecodedSync, DocAddr,
-    Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges, WriteOptions,
-    MAX_ITEMS_PER_CHANGE,
+    Durability, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges,
+    WriteOptions, MAX_ITEMS_PER_CHANGE,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};
 pub use policy::{Permission, Policy};

@@ -37,7 +37,10 @@ fn item_response(status: StatusCode, item: Item, sid: &str, urls: &Urls) -> Resp
     post,
     path = "/v1/Services/default/Maps/{map}/Items",
     tag = "items",
-    params(("map" = String, Path, description = "Sid or unique name, percent-encoded")),
+    params(
+        ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
+        ("Syncmesh-Durability" = Option<String>, Header, description = "`fsync`: answered once the item is on disk; `relaxed`: once applied (on disk within 100 ms, or at `POST /v1/Node/Sync`); absent: the node's default"),
+    ),
     request_body(content(
         (CreateItemParams = "application/json"),
         (CreateItemParams = "application/x-www-form-urlencoded"),
@@ -54,6 +57,7 @@ fn item_response(status: StatusCode, item: Item, sid: &str, urls: &Urls) -> Resp
 pub async fn create_item(
     State(st): State<AppState>,
     urls: Urls,
+    headers: HeaderMap,
     Path(id): Path<String>,
     Params { value: p, form }: Params<CreateItemParams>,
 ) -> Result<Response, ApiError> {
@@ -67,9 +71,15 @@ pub async fn create_item(
     limits::validate_key(&key)?;
     let data = params::required_data(p.data, form)?;
     let ttl = params::ttl(p.ttl)?;
+    let durability = params::durability(&headers)?;
     let map = st.map(&id).await?;
+    let opts = WriteOptions {
+        ttl,
+        durability,
+        ..WriteOptions::default()
+    };
     let item = map
-        .create_item(&key, serde_json::Value::Object(data), ttl)
+        .create_item_with(&key, serde_json::Value::Object(data), opts)
         .await?;
     Ok(item_response(
         StatusCode::CREATED,
@@ -265,6 +275,7 @@ pub async fn item_conflicts(
         ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
         ("key" = String, Path, description = "The key, percent-encoded (`/` as `%2F`)"),
         ("If-Match" = Option<String>, Header, description = "Write only if the item's revision is this one"),
+        ("Syncmesh-Durability" = Option<String>, Header, description = "`fsync`: answered once the write is on disk; `relaxed`: once applied (on disk within 100 ms, or at `POST /v1/Node/Sync`); absent: the node's default"),
     ),
     request_body(content(
         (WriteItemParams = "application/json"),
@@ -291,12 +302,17 @@ pub async fn set_item(
     let ttl = params::ttl(p.ttl)?;
     let map = st.map(&id).await?;
     let if_match = params::if_match_resolved(&headers, &map, &key).await?;
+    let durability = params::durability(&headers)?;
     let item = match (data, ttl) {
         (Some(d), ttl) => {
             map.set_with(
                 &key,
                 serde_json::Value::Object(d),
-                WriteOptions { ttl, if_match },
+                WriteOptions {
+                    ttl,
+                    if_match,
+                    durability,
+                },
             )
             .await?
         }
@@ -307,6 +323,7 @@ pub async fn set_item(
             let opts = WriteOptions {
                 ttl: Some(t),
                 if_match,
+                durability,
             };
             map.mutate_with(&key, opts, |d| d.cloned())
                 .await?
@@ -336,6 +353,7 @@ pub async fn set_item(
         ("map" = String, Path, description = "Sid or unique name, percent-encoded"),
         ("key" = String, Path, description = "The key, percent-encoded (`/` as `%2F`)"),
         ("If-Match" = Option<String>, Header, description = "Write only if the item's revision is this one"),
+        ("Syncmesh-Durability" = Option<String>, Header, description = "`fsync`: answered once the write is on disk; `relaxed`: once applied (on disk within 100 ms, or at `POST /v1/Node/Sync`); absent: the node's default"),
     ),
     request_body(content(
         (WriteItemParams = "application/json"),
@@ -362,11 +380,16 @@ pub async fn update_item(
     let ttl = params::ttl(p.ttl)?;
     let map = st.map(&id).await?;
     let if_match = params::if_match_resolved(&headers, &map, &key).await?;
+    let durability = params::durability(&headers)?;
     let item = map
         .update_with(
             &key,
             serde_json::Value::Object(patch),
-            WriteOptions { ttl, if_match },
+            WriteOptions {
+                ttl,
+                if_match,
+                durability,
+            },
         )
         .await?;
     Ok(item_response(

@@ -117,6 +117,7 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(events::events))
         .routes(routes!(node::node))
         .routes(routes!(node::compact))
+        .routes(routes!(node::sync))
         .routes(routes!(trust::invite))
         .routes(routes!(trust::join))
         .routes(routes!(trust::peers))
@@ -213,6 +214,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 header::CONTENT_TYPE,
                 header::IF_MATCH,
                 header::HeaderName::from_static("last-event-id"),
+                header::HeaderName::from_static(params::DURABILITY_HEADER),
             ])
             .expose_headers([header::ETAG, header::LOCATION])
             .max_age(std::time::Duration::from_secs(600)),

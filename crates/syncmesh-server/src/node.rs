@@ -21,6 +21,23 @@ pub async fn node(State(st): State<AppState>) -> Result<Json<NodeStatus>, ApiErr
     Ok(Json(node_status(&st).await?))
 }
 
+/// A durability barrier: answered once every write acknowledged before it is on disk (writes
+/// sent with `Syncmesh-Durability: relaxed` included). A client writing many items relaxed
+/// calls this once, rather than waiting for an fsync per write.
+#[utoipa::path(
+    post,
+    path = "/v1/Node/Sync",
+    tag = "node",
+    responses(
+        (status = 204, description = "Everything acknowledged before is on disk"),
+        (status = 503, description = "The node is closed (20503), or its writes are stopped", body = ErrorBody),
+    ),
+)]
+pub async fn sync(State(st): State<AppState>) -> Result<axum::http::StatusCode, ApiError> {
+    st.node().sync().await?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 /// Compacts the node's storage: every document's change log becomes a snapshot and the
 /// database file gives the space freed back to the file system. While the file is rewritten,
 /// writes and reads of maps not in memory wait.

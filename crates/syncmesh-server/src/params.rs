@@ -314,6 +314,25 @@ pub async fn if_match_resolved(
     }
 }
 
+/// The header a write names its durability with: `fsync` (acknowledged once on disk) or
+/// `relaxed` (acknowledged once applied, on disk within 100 ms or at the next
+/// `POST /v1/Node/Sync`); absent, the node's default.
+pub const DURABILITY_HEADER: &str = "syncmesh-durability";
+
+/// The durability a write asks for in [`DURABILITY_HEADER`].
+pub fn durability(headers: &HeaderMap) -> Result<Option<syncmesh::Durability>, ApiError> {
+    let Some(v) = headers.get(DURABILITY_HEADER) else {
+        return Ok(None);
+    };
+    match v.to_str().map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        Ok("fsync") => Ok(Some(syncmesh::Durability::Fsync)),
+        Ok("relaxed") => Ok(Some(syncmesh::Durability::Relaxed)),
+        _ => Err(ApiError::invalid(
+            "the Syncmesh-Durability header must be fsync or relaxed",
+        )),
+    }
+}
+
 fn if_match_text(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     match headers.get(header::IF_MATCH) {
         None => Ok(None),

@@ -912,6 +912,7 @@ async fn openapi_document_matches_the_router() {
     let mut expected = vec![
         "GET /v1/Node",
         "POST /v1/Node/Compact",
+        "POST /v1/Node/Sync",
         "GET /v1/openapi.json",
         "GET /v1/Services/default/Maps",
         "POST /v1/Services/default/Maps",
@@ -1958,6 +1959,80 @@ fn parse_date(s: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{s:?} is not RFC 3339: {e}"));
     assert!(s.ends_with('Z') && s.len() == 24, "{s}");
     (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[tokio::test]
+async fn writes_choose_their_durability_and_a_barrier_makes_them_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let api = Api {
+        app: router(node.clone(), ServerOptions::new(addr())),
+        token: None,
+    };
+    api.post(&format!("{P}/Maps"), json!({"UniqueName": "d"}))
+        .await
+        .ok(201);
+    let with = |value: &str, method: Method, uri: String, body: Value| {
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("Syncmesh-Durability", value)
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let items = format!("{P}/Maps/d/Items");
+    let r = api
+        .send(with(
+            "relaxed",
+            Method::POST,
+            items.clone(),
+            json!({"Key": "a", "Data": {"n": 1}}),
+        ))
+        .await;
+    r.ok(201);
+    let r = api
+        .send(with(
+            "RELAXED",
+            Method::POST,
+            format!("{items}/a"),
+            json!({"Data": {"n": 2}}),
+        ))
+        .await;
+    r.ok(200);
+    let r = api
+        .send(with(
+            "fsync",
+            Method::PATCH,
+            format!("{items}/b"),
+            json!({"Data": {"n": 3}}),
+        ))
+        .await;
+    r.ok(200);
+    api.send(with(
+        "sometimes",
+        Method::POST,
+        format!("{items}/c"),
+        json!({"Data": {"n": 4}}),
+    ))
+    .await
+    .err(400, 20001);
+    assert_eq!(
+        api.get(&format!("{items}/c")).await.status,
+        404,
+        "refused, not written"
+    );
+    api.get("/v1/Node/Sync").await.err(405, 20004);
+    let r = api.post("/v1/Node/Sync", json!({})).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
+    assert_eq!(api.get(&format!("{items}/a")).await.ok(200)["data"]["n"], 2);
+    drop(api);
+    node.close().await.unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.open_existing("d").await.unwrap();
+    assert_eq!(m.get("a").await.unwrap().data["n"], 2);
+    assert_eq!(m.get("b").await.unwrap().data["n"], 3);
+    node.close().await.unwrap();
 }
 
 #[tokio::test]

@@ -175,6 +175,24 @@ pub struct MapWrite {
     pub sigs: Vec<([u8; 32], Vec<u8>)>,
 }
 
+impl MapWrite {
+    /// Takes a later write of the same map in, as if it were committed after this one.
+    fn absorb(&mut self, later: MapWrite) {
+        if later.name.is_some() {
+            self.name = later.name;
+            self.next_expiry = later.next_expiry;
+        }
+        self.changes.extend(later.changes);
+        if later.view.reset {
+            self.view = later.view;
+        } else {
+            self.view.entries.extend(later.view.entries);
+        }
+        self.events.extend(later.events);
+        self.sigs.extend(later.sigs);
+    }
+}
+
 /// One atomic commit.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -205,7 +223,18 @@ impl Batch {
             .filter_map(|m| m.sid.as_ref())
             .collect();
         self.digests.retain(|(sid, _)| !changed.contains(sid));
-        self.maps.extend(later.maps);
+        // Writes to a map already in the batch join its entry: its catalog record and digest
+        // are then written once per commit, not once per merged write.
+        for m in later.maps {
+            let same = m
+                .sid
+                .as_ref()
+                .and_then(|sid| self.maps.iter().position(|e| e.sid.as_ref() == Some(sid)));
+            match same {
+                Some(i) => self.maps[i].absorb(m),
+                None => self.maps.push(m),
+            }
+        }
         self.meta.extend(later.meta);
         self.digests.extend(later.digests);
         self.trust.extend(later.trust);
@@ -785,6 +814,16 @@ impl Store {
         self.commit_with(batch, self.opts.durable)
     }
 
+    /// Commits a batch without fsync whatever the store's durability: it is on disk at the
+    /// next durable commit ([`Self::commit_durable`]), and a crash before that loses it (and
+    /// nothing else: the store is as of the last durable commit).
+    pub fn commit_relaxed(&self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.commit_with(batch, false)
+    }
+
     /// Commits a batch (possibly empty) with fsync whatever the store's durability: with
     /// `durable: false` stores this also makes every earlier commit durable.
     pub fn commit_durable(&self, batch: &Batch) -> Result<()> {
@@ -1090,6 +1129,130 @@ mod tests {
         assert_eq!(docs[&shard].snapshot.as_deref(), Some(b"SNAP".as_slice()));
         assert_eq!(docs[&shard].changes, vec![b"c4".to_vec()]);
         assert!(s.load_map(&MapSid::for_name("other")).unwrap().is_none());
+    }
+
+    fn map_write(
+        sid: MapSid,
+        name: &str,
+        changes: Vec<&[u8]>,
+        entries: Vec<(&str, Option<&[u8]>)>,
+        reset: bool,
+        events: Vec<u64>,
+    ) -> MapWrite {
+        MapWrite {
+            sid: Some(sid),
+            name: Some(name.into()),
+            next_expiry: Some(events.first().copied().unwrap_or(0) as i64),
+            changes: changes
+                .into_iter()
+                .map(|c| (DocAddr::Shard { inc: 0, index: 1 }, c.to_vec()))
+                .collect(),
+            view: ViewChanges {
+                reset,
+                entries: entries
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
+                    .collect(),
+            },
+            events: events
+                .into_iter()
+                .map(|i| (i, format!("e{i}").into_bytes()))
+                .collect(),
+            sigs: Vec::new(),
+        }
+    }
+
+    type Contents = (Vec<CatalogEntry>, String, Vec<(u64, Vec<u8>)>);
+
+    /// Everything a store holds of a map, to compare two stores.
+    fn contents(s: &Store, sid: &MapSid) -> Contents {
+        let m = s.load_map(sid).unwrap().unwrap();
+        let mut docs = m.docs;
+        docs.sort_by_key(|(d, _)| *d);
+        let shape = format!("{:?} {:?} {}", m.entries, docs, m.last_event_id);
+        (
+            s.list_maps().unwrap(),
+            shape,
+            s.events_after(sid, 0, 100).unwrap(),
+        )
+    }
+
+    #[test]
+    fn merged_batches_commit_what_the_batches_commit_one_after_the_other() {
+        let (a, b) = (sid(), MapSid::for_name("other"));
+        let batches = || {
+            vec![
+                Batch {
+                    maps: vec![
+                        map_write(
+                            a.clone(),
+                            "users",
+                            vec![b"c1"],
+                            vec![("x", Some(b"1"))],
+                            false,
+                            vec![1],
+                        ),
+                        map_write(
+                            b.clone(),
+                            "other",
+                            vec![b"o1"],
+                            vec![("y", Some(b"1"))],
+                            false,
+                            vec![1],
+                        ),
+                    ],
+                    ..Batch::default()
+                },
+                Batch {
+                    maps: vec![map_write(
+                        a.clone(),
+                        "users",
+                        vec![b"c2", b"c3"],
+                        vec![("x", None), ("z", Some(b"2"))],
+                        false,
+                        vec![2, 3],
+                    )],
+                    ..Batch::default()
+                },
+                Batch {
+                    maps: vec![
+                        map_write(
+                            b.clone(),
+                            "renamed",
+                            vec![b"o2"],
+                            vec![("w", Some(b"3"))],
+                            true,
+                            vec![2],
+                        ),
+                        map_write(
+                            a.clone(),
+                            "users",
+                            vec![b"c4"],
+                            vec![("x", Some(b"4"))],
+                            false,
+                            vec![4],
+                        ),
+                    ],
+                    ..Batch::default()
+                },
+            ]
+        };
+        let one_by_one = Store::in_memory(StoreOptions::default()).unwrap();
+        for batch in batches() {
+            one_by_one.commit(&batch).unwrap();
+        }
+        let merged_store = Store::in_memory(StoreOptions::default()).unwrap();
+        let mut merged = Batch::default();
+        for batch in batches() {
+            merged.append(batch);
+        }
+        assert_eq!(merged.maps.len(), 2, "one entry per map");
+        merged_store.commit(&merged).unwrap();
+        for sid in [&a, &b] {
+            assert_eq!(contents(&one_by_one, sid), contents(&merged_store, sid));
+        }
+        let (catalog, _, _) = contents(&merged_store, &b);
+        assert!(catalog.iter().any(|c| c.name.as_deref() == Some("renamed")));
     }
 
     #[test]

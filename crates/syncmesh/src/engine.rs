@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncmesh_core::{
-    Catalog, DocAddr, Event, Identity, Item, ItemConflicts, JsonObject, MapInfo, MapRef,
-    MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Signature, Timestamp, Ttl,
+    Catalog, DocAddr, Durability, Event, Identity, Item, ItemConflicts, JsonObject, MapInfo,
+    MapRef, MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Signature, Timestamp, Ttl,
     WriteOptions,
 };
 use syncmesh_store::{Batch, FileCompaction, MapWrite, Store, StoreError};
@@ -86,7 +86,7 @@ pub(crate) enum Op {
     Listing,
     Conflicts(String),
     Set(String, JsonObject, WriteOptions),
-    Create(String, JsonObject, Option<Ttl>),
+    Create(String, JsonObject, WriteOptions),
     Update(String, JsonObject, WriteOptions),
     Mutate(String, WriteOptions, Mutator),
     Remove(String, Option<Revision>),
@@ -101,6 +101,16 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// The durability the write asked for (`None`: the node's).
+    fn durability(&self) -> Option<Durability> {
+        match self {
+            Op::Set(_, _, o) | Op::Create(_, _, o) | Op::Update(_, _, o) | Op::Mutate(_, o, _) => {
+                o.durability
+            }
+            _ => None,
+        }
+    }
+
     fn is_write(&self) -> bool {
         !matches!(
             self,
@@ -171,6 +181,8 @@ struct Ack {
     value: Reply,
     /// The map written and its epoch then: a map reloaded since (see `epochs`) lost the write.
     map: Option<(MapSid, u64)>,
+    /// A write acknowledged before its commit ([`Durability::Relaxed`]).
+    relaxed: bool,
 }
 
 impl Ack {
@@ -180,6 +192,7 @@ impl Ack {
             reply: AckTo::Read(Box::new(answer)),
             value: Reply::Unit,
             map,
+            relaxed: false,
         }
     }
 
@@ -743,6 +756,7 @@ impl Engine {
                             reply: AckTo::Open(reply),
                             value: Reply::Info(info),
                             map,
+                            relaxed: false,
                         })
                     }
                     Ok((info, false)) if self.unsettled(&info.sid) => {
@@ -761,6 +775,8 @@ impl Engine {
             }
             Cmd::Op { id, op, reply } => {
                 let write = op.is_write();
+                let relaxed =
+                    op.durability().unwrap_or(self.default_durability()) == Durability::Relaxed;
                 if write {
                     if let Some(e) = self.write_stop() {
                         let _ = reply.send(Err(e));
@@ -778,6 +794,7 @@ impl Engine {
                             reply: AckTo::Op(reply),
                             value,
                             map,
+                            relaxed,
                         })
                     }
                     other => {
@@ -1019,7 +1036,7 @@ impl Engine {
             Op::LastEventId => Ok(Reply::EventId(m.last_event_id())),
             Op::Conflicts(k) => m.conflicts(&k, now).map(Reply::Conflicts),
             Op::Set(k, d, o) => m.set(&k, d, &o, now).map(Reply::Item),
-            Op::Create(k, d, t) => m.create_item(&k, d, t, now).map(Reply::Item),
+            Op::Create(k, d, o) => m.create_item(&k, d, o.ttl, now).map(Reply::Item),
             Op::Update(k, d, o) => m.update(&k, d, &o, now).map(Reply::Item),
             Op::Mutate(k, o, f) => {
                 // A panicking closure is the caller's bug: it must not take the node down.
@@ -1059,6 +1076,15 @@ impl Engine {
         Ok(r?)
     }
 
+    /// How writes that do not choose are acknowledged: as the store was opened.
+    fn default_durability(&self) -> Durability {
+        if self.store.is_durable() {
+            Durability::Fsync
+        } else {
+            Durability::Relaxed
+        }
+    }
+
     /// Turns everything the handled commands changed into one batch for the store writer.
     fn commit(
         &mut self,
@@ -1075,6 +1101,7 @@ impl Engine {
                     reply: AckTo::Open(reply),
                     value: Reply::Info(info),
                     map,
+                    relaxed: false,
                 });
             }
         }
@@ -1082,6 +1109,7 @@ impl Engine {
         let mut events = Vec::new();
         let mut compactions = Vec::new();
         let mut flush_failed = None;
+        let mut received = false;
         let mut to_gossip = Vec::new();
         let mut to_ask: Vec<MapSid> = std::mem::take(&mut self.signatures_wanted)
             .into_iter()
@@ -1111,6 +1139,7 @@ impl Engine {
                 .collect();
             let local = changes.len();
             changes.extend(m.take_received());
+            received |= changes.len() > local;
             let sigs = m.take_signatures();
             let unsigned = m.take_unsigned_marks();
             if !unsigned.is_empty() {
@@ -1258,12 +1287,26 @@ impl Engine {
         for sid in to_ask {
             self.ask_signatures(&sid);
         }
-        // Fsync now if asked to (sync, compact, close) or if relaxed writes have waited long
-        // enough; with Durability::Fsync every commit is fsynced anyway.
+        // Acknowledged now: writes that chose (or whose node defaults to) relaxed durability.
+        // Everything else waits for the commit: durable writes, opens of fetched maps (their
+        // events are published with it) and reads held for it.
+        let (relaxed, acks): (Vec<Ack>, Vec<Ack>) = acks.into_iter().partition(|a| a.relaxed);
+        let durable_writes = acks.iter().any(|a| matches!(a.reply, AckTo::Op(_)));
+        // Fsync if asked to (sync, compact, close), for a durable write, or when relaxed
+        // writes have waited long enough. A node whose default is fsync also fsyncs whatever
+        // no relaxed write asked to skip it: peers' changes, expiries, housekeeping (their
+        // events must not be taken back by a crash).
+        let relaxed_only = !relaxed.is_empty() && !durable_writes && !received;
         let durable = !barriers.is_empty()
             || self.shutdown.is_some()
+            || durable_writes
+            || (self.store.is_durable() && !relaxed_only)
             || self.last_durable.elapsed() >= RELAXED_WINDOW;
-        let idle = batch.is_empty() && acks.is_empty() && barriers.is_empty() && events.is_empty();
+        let idle = batch.is_empty()
+            && acks.is_empty()
+            && relaxed.is_empty()
+            && barriers.is_empty()
+            && events.is_empty();
         if idle && !(self.needs_fsync && durable) {
             return;
         }
@@ -1271,7 +1314,7 @@ impl Engine {
             self.last_durable = std::time::Instant::now();
             self.needs_fsync = false;
         } else {
-            self.needs_fsync = !self.store.is_durable();
+            self.needs_fsync = true;
         }
         self.commit_seq += 1;
         let seq = self.commit_seq;
@@ -1282,20 +1325,9 @@ impl Engine {
                 self.last_commit.insert(sid.clone(), seq);
             }
         }
-        // Relaxed writes are acknowledged now (reads waiting for this commit still wait).
-        let acks = if self.store.is_durable() {
-            acks
-        } else {
-            // Opens (of maps fetched from peers: their events are published with the
-            // commit) and held reads wait for the commit.
-            let (reads, writes): (Vec<Ack>, Vec<Ack>) = acks
-                .into_iter()
-                .partition(|a| !matches!(a.reply, AckTo::Op(_)));
-            for a in writes {
-                a.send(Ok(()));
-            }
-            reads
-        };
+        for a in relaxed {
+            a.send(Ok(()));
+        }
         // The batch, and its events again as they are published (decoded and encoded).
         let bytes = batch.bytes() + events.iter().map(|e| e.bytes).sum::<usize>();
         if self.shared.queued_bytes.load(Ordering::Acquire) > MAX_QUEUED_BYTES {
@@ -1406,7 +1438,7 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
                     None => if durable {
                         store.commit_durable(&batch)
                     } else {
-                        store.commit(&batch)
+                        store.commit_relaxed(&batch)
                     }
                     .map_err(|e| {
                         let e = Arc::new(e);

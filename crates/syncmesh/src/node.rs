@@ -30,20 +30,7 @@ const SUBSCRIBER_BUFFER: usize = 64 * 1024;
 /// Stored events read per replay step.
 const REPLAY_PAGE: usize = 512;
 
-/// Whether a write is acknowledged after it is on disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Durability {
-    /// Acknowledge after fsync (default): an acknowledged write survives a crash.
-    #[default]
-    Fsync,
-    /// Acknowledge a write once it is applied in memory and handed to storage, before it is
-    /// committed; the commit follows at once (several writes share one when they come faster
-    /// than commits) and an fsync within 100 ms (and at `sync`, `compact` and `close`: await
-    /// [`Node::sync`] for a durability barrier). A crash — not a clean close — or a failed
-    /// commit (a full disk) can lose writes acknowledged in that window; the store stays
-    /// consistent either way, and reads still only show what is committed.
-    Relaxed,
-}
+pub use syncmesh_core::Durability;
 
 /// Builds a [`Node`].
 #[derive(Debug, Clone, Default)]
@@ -778,8 +765,23 @@ impl Map {
 
     /// Creates an item; 409/54208 if the key exists.
     pub async fn create_item(&self, key: &str, data: Value, ttl: Option<Ttl>) -> Result<Item> {
+        let opts = WriteOptions {
+            ttl,
+            ..WriteOptions::default()
+        };
+        self.create_item_with(key, data, opts).await
+    }
+
+    /// [`Map::create_item`] with options: a TTL, a durability. (`if_match` is not used: a
+    /// create already requires the key to be absent.)
+    pub async fn create_item_with(
+        &self,
+        key: &str,
+        data: Value,
+        opts: WriteOptions,
+    ) -> Result<Item> {
         let d = object(data)?;
-        expect_reply!(self.op(Op::Create(key.into(), d, ttl)).await, Reply::Item(i) => i)
+        expect_reply!(self.op(Op::Create(key.into(), d, opts)).await, Reply::Item(i) => i)
     }
 
     /// Shallow-merges `patch` into the item (creating it).

@@ -115,6 +115,23 @@ impl Identity {
     }
 }
 
+/// When a write is acknowledged: after it is on disk, or as soon as it is applied in memory.
+/// A node has a default (`NodeBuilder::durability` in the `syncmesh` crate); a write may
+/// choose otherwise ([`WriteOptions::durability`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledge after fsync (default): an acknowledged write survives a crash.
+    #[default]
+    Fsync,
+    /// Acknowledge a write once it is applied in memory and handed to storage, before it is
+    /// committed; the commit follows at once (several writes share one when they come faster
+    /// than commits) and an fsync within 100 ms, or at the next durability barrier
+    /// (`Node::sync`), durable write, `compact` or `close`. A crash — not a clean close — or a
+    /// failed commit (a full disk) can lose writes acknowledged in that window; the store
+    /// stays consistent either way, and reads still only show what is committed.
+    Relaxed,
+}
+
 /// Options of a write.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WriteOptions {
@@ -122,6 +139,9 @@ pub struct WriteOptions {
     pub ttl: Option<Ttl>,
     /// Only write if the item's current revision is this one (REST `If-Match`).
     pub if_match: Option<Revision>,
+    /// When this write is acknowledged; `None` follows the node's default. The engine reads
+    /// it; the map itself writes the same either way.
+    pub durability: Option<Durability>,
 }
 
 impl WriteOptions {
@@ -129,16 +149,22 @@ impl WriteOptions {
     pub fn ttl(ttl: Ttl) -> Self {
         WriteOptions {
             ttl: Some(ttl),
-            if_match: None,
+            ..WriteOptions::default()
         }
     }
 
     /// Options with an If-Match revision.
     pub fn if_match(rev: Revision) -> Self {
         WriteOptions {
-            ttl: None,
             if_match: Some(rev),
+            ..WriteOptions::default()
         }
+    }
+
+    /// These options, acknowledged as `d` says rather than as the node's default.
+    pub fn with_durability(mut self, d: Durability) -> Self {
+        self.durability = Some(d);
+        self
     }
 }
 
@@ -560,7 +586,7 @@ impl MapReplica {
     ) -> Result<Item> {
         let opts = WriteOptions {
             ttl,
-            if_match: None,
+            ..WriteOptions::default()
         };
         self.write(key, &opts, now, Require::Absent, Explicit::All, |_| {
             Some(data)
