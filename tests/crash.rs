@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::json;
 use syncmesh::{Durability, Node, WriteOptions};
@@ -247,4 +248,141 @@ async fn relaxed_writes_are_durable_once_synced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_that_choose_relaxed_on_an_fsync_node_are_durable_once_synced() {
     relaxed_writes_survive("write").await;
+}
+
+/// Two nodes in one process: A writes (each write fsynced), B prints `event <id> <key>` for
+/// every item it receives from A, until the test kills the process.
+#[test]
+fn event_child() {
+    let Ok(dirs) = std::env::var("SYNCMESH_EVENT_DIRS") else {
+        return;
+    };
+    let (a_dir, b_dir) = dirs.split_once(',').unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let a = net_node(a_dir, None).await;
+        let b = net_node(b_dir, Some(addr(&a).await)).await;
+        let ma = a.map("users").await.unwrap();
+        let mb = b.map("users").await.unwrap();
+        let mut events = mb.subscribe().await.unwrap();
+        tokio::spawn(async move {
+            for i in 0.. {
+                ma.set(&format!("k{i:05}"), json!({"i": i})).await.unwrap();
+            }
+        });
+        while let Some(Ok(e)) = events.next().await {
+            if let syncmesh::EventKind::ItemAdded { item } = &e.kind {
+                println!("event {} {}", e.id, item.key);
+            }
+        }
+    });
+}
+
+async fn net_node(dir: &str, peer: Option<syncmesh::Multiaddr>) -> Node {
+    let mut b = Node::builder()
+        .data_dir(dir)
+        .listen("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .mdns(false)
+        .trust_all(true);
+    if let Some(p) = peer {
+        b = b.peer(p);
+    }
+    b.open().await.unwrap()
+}
+
+async fn addr(n: &Node) -> syncmesh::Multiaddr {
+    n.listening().await.unwrap()[0].clone()
+}
+
+/// A peer's changes reach B's subscribers before B's fsync. A crash can take such events
+/// back; B then receives the changes again by sync and publishes them again with new ids:
+/// an id a subscriber saw is never given to another event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_ids_seen_before_a_crash_are_never_reused() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "event_child", "--nocapture", "--test-threads=1"])
+        .env(
+            "SYNCMESH_EVENT_DIRS",
+            format!("{},{}", a_dir.path().display(), b_dir.path().display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut seen = std::collections::BTreeMap::new();
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if let Some(rest) = l.strip_prefix("event ") {
+                let (id, key) = rest.split_once(' ').unwrap();
+                seen.insert(id.parse::<u64>().unwrap(), key.to_string());
+                if seen.len() == 300 {
+                    break;
+                }
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen.len(), 300);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Both back; B catches up with everything A acknowledged.
+    let a = net_node(a_dir.path().to_str().unwrap(), None).await;
+    let b = net_node(b_dir.path().to_str().unwrap(), Some(addr(&a).await)).await;
+    let ma = a.open_existing("users").await.unwrap();
+    let mb = b.open_existing("users").await.unwrap();
+    let keys: std::collections::BTreeSet<String> = all_keys(&ma).await;
+    assert!(keys.len() >= 300);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while all_keys(&mb).await != keys {
+        assert!(std::time::Instant::now() < deadline, "B never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B's events from the start: every key A wrote has one; an id seen before the crash
+    // still names the same item's event, or is gone, never another's.
+    let mut stream = mb.subscribe_from(0).await.unwrap();
+    let mut by_id = std::collections::BTreeMap::new();
+    let mut added = std::collections::BTreeSet::new();
+    while added != keys {
+        let e = tokio::time::timeout(Duration::from_secs(120), stream.next())
+            .await
+            .expect("B's events")
+            .unwrap()
+            .unwrap();
+        if let syncmesh::EventKind::ItemAdded { item } = &e.kind {
+            added.insert(item.key.clone());
+            by_id.insert(e.id, item.key.clone());
+        }
+    }
+    for (id, key) in &seen {
+        if let Some(now) = by_id.get(id) {
+            assert_eq!(now, key, "event {id} was {key} before the crash");
+        }
+    }
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+async fn all_keys(m: &syncmesh::Map) -> std::collections::BTreeSet<String> {
+    let mut keys = std::collections::BTreeSet::new();
+    let mut req = syncmesh::PageRequest {
+        page_size: Some(100),
+        ..Default::default()
+    };
+    loop {
+        let page = m.items(req.clone()).await.unwrap();
+        keys.extend(page.items.iter().map(|i| i.key.clone()));
+        match page.next_token {
+            Some(t) => req.token = Some(t),
+            None => return keys,
+        }
+    }
 }

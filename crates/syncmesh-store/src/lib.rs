@@ -193,6 +193,13 @@ impl MapWrite {
     }
 }
 
+/// The [`Batch::meta`] record that sets a map's event id floor: after a crash, the map's next
+/// event id is above it even if the commits of the events up to it were lost. A node that
+/// publishes events before they are durable reserves ids this way, durably, ahead of them.
+pub fn event_floor_record(sid: &MapSid, floor: u64) -> (String, Vec<u8>) {
+    (Store::event_floor_key(sid), floor.to_le_bytes().to_vec())
+}
+
 /// One atomic commit.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -630,6 +637,11 @@ impl Store {
         Ok(out)
     }
 
+    /// The metadata key of a map's event id floor ([`event_floor_record`]).
+    fn event_floor_key(sid: &MapSid) -> String {
+        format!("event-floor:{sid}")
+    }
+
     /// Everything stored for one map, or `None` if the catalog does not hold it.
     pub fn load_map(&self, sid: &MapSid) -> Result<Option<LoadedMap>> {
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
@@ -678,7 +690,15 @@ impl Store {
             entries.push((key, v.value().to_vec()));
         }
         let events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
-        let last_event_id = self.last_id(&events, sid)?;
+        // Ids up to the floor may have been published by commits a crash took back: the
+        // next event comes after it, so none is reused.
+        let meta = tx.open_table(META).map_err(|e| self.err(e))?;
+        let floor = meta
+            .get(Self::event_floor_key(sid).as_str())
+            .map_err(|e| self.err(e))?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map_or(0, u64::from_le_bytes);
+        let last_event_id = self.last_id(&events, sid)?.max(floor);
         let mut sigs = Vec::new();
         let table = tx.open_table(SIGS).map_err(|e| self.err(e))?;
         for row in table
@@ -1253,6 +1273,24 @@ mod tests {
         }
         let (catalog, _, _) = contents(&merged_store, &b);
         assert!(catalog.iter().any(|c| c.name.as_deref() == Some("renamed")));
+    }
+
+    #[test]
+    fn a_maps_next_event_id_comes_after_its_floor() {
+        let s = Store::in_memory(StoreOptions::default()).unwrap();
+        write(&s, vec![], vec![], vec![1, 2, 3]);
+        let floor = |f: u64| Batch {
+            meta: vec![event_floor_record(&sid(), f)],
+            ..Batch::default()
+        };
+        s.commit(&floor(100)).unwrap();
+        assert_eq!(s.load_map(&sid()).unwrap().unwrap().last_event_id, 100);
+        // A floor below the stored events (written back at a clean close) takes nothing away.
+        write(&s, vec![], vec![], vec![101]);
+        s.commit(&floor(50)).unwrap();
+        assert_eq!(s.load_map(&sid()).unwrap().unwrap().last_event_id, 101);
+        let other = MapSid::for_name("other");
+        assert!(s.load_map(&other).unwrap().is_none());
     }
 
     #[test]

@@ -39,6 +39,8 @@ const RELAXED_QUEUE_JOBS: usize = 64;
 const MAX_QUEUED_BYTES: usize = 32 << 20;
 /// Queued commits the store writer merges into one transaction, at most.
 const MAX_MERGED_COMMITS: usize = 256;
+/// Event ids a map reserves at a time for events published before they are durable.
+const EVENT_ID_BLOCK: u64 = 4096;
 /// Stored changes of one document after which it is replaced by a snapshot.
 const COMPACT_AFTER_CHANGES: u32 = 1000;
 /// How often idle shard documents are parked: a shard untouched for a whole period leaves
@@ -322,6 +324,8 @@ pub(crate) struct Engine {
     /// The live documents were over the budget at the last check (check again when idle).
     over_budget: bool,
     last_durable: std::time::Instant,
+    /// Per map, the event id below which ids are durably reserved ([`EVENT_ID_BLOCK`]).
+    event_floors: HashMap<MapSid, u64>,
     /// A relaxed (not fsynced) commit went out since the last fsync.
     needs_fsync: bool,
     jobs: std::sync::mpsc::SyncSender<StoreJob>,
@@ -420,6 +424,7 @@ impl Engine {
             over_budget: false,
             last_durable: std::time::Instant::now(),
             needs_fsync: false,
+            event_floors: HashMap::new(),
             jobs,
             writer: Some(writer),
             net,
@@ -1293,15 +1298,49 @@ impl Engine {
         let (relaxed, acks): (Vec<Ack>, Vec<Ack>) = acks.into_iter().partition(|a| a.relaxed);
         let durable_writes = acks.iter().any(|a| matches!(a.reply, AckTo::Op(_)));
         // Fsync if asked to (sync, compact, close), for a durable write, or when relaxed
-        // writes have waited long enough. A node whose default is fsync also fsyncs whatever
-        // no relaxed write asked to skip it: peers' changes, expiries, housekeeping (their
-        // events must not be taken back by a crash).
-        let relaxed_only = !relaxed.is_empty() && !durable_writes && !received;
-        let durable = !barriers.is_empty()
+        // writes have waited long enough. A node whose default is fsync skips it only for
+        // batches of relaxed writes and peers' changes: a peer's change is durable at its
+        // author and comes back by sync after a crash, so its events need not wait for this
+        // node's fsync (they come back with new ids: see the event floors below).
+        let may_skip = (!relaxed.is_empty() || received)
+            && !durable_writes
+            && batch.trust.is_empty()
+            && batch.invites.is_empty();
+        let mut durable = !barriers.is_empty()
             || self.shutdown.is_some()
             || durable_writes
-            || (self.store.is_durable() && !relaxed_only)
+            || (self.store.is_durable() && !may_skip)
             || self.last_durable.elapsed() >= RELAXED_WINDOW;
+        if !durable {
+            let mut raised = Vec::new();
+            // Events published before their fsync may be lost to a crash, and their ids
+            // issued again to other events. Ids are reserved durably ahead, a block at a time
+            // (the commit that reserves is fsynced, so it is durable before any event past the
+            // old floor is published); after a crash a map goes on past its floor.
+            for w in &batch.maps {
+                let (Some(sid), Some(&(last, _))) = (&w.sid, w.events.last()) else {
+                    continue;
+                };
+                let floor = self.event_floors.entry(sid.clone()).or_insert(0);
+                if last > *floor {
+                    *floor = last + EVENT_ID_BLOCK;
+                    raised.push(syncmesh_store::event_floor_record(sid, *floor));
+                }
+            }
+            durable = !raised.is_empty();
+            batch.meta.extend(raised);
+        }
+        if self.shutdown.is_some() {
+            // A clean close: the stored events are all there, and the next ids follow them.
+            for (sid, _) in std::mem::take(&mut self.event_floors) {
+                if let Some(m) = self.catalog.by_sid(&sid) {
+                    let last = m.last_event_id();
+                    batch
+                        .meta
+                        .push(syncmesh_store::event_floor_record(&sid, last));
+                }
+            }
+        }
         let idle = batch.is_empty()
             && acks.is_empty()
             && relaxed.is_empty()
