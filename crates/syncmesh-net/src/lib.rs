@@ -15,6 +15,7 @@ mod codec;
 mod swarm;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -339,8 +340,11 @@ pub(crate) enum Command {
 /// A handle on the running network (cheap to clone).
 #[derive(Clone)]
 pub struct NetHandle {
-    /// Data (direct messages): bounded, dropped when full.
+    /// Data (direct messages): bounded in count and in bytes ([`MAX_QUEUED_SEND_BYTES`]),
+    /// dropped when full.
     tx: mpsc::Sender<Command>,
+    /// Bytes of direct messages queued for the network thread, not taken yet.
+    queued: Arc<AtomicUsize>,
     /// Control (trust, joins, disconnects, dials): never dropped. Bounded by what the node
     /// does (one per user action or misbehaving peer), not by peers' traffic.
     ctl: mpsc::UnboundedSender<Command>,
@@ -356,6 +360,10 @@ impl std::fmt::Debug for NetHandle {
 /// Commands waiting for the network thread; beyond this, direct messages are dropped
 /// (replication repairs what is lost) rather than block the node.
 const COMMAND_QUEUE: usize = 16_384;
+/// Bytes of direct messages that may wait for the network thread: a message would make it
+/// more is dropped (and repaired by replication), so a stalled network thread holds at most
+/// this much, whatever the messages' sizes.
+pub const MAX_QUEUED_SEND_BYTES: usize = 64 << 20;
 
 impl NetHandle {
     fn cmd(&self, c: Command) -> bool {
@@ -376,7 +384,20 @@ impl NetHandle {
 
     /// Sends a direct message to a connected, trusted peer (best effort, in order per peer).
     pub fn send(&self, peer: PeerId, msg: Vec<u8>) -> bool {
-        self.cmd(Command::Send { peer, msg })
+        let n = msg.len();
+        let before = self.queued.fetch_add(n, Ordering::AcqRel);
+        if before.saturating_add(n) > MAX_QUEUED_SEND_BYTES {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            tracing::debug!(
+                "network send queue over {MAX_QUEUED_SEND_BYTES} bytes: dropping a message"
+            );
+            return false;
+        }
+        let sent = self.cmd(Command::Send { peer, msg });
+        if !sent {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+        sent
     }
 
     /// Disconnects a peer that broke the protocol, and refuses it for a while.
@@ -458,10 +479,47 @@ pub fn start(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), Ne
         me,
         cfg.trusts_everyone(),
     )));
-    let runner = swarm::Runner::new(cfg, status.clone(), ev_tx)?;
+    let queued = Arc::new(AtomicUsize::new(0));
+    let runner = swarm::Runner::new(cfg, status.clone(), ev_tx, queued.clone())?;
     std::thread::Builder::new()
         .name("syncmesh-net".into())
         .spawn(move || runner.run(rx, ctl_rx))
         .map_err(|e| NetError::Setup(e.to_string()))?;
-    Ok((NetHandle { tx, ctl, status }, ev_rx))
+    Ok((
+        NetHandle {
+            tx,
+            ctl,
+            status,
+            queued,
+        },
+        ev_rx,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the report
+
+    use super::*;
+
+    #[test]
+    fn direct_messages_wait_for_the_network_thread_up_to_a_byte_bound() {
+        // A network thread that takes nothing: what the handle queues is bounded in bytes
+        // however few the messages.
+        let (tx, _rx) = mpsc::channel(COMMAND_QUEUE);
+        let (ctl, _ctl_rx) = mpsc::unbounded_channel();
+        let me = PeerId::random();
+        let h = NetHandle {
+            tx,
+            ctl,
+            status: Arc::new(tokio::sync::watch::Sender::new(NetStatus::new(me, false))),
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let big = MAX_QUEUED_SEND_BYTES / 4 + 1;
+        let sent: Vec<bool> = (0..5).map(|_| h.send(me, vec![0; big])).collect();
+        assert_eq!(sent, vec![true, true, true, false, false]);
+        assert_eq!(h.queued.load(Ordering::Acquire), 3 * big);
+        // Small messages still fit in what is left.
+        assert!(h.send(me, vec![0; 1024]));
+    }
 }

@@ -73,6 +73,8 @@ impl Drop for Rt {
 pub(crate) struct Runner {
     /// Taken out by [`Runner::run`] (a runtime must not be dropped inside itself).
     rt: Rt,
+    /// Bytes of direct messages the handle queued and this thread has not taken yet.
+    queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     swarm: Swarm<Behaviour>,
     status: crate::StatusCell,
     events: mpsc::Sender<NetEvent>,
@@ -211,6 +213,7 @@ impl Runner {
         cfg: NetConfig,
         status: crate::StatusCell,
         events: mpsc::Sender<NetEvent>,
+        queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     ) -> Result<Runner, NetError> {
         let rt = Rt(Some(
             tokio::runtime::Builder::new_current_thread()
@@ -254,6 +257,7 @@ impl Runner {
         }
         let mut runner = Runner {
             rt,
+            queued,
             swarm,
             status,
             events,
@@ -852,6 +856,8 @@ impl Runner {
     async fn on_command(&mut self, c: Command) {
         match c {
             Command::Send { peer, msg } => {
+                self.queued
+                    .fetch_sub(msg.len(), std::sync::atomic::Ordering::AcqRel);
                 if !self.up.contains(&peer) {
                     return;
                 }
