@@ -300,6 +300,10 @@ struct PeerState {
     /// Maps the peer said it holds.
     held: BTreeSet<MapSid>,
     sessions: HashMap<(MapSid, DocAddr), sync::State>,
+    /// Sessions in which this node refused some of the peer's changes: the peer keeps them,
+    /// so the two never agree on heads, and Automerge would answer every message forever.
+    /// Until the session restarts, a reply goes only with changes not offered before.
+    refusing: std::collections::HashSet<(MapSid, DocAddr)>,
     /// Sessions in which a repeated "I hold nothing" was taken as the crossing of both sides'
     /// first messages (see [`Replicator::on_sync`]); once per session.
     crossed: std::collections::HashSet<(MapSid, DocAddr)>,
@@ -1028,6 +1032,8 @@ impl Replicator {
             if !m.syncs(doc) {
                 continue; // another incarnation: no session is kept for it
             }
+            let refused_before = refused.len();
+            let mut missing = Vec::new();
             if msg.change_count() > 0 {
                 if !may_write {
                     // A read-only peer: its changes stay with it.
@@ -1046,7 +1052,11 @@ impl Replicator {
                         msg = msg.retain_changes(&v.ok, |h| m.has_change(doc, h));
                     }
                     keep_sigs(m, msg.changes(), &sigs, &v.verified);
+                    missing.extend(v.missing);
                 }
+            }
+            if refused.len() > refused_before {
+                p.refusing.insert((sid.clone(), doc));
             }
             let state = p.sessions.entry((sid.clone(), doc)).or_default();
             // Automerge forgets what it sent when a message says the peer holds nothing (to
@@ -1071,12 +1081,14 @@ impl Replicator {
                 tracing::warn!(map = %sid, "a sync message for {doc:?} was not applied: {e}");
                 continue;
             }
-            match m.sync_generate(doc, state, now) {
+            match m.sync_generate_needing(doc, state, &missing, now) {
                 Ok(Some(reply)) => {
-                    // A peer whose changes this node refuses never agrees on heads with it, so
-                    // Automerge's exchange would not end: to such a peer a reply goes only when
-                    // it offers changes not offered before (it has nothing to ask of it).
-                    if (writer && refused.is_empty())
+                    // A peer whose changes this node refuses (or refused in this session) never
+                    // agrees on heads with it, so Automerge's exchange would not end: to such a
+                    // peer a reply goes only when it offers changes not offered before (it has
+                    // nothing to ask of it).
+                    let refusing = p.refusing.contains(&(sid.clone(), doc));
+                    if (writer && refused.is_empty() && !refusing)
                         || offers_something_new(&mut p.offered, &sid, &reply)
                     {
                         replies.push((doc, Bytes(reply)));
@@ -1301,6 +1313,11 @@ pub struct Verdict {
     /// Changes that cannot be judged yet (their history or the map's permissions have not
     /// arrived): not taken, not held against the sender; they come again.
     pub deferred: std::collections::HashSet<ChangeHash>,
+    /// What deferred changes depend on and this replica lacks: to be asked for. (A change
+    /// not taken is unknown to Automerge, whose sync would otherwise never learn that its
+    /// dependencies are missing; the sender, believing them held, e.g. from a false positive
+    /// of the receiver's Bloom filter, would never send them.)
+    pub missing: std::collections::HashSet<ChangeHash>,
 }
 
 /// Most permission changes judged in one batch (each costs a copy of the map document as of
@@ -1374,7 +1391,7 @@ pub fn authorize(
     Verdict {
         ok,
         verified,
-        deferred: Default::default(),
+        ..Verdict::default()
     }
 }
 
@@ -1421,6 +1438,13 @@ pub fn authorize_meta(
         .into_iter()
         .partition(|c| crate::am::has_change(&scratch, &c.hash()));
     v.deferred.extend(waiting.iter().map(|c| c.hash()));
+    for c in &waiting {
+        for d in c.deps() {
+            if !crate::am::has_change(&scratch, d) {
+                v.missing.insert(*d);
+            }
+        }
+    }
     let signed_by = |c: &Change| {
         sigs.get(&c.hash())
             .filter(|s| s.signs(c))
@@ -1684,6 +1708,7 @@ fn start_sessions(
         // A fresh state: an earlier exchange may have stalled (a lost message).
         *state = sync::State::new();
         p.crossed.remove(&(sid.clone(), doc));
+        p.refusing.remove(&(sid.clone(), doc));
         match m.sync_generate(doc, state, now) {
             Ok(Some(b)) => msgs.push((doc, Bytes(b))),
             Ok(None) => {}

@@ -1313,6 +1313,41 @@ fn endorsed_history_noted_unsigned_before_it_arrived_is_forgotten() {
 }
 
 #[test]
+fn a_refused_change_does_not_make_the_exchange_endless() {
+    // Found by the simulator: B removes the map without signing (a removal counts only if
+    // signed by a manager), A refuses it. A writer whose changes were refused once in a
+    // session was answered on every later message, and the two exchanged sync messages
+    // forever (one more endless exchange per anti-entropy round).
+    let mut net = Net::new(&["a", "b"], &[]);
+    net.node("b").host = syncmesh_core::Catalog::new(Identity::new(NodeId([9; 16]), b"b-unsigned"));
+    write(&mut net, "a", "users", "k", json!({"n": 1}));
+    write(&mut net, "b", "users", "j", json!({"n": 2}));
+    net.connect("a", "b");
+    net.run();
+    assert_eq!(net.items("a", "users").len(), 2);
+    let sid = MapSid::for_name("users");
+    net.node("b")
+        .host
+        .by_sid(&sid)
+        .unwrap()
+        .remove_map(now())
+        .unwrap();
+    // `run` fails if the protocol does not quiesce.
+    net.run();
+    for _ in 0..3 {
+        let before = net.gossip_seen + net.carried.len();
+        net.tick();
+        assert!(net.gossip_seen + net.carried.len() - before < 50);
+    }
+    assert_eq!(
+        net.items("a", "users").len(),
+        2,
+        "A did not take the removal"
+    );
+    assert!(net.violations.is_empty(), "{:?}", net.violations);
+}
+
+#[test]
 fn a_hold_all_node_names_no_change_of_a_map_to_a_peer_that_may_not_read_it() {
     use syncmesh_core::policy::{READ, WRITE};
     // Found in review: a hold-all node answered a Hello naming a map the peer may not read

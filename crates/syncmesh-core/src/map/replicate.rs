@@ -69,6 +69,19 @@ impl MapReplica {
         state: &mut sync::State,
         now: Timestamp,
     ) -> Result<Option<Vec<u8>>> {
+        self.sync_generate_needing(doc, state, &[], now)
+    }
+
+    /// [`Self::sync_generate`], also asking the peer for `need` (changes this replica lacks
+    /// that changes it did not take depend on): then a message goes even if Automerge has
+    /// nothing new to say.
+    pub fn sync_generate_needing(
+        &mut self,
+        doc: DocAddr,
+        state: &mut sync::State,
+        need: &[ChangeHash],
+        now: Timestamp,
+    ) -> Result<Option<Vec<u8>>> {
         if !self.syncs(doc) {
             return Ok(None);
         }
@@ -79,8 +92,17 @@ impl MapReplica {
                 self.shard_mut(index).doc()?
             }
         };
+        if !need.is_empty() {
+            state.in_flight = false;
+        }
         Ok(d.generate_sync_message(state).map(|mut m| {
             crate::am::plain_sync_message(&mut m);
+            if !need.is_empty() {
+                // Hashes travel sorted (Automerge's encoding requires it).
+                m.need.extend_from_slice(need);
+                m.need.sort();
+                m.need.dedup();
+            }
             m.encode()
         }))
     }
