@@ -17,6 +17,15 @@ use syncmesh::{Durability, Node, WriteOptions};
 
 const ROUNDS: u64 = 5;
 
+/// The runtime of a child process (the node under test runs there and is killed).
+fn child_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// The writer. A no-op in a normal test run; the crash test starts it in a child process.
 #[test]
 fn crash_child() {
@@ -27,12 +36,7 @@ fn crash_child() {
         .unwrap()
         .parse()
         .unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    child_runtime().block_on(async move {
         let node = Node::open(&dir).await.unwrap();
         let m = node.map("crash").await.unwrap();
         let tasks: Vec<_> = (0..8)
@@ -136,12 +140,7 @@ fn relaxed_child() {
     // "node": relaxed by default, some writes choose fsync; "write": the node fsyncs by
     // default, the writes choose relaxed.
     let per_write = std::env::var("SYNCMESH_RELAXED_MODE").is_ok_and(|m| m == "write");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    child_runtime().block_on(async move {
         let (node_default, relaxed, durable) = if per_write {
             (Durability::Fsync, Some(Durability::Relaxed), None)
         } else {
@@ -258,12 +257,7 @@ fn event_child() {
         return;
     };
     let (a_dir, b_dir) = dirs.split_once(',').unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    child_runtime().block_on(async move {
         let a = net_node(a_dir, None).await;
         let b = net_node(b_dir, Some(addr(&a).await)).await;
         let ma = a.map("users").await.unwrap();
