@@ -2023,6 +2023,13 @@ async fn writes_choose_their_durability_and_a_barrier_makes_them_durable() {
         "refused, not written"
     );
     api.get("/v1/Node/Sync").await.err(405, 20004);
+    // Like every route that changes something: not from another site's page.
+    let cross = [
+        ("origin", "http://evil.example"),
+        ("host", "127.0.0.1:7700"),
+    ];
+    let (status, _) = status_of(&api.app, form_post("/v1/Node/Sync", &cross, "")).await;
+    assert_eq!(status, 403);
     let r = api.post("/v1/Node/Sync", json!({})).await;
     assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.body);
     assert_eq!(api.get(&format!("{items}/a")).await.ok(200)["data"]["n"], 2);
