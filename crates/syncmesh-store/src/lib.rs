@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
@@ -154,7 +155,7 @@ pub struct LoadedMap {
 }
 
 /// Writes for one map inside a [`Batch`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MapWrite {
     /// The map.
     pub sid: Option<MapSid>,
@@ -201,7 +202,7 @@ pub fn event_floor_record(sid: &MapSid, floor: u64) -> (String, Vec<u8>) {
 }
 
 /// One atomic commit.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
     /// Per-map writes.
     pub maps: Vec<MapWrite>,
@@ -283,6 +284,61 @@ impl Batch {
     }
 }
 
+/// A document's stored change log replaced by a snapshot, or the document forgotten
+/// ([`Store::replace_docs`]).
+#[derive(Debug, Clone)]
+pub struct DocReplacement {
+    /// The map.
+    pub sid: MapSid,
+    /// The document.
+    pub doc: DocAddr,
+    /// Its snapshot; `None` forgets the document (e.g. a shard of a removed incarnation).
+    pub snapshot: Option<Vec<u8>>,
+    /// The last stored change the snapshot covers ([`Store::last_change_seq`] when it was
+    /// taken): changes up to it are deleted, later ones stay, so a replacement may be stored
+    /// after commits of changes it does not include.
+    pub through: u64,
+}
+
+/// A write recorded while the file is rewritten, replayed into the new file.
+enum Rewritten {
+    Commit(Batch),
+    Replace(Vec<DocReplacement>),
+}
+
+/// Writes committed since a file rewrite took its snapshot.
+#[derive(Default)]
+struct RewriteLog {
+    ops: Vec<Rewritten>,
+    bytes: usize,
+    /// More than [`MAX_REWRITE_LOG_BYTES`] were written: the rewrite gives up.
+    overflow: bool,
+}
+
+impl RewriteLog {
+    fn record(&mut self, op: Rewritten, bytes: usize) {
+        if self.overflow {
+            return;
+        }
+        if self.bytes + bytes > MAX_REWRITE_LOG_BYTES {
+            self.overflow = true;
+            self.ops = Vec::new();
+            self.bytes = 0;
+            return;
+        }
+        self.bytes += bytes;
+        self.ops.push(op);
+    }
+}
+
+/// Most bytes of writes kept for replay while the file is rewritten; a rewrite outpaced by
+/// more gives up (the file stays as it was) rather than hold more memory.
+const MAX_REWRITE_LOG_BYTES: usize = 128 * 1024 * 1024;
+/// Entries copied per transaction of a file rewrite.
+const REWRITE_CHUNK: usize = 8192;
+/// Replayed writes small enough to be caught up with writes held back.
+const REWRITE_FINAL_BYTES: usize = 1024 * 1024;
+
 /// What [`Store::compact_file`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileCompaction {
@@ -290,19 +346,29 @@ pub enum FileCompaction {
     Done,
     /// There was nothing to give back.
     Nothing,
-    /// A reader had a transaction open, so the file was left as it was: try again later.
+    /// The file was left as it was (writes outpaced the rewrite, or the store is closing):
+    /// try again later.
     Busy,
 }
 
 /// The store. Cheap to share behind an `Arc`; commits are serialised by redb.
 pub struct Store {
-    /// Behind a lock only so that [`Store::compact_file`] can have it alone; every other use
-    /// holds the read side just long enough to begin a transaction.
-    db: std::sync::RwLock<Database>,
+    /// Behind a lock only so that [`Store::compact_file`] can swap in the rewritten file.
+    /// Every use holds its own reference until its transaction ends: redb ends every
+    /// transaction of a database that is dropped, and the file replaced by a rewrite is
+    /// dropped once its last reader is done.
+    db: std::sync::RwLock<std::sync::Arc<Database>>,
     path: PathBuf,
     opts: StoreOptions,
     /// Next change sequence number per document key.
     seqs: Mutex<HashMap<Vec<u8>, u64>>,
+    /// Held across every write transaction; while the file is rewritten, it records what each
+    /// one wrote, for replay into the new file.
+    writes: Mutex<Option<RewriteLog>>,
+    /// One file rewrite at a time.
+    rewriting: Mutex<()>,
+    /// Makes a running rewrite give up (the store is closing).
+    abort_rewrite: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -416,6 +482,28 @@ fn parse_doc_key(k: &[u8]) -> Option<DocAddr> {
     }
 }
 
+/// Where a file rewrite builds the new file, beside the store's.
+fn rewrite_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".rewrite");
+    PathBuf::from(p)
+}
+
+/// Ends a file rewrite however it ends: recording stops, and an unfinished copy is deleted.
+struct RewriteCleanup<'a> {
+    store: &'a Store,
+    tmp: Option<PathBuf>,
+}
+
+impl Drop for RewriteCleanup<'_> {
+    fn drop(&mut self) {
+        *self.store.writes.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Some(tmp) = &self.tmp {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
 fn item_key(sid: &MapSid, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(34 + key.len());
     k.extend_from_slice(sid.as_str().as_bytes());
@@ -431,6 +519,14 @@ fn event_key(sid: &MapSid, id: u64) -> Vec<u8> {
 }
 
 /// The first key after every key starting with `prefix`.
+/// The sequence number ending a change key (a document key, then 8 bytes).
+fn seq_of(change_key: &[u8]) -> Option<u64> {
+    let n = change_key.len().checked_sub(8)?;
+    <[u8; 8]>::try_from(&change_key[n..])
+        .ok()
+        .map(u64::from_be_bytes)
+}
+
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
@@ -447,6 +543,8 @@ impl Store {
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| classify_io(dir, e))?;
         let path = dir.join(DB_FILE);
+        // A rewrite cut short by a crash left its unfinished copy: the store itself is whole.
+        let _ = std::fs::remove_file(rewrite_path(&path));
         let db = Database::builder()
             .set_cache_size(opts.cache_bytes)
             .create(&path)
@@ -465,10 +563,13 @@ impl Store {
 
     fn init(db: Database, path: PathBuf, opts: StoreOptions) -> Result<Store> {
         let store = Store {
-            db: std::sync::RwLock::new(db),
+            db: std::sync::RwLock::new(std::sync::Arc::new(db)),
             path,
             opts,
             seqs: Mutex::new(HashMap::new()),
+            writes: Mutex::new(None),
+            rewriting: Mutex::new(()),
+            abort_rewrite: std::sync::atomic::AtomicBool::new(false),
         };
         let tx = store.begin_write()?;
         {
@@ -534,7 +635,8 @@ impl Store {
     }
 
     fn begin_write_with(&self, durable: bool) -> Result<WriteTransaction> {
-        let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let mut tx = db.begin_write().map_err(|e| self.err(e))?;
         let d = if durable {
             Durability::Immediate
         } else {
@@ -549,7 +651,8 @@ impl Store {
 
     /// A node-level metadata value.
     pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(META).map_err(|e| self.err(e))?;
         Ok(t.get(key)
             .map_err(|e| self.err(e))?
@@ -569,7 +672,8 @@ impl Store {
 
     /// Every map in the catalog.
     pub fn list_maps(&self) -> Result<Vec<CatalogEntry>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(MAPS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
@@ -589,7 +693,8 @@ impl Store {
     /// The stored digests of maps ([`Batch::digests`]); a map without one changed since its
     /// digest was last stored.
     pub fn map_digests(&self) -> Result<Vec<(MapSid, u64)>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(DIGESTS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
@@ -602,7 +707,8 @@ impl Store {
 
     /// Every trust record ([`Batch::trust`]), by peer id.
     pub fn trust_records(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(TRUST).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
@@ -614,7 +720,8 @@ impl Store {
 
     /// The remembered permissions of maps ([`Batch::policies`]).
     pub fn map_policies(&self) -> Result<Vec<(MapSid, Vec<u8>)>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(POLICIES).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
@@ -627,7 +734,8 @@ impl Store {
 
     /// Every invitation record ([`Batch::invites`]), by invitation id.
     pub fn invite_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(INVITES).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in t.iter().map_err(|e| self.err(e))? {
@@ -644,7 +752,8 @@ impl Store {
 
     /// Everything stored for one map, or `None` if the catalog does not hold it.
     pub fn load_map(&self, sid: &MapSid) -> Result<Option<LoadedMap>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let maps = tx.open_table(MAPS).map_err(|e| self.err(e))?;
         if maps
             .get(sid.as_str().as_bytes())
@@ -747,7 +856,8 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         let start = event_key(sid, after.saturating_add(1));
         let end = prefix_end(sid.as_str().as_bytes());
@@ -777,7 +887,8 @@ impl Store {
 
     /// The newest stored event id of a map (0 if none).
     pub fn last_event_id(&self, sid: &MapSid) -> Result<u64> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         self.last_id(&t, sid)
     }
@@ -819,9 +930,8 @@ impl Store {
             .next_back()
             .transpose()
             .map_err(|e| self.err(e))?
-            .and_then(|(k, _)| k.value().get(45..53).map(|b| b.to_vec()))
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
+            .and_then(|(k, _)| seq_of(k.value()))
+            .unwrap_or(0);
         seqs.insert(dk.to_vec(), last + 1);
         Ok(last + 1)
     }
@@ -851,6 +961,7 @@ impl Store {
     }
 
     fn commit_with(&self, batch: &Batch, durable: bool) -> Result<()> {
+        let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let tx = self.begin_write_with(durable)?;
         let mut seqs = self
             .seqs
@@ -862,6 +973,8 @@ impl Store {
             // Nothing was written: the cached sequence numbers may be ahead of the table;
             // they are read back from it when next needed.
             seqs.clear();
+        } else if let Some(log) = log.as_mut() {
+            log.record(Rewritten::Commit(batch.clone()), batch.bytes() + 64);
         }
         result
     }
@@ -990,40 +1103,85 @@ impl Store {
     }
 
     /// Replaces a document's stored changes by a snapshot that contains them all. Must be
-    /// ordered after every commit whose changes the snapshot includes, and before any commit
-    /// of changes it does not include (one writer thread makes both true).
+    /// ordered after every commit whose changes the snapshot includes (changes stored after
+    /// those stay).
     pub fn compact_doc(&self, sid: &MapSid, doc: DocAddr, snapshot: &[u8]) -> Result<()> {
-        self.replace_docs(&[(sid, doc, Some(snapshot))])
+        let through = self.last_change_seq(sid, doc)?;
+        self.replace_docs(&[DocReplacement {
+            sid: sid.clone(),
+            doc,
+            snapshot: Some(snapshot.to_vec()),
+            through,
+        }])
     }
 
-    /// Deletes documents' change logs and sets (`Some`) or removes (`None`, forgetting the
-    /// document, e.g. a shard of a removed incarnation) their snapshots, all in one transaction: compacting every document of a node costs one commit, not one
-    /// per document.
-    pub fn replace_docs(&self, docs: &[(&MapSid, DocAddr, Option<&[u8]>)]) -> Result<()> {
-        let tx = self.begin_write()?;
-        {
-            let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
-            let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-            for (sid, doc, snapshot) in docs {
-                let dk = doc_key(sid, *doc);
-                match snapshot {
-                    Some(s) => snaps.insert(dk.as_slice(), *s).map(|_| ()),
-                    None => snaps.remove(dk.as_slice()).map(|_| ()),
-                }
-                .map_err(|e| self.err(e))?;
-                let end = prefix_end(&dk);
-                changes
-                    .retain_in(dk.as_slice()..end.as_slice(), |_, _| false)
-                    .map_err(|e| self.err(e))?;
-            }
+    /// The sequence number of a document's last stored change (0 if none): what a snapshot
+    /// taken now covers ([`DocReplacement::through`]).
+    pub fn last_change_seq(&self, sid: &MapSid, doc: DocAddr) -> Result<u64> {
+        let dk = doc_key(sid, doc);
+        if let Some(s) = self.seqs.lock().unwrap_or_else(|p| p.into_inner()).get(&dk) {
+            return Ok(*s);
         }
-        tx.commit().map_err(|e| self.err(e))
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
+        let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+        let end = prefix_end(&dk);
+        let last = changes
+            .range(dk.as_slice()..end.as_slice())
+            .map_err(|e| self.err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.err(e))?
+            .and_then(|(k, _)| seq_of(k.value()))
+            .unwrap_or(0);
+        Ok(last)
+    }
+
+    /// Deletes documents' stored changes up to [`DocReplacement::through`] and sets or
+    /// removes their snapshots, all in one transaction: compacting every document of a node
+    /// costs a few commits, not one per document.
+    pub fn replace_docs(&self, docs: &[DocReplacement]) -> Result<()> {
+        let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = self.begin_write()?;
+        self.write_replacements(&tx, docs)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        if let Some(log) = log.as_mut() {
+            let bytes = docs
+                .iter()
+                .map(|d| d.snapshot.as_ref().map_or(0, Vec::len) + 64)
+                .sum();
+            log.record(Rewritten::Replace(docs.to_vec()), bytes);
+        }
+        Ok(())
+    }
+
+    fn write_replacements(&self, tx: &WriteTransaction, docs: &[DocReplacement]) -> Result<()> {
+        let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
+        let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+        for d in docs {
+            let dk = doc_key(&d.sid, d.doc);
+            match &d.snapshot {
+                Some(s) => snaps.insert(dk.as_slice(), s.as_slice()).map(|_| ()),
+                None => snaps.remove(dk.as_slice()).map(|_| ()),
+            }
+            .map_err(|e| self.err(e))?;
+            let mut end = dk.clone();
+            end.extend_from_slice(&d.through.saturating_add(1).to_be_bytes());
+            if d.through == u64::MAX {
+                end = prefix_end(&dk);
+            }
+            changes
+                .retain_in(dk.as_slice()..end.as_slice(), |_, _| false)
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     /// Bytes of live data in the database (keys and values plus B-tree metadata), as opposed
     /// to the file's size, which redb grows in large steps and reuses from free pages.
     pub fn used_bytes(&self) -> Result<u64> {
-        let tx = self.db().begin_write().map_err(|e| self.err(e))?;
+        let db = self.db();
+        let tx = db.begin_write().map_err(|e| self.err(e))?;
         let st = tx.stats().map_err(|e| self.err(e))?;
         let used = st.stored_bytes() + st.metadata_bytes();
         tx.abort().map_err(|e| self.err(e))?;
@@ -1036,22 +1194,225 @@ impl Store {
     }
 
     /// Rewrites the file so that space freed by compacted change logs and pruned events goes
-    /// back to the file system (redb compaction). New transactions wait meanwhile.
+    /// back to the file system, without stopping the store: the live data of a snapshot is
+    /// copied into a new file while commits go on (and are recorded), the recorded commits
+    /// are replayed into it, and only the last few are replayed with writes held back, just
+    /// before the new file takes the old one's name (an atomic rename: a crash at any point
+    /// leaves one whole store). Readers are never held. [`FileCompaction::Busy`] when writes
+    /// outpaced the copy or the store is closing.
     pub fn compact_file(&self) -> Result<FileCompaction> {
-        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
-        match db.compact() {
-            Ok(true) => Ok(FileCompaction::Done),
-            Ok(false) => Ok(FileCompaction::Nothing),
-            Err(redb::CompactionError::TransactionInProgress) => Ok(FileCompaction::Busy),
-            Err(e) => Err(StoreError::Engine {
-                path: self.path.clone(),
-                detail: format!("compacting the file failed (it stays as it was): {e}"),
-            }),
+        if self.path == Path::new(":memory:") {
+            return Ok(FileCompaction::Nothing);
+        }
+        let _one = self.rewriting.lock().unwrap_or_else(|p| p.into_inner());
+        let tmp = rewrite_path(&self.path);
+        let _ = std::fs::remove_file(&tmp);
+        let before = self.disk_bytes();
+        let snapshot = {
+            let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+            let snap = self.db().begin_read().map_err(|e| self.err(e))?;
+            *log = Some(RewriteLog::default());
+            snap
+        };
+        // Whatever happens next, recording stops and an unfinished copy goes.
+        let mut cleanup = RewriteCleanup {
+            store: self,
+            tmp: Some(tmp.clone()),
+        };
+        let Some(new) = self.copy_into(&tmp, snapshot)? else {
+            return Ok(FileCompaction::Busy);
+        };
+        // Catch up without holding anyone back until what is left is small.
+        let mut seqs = HashMap::new();
+        loop {
+            if self
+                .abort_rewrite
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return Ok(FileCompaction::Busy);
+            }
+            let ops = {
+                let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(l) = log.as_mut() else {
+                    return Ok(FileCompaction::Busy);
+                };
+                if l.overflow {
+                    tracing::info!("file rewrite given up: writes outpaced it");
+                    return Ok(FileCompaction::Busy);
+                }
+                if l.bytes <= REWRITE_FINAL_BYTES {
+                    break;
+                }
+                l.bytes = 0;
+                std::mem::take(&mut l.ops)
+            };
+            self.replay(&new, ops, &mut seqs, false)?;
+        }
+        // The last writes, with writes held back: then the new file takes the old one's place.
+        let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(rest) = log.take() else {
+            return Ok(FileCompaction::Busy);
+        };
+        if rest.overflow {
+            return Ok(FileCompaction::Busy);
+        }
+        self.replay(&new, rest.ops, &mut seqs, true)?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| classify_io(&self.path, e))?;
+        cleanup.tmp = None;
+        if let Some(dir) = self.path.parent() {
+            // The rename itself must survive a crash (the new file's contents already do).
+            if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+                tracing::warn!("syncing {} after the file rewrite: {e}", dir.display());
+            }
+        }
+        let old = std::mem::replace(
+            &mut *self.db.write().unwrap_or_else(|p| p.into_inner()),
+            std::sync::Arc::new(new),
+        );
+        drop(log);
+        // Closed once its last reader is done; its file no longer has a name.
+        drop(old);
+        let after = self.disk_bytes();
+        Ok(if after < before {
+            FileCompaction::Done
+        } else {
+            FileCompaction::Nothing
+        })
+    }
+
+    /// Makes a running [`Self::compact_file`] give up soon (before closing the store).
+    pub fn abort_compaction(&self) {
+        self.abort_rewrite
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Copies every table of a snapshot into a new file at `tmp`, a chunk per transaction;
+    /// `None` when the rewrite is to give up.
+    fn copy_into(&self, tmp: &Path, snap: redb::ReadTransaction) -> Result<Option<Database>> {
+        let new = Database::builder()
+            .set_cache_size(self.opts.cache_bytes.min(64 * 1024 * 1024))
+            .create(tmp)
+            .map_err(|e| classify(tmp, e))?;
+        // A table this code does not know of would be lost by the copy: refuse instead.
+        let known = [
+            META.name(),
+            TRUST.name(),
+            MAPS.name(),
+            SNAPSHOTS.name(),
+            CHANGES.name(),
+            ITEMS.name(),
+            EVENTS.name(),
+            INVITES.name(),
+            POLICIES.name(),
+            SIGS.name(),
+            DIGESTS.name(),
+        ];
+        for t in snap.list_tables().map_err(|e| self.err(e))? {
+            if !known.contains(&t.name()) {
+                return Err(StoreError::Engine {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "the file holds a table ({}) a rewrite would not copy; it is left as it is",
+                        t.name()
+                    ),
+                });
+            }
+        }
+        macro_rules! copy {
+            ($($t:expr),*) => {$(
+                if !self.copy_table($t, &snap, &new)? {
+                    return Ok(None);
+                }
+            )*};
+        }
+        copy!(META, TRUST);
+        copy!(MAPS, SNAPSHOTS, CHANGES, ITEMS, EVENTS, INVITES, POLICIES, SIGS);
+        copy!(DIGESTS);
+        Ok(Some(new))
+    }
+
+    /// Copies one table; false when the rewrite is to give up.
+    fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: TableDefinition<K, V>,
+        snap: &redb::ReadTransaction,
+        new: &Database,
+    ) -> Result<bool> {
+        let src = match snap.open_table(def) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(true),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut rows = src.iter().map_err(|e| self.err(e))?;
+        loop {
+            if self
+                .abort_rewrite
+                .load(std::sync::atomic::Ordering::Acquire)
+                || self
+                    .writes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .is_none_or(|l| l.overflow)
+            {
+                return Ok(false);
+            }
+            let mut tx = new.begin_write().map_err(|e| self.err(e))?;
+            tx.set_durability(Durability::None)
+                .map_err(|e| StoreError::Engine {
+                    path: self.path.clone(),
+                    detail: e.to_string(),
+                })?;
+            let mut done = true;
+            {
+                let mut dst = tx.open_table(def).map_err(|e| self.err(e))?;
+                let mut n = 0;
+                for row in rows.by_ref() {
+                    let (k, v) = row.map_err(|e| self.err(e))?;
+                    dst.insert(k.value(), v.value()).map_err(|e| self.err(e))?;
+                    n += 1;
+                    if n == REWRITE_CHUNK {
+                        done = false;
+                        break;
+                    }
+                }
+            }
+            tx.commit().map_err(|e| self.err(e))?;
+            if done {
+                return Ok(true);
+            }
         }
     }
 
-    fn db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
-        self.db.read().unwrap_or_else(|p| p.into_inner())
+    /// Replays recorded writes into the new file, in one transaction.
+    fn replay(
+        &self,
+        new: &Database,
+        ops: Vec<Rewritten>,
+        seqs: &mut HashMap<Vec<u8>, u64>,
+        durable: bool,
+    ) -> Result<()> {
+        let mut tx = new.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(|e| StoreError::Engine {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        for op in &ops {
+            match op {
+                Rewritten::Commit(b) => self.write_batch(&tx, b, seqs)?,
+                Rewritten::Replace(docs) => self.write_replacements(&tx, docs)?,
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    fn db(&self) -> std::sync::Arc<Database> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -1314,11 +1675,19 @@ mod tests {
                 .unwrap();
         }
         let before = s.disk_bytes();
-        // A reader holding a transaction keeps the file as it is, without an error.
-        let tx = s.db().begin_read().unwrap();
-        assert_eq!(s.compact_file().unwrap(), FileCompaction::Busy);
-        drop(tx);
+        // A reader holding a transaction neither stops the rewrite nor loses its snapshot.
+        let db = s.db();
+        let tx = db.begin_read().unwrap();
         assert_eq!(s.compact_file().unwrap(), FileCompaction::Done);
+        let held = tx.open_table(ITEMS).unwrap();
+        assert!(held
+            .get(item_key(&sid(), "a").as_slice())
+            .unwrap()
+            .is_some());
+        drop(held);
+        drop(tx);
+        drop(db);
+        assert!(!rewrite_path(&s.path).exists());
         let after = s.disk_bytes();
         assert!(
             after * 2 < before,
@@ -1334,6 +1703,125 @@ mod tests {
         drop(s);
         let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
         assert_eq!(s.last_event_id(&sid()).unwrap(), 50);
+    }
+
+    /// Changes of one document, in stored order.
+    fn doc_changes(s: &Store, doc: DocAddr) -> Vec<Vec<u8>> {
+        let m = s.load_map(&sid()).unwrap().unwrap();
+        m.docs
+            .into_iter()
+            .find(|(d, _)| *d == doc)
+            .map(|(_, d)| d.changes)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn commits_made_while_the_file_is_rewritten_are_in_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(
+            Store::open(
+                dir.path(),
+                StoreOptions {
+                    durable: false,
+                    ..StoreOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        let shard = DocAddr::Shard { inc: 0, index: 1 };
+        let big = vec![1u8; 2000];
+        for i in 0..3000u32 {
+            write(
+                &s,
+                vec![(shard, big.clone())],
+                vec![],
+                vec![u64::from(i) + 1],
+            );
+        }
+        // Free space to give back, and a snapshot that leaves later changes in place.
+        s.compact_doc(&sid(), shard, b"snap").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) || n < 200 {
+                    let key = format!("w{n}");
+                    write(
+                        &s,
+                        vec![(shard, n.to_be_bytes().to_vec())],
+                        vec![(key.as_str(), Some(b"v"))],
+                        vec![3001 + u64::from(n)],
+                    );
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut outcomes = Vec::new();
+        for _ in 0..3 {
+            outcomes.push(s.compact_file().unwrap());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let written = writer.join().unwrap();
+        assert_eq!(outcomes[0], FileCompaction::Done, "{outcomes:?}");
+        let check = |s: &Store| {
+            let changes = doc_changes(s, shard);
+            let expected: Vec<Vec<u8>> = (0..written).map(|n| n.to_be_bytes().to_vec()).collect();
+            assert_eq!(changes, expected);
+            let m = s.load_map(&sid()).unwrap().unwrap();
+            assert_eq!(m.entries.len(), written as usize);
+            assert_eq!(m.last_event_id, 3000 + u64::from(written));
+        };
+        check(&s);
+        let s = std::sync::Arc::into_inner(s).unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        check(&s);
+        // Sequence numbers go on after the rewrite: a later change sorts last.
+        write(&s, vec![(shard, b"last".to_vec())], vec![], vec![]);
+        assert_eq!(doc_changes(&s, shard).last().unwrap(), b"last");
+    }
+
+    #[test]
+    fn a_snapshot_stored_after_later_changes_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let shard = DocAddr::Shard { inc: 0, index: 2 };
+        write(
+            &s,
+            vec![(shard, b"c1".to_vec()), (shard, b"c2".to_vec())],
+            vec![],
+            vec![],
+        );
+        let through = s.last_change_seq(&sid(), shard).unwrap();
+        assert_eq!(through, 2);
+        write(&s, vec![(shard, b"c3".to_vec())], vec![], vec![]);
+        s.replace_docs(&[DocReplacement {
+            sid: sid(),
+            doc: shard,
+            snapshot: Some(b"snap".to_vec()),
+            through,
+        }])
+        .unwrap();
+        let m = s.load_map(&sid()).unwrap().unwrap();
+        let (_, d) = m.docs.iter().find(|(d, _)| *d == shard).unwrap();
+        assert_eq!(d.snapshot.as_deref(), Some(&b"snap"[..]));
+        assert_eq!(d.changes, vec![b"c3".to_vec()]);
+    }
+
+    #[test]
+    fn an_unfinished_rewrite_is_discarded_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            write(&s, vec![], vec![("a", Some(b"A"))], vec![1]);
+        }
+        let leftover = rewrite_path(&dir.path().join(DB_FILE));
+        std::fs::write(&leftover, b"half a copy").unwrap();
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        assert!(!leftover.exists());
+        assert_eq!(s.load_map(&sid()).unwrap().unwrap().entries.len(), 1);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! disk bytes per item, open time of large data directories, memory per item.
 //!
 //! `cargo bench -p syncmesh --bench durable` (or name sections: `-- throughput pipelined maps
-//! 100k 1m`).
+//! 100k 1m`; `-- stall` and `-- stall1m`, the longest write during `Node::compact` at 100k and
+//! 1M items, run only when named).
 //! Data goes to a temporary directory on the disk holding the system temp dir.
 
 // Bench code: a panic is the report. The shared counting allocator is the only unsafe code.
@@ -202,8 +203,94 @@ async fn open_time(label: &str, maps: usize, items: usize) {
     node.close().await.unwrap();
 }
 
+/// The longest a write waits while the node compacts: fills `items` items (64 writers), then
+/// 8 writers keep updating items (each awaiting its fsynced write) before, during and after
+/// `Node::compact`. Reports the longest write latency in each phase.
+async fn stall(items: usize) {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("map0").await.unwrap();
+    let per = items.div_ceil(64);
+    let tasks: Vec<_> = (0..64)
+        .map(|w| {
+            let m = m.clone();
+            tokio::spawn(async move {
+                for i in (w * per)..((w + 1) * per).min(items) {
+                    m.set(&format!("k_{i}"), item(i as u64)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 0: before, 1: during, 2: after, 3: stop.
+    let phase = Arc::new(AtomicU8::new(0));
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let m = m.clone();
+            let phase = phase.clone();
+            tokio::spawn(async move {
+                let mut lat: [Vec<Duration>; 3] = Default::default();
+                let mut n = w;
+                loop {
+                    if phase.load(Ordering::Acquire) == 3 {
+                        return lat;
+                    }
+                    let t = Instant::now();
+                    let k = n % items as u64;
+                    m.set(&format!("k_{k}"), item(n)).await.unwrap();
+                    // A write that straddles two phases counts in the later one.
+                    let p = phase.load(Ordering::Acquire).min(2) as usize;
+                    lat[p].push(t.elapsed());
+                    n += 8 * 7919;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    phase.store(1, Ordering::Release);
+    let t = Instant::now();
+    let outcome = node.compact().await.unwrap();
+    let took = t.elapsed();
+    phase.store(2, Ordering::Release);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    phase.store(3, Ordering::Release);
+    let mut lat: [Vec<Duration>; 3] = Default::default();
+    for w in writers {
+        for (all, l) in lat.iter_mut().zip(w.await.unwrap()) {
+            all.extend(l);
+        }
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let show = |l: &mut Vec<Duration>| {
+        l.sort();
+        let q = |f: f64| ms(l[((l.len() as f64 * f) as usize).min(l.len() - 1)]);
+        format!(
+            "{} writes, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, longest {:.1} ms",
+            l.len(),
+            q(0.5),
+            q(0.99),
+            q(0.999),
+            q(1.0)
+        )
+    };
+    println!(
+        "  {items} items, 8 writers: Node::compact {:.2} s ({outcome:?}); file {:.1} MB after\n    before (3 s): {}\n    during:       {}\n    after (3 s):  {}",
+        took.as_secs_f64(),
+        dir_bytes(dir.path()) as f64 / 1e6,
+        show(&mut lat[0]),
+        show(&mut lat[1]),
+        show(&mut lat[2]),
+    );
+    node.close().await.unwrap();
+}
+
 fn main() {
-    // Sections to run: `throughput`, `maps`, `100k`, `1m`; none named = all.
+    // Sections to run: `throughput`, `pipelined`, `maps`, `100k`, `1m`, `stall`, `stall1m`;
+    // none named = all but the stall ones.
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -226,6 +313,14 @@ fn main() {
         if want("pipelined") {
             println!("one writer pipelining: writes acknowledged before their fsync, a barrier per 1,000");
             pipelined(20_000, 1_000).await;
+        }
+        if args.iter().any(|a| a == "stall") {
+            println!("writes during compaction");
+            stall(100_000).await;
+        }
+        if args.iter().any(|a| a == "stall1m") {
+            println!("writes during compaction");
+            stall(1_000_000).await;
         }
         println!("data directories");
         if want("maps") {

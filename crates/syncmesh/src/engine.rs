@@ -17,7 +17,7 @@ use syncmesh_core::{
     MapRef, MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Signature, Timestamp, Ttl,
     WriteOptions,
 };
-use syncmesh_store::{Batch, FileCompaction, MapWrite, Store, StoreError};
+use syncmesh_store::{Batch, DocReplacement, FileCompaction, MapWrite, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -51,9 +51,14 @@ pub(crate) const DOCUMENT_BUDGET: u64 = 64 * 1024 * 1024;
 /// How often the live documents are measured against the budget.
 const BUDGET_CHECK: Duration = Duration::from_millis(50);
 /// Most snapshots or forgotten documents stored in one transaction.
-const MAX_MERGED_REPLACEMENTS: usize = 1024;
-/// Attempts (50 ms apart) to find the file free of readers for compaction.
-const COMPACT_FILE_TRIES: u32 = 40;
+const MAX_MERGED_REPLACEMENTS: usize = 256;
+/// Most snapshot bytes stored in one transaction: a commit queued behind it waits that long.
+const MAX_REPLACEMENT_BYTES: usize = 1 << 20;
+/// Snapshot bytes queued for the store writer past which the engine takes no more.
+const MAX_QUEUED_SNAPSHOT_BYTES: usize = 16 << 20;
+/// Time an engine round spends at most on snapshots `Node::compact` asked for; the rest
+/// waits for the next rounds, so commands are answered in between.
+const COMPACT_ROUND_BUDGET: Duration = Duration::from_millis(4);
 
 pub(crate) fn now() -> Timestamp {
     let ms = SystemTime::now()
@@ -236,9 +241,10 @@ enum StoreJob {
     /// Forget a dead document (an earlier incarnation's shard).
     Drop { sid: MapSid, doc: DocAddr },
     /// Give the file's free space back to the file system (after the compactions before it),
-    /// then tell each waiter what it did.
+    /// then tell each waiter what it did. The file is rewritten on a thread of its own.
     CompactFile(Vec<oneshot::Sender<Result<FileCompaction>>>),
-    /// Answered once every earlier job is done.
+    /// Answered once every earlier commit is stored (snapshots may still be queued: they
+    /// change no content).
     Fence(std::sync::mpsc::Sender<()>),
 }
 
@@ -277,6 +283,9 @@ pub(crate) struct Shared {
     pub committed: std::sync::atomic::AtomicU64,
     /// Bytes of commits handed to the store writer and not stored yet.
     pub queued_bytes: std::sync::atomic::AtomicUsize,
+    /// Bytes of snapshots handed to the store writer and not stored yet: the engine takes
+    /// no more while this is over [`MAX_QUEUED_SNAPSHOT_BYTES`].
+    pub snapshot_bytes: std::sync::atomic::AtomicUsize,
     /// Trusted peers the engine exchanges maps with now, in id order.
     pub peers: tokio::sync::watch::Sender<Vec<syncmesh_net::PeerId>>,
 }
@@ -465,6 +474,10 @@ impl Engine {
                     .min(wake.saturating_duration_since(std::time::Instant::now()));
                 if self.needs_fsync {
                     wait = wait.min(RELAXED_WINDOW);
+                }
+                if !self.compact_queue.is_empty() {
+                    // Snapshots asked for by `Node::compact` go on between commands.
+                    wait = wait.min(Duration::from_millis(2));
                 }
                 let wait = wait.max(Duration::from_millis(1));
                 let first = tokio::select! {
@@ -845,6 +858,34 @@ impl Engine {
         self.epochs.get(sid).copied().unwrap_or(0)
     }
 
+    /// Takes snapshots of documents `Node::compact` queued, for a few milliseconds at most
+    /// and while the store writer is not far behind with earlier ones; the rest waits for the
+    /// next rounds. Runs after the round's maps are flushed, so a snapshot holds every change
+    /// of a commit queued before it.
+    fn snapshot_queued(&mut self, now: Timestamp) {
+        let start = std::time::Instant::now();
+        let mut taken = 0;
+        while let Some((sid, doc)) = self.compact_queue.last().cloned() {
+            let queued = self.shared.snapshot_bytes.load(Ordering::Acquire) + taken;
+            if start.elapsed() >= COMPACT_ROUND_BUDGET || queued >= MAX_QUEUED_SNAPSHOT_BYTES {
+                return;
+            }
+            self.compact_queue.pop();
+            let Some(m) = self.catalog.by_sid(&sid) else {
+                continue;
+            };
+            match m.snapshot(doc, now) {
+                Ok(Some(snapshot)) => {
+                    taken += snapshot.len();
+                    self.pending_compactions
+                        .push(StoreJob::Compact { sid, doc, snapshot });
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(map = %sid, "snapshot for compaction failed: {e}"),
+            }
+        }
+    }
+
     /// Waits until the store thread has finished every job queued so far.
     fn fence(&mut self) {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1119,11 +1160,7 @@ impl Engine {
         let mut to_ask: Vec<MapSid> = std::mem::take(&mut self.signatures_wanted)
             .into_iter()
             .collect();
-        let mut dirty = std::mem::take(&mut self.dirty);
-        let queued = std::mem::take(&mut self.compact_queue);
-        for (sid, _) in &queued {
-            dirty.insert(sid.clone());
-        }
+        let dirty = std::mem::take(&mut self.dirty);
         for sid in dirty {
             let Some(m) = self.catalog.by_sid(&sid) else {
                 continue;
@@ -1199,7 +1236,6 @@ impl Engine {
             let name = Some(m.unique_name().unwrap_or("").to_string());
             let next_expiry = m.next_expiry().map(Timestamp::millis);
             let mut snapshots = Vec::new();
-            compactions.extend(queued.iter().filter(|(s, _)| s == &sid).map(|(_, d)| *d));
             for doc in compactions.drain(..) {
                 match m.snapshot(doc, now) {
                     Ok(Some(s)) => snapshots.push((doc, s)),
@@ -1246,6 +1282,7 @@ impl Engine {
                 self.pending_compactions.push(job);
             }
         }
+        self.snapshot_queued(now);
         for sid in std::mem::take(&mut self.digests_wanted) {
             if !self.on_disk.contains_key(&sid) {
                 continue;
@@ -1347,6 +1384,7 @@ impl Engine {
             && barriers.is_empty()
             && events.is_empty();
         if idle && !(self.needs_fsync && durable) {
+            self.send_compactions();
             return;
         }
         if durable {
@@ -1389,17 +1427,27 @@ impl Engine {
         if self.jobs.send(job).is_err() {
             tracing::error!("the store writer has stopped");
         }
+        self.send_compactions();
+    }
+
+    /// Hands snapshots (and forgotten documents) to the store writer, which stores them after
+    /// every commit queued so far; then, once no snapshot asked for is left to take, the
+    /// file rewrite `Node::compact` waits for.
+    fn send_compactions(&mut self) {
         for job in self.pending_compactions.drain(..) {
             if let StoreJob::Compact { snapshot, .. } = &job {
                 self.shared
-                    .queued_bytes
+                    .snapshot_bytes
                     .fetch_add(snapshot.len(), Ordering::AcqRel);
             }
             let _ = self.jobs.send(job);
         }
-        let waiting = std::mem::take(&mut self.compact_file);
-        if !waiting.is_empty() {
-            let _ = self.jobs.send(StoreJob::CompactFile(waiting));
+        // The file is rewritten once every snapshot asked for before is taken.
+        if self.compact_queue.is_empty() {
+            let waiting = std::mem::take(&mut self.compact_file);
+            if !waiting.is_empty() {
+                let _ = self.jobs.send(StoreJob::CompactFile(waiting));
+            }
         }
     }
 }
@@ -1418,16 +1466,36 @@ async fn net_recv(net: &mut Option<Net>) -> Option<syncmesh_net::NetEvent> {
     }
 }
 
+/// Work the store writer does between commits: snapshots replacing change logs, and file
+/// rewrites, in the order they were asked for.
+enum Deferred {
+    Replace(DocReplacement),
+    File(Vec<oneshot::Sender<Result<FileCompaction>>>),
+}
+
 fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::Receiver<StoreJob>) {
     let mut next = None;
+    // Compaction waits behind commits: a queued commit waits for one group of snapshots at
+    // most, never for all of them.
+    let mut deferred: std::collections::VecDeque<Deferred> = Default::default();
+    let mut rewrites: Vec<std::thread::JoinHandle<()>> = Vec::new();
     loop {
         let job = match next.take() {
             Some(j) => j,
-            None => match jobs.recv() {
+            None if deferred.is_empty() => match jobs.recv() {
                 Ok(j) => j,
-                Err(_) => return,
+                Err(_) => break,
+            },
+            None => match jobs.try_recv() {
+                Ok(j) => j,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    run_deferred(&shared, &store, &mut deferred, &mut rewrites);
+                    continue;
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
             },
         };
+        let was_commit = matches!(job, StoreJob::Commit { .. });
         match job {
             StoreJob::Commit {
                 mut batch,
@@ -1519,42 +1587,95 @@ fn store_writer(shared: Arc<Shared>, store: Arc<Store>, jobs: std::sync::mpsc::R
             StoreJob::Fence(tx) => {
                 let _ = tx.send(());
             }
-            StoreJob::CompactFile(waiting) => {
+            StoreJob::CompactFile(waiting) => deferred.push_back(Deferred::File(waiting)),
+            StoreJob::Compact { sid, doc, snapshot } => {
+                deferred.push_back(replacement(&store, sid, doc, Some(snapshot)));
+            }
+            StoreJob::Drop { sid, doc } => {
+                deferred.push_back(replacement(&store, sid, doc, None));
+            }
+        }
+        if was_commit && !deferred.is_empty() {
+            run_deferred(&shared, &store, &mut deferred, &mut rewrites);
+        }
+    }
+    // Closing: snapshots already taken are stored; a file rewrite not begun is not begun.
+    while let Some(d) = deferred.front() {
+        if let Deferred::File(_) = d {
+            if let Some(Deferred::File(waiting)) = deferred.pop_front() {
+                for w in waiting {
+                    let _ = w.send(Ok(FileCompaction::Busy));
+                }
+            }
+            continue;
+        }
+        run_deferred(&shared, &store, &mut deferred, &mut rewrites);
+    }
+    store.abort_compaction();
+    for r in rewrites {
+        let _ = r.join();
+    }
+}
+
+/// A snapshot (or a forgotten document) as the store writer takes it: it covers every change
+/// of the document stored so far (the engine queued it after their commits).
+fn replacement(store: &Store, sid: MapSid, doc: DocAddr, snapshot: Option<Vec<u8>>) -> Deferred {
+    // Unknown: cover nothing, so no change is deleted (the snapshot is merely redundant).
+    let through = store.last_change_seq(&sid, doc).unwrap_or(0);
+    Deferred::Replace(DocReplacement {
+        sid,
+        doc,
+        snapshot,
+        through,
+    })
+}
+
+/// Does the next piece of deferred work: one group of replacements (bounded in bytes), or
+/// starts a file rewrite on its own thread.
+fn run_deferred(
+    shared: &Arc<Shared>,
+    store: &Arc<Store>,
+    deferred: &mut std::collections::VecDeque<Deferred>,
+    rewrites: &mut Vec<std::thread::JoinHandle<()>>,
+) {
+    if let Some(Deferred::File(_)) = deferred.front() {
+        let Some(Deferred::File(waiting)) = deferred.pop_front() else {
+            return;
+        };
+        rewrites.retain(|h| !h.is_finished());
+        let (shared, store) = (shared.clone(), store.clone());
+        let spawned = std::thread::Builder::new()
+            .name("syncmesh-rewrite".into())
+            .spawn(move || {
                 let r = compact_file(&shared, &store);
                 for w in waiting {
                     let _ = w.send(r.clone());
                 }
-            }
-            job @ (StoreJob::Drop { .. } | StoreJob::Compact { .. }) => {
-                // Snapshots and dropped documents queued together share one transaction
-                // (`Node::compact` queues one per document of the node).
-                let mut group = vec![job];
-                while group.len() < MAX_MERGED_REPLACEMENTS {
-                    match jobs.try_recv() {
-                        Ok(j @ (StoreJob::Drop { .. } | StoreJob::Compact { .. })) => group.push(j),
-                        Ok(other) => {
-                            next = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                replace_docs(&shared, &store, &group);
-                let snapshots: usize = group
-                    .iter()
-                    .map(|j| match j {
-                        StoreJob::Compact { snapshot, .. } => snapshot.len(),
-                        _ => 0,
-                    })
-                    .sum();
-                shared.queued_bytes.fetch_sub(snapshots, Ordering::AcqRel);
-            }
+            });
+        match spawned {
+            Ok(h) => rewrites.push(h),
+            // The waiters were dropped with the closure: they hear that the node is closing.
+            Err(e) => tracing::warn!("file compaction cannot start a thread: {e}"),
+        }
+        return;
+    }
+    let mut group = Vec::new();
+    let mut bytes = 0;
+    while group.len() < MAX_MERGED_REPLACEMENTS && bytes < MAX_REPLACEMENT_BYTES {
+        match deferred.front() {
+            Some(Deferred::Replace(_)) => {}
+            _ => break,
+        }
+        if let Some(Deferred::Replace(r)) = deferred.pop_front() {
+            bytes += r.snapshot.as_ref().map_or(0, Vec::len);
+            group.push(r);
         }
     }
+    replace_docs(shared, store, &group);
+    shared.snapshot_bytes.fetch_sub(bytes, Ordering::AcqRel);
 }
 
-/// Compacts the database file, waiting a little for readers (event replays, listings) that
-/// hold a transaction: compaction needs the file alone.
+/// Rewrites the database file (in the background: see [`Store::compact_file`]).
 fn compact_file(shared: &Shared, store: &Store) -> Result<FileCompaction> {
     if let Some(e) = shared
         .failed
@@ -1565,51 +1686,37 @@ fn compact_file(shared: &Shared, store: &Store) -> Result<FileCompaction> {
         return Err(Error::WritesStopped(e));
     }
     let before = store.disk_bytes();
-    for _ in 0..COMPACT_FILE_TRIES {
-        match store.compact_file() {
-            Ok(FileCompaction::Busy) => std::thread::sleep(Duration::from_millis(50)),
-            Ok(done) => {
-                tracing::info!(
-                    "file compaction: {done:?}; {before} bytes before, {} after",
-                    store.disk_bytes()
-                );
-                return Ok(done);
-            }
-            Err(e) => {
-                tracing::warn!("{e}");
-                return Err(Error::Store(Arc::new(e)));
-            }
+    match store.compact_file() {
+        Ok(done) => {
+            tracing::info!(
+                "file compaction: {done:?}; {before} bytes before, {} after",
+                store.disk_bytes()
+            );
+            Ok(done)
+        }
+        Err(e) => {
+            tracing::warn!("{e}");
+            Err(Error::Store(Arc::new(e)))
         }
     }
-    tracing::info!("file compaction skipped: readers kept the file busy");
-    Ok(FileCompaction::Busy)
 }
 
 /// Stores a group of snapshots and forgotten documents as one transaction.
-fn replace_docs(shared: &Shared, store: &Store, group: &[StoreJob]) {
-    if shared
-        .failed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .is_some()
+fn replace_docs(shared: &Shared, store: &Store, group: &[DocReplacement]) {
+    if group.is_empty()
+        || shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     {
         // The commits these snapshots cover may not all be on disk.
         return;
     }
-    let docs: Vec<(&MapSid, DocAddr, Option<&[u8]>)> = group
-        .iter()
-        .filter_map(|j| match j {
-            StoreJob::Compact { sid, doc, snapshot } => {
-                Some((sid, *doc, Some(snapshot.as_slice())))
-            }
-            StoreJob::Drop { sid, doc } => Some((sid, *doc, None)),
-            _ => None,
-        })
-        .collect();
-    if let Err(e) = store.replace_docs(&docs) {
+    if let Err(e) = store.replace_docs(group) {
         tracing::warn!(
             "compaction of {} documents failed (their change logs are kept): {e}",
-            docs.len()
+            group.len()
         );
     }
 }

@@ -366,6 +366,7 @@ impl Node {
             failed: Mutex::new(None),
             committed: std::sync::atomic::AtomicU64::new(0),
             queued_bytes: std::sync::atomic::AtomicUsize::new(0),
+            snapshot_bytes: std::sync::atomic::AtomicUsize::new(0),
             peers: tokio::sync::watch::Sender::new(Vec::new()),
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
