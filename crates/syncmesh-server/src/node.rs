@@ -39,8 +39,8 @@ pub async fn sync(State(st): State<AppState>) -> Result<axum::http::StatusCode, 
 }
 
 /// Compacts the node's storage: every document's change log becomes a snapshot and the
-/// database file gives the space freed back to the file system. While the file is rewritten,
-/// writes and reads of maps not in memory wait.
+/// database file gives the space freed back to the file system. The node keeps serving:
+/// writes wait only while the last few are copied into the rewritten file.
 #[utoipa::path(
     post,
     path = "/v1/Node/Compact",

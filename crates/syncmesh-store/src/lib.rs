@@ -300,16 +300,26 @@ pub struct DocReplacement {
     pub through: u64,
 }
 
-/// A write recorded while the file is rewritten, replayed into the new file.
+/// A write recorded while the file is rewritten, replayed into the new file. Replaying is
+/// idempotent (a commit's change records keep the sequence numbers they were stored under), so
+/// it may be replayed over a copy that already holds some of it.
 enum Rewritten {
-    Commit(Batch),
+    Commit(Batch, Vec<u64>),
     Replace(Vec<DocReplacement>),
+}
+
+/// Where a committed batch's change records take their sequence numbers from.
+enum Seqs<'a> {
+    /// The next of each document (cached per document key), recording each one taken.
+    Next(&'a mut HashMap<Vec<u8>, u64>, &'a mut Vec<u64>),
+    /// Those recorded when the batch was first committed, in order.
+    Recorded(&'a [u64]),
 }
 
 /// Writes committed since a file rewrite took its snapshot.
 #[derive(Default)]
 struct RewriteLog {
-    ops: Vec<Rewritten>,
+    ops: Vec<(Rewritten, usize)>,
     bytes: usize,
     /// More than [`MAX_REWRITE_LOG_BYTES`] were written: the rewrite gives up.
     overflow: bool,
@@ -327,17 +337,17 @@ impl RewriteLog {
             return;
         }
         self.bytes += bytes;
-        self.ops.push(op);
+        self.ops.push((op, bytes));
     }
 }
 
 /// Most bytes of writes kept for replay while the file is rewritten; a rewrite outpaced by
 /// more gives up (the file stays as it was) rather than hold more memory.
 const MAX_REWRITE_LOG_BYTES: usize = 128 * 1024 * 1024;
-/// Entries copied per transaction of a file rewrite.
-const REWRITE_CHUNK: usize = 8192;
+/// Bytes copied per transaction of a file rewrite.
+const REWRITE_CHUNK_BYTES: usize = 1 << 20;
 /// Replayed writes small enough to be caught up with writes held back.
-const REWRITE_FINAL_BYTES: usize = 1024 * 1024;
+const REWRITE_FINAL_BYTES: usize = 256 * 1024;
 
 /// What [`Store::compact_file`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -369,6 +379,9 @@ pub struct Store {
     rewriting: Mutex<()>,
     /// Makes a running rewrite give up (the store is closing).
     abort_rewrite: std::sync::atomic::AtomicBool,
+    /// A rewrite renamed its file into place but could not fsync the directory: the next
+    /// durable commit must, or fail (acknowledging it would rest on a rename a crash may undo).
+    dir_unsynced: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -504,6 +517,22 @@ impl Drop for RewriteCleanup<'_> {
     }
 }
 
+/// Shrinks a file no longer named (its last user closed) to nothing in 8 MiB steps, a few
+/// milliseconds apart, before it is closed and deleted.
+fn release_gradually(f: &std::fs::File) {
+    const STEP: u64 = 8 << 20;
+    let Ok(mut len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    while len > 0 {
+        len = len.saturating_sub(STEP);
+        if f.set_len(len).is_err() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 fn item_key(sid: &MapSid, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(34 + key.len());
     k.extend_from_slice(sid.as_str().as_bytes());
@@ -543,12 +572,13 @@ impl Store {
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| classify_io(dir, e))?;
         let path = dir.join(DB_FILE);
-        // A rewrite cut short by a crash left its unfinished copy: the store itself is whole.
-        let _ = std::fs::remove_file(rewrite_path(&path));
         let db = Database::builder()
             .set_cache_size(opts.cache_bytes)
             .create(&path)
             .map_err(|e| classify(&path, e))?;
+        // A rewrite cut short by a crash left its unfinished copy: the store itself is whole.
+        // (Only now that the file is ours: another node's rewrite may be running until then.)
+        let _ = std::fs::remove_file(rewrite_path(&path));
         Store::init(db, path, opts)
     }
 
@@ -570,6 +600,7 @@ impl Store {
             writes: Mutex::new(None),
             rewriting: Mutex::new(()),
             abort_rewrite: std::sync::atomic::AtomicBool::new(false),
+            dir_unsynced: std::sync::atomic::AtomicBool::new(false),
         };
         let tx = store.begin_write()?;
         {
@@ -634,6 +665,8 @@ impl Store {
         self.begin_write_with(self.opts.durable)
     }
 
+    /// A write transaction. Callers hold [`Self::writes`] until it ends, so no rewrite swaps
+    /// the database under it (the `Arc` taken here need not outlive this call).
     fn begin_write_with(&self, durable: bool) -> Result<WriteTransaction> {
         let db = self.db();
         let mut tx = db.begin_write().map_err(|e| self.err(e))?;
@@ -923,15 +956,7 @@ impl Store {
             *s += 1;
             return Ok(*s);
         }
-        let end = prefix_end(dk);
-        let last = changes
-            .range(dk..end.as_slice())
-            .map_err(|e| self.err(e))?
-            .next_back()
-            .transpose()
-            .map_err(|e| self.err(e))?
-            .and_then(|(k, _)| seq_of(k.value()))
-            .unwrap_or(0);
+        let last = self.stored_last_seq(changes, dk)?;
         seqs.insert(dk.to_vec(), last + 1);
         Ok(last + 1)
     }
@@ -962,29 +987,32 @@ impl Store {
 
     fn commit_with(&self, batch: &Batch, durable: bool) -> Result<()> {
         let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
+        if durable && self.dir_unsynced.load(std::sync::atomic::Ordering::Acquire) {
+            self.sync_dir()?;
+            self.dir_unsynced
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
         let tx = self.begin_write_with(durable)?;
         let mut seqs = self
             .seqs
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let result = self.write_batch(&tx, batch, &mut seqs);
+        let mut taken = Vec::new();
+        let result = self.write_batch(&tx, batch, Seqs::Next(&mut seqs, &mut taken));
         let result = result.and_then(|()| tx.commit().map_err(|e| self.err(e)));
         if result.is_err() {
             // Nothing was written: the cached sequence numbers may be ahead of the table;
             // they are read back from it when next needed.
             seqs.clear();
         } else if let Some(log) = log.as_mut() {
-            log.record(Rewritten::Commit(batch.clone()), batch.bytes() + 64);
+            let bytes = batch.bytes() + 64;
+            log.record(Rewritten::Commit(batch.clone(), taken), bytes);
         }
         result
     }
 
-    fn write_batch(
-        &self,
-        tx: &WriteTransaction,
-        batch: &Batch,
-        seqs: &mut HashMap<Vec<u8>, u64>,
-    ) -> Result<()> {
+    fn write_batch(&self, tx: &WriteTransaction, batch: &Batch, mut seqs: Seqs<'_>) -> Result<()> {
+        let mut recorded = 0;
         let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
         for (k, v) in &batch.meta {
             meta.insert(k.as_str(), v.as_slice())
@@ -1019,7 +1047,25 @@ impl Store {
             }
             for (doc, bytes) in &m.changes {
                 let dk = doc_key(sid, *doc);
-                let seq = self.next_seq(seqs, &changes, &dk)?;
+                let seq = match &mut seqs {
+                    Seqs::Next(next, taken) => {
+                        let seq = self.next_seq(next, &changes, &dk)?;
+                        taken.push(seq);
+                        seq
+                    }
+                    Seqs::Recorded(given) => {
+                        let seq =
+                            given
+                                .get(recorded)
+                                .copied()
+                                .ok_or_else(|| StoreError::Engine {
+                                    path: self.path.clone(),
+                                    detail: "a replayed commit lacks a sequence number".into(),
+                                })?;
+                        recorded += 1;
+                        seq
+                    }
+                };
                 let mut ck = dk;
                 ck.extend_from_slice(&seq.to_be_bytes());
                 changes
@@ -1125,16 +1171,24 @@ impl Store {
         let db = self.db();
         let tx = db.begin_read().map_err(|e| self.err(e))?;
         let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-        let end = prefix_end(&dk);
-        let last = changes
-            .range(dk.as_slice()..end.as_slice())
+        self.stored_last_seq(&changes, &dk)
+    }
+
+    /// The highest sequence number among a document's stored changes (0 if none).
+    fn stored_last_seq(
+        &self,
+        changes: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        dk: &[u8],
+    ) -> Result<u64> {
+        let end = prefix_end(dk);
+        Ok(changes
+            .range(dk..end.as_slice())
             .map_err(|e| self.err(e))?
             .next_back()
             .transpose()
             .map_err(|e| self.err(e))?
             .and_then(|(k, _)| seq_of(k.value()))
-            .unwrap_or(0);
-        Ok(last)
+            .unwrap_or(0))
     }
 
     /// Deletes documents' stored changes up to [`DocReplacement::through`] and sets or
@@ -1143,8 +1197,28 @@ impl Store {
     pub fn replace_docs(&self, docs: &[DocReplacement]) -> Result<()> {
         let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let tx = self.begin_write()?;
-        self.write_replacements(&tx, docs)?;
-        tx.commit().map_err(|e| self.err(e))?;
+        let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+        // Sequence numbers never go back below what a replacement covers: a change stored
+        // after it, numbered from an emptied log, would otherwise fall under a later
+        // replacement of the same document queued before that change existed.
+        {
+            let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
+            for d in docs {
+                let dk = doc_key(&d.sid, d.doc);
+                let last = match seqs.get(&dk) {
+                    Some(s) => *s,
+                    None => self.stored_last_seq(&changes, &dk)?,
+                };
+                seqs.insert(dk, last.max(d.through));
+            }
+        }
+        let result = self
+            .write_replacements(&tx, docs)
+            .and_then(|()| tx.commit().map_err(|e| self.err(e)));
+        if result.is_err() {
+            seqs.clear();
+        }
+        result?;
         if let Some(log) = log.as_mut() {
             let bytes = docs
                 .iter()
@@ -1205,25 +1279,31 @@ impl Store {
             return Ok(FileCompaction::Nothing);
         }
         let _one = self.rewriting.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.room_for_copy() {
+            tracing::warn!(
+                "file compaction skipped: the disk holding {} lacks room for a copy of the data",
+                self.path.display()
+            );
+            return Ok(FileCompaction::Busy);
+        }
         let tmp = rewrite_path(&self.path);
         let _ = std::fs::remove_file(&tmp);
         let before = self.disk_bytes();
-        let snapshot = {
-            let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-            let snap = self.db().begin_read().map_err(|e| self.err(e))?;
-            *log = Some(RewriteLog::default());
-            snap
-        };
+        // Recording starts before anything is copied: every write the copy may have missed
+        // is replayed (replay is idempotent, so one it did not miss does no harm).
+        *self.writes.lock().unwrap_or_else(|p| p.into_inner()) = Some(RewriteLog::default());
         // Whatever happens next, recording stops and an unfinished copy goes.
         let mut cleanup = RewriteCleanup {
             store: self,
             tmp: Some(tmp.clone()),
         };
-        let Some(new) = self.copy_into(&tmp, snapshot)? else {
+        let Some(new) = self.copy_into(&tmp)? else {
             return Ok(FileCompaction::Busy);
         };
-        // Catch up without holding anyone back until what is left is small.
-        let mut seqs = HashMap::new();
+        // Catch up without holding anyone back until what is left is small. Each replay is
+        // fsynced, so the copy's pages reach the disk now, not while writes are held back.
+        let mut first = true;
+        let mut replayed = 0;
         loop {
             if self
                 .abort_rewrite
@@ -1240,13 +1320,20 @@ impl Store {
                     tracing::info!("file rewrite given up: writes outpaced it");
                     return Ok(FileCompaction::Busy);
                 }
-                if l.bytes <= REWRITE_FINAL_BYTES {
+                if l.bytes <= REWRITE_FINAL_BYTES && !first {
                     break;
+                }
+                replayed += l.bytes;
+                if replayed > MAX_REWRITE_LOG_BYTES {
+                    // Writes keep outpacing the replay: this is not the time.
+                    tracing::info!("file rewrite given up: writes outpaced its catch-up");
+                    return Ok(FileCompaction::Busy);
                 }
                 l.bytes = 0;
                 std::mem::take(&mut l.ops)
             };
-            self.replay(&new, ops, &mut seqs, false)?;
+            self.replay(&new, ops)?;
+            first = false;
         }
         // The last writes, with writes held back: then the new file takes the old one's place.
         let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
@@ -1256,22 +1343,42 @@ impl Store {
         if rest.overflow {
             return Ok(FileCompaction::Busy);
         }
-        self.replay(&new, rest.ops, &mut seqs, true)?;
+        self.replay(&new, rest.ops)?;
+        // Held past the old database's close, so that its blocks are freed a slice at a
+        // time below rather than all at once (a whole large file deleted in one go stalls
+        // every fsync of the file system for a while).
+        let old_file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .ok();
         std::fs::rename(&tmp, &self.path).map_err(|e| classify_io(&self.path, e))?;
         cleanup.tmp = None;
-        if let Some(dir) = self.path.parent() {
-            // The rename itself must survive a crash (the new file's contents already do).
-            if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-                tracing::warn!("syncing {} after the file rewrite: {e}", dir.display());
-            }
+        // The rename itself must survive a crash (the new file's contents already do). The
+        // new file is the store's from here on, whatever happens; if the directory cannot be
+        // synced now, the next durable commit must sync it or fail.
+        if let Err(e) = self.sync_dir() {
+            tracing::warn!("{e}");
+            self.dir_unsynced
+                .store(true, std::sync::atomic::Ordering::Release);
         }
         let old = std::mem::replace(
             &mut *self.db.write().unwrap_or_else(|p| p.into_inner()),
             std::sync::Arc::new(new),
         );
         drop(log);
-        // Closed once its last reader is done; its file no longer has a name.
+        // Its file no longer has a name; it is closed once its last reader is done (readers
+        // hold it only for one call, so a little waiting covers them).
+        for _ in 0..1000 {
+            if std::sync::Arc::strong_count(&old) == 1 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let alone = std::sync::Arc::strong_count(&old) == 1;
         drop(old);
+        if let Some(f) = old_file.filter(|_| alone) {
+            release_gradually(&f);
+        }
         let after = self.disk_bytes();
         Ok(if after < before {
             FileCompaction::Done
@@ -1286,11 +1393,13 @@ impl Store {
             .store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Copies every table of a snapshot into a new file at `tmp`, a chunk per transaction;
-    /// `None` when the rewrite is to give up.
-    fn copy_into(&self, tmp: &Path, snap: redb::ReadTransaction) -> Result<Option<Database>> {
+    /// Copies every table into a new file at `tmp`, a chunk per transaction, each chunk read
+    /// in a read transaction of its own (a long one would keep every page the store frees
+    /// meanwhile, and the commit after it would pay for freeing them all); `None` when the
+    /// rewrite is to give up.
+    fn copy_into(&self, tmp: &Path) -> Result<Option<Database>> {
         let new = Database::builder()
-            .set_cache_size(self.opts.cache_bytes.min(64 * 1024 * 1024))
+            .set_cache_size(self.opts.cache_bytes)
             .create(tmp)
             .map_err(|e| classify(tmp, e))?;
         // A table this code does not know of would be lost by the copy: refuse instead.
@@ -1307,20 +1416,27 @@ impl Store {
             SIGS.name(),
             DIGESTS.name(),
         ];
-        for t in snap.list_tables().map_err(|e| self.err(e))? {
-            if !known.contains(&t.name()) {
-                return Err(StoreError::Engine {
-                    path: self.path.clone(),
-                    detail: format!(
-                        "the file holds a table ({}) a rewrite would not copy; it is left as it is",
-                        t.name()
-                    ),
-                });
-            }
+        let tables = {
+            let db = self.db();
+            let tx = db.begin_read().map_err(|e| self.err(e))?;
+            let names: Vec<String> = tx
+                .list_tables()
+                .map_err(|e| self.err(e))?
+                .map(|t| t.name().to_string())
+                .collect();
+            names
+        };
+        if let Some(t) = tables.iter().find(|t| !known.contains(&t.as_str())) {
+            return Err(StoreError::Engine {
+                path: self.path.clone(),
+                detail: format!(
+                    "the file holds a table ({t}) a rewrite would not copy; it is left as it is"
+                ),
+            });
         }
         macro_rules! copy {
             ($($t:expr),*) => {$(
-                if !self.copy_table($t, &snap, &new)? {
+                if !self.copy_table($t, &new)? {
                     return Ok(None);
                 }
             )*};
@@ -1335,15 +1451,11 @@ impl Store {
     fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
         &self,
         def: TableDefinition<K, V>,
-        snap: &redb::ReadTransaction,
         new: &Database,
     ) -> Result<bool> {
-        let src = match snap.open_table(def) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(true),
-            Err(e) => return Err(self.err(e)),
-        };
-        let mut rows = src.iter().map_err(|e| self.err(e))?;
+        use std::ops::Bound;
+        // The last key copied, as bytes: the next chunk starts after it.
+        let mut after: Option<Vec<u8>> = None;
         loop {
             if self
                 .abort_rewrite
@@ -1357,26 +1469,44 @@ impl Store {
             {
                 return Ok(false);
             }
-            let mut tx = new.begin_write().map_err(|e| self.err(e))?;
-            tx.set_durability(Durability::None)
-                .map_err(|e| StoreError::Engine {
-                    path: self.path.clone(),
-                    detail: e.to_string(),
-                })?;
+            let db = self.db();
+            let rtx = db.begin_read().map_err(|e| self.err(e))?;
+            let src = match rtx.open_table(def) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(true),
+                Err(e) => return Err(self.err(e)),
+            };
+            let rows = match &after {
+                None => src.iter(),
+                Some(k) => src.range::<K::SelfType<'_>>((
+                    Bound::Excluded(K::from_bytes(k)),
+                    Bound::Unbounded,
+                )),
+            }
+            .map_err(|e| self.err(e))?;
+            // Each chunk is fsynced: the copy never piles up dirty pages whose writeback
+            // would make the store's own fsyncs (every acknowledged write) wait.
+            let tx = new.begin_write().map_err(|e| self.err(e))?;
             let mut done = true;
             {
                 let mut dst = tx.open_table(def).map_err(|e| self.err(e))?;
-                let mut n = 0;
-                for row in rows.by_ref() {
+                let mut bytes = 0;
+                for row in rows {
                     let (k, v) = row.map_err(|e| self.err(e))?;
-                    dst.insert(k.value(), v.value()).map_err(|e| self.err(e))?;
-                    n += 1;
-                    if n == REWRITE_CHUNK {
+                    let (k, v) = (k.value(), v.value());
+                    let kb = K::as_bytes(&k);
+                    bytes += kb.as_ref().len() + V::as_bytes(&v).as_ref().len();
+                    dst.insert(&k, &v).map_err(|e| self.err(e))?;
+                    if bytes >= REWRITE_CHUNK_BYTES {
+                        after = Some(kb.as_ref().to_vec());
                         done = false;
                         break;
                     }
                 }
             }
+            drop(src);
+            drop(rtx);
+            drop(db);
             tx.commit().map_err(|e| self.err(e))?;
             if done {
                 return Ok(true);
@@ -1384,31 +1514,48 @@ impl Store {
         }
     }
 
-    /// Replays recorded writes into the new file, in one transaction.
-    fn replay(
-        &self,
-        new: &Database,
-        ops: Vec<Rewritten>,
-        seqs: &mut HashMap<Vec<u8>, u64>,
-        durable: bool,
-    ) -> Result<()> {
-        let mut tx = new.begin_write().map_err(|e| self.err(e))?;
-        tx.set_durability(if durable {
-            Durability::Immediate
-        } else {
-            Durability::None
-        })
-        .map_err(|e| StoreError::Engine {
-            path: self.path.clone(),
-            detail: e.to_string(),
-        })?;
-        for op in &ops {
-            match op {
-                Rewritten::Commit(b) => self.write_batch(&tx, b, seqs)?,
-                Rewritten::Replace(docs) => self.write_replacements(&tx, docs)?,
+    /// Replays recorded writes into the new file, in fsynced transactions of about
+    /// [`REWRITE_CHUNK_BYTES`] (small fsyncs do not hold up the store's own).
+    fn replay(&self, new: &Database, ops: Vec<(Rewritten, usize)>) -> Result<()> {
+        let mut ops = ops.into_iter().peekable();
+        loop {
+            let tx = new.begin_write().map_err(|e| self.err(e))?;
+            let mut bytes = 0;
+            while bytes < REWRITE_CHUNK_BYTES {
+                let Some((op, n)) = ops.next() else { break };
+                match &op {
+                    Rewritten::Commit(b, given) => {
+                        self.write_batch(&tx, b, Seqs::Recorded(given))?
+                    }
+                    Rewritten::Replace(docs) => self.write_replacements(&tx, docs)?,
+                }
+                bytes += n;
+            }
+            tx.commit().map_err(|e| self.err(e))?;
+            if ops.peek().is_none() {
+                return Ok(());
             }
         }
-        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Fsyncs the directory holding the store file (its entries: a rename).
+    fn sync_dir(&self) -> Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| classify_io(dir, e))
+    }
+
+    /// Whether the file system has room for a copy as large as the whole file, and 64 MiB to
+    /// spare: a rewrite must never be what fills the disk under the store's own commits.
+    /// (The file's size bounds the copy's; measuring the live data would walk every page.)
+    fn room_for_copy(&self) -> bool {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let Ok(st) = rustix::fs::statvfs(dir) else {
+            return true; // unknown: a full disk fails the copy's own commit first
+        };
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        free >= self.disk_bytes().saturating_add(64 << 20)
     }
 
     fn db(&self) -> std::sync::Arc<Database> {
@@ -1808,6 +1955,34 @@ mod tests {
         let (_, d) = m.docs.iter().find(|(d, _)| *d == shard).unwrap();
         assert_eq!(d.snapshot.as_deref(), Some(&b"snap"[..]));
         assert_eq!(d.changes, vec![b"c3".to_vec()]);
+    }
+
+    #[test]
+    fn a_change_stored_after_an_emptied_log_survives_a_replacement_queued_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = DocAddr::Shard { inc: 0, index: 4 };
+        {
+            let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            write(
+                &s,
+                vec![(shard, b"c1".to_vec()), (shard, b"c2".to_vec())],
+                vec![],
+                vec![],
+            );
+        }
+        // Reopened: nothing cached. Two replacements of the document are queued at once.
+        let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
+        let through = s.last_change_seq(&sid(), shard).unwrap();
+        let replace = || DocReplacement {
+            sid: sid(),
+            doc: shard,
+            snapshot: Some(b"snap".to_vec()),
+            through,
+        };
+        s.replace_docs(&[replace()]).unwrap();
+        write(&s, vec![(shard, b"c3".to_vec())], vec![], vec![]);
+        s.replace_docs(&[replace()]).unwrap();
+        assert_eq!(doc_changes(&s, shard), vec![b"c3".to_vec()]);
     }
 
     #[test]

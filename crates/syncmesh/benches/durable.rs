@@ -210,7 +210,11 @@ async fn stall(items: usize) {
     use std::sync::atomic::{AtomicU8, Ordering};
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::open(dir.path()).await.unwrap();
+    let mut b = Node::builder().data_dir(dir.path());
+    if let Ok(v) = std::env::var("SYNCMESH_BENCH_BUDGET") {
+        b = b.document_budget(v.parse().unwrap());
+    }
+    let node = b.open().await.unwrap();
     let m = node.map("map0").await.unwrap();
     let per = items.div_ceil(64);
     let tasks: Vec<_> = (0..64)

@@ -578,11 +578,13 @@ impl Node {
     /// compaction does after 1,000 changes to a document), then rewrites the database file
     /// so the space this and earlier pruning freed goes back to the file system (the file
     /// otherwise keeps its largest size and reuses free space inside). Resolves when that is
-    /// on disk, with what the file compaction did: [`FileCompaction::Busy`] when readers kept
-    /// the file busy for two seconds (the file is left as it is until the next call).
+    /// on disk, with what the file compaction did: [`FileCompaction::Busy`] when writes
+    /// outpaced the rewrite or the node was closing (the file is left as it is until the next
+    /// call).
     ///
-    /// While the file is rewritten the node's storage is unavailable: writes, and reads of
-    /// maps not yet in memory, wait for it (the whole call took 4.6 s for a 1M-item store).
+    /// The node keeps serving meanwhile: snapshots are taken and stored between commands and
+    /// commits, and the file is copied beside itself while writes go on; writes wait only
+    /// while the last few are copied (docs/benchmarks.md has the longest waits measured).
     pub async fn compact(&self) -> Result<FileCompaction> {
         let (file, done) = oneshot::channel();
         self.call(|reply| Cmd::Compact { reply, file }).await?;
