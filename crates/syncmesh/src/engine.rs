@@ -50,6 +50,8 @@ const PARK_PERIOD: Duration = Duration::from_secs(30);
 pub(crate) const DOCUMENT_BUDGET: u64 = 64 * 1024 * 1024;
 /// How often the live documents are measured against the budget.
 const BUDGET_CHECK: Duration = Duration::from_millis(50);
+/// Time an engine round spends at most on parking shards over the budget.
+const PARK_ROUND_BUDGET: Duration = Duration::from_millis(4);
 /// Most snapshots or forgotten documents stored in one transaction.
 const MAX_MERGED_REPLACEMENTS: usize = 256;
 /// Most snapshot bytes stored in one transaction: a commit queued behind it waits that long.
@@ -637,7 +639,9 @@ impl Engine {
             .map(|m| (m.sid().clone(), m.use_mark()))
             .collect();
         let total: u64 = self.catalog.maps().map(MapReplica::live_bytes).sum();
-        self.over_budget = total > self.budget;
+        let target = self.budget - self.budget / 4;
+        // Once over, parking goes on (a few shards per round) down to the target.
+        self.over_budget = total > self.budget || (self.over_budget && total > target);
         if !self.over_budget {
             self.over_budget_warned = false;
             return;
@@ -647,10 +651,12 @@ impl Engine {
             .maps()
             .map(|m| (m.live_bytes(), m.sid().clone()))
             .collect();
-        let mut excess = total - (self.budget - self.budget / 4);
+        let mut excess = total - target;
         sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let start = std::time::Instant::now();
+        let mut out_of_time = false;
         for (bytes, sid) in sizes {
-            if excess == 0 {
+            if excess == 0 || out_of_time {
                 break;
             }
             let Some(m) = self.catalog.by_sid(&sid) else {
@@ -675,10 +681,31 @@ impl Engine {
             let Some(mark) = marks.get(&sid).copied() else {
                 continue;
             };
-            match m.park_lru(excess.min(bytes), mark, now) {
-                Ok(freed) => excess = excess.saturating_sub(freed),
-                Err(e) => tracing::warn!(map = %sid, "parking shards over the budget failed: {e}"),
+            // A shard at a time, for a few milliseconds a round: parking saves each one, and
+            // the commands queued behind this round wait for it.
+            let mut left = excess.min(bytes);
+            while left > 0 {
+                if start.elapsed() >= PARK_ROUND_BUDGET {
+                    out_of_time = true;
+                    break;
+                }
+                match m.park_lru_at_most(left, mark, now, 1) {
+                    Ok(0) => break,
+                    Ok(freed) => {
+                        left = left.saturating_sub(freed);
+                        excess = excess.saturating_sub(freed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(map = %sid, "parking shards over the budget failed: {e}");
+                        break;
+                    }
+                }
             }
+        }
+        if out_of_time {
+            // The rest in the next rounds, at once rather than at the next check.
+            self.next_budget_check = std::time::Instant::now();
+            return;
         }
         if excess > 0 && !self.over_budget_warned {
             self.over_budget_warned = true;

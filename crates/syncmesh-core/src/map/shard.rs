@@ -254,6 +254,18 @@ impl MapReplica {
     /// returns the estimate freed. Shards in use are never parked, so a working set larger
     /// than the budget is not reloaded on every use. Queued writes are flushed first.
     pub fn park_lru(&mut self, bytes: u64, mark: u64, now: Timestamp) -> Result<u64> {
+        self.park_lru_at_most(bytes, mark, now, usize::MAX)
+    }
+
+    /// [`Self::park_lru`], parking at most `shards` documents: each costs a save, so a caller
+    /// that must stay responsive parks a few at a time.
+    pub fn park_lru_at_most(
+        &mut self,
+        bytes: u64,
+        mark: u64,
+        now: Timestamp,
+        shards: usize,
+    ) -> Result<u64> {
         self.flush(now)?;
         let mut live: Vec<(u64, u16, u64)> = self
             .shards
@@ -264,12 +276,14 @@ impl MapReplica {
             .collect();
         live.sort_unstable();
         let mut freed = 0;
+        let mut parked = 0;
         for (_, i, b) in live {
-            if freed >= bytes {
+            if freed >= bytes || parked >= shards {
                 break;
             }
             if self.shards.get_mut(&i).is_some_and(Shard::park) {
                 freed += b;
+                parked += 1;
             }
         }
         Ok(freed)
@@ -309,7 +323,12 @@ mod budget_tests {
         let mark = m.use_mark();
         m.set("k1", data(-1), &WriteOptions::default(), now)
             .unwrap();
-        let freed = m.park_lru(u64::MAX, mark, now).unwrap();
+        // A few at a time when asked: one shard per call here.
+        let shards = m.live_shards();
+        let one = m.park_lru_at_most(u64::MAX, mark, now, 1).unwrap();
+        assert!(one > 0);
+        assert_eq!(m.live_shards(), shards - 1);
+        let freed = one + m.park_lru(u64::MAX, mark, now).unwrap();
         assert!(freed > 0);
         assert_eq!(
             m.live_shards(),
