@@ -11,15 +11,17 @@
 //! and replaying it rebuilds the replica's items exactly.
 //!
 //! `SYNCMESH_SEED=<n>` replays one schedule; `SYNCMESH_SIM_CASES=<n>` sets how many small
-//! schedules run (default 3,000; 2–4 nodes, 40 steps), `SYNCMESH_SIM_LARGE=<n>` how many with
-//! 50 nodes (default 1; 400 steps), `SYNCMESH_SIM_SALT=<n>` picks other schedules than CI's.
+//! schedules run (default 10,000; 2–4 nodes, 40 steps), `SYNCMESH_SIM_LARGE=<n>` how many with
+//! 50 nodes (default 3; 400 steps), `SYNCMESH_SIM_SALT=<n>` picks other schedules than CI's.
+//! Three planted bugs (no anti-entropy, a digest never updated, event ids reused after a
+//! restart) are each shown to fail some schedule.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{json, Value};
-use syncmesh_core::replication::Replicator;
+use syncmesh_core::replication::{MapHost, Replicator};
 use syncmesh_core::{
     Catalog, DocAddr, Event, EventView, Identity, MapReplica, MapSid, MapSpec, NodeId, StoredDoc,
     Timestamp, WriteOptions,
@@ -70,7 +72,50 @@ struct Stored {
     unsigned: BTreeMap<MapSid, BTreeMap<syncmesh_core::ChangeHash, Option<u16>>>,
 }
 
+/// A bug the simulator can plant, to show that its checks catch that kind of bug.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    None,
+    /// Nodes never run anti-entropy: a dropped message is never made up for.
+    NoAntiEntropy,
+    /// A map's digest is computed once and never updated: peers are told a stale state.
+    StaleDigest,
+    /// A restarted node numbers its events from 1 again: event ids repeat.
+    EventIdsFromZero,
+}
+
+/// The host replication sees: the node's catalog, with [`Fault::StaleDigest`] planted when
+/// `stale` is set.
+struct SimHost<'a> {
+    cat: &'a mut Catalog,
+    stale: Option<&'a mut BTreeMap<MapSid, u64>>,
+}
+
+impl MapHost for SimHost<'_> {
+    fn held(&mut self) -> Vec<MapSid> {
+        self.cat.held()
+    }
+    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        MapHost::get(self.cat, sid)
+    }
+    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
+        self.cat.adopt(sid)
+    }
+    fn touched(&mut self, sid: &MapSid) {
+        self.cat.touched(sid);
+    }
+    fn digest(&mut self, sid: &MapSid) -> Option<syncmesh_core::Result<u64>> {
+        let d = self.cat.digest(sid)?;
+        match (&mut self.stale, d) {
+            (Some(stale), Ok(d)) => Some(Ok(*stale.entry(sid.clone()).or_insert(d))),
+            (_, d) => Some(d),
+        }
+    }
+}
+
 struct SimNode {
+    fault: Fault,
+    stale: BTreeMap<MapSid, u64>,
     peer: String,
     signer: syncmesh_core::Signer,
     index: u8,
@@ -82,12 +127,14 @@ struct SimNode {
 }
 
 impl SimNode {
-    fn new(index: u8) -> SimNode {
+    fn new(index: u8, fault: Fault) -> SimNode {
         // Keys from fixed seeds: a seeded schedule replays exactly. Every node signs its
         // changes, as a node with a network does (a map's removal counts only if signed).
         let key = libp2p_identity::Keypair::ed25519_from_bytes([index + 1; 32]).unwrap();
         let signer = syncmesh_core::Signer::new(key);
         SimNode {
+            fault,
+            stale: BTreeMap::new(),
             peer: signer.peer_id().to_string(),
             index,
             restarts: 0,
@@ -97,6 +144,18 @@ impl SimNode {
             stored: Stored::default(),
             up: true,
         }
+    }
+
+    /// Its replicator, and the host that replicator works on.
+    fn parts(&mut self) -> (&mut Replicator, SimHost<'_>) {
+        let stale = (self.fault == Fault::StaleDigest).then_some(&mut self.stale);
+        (
+            &mut self.rep,
+            SimHost {
+                cat: &mut self.host,
+                stale,
+            },
+        )
     }
 
     /// A new process writes as a new Automerge actor.
@@ -130,6 +189,7 @@ impl SimNode {
                 .filter(|e| e.map == sid)
                 .map(|e| e.id)
                 .max()
+                .filter(|_| self.fault != Fault::EventIdsFromZero)
                 .unwrap_or(0);
             let mut m =
                 MapReplica::restore(id.clone(), sid.clone(), docs, entries, last).expect("restore");
@@ -146,6 +206,7 @@ impl SimNode {
         }
         self.host = host;
         self.rep = Replicator::new(false);
+        self.stale.clear();
         self.up = true;
     }
 }
@@ -178,11 +239,11 @@ struct Sim {
 }
 
 impl Sim {
-    fn new(seed: u64, n: usize) -> Sim {
+    fn new(seed: u64, n: usize, fault: Fault) -> Sim {
         let mut sim = Sim {
             rng: Rng(seed),
             now: 0,
-            nodes: (0..n).map(|i| SimNode::new(i as u8)).collect(),
+            nodes: (0..n).map(|i| SimNode::new(i as u8, fault)).collect(),
             links: BTreeSet::new(),
             queue: Vec::new(),
             seq: 0,
@@ -212,7 +273,8 @@ impl Sim {
         for (x, y) in [(a, b), (b, a)] {
             let peer = self.nodes[y].peer.clone();
             let node = &mut self.nodes[x];
-            let out = node.rep.peer_up(&peer, &mut node.host);
+            let (rep, mut host) = node.parts();
+            let out = rep.peer_up(&peer, &mut host);
             self.send(x, out);
         }
     }
@@ -337,17 +399,18 @@ impl Sim {
             }
         }
         let mut msgs = Vec::new();
+        let (rep, mut host) = node.parts();
         for sid in ask {
-            msgs.extend(node.rep.ask_signatures(&sid, &mut node.host));
+            msgs.extend(rep.ask_signatures(&sid, &mut host));
         }
         for (sid, changes, sigs) in gossip {
             let (push, too_large) = Replicator::gossip(&sid, changes, &sigs);
-            msgs.extend(node.rep.push(&sid, &push, None, &mut node.host));
+            msgs.extend(rep.push(&sid, &push, None, &mut host));
             if too_large {
-                msgs.extend(node.rep.announce(&[sid], &mut node.host));
+                msgs.extend(rep.announce(&[sid], &mut host));
             }
         }
-        msgs.extend(node.rep.take_nudges(&mut node.host));
+        msgs.extend(rep.take_nudges(&mut host));
         self.send(i, msgs);
     }
 
@@ -358,11 +421,12 @@ impl Sim {
         let from = self.nodes[m.from].peer.clone();
         let now = t(self.now);
         let node = &mut self.nodes[m.to];
-        let out = match node.rep.receive(&from, &m.bytes, &mut node.host, now) {
+        let (rep, mut host) = node.parts();
+        let out = match rep.receive(&from, &m.bytes, &mut host, now) {
             Ok(out) => out,
             Err(v) => panic!("node {} calls node {} a violator: {}", m.to, m.from, v.0),
         };
-        assert!(node.rep.take_poisoned().is_empty(), "a map was poisoned");
+        assert!(rep.take_poisoned().is_empty(), "a map was poisoned");
         self.send(m.to, out);
         self.flush(m.to);
     }
@@ -386,11 +450,11 @@ impl Sim {
     }
 
     fn tick(&mut self, i: usize) {
-        if !self.nodes[i].up {
+        if !self.nodes[i].up || self.nodes[i].fault == Fault::NoAntiEntropy {
             return;
         }
-        let node = &mut self.nodes[i];
-        let out = node.rep.tick(&mut node.host);
+        let (rep, mut host) = self.nodes[i].parts();
+        let out = rep.tick(&mut host);
         self.send(i, out);
     }
 
@@ -656,8 +720,8 @@ impl Sim {
     }
 }
 
-fn run(seed: u64, nodes: usize, steps: usize) {
-    let mut sim = Sim::new(seed, nodes);
+fn run(seed: u64, nodes: usize, steps: usize, fault: Fault) {
+    let mut sim = Sim::new(seed, nodes, fault);
     for _ in 0..steps {
         sim.step();
     }
@@ -730,23 +794,70 @@ fn seeds(count: u64, salt: u64) -> Vec<u64> {
         .collect()
 }
 
-#[test]
-fn small_meshes_converge_under_faults() {
-    for seed in seeds(env("SYNCMESH_SIM_CASES", 3000), 1) {
-        let nodes = 2 + (seed % 3) as usize;
-        let r = std::panic::catch_unwind(|| run(seed, nodes, 40));
+/// Runs schedules, each caught so that the failing one is named; returns how many ran.
+fn run_all(seeds: Vec<u64>, shape: impl Fn(u64) -> (usize, usize)) -> usize {
+    let n = seeds.len();
+    for seed in seeds {
+        let (nodes, steps) = shape(seed);
+        let r = std::panic::catch_unwind(|| run(seed, nodes, steps, Fault::None));
         if r.is_err() {
             panic!("simulator case failed; replay with SYNCMESH_SEED={seed}");
         }
     }
+    n
+}
+
+/// A line in the test output even when it is captured (CI's log shows what ran).
+fn report(what: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "simulator: {what}");
+}
+
+#[test]
+fn small_meshes_converge_under_faults() {
+    let seeds = seeds(env("SYNCMESH_SIM_CASES", 10_000), 1);
+    let n = run_all(seeds, |seed| (2 + (seed % 3) as usize, 40));
+    report(&format!(
+        "{n} schedules of 2-4 nodes, 40 steps each, passed"
+    ));
 }
 
 #[test]
 fn a_large_mesh_converges_under_faults() {
-    for seed in seeds(env("SYNCMESH_SIM_LARGE", 1), 2) {
-        let r = std::panic::catch_unwind(|| run(seed, 50, 400));
-        if r.is_err() {
-            panic!("simulator case failed; replay with SYNCMESH_SEED={seed}");
-        }
-    }
+    let seeds = seeds(env("SYNCMESH_SIM_LARGE", 3), 2);
+    let n = run_all(seeds, |_| (50, 400));
+    report(&format!(
+        "{n} schedules of 50 nodes, 400 steps each, passed"
+    ));
+}
+
+/// The first of `tries` schedules that a planted fault makes fail, if any.
+fn caught(fault: Fault, tries: u64) -> Option<u64> {
+    let mut r = Rng(0xFA17 ^ fault as u64);
+    (0..tries).map(|_| r.next()).find(|&seed| {
+        let nodes = 2 + (seed % 3) as usize;
+        std::panic::catch_unwind(|| run(seed, nodes, 40, fault)).is_err()
+    })
+}
+
+/// The checks have teeth: each planted bug fails some schedule (and the same schedules pass
+/// without it, above).
+#[test]
+fn a_dropped_anti_entropy_timer_is_caught() {
+    let seed = caught(Fault::NoAntiEntropy, 200).expect("no schedule caught it");
+    report(&format!("no anti-entropy caught by schedule {seed}"));
+}
+
+#[test]
+fn a_digest_that_is_never_updated_is_caught() {
+    let seed = caught(Fault::StaleDigest, 200).expect("no schedule caught it");
+    report(&format!("a stale digest caught by schedule {seed}"));
+}
+
+#[test]
+fn event_ids_reused_after_a_restart_are_caught() {
+    let seed = caught(Fault::EventIdsFromZero, 200).expect("no schedule caught it");
+    report(&format!(
+        "event ids from 1 after a restart caught by schedule {seed}"
+    ));
 }
