@@ -76,7 +76,7 @@ impl Eq for Signer {}
 pub struct Signature {
     /// The author's peer id.
     pub author: String,
-    /// The ed25519 signature of [`DOMAIN`] followed by the change hash.
+    /// The ed25519 signature of `DOMAIN` followed by the change hash.
     #[serde(with = "serde_bytes")]
     pub sig: Vec<u8>,
 }

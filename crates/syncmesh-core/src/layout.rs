@@ -8,7 +8,7 @@
 //! Inside a shard document everything sits in the root map, as scalars or fresh objects, so no
 //! two replicas ever create a shared container independently (Automerge would keep only one):
 //!
-//! - `m<len>:<key>` → the item's meta record ([`ItemMeta`], bytes). The item exists iff present.
+//! - `m<len>:<key>` → the item's meta record (`ItemMeta`, bytes). The item exists iff present.
 //! - `w<len>:<key>` → the item's *whole* data as written by the last `set`, `mutate` or
 //!   `create_item` (compact JSON text of an object, one string scalar). Concurrent whole
 //!   writes are concurrent values of this one slot, so Automerge picks one of them whole.

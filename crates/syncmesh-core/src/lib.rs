@@ -29,7 +29,7 @@
 //! # Ok::<(), syncmesh_core::Error>(())
 //! ```
 //!
-//! The JSON encoding is documented in [`json`](crate::json) (module docs) and the document
+//! The JSON encoding is documented in [`json`] (module docs) and the document
 //! layout in [`layout`]; the semantics of concurrent writes in `docs/semantics.md`.
 
 #![warn(missing_docs)]

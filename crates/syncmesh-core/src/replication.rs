@@ -26,7 +26,7 @@
 //! are counted, see [`Replicator::take_refusals`]).
 //!
 //! Every message is size-limited and checked: a message that does not decode, names a
-//! malformed map, or carries a change that breaks the map's layout ([`check_change`]) is a
+//! malformed map, or carries a change that breaks the map's layout (`check_change`) is a
 //! [`Violation`]; the shell disconnects that peer. Nothing a peer sends can panic the node.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

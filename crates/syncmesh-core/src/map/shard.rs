@@ -200,7 +200,7 @@ impl MapReplica {
     }
 
     /// Parks every idle shard document except the `keep` most recently used ones, as saved
-    /// bytes (see [`Body`]). Returns how many were parked. Queued writes are flushed first.
+    /// bytes (see `Body`). Returns how many were parked. Queued writes are flushed first.
     pub fn unload_idle(&mut self, keep: usize, now: Timestamp) -> Result<usize> {
         self.flush(now)?;
         let mut live: Vec<(u64, u16)> = self
@@ -244,7 +244,7 @@ impl MapReplica {
         Ok(parked)
     }
 
-    /// Estimated heap of the shard documents held in memory ([`LIVE_OP_BYTES`]).
+    /// Estimated heap of the shard documents held in memory (`LIVE_OP_BYTES`).
     pub fn live_bytes(&self) -> u64 {
         self.shards.values().map(Shard::live_bytes).sum()
     }
