@@ -142,8 +142,8 @@ impl From<syncmesh::Error> for ApiError {
     }
 }
 
-impl From<syncmesh_core::Error> for ApiError {
-    fn from(e: syncmesh_core::Error) -> Self {
+impl From<syncmesh::MapError> for ApiError {
+    fn from(e: syncmesh::MapError) -> Self {
         ApiError::from(syncmesh::Error::Map(e))
     }
 }

@@ -158,7 +158,7 @@ async fn read_body(st: &AppState, req: Request) -> Result<Request, ApiError> {
             54006,
             format!(
                 "the request body is over {BODY_LIMIT} bytes; item data is at most {} bytes",
-                syncmesh_core::limits::MAX_DATA_BYTES
+                syncmesh::limits::MAX_DATA_BYTES
             ),
         )
     };

@@ -4,8 +4,8 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use syncmesh::limits;
 use syncmesh::{Bounds, Item, Order, PageRequest, WriteOptions};
-use syncmesh_core::limits;
 
 use crate::error::ApiError;
 use crate::model::{
@@ -327,7 +327,7 @@ pub async fn set_item(
             };
             map.mutate_with(&key, opts, |d| d.cloned())
                 .await?
-                .ok_or_else(|| syncmesh_core::Error::ItemNotFound(key.clone()))?
+                .ok_or_else(|| syncmesh::MapError::ItemNotFound(key.clone()))?
         }
         (None, None) => {
             return Err(ApiError::invalid(

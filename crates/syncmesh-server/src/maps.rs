@@ -5,8 +5,8 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
+use syncmesh::limits;
 use syncmesh::{MapInfo, MapSpec, OpenMode};
-use syncmesh_core::limits;
 
 use crate::error::ApiError;
 use crate::model::{
@@ -144,7 +144,7 @@ impl MapToken {
             .ok()
             .and_then(|b| serde_json::from_slice::<MapToken>(&b).ok())
             .filter(|t| t.l == Self::LISTING)
-            .ok_or_else(|| syncmesh_core::Error::InvalidPageToken.into())
+            .ok_or_else(|| syncmesh::MapError::InvalidPageToken.into())
     }
 }
 

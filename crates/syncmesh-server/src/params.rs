@@ -7,8 +7,8 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use syncmesh::limits;
 use syncmesh::{JsonObject, Revision, Ttl};
-use syncmesh_core::limits;
 
 use crate::error::{codes, ApiError};
 
@@ -306,7 +306,7 @@ pub async fn if_match_resolved(
                 }))
             }
             // A missing item matches no tag, not even `*`: the write reports it as usual.
-            Err(syncmesh::Error::Map(syncmesh_core::Error::ItemNotFound(_))) => {
+            Err(syncmesh::Error::Map(syncmesh::MapError::ItemNotFound(_))) => {
                 Ok(Some(Revision::from_client(raw.trim())))
             }
             Err(e) => Err(e.into()),
