@@ -100,10 +100,7 @@ impl ApiError {
 impl From<syncmesh::Error> for ApiError {
     fn from(e: syncmesh::Error) -> Self {
         let (status, code) = match &e {
-            syncmesh::Error::Map(m) => (
-                StatusCode::from_u16(m.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
-                m.code(),
-            ),
+            syncmesh::Error::Map(m) => (map_status(m), m.code()),
             syncmesh::Error::EventsPruned { .. } | syncmesh::Error::UnknownEventId { .. } => {
                 (StatusCode::GONE, codes::EVENTS_PRUNED)
             }
@@ -124,10 +121,13 @@ impl From<syncmesh::Error> for ApiError {
                     TrustError::JoinUnderWay => codes::JOIN_UNDER_WAY,
                     _ => codes::INVALID_PARAMETER,
                 };
-                (
-                    StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
-                    code,
-                )
+                let status = match t {
+                    TrustError::Refused(_) => StatusCode::FORBIDDEN,
+                    TrustError::Unreachable(_) => StatusCode::GATEWAY_TIMEOUT,
+                    TrustError::JoinUnderWay => StatusCode::CONFLICT,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                (status, code)
             }
             syncmesh::Error::NoNetwork => (StatusCode::CONFLICT, codes::NO_NETWORK),
             syncmesh::Error::FetchIncomplete { .. } => {
@@ -139,6 +139,22 @@ impl From<syncmesh::Error> for ApiError {
             tracing::error!("request failed: {e}");
         }
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+/// The HTTP status of a broken map rule (docs/http-api.md, ../shared/reference: the Sync Maps
+/// statuses). Only this crate knows HTTP.
+fn map_status(e: &syncmesh::MapError) -> StatusCode {
+    use syncmesh::MapError as E;
+    match e {
+        E::MapNotFound(_) | E::MapRemoved(_) | E::ItemNotFound(_) => StatusCode::NOT_FOUND,
+        E::RevisionMismatch { .. } => StatusCode::PRECONDITION_FAILED,
+        E::ItemExists(_) | E::MapNameTaken(_) => StatusCode::CONFLICT,
+        E::DataTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        E::InvalidChange(_) | E::PermissionDenied(_) => StatusCode::FORBIDDEN,
+        E::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        E::PermissionNotFound(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
     }
 }
 
@@ -162,5 +178,57 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+    use syncmesh::MapError as E;
+
+    #[test]
+    fn codes_and_statuses_follow_the_reference() {
+        let table: &[(E, u32, u16)] = &[
+            (E::MapNotFound("m".into()), 54200, 404),
+            (E::MapRemoved("m".into()), 54200, 404),
+            (E::ItemNotFound("k".into()), 54201, 404),
+            (
+                E::RevisionMismatch {
+                    key: "k".into(),
+                    expected: "a".into(),
+                    current: "b".into(),
+                },
+                54205,
+                412,
+            ),
+            (E::InvalidData("x".into()), 54206, 400),
+            (E::ItemExists("k".into()), 54208, 409),
+            (E::InvalidKey("k".into()), 54209, 400),
+            (E::MapNameTaken("n".into()), 54301, 409),
+            (E::InvalidName("n".into()), 54302, 400),
+            (E::DataTooLarge { size: 20000 }, 54006, 413),
+            (E::InvalidTtl(-1), 54011, 400),
+            (E::InvalidPageSize(0), 54455, 400),
+            (E::InvalidPageToken, 54455, 400),
+            (E::InvalidChange("x".into()), 54007, 403),
+            (E::PermissionDenied("x".into()), 20403, 403),
+            (E::InvalidPermission("x".into()), 20001, 400),
+            (E::PermissionNotFound("x".into()), 20404, 404),
+        ];
+        for (err, code, status) in table {
+            let api = ApiError::from(err.clone());
+            assert_eq!((api.code, api.status.as_u16()), (*code, *status), "{err}");
+        }
+        let closed = ApiError::from(syncmesh::Error::Closed);
+        assert_eq!(closed.status, StatusCode::SERVICE_UNAVAILABLE);
+        let incomplete = ApiError::from(syncmesh::Error::FetchIncomplete {
+            map: "m".into(),
+            why: "cut off".into(),
+        });
+        assert_eq!(incomplete.status, StatusCode::SERVICE_UNAVAILABLE);
+        let refused = ApiError::from(syncmesh::Error::Trust(
+            syncmesh::trust::TrustError::JoinUnderWay,
+        ));
+        assert_eq!(refused.status, StatusCode::CONFLICT);
     }
 }

@@ -133,26 +133,6 @@ impl Error {
             _ => 20500,
         }
     }
-
-    /// The HTTP status the REST API answers with.
-    pub fn http_status(&self) -> u16 {
-        match self {
-            Error::Map(e) => e.http_status(),
-            Error::Closed
-            | Error::WritesStopped(_)
-            | Error::FetchIncomplete { .. }
-            | Error::Start { .. } => 503,
-            Error::EventsPruned { .. } | Error::UnknownEventId { .. } => 410,
-            Error::Trust(t) => match t {
-                crate::trust::TrustError::Refused(_) => 403,
-                crate::trust::TrustError::Unreachable(_) => 504,
-                crate::trust::TrustError::JoinUnderWay => 409,
-                _ => 400,
-            },
-            Error::NoNetwork => 409,
-            _ => 500,
-        }
-    }
 }
 
 /// Shorthand for library results.
