@@ -22,20 +22,32 @@ use redb::{
 };
 use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
 
+mod migrations;
+
 /// Version of the on-disk layout; bumped on any incompatible change.
 pub const SCHEMA_VERSION: u32 = 6;
-/// The oldest schema this build upgrades in place (3 added the `digests` table, 4 the `trust`,
-/// `invites` and `policies` tables, 5 the `sigs` table; 6 changed no table: its documents
-/// hold items written whole, which older builds would read as empty, so they must refuse it).
-const OLDEST_UPGRADABLE: u32 = 2;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
 
+// The tables, each with its key and value layout. A map `sid` is its 34 ASCII bytes; a
+// document key (`doc_key`) is the sid, then 0 for the map document or 1 for a shard, then
+// the incarnation (u64) and the shard index (u16), big-endian, so a map's rows are contiguous
+// and in order.
+
+/// Node-level records: `"schema_version"` → u32 LE; `"event-floor:<sid>"` → u64 LE (the id a
+/// map's next event stays above after a crash); other keys the node's own (opaque here).
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The catalog: sid → `encode_catalog` (a flag and i64 LE next TTL expiry, then the unique
+/// name, UTF-8, empty for none).
 const MAPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("maps");
+/// A document's saved Automerge bytes: document key → snapshot.
 const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
+/// Changes since the snapshot: document key, then the sequence number (u64 BE, increasing per
+/// document) → one Automerge change.
 const CHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
+/// The read view: sid, then the item key (UTF-8) → the view entry (encoded by the core).
 const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
+/// The event feed: sid, then the event id (u64 BE) → the event (encoded by the caller).
 const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
 /// Per map, the digest of its documents' heads as of its last commit, when known: replication
 /// announces stored maps with it without loading them. A commit with changes to a map removes
@@ -547,7 +559,6 @@ fn event_key(sid: &MapSid, id: u64) -> Vec<u8> {
     k
 }
 
-/// The first key after every key starting with `prefix`.
 /// The sequence number ending a change key (a document key, then 8 bytes).
 fn seq_of(change_key: &[u8]) -> Option<u64> {
     let n = change_key.len().checked_sub(8)?;
@@ -556,6 +567,7 @@ fn seq_of(change_key: &[u8]) -> Option<u64> {
         .map(u64::from_be_bytes)
 }
 
+/// The first key after every key starting with `prefix`.
 fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
@@ -603,46 +615,7 @@ impl Store {
             dir_unsynced: std::sync::atomic::AtomicBool::new(false),
         };
         let tx = store.begin_write()?;
-        {
-            let mut meta = tx.open_table(META).map_err(|e| store.err(e))?;
-            let found = meta
-                .get("schema_version")
-                .map_err(|e| store.err(e))?
-                .map(|v| v.value().to_vec());
-            match found {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
-                        .map_err(|e| store.err(e))?;
-                }
-                Some(v) => {
-                    let found = <[u8; 4]>::try_from(v.as_slice())
-                        .map(u32::from_le_bytes)
-                        .map_err(|_| StoreError::Corrupt {
-                            path: store.path.clone(),
-                            detail: "schema version record is malformed".into(),
-                        })?;
-                    if (OLDEST_UPGRADABLE..SCHEMA_VERSION).contains(&found) {
-                        // Upgrades only add tables (opened below); record the new version.
-                        meta.insert("schema_version", SCHEMA_VERSION.to_le_bytes().as_slice())
-                            .map_err(|e| store.err(e))?;
-                    } else if found != SCHEMA_VERSION {
-                        return Err(StoreError::UnknownSchema {
-                            path: store.path.clone(),
-                            found,
-                            supported: SCHEMA_VERSION,
-                        });
-                    }
-                }
-            }
-            for t in [MAPS, SNAPSHOTS, CHANGES, ITEMS, EVENTS] {
-                tx.open_table(t).map_err(|e| store.err(e))?;
-            }
-            tx.open_table(DIGESTS).map_err(|e| store.err(e))?;
-            tx.open_table(TRUST).map_err(|e| store.err(e))?;
-            tx.open_table(INVITES).map_err(|e| store.err(e))?;
-            tx.open_table(POLICIES).map_err(|e| store.err(e))?;
-            tx.open_table(SIGS).map_err(|e| store.err(e))?;
-        }
+        migrations::upgrade(&store, &tx)?;
         tx.commit().map_err(|e| store.err(e))?;
         Ok(store)
     }
