@@ -357,6 +357,9 @@ impl std::fmt::Debug for NetHandle {
     }
 }
 
+/// Network events waiting for the node: a node that falls behind slows the network thread
+/// (which stops reading from peers) rather than growing memory.
+const EVENT_QUEUE: usize = 4096;
 /// Commands waiting for the network thread; beyond this, direct messages are dropped
 /// (replication repairs what is lost) rather than block the node.
 const COMMAND_QUEUE: usize = 16_384;
@@ -473,7 +476,7 @@ impl NetHandle {
 pub fn start(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (ctl, ctl_rx) = mpsc::unbounded_channel();
-    let (ev_tx, ev_rx) = mpsc::channel(4096);
+    let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let me = cfg.keypair.public().to_peer_id();
     let status = Arc::new(tokio::sync::watch::Sender::new(NetStatus::new(
         me,
