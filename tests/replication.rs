@@ -388,7 +388,7 @@ async fn strangers_without_the_key_or_off_the_list_get_nothing() {
 
 /// Waits until `rx` reports that `peer` disconnected, running `poke` until then.
 async fn dropped(
-    rx: &mut tokio::sync::mpsc::Receiver<syncmesh_net::NetEvent>,
+    rx: &mut syncmesh_net::NetEvents,
     peer: syncmesh::PeerId,
     mut poke: impl FnMut(u32),
 ) {

@@ -42,7 +42,7 @@ pub async fn raw_peer(
     to: &Multiaddr,
 ) -> (
     syncmesh_net::NetHandle,
-    tokio::sync::mpsc::Receiver<syncmesh_net::NetEvent>,
+    syncmesh_net::NetEvents,
     syncmesh::PeerId,
 ) {
     let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());

@@ -471,19 +471,94 @@ impl NetHandle {
     }
 }
 
-/// Starts the network on its own thread. Events arrive on the returned receiver (bounded:
+/// Bytes of peers' messages that may wait for the node ([`NetEvents`]): past them the network
+/// thread waits (and reads nothing more from peers) until the node has taken some.
+pub const MAX_QUEUED_RECEIVED_BYTES: usize = 128 << 20;
+
+/// Bytes of received messages queued for the node, shared by the network thread (which waits
+/// while they are over [`MAX_QUEUED_RECEIVED_BYTES`]) and [`NetEvents`] (which frees them).
+#[derive(Default)]
+pub(crate) struct Received {
+    pub(crate) queued: AtomicUsize,
+    pub(crate) freed: tokio::sync::Notify,
+}
+
+impl Received {
+    /// Bytes an event holds of peers' data.
+    pub(crate) fn bytes(ev: &NetEvent) -> usize {
+        match ev {
+            NetEvent::Direct { msgs, .. } => msgs.iter().map(Vec::len).sum(),
+            NetEvent::JoinRequest { request, .. } => request.len(),
+            _ => 0,
+        }
+    }
+
+    /// Waits until `n` more bytes fit (at once when nothing is queued), then counts them.
+    pub(crate) async fn reserve(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        loop {
+            let queued = self.queued.load(Ordering::Acquire);
+            if queued == 0 || queued.saturating_add(n) <= MAX_QUEUED_RECEIVED_BYTES {
+                break;
+            }
+            self.freed.notified().await;
+        }
+        self.queued.fetch_add(n, Ordering::AcqRel);
+    }
+
+    fn release(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.freed.notify_one();
+        }
+    }
+}
+
+/// The network's events for the node: bounded in count (`EVENT_QUEUE`, 4,096) and in bytes of
+/// peers' data ([`MAX_QUEUED_RECEIVED_BYTES`]).
+pub struct NetEvents {
+    rx: mpsc::Receiver<NetEvent>,
+    received: Arc<Received>,
+}
+
+impl std::fmt::Debug for NetEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetEvents").finish_non_exhaustive()
+    }
+}
+
+impl NetEvents {
+    /// The next event; `None` once the network has stopped.
+    pub async fn recv(&mut self) -> Option<NetEvent> {
+        let ev = self.rx.recv().await?;
+        self.received.release(Received::bytes(&ev));
+        Some(ev)
+    }
+
+    /// The next event if one is waiting.
+    pub fn try_recv(&mut self) -> Result<NetEvent, mpsc::error::TryRecvError> {
+        let ev = self.rx.try_recv()?;
+        self.received.release(Received::bytes(&ev));
+        Ok(ev)
+    }
+}
+
+/// Starts the network on its own thread. Events arrive on the returned [`NetEvents`] (bounded:
 /// a slow node slows the network down rather than growing memory).
-pub fn start(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), NetError> {
+pub fn start(cfg: NetConfig) -> Result<(NetHandle, NetEvents), NetError> {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
+    let received = Arc::new(Received::default());
     let me = cfg.keypair.public().to_peer_id();
     let status = Arc::new(tokio::sync::watch::Sender::new(NetStatus::new(
         me,
         cfg.trusts_everyone(),
     )));
     let queued = Arc::new(AtomicUsize::new(0));
-    let runner = swarm::Runner::new(cfg, status.clone(), ev_tx, queued.clone())?;
+    let runner = swarm::Runner::new(cfg, status.clone(), ev_tx, received.clone(), queued.clone())?;
     std::thread::Builder::new()
         .name("syncmesh-net".into())
         .spawn(move || runner.run(rx, ctl_rx))
@@ -495,7 +570,10 @@ pub fn start(cfg: NetConfig) -> Result<(NetHandle, mpsc::Receiver<NetEvent>), Ne
             status,
             queued,
         },
-        ev_rx,
+        NetEvents {
+            rx: ev_rx,
+            received,
+        },
     ))
 }
 
@@ -524,5 +602,31 @@ mod tests {
         assert_eq!(h.queued.load(Ordering::Acquire), 3 * big);
         // Small messages still fit in what is left.
         assert!(h.send(me, vec![0; 1024]));
+    }
+
+    #[test]
+    fn received_messages_wait_for_the_node_past_a_byte_bound() {
+        use futures::FutureExt;
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let received = Arc::new(Received::default());
+        let mut events = NetEvents {
+            rx,
+            received: received.clone(),
+        };
+        let direct = |n: usize| NetEvent::Direct {
+            peer: PeerId::random(),
+            msgs: vec![vec![0; n]],
+        };
+        // One message larger than the bound passes when nothing is queued.
+        let big = MAX_QUEUED_RECEIVED_BYTES / 2 + 1;
+        assert!(received.reserve(big).now_or_never().is_some());
+        tx.try_send(direct(big)).unwrap();
+        // A second one waits, however few events are queued...
+        let mut next = Box::pin(received.reserve(big));
+        assert!((&mut next).now_or_never().is_none());
+        // ...until the node takes the first.
+        assert!(events.try_recv().is_ok());
+        assert!(next.now_or_never().is_some());
+        assert_eq!(received.queued.load(Ordering::Acquire), big);
     }
 }

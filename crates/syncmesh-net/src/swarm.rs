@@ -78,6 +78,8 @@ pub(crate) struct Runner {
     swarm: Swarm<Behaviour>,
     status: crate::StatusCell,
     events: mpsc::Sender<NetEvent>,
+    /// Bytes of peers' data queued in `events`.
+    received: std::sync::Arc<crate::Received>,
     statics: Vec<StaticPeer>,
     /// Direct messages waiting per peer (and their bytes); one request in flight per peer
     /// keeps them in order.
@@ -213,6 +215,7 @@ impl Runner {
         cfg: NetConfig,
         status: crate::StatusCell,
         events: mpsc::Sender<NetEvent>,
+        received: std::sync::Arc<crate::Received>,
         queued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     ) -> Result<Runner, NetError> {
         let rt = Rt(Some(
@@ -261,6 +264,7 @@ impl Runner {
             swarm,
             status,
             events,
+            received,
             statics: Vec::new(),
             outbox: HashMap::new(),
             in_flight: HashSet::new(),
@@ -462,6 +466,9 @@ impl Runner {
     }
 
     async fn emit(&self, ev: NetEvent) {
+        // Peers' data waits for room: a node that falls behind holds at most
+        // `MAX_QUEUED_RECEIVED_BYTES` of it, and this thread reads nothing more meanwhile.
+        self.received.reserve(crate::Received::bytes(&ev)).await;
         // The node is gone when this fails: the thread is about to be told to stop.
         let _ = self.events.send(ev).await;
     }

@@ -319,7 +319,7 @@ impl Node {
     fn start(
         store: Store,
         data_dir: Option<PathBuf>,
-        net: Option<(NetHandle, mpsc::Receiver<syncmesh_net::NetEvent>)>,
+        net: Option<(NetHandle, syncmesh_net::NetEvents)>,
         hold_all: bool,
         book: crate::trust::TrustBook,
         listens: bool,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use syncmesh_core::replication::{MapHost, Outgoing, Replicator};
 use syncmesh_core::{DocAddr, MapInfo, MapRef, MapReplica, MapSid, MapSpec, OpenMode, Timestamp};
 use syncmesh_net::{NetEvent, NetHandle, PeerId};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::Engine;
 use crate::error::{Error, Result};
@@ -28,7 +28,7 @@ struct Want {
 /// The network part of an engine.
 pub(crate) struct Net {
     pub handle: NetHandle,
-    pub rx: mpsc::Receiver<NetEvent>,
+    pub rx: syncmesh_net::NetEvents,
     pub(crate) rep: Option<Replicator>,
     /// Trusted peers that are up.
     pub(crate) peers: HashMap<String, PeerId>,
@@ -57,7 +57,7 @@ pub(crate) const ROUND_PEER_BYTES: usize = 256 << 10;
 impl Net {
     pub(crate) fn new(
         handle: NetHandle,
-        rx: mpsc::Receiver<NetEvent>,
+        rx: syncmesh_net::NetEvents,
         hold_all: bool,
         fetch_timeout: Duration,
     ) -> Net {
