@@ -26,16 +26,33 @@ fn child_runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A child's data directory (from `dir_var`) and round, or `None` in a normal test run.
+fn child_args(dir_var: &str) -> Option<(String, u64)> {
+    let dir = std::env::var(dir_var).ok()?;
+    let round = std::env::var("SYNCMESH_CRASH_ROUND").ok()?.parse().ok()?;
+    Some((dir, round))
+}
+
+/// The kill points' seed: `SYNCMESH_SEED`, else the clock (printed, so a failure replays).
+fn kill_seed(what: &str) -> u64 {
+    let seed = std::env::var("SYNCMESH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(7, |d| d.as_nanos() as u64)
+        });
+    eprintln!("{what} seed {seed} (set SYNCMESH_SEED to replay the kill points)");
+    seed
+}
+
 /// The writer. A no-op in a normal test run; the crash test starts it in a child process.
 #[test]
 fn crash_child() {
-    let Ok(dir) = std::env::var("SYNCMESH_CRASH_DIR") else {
+    let Some((dir, round)) = child_args("SYNCMESH_CRASH_DIR") else {
         return;
     };
-    let round: u64 = std::env::var("SYNCMESH_CRASH_ROUND")
-        .unwrap()
-        .parse()
-        .unwrap();
     child_runtime().block_on(async move {
         let node = Node::open(&dir).await.unwrap();
         let m = node.map("crash").await.unwrap();
@@ -64,15 +81,7 @@ fn crash_child() {
 async fn sigkill_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let seed: u64 = std::env::var("SYNCMESH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(7, |d| d.as_nanos() as u64)
-        });
-    eprintln!("crash test seed {seed} (set SYNCMESH_SEED to replay the kill points)");
+    let seed = kill_seed("crash test");
     let mut rng = seed;
     let mut all_acked: Vec<(u64, String)> = Vec::new();
     for round in 0..ROUNDS {
@@ -386,13 +395,9 @@ async fn all_keys(m: &syncmesh::Map) -> std::collections::BTreeSet<String> {
 /// `Node::compact`.
 #[test]
 fn compact_child() {
-    let Ok(dir) = std::env::var("SYNCMESH_COMPACT_DIR") else {
+    let Some((dir, round)) = child_args("SYNCMESH_COMPACT_DIR") else {
         return;
     };
-    let round: u64 = std::env::var("SYNCMESH_CRASH_ROUND")
-        .unwrap()
-        .parse()
-        .unwrap();
     child_runtime().block_on(async move {
         let node = Node::builder()
             .data_dir(&dir)
@@ -434,15 +439,7 @@ fn compact_child() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_compaction_loses_nothing_and_repeats_no_event_id() {
     let dir = tempfile::tempdir().unwrap();
-    let seed: u64 = std::env::var("SYNCMESH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(7, |d| d.as_nanos() as u64)
-        });
-    eprintln!("compaction crash test seed {seed} (SYNCMESH_SEED replays the kill points)");
+    let seed = kill_seed("compaction crash test");
     let mut rng = seed;
     let mut acked: Vec<String> = Vec::new();
     let mut seen = std::collections::BTreeMap::new();
