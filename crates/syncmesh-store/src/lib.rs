@@ -1235,6 +1235,30 @@ impl Store {
         Ok(used)
     }
 
+    /// Per table: its name, the bytes of its keys and values, and the bytes of its B-tree
+    /// pages beyond them (metadata and unused space in its pages). Walks every table: for
+    /// measurements, not for a hot path.
+    pub fn table_bytes(&self) -> Result<Vec<(String, u64, u64)>> {
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        macro_rules! measure {
+            ($($t:expr),*) => {$({
+                use redb::ReadableTableMetadata;
+                let t = tx.open_table($t).map_err(|e| self.err(e))?;
+                let st = t.stats().map_err(|e| self.err(e))?;
+                out.push((
+                    $t.name().to_string(),
+                    st.stored_bytes(),
+                    st.metadata_bytes() + st.fragmented_bytes(),
+                ));
+            })*};
+        }
+        measure!(META, TRUST, MAPS, SNAPSHOTS, CHANGES, ITEMS, EVENTS, INVITES, POLICIES, SIGS);
+        measure!(DIGESTS);
+        Ok(out)
+    }
+
     /// Bytes used on disk by the database file (0 in memory).
     pub fn disk_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())

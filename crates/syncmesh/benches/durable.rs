@@ -182,6 +182,29 @@ async fn open_time(label: &str, maps: usize, items: usize) {
         f.file as f64 / 1e6,
         disk as f64 / 1e6
     );
+    {
+        // Where the bytes are: per table, keys and values, then the pages around them.
+        let store =
+            syncmesh_store::Store::open(dir.path(), syncmesh_store::StoreOptions::default())
+                .unwrap();
+        let parts: Vec<String> = store
+            .table_bytes()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, stored, _)| *stored > 0)
+            .map(|(name, stored, pages)| {
+                format!(
+                    "{name} {:.0}+{:.0}",
+                    stored as f64 / n as f64,
+                    pages as f64 / n as f64
+                )
+            })
+            .collect();
+        println!(
+            "  {label}: bytes/item per table (data+pages): {}",
+            parts.join(", ")
+        );
+    }
     let heap0 = heap();
     let t = Instant::now();
     let node = Node::open(dir.path()).await.unwrap();
