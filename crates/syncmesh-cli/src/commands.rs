@@ -729,7 +729,7 @@ pub async fn compact(c: &Client, out: Out) -> Outcome {
         mb("used_bytes"),
         r["seconds"].as_f64().unwrap_or(0.0),
         if r["file"] == "busy" {
-            "; the file was left as it was: writes outpaced the rewrite (try again)"
+            "; the file was left as it was: writes outpaced the rewrite or the disk lacks room for a copy (see the node's log; try again)"
         } else {
             ""
         }

@@ -29,6 +29,8 @@ use syncmesh_core::{
 
 #[path = "support/rng.rs"]
 mod rng;
+#[path = "support/stored_view.rs"]
+mod stored_view;
 use rng::Rng;
 
 const MAPS: &[&str] = &["m1", "m2"];
@@ -385,15 +387,7 @@ impl Sim {
             node.stored.events.extend(m.take_events());
             let vc = m.take_view_changes(now).expect("view changes");
             let view = node.stored.view.entry(sid.clone()).or_default();
-            if vc.reset {
-                view.clear();
-            }
-            for (k, e) in vc.entries {
-                match e {
-                    Some(e) => view.insert(k, e),
-                    None => view.remove(&k),
-                };
-            }
+            stored_view::apply(view, vc);
             if !out.is_empty() {
                 gossip.push((sid, out, sigs));
             }

@@ -594,7 +594,8 @@ pub struct CompactionReport {
     /// How long it took, in seconds.
     pub seconds: f64,
     /// What compacting the file did: `done`, `nothing` (no free space to give back), or
-    /// `busy` (writes outpaced the rewrite, or the node was closing; the file is left as it
+    /// `busy` (writes outpaced the rewrite, the disk lacked room for a copy, or the node was
+    /// closing; the file is left as it
     /// was until the next call).
     pub file: String,
 }

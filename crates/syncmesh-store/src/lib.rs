@@ -368,8 +368,8 @@ pub enum FileCompaction {
     Done,
     /// There was nothing to give back.
     Nothing,
-    /// The file was left as it was (writes outpaced the rewrite, or the store is closing):
-    /// try again later.
+    /// The file was left as it was (writes outpaced the rewrite, the disk lacks room for a
+    /// copy, or the store is closing): try again later.
     Busy,
 }
 

@@ -579,8 +579,8 @@ impl Node {
     /// so the space this and earlier pruning freed goes back to the file system (the file
     /// otherwise keeps its largest size and reuses free space inside). Resolves when that is
     /// on disk, with what the file compaction did: [`FileCompaction::Busy`] when writes
-    /// outpaced the rewrite or the node was closing (the file is left as it is until the next
-    /// call).
+    /// outpaced the rewrite, the disk lacked room for a copy, or the node was closing (the
+    /// file is left as it is until the next call).
     ///
     /// The node keeps serving meanwhile: snapshots are taken and stored between commands and
     /// commits, and the file is copied beside itself while writes go on; writes wait only

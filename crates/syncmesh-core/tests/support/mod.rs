@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the report
 
+mod stored_view;
+
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -71,15 +73,7 @@ impl Peer {
             self.events.extend(m.take_events());
             let vc = m.take_view_changes(now).expect("view changes");
             let view = self.stored_view.entry(m.sid().clone()).or_default();
-            if vc.reset {
-                view.clear();
-            }
-            for (k, e) in vc.entries {
-                match e {
-                    Some(e) => view.insert(k, e),
-                    None => view.remove(&k),
-                };
-            }
+            stored_view::apply(view, vc);
         }
     }
 
