@@ -57,9 +57,9 @@ pub use event::{Event, EventKind, EventView, Item, MapInfo};
 pub use ids::{MapSid, NodeId, Revision, Timestamp};
 pub use limits::Ttl;
 pub use map::{
-    check_change, check_changes, decode_sync, needs_manage, Checked, DecodedSync, DocAddr,
-    Durability, Identity, ItemConflicts, MapReplica, OutgoingChange, StoredDoc, ViewChanges,
-    WriteOptions, MAX_ITEMS_PER_CHANGE,
+    check_change, check_changes, decode_sync, entry_data, entry_item, needs_manage, version_entry,
+    Checked, DecodedSync, DocAddr, Durability, Identity, ItemConflicts, MapReplica, OutgoingChange,
+    StoredDoc, ViewChanges, WriteOptions, MAX_ITEMS_PER_CHANGE,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};
 pub use policy::{Permission, Policy};

@@ -6,7 +6,8 @@
 //!   document replaces them ([`Store::compact_doc`]);
 //! - the map's read-view entries ([`syncmesh_core::ViewChanges`]), so reopening a map is one
 //!   pass over its entries, not a replay of its documents;
-//! - the event feed, by event id, so a subscriber can resume from any retained id.
+//! - the event feed, by event id, so a subscriber can resume from any retained id; its events
+//!   name the item versions they wrote and replaced rather than copying them (`feed`).
 //!
 //! Every [`Store::commit`] is one redb write transaction: all of a batch or none of it is on
 //! disk, and with [`StoreOptions::durable`] (the default) it is fsynced before `commit` returns.
@@ -20,12 +21,16 @@ use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableHandle,
     WriteTransaction,
 };
-use syncmesh_core::{DocAddr, MapSid, StoredDoc, ViewChanges};
+use syncmesh_core::{DocAddr, Event, MapSid, StoredDoc, ViewChanges};
 
+mod feed;
 mod migrations;
 
+pub use feed::{FeedEvent, FeedKind};
+use feed::{Op, Sink, Tables, FEED, MAP_NUMBERS, VERSIONS, VIEW};
+
 /// Version of the on-disk layout; bumped on any incompatible change.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
 
@@ -45,10 +50,7 @@ const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots
 /// Changes since the snapshot: document key, then the sequence number (u64 BE, increasing per
 /// document) → one Automerge change.
 const CHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
-/// The read view: sid, then the item key (UTF-8) → the view entry (encoded by the core).
-const ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
-/// The event feed: sid, then the event id (u64 BE) → the event (encoded by the caller).
-const EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+// The read view, the event feed and the item versions it names: see `feed`.
 /// Per map, the digest of its documents' heads as of its last commit, when known: replication
 /// announces stored maps with it without loading them. A commit with changes to a map removes
 /// its digest in the same transaction, so a stored digest is never stale.
@@ -181,8 +183,8 @@ pub struct MapWrite {
     pub changes: Vec<(DocAddr, Vec<u8>)>,
     /// How its view changed.
     pub view: ViewChanges,
-    /// New events: id and encoded event.
-    pub events: Vec<(u64, Vec<u8>)>,
+    /// New events, in order.
+    pub events: Vec<FeedEvent>,
     /// Signatures of its changes to keep: change hash and encoded signature (empty: forget
     /// what is kept for that hash).
     pub sigs: Vec<([u8; 32], Vec<u8>)>,
@@ -273,7 +275,7 @@ impl Batch {
                         .iter()
                         .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
                         .sum::<usize>()
-                    + m.events.iter().map(|(_, b)| b.len()).sum::<usize>()
+                    + m.events.iter().map(FeedEvent::bytes).sum::<usize>()
             })
             .sum()
     }
@@ -316,16 +318,23 @@ pub struct DocReplacement {
 /// idempotent (a commit's change records keep the sequence numbers they were stored under), so
 /// it may be replayed over a copy that already holds some of it.
 enum Rewritten {
-    Commit(Batch, Vec<u64>),
+    /// A batch, the sequence numbers its changes took, and its writes to the feed's tables.
+    Commit(Batch, Vec<u64>, Vec<Op>),
     Replace(Vec<DocReplacement>),
 }
 
-/// Where a committed batch's change records take their sequence numbers from.
+/// Where a committed batch's change records take their sequence numbers from, and how its
+/// view and events are written.
 enum Seqs<'a> {
-    /// The next of each document (cached per document key), recording each one taken.
-    Next(&'a mut HashMap<Vec<u8>, u64>, &'a mut Vec<u64>),
-    /// Those recorded when the batch was first committed, in order.
-    Recorded(&'a [u64]),
+    /// The next of each document (cached per document key), recording each one taken; the
+    /// feed's writes are derived from the stored state, and recorded when a vector is given.
+    Next(
+        &'a mut HashMap<Vec<u8>, u64>,
+        &'a mut Vec<u64>,
+        Option<&'a mut Vec<Op>>,
+    ),
+    /// Those recorded when the batch was first committed, in order, and its feed writes.
+    Recorded(&'a [u64], &'a [Op]),
 }
 
 /// Writes committed since a file rewrite took its snapshot.
@@ -543,20 +552,6 @@ fn release_gradually(f: &std::fs::File) {
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-}
-
-fn item_key(sid: &MapSid, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(34 + key.len());
-    k.extend_from_slice(sid.as_str().as_bytes());
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-fn event_key(sid: &MapSid, id: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(42);
-    k.extend_from_slice(sid.as_str().as_bytes());
-    k.extend_from_slice(&id.to_be_bytes());
-    k
 }
 
 /// The sequence number ending a change key (a document key, then 8 bytes).
@@ -792,19 +787,14 @@ impl Store {
                 .changes
                 .push(v.value().to_vec());
         }
-        let items = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
-        let mut entries = Vec::new();
-        for row in items
-            .range(prefix.as_slice()..end.as_slice())
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            let key = std::str::from_utf8(&k.value()[34..])
-                .map_err(|_| self.corrupt("item key is not UTF-8"))?
-                .to_string();
-            entries.push((key, v.value().to_vec()));
-        }
-        let events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let num = {
+            let numbers = tx.open_table(MAP_NUMBERS).map_err(|e| self.err(e))?;
+            self.number_of(&numbers, sid)?
+        };
+        let entries = match num {
+            Some(num) => self.read_view(&tx, num)?,
+            None => Vec::new(),
+        };
         // Ids up to the floor may have been published by commits a crash took back: the
         // next event comes after it, so none is reused.
         let meta = tx.open_table(META).map_err(|e| self.err(e))?;
@@ -813,7 +803,7 @@ impl Store {
             .map_err(|e| self.err(e))?
             .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
             .map_or(0, u64::from_le_bytes);
-        let last_event_id = self.last_id(&events, sid)?.max(floor);
+        let last_event_id = self.feed_end(&tx, sid, true)?.unwrap_or(0).max(floor);
         let mut sigs = Vec::new();
         let table = tx.open_table(SIGS).map_err(|e| self.err(e))?;
         for row in table
@@ -844,79 +834,41 @@ impl Store {
     }
 
     /// Stored events of a map with ids after `after`, oldest first, at most `limit`.
-    pub fn events_after(
-        &self,
-        sid: &MapSid,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>> {
-        self.events_after_within(sid, after, limit, usize::MAX)
+    pub fn events_after(&self, sid: &MapSid, after: u64, limit: usize) -> Result<Vec<Event>> {
+        Ok(self
+            .events_after_within(sid, after, limit, usize::MAX)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
     }
 
     /// [`Self::events_after`], stopping once the events read reach `max_bytes` (at least one
-    /// event is read), so a page costs bounded memory whatever the events' size.
+    /// event is read), so a page costs bounded memory whatever the events' size. Each event
+    /// comes with the bytes read for it.
     pub fn events_after_within(
         &self,
         sid: &MapSid,
         after: u64,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>> {
+    ) -> Result<Vec<(Event, usize)>> {
         let db = self.db();
         let tx = db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
-        let start = event_key(sid, after.saturating_add(1));
-        let end = prefix_end(sid.as_str().as_bytes());
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for row in t
-            .range(start.as_slice()..end.as_slice())
-            .map_err(|e| self.err(e))?
-            .take(limit)
-        {
-            if bytes >= max_bytes {
-                break;
-            }
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            let id = k
-                .value()
-                .get(34..42)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .ok_or_else(|| self.corrupt("event key"))?;
-            let v = v.value().to_vec();
-            bytes = bytes.saturating_add(v.len());
-            out.push((id, v));
-        }
-        Ok(out)
+        self.read_events(&tx, sid, after, limit, max_bytes)
     }
 
     /// The newest stored event id of a map (0 if none).
     pub fn last_event_id(&self, sid: &MapSid) -> Result<u64> {
         let db = self.db();
         let tx = db.begin_read().map_err(|e| self.err(e))?;
-        let t = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
-        self.last_id(&t, sid)
-    }
-
-    /// The id in the last event key of a map (0 if none).
-    fn last_id(&self, events: &redb::ReadOnlyTable<&[u8], &[u8]>, sid: &MapSid) -> Result<u64> {
-        let start = sid.as_str().as_bytes().to_vec();
-        let end = prefix_end(&start);
-        Ok(events
-            .range(start.as_slice()..end.as_slice())
-            .map_err(|e| self.err(e))?
-            .next_back()
-            .transpose()
-            .map_err(|e| self.err(e))?
-            .and_then(|(k, _)| k.value().get(34..42).map(|b| b.to_vec()))
-            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes))
+        Ok(self.feed_end(&tx, sid, true)?.unwrap_or(0))
     }
 
     /// The oldest retained event id of a map (events before it were pruned), if any.
     pub fn first_event_id(&self, sid: &MapSid) -> Result<Option<u64>> {
-        Ok(self.events_after(sid, 0, 1)?.first().map(|(id, _)| *id))
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
+        self.feed_end(&tx, sid, false)
     }
 
     fn next_seq(
@@ -971,15 +923,21 @@ impl Store {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut taken = Vec::new();
-        let result = self.write_batch(&tx, batch, Seqs::Next(&mut seqs, &mut taken));
+        let mut ops = Vec::new();
+        let record = log.as_ref().is_some_and(|l| !l.overflow);
+        let result = self.write_batch(
+            &tx,
+            batch,
+            Seqs::Next(&mut seqs, &mut taken, record.then_some(&mut ops)),
+        );
         let result = result.and_then(|()| tx.commit().map_err(|e| self.err(e)));
         if result.is_err() {
             // Nothing was written: the cached sequence numbers may be ahead of the table;
             // they are read back from it when next needed.
             seqs.clear();
         } else if let Some(log) = log.as_mut() {
-            let bytes = batch.bytes() + 64;
-            log.record(Rewritten::Commit(batch.clone(), taken), bytes);
+            let bytes = batch.bytes() + ops.iter().map(Op::bytes).sum::<usize>() + 64;
+            log.record(Rewritten::Commit(batch.clone(), taken, ops), bytes);
         }
         result
     }
@@ -993,8 +951,7 @@ impl Store {
         }
         let mut maps = tx.open_table(MAPS).map_err(|e| self.err(e))?;
         let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-        let mut items = tx.open_table(ITEMS).map_err(|e| self.err(e))?;
-        let mut events = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let mut feed = Tables::open(tx).map_err(|e| self.err(e))?;
         let mut digests = tx.open_table(DIGESTS).map_err(|e| self.err(e))?;
         let mut sigs = tx.open_table(SIGS).map_err(|e| self.err(e))?;
         for m in &batch.maps {
@@ -1021,12 +978,12 @@ impl Store {
             for (doc, bytes) in &m.changes {
                 let dk = doc_key(sid, *doc);
                 let seq = match &mut seqs {
-                    Seqs::Next(next, taken) => {
+                    Seqs::Next(next, taken, _) => {
                         let seq = self.next_seq(next, &changes, &dk)?;
                         taken.push(seq);
                         seq
                     }
-                    Seqs::Recorded(given) => {
+                    Seqs::Recorded(given, _) => {
                         let seq =
                             given
                                 .get(recorded)
@@ -1045,41 +1002,17 @@ impl Store {
                     .insert(ck.as_slice(), bytes.as_slice())
                     .map_err(|e| self.err(e))?;
             }
-            if m.view.reset {
-                let start = sid_bytes.to_vec();
-                let end = prefix_end(&start);
-                items
-                    .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
-                    .map_err(|e| self.err(e))?;
+            if let Seqs::Next(_, _, record) = &mut seqs {
+                let mut sink = Sink {
+                    t: &mut feed,
+                    record: record.as_deref_mut(),
+                };
+                self.write_feed(&mut sink, sid, &m.view, &m.events)?;
             }
-            for (key, entry) in &m.view.entries {
-                let ik = item_key(sid, key);
-                match entry {
-                    Some(e) => {
-                        items
-                            .insert(ik.as_slice(), e.as_slice())
-                            .map_err(|e| self.err(e))?;
-                    }
-                    None => {
-                        items.remove(ik.as_slice()).map_err(|e| self.err(e))?;
-                    }
-                }
-            }
-            let mut prune_below = None;
-            for (id, bytes) in &m.events {
-                events
-                    .insert(event_key(sid, *id).as_slice(), bytes.as_slice())
-                    .map_err(|e| self.err(e))?;
-                if id % 1024 == 0 && *id > self.opts.event_retention {
-                    prune_below = Some(id - self.opts.event_retention);
-                }
-            }
-            if let Some(below) = prune_below {
-                let start = event_key(sid, 0);
-                let end = event_key(sid, below);
-                events
-                    .retain_in(start.as_slice()..end.as_slice(), |_, _| false)
-                    .map_err(|e| self.err(e))?;
+        }
+        if let Seqs::Recorded(_, ops) = &seqs {
+            for op in ops.iter() {
+                feed.apply(op).map_err(|e| self.err(e))?;
             }
         }
         for (sid, digest) in &batch.digests {
@@ -1254,8 +1187,8 @@ impl Store {
                 ));
             })*};
         }
-        measure!(META, TRUST, MAPS, SNAPSHOTS, CHANGES, ITEMS, EVENTS, INVITES, POLICIES, SIGS);
-        measure!(DIGESTS);
+        measure!(META, TRUST, MAPS, SNAPSHOTS, CHANGES, INVITES, POLICIES, SIGS);
+        measure!(MAP_NUMBERS, VIEW, FEED, VERSIONS, DIGESTS);
         Ok(out)
     }
 
@@ -1406,8 +1339,10 @@ impl Store {
             MAPS.name(),
             SNAPSHOTS.name(),
             CHANGES.name(),
-            ITEMS.name(),
-            EVENTS.name(),
+            MAP_NUMBERS.name(),
+            VIEW.name(),
+            FEED.name(),
+            VERSIONS.name(),
             INVITES.name(),
             POLICIES.name(),
             SIGS.name(),
@@ -1439,7 +1374,8 @@ impl Store {
             )*};
         }
         copy!(META, TRUST);
-        copy!(MAPS, SNAPSHOTS, CHANGES, ITEMS, EVENTS, INVITES, POLICIES, SIGS);
+        copy!(MAPS, SNAPSHOTS, CHANGES, INVITES, POLICIES, SIGS);
+        copy!(MAP_NUMBERS, VIEW, FEED, VERSIONS);
         copy!(DIGESTS);
         Ok(Some(new))
     }
@@ -1521,8 +1457,8 @@ impl Store {
             while bytes < REWRITE_CHUNK_BYTES {
                 let Some((op, n)) = ops.next() else { break };
                 match &op {
-                    Rewritten::Commit(b, given) => {
-                        self.write_batch(&tx, b, Seqs::Recorded(given))?
+                    Rewritten::Commit(b, given, feed) => {
+                        self.write_batch(&tx, b, Seqs::Recorded(given, feed))?
                     }
                     Rewritten::Replace(docs) => self.write_replacements(&tx, docs)?,
                 }
@@ -1569,6 +1505,16 @@ mod tests {
         MapSid::for_name("users")
     }
 
+    /// An event that names no item: tests of other tables need only its id.
+    fn filler_event(id: u64) -> FeedEvent {
+        FeedEvent {
+            id,
+            is_local: false,
+            date: id as i64,
+            kind: FeedKind::MapRemoved,
+        }
+    }
+
     fn write(
         store: &Store,
         changes: Vec<(DocAddr, Vec<u8>)>,
@@ -1588,10 +1534,7 @@ mod tests {
                         .map(|(k, v)| (k.to_string(), v.map(|v| v.to_vec())))
                         .collect(),
                 },
-                events: events
-                    .into_iter()
-                    .map(|i| (i, format!("e{i}").into_bytes()))
-                    .collect(),
+                events: events.into_iter().map(filler_event).collect(),
                 sigs: Vec::new(),
             }],
             ..Batch::default()
@@ -1642,7 +1585,7 @@ mod tests {
             s.events_after(&sid(), 1, 10)
                 .unwrap()
                 .iter()
-                .map(|e| e.0)
+                .map(|e| e.id)
                 .collect::<Vec<_>>(),
             vec![2, 3]
         );
@@ -1679,15 +1622,12 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.map(<[u8]>::to_vec)))
                     .collect(),
             },
-            events: events
-                .into_iter()
-                .map(|i| (i, format!("e{i}").into_bytes()))
-                .collect(),
+            events: events.into_iter().map(filler_event).collect(),
             sigs: Vec::new(),
         }
     }
 
-    type Contents = (Vec<CatalogEntry>, String, Vec<(u64, Vec<u8>)>);
+    type Contents = (Vec<CatalogEntry>, String, Vec<Event>);
 
     /// Everything a store holds of a map, to compare two stores.
     fn contents(s: &Store, sid: &MapSid) -> Contents {
@@ -1823,11 +1763,8 @@ mod tests {
         let db = s.db();
         let tx = db.begin_read().unwrap();
         assert_eq!(s.compact_file().unwrap(), FileCompaction::Done);
-        let held = tx.open_table(ITEMS).unwrap();
-        assert!(held
-            .get(item_key(&sid(), "a").as_slice())
-            .unwrap()
-            .is_some());
+        let held = tx.open_table(VIEW).unwrap();
+        assert!(held.iter().unwrap().next().is_some());
         drop(held);
         drop(tx);
         drop(db);
@@ -1888,6 +1825,9 @@ mod tests {
         let writer = {
             let (s, stop) = (s.clone(), stop.clone());
             std::thread::spawn(move || {
+                // Another map's items and events as well: the feed's derived writes (versions
+                // moved, events pruned) must reach the new file as they were made.
+                let mut model = feed::tests::Model::new("feed", 7);
                 let mut n = 0u32;
                 while !stop.load(std::sync::atomic::Ordering::Acquire) || n < 200 {
                     let key = format!("w{n}");
@@ -1897,9 +1837,14 @@ mod tests {
                         vec![(key.as_str(), Some(b"v"))],
                         vec![3001 + u64::from(n)],
                     );
+                    s.commit(&Batch {
+                        maps: vec![model.batch(3, 50)],
+                        ..Batch::default()
+                    })
+                    .unwrap();
                     n += 1;
                 }
-                n
+                (n, model)
             })
         };
         let mut outcomes = Vec::new();
@@ -1907,7 +1852,7 @@ mod tests {
             outcomes.push(s.compact_file().unwrap());
         }
         stop.store(true, std::sync::atomic::Ordering::Release);
-        let written = writer.join().unwrap();
+        let (written, model) = writer.join().unwrap();
         assert_eq!(outcomes[0], FileCompaction::Done, "{outcomes:?}");
         let check = |s: &Store| {
             let changes = doc_changes(s, shard);
@@ -1916,6 +1861,7 @@ mod tests {
             let m = s.load_map(&sid()).unwrap().unwrap();
             assert_eq!(m.entries.len(), written as usize);
             assert_eq!(m.last_event_id, 3000 + u64::from(written));
+            model.check(s);
         };
         check(&s);
         let s = std::sync::Arc::into_inner(s).unwrap();
@@ -2121,6 +2067,76 @@ mod tests {
         assert!(s.load_map(&sid()).unwrap().is_some());
         let v = s.get_meta("schema_version").unwrap().unwrap();
         assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
+    }
+
+    #[test]
+    fn a_schema_6_feed_of_json_events_is_rewritten_with_every_event_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || StoreOptions {
+            event_retention: 1500,
+            ..StoreOptions::default()
+        };
+        let mut model = feed::tests::Model::new("old", 3);
+        {
+            let s = Store::open(dir.path(), opts()).unwrap();
+            // The history as schema 6 stored it: whole events as JSON, pruned to retention.
+            for round in 0..600 {
+                let w = model.batch(1 + round % 5, 40);
+                s.commit(&Batch {
+                    maps: vec![MapWrite {
+                        events: Vec::new(),
+                        view: ViewChanges::default(),
+                        ..w
+                    }],
+                    ..Batch::default()
+                })
+                .unwrap();
+            }
+            let tx = s.db().begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 6u32.to_le_bytes().as_slice())
+                .unwrap();
+            {
+                let old_items: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
+                let old_events: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+                let mut items = tx.open_table(old_items).unwrap();
+                for (k, item) in &model.items {
+                    let mut key = model.sid.as_str().as_bytes().to_vec();
+                    key.extend_from_slice(k.as_bytes());
+                    let e = syncmesh_core::version_entry(item).unwrap();
+                    items.insert(key.as_slice(), e.as_slice()).unwrap();
+                }
+                let mut events = tx.open_table(old_events).unwrap();
+                let last = model.events.last().unwrap().id;
+                for e in model.events.iter().filter(|e| e.id + 1000 > last) {
+                    let mut key = model.sid.as_str().as_bytes().to_vec();
+                    key.extend_from_slice(&e.id.to_be_bytes());
+                    let json = serde_json::to_vec(e).unwrap();
+                    events.insert(key.as_slice(), json.as_slice()).unwrap();
+                }
+            }
+            for t in [VIEW, FEED, VERSIONS, MAP_NUMBERS] {
+                tx.delete_table(t).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let v = s.get_meta("schema_version").unwrap().unwrap();
+        assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
+        model.check(&s);
+        // The feed goes on from there, and old events are pruned with their versions.
+        for _ in 0..600 {
+            s.commit(&Batch {
+                maps: vec![model.batch(4, 40)],
+                ..Batch::default()
+            })
+            .unwrap();
+        }
+        model.check(&s);
+        drop(s);
+        let s = Store::open(dir.path(), opts()).unwrap();
+        model.check(&s);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use syncmesh_core::{
     MapRef, MapReplica, MapSid, MapSpec, Page, PageRequest, Revision, Signature, Timestamp, Ttl,
     WriteOptions,
 };
-use syncmesh_store::{Batch, FileCompaction, MapWrite, Store, StoreError};
+use syncmesh_store::{Batch, FeedEvent, FileCompaction, MapWrite, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
@@ -1239,14 +1239,14 @@ impl Engine {
             let evs = m.take_events();
             let mut encoded = Vec::with_capacity(evs.len());
             for e in evs {
-                let bytes = match serde_json::to_vec(&e) {
-                    Ok(b) => {
-                        let n = b.len();
-                        encoded.push((e.id, b));
+                let bytes = match FeedEvent::from_event(&e) {
+                    Some(f) => {
+                        let n = f.bytes();
+                        encoded.push(f);
                         n
                     }
-                    Err(err) => {
-                        tracing::error!("event {} cannot be encoded: {err}", e.id);
+                    None => {
+                        tracing::error!("event {} cannot be stored", e.id);
                         0
                     }
                 };
@@ -1377,7 +1377,7 @@ impl Engine {
             // (the commit that reserves is fsynced, so it is durable before any event past the
             // old floor is published); after a crash a map goes on past its floor.
             for w in &batch.maps {
-                let (Some(sid), Some(&(last, _))) = (&w.sid, w.events.last()) else {
+                let (Some(sid), Some(last)) = (&w.sid, w.events.last().map(|e| e.id)) else {
                     continue;
                 };
                 let floor = self.event_floors.entry(sid.clone()).or_insert(0);

@@ -1001,8 +1001,8 @@ impl Map {
                         };
                         // Cut by count or by bytes: read on until a page comes back empty.
                         let full = !page.is_empty();
-                        if let Some((first, _)) = page.first() {
-                            if *first > from.saturating_add(1) && !gap_allowed {
+                        if let Some(first) = page.first().map(|(e, _)| e.id) {
+                            if first > from.saturating_add(1) && !gap_allowed {
                                 // Pruned while this subscriber was behind: say so and stop,
                                 // rather than silently skip.
                                 let _ = tx
@@ -1010,7 +1010,7 @@ impl Map {
                                         Err(Error::EventsPruned {
                                             map: sid.to_string(),
                                             from: from.saturating_add(1),
-                                            to: *first,
+                                            to: first,
                                         }),
                                         0,
                                     )
@@ -1019,17 +1019,10 @@ impl Map {
                             }
                         }
                         gap_allowed = false;
-                        for (id, bytes) in page {
-                            from = id;
-                            match serde_json::from_slice::<Event>(&bytes) {
-                                Ok(ev) => {
-                                    if tx.send(Ok(ev), bytes.len()).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e) => {
-                                    tracing::warn!(map = %sid, "stored event {id} is unreadable: {e}")
-                                }
+                        for (ev, bytes) in page {
+                            from = ev.id;
+                            if tx.send(Ok(ev), bytes).await.is_err() {
+                                return;
                             }
                         }
                         last = Some(from);

@@ -49,7 +49,7 @@ pub use check::{check_change, check_changes, decode_sync, needs_manage, Checked,
 pub use pending::MAX_ITEMS_PER_CHANGE;
 pub(crate) use read::policy_at;
 pub use shard::StoredDoc;
-pub use view::ViewChanges;
+pub use view::{entry_data, entry_item, version_entry, ViewChanges};
 
 /// Which Automerge document of a map a change belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -57,6 +57,46 @@ pub(super) fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
     })
 }
 
+/// The view entry of an item as an event carries it: the form in which a store keeps an item
+/// version its event feed refers to, interchangeable with the entries of [`ViewChanges`] (the
+/// bookkeeping only the view uses is left empty). `None` for a revision this crate did not
+/// make.
+pub fn version_entry(item: &Item) -> Option<Vec<u8>> {
+    let revision = u64::from_str_radix(item.revision.as_str(), 16).ok()?;
+    let mut nodes = Nodes::default();
+    let st = ItemState {
+        data: serde_json::to_string(&item.data).ok()?.into_boxed_str(),
+        meta: ViewMeta {
+            created: item.date_created.millis(),
+            updated: item.date_updated.millis(),
+            expires: item
+                .date_expires
+                .map_or(i64::MIN, |e| e.millis().max(i64::MIN + 1)),
+            created_by: nodes.intern(item.created_by),
+            conflicted: false,
+            no_fields: false,
+        },
+        max_stamp: 0,
+        revision,
+    };
+    Some(encode_entry(&st, &nodes))
+}
+
+/// The item a view entry (or [`version_entry`]) holds, under `key`; `None` for bytes that are
+/// not an entry.
+pub fn entry_item(key: &str, entry: &[u8]) -> Option<Item> {
+    let mut nodes = Nodes::default();
+    let st = decode_entry(entry, &mut nodes)?;
+    Some(st.to_item(key, &nodes))
+}
+
+/// The JSON text of the data a view entry holds.
+pub fn entry_data(entry: &[u8]) -> Option<&str> {
+    let mut nodes = Nodes::default();
+    decode_entry(entry, &mut nodes)?;
+    std::str::from_utf8(entry.get(ENTRY_HEADER..)?).ok()
+}
+
 /// One item in the read view. The data is kept as compact JSON text: a parsed
 /// `serde_json::Map` costs several times more memory per item than its text.
 #[derive(Debug, Clone, PartialEq)]
@@ -235,5 +275,32 @@ mod tests {
         let mut not_object = b[..ENTRY_HEADER].to_vec();
         not_object.extend_from_slice(b"[1]");
         assert!(decode_entry(&not_object, &mut fresh).is_none());
+    }
+
+    #[test]
+    fn an_item_survives_its_version_entry() {
+        let mut nodes = Nodes::default();
+        let data: JsonObject = serde_json::from_str(r#"{"a":1,"b":"x"}"#).unwrap();
+        let meta = ItemMeta {
+            stamp: 3,
+            created: Timestamp::from_millis(10),
+            updated: Timestamp::from_millis(20),
+            expires: None,
+            created_by: NodeId([7; 16]),
+            writer: NodeId([7; 16]),
+        };
+        let st = ItemState::new(&data, &meta, 3, 0xfeed, &mut nodes);
+        let item = st.to_item("k", &nodes);
+        let e = version_entry(&item).unwrap();
+        assert_eq!(entry_item("k", &e).unwrap(), item);
+        assert_eq!(entry_data(&e), Some(r#"{"a":1,"b":"x"}"#));
+        // a view entry serves as well
+        let v = encode_entry(&st, &nodes);
+        assert_eq!(entry_item("k", &v).unwrap(), item);
+        assert!(entry_item("k", &e[..5]).is_none());
+        assert!(entry_data(b"garbage").is_none());
+        let mut odd = item.clone();
+        odd.revision = Revision::from_client("not-hex");
+        assert!(version_entry(&odd).is_none());
     }
 }
