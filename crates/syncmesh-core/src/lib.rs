@@ -47,6 +47,7 @@ mod map;
 pub mod paging;
 pub mod policy;
 pub mod replication;
+pub mod varint;
 
 pub use authorship::{Signature, Signer};
 /// A change's hash (Automerge's).

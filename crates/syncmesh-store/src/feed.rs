@@ -224,26 +224,7 @@ impl Sink<'_, '_> {
     }
 }
 
-fn put_varint(b: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        b.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    b.push(v as u8);
-}
-
-fn get_varint(b: &[u8], at: &mut usize) -> Option<u64> {
-    let mut v = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*at)?;
-        *at += 1;
-        v |= u64::from(byte & 0x7f).checked_shl(shift)?;
-        if byte & 0x80 == 0 {
-            return Some(v);
-        }
-    }
-    None
-}
+use syncmesh_core::varint::{get as get_varint, put as put_varint};
 
 pub(crate) fn num_prefix(num: u32) -> [u8; 4] {
     num.to_be_bytes()
@@ -322,7 +303,7 @@ fn encode_record(r: &Record<'_>) -> Vec<u8> {
         Prev::Inline(_) => PREV_INLINE,
     };
     b.push(r.kind | if r.is_local { LOCAL } else { 0 } | prev);
-    put_varint(&mut b, ((r.date << 1) ^ (r.date >> 63)) as u64);
+    syncmesh_core::varint::put_signed(&mut b, r.date);
     if r.kind != MAP_REMOVED {
         put_varint(&mut b, r.key.len() as u64);
         b.extend_from_slice(r.key.as_bytes());
@@ -342,8 +323,7 @@ fn decode_record(b: &[u8]) -> Option<Record<'_>> {
     }
     let kind = flags & 3;
     let mut at = 1;
-    let z = get_varint(b, &mut at)?;
-    let date = ((z >> 1) as i64) ^ -((z & 1) as i64);
+    let date = syncmesh_core::varint::get_signed(b, &mut at)?;
     let key = if kind == MAP_REMOVED {
         ""
     } else {
@@ -1087,10 +1067,5 @@ pub(crate) mod tests {
         }
         assert!(decode_record(&[0xff, 0]).is_none());
         assert!(decode_record(&[PREV_REF | PREV_INLINE, 0, 0]).is_none());
-        let mut v = Vec::new();
-        put_varint(&mut v, u64::MAX);
-        let mut at = 0;
-        assert_eq!(get_varint(&v, &mut at), Some(u64::MAX));
-        assert!(get_varint(&[0x80; 11], &mut 0).is_none());
     }
 }

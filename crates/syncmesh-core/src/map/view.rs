@@ -12,37 +12,109 @@ pub struct ViewChanges {
     pub entries: Vec<(String, Option<Vec<u8>>)>,
 }
 
-pub(super) const ENTRY_VERSION: u8 = 1;
-pub(super) const ENTRY_HEADER: usize = 1 + 8 * 5 + 16 + 1;
+/// Entries written before schema 7: fixed-width fields.
+const ENTRY_V1: u8 = 1;
+const ENTRY_V1_HEADER: usize = 1 + 8 * 5 + 16 + 1;
+/// Entries since: variable-width fields.
+const ENTRY_V2: u8 = 2;
+const CONFLICTED: u8 = 1;
+const NO_FIELDS: u8 = 2;
+const EXPIRES: u8 = 4;
 
-/// A view entry as stored: version, stamps, revision, dates, creator, then the JSON text.
+/// A view entry as stored: version, flags, the item's clock (LEB128), revision (8 bytes),
+/// creation (zigzag LEB128), last update and expiry (each relative to creation), creator
+/// (16 bytes), then the JSON text.
 pub(super) fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
-    let mut b = Vec::with_capacity(ENTRY_HEADER + st.data.len());
-    b.push(ENTRY_VERSION);
-    b.extend_from_slice(&st.max_stamp.to_le_bytes());
+    use crate::varint;
+    let mut b = Vec::with_capacity(48 + st.data.len());
+    b.push(ENTRY_V2);
+    let expires = st.meta.expires != i64::MIN;
+    let mut flags = 0;
+    for (on, flag) in [
+        (st.meta.conflicted, CONFLICTED),
+        (st.meta.no_fields, NO_FIELDS),
+        (expires, EXPIRES),
+    ] {
+        if on {
+            flags |= flag;
+        }
+    }
+    b.push(flags);
+    varint::put(&mut b, st.max_stamp);
     b.extend_from_slice(&st.revision.to_le_bytes());
-    b.extend_from_slice(&st.meta.created.to_le_bytes());
-    b.extend_from_slice(&st.meta.updated.to_le_bytes());
-    b.extend_from_slice(&st.meta.expires.to_le_bytes());
+    varint::put_signed(&mut b, st.meta.created);
+    varint::put_signed(&mut b, st.meta.updated.wrapping_sub(st.meta.created));
+    if expires {
+        varint::put_signed(&mut b, st.meta.expires.wrapping_sub(st.meta.created));
+    }
     b.extend_from_slice(&nodes.get(st.meta.created_by).0);
-    b.push(u8::from(st.meta.conflicted) | (u8::from(st.meta.no_fields) << 1));
     b.extend_from_slice(st.data.as_bytes());
     b
 }
 
+/// An entry's item state and where its JSON text starts.
+fn decode_entry_at(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
+    let (st, at) = match *b.first()? {
+        ENTRY_V1 => decode_v1(b, nodes)?,
+        ENTRY_V2 => decode_v2(b, nodes)?,
+        _ => return None,
+    };
+    Some((st, at))
+}
+
 pub(super) fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
-    if b.len() < ENTRY_HEADER || b[0] != ENTRY_VERSION {
+    decode_entry_at(b, nodes).map(|(st, _)| st)
+}
+
+/// The text after the header: not parsed here, as reopening a 1M-item map must stay one
+/// cheap pass; the store's checksums guard the bytes, and serde_json wrote it from an object.
+fn entry_text(b: &[u8], at: usize) -> Option<Box<str>> {
+    let data = std::str::from_utf8(b.get(at..)?).ok()?;
+    (data.starts_with('{') && data.ends_with('}')).then(|| data.into())
+}
+
+fn decode_v2(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
+    use crate::varint;
+    let flags = *b.get(1)?;
+    if flags & !(CONFLICTED | NO_FIELDS | EXPIRES) != 0 {
+        return None;
+    }
+    let mut at = 2;
+    let max_stamp = varint::get(b, &mut at)?;
+    let revision = u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?);
+    at += 8;
+    let created = varint::get_signed(b, &mut at)?;
+    let updated = created.wrapping_add(varint::get_signed(b, &mut at)?);
+    let expires = if flags & EXPIRES != 0 {
+        created.wrapping_add(varint::get_signed(b, &mut at)?)
+    } else {
+        i64::MIN
+    };
+    let created_by = nodes.intern(NodeId::from_slice(b.get(at..at + 16)?)?);
+    at += 16;
+    let st = ItemState {
+        data: entry_text(b, at)?,
+        meta: ViewMeta {
+            created,
+            updated,
+            expires,
+            created_by,
+            conflicted: flags & CONFLICTED != 0,
+            no_fields: flags & NO_FIELDS != 0,
+        },
+        max_stamp,
+        revision,
+    };
+    Some((st, at))
+}
+
+fn decode_v1(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
+    if b.len() < ENTRY_V1_HEADER {
         return None;
     }
     let w = |i: usize| -> Option<[u8; 8]> { b.get(i..i + 8)?.try_into().ok() };
-    // Not parsed here: reopening a 1M-item map must stay one cheap pass; the store's
-    // checksums guard the bytes, and the text was written by serde_json from an object.
-    let data = std::str::from_utf8(&b[ENTRY_HEADER..]).ok()?;
-    if !(data.starts_with('{') && data.ends_with('}')) {
-        return None;
-    }
-    Some(ItemState {
-        data: data.into(),
+    let st = ItemState {
+        data: entry_text(b, ENTRY_V1_HEADER)?,
         meta: ViewMeta {
             created: i64::from_le_bytes(w(17)?),
             updated: i64::from_le_bytes(w(25)?),
@@ -54,7 +126,8 @@ pub(super) fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
         },
         max_stamp: u64::from_le_bytes(w(1)?),
         revision: u64::from_le_bytes(w(9)?),
-    })
+    };
+    Some((st, ENTRY_V1_HEADER))
 }
 
 /// The view entry of an item as an event carries it: the form in which a store keeps an item
@@ -93,8 +166,8 @@ pub fn entry_item(key: &str, entry: &[u8]) -> Option<Item> {
 /// The JSON text of the data a view entry holds.
 pub fn entry_data(entry: &[u8]) -> Option<&str> {
     let mut nodes = Nodes::default();
-    decode_entry(entry, &mut nodes)?;
-    std::str::from_utf8(entry.get(ENTRY_HEADER..)?).ok()
+    let (_, at) = decode_entry_at(entry, &mut nodes)?;
+    std::str::from_utf8(entry.get(at..)?).ok()
 }
 
 /// One item in the read view. The data is kept as compact JSON text: a parsed
@@ -272,9 +345,30 @@ mod tests {
         let mut bad = b.clone();
         bad[0] = 9;
         assert!(decode_entry(&bad, &mut fresh).is_none());
-        let mut not_object = b[..ENTRY_HEADER].to_vec();
+        let header = b.len() - st.data.len();
+        let mut not_object = b[..header].to_vec();
         not_object.extend_from_slice(b"[1]");
         assert!(decode_entry(&not_object, &mut fresh).is_none());
+        // Entries stored before schema 7 (fixed-width fields) still read.
+        let mut v1 = vec![ENTRY_V1];
+        for x in [9u64, 77, 1, 2, 3] {
+            v1.extend_from_slice(&x.to_le_bytes());
+        }
+        v1.extend_from_slice(&[4; 16]);
+        v1.push(3);
+        v1.extend_from_slice(st.data.as_bytes());
+        let old = decode_entry(&v1, &mut fresh).unwrap();
+        assert_eq!(old, back);
+        assert!(decode_entry(&v1[..30], &mut fresh).is_none());
+        // Negative and far-apart dates survive their relative encoding.
+        let mut far = st.clone();
+        far.meta.created = i64::MIN + 1;
+        far.meta.updated = i64::MAX;
+        far.meta.expires = i64::MIN;
+        let f = decode_entry(&encode_entry(&far, &nodes), &mut fresh).unwrap();
+        assert_eq!(f.meta, far.meta);
+        // and the new form is smaller
+        assert!(b.len() + 15 < v1.len(), "{} vs {}", b.len(), v1.len());
     }
 
     #[test]
