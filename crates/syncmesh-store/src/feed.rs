@@ -174,6 +174,11 @@ impl<'tx> Tables<'tx> {
         })
     }
 
+    /// The map numbers table.
+    pub(crate) fn numbers(&self) -> &BytesTable<'tx> {
+        &self.numbers
+    }
+
     fn table(&mut self, t: T) -> &mut BytesTable<'tx> {
         match t {
             T::Numbers => &mut self.numbers,
@@ -361,7 +366,7 @@ struct MapFeed {
 
 impl Store {
     /// A map's number, given out now if it has none.
-    fn number_for(&self, sink: &mut Sink<'_, '_>, sid: &MapSid) -> Result<u32> {
+    pub(crate) fn number_for(&self, sink: &mut Sink<'_, '_>, sid: &MapSid) -> Result<u32> {
         let sid_key = sid.as_str().as_bytes();
         if let Some(v) = sink.get(T::Numbers, sid_key).map_err(|e| self.err(e))? {
             return self.decode_number(&v);
@@ -409,15 +414,14 @@ impl Store {
         }
     }
 
-    /// Writes one map's view changes and events.
+    /// Writes the view changes and events of the map numbered `num`.
     pub(crate) fn write_feed(
         &self,
         sink: &mut Sink<'_, '_>,
-        sid: &MapSid,
+        num: u32,
         view: &ViewChanges,
         events: &[FeedEvent],
     ) -> Result<()> {
-        let num = self.number_for(sink, sid)?;
         let mut w = MapFeed {
             num,
             touched: HashMap::new(),

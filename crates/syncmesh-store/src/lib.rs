@@ -34,8 +34,9 @@ pub const SCHEMA_VERSION: u32 = 7;
 /// Name of the database file inside the data directory.
 pub const DB_FILE: &str = "syncmesh.redb";
 
-// The tables, each with its key and value layout. A map `sid` is its 34 ASCII bytes; a
-// document key (`doc_key`) is the sid, then 0 for the map document or 1 for a shard, then
+// The tables, each with its key and value layout. A map `sid` is its 34 ASCII bytes; a map
+// number (`feed::MAP_NUMBERS`) is 4 bytes (u32 BE); a document key (`doc_key`) is the map
+// number, then 0 for the map document or 1 for a shard, then
 // the incarnation (u64) and the shard index (u16), big-endian, so a map's rows are contiguous
 // and in order.
 
@@ -264,6 +265,18 @@ impl Batch {
         self.policies.extend(later.policies);
     }
 
+    /// The batch without its map writes.
+    fn clone_without_maps(&self) -> Batch {
+        Batch {
+            maps: Vec::new(),
+            meta: self.meta.clone(),
+            digests: self.digests.clone(),
+            trust: self.trust.clone(),
+            invites: self.invites.clone(),
+            policies: self.policies.clone(),
+        }
+    }
+
     /// Bytes the batch carries (changes, view entries, events), roughly.
     pub fn bytes(&self) -> usize {
         self.maps
@@ -320,7 +333,8 @@ pub struct DocReplacement {
 enum Rewritten {
     /// A batch, the sequence numbers its changes took, and its writes to the feed's tables.
     Commit(Batch, Vec<u64>, Vec<Op>),
-    Replace(Vec<DocReplacement>),
+    /// Replacements, and the writes that gave their maps a number.
+    Replace(Vec<DocReplacement>, Vec<Op>),
 }
 
 /// Where a committed batch's change records take their sequence numbers from, and how its
@@ -487,9 +501,9 @@ fn decode_catalog(b: &[u8]) -> Option<(Option<String>, Option<i64>)> {
     Some(((!name.is_empty()).then(|| name.to_string()), next_expiry))
 }
 
-fn doc_key(sid: &MapSid, doc: DocAddr) -> Vec<u8> {
-    let mut k = Vec::with_capacity(45);
-    k.extend_from_slice(sid.as_str().as_bytes());
+fn doc_key(num: u32, doc: DocAddr) -> Vec<u8> {
+    let mut k = Vec::with_capacity(23);
+    k.extend_from_slice(&num.to_be_bytes());
     match doc {
         DocAddr::Meta => {
             k.push(0);
@@ -506,7 +520,7 @@ fn doc_key(sid: &MapSid, doc: DocAddr) -> Vec<u8> {
 }
 
 fn parse_doc_key(k: &[u8]) -> Option<DocAddr> {
-    let rest = k.get(34..45)?;
+    let rest = k.get(4..15)?;
     let inc = u64::from_be_bytes(rest.get(1..9)?.try_into().ok()?);
     let index = u16::from_be_bytes(rest.get(9..11)?.try_into().ok()?);
     match rest[0] {
@@ -763,7 +777,12 @@ impl Store {
         {
             return Ok(None);
         }
-        let prefix = sid.as_str().as_bytes().to_vec();
+        let num = {
+            let numbers = tx.open_table(MAP_NUMBERS).map_err(|e| self.err(e))?;
+            self.number_of(&numbers, sid)?
+        };
+        // A map in the catalog without a number has no rows yet (no number is ever 0).
+        let prefix = feed::num_prefix(num.unwrap_or(0)).to_vec();
         let end = prefix_end(&prefix);
         let mut docs: std::collections::BTreeMap<DocAddr, StoredDoc> = Default::default();
         let snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
@@ -787,10 +806,6 @@ impl Store {
                 .changes
                 .push(v.value().to_vec());
         }
-        let num = {
-            let numbers = tx.open_table(MAP_NUMBERS).map_err(|e| self.err(e))?;
-            self.number_of(&numbers, sid)?
-        };
         let entries = match num {
             Some(num) => self.read_view(&tx, num)?,
             None => Vec::new(),
@@ -936,8 +951,25 @@ impl Store {
             // they are read back from it when next needed.
             seqs.clear();
         } else if let Some(log) = log.as_mut() {
-            let bytes = batch.bytes() + ops.iter().map(Op::bytes).sum::<usize>() + 64;
-            log.record(Rewritten::Commit(batch.clone(), taken, ops), bytes);
+            // The view and events are replayed from `ops`: the batch is kept without them.
+            let rest = Batch {
+                maps: batch
+                    .maps
+                    .iter()
+                    .map(|m| MapWrite {
+                        sid: m.sid.clone(),
+                        name: m.name.clone(),
+                        next_expiry: m.next_expiry,
+                        changes: m.changes.clone(),
+                        view: ViewChanges::default(),
+                        events: Vec::new(),
+                        sigs: m.sigs.clone(),
+                    })
+                    .collect(),
+                ..batch.clone_without_maps()
+            };
+            let bytes = rest.bytes() + ops.iter().map(Op::bytes).sum::<usize>() + 64;
+            log.record(Rewritten::Commit(rest, taken, ops), bytes);
         }
         result
     }
@@ -954,11 +986,29 @@ impl Store {
         let mut feed = Tables::open(tx).map_err(|e| self.err(e))?;
         let mut digests = tx.open_table(DIGESTS).map_err(|e| self.err(e))?;
         let mut sigs = tx.open_table(SIGS).map_err(|e| self.err(e))?;
+        if let Seqs::Recorded(_, ops) = &seqs {
+            // Recorded first: they give the numbers of maps first stored by this batch.
+            for op in ops.iter() {
+                feed.apply(op).map_err(|e| self.err(e))?;
+            }
+        }
         for m in &batch.maps {
             let Some(sid) = &m.sid else { continue };
             let sid_bytes = sid.as_str().as_bytes();
+            let num = match &mut seqs {
+                Seqs::Next(_, _, record) => self.number_for(
+                    &mut Sink {
+                        t: &mut feed,
+                        record: record.as_deref_mut(),
+                    },
+                    sid,
+                )?,
+                Seqs::Recorded(..) => self
+                    .number_of(feed.numbers(), sid)?
+                    .ok_or_else(|| self.corrupt("replayed write of a map without a number"))?,
+            };
             for (hash, sig) in &m.sigs {
-                let mut k = sid_bytes.to_vec();
+                let mut k = feed::num_prefix(num).to_vec();
                 k.extend_from_slice(hash);
                 if sig.is_empty() {
                     sigs.remove(k.as_slice()).map_err(|e| self.err(e))?;
@@ -976,7 +1026,7 @@ impl Store {
                 digests.remove(sid_bytes).map_err(|e| self.err(e))?;
             }
             for (doc, bytes) in &m.changes {
-                let dk = doc_key(sid, *doc);
+                let dk = doc_key(num, *doc);
                 let seq = match &mut seqs {
                     Seqs::Next(next, taken, _) => {
                         let seq = self.next_seq(next, &changes, &dk)?;
@@ -1007,12 +1057,7 @@ impl Store {
                     t: &mut feed,
                     record: record.as_deref_mut(),
                 };
-                self.write_feed(&mut sink, sid, &m.view, &m.events)?;
-            }
-        }
-        if let Seqs::Recorded(_, ops) = &seqs {
-            for op in ops.iter() {
-                feed.apply(op).map_err(|e| self.err(e))?;
+                self.write_feed(&mut sink, num, &m.view, &m.events)?;
             }
         }
         for (sid, digest) in &batch.digests {
@@ -1070,12 +1115,16 @@ impl Store {
     /// The sequence number of a document's last stored change (0 if none): what a snapshot
     /// taken now covers ([`DocReplacement::through`]).
     pub fn last_change_seq(&self, sid: &MapSid, doc: DocAddr) -> Result<u64> {
-        let dk = doc_key(sid, doc);
+        let db = self.db();
+        let tx = db.begin_read().map_err(|e| self.err(e))?;
+        let numbers = tx.open_table(MAP_NUMBERS).map_err(|e| self.err(e))?;
+        let Some(num) = self.number_of(&numbers, sid)? else {
+            return Ok(0);
+        };
+        let dk = doc_key(num, doc);
         if let Some(s) = self.seqs.lock().unwrap_or_else(|p| p.into_inner()).get(&dk) {
             return Ok(*s);
         }
-        let db = self.db();
-        let tx = db.begin_read().map_err(|e| self.err(e))?;
         let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
         self.stored_last_seq(&changes, &dk)
     }
@@ -1104,13 +1153,17 @@ impl Store {
         let mut log = self.writes.lock().unwrap_or_else(|p| p.into_inner());
         let tx = self.begin_write()?;
         let mut seqs = self.seqs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ops = Vec::new();
+        let record = log.as_ref().is_some_and(|l| !l.overflow);
+        let nums = self.doc_numbers(&tx, docs, Some(record.then_some(&mut ops)))?;
         // Sequence numbers never go back below what a replacement covers: a change stored
         // after it, numbered from an emptied log, would otherwise fall under a later
         // replacement of the same document queued before that change existed.
         {
             let changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-            for d in docs {
-                let dk = doc_key(&d.sid, d.doc);
+            for (d, num) in docs.iter().zip(&nums) {
+                let Some(num) = num else { continue };
+                let dk = doc_key(*num, d.doc);
                 let last = match seqs.get(&dk) {
                     Some(s) => *s,
                     None => self.stored_last_seq(&changes, &dk)?,
@@ -1119,7 +1172,7 @@ impl Store {
             }
         }
         let result = self
-            .write_replacements(&tx, docs)
+            .write_replacements(&tx, docs, &nums)
             .and_then(|()| tx.commit().map_err(|e| self.err(e)));
         if result.is_err() {
             seqs.clear();
@@ -1130,16 +1183,50 @@ impl Store {
                 .iter()
                 .map(|d| d.snapshot.as_ref().map_or(0, Vec::len) + 64)
                 .sum();
-            log.record(Rewritten::Replace(docs.to_vec()), bytes);
+            log.record(Rewritten::Replace(docs.to_vec(), ops), bytes);
         }
         Ok(())
     }
 
-    fn write_replacements(&self, tx: &WriteTransaction, docs: &[DocReplacement]) -> Result<()> {
+    /// The number of each replaced document's map: given out for a snapshot of a map that has
+    /// none yet when `allocate` is given (its writes recorded in the inner vector, if any),
+    /// else `None` (nothing of that map is stored).
+    fn doc_numbers(
+        &self,
+        tx: &WriteTransaction,
+        docs: &[DocReplacement],
+        allocate: Option<Option<&mut Vec<Op>>>,
+    ) -> Result<Vec<Option<u32>>> {
+        let mut tables = Tables::open(tx).map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(docs.len());
+        let mut record = allocate;
+        for d in docs {
+            let num = match (&mut record, &d.snapshot) {
+                (Some(rec), Some(_)) => Some(self.number_for(
+                    &mut Sink {
+                        t: &mut tables,
+                        record: rec.as_deref_mut(),
+                    },
+                    &d.sid,
+                )?),
+                _ => self.number_of(tables.numbers(), &d.sid)?,
+            };
+            out.push(num);
+        }
+        Ok(out)
+    }
+
+    fn write_replacements(
+        &self,
+        tx: &WriteTransaction,
+        docs: &[DocReplacement],
+        nums: &[Option<u32>],
+    ) -> Result<()> {
         let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| self.err(e))?;
         let mut changes = tx.open_table(CHANGES).map_err(|e| self.err(e))?;
-        for d in docs {
-            let dk = doc_key(&d.sid, d.doc);
+        for (d, num) in docs.iter().zip(nums) {
+            let Some(num) = num else { continue };
+            let dk = doc_key(*num, d.doc);
             match &d.snapshot {
                 Some(s) => snaps.insert(dk.as_slice(), s.as_slice()).map(|_| ()),
                 None => snaps.remove(dk.as_slice()).map(|_| ()),
@@ -1460,7 +1547,16 @@ impl Store {
                     Rewritten::Commit(b, given, feed) => {
                         self.write_batch(&tx, b, Seqs::Recorded(given, feed))?
                     }
-                    Rewritten::Replace(docs) => self.write_replacements(&tx, docs)?,
+                    Rewritten::Replace(docs, feed) => {
+                        {
+                            let mut t = Tables::open(&tx).map_err(|e| self.err(e))?;
+                            for op in feed {
+                                t.apply(op).map_err(|e| self.err(e))?;
+                            }
+                        }
+                        let nums = self.doc_numbers(&tx, docs, None)?;
+                        self.write_replacements(&tx, docs, &nums)?
+                    }
                 }
                 bytes += n;
             }
@@ -2116,6 +2212,22 @@ mod tests {
                     events.insert(key.as_slice(), json.as_slice()).unwrap();
                 }
             }
+            // Documents and signatures as schema 6 keyed them: by sid.
+            let mut dk = model.sid.as_str().as_bytes().to_vec();
+            dk.push(1);
+            dk.extend_from_slice(&0u64.to_be_bytes());
+            dk.extend_from_slice(&5u16.to_be_bytes());
+            let mut ck = dk.clone();
+            ck.extend_from_slice(&1u64.to_be_bytes());
+            let mut sk = model.sid.as_str().as_bytes().to_vec();
+            sk.extend_from_slice(&[7; 32]);
+            for (t, k, v) in [
+                (SNAPSHOTS, dk, b"old-snap".as_slice()),
+                (CHANGES, ck, b"old-change"),
+                (SIGS, sk, b"sig"),
+            ] {
+                tx.open_table(t).unwrap().insert(k.as_slice(), v).unwrap();
+            }
             for t in [VIEW, FEED, VERSIONS, MAP_NUMBERS] {
                 tx.delete_table(t).unwrap();
             }
@@ -2125,6 +2237,13 @@ mod tests {
         let v = s.get_meta("schema_version").unwrap().unwrap();
         assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
         model.check(&s);
+        let m = s.load_map(&model.sid).unwrap().unwrap();
+        let shard = DocAddr::Shard { inc: 0, index: 5 };
+        let doc = &m.docs.iter().find(|(d, _)| *d == shard).unwrap().1;
+        assert_eq!(doc.snapshot.as_deref(), Some(b"old-snap".as_slice()));
+        assert_eq!(doc.changes, vec![b"old-change".to_vec()]);
+        assert_eq!(m.sigs, vec![([7; 32], b"sig".to_vec())]);
+        assert_eq!(s.last_change_seq(&model.sid, shard).unwrap(), 1);
         // The feed goes on from there, and old events are pruned with their versions.
         for _ in 0..600 {
             s.commit(&Batch {

@@ -101,13 +101,17 @@ fn feed_from_json(store: &Store, tx: &WriteTransaction) -> Result<()> {
             reset: false,
             entries: entries.into_iter().map(|(k, e)| (k, Some(e))).collect(),
         };
-        store.write_feed(&mut sink, sid, &view, &events)?;
+        let num = store.number_for(&mut sink, sid)?;
+        store.write_feed(&mut sink, num, &view, &events)?;
     }
     for t in [OLD_ITEMS, OLD_EVENTS] {
         tx.delete_table(t).map_err(|e| store.err(e))?;
     }
+    for t in [SNAPSHOTS, CHANGES, SIGS] {
+        moved += rekey(store, tx, t)?;
+    }
     tracing::info!(
-        "store upgraded to schema 7: {moved} view entries and events of {} maps rewritten",
+        "store upgraded to schema 7: {moved} rows of {} maps rewritten",
         sids.len()
     );
     Ok(())
@@ -150,4 +154,58 @@ fn old_rows(
         }
     }
     Ok((entries, events))
+}
+
+/// Schema 7: the rows of a table keyed by a map's sid (34 bytes, `MP` then hex) are keyed by
+/// its number instead, a chunk at a time (numbers stay far below `MP` as big-endian bytes, so
+/// rekeyed rows never fall back into the range still to do).
+fn rekey(
+    store: &Store,
+    tx: &WriteTransaction,
+    def: TableDefinition<&[u8], &[u8]>,
+) -> Result<usize> {
+    let mut nums: std::collections::HashMap<Vec<u8>, u32> = Default::default();
+    let mut moved = 0;
+    loop {
+        let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
+            let t = tx.open_table(def).map_err(|e| store.err(e))?;
+            let rows = t
+                .range(b"MP".as_slice()..b"MQ".as_slice())
+                .map_err(|e| store.err(e))?
+                .take(4096);
+            let mut chunk = Vec::new();
+            for row in rows {
+                let (k, v) = row.map_err(|e| store.err(e))?;
+                chunk.push((k.value().to_vec(), v.value().to_vec()));
+            }
+            chunk
+        };
+        if chunk.is_empty() {
+            return Ok(moved);
+        }
+        moved += chunk.len();
+        let mut tables = Tables::open(tx).map_err(|e| store.err(e))?;
+        let mut t = tx.open_table(def).map_err(|e| store.err(e))?;
+        for (k, v) in chunk {
+            let sid_bytes = k.get(..34).ok_or_else(|| store.corrupt("sid-keyed row"))?;
+            let num = match nums.get(sid_bytes) {
+                Some(n) => *n,
+                None => {
+                    let sid = store.sid_key(sid_bytes, "a sid-keyed row")?;
+                    let mut sink = Sink {
+                        t: &mut tables,
+                        record: None,
+                    };
+                    let n = store.number_for(&mut sink, &sid)?;
+                    nums.insert(sid_bytes.to_vec(), n);
+                    n
+                }
+            };
+            let mut nk = num.to_be_bytes().to_vec();
+            nk.extend_from_slice(&k[34..]);
+            t.insert(nk.as_slice(), v.as_slice())
+                .map_err(|e| store.err(e))?;
+            t.remove(k.as_slice()).map_err(|e| store.err(e))?;
+        }
+    }
 }
