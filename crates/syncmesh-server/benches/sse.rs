@@ -6,6 +6,12 @@
 //! socket (the item carries the write's timestamp; the process has one clock).
 //!
 //! `cargo bench -p syncmesh-server --bench sse` (`-- <seconds>`, default 30).
+//!
+//! With `-- processes`, the four nodes are `syncmesh node` daemons instead (a release build:
+//! `cargo build --release -p syncmesh-cli` first, or `SYNCMESH_BIN=<path>`), peered over
+//! libp2p with `--trust-all` on 127.0.0.1, and the writer goes through their HTTP API too
+//! (form-encoded `POST .../Items` then `POST .../Items/<key>`, one keep-alive connection per
+//! node): the setup of issue 18's measurement.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench code: a panic is the report
 
@@ -95,12 +101,170 @@ async fn subscribe(addr: std::net::SocketAddr, until: Instant) -> Vec<u64> {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (free when asked; the daemon binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `syncmesh node` daemons, killed when dropped.
+struct Daemons(Vec<std::process::Child>);
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection: sends a request, reads the whole answer; its status.
+struct Http {
+    r: BufReader<tokio::net::TcpStream>,
+    addr: std::net::SocketAddr,
+}
+
+impl Http {
+    async fn connect(addr: std::net::SocketAddr) -> Http {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        Http {
+            r: BufReader::new(s),
+            addr,
+        }
+    }
+
+    async fn send(&mut self, method: &str, path: &str, form: &str) -> u16 {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            self.addr,
+            form.len()
+        );
+        self.r.get_mut().write_all(req.as_bytes()).await.unwrap();
+        let mut line = String::new();
+        self.r.read_line(&mut line).await.unwrap();
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.r.read_line(&mut line).await.unwrap();
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        tokio::io::AsyncReadExt::read_exact(&mut self.r, &mut body)
+            .await
+            .unwrap();
+        status
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Starts four daemons peered with the first, each holding every map; their HTTP addresses.
+async fn daemons(dirs: &[tempfile::TempDir]) -> (Daemons, Vec<std::net::SocketAddr>) {
+    let bin = std::env::var("SYNCMESH_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/syncmesh").to_string()
+    });
+    let p2p: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+    let mut children = Daemons(Vec::new());
+    let mut addrs = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let http: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(d.path())
+            .args(["--http", &http.to_string()])
+            .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", p2p[i])])
+            .args(["--trust-all", "--no-mdns", "--hold-all-maps"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(d.path().join("log")).unwrap());
+        if i > 0 {
+            cmd.args(["--peer", &format!("/ip4/127.0.0.1/tcp/{}", p2p[0])]);
+        }
+        children.0.push(cmd.spawn().unwrap_or_else(|e| {
+            panic!("{bin}: {e} (build it: cargo build --release -p syncmesh-cli)")
+        }));
+        addrs.push(http);
+    }
+    // Up when each answers; the map, created on the first, is then held by every node.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut conns = Vec::new();
+    for a in &addrs {
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "a daemon did not start (see its log)"
+            );
+            if tokio::net::TcpStream::connect(a).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        conns.push(Http::connect(*a).await);
+    }
+    let status = conns[0]
+        .send("POST", "/v1/Services/default/Maps", "UniqueName=load")
+        .await;
+    assert!(status == 201 || status == 409, "create map: {status}");
+    for c in &mut conns {
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "the map did not reach every node"
+            );
+            if c.send("GET", "/v1/Services/default/Maps/load", "").await == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    (children, addrs)
+}
+
+/// The writer of the process mode: the `k`th write, on node `k % NODES`.
+async fn write_http(conns: &mut [Http], k: u64) {
+    let key = format!("k{}", k % 2000);
+    let data = json!({"t": now_us(), "n": k, "pad": "x".repeat(64)}).to_string();
+    let c = &mut conns[(k as usize) % NODES];
+    let status = if k < 2000 {
+        let form = format!("Key={key}&Data={}", form_encode(&data));
+        c.send("POST", "/v1/Services/default/Maps/load/Items", &form)
+            .await
+    } else {
+        let form = format!("Data={}", form_encode(&data));
+        let path = format!("/v1/Services/default/Maps/load/Items/{key}");
+        c.send("POST", &path, &form).await
+    };
+    assert!(status == 200 || status == 201, "write {k}: {status}");
+}
+
 fn main() {
-    let secs: u64 = std::env::args()
-        .skip(1)
-        .find(|a| !a.starts_with('-'))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(30);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let secs: u64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(30);
+    let processes = args.iter().any(|a| a == "processes");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -108,6 +272,27 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let dirs: Vec<_> = (0..NODES).map(|_| tempfile::tempdir().unwrap()).collect();
+        if processes {
+            let (daemons, addrs) = daemons(&dirs).await;
+            let mut conns = Vec::new();
+            for a in &addrs {
+                conns.push(Http::connect(*a).await);
+            }
+            let until = Instant::now() + Duration::from_secs(secs + 5);
+            let subs: Vec<_> = (0..SUBSCRIBERS)
+                .map(|i| tokio::spawn(subscribe(addrs[i % NODES], until)))
+                .collect();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let start = Instant::now();
+            for k in 0..secs * RATE {
+                let due = start + Duration::from_micros(k * 1_000_000 / RATE);
+                tokio::time::sleep_until(due.into()).await;
+                write_http(&mut conns, k).await;
+            }
+            report("4 daemon processes", secs, subs).await;
+            drop(daemons);
+            return;
+        }
         let first = node(dirs[0].path(), &[]).await;
         let first_addr = first.listening().await.unwrap()[0].clone();
         let mut nodes = vec![first];
@@ -143,6 +328,17 @@ fn main() {
                 .await
                 .unwrap();
         }
+        report("one process", secs, subs).await;
+        for n in nodes {
+            n.close().await.unwrap();
+        }
+    });
+}
+
+/// Prints the delays the subscribers saw.
+async fn report(setup: &str, secs: u64, subs: Vec<tokio::task::JoinHandle<Vec<u64>>>) {
+    let total = secs * RATE;
+    {
         let mut all = Vec::new();
         let mut per: Vec<usize> = Vec::new();
         for s in subs {
@@ -154,7 +350,7 @@ fn main() {
         let q = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1e3;
         let late = all.iter().filter(|d| **d > 30_000).count();
         println!(
-            "{NODES} nodes, {SUBSCRIBERS} SSE subscribers, {RATE} writes/s for {secs} s: {} events delivered (per subscriber {}..{} of {total}); delay p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; over 30 ms: {:.2} %",
+            "{setup}: {NODES} nodes, {SUBSCRIBERS} SSE subscribers, {RATE} writes/s for {secs} s: {} events delivered (per subscriber {}..{} of {total}); delay p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; over 30 ms: {:.2} %",
             all.len(),
             per.iter().min().unwrap(),
             per.iter().max().unwrap(),
@@ -163,8 +359,5 @@ fn main() {
             q(1.0),
             late as f64 * 100.0 / all.len() as f64
         );
-        for n in nodes {
-            n.close().await.unwrap();
-        }
-    });
+    }
 }
