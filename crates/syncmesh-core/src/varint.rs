@@ -15,7 +15,10 @@ pub fn get(b: &[u8], at: &mut usize) -> Option<u64> {
     for shift in (0..64).step_by(7) {
         let byte = *b.get(*at)?;
         *at += 1;
-        v |= u64::from(byte & 0x7f).checked_shl(shift)?;
+        if shift == 63 && byte > 1 {
+            return None; // more than 64 bits
+        }
+        v |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
             return Some(v);
         }
@@ -52,5 +55,8 @@ mod tests {
             assert_eq!(get_signed(&b, &mut 0), Some(v));
         }
         assert!(get(&[0x80; 11], &mut 0).is_none());
+        let mut over = vec![0xff; 9];
+        over.push(0x02);
+        assert!(get(&over, &mut 0).is_none());
     }
 }

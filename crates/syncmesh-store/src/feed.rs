@@ -3,8 +3,9 @@
 //! An event does not copy the item it is about: its record names the item key and how to find
 //! the version it wrote (the view entry while that version is current, else the `versions` row
 //! under the event's own id) and the version it replaced (a `versions` row under that
-//! version's event id). A version leaves `versions` when the event that replaced it is pruned,
-//! so the feed costs a few bytes per event plus the versions its retained events still name.
+//! version's event id). A version leaves `versions` when the event that replaced it is pruned
+//! (one moved there by a map removal, when that removal is pruned), so the feed costs a few
+//! bytes per event plus the versions its retained events still name.
 //!
 //! Every row is keyed by a map *number* (4 bytes, given out once per sid and never reused)
 //! rather than by the 34-byte sid.
@@ -27,7 +28,8 @@ use crate::{prefix_end, Result, Store};
 /// empty key → the next number to give.
 pub(crate) const MAP_NUMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("map_numbers");
 /// The read view: map number, then the item key (UTF-8) → the id of the event that wrote this
-/// version (LEB128; 0 when no retained event did), then the view entry (encoded by the core).
+/// version (LEB128; 0 when unknown: written before schema 7, or with no event), then the view
+/// entry (encoded by the core).
 pub(crate) const VIEW: TableDefinition<&[u8], &[u8]> = TableDefinition::new("view");
 /// The event feed: map number, then the event id (u64 BE) → the event record
 /// ([`encode_record`]).
@@ -715,58 +717,79 @@ impl Store {
                 break;
             }
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let id = id_of(k.value()).ok_or_else(|| self.corrupt("event key"))?;
-            let rec = decode_record(v.value()).ok_or_else(|| self.corrupt("event record"))?;
-            let mut size = v.value().len();
-            // The version the event wrote: in the view while current, else kept under its id.
-            let mut version = || -> Result<syncmesh_core::Item> {
-                let current = view
-                    .get(item_key(num, rec.key).as_slice())
-                    .map_err(|e| self.err(e))?
-                    .and_then(|r| {
-                        split_view_row(r.value())
-                            .filter(|(v, _)| *v == id)
-                            .map(|(_, e)| e.to_vec())
-                    });
-                let entry = match current {
-                    Some(e) => e,
-                    None => versions
-                        .get(id_key(num, id).as_slice())
-                        .map_err(|e| self.err(e))?
-                        .map(|v| v.value().to_vec())
-                        .ok_or_else(|| self.missing(sid, id))?,
-                };
-                size += entry.len();
-                entry_item(rec.key, &entry).ok_or_else(|| self.corrupt("item version"))
-            };
-            let kind = match rec.kind {
-                MAP_REMOVED => EventKind::MapRemoved,
-                ADDED => EventKind::ItemAdded { item: version()? },
-                UPDATED => {
-                    let item = version()?;
-                    EventKind::ItemUpdated {
-                        item,
-                        previous_data: self.previous(&versions, num, sid, id, rec.prev)?,
-                    }
+            match self.event_at(&view, &versions, num, sid, k.value(), v.value()) {
+                Ok((event, size)) => {
+                    bytes = bytes.saturating_add(size);
+                    out.push((event, size));
                 }
-                _ => EventKind::ItemRemoved {
-                    key: rec.key.to_string(),
-                    previous_data: self.previous(&versions, num, sid, id, rec.prev)?,
-                },
-            };
-            bytes = bytes.saturating_add(size);
-            out.push((
-                Event {
-                    id,
-                    map: sid.clone(),
-                    kind,
-                    is_local: rec.is_local,
-                    date: Timestamp::from_millis(rec.date),
-                },
-                size,
-            ));
+                // One damaged event must not stop every subscriber at it for good.
+                Err(crate::StoreError::Corrupt { detail, .. }) => {
+                    tracing::warn!(map = %sid, "a stored event was skipped: {detail}");
+                    bytes = bytes.saturating_add(v.value().len());
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
+    }
+
+    /// One stored event, and the bytes read for it.
+    fn event_at(
+        &self,
+        view: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+        versions: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+        num: u32,
+        sid: &MapSid,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<(Event, usize)> {
+        let id = id_of(k).ok_or_else(|| self.corrupt("event key"))?;
+        let rec = decode_record(v).ok_or_else(|| self.corrupt("event record"))?;
+        let mut size = v.len();
+        // The version the event wrote: in the view while current, else kept under its id.
+        let mut version = || -> Result<syncmesh_core::Item> {
+            let current = view
+                .get(item_key(num, rec.key).as_slice())
+                .map_err(|e| self.err(e))?
+                .and_then(|r| {
+                    split_view_row(r.value())
+                        .filter(|(v, _)| *v == id)
+                        .map(|(_, e)| e.to_vec())
+                });
+            let entry = match current {
+                Some(e) => e,
+                None => versions
+                    .get(id_key(num, id).as_slice())
+                    .map_err(|e| self.err(e))?
+                    .map(|v| v.value().to_vec())
+                    .ok_or_else(|| self.missing(sid, id))?,
+            };
+            size += entry.len();
+            entry_item(rec.key, &entry).ok_or_else(|| self.corrupt("item version"))
+        };
+        let kind = match rec.kind {
+            MAP_REMOVED => EventKind::MapRemoved,
+            ADDED => EventKind::ItemAdded { item: version()? },
+            UPDATED => {
+                let item = version()?;
+                EventKind::ItemUpdated {
+                    item,
+                    previous_data: self.previous(versions, num, sid, id, rec.prev)?,
+                }
+            }
+            _ => EventKind::ItemRemoved {
+                key: rec.key.to_string(),
+                previous_data: self.previous(versions, num, sid, id, rec.prev)?,
+            },
+        };
+        let event = Event {
+            id,
+            map: sid.clone(),
+            kind,
+            is_local: rec.is_local,
+            date: Timestamp::from_millis(rec.date),
+        };
+        Ok((event, size))
     }
 
     /// The data an event's item had before it.
@@ -1025,6 +1048,48 @@ pub(crate) mod tests {
             // b's items were nearly all written once: the view alone holds those.
             assert_eq!(version_ids(&s, &b.sid), needed_versions(&b, 1));
         }
+    }
+
+    #[test]
+    fn a_damaged_event_is_skipped_and_the_rest_still_read() {
+        let s = Store::in_memory(StoreOptions::default()).unwrap();
+        let mut m = Model::new("d", 9);
+        m.removals = false;
+        for _ in 0..20 {
+            s.commit(&Batch {
+                maps: vec![m.batch(3, 5)],
+                ..Batch::default()
+            })
+            .unwrap();
+        }
+        let num = {
+            let db = s.db();
+            let tx = db.begin_read().unwrap();
+            let numbers = tx.open_table(MAP_NUMBERS).unwrap();
+            s.number_of(&numbers, &m.sid).unwrap().unwrap()
+        };
+        {
+            let db = s.db();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(FEED)
+                .unwrap()
+                .insert(id_key(num, 7).as_slice(), [0xffu8, 1, 2].as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let got: Vec<u64> = s
+            .events_after(&m.sid, 0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        let want: Vec<u64> = m
+            .events
+            .iter()
+            .map(|e| e.id)
+            .filter(|id| *id != 7)
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -63,7 +63,7 @@ const INVITES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("invites");
 /// Per map with permission entries, its permissions as of its last commit (encoded by the
 /// caller): replication checks them for maps it has not loaded. No row: an open map.
 const POLICIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("policies");
-/// Signatures of map changes: map sid followed by the change hash → the encoded signature.
+/// Signatures of map changes: map number followed by the change hash → the encoded signature.
 /// Kept apart from the change logs, so compaction into snapshots keeps them.
 const SIGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sigs");
 
@@ -249,10 +249,14 @@ impl Batch {
         // Writes to a map already in the batch join its entry: its catalog record and digest
         // are then written once per commit, not once per merged write.
         for m in later.maps {
+            // A write that empties the view stays apart: its reset applies before its own
+            // events, not before those of the writes it would join (a removal event in it
+            // marks its place, but a reset may come without one).
             let same = m
                 .sid
                 .as_ref()
-                .and_then(|sid| self.maps.iter().position(|e| e.sid.as_ref() == Some(sid)));
+                .filter(|_| !m.view.reset)
+                .and_then(|sid| self.maps.iter().rposition(|e| e.sid.as_ref() == Some(sid)));
             match same {
                 Some(i) => self.maps[i].absorb(m),
                 None => self.maps.push(m),
@@ -1807,13 +1811,37 @@ mod tests {
         for batch in batches() {
             merged.append(batch);
         }
-        assert_eq!(merged.maps.len(), 2, "one entry per map");
+        // One entry per map, but the write that resets b's view stays apart.
+        assert_eq!(merged.maps.len(), 3);
         merged_store.commit(&merged).unwrap();
         for sid in [&a, &b] {
             assert_eq!(contents(&one_by_one, sid), contents(&merged_store, sid));
         }
         let (catalog, _, _) = contents(&merged_store, &b);
         assert!(catalog.iter().any(|c| c.name.as_deref() == Some("renamed")));
+    }
+
+    #[test]
+    fn a_merged_write_that_resets_the_view_keeps_the_versions_of_earlier_events() {
+        let mut model = feed::tests::Model::new("m", 5);
+        let first = model.batch(3, 10);
+        let mut reset = model.batch(0, 10);
+        reset.view.reset = true;
+        model.items.clear();
+        let third = model.batch(2, 10);
+        let mut merged = Batch {
+            maps: vec![first],
+            ..Batch::default()
+        };
+        for w in [reset, third] {
+            merged.append(Batch {
+                maps: vec![w],
+                ..Batch::default()
+            });
+        }
+        let s = Store::in_memory(StoreOptions::default()).unwrap();
+        s.commit(&merged).unwrap();
+        model.check(&s);
     }
 
     #[test]

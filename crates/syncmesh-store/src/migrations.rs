@@ -1,7 +1,7 @@
 //! The store's schema and its upgrades: an older store is brought to [`SCHEMA_VERSION`] in
 //! the transaction that opens it (all or nothing), a newer or unknown one is refused.
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use syncmesh_core::{Event, MapSid, ViewChanges};
 
 use crate::feed::{FeedEvent, Sink, Tables};
@@ -23,7 +23,7 @@ const OLD_ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 const OLD_EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
 
 /// Checks the schema version recorded in the store, upgrades an older one, and makes sure
-/// every table exists (upgrades so far only add tables).
+/// every table exists.
 pub(crate) fn upgrade(store: &Store, tx: &WriteTransaction) -> Result<()> {
     let mut meta = tx.open_table(META).map_err(|e| store.err(e))?;
     let found = meta
@@ -133,9 +133,11 @@ fn old_rows(
         .map_err(|e| store.err(e))?
     {
         let (k, v) = row.map_err(|e| store.err(e))?;
-        let key = std::str::from_utf8(&k.value()[start.len()..])
-            .map_err(|_| store.corrupt("item key is not UTF-8"))?;
-        entries.push((key.to_string(), v.value().to_vec()));
+        // A damaged row costs that item, as it did when the map was loaded, not the store.
+        match std::str::from_utf8(&k.value()[start.len()..]) {
+            Ok(key) => entries.push((key.to_string(), v.value().to_vec())),
+            Err(_) => tracing::warn!(map = %sid, "a view entry with a damaged key was dropped"),
+        }
     }
     let mut events = Vec::new();
     let old = tx.open_table(OLD_EVENTS).map_err(|e| store.err(e))?;
@@ -187,11 +189,21 @@ fn rekey(
         let mut tables = Tables::open(tx).map_err(|e| store.err(e))?;
         let mut t = tx.open_table(def).map_err(|e| store.err(e))?;
         for (k, v) in chunk {
-            let sid_bytes = k.get(..34).ok_or_else(|| store.corrupt("sid-keyed row"))?;
+            let sid = k
+                .get(..34)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(MapSid::parse);
+            let Some(sid) = sid else {
+                // No map's row (no reader ever found it): dropped rather than left in the
+                // range this loop empties.
+                tracing::warn!("a row of {} keyed by no map sid was dropped", def.name());
+                t.remove(k.as_slice()).map_err(|e| store.err(e))?;
+                continue;
+            };
+            let sid_bytes = sid.as_str().as_bytes();
             let num = match nums.get(sid_bytes) {
                 Some(n) => *n,
                 None => {
-                    let sid = store.sid_key(sid_bytes, "a sid-keyed row")?;
                     let mut sink = Sink {
                         t: &mut tables,
                         record: None,
