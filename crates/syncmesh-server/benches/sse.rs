@@ -278,18 +278,7 @@ fn main() {
             for a in &addrs {
                 conns.push(Http::connect(*a).await);
             }
-            let until = Instant::now() + Duration::from_secs(secs + 5);
-            let subs: Vec<_> = (0..SUBSCRIBERS)
-                .map(|i| tokio::spawn(subscribe(addrs[i % NODES], until)))
-                .collect();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let start = Instant::now();
-            for k in 0..secs * RATE {
-                let due = start + Duration::from_micros(k * 1_000_000 / RATE);
-                tokio::time::sleep_until(due.into()).await;
-                write_http(&mut conns, k).await;
-            }
-            report("4 daemon processes", secs, subs).await;
+            measure("4 daemon processes", &addrs, Writer::Http(conns), secs).await;
             drop(daemons);
             return;
         }
@@ -312,27 +301,51 @@ fn main() {
         for n in &nodes {
             addrs.push(http(n.clone()).await);
         }
-        let until = Instant::now() + Duration::from_secs(secs + 5);
-        let subs: Vec<_> = (0..SUBSCRIBERS)
-            .map(|i| tokio::spawn(subscribe(addrs[i % NODES], until)))
-            .collect();
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let start = Instant::now();
-        let total = secs * RATE;
-        for k in 0..total {
-            let due = start + Duration::from_micros(k * 1_000_000 / RATE);
-            tokio::time::sleep_until(due.into()).await;
-            let m = &maps[(k as usize) % NODES];
-            let key = format!("k{}", k % 2000);
-            m.set(&key, json!({"t": now_us(), "n": k, "pad": "x".repeat(64)}))
-                .await
-                .unwrap();
-        }
-        report("one process", secs, subs).await;
+        measure("one process", &addrs, Writer::Maps(maps), secs).await;
         for n in nodes {
             n.close().await.unwrap();
         }
     });
+}
+
+/// Where the writer's writes go.
+enum Writer {
+    /// The nodes' maps, in this process.
+    Maps(Vec<syncmesh::Map>),
+    /// The daemons' HTTP APIs.
+    Http(Vec<Http>),
+}
+
+impl Writer {
+    /// The `k`th write, on node `k % NODES`.
+    async fn write(&mut self, k: u64) {
+        match self {
+            Writer::Maps(maps) => {
+                let key = format!("k{}", k % 2000);
+                maps[(k as usize) % NODES]
+                    .set(&key, json!({"t": now_us(), "n": k, "pad": "x".repeat(64)}))
+                    .await
+                    .unwrap();
+            }
+            Writer::Http(conns) => write_http(conns, k).await,
+        }
+    }
+}
+
+/// Subscribes 20 streams over the nodes, writes `RATE` times a second for `secs`, reports.
+async fn measure(setup: &str, addrs: &[std::net::SocketAddr], mut writer: Writer, secs: u64) {
+    let until = Instant::now() + Duration::from_secs(secs + 5);
+    let subs: Vec<_> = (0..SUBSCRIBERS)
+        .map(|i| tokio::spawn(subscribe(addrs[i % NODES], until)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    for k in 0..secs * RATE {
+        let due = start + Duration::from_micros(k * 1_000_000 / RATE);
+        tokio::time::sleep_until(due.into()).await;
+        writer.write(k).await;
+    }
+    report(setup, secs, subs).await;
 }
 
 /// Prints the delays the subscribers saw.
