@@ -83,34 +83,39 @@ pub(crate) fn random16() -> [u8; 16] {
 /// A user's mutation function, run on the engine thread.
 pub(crate) type Mutator = Box<dyn FnOnce(Option<&JsonObject>) -> Option<JsonObject> + Send>;
 
+/// Where the answer to a command goes: each command names its own answer's type.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// An operation on one map, with the channel its answer goes to.
 pub(crate) enum Op {
-    Info,
-    Get(String),
-    Items(PageRequest),
-    Listing,
-    Conflicts(String),
-    Set(String, JsonObject, WriteOptions),
-    Create(String, JsonObject, WriteOptions),
-    Update(String, JsonObject, WriteOptions),
-    Mutate(String, WriteOptions, Mutator),
-    Remove(String, Option<Revision>),
-    SetTtl(Ttl),
-    SetItemTtl(String, Ttl),
-    RemoveMap,
-    Permissions,
-    SetPermission(syncmesh_core::Permission),
-    RemovePermission(String),
+    Info(Reply<MapInfo>),
+    Get(String, Reply<Item>),
+    Items(PageRequest, Reply<Page>),
+    Listing(Reply<(Vec<Item>, u64)>),
+    Conflicts(String, Reply<ItemConflicts>),
+    Set(String, JsonObject, WriteOptions, Reply<Item>),
+    Create(String, JsonObject, WriteOptions, Reply<Item>),
+    Update(String, JsonObject, WriteOptions, Reply<Item>),
+    Mutate(String, WriteOptions, Mutator, Reply<Option<Item>>),
+    Remove(String, Option<Revision>, Reply<()>),
+    SetTtl(Ttl, Reply<MapInfo>),
+    SetItemTtl(String, Ttl, Reply<Item>),
+    RemoveMap(Reply<()>),
+    Permissions(Reply<Vec<syncmesh_core::Permission>>),
+    SetPermission(syncmesh_core::Permission, Reply<syncmesh_core::Permission>),
+    RemovePermission(String, Reply<()>),
     /// The id of the map's newest event, published or not.
-    LastEventId,
+    LastEventId(Reply<u64>),
 }
 
 impl Op {
     /// The durability the write asked for (`None`: the node's).
     fn durability(&self) -> Option<Durability> {
         match self {
-            Op::Set(_, _, o) | Op::Create(_, _, o) | Op::Update(_, _, o) | Op::Mutate(_, o, _) => {
-                o.durability
-            }
+            Op::Set(_, _, o, _)
+            | Op::Create(_, _, o, _)
+            | Op::Update(_, _, o, _)
+            | Op::Mutate(_, o, _, _) => o.durability,
             _ => None,
         }
     }
@@ -118,22 +123,59 @@ impl Op {
     fn is_write(&self) -> bool {
         !matches!(
             self,
-            Op::Info | Op::Get(_) | Op::Items(_) | Op::Listing | Op::Permissions | Op::LastEventId
+            Op::Info(_)
+                | Op::Get(..)
+                | Op::Items(..)
+                | Op::Listing(_)
+                | Op::Conflicts(..)
+                | Op::Permissions(_)
+                | Op::LastEventId(_)
         )
+    }
+
+    /// Answers with `e` without running.
+    fn fail(self, e: Error) -> Answer {
+        match self {
+            Op::Info(r) | Op::SetTtl(_, r) => answer(r, Err(e)),
+            Op::Get(_, r)
+            | Op::Set(_, _, _, r)
+            | Op::Create(_, _, _, r)
+            | Op::Update(_, _, _, r)
+            | Op::SetItemTtl(_, _, r) => answer(r, Err(e)),
+            Op::Items(_, r) => answer(r, Err(e)),
+            Op::Listing(r) => answer(r, Err(e)),
+            Op::Conflicts(_, r) => answer(r, Err(e)),
+            Op::Mutate(_, _, _, r) => answer(r, Err(e)),
+            Op::Remove(_, _, r) | Op::RemoveMap(r) | Op::RemovePermission(_, r) => {
+                answer(r, Err(e))
+            }
+            Op::Permissions(r) => answer(r, Err(e)),
+            Op::SetPermission(_, r) => answer(r, Err(e)),
+            Op::LastEventId(r) => answer(r, Err(e)),
+        }
     }
 }
 
-pub(crate) enum Reply {
-    Info(MapInfo),
-    Item(Item),
-    MaybeItem(Option<Item>),
-    Page(Page),
-    Listing(Vec<syncmesh_core::Item>, u64),
-    Conflicts(ItemConflicts),
-    Permissions(Vec<syncmesh_core::Permission>),
-    Permission(syncmesh_core::Permission),
-    EventId(u64),
-    Unit,
+/// An operation's outcome, to be sent once the commit it waits for (if any) is done: the
+/// commit's failure replaces a success.
+pub(crate) struct Answer {
+    send: Box<dyn FnOnce(Result<()>) + Send>,
+    ok: bool,
+}
+
+impl Answer {
+    fn send(self, commit: Result<()>) {
+        (self.send)(commit)
+    }
+}
+
+fn answer<T: Send + 'static>(reply: Reply<T>, r: Result<T>) -> Answer {
+    Answer {
+        ok: r.is_ok(),
+        send: Box::new(move |commit: Result<()>| {
+            let _ = reply.send(commit.and(r));
+        }),
+    }
 }
 
 pub(crate) enum Cmd {
@@ -147,10 +189,11 @@ pub(crate) enum Cmd {
     Op {
         id: String,
         op: Op,
-        reply: oneshot::Sender<Result<Reply>>,
     },
     /// Replies once every earlier write is on disk.
-    Sync { reply: oneshot::Sender<Result<()>> },
+    Sync {
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// Replaces every stored change log by a snapshot of its document, then replies.
     Compact {
         reply: oneshot::Sender<Result<()>>,
@@ -158,7 +201,9 @@ pub(crate) enum Cmd {
         file: oneshot::Sender<Result<FileCompaction>>,
     },
     /// Commits what is queued, stops both threads, then replies.
-    Shutdown { reply: oneshot::Sender<Result<()>> },
+    Shutdown {
+        reply: oneshot::Sender<Result<()>>,
+    },
     /// How many maps are loaded in memory.
     Loaded {
         reply: oneshot::Sender<Result<usize>>,
@@ -171,18 +216,12 @@ pub(crate) enum Cmd {
     Trust(TrustCmd),
 }
 
-/// Who waits for a write's acknowledgement.
-enum AckTo {
-    Op(oneshot::Sender<Result<Reply>>),
-    Open(oneshot::Sender<Result<MapInfo>>),
-    /// A read that saw writes not committed yet: answered once they are (with an error if
-    /// they are refused), so no reader sees a write that is never acknowledged.
-    Read(Box<dyn FnOnce(Result<()>) + Send>),
-}
-
+/// Someone waiting for a commit: a write's acknowledgement, an open, or a read that saw
+/// what the commit stores.
 struct Ack {
-    reply: AckTo,
-    value: Reply,
+    answer: Answer,
+    /// A write (or an open that created a map) rather than a read held for the commit.
+    write: bool,
     /// The map written and its epoch then: a map reloaded since (see `epochs`) lost the write.
     map: Option<(MapSid, u64)>,
     /// A write acknowledged before its commit ([`Durability::Relaxed`]).
@@ -193,27 +232,28 @@ impl Ack {
     /// A read answered by `answer` with the outcome of the commit it waits for.
     fn read(map: Option<(MapSid, u64)>, answer: impl FnOnce(Result<()>) + Send + 'static) -> Ack {
         Ack {
-            reply: AckTo::Read(Box::new(answer)),
-            value: Reply::Unit,
+            answer: Answer {
+                send: Box::new(answer),
+                ok: true,
+            },
+            write: false,
+            map,
+            relaxed: false,
+        }
+    }
+
+    /// An open of a map that this round created or fetched: answered with the commit.
+    fn open(map: Option<(MapSid, u64)>, reply: Reply<MapInfo>, info: MapInfo) -> Ack {
+        Ack {
+            answer: answer(reply, Ok(info)),
+            write: false,
             map,
             relaxed: false,
         }
     }
 
     fn send(self, r: Result<()>) {
-        match self.reply {
-            AckTo::Op(tx) => {
-                let _ = tx.send(r.map(|()| self.value));
-            }
-            AckTo::Open(tx) => {
-                let info = match self.value {
-                    Reply::Info(i) => Ok(i),
-                    _ => Err(Error::Internal("an open was answered with something else")),
-                };
-                let _ = tx.send(r.and(info));
-            }
-            AckTo::Read(answer) => answer(r),
-        }
+        self.answer.send(r)
     }
 }
 
@@ -792,12 +832,7 @@ impl Engine {
                 match r {
                     Ok((info, true)) => {
                         let map = Some((info.sid.clone(), self.epoch(&info.sid)));
-                        acks.push(Ack {
-                            reply: AckTo::Open(reply),
-                            value: Reply::Info(info),
-                            map,
-                            relaxed: false,
-                        })
+                        acks.push(Ack::open(map, reply, info))
                     }
                     Ok((info, false)) if self.unsettled(&info.sid) => {
                         let map = Some((info.sid.clone(), self.epoch(&info.sid)));
@@ -813,44 +848,37 @@ impl Engine {
                     }
                 }
             }
-            Cmd::Op { id, op, reply } => {
+            Cmd::Op { id, op } => {
                 let write = op.is_write();
                 let relaxed =
                     op.durability().unwrap_or(self.default_durability()) == Durability::Relaxed;
                 if write {
                     if let Some(e) = self.write_stop() {
-                        let _ = reply.send(Err(e));
+                        op.fail(e).send(Ok(()));
                         return;
                     }
                 }
-                match self.op(&id, op, now) {
-                    Ok(value) if write => {
-                        let map = MapRef::parse(&id).ok().map(|r| {
-                            let sid = r.sid();
-                            let e = self.epoch(&sid);
-                            (sid, e)
-                        });
-                        acks.push(Ack {
-                            reply: AckTo::Op(reply),
-                            value,
-                            map,
-                            relaxed,
-                        })
+                let done = self.op(&id, op, now);
+                let sid = MapRef::parse(&id).ok().map(|r| r.sid());
+                if write && done.ok {
+                    let map = sid.map(|sid| {
+                        let e = self.epoch(&sid);
+                        (sid, e)
+                    });
+                    acks.push(Ack {
+                        answer: done,
+                        write: true,
+                        map,
+                        relaxed,
+                    });
+                    return;
+                }
+                match sid {
+                    Some(sid) if self.unsettled(&sid) => {
+                        let map = Some((sid.clone(), self.epoch(&sid)));
+                        acks.push(Ack::read(map, move |c| done.send(c)));
                     }
-                    other => {
-                        let sid = MapRef::parse(&id).ok().map(|r| r.sid());
-                        match sid {
-                            Some(sid) if self.unsettled(&sid) => {
-                                let map = Some((sid.clone(), self.epoch(&sid)));
-                                acks.push(Ack::read(map, move |c| {
-                                    let _ = reply.send(c.and(other));
-                                }));
-                            }
-                            _ => {
-                                let _ = reply.send(other);
-                            }
-                        }
-                    }
+                    _ => done.send(Ok(())),
                 }
             }
         }
@@ -1071,23 +1099,29 @@ impl Engine {
         Ok(self.catalog.list(now))
     }
 
-    fn op(&mut self, id: &str, op: Op, now: Timestamp) -> Result<Reply> {
-        let sid = MapRef::parse(id)?.sid();
-        self.ensure_loaded(&sid)?;
+    /// Runs one operation; its answer, to be sent now or once the commit it waits for ends.
+    fn op(&mut self, id: &str, op: Op, now: Timestamp) -> Answer {
+        let sid = match MapRef::parse(id) {
+            Ok(r) => r.sid(),
+            Err(e) => return op.fail(e.into()),
+        };
+        if let Err(e) = self.ensure_loaded(&sid) {
+            return op.fail(e);
+        }
         // Permission entries name peers: changing them needs this node's own peer id.
         let me = match &op {
-            Op::SetPermission(_) | Op::RemovePermission(_) => Some(
-                self.net
-                    .as_ref()
-                    .map(|n| n.handle.status().peer_id.to_string())
-                    .ok_or(Error::NoNetwork)?,
-            ),
-            _ => None,
+            Op::SetPermission(..) | Op::RemovePermission(..) => match self.net.as_ref() {
+                Some(n) => n.handle.status().peer_id.to_string(),
+                None => return op.fail(Error::NoNetwork),
+            },
+            _ => String::new(),
         };
-        let me = me.unwrap_or_default();
         let stopped = self.write_stop().is_some();
-        let m = self.catalog.get_mut(id, now)?;
         let write = op.is_write();
+        let m = match self.catalog.get_mut(id, now) {
+            Ok(m) => m,
+            Err(e) => return op.fail(e.into()),
+        };
         // What is due to expire is removed (with its events) before anything is read, so a
         // read and the events after it agree (a map just loaded has not been through
         // `expire_due` yet).
@@ -1095,25 +1129,31 @@ impl Engine {
             m.expire(now);
             self.dirty.insert(sid.clone());
         }
-        let m = self.catalog.get_mut(id, now)?;
-        let r = match op {
-            Op::Info => m.info(now).map(Reply::Info),
-            Op::Get(k) => m.get(&k, now).map(Reply::Item),
-            Op::Items(req) => m.items(&req, now).map(Reply::Page),
-            Op::Listing => m.listing(now).map(|(items, id)| Reply::Listing(items, id)),
-            Op::LastEventId => Ok(Reply::EventId(m.last_event_id())),
-            Op::Conflicts(k) => m.conflicts(&k, now).map(Reply::Conflicts),
-            Op::Set(k, d, o) => m.set(&k, d, &o, now).map(Reply::Item),
-            Op::Create(k, d, o) => m.create_item(&k, d, o.ttl, now).map(Reply::Item),
-            Op::Update(k, d, o) => m.update(&k, d, &o, now).map(Reply::Item),
-            Op::Mutate(k, o, f) => {
+        let m = match self.catalog.get_mut(id, now) {
+            Ok(m) => m,
+            Err(e) => return op.fail(e.into()),
+        };
+        fn a<T: Send + 'static>(r: Reply<T>, v: syncmesh_core::Result<T>) -> Answer {
+            answer(r, v.map_err(Error::from))
+        }
+        let done = match op {
+            Op::Info(r) => a(r, m.info(now)),
+            Op::Get(k, r) => a(r, m.get(&k, now)),
+            Op::Items(req, r) => a(r, m.items(&req, now)),
+            Op::Listing(r) => a(r, m.listing(now)),
+            Op::LastEventId(r) => a(r, Ok(m.last_event_id())),
+            Op::Conflicts(k, r) => a(r, m.conflicts(&k, now)),
+            Op::Set(k, d, o, r) => a(r, m.set(&k, d, &o, now)),
+            Op::Create(k, d, o, r) => a(r, m.create_item(&k, d, o.ttl, now)),
+            Op::Update(k, d, o, r) => a(r, m.update(&k, d, &o, now)),
+            Op::Mutate(k, o, f, r) => {
                 // A panicking closure is the caller's bug: it must not take the node down.
                 let guarded = |cur: Option<&JsonObject>| {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(cur)))
                         .map_err(|_| ())
                 };
                 let mut panicked = false;
-                let r = m.mutate(&k, &o, now, |cur| match guarded(cur) {
+                let out = m.mutate(&k, &o, now, |cur| match guarded(cur) {
                     Ok(v) => v,
                     Err(()) => {
                         panicked = true;
@@ -1121,27 +1161,28 @@ impl Engine {
                     }
                 });
                 if panicked {
-                    Err(syncmesh_core::Error::InvalidData(
-                        "the mutate function panicked; nothing was written".into(),
-                    ))
+                    a(
+                        r,
+                        Err(syncmesh_core::Error::InvalidData(
+                            "the mutate function panicked; nothing was written".into(),
+                        )),
+                    )
                 } else {
-                    r.map(Reply::MaybeItem)
+                    a(r, out)
                 }
             }
-            Op::Remove(k, rev) => m.remove(&k, rev.as_ref(), now).map(|()| Reply::Unit),
-            Op::SetTtl(t) => m.set_ttl(t, now).map(Reply::Info),
-            Op::SetItemTtl(k, t) => m.set_item_ttl(&k, t, now).map(Reply::Item),
-            Op::RemoveMap => m.remove_map(now).map(|()| Reply::Unit),
-            Op::Permissions => m
-                .info(now)
-                .map(|_| Reply::Permissions(m.policy().permissions())),
-            Op::SetPermission(p) => m.set_permission(&p, &me, now).map(Reply::Permission),
-            Op::RemovePermission(who) => m.remove_permission(&who, &me, now).map(|()| Reply::Unit),
+            Op::Remove(k, rev, r) => a(r, m.remove(&k, rev.as_ref(), now)),
+            Op::SetTtl(t, r) => a(r, m.set_ttl(t, now)),
+            Op::SetItemTtl(k, t, r) => a(r, m.set_item_ttl(&k, t, now)),
+            Op::RemoveMap(r) => a(r, m.remove_map(now)),
+            Op::Permissions(r) => a(r, m.info(now).map(|_| m.policy().permissions())),
+            Op::SetPermission(p, r) => a(r, m.set_permission(&p, &me, now)),
+            Op::RemovePermission(who, r) => a(r, m.remove_permission(&who, &me, now)),
         };
         if write {
             self.dirty.insert(sid);
         }
-        Ok(r?)
+        done
     }
 
     /// How writes that do not choose are acknowledged: as the store was opened.
@@ -1165,12 +1206,7 @@ impl Engine {
             let fetched = std::mem::take(&mut n.fetched);
             for (sid, info, reply) in fetched {
                 let map = Some((sid.clone(), self.epoch(&sid)));
-                acks.push(Ack {
-                    reply: AckTo::Open(reply),
-                    value: Reply::Info(info),
-                    map,
-                    relaxed: false,
-                });
+                acks.push(Ack::open(map, reply, info));
             }
         }
         let mut batch = Batch::default();
@@ -1355,7 +1391,7 @@ impl Engine {
         // Everything else waits for the commit: durable writes, opens of fetched maps (their
         // events are published with it) and reads held for it.
         let (relaxed, acks): (Vec<Ack>, Vec<Ack>) = acks.into_iter().partition(|a| a.relaxed);
-        let durable_writes = acks.iter().any(|a| matches!(a.reply, AckTo::Op(_)));
+        let durable_writes = acks.iter().any(|a| a.write);
         // Fsync if asked to (sync, compact, close), for a durable write, or when relaxed
         // writes have waited long enough. A node whose default is fsync skips it only for
         // batches of relaxed writes and peers' changes: a peer's change is durable at its

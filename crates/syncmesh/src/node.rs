@@ -728,31 +728,25 @@ fn object(v: Value) -> Result<JsonObject> {
     }
 }
 
-macro_rules! expect_reply {
-    ($r:expr, $pat:pat => $out:expr) => {
-        match $r? {
-            $pat => Ok($out),
-            _ => Err(Error::Internal(
-                "the engine answered with another kind of reply",
-            )),
-        }
-    };
-}
-
 impl Map {
     /// The map's sid.
     pub fn sid(&self) -> &MapSid {
         &self.sid
     }
 
-    async fn op(&self, op: Op) -> Result<Reply> {
+    async fn op<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         let id = self.id.clone();
-        self.node.call(|reply| Cmd::Op { id, op, reply }).await
+        self.node
+            .call(|reply| Cmd::Op {
+                id,
+                op: make(reply),
+            })
+            .await
     }
 
     /// The map's description.
     pub async fn info(&self) -> Result<MapInfo> {
-        expect_reply!(self.op(Op::Info).await, Reply::Info(i) => i)
+        self.op(Op::Info).await
     }
 
     /// Replaces an item's data (creating it). `data` must be a JSON object.
@@ -763,7 +757,7 @@ impl Map {
     /// [`Map::set`] with a TTL and/or an If-Match revision.
     pub async fn set_with(&self, key: &str, data: Value, opts: WriteOptions) -> Result<Item> {
         let d = object(data)?;
-        expect_reply!(self.op(Op::Set(key.into(), d, opts)).await, Reply::Item(i) => i)
+        self.op(|r| Op::Set(key.into(), d, opts, r)).await
     }
 
     /// Creates an item; 409/54208 if the key exists.
@@ -784,7 +778,7 @@ impl Map {
         opts: WriteOptions,
     ) -> Result<Item> {
         let d = object(data)?;
-        expect_reply!(self.op(Op::Create(key.into(), d, opts)).await, Reply::Item(i) => i)
+        self.op(|r| Op::Create(key.into(), d, opts, r)).await
     }
 
     /// Shallow-merges `patch` into the item (creating it).
@@ -795,7 +789,7 @@ impl Map {
     /// [`Map::update`] with a TTL and/or an If-Match revision.
     pub async fn update_with(&self, key: &str, patch: Value, opts: WriteOptions) -> Result<Item> {
         let d = object(patch)?;
-        expect_reply!(self.op(Op::Update(key.into(), d, opts)).await, Reply::Item(i) => i)
+        self.op(|r| Op::Update(key.into(), d, opts, r)).await
     }
 
     /// Runs `f` on the current data (`None` if absent) and writes what it returns; returning
@@ -804,8 +798,8 @@ impl Map {
     where
         F: FnOnce(Option<&JsonObject>) -> Option<JsonObject> + Send + 'static,
     {
-        let op = Op::Mutate(key.into(), WriteOptions::default(), Box::new(f));
-        expect_reply!(self.op(op).await, Reply::MaybeItem(i) => i)
+        self.op(|r| Op::Mutate(key.into(), WriteOptions::default(), Box::new(f), r))
+            .await
     }
 
     /// [`Map::mutate`] with a TTL and/or an If-Match revision.
@@ -813,28 +807,28 @@ impl Map {
     where
         F: FnOnce(Option<&JsonObject>) -> Option<JsonObject> + Send + 'static,
     {
-        let op = Op::Mutate(key.into(), opts, Box::new(f));
-        expect_reply!(self.op(op).await, Reply::MaybeItem(i) => i)
+        self.op(|r| Op::Mutate(key.into(), opts, Box::new(f), r))
+            .await
     }
 
     /// Reads an item; 404/54201 if absent or expired.
     pub async fn get(&self, key: &str) -> Result<Item> {
-        expect_reply!(self.op(Op::Get(key.into())).await, Reply::Item(i) => i)
+        self.op(|r| Op::Get(key.into(), r)).await
     }
 
     /// Removes an item; 404/54201 if absent.
     pub async fn remove(&self, key: &str) -> Result<()> {
-        expect_reply!(self.op(Op::Remove(key.into(), None)).await, Reply::Unit => ())
+        self.op(|r| Op::Remove(key.into(), None, r)).await
     }
 
     /// Removes an item only if its revision is `rev` (412/54205 otherwise).
     pub async fn remove_if(&self, key: &str, rev: Revision) -> Result<()> {
-        expect_reply!(self.op(Op::Remove(key.into(), Some(rev))).await, Reply::Unit => ())
+        self.op(|r| Op::Remove(key.into(), Some(rev), r)).await
     }
 
     /// A page of items in key order.
     pub async fn items(&self, req: PageRequest) -> Result<Page> {
-        expect_reply!(self.op(Op::Items(req)).await, Reply::Page(p) => p)
+        self.op(|r| Op::Items(req, r)).await
     }
 
     /// Every live item and the event stream that continues exactly after them: each change
@@ -844,8 +838,7 @@ impl Map {
     /// for a very large map prefer paging with [`Map::items`], whose pages carry
     /// [`Page::last_event_id`].
     pub async fn snapshot_and_subscribe(&self) -> Result<(Snapshot, EventStream)> {
-        let (items, last_event_id) =
-            expect_reply!(self.op(Op::Listing).await, Reply::Listing(i, id) => (i, id))?;
+        let (items, last_event_id) = self.op(Op::Listing).await?;
         let events = self.stream(Some(last_event_id)).await?;
         Ok((
             Snapshot {
@@ -858,13 +851,13 @@ impl Map {
 
     /// Every concurrent value of an item's fields.
     pub async fn conflicts(&self, key: &str) -> Result<ItemConflicts> {
-        expect_reply!(self.op(Op::Conflicts(key.into())).await, Reply::Conflicts(c) => c)
+        self.op(|r| Op::Conflicts(key.into(), r)).await
     }
 
     /// The map's permission entries (empty: the map is shared with every trusted peer, read
     /// and write). See [`Map::set_permission`].
     pub async fn permissions(&self) -> Result<Vec<Permission>> {
-        expect_reply!(self.op(Op::Permissions).await, Reply::Permissions(p) => p)
+        self.op(Op::Permissions).await
     }
 
     /// One identity's permission entry (404/20404 if it has none).
@@ -887,28 +880,28 @@ impl Map {
     /// as a manager. Needs a network (entries name peers) and, on a map with entries,
     /// `manage` for this node (403/20403 otherwise).
     pub async fn set_permission(&self, p: Permission) -> Result<Permission> {
-        expect_reply!(self.op(Op::SetPermission(p)).await, Reply::Permission(p) => p)
+        self.op(|r| Op::SetPermission(p, r)).await
     }
 
     /// Removes a peer's entry (404/20404 if it has none). Removing the last entry shares the
     /// map with every trusted peer again.
     pub async fn remove_permission(&self, identity: &str) -> Result<()> {
-        expect_reply!(self.op(Op::RemovePermission(identity.into())).await, Reply::Unit => ())
+        self.op(|r| Op::RemovePermission(identity.into(), r)).await
     }
 
     /// Sets the map's TTL from now (0 clears it).
     pub async fn set_ttl(&self, ttl: Ttl) -> Result<MapInfo> {
-        expect_reply!(self.op(Op::SetTtl(ttl)).await, Reply::Info(i) => i)
+        self.op(|r| Op::SetTtl(ttl, r)).await
     }
 
     /// Sets an item's TTL from now (0 clears it).
     pub async fn set_item_ttl(&self, key: &str, ttl: Ttl) -> Result<Item> {
-        expect_reply!(self.op(Op::SetItemTtl(key.into(), ttl)).await, Reply::Item(i) => i)
+        self.op(|r| Op::SetItemTtl(key.into(), ttl, r)).await
     }
 
     /// Removes the map (a replicated tombstone); later writes fail with 54200.
     pub async fn remove_map(&self) -> Result<()> {
-        expect_reply!(self.op(Op::RemoveMap).await, Reply::Unit => ())
+        self.op(Op::RemoveMap).await
     }
 
     /// Live events of this map from now on (a consumer that falls behind is caught up from
@@ -932,8 +925,7 @@ impl Map {
         // Events of writes answered before this call may still be on their way to the live
         // feed (relaxed writes are answered before their commit): a live subscription starts
         // after the newest event the map has, published or not.
-        let issued =
-            expect_reply!(self.op(Op::LastEventId).await, Reply::EventId(id) => id).unwrap_or(0);
+        let issued = self.op(Op::LastEventId).await.unwrap_or(0);
         let floor = if after.is_none() { issued } else { 0 };
         let budget = shared.subscriber_buffer;
         let (tx, rx) = queue(budget);
