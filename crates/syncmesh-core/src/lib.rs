@@ -47,6 +47,8 @@ mod map;
 pub mod paging;
 pub mod policy;
 pub mod replication;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod varint;
 
 pub use authorship::{Signature, Signer};

@@ -20,9 +20,7 @@ use syncmesh_core::{
     WriteOptions,
 };
 
-#[path = "support/rng.rs"]
-mod rng;
-use rng::Rng;
+use syncmesh_core::testing::Rng;
 
 const MAP: &str = "prop";
 const KEYS: &[&str] = &["a", "b", "c/d", "e:f", "ü", "k5"];

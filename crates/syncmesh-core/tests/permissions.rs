@@ -19,9 +19,7 @@ use wire_net::*;
 use serde_json::json;
 use syncmesh_core::replication::Grant;
 
-#[path = "support/rng.rs"]
-mod rng;
-use rng::Rng;
+use syncmesh_core::testing::Rng;
 
 const NAMES: &[&str] = &["n0", "n1", "n2", "n3", "n4", "n5"];
 

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test and bench code: a panic is the report
 
-mod stored_view;
+use syncmesh_core::testing::stored_view;
 
 use std::collections::BTreeMap;
 

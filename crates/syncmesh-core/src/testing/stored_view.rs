@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use syncmesh_core::ViewChanges;
+use crate::ViewChanges;
 
 /// Applies a map's view changes to the entries a store holds for it.
 pub fn apply(view: &mut BTreeMap<String, Vec<u8>>, vc: ViewChanges) {

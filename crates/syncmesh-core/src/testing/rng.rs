@@ -1,5 +1,4 @@
 //! SplitMix64: tiny, fast, and identical everywhere, so a printed seed replays exactly.
-#![allow(dead_code)]
 
 /// A seeded random source for property tests.
 pub struct Rng(pub u64);
