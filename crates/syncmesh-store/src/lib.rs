@@ -1186,7 +1186,8 @@ impl Store {
             let bytes = docs
                 .iter()
                 .map(|d| d.snapshot.as_ref().map_or(0, Vec::len) + 64)
-                .sum();
+                .sum::<usize>()
+                + ops.iter().map(Op::bytes).sum::<usize>();
             log.record(Rewritten::Replace(docs.to_vec(), ops), bytes);
         }
         Ok(())
