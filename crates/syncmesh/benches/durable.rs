@@ -165,6 +165,45 @@ struct Fill {
     compact_secs: f64,
 }
 
+/// Issue 17's overwrite run on one node: `keys` items written once, then `rounds` more times
+/// each (64 writers); disk after `Node::compact` and heap, after the first round and at the end.
+async fn overwrite(keys: usize, rounds: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.map("users").await.unwrap();
+    let mut at = Vec::new();
+    for round in 0..=rounds {
+        let per = keys.div_ceil(64);
+        let tasks: Vec<_> = (0..64)
+            .map(|w| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    for i in (w * per)..((w + 1) * per).min(keys) {
+                        let v = item((round * keys + i) as u64);
+                        m.set(&format!("k_{i}"), v).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        if round == 0 || round == rounds {
+            node.compact().await.unwrap();
+            at.push((round, dir_bytes(dir.path()), heap()));
+        }
+    }
+    for (round, disk, heap) in at {
+        println!(
+            "  {keys} keys after {} writes each: disk {:.1} MB after Node::compact, heap {:.1} MB",
+            round + 1,
+            disk as f64 / 1e6,
+            heap as f64 / 1e6
+        );
+    }
+    node.close().await.unwrap();
+}
+
 async fn open_time(label: &str, maps: usize, items: usize) {
     let dir = tempfile::tempdir().unwrap();
     let f = fill(dir.path(), maps, items).await;
@@ -316,8 +355,8 @@ async fn stall(items: usize) {
 }
 
 fn main() {
-    // Sections to run: `throughput`, `pipelined`, `maps`, `100k`, `1m`, `stall`, `stall1m`;
-    // none named = all but the stall ones.
+    // Sections to run: `throughput`, `pipelined`, `maps`, `100k`, `1m`, `stall`, `stall1m`,
+    // `overwrite`; none named = all but the stall and overwrite ones.
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
@@ -344,6 +383,10 @@ fn main() {
         if args.iter().any(|a| a == "stall") {
             println!("writes during compaction");
             stall(100_000).await;
+        }
+        if args.iter().any(|a| a == "overwrite") {
+            println!("overwrites (issue 17): history kept by every write");
+            overwrite(5_000, 30).await;
         }
         if args.iter().any(|a| a == "stall1m") {
             println!("writes during compaction");
