@@ -29,20 +29,28 @@ fn state(doc: &Automerge) -> Vec<(String, ScalarValue)> {
     out
 }
 
+/// Commits one change at `time` made by `f`.
+fn commit_at(
+    doc: &mut Automerge,
+    time: i64,
+    f: impl FnOnce(
+        &mut automerge::transaction::Transaction<'_>,
+    ) -> Result<(), automerge::AutomergeError>,
+) {
+    doc.transact_with(|_| CommitOptions::default().with_time(time), f)
+        .unwrap();
+}
+
 /// Generation `g` of a document with `state`: one change, by an actor derived from the
 /// generation, at time 0, writing the keys in order.
 fn genesis(seed: &[u8], g: u64, state: &[(String, ScalarValue)]) -> Automerge {
     let mut doc = Automerge::new().with_actor(actor(&[seed, &g.to_be_bytes()].concat()));
-    doc.transact_with::<_, _, automerge::AutomergeError, _>(
-        |_| CommitOptions::default().with_time(0),
-        |tx| {
-            for (k, v) in state {
-                tx.put(ROOT, k, v.clone())?;
-            }
-            Ok(())
-        },
-    )
-    .unwrap();
+    commit_at(&mut doc, 0, |tx| {
+        for (k, v) in state {
+            tx.put(ROOT, k, v.clone())?;
+        }
+        Ok(())
+    });
     doc
 }
 
@@ -54,24 +62,20 @@ fn carry(gen: &Automerge, genesis_head: ChangeHash, c: &Change) -> Change {
     let mut fork = gen.fork_at(&[genesis_head]).unwrap();
     fork.set_actor(actor(&c.hash().0));
     let ops = serde_json::to_value(c.decode()).unwrap();
-    fork.transact_with::<_, _, automerge::AutomergeError, _>(
-        |_| CommitOptions::default().with_time(c.timestamp()),
-        |tx| {
-            for op in ops["ops"].as_array().unwrap() {
-                let key = op["key"].as_str().unwrap();
-                match op["action"].as_str().unwrap() {
-                    "set" => {
-                        let v = op["value"].as_str().unwrap().to_string();
-                        tx.put(ROOT, key, v)?
-                    }
-                    "del" => tx.delete(ROOT, key)?,
-                    other => panic!("unexpected op {other}"),
+    commit_at(&mut fork, c.timestamp(), |tx| {
+        for op in ops["ops"].as_array().unwrap() {
+            let key = op["key"].as_str().unwrap();
+            match op["action"].as_str().unwrap() {
+                "set" => {
+                    let v = op["value"].as_str().unwrap().to_string();
+                    tx.put(ROOT, key, v)?
                 }
+                "del" => tx.delete(ROOT, key)?,
+                other => panic!("unexpected op {other}"),
             }
-            Ok(())
-        },
-    )
-    .unwrap();
+        }
+        Ok(())
+    });
     fork.get_last_local_change().unwrap().clone()
 }
 
@@ -94,11 +98,7 @@ fn a_generation_and_a_carried_change_are_the_same_bytes_on_every_replica() {
     // A change the cut does not hold: made on a fork of A before it saw the last write.
     let mut late = a.document().fork_at(&cut).unwrap();
     late.set_actor(ActorId::from(&[9u8; 16][..]));
-    late.transact_with::<_, _, automerge::AutomergeError, _>(
-        |_| CommitOptions::default().with_time(1234),
-        |tx| tx.put(ROOT, "y", "late"),
-    )
-    .unwrap();
+    commit_at(&mut late, 1234, |tx| tx.put(ROOT, "y", "late"));
     let c = late.get_last_local_change().unwrap().clone();
 
     // Each replica builds generation 1 from its own copy of the state at the cut.
@@ -136,19 +136,11 @@ fn a_carried_change_and_a_write_after_the_cut_resolve_alike_everywhere() {
     // A late change of the old generation, and a write made on the new one after the cut:
     // concurrent (neither saw the other), as they were before the cut.
     let mut old = Automerge::new().with_actor(ActorId::from(&[3u8; 16][..]));
-    old.transact_with::<_, _, automerge::AutomergeError, _>(
-        |_| CommitOptions::default().with_time(5),
-        |tx| tx.put(ROOT, "y", "late"),
-    )
-    .unwrap();
+    commit_at(&mut old, 5, |tx| tx.put(ROOT, "y", "late"));
     let c = old.get_last_local_change().unwrap().clone();
     let mut a = g.fork_at(&[head]).unwrap();
     a.set_actor(ActorId::from(&[4u8; 16][..]));
-    a.transact_with::<_, _, automerge::AutomergeError, _>(
-        |_| CommitOptions::default().with_time(6),
-        |tx| tx.put(ROOT, "y", "after"),
-    )
-    .unwrap();
+    commit_at(&mut a, 6, |tx| tx.put(ROOT, "y", "after"));
     let w = a.get_last_local_change().unwrap().clone();
     let mut b = g.fork_at(&[head]).unwrap();
     let carried = carry(&b, head, &c);

@@ -838,7 +838,7 @@ pub(crate) mod tests {
         pub(crate) sid: MapSid,
         pub(crate) items: std::collections::BTreeMap<String, Item>,
         pub(crate) events: Vec<Event>,
-        seed: u64,
+        rng: syncmesh_core::testing::Rng,
         next_id: u64,
         /// Whether a batch may remove the map.
         pub(crate) removals: bool,
@@ -850,17 +850,14 @@ pub(crate) mod tests {
                 sid: MapSid::for_name(name),
                 items: Default::default(),
                 events: Vec::new(),
-                seed: seed | 1,
+                rng: syncmesh_core::testing::Rng(seed),
                 next_id: 1,
                 removals: true,
             }
         }
 
         fn rand(&mut self, n: u64) -> u64 {
-            self.seed ^= self.seed << 13;
-            self.seed ^= self.seed >> 7;
-            self.seed ^= self.seed << 17;
-            self.seed % n
+            self.rng.below(n)
         }
 
         fn emit(&mut self, kind: EventKind) -> Event {

@@ -269,10 +269,24 @@ impl Batch {
         self.policies.extend(later.policies);
     }
 
-    /// The batch without its map writes.
-    fn clone_without_maps(&self) -> Batch {
+    /// A copy without its views and events, which a file rewrite replays from the writes it
+    /// recorded instead.
+    fn without_feed(&self) -> Batch {
+        let maps = self
+            .maps
+            .iter()
+            .map(|m| MapWrite {
+                sid: m.sid.clone(),
+                name: m.name.clone(),
+                next_expiry: m.next_expiry,
+                changes: m.changes.clone(),
+                view: ViewChanges::default(),
+                events: Vec::new(),
+                sigs: m.sigs.clone(),
+            })
+            .collect();
         Batch {
-            maps: Vec::new(),
+            maps,
             meta: self.meta.clone(),
             digests: self.digests.clone(),
             trust: self.trust.clone(),
@@ -956,22 +970,7 @@ impl Store {
             seqs.clear();
         } else if let Some(log) = log.as_mut() {
             // The view and events are replayed from `ops`: the batch is kept without them.
-            let rest = Batch {
-                maps: batch
-                    .maps
-                    .iter()
-                    .map(|m| MapWrite {
-                        sid: m.sid.clone(),
-                        name: m.name.clone(),
-                        next_expiry: m.next_expiry,
-                        changes: m.changes.clone(),
-                        view: ViewChanges::default(),
-                        events: Vec::new(),
-                        sigs: m.sigs.clone(),
-                    })
-                    .collect(),
-                ..batch.clone_without_maps()
-            };
+            let rest = batch.without_feed();
             let bytes = rest.bytes() + ops.iter().map(Op::bytes).sum::<usize>() + 64;
             log.record(Rewritten::Commit(rest, taken, ops), bytes);
         }

@@ -25,6 +25,11 @@ const EXPIRES: u8 = 4;
 /// creation (zigzag LEB128), last update and expiry (each relative to creation), creator
 /// (16 bytes), then the JSON text.
 pub(super) fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
+    write_entry(st, &nodes.get(st.meta.created_by))
+}
+
+/// [`encode_entry`] with the creator given (the state's interned one is not read).
+fn write_entry(st: &ItemState, creator: &NodeId) -> Vec<u8> {
     use crate::varint;
     let mut b = Vec::with_capacity(48 + st.data.len());
     b.push(ENTRY_V2);
@@ -47,33 +52,38 @@ pub(super) fn encode_entry(st: &ItemState, nodes: &Nodes) -> Vec<u8> {
     if expires {
         varint::put_signed(&mut b, st.meta.expires.wrapping_sub(st.meta.created));
     }
-    b.extend_from_slice(&nodes.get(st.meta.created_by).0);
+    b.extend_from_slice(&creator.0);
     b.extend_from_slice(st.data.as_bytes());
     b
 }
 
-/// An entry's item state and where its JSON text starts.
-fn decode_entry_at(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
-    let (st, at) = match *b.first()? {
-        ENTRY_V1 => decode_v1(b, nodes)?,
-        ENTRY_V2 => decode_v2(b, nodes)?,
-        _ => return None,
-    };
-    Some((st, at))
+/// An entry's header: its state but the data (empty) and the creator (not interned: 0), the
+/// creator, and where the JSON text starts.
+type Header = (ItemState, NodeId, usize);
+
+fn parse_header(b: &[u8]) -> Option<Header> {
+    match *b.first()? {
+        ENTRY_V1 => header_v1(b),
+        ENTRY_V2 => header_v2(b),
+        _ => None,
+    }
 }
 
 pub(super) fn decode_entry(b: &[u8], nodes: &mut Nodes) -> Option<ItemState> {
-    decode_entry_at(b, nodes).map(|(st, _)| st)
+    let (mut st, creator, at) = parse_header(b)?;
+    st.data = entry_text(b, at)?.into();
+    st.meta.created_by = nodes.intern(creator);
+    Some(st)
 }
 
 /// The text after the header: not parsed here, as reopening a 1M-item map must stay one
 /// cheap pass; the store's checksums guard the bytes, and serde_json wrote it from an object.
-fn entry_text(b: &[u8], at: usize) -> Option<Box<str>> {
+fn entry_text(b: &[u8], at: usize) -> Option<&str> {
     let data = std::str::from_utf8(b.get(at..)?).ok()?;
-    (data.starts_with('{') && data.ends_with('}')).then(|| data.into())
+    (data.starts_with('{') && data.ends_with('}')).then_some(data)
 }
 
-fn decode_v2(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
+fn header_v2(b: &[u8]) -> Option<Header> {
     use crate::varint;
     let flags = *b.get(1)?;
     if flags & !(CONFLICTED | NO_FIELDS | EXPIRES) != 0 {
@@ -90,36 +100,36 @@ fn decode_v2(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
     } else {
         i64::MIN
     };
-    let created_by = nodes.intern(NodeId::from_slice(b.get(at..at + 16)?)?);
+    let creator = NodeId::from_slice(b.get(at..at + 16)?)?;
     at += 16;
     let st = ItemState {
-        data: entry_text(b, at)?,
+        data: Box::default(),
         meta: ViewMeta {
             created,
             updated,
             expires,
-            created_by,
+            created_by: 0,
             conflicted: flags & CONFLICTED != 0,
             no_fields: flags & NO_FIELDS != 0,
         },
         max_stamp,
         revision,
     };
-    Some((st, at))
+    Some((st, creator, at))
 }
 
-fn decode_v1(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
+fn header_v1(b: &[u8]) -> Option<Header> {
     if b.len() < ENTRY_V1_HEADER {
         return None;
     }
     let w = |i: usize| -> Option<[u8; 8]> { b.get(i..i + 8)?.try_into().ok() };
     let st = ItemState {
-        data: entry_text(b, ENTRY_V1_HEADER)?,
+        data: Box::default(),
         meta: ViewMeta {
             created: i64::from_le_bytes(w(17)?),
             updated: i64::from_le_bytes(w(25)?),
             expires: i64::from_le_bytes(w(33)?),
-            created_by: nodes.intern(NodeId::from_slice(b.get(41..57)?)?),
+            created_by: 0,
             conflicted: *b.get(57)? & 1 == 1,
             // Entries written before this flag existed say nothing: fields are scanned.
             no_fields: *b.get(57)? & 2 == 2,
@@ -127,7 +137,7 @@ fn decode_v1(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
         max_stamp: u64::from_le_bytes(w(1)?),
         revision: u64::from_le_bytes(w(9)?),
     };
-    Some((st, ENTRY_V1_HEADER))
+    Some((st, NodeId::from_slice(b.get(41..57)?)?, ENTRY_V1_HEADER))
 }
 
 /// The view entry of an item as an event carries it: the form in which a store keeps an item
@@ -136,7 +146,6 @@ fn decode_v1(b: &[u8], nodes: &mut Nodes) -> Option<(ItemState, usize)> {
 /// make.
 pub fn version_entry(item: &Item) -> Option<Vec<u8>> {
     let revision = u64::from_str_radix(item.revision.as_str(), 16).ok()?;
-    let mut nodes = Nodes::default();
     let st = ItemState {
         data: serde_json::to_string(&item.data).ok()?.into_boxed_str(),
         meta: ViewMeta {
@@ -145,29 +154,36 @@ pub fn version_entry(item: &Item) -> Option<Vec<u8>> {
             expires: item
                 .date_expires
                 .map_or(i64::MIN, |e| e.millis().max(i64::MIN + 1)),
-            created_by: nodes.intern(item.created_by),
+            created_by: 0,
             conflicted: false,
             no_fields: false,
         },
         max_stamp: 0,
         revision,
     };
-    Some(encode_entry(&st, &nodes))
+    Some(write_entry(&st, &item.created_by))
 }
 
 /// The item a view entry (or [`version_entry`]) holds, under `key`; `None` for bytes that are
 /// not an entry.
 pub fn entry_item(key: &str, entry: &[u8]) -> Option<Item> {
-    let mut nodes = Nodes::default();
-    let st = decode_entry(entry, &mut nodes)?;
-    Some(st.to_item(key, &nodes))
+    let (st, creator, at) = parse_header(entry)?;
+    Some(Item {
+        key: key.to_string(),
+        // As the view reads it (`ItemState::data`): the text was written from an object.
+        data: serde_json::from_str(entry_text(entry, at)?).unwrap_or_default(),
+        revision: st.revision(),
+        date_created: st.meta.created(),
+        date_updated: st.meta.updated(),
+        date_expires: st.meta.expires(),
+        created_by: creator,
+    })
 }
 
 /// The JSON text of the data a view entry holds.
 pub fn entry_data(entry: &[u8]) -> Option<&str> {
-    let mut nodes = Nodes::default();
-    let (_, at) = decode_entry_at(entry, &mut nodes)?;
-    std::str::from_utf8(entry.get(at..)?).ok()
+    let (_, _, at) = parse_header(entry)?;
+    entry_text(entry, at)
 }
 
 /// One item in the read view. The data is kept as compact JSON text: a parsed
