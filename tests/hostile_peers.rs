@@ -10,7 +10,7 @@ use support::{raw_peer, wait_for, DEADLINE};
 
 use serde_json::json;
 use syncmesh::{Multiaddr, Node};
-use syncmesh_core::replication::{Bytes, Replicator, Wire};
+use syncmesh_core::replication::{changes_messages, Bytes, Wire};
 use syncmesh_core::{DocAddr, Identity, MapReplica, MapSid, NodeId, Timestamp, WriteOptions};
 
 async fn node() -> (Node, Multiaddr) {
@@ -101,7 +101,7 @@ async fn close_returns_under_gossip_load() {
             .into_iter()
             .map(|c| (c.doc, c.bytes))
             .collect();
-        let (m, _) = Replicator::gossip(&sid, changes, &Default::default());
+        let (m, _) = changes_messages(&sid, changes, &Default::default());
         msgs.extend(m);
     }
     let (h, _rx, a_peer) = raw_peer(&a_addr).await;

@@ -412,7 +412,7 @@ async fn dropped(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
-    use syncmesh_core::replication::Replicator;
+    use syncmesh_core::replication::changes_messages;
     use syncmesh_core::{DocAddr, MapSid};
     let a = node(None, &[]).await;
     let a_addr = addr(&a).await;
@@ -446,7 +446,7 @@ async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
         .unwrap();
         let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
         // Shard 0 is not where these keys live.
-        let (msgs, _) = Replicator::gossip(
+        let (msgs, _) = changes_messages(
             &sid,
             vec![(DocAddr::Shard { inc: 0, index: 0 }, change)],
             &Default::default(),

@@ -718,7 +718,10 @@ async fn idle_strangers_do_not_lock_invitees_out() {
     let a_addr = addr(&a).await;
     let mut strangers = Vec::new();
     for _ in 0..40 {
-        let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());
+        let mut cfg = syncmesh_net::NetConfig::new(
+            syncmesh_net::Keypair::generate_ed25519(),
+            syncmesh::wire_limits(),
+        );
         cfg.peers = vec![a_addr.clone()];
         cfg.mdns = false;
         strangers.push(syncmesh_net::start(cfg).unwrap());

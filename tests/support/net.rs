@@ -45,7 +45,10 @@ pub async fn raw_peer(
     syncmesh_net::NetEvents,
     syncmesh::PeerId,
 ) {
-    let mut cfg = syncmesh_net::NetConfig::new(syncmesh_net::Keypair::generate_ed25519());
+    let mut cfg = syncmesh_net::NetConfig::new(
+        syncmesh_net::Keypair::generate_ed25519(),
+        syncmesh::wire_limits(),
+    );
     cfg.peers = vec![to.clone()];
     cfg.mdns = false;
     // The raw peer talks to whoever it reaches; the node under test decides whom it trusts.

@@ -12,7 +12,8 @@ mod counting_alloc;
 static ALLOC: counting_alloc::Counting = counting_alloc::Counting;
 
 use serde_json::json;
-use syncmesh_core::replication::{Outgoing, Replicator, Wire};
+use syncmesh_core::replication::{changes_messages, Outgoing, Wire};
+use syncmesh_core::testing::Driver;
 use syncmesh_core::{
     Catalog, DocAddr, Identity, MapReplica, MapSid, MapSpec, NodeId, Timestamp, WriteOptions,
 };
@@ -35,7 +36,7 @@ fn obj(v: serde_json::Value) -> syncmesh_core::JsonObject {
 struct Node {
     name: String,
     host: Catalog,
-    rep: Replicator,
+    rep: Driver,
 }
 
 impl Node {
@@ -43,7 +44,7 @@ impl Node {
         Node {
             name: name.to_string(),
             host: Catalog::new(Identity::new(NodeId([n; 16]), name.as_bytes())),
-            rep: Replicator::new(hold_all),
+            rep: Driver::new(hold_all),
         }
     }
 
@@ -62,7 +63,7 @@ impl Node {
 }
 
 /// Delivers direct messages between two nodes until none is left; returns the violations.
-fn pump(a: &mut Node, b: &mut Node, mut queue: Vec<(String, Outgoing)>) -> Vec<String> {
+fn pump(a: &mut Node, b: &mut Node, mut queue: Vec<(String, Outgoing<String>)>) -> Vec<String> {
     let mut violations = Vec::new();
     let mut steps = 0;
     while let Some((from, o)) = (!queue.is_empty()).then(|| queue.remove(0)) {
@@ -85,7 +86,7 @@ fn pump(a: &mut Node, b: &mut Node, mut queue: Vec<(String, Outgoing)>) -> Vec<S
 }
 
 fn connect(a: &mut Node, b: &mut Node) -> Vec<String> {
-    let mut q: Vec<(String, Outgoing)> = Vec::new();
+    let mut q: Vec<(String, Outgoing<String>)> = Vec::new();
     let out = a.rep.peer_up(&b.name, &mut a.host);
     q.extend(out.into_iter().map(|o| (a.name.clone(), o)));
     let out = b.rep.peer_up(&a.name, &mut b.host);
@@ -178,18 +179,18 @@ fn equivocating_changes_do_not_make_honest_nodes_disconnect_each_other() {
     .unwrap();
     m1.flush(now()).unwrap();
     m2.flush(now()).unwrap();
-    let (g1, _) = Replicator::gossip(&sid, local_shard_changes(&mut m1), &Default::default());
-    let (g2, _) = Replicator::gossip(&sid, local_shard_changes(&mut m2), &Default::default());
+    let (g1, _) = changes_messages(&sid, local_shard_changes(&mut m1), &Default::default());
+    let (g2, _) = changes_messages(&sid, local_shard_changes(&mut m2), &Default::default());
 
     // Mallory gossips g1 to A and g2 to B: each is valid where it lands.
     a.rep
-        .receive_gossip("mallory", &g1[0], &mut a.host, now())
+        .receive("mallory", &g1[0], &mut a.host, now())
         .unwrap();
     b.rep
-        .receive_gossip("mallory", &g2[0], &mut b.host, now())
+        .receive("mallory", &g2[0], &mut b.host, now())
         .unwrap();
     // B relays g2 (it accepted it); A hears it from B, its propagation source.
-    let r = a.rep.receive_gossip("b", &g2[0], &mut a.host, now());
+    let r = a.rep.receive("b", &g2[0], &mut a.host, now());
     // And the honest pair can still sync (anti-entropy / reconnect).
     a.rep.peer_down("b");
     b.rep.peer_down("a");
@@ -403,7 +404,7 @@ fn mutated_changes_never_panic_the_node() {
                 docs: vec![(doc, vec![syncmesh_core::replication::Bytes(bytes.clone())])],
             }
             .encode();
-            let r = a.rep.receive_gossip("p", &msg, &mut a.host, now());
+            let r = a.rep.receive("p", &msg, &mut a.host, now());
             if r.is_ok() {
                 // Read everything back, as a user would.
                 let _ = a.map().all_items(now());
@@ -472,7 +473,7 @@ fn replay(hexed: &str, with_base: bool) {
         )],
     }
     .encode();
-    let _ = a.rep.receive_gossip("p", &msg, &mut a.host, now());
+    let _ = a.rep.receive("p", &msg, &mut a.host, now());
 }
 
 #[test]
@@ -682,10 +683,7 @@ fn a_change_naming_an_unlisted_actor_is_refused_without_a_panic() {
         docs: vec![(doc, vec![syncmesh_core::replication::Bytes(bytes)])],
     }
     .encode();
-    let v = a
-        .rep
-        .receive_gossip("p", &msg, &mut a.host, now())
-        .unwrap_err();
+    let v = a.rep.receive("p", &msg, &mut a.host, now()).unwrap_err();
     assert!(!v.0.contains("Automerge fail"), "{}", v.0);
     assert!(a.rep.take_poisoned().is_empty());
     assert_eq!(

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is the report
 
 use serde_json::json;
-use syncmesh_core::replication::{Replicator, Wire};
+use syncmesh_core::replication::{changes_messages, Wire};
 use syncmesh_core::{DocAddr, Identity, MapReplica, MapSid, NodeId};
 
 #[path = "support/wire_net.rs"]
@@ -225,24 +225,24 @@ fn hostile_input_is_a_violation_and_changes_nothing() {
     let misplaced_key = "m5:david"; // "david" lives in shard 688
     doc.put(automerge::ROOT, misplaced_key, 1).unwrap();
     let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
-    let (msgs, _) = Replicator::gossip(
+    let (msgs, _) = changes_messages(
         &sid,
         vec![(DocAddr::Shard { inc: 0, index: 3 }, change.clone())],
         &Default::default(),
     );
     let err = node
         .rep
-        .receive_gossip("b", &msgs[0], &mut node.host, now())
+        .receive("b", &msgs[0], &mut node.host, now())
         .unwrap_err();
     assert!(err.0.contains("does not belong"), "{err}");
     // A change writing an unknown field of the map document.
     let mut meta = automerge::AutoCommit::new();
     meta.put(automerge::ROOT, "owner", "mallory").unwrap();
     let c = meta.get_last_local_change().unwrap().raw_bytes().to_vec();
-    let (msgs, _) = Replicator::gossip(&sid, vec![(DocAddr::Meta, c)], &Default::default());
+    let (msgs, _) = changes_messages(&sid, vec![(DocAddr::Meta, c)], &Default::default());
     assert!(node
         .rep
-        .receive_gossip("b", &msgs[0], &mut node.host, now())
+        .receive("b", &msgs[0], &mut node.host, now())
         .is_err());
     // A malformed sid.
     let bad = postcard_bad_sid();

@@ -174,8 +174,9 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// A configuration with no listeners, no peers, nobody trusted and mDNS on.
-    pub fn new(keypair: Keypair) -> NetConfig {
+    /// A configuration with no listeners, no peers, nobody trusted and mDNS on. `limits` are
+    /// the protocol's (the replication protocol owns them: syncmesh-core's `replication::wire`).
+    pub fn new(keypair: Keypair, limits: Limits) -> NetConfig {
         NetConfig {
             keypair,
             listen: Vec::new(),
@@ -188,12 +189,8 @@ impl NetConfig {
             denied: Vec::new(),
             untrusted_grace: Duration::from_secs(30),
             // A peer sends one request at a time (two streams at most are accepted), so
-            // this bounds what one peer can make a node buffer.
-            limits: Limits {
-                max_message: 16 << 20,
-                max_batch: 32 << 20,
-                max_count: 4096,
-            },
+            // these bound what one peer can make a node buffer.
+            limits,
             block_for: Duration::from_secs(60),
         }
     }
@@ -337,6 +334,22 @@ pub(crate) enum Command {
     Shutdown(tokio::sync::oneshot::Sender<()>),
 }
 
+impl Command {
+    /// What the command is, for logs.
+    fn kind(&self) -> &'static str {
+        match self {
+            Command::Send { .. } => "a message",
+            Command::Punish { .. } => "a disconnection",
+            Command::Dial(_) => "a dial",
+            Command::Trust { .. } => "a trust decision",
+            Command::Untrust(_) => "an untrust decision",
+            Command::Join { .. } => "a join request",
+            Command::AnswerJoin { .. } => "a join answer",
+            Command::Shutdown(_) => "a shutdown",
+        }
+    }
+}
+
 /// A handle on the running network (cheap to clone).
 #[derive(Clone)]
 pub struct NetHandle {
@@ -345,9 +358,10 @@ pub struct NetHandle {
     tx: mpsc::Sender<Command>,
     /// Bytes of direct messages queued for the network thread, not taken yet.
     queued: Arc<AtomicUsize>,
-    /// Control (trust, joins, disconnects, dials): never dropped. Bounded by what the node
-    /// does (one per user action or misbehaving peer), not by peers' traffic.
-    ctl: mpsc::UnboundedSender<Command>,
+    /// Control (trust, joins, disconnects, dials): apart from data, so a full data queue
+    /// never holds them up. One per user action or misbehaving peer, not per message; bounded
+    /// ([`CONTROL_QUEUE`]) all the same.
+    ctl: mpsc::Sender<Command>,
     status: StatusCell,
 }
 
@@ -363,6 +377,9 @@ const EVENT_QUEUE: usize = 4096;
 /// Commands waiting for the network thread; beyond this, direct messages are dropped
 /// (replication repairs what is lost) rather than block the node.
 const COMMAND_QUEUE: usize = 16_384;
+/// Control commands waiting for the network thread. Only a network thread that has stalled
+/// fills it: the command is then dropped with an error in the log rather than block the node.
+pub const CONTROL_QUEUE: usize = 1024;
 /// Bytes of direct messages that may wait for the network thread: a message would make it
 /// more is dropped (and repaired by replication), so a stalled network thread holds at most
 /// this much, whatever the messages' sizes.
@@ -381,8 +398,15 @@ impl NetHandle {
     }
 
     fn control(&self, c: Command) {
-        // Fails only once the network thread has stopped.
-        let _ = self.ctl.send(c);
+        match self.ctl.try_send(c) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(c)) => tracing::error!(
+                "network control queue full ({CONTROL_QUEUE} waiting): dropping {}",
+                c.kind()
+            ),
+            // The network thread has stopped: nothing to control.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 
     /// Sends a direct message to a connected, trusted peer (best effort, in order per peer).
@@ -549,7 +573,7 @@ impl NetEvents {
 /// a slow node slows the network down rather than growing memory).
 pub fn start(cfg: NetConfig) -> Result<(NetHandle, NetEvents), NetError> {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let (ctl, ctl_rx) = mpsc::unbounded_channel();
+    let (ctl, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
     let (ev_tx, ev_rx) = mpsc::channel(EVENT_QUEUE);
     let received = Arc::new(Received::default());
     let me = cfg.keypair.public().to_peer_id();
@@ -588,7 +612,7 @@ mod tests {
         // A network thread that takes nothing: what the handle queues is bounded in bytes
         // however few the messages.
         let (tx, _rx) = mpsc::channel(COMMAND_QUEUE);
-        let (ctl, _ctl_rx) = mpsc::unbounded_channel();
+        let (ctl, _ctl_rx) = mpsc::channel(CONTROL_QUEUE);
         let me = PeerId::random();
         let h = NetHandle {
             tx,

@@ -360,11 +360,7 @@ impl Runner {
         self.publish_status();
     }
 
-    pub(crate) fn run(
-        mut self,
-        mut rx: mpsc::Receiver<Command>,
-        mut ctl: mpsc::UnboundedReceiver<Command>,
-    ) {
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>, mut ctl: mpsc::Receiver<Command>) {
         let Some(rt) = self.rt.0.take() else {
             return;
         };

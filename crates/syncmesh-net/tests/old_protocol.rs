@@ -58,7 +58,12 @@ impl request_response::Codec for OldCodec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_on_the_older_protocol_is_refused_with_a_reason() {
     // The node under test trusts everyone, so only the protocol can stand in the way.
-    let mut cfg = NetConfig::new(Keypair::generate_ed25519());
+    let limits = syncmesh_net::Limits {
+        max_message: 1 << 20,
+        max_batch: 2 << 20,
+        max_count: 64,
+    };
+    let mut cfg = NetConfig::new(Keypair::generate_ed25519(), limits);
     cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     cfg.mdns = false;
     cfg.trust_all = true;

@@ -63,6 +63,24 @@ const MAX_QUEUED_SNAPSHOT_BYTES: usize = 16 << 20;
 /// waits for the next rounds, so commands are answered in between.
 const COMPACT_ROUND_BUDGET: Duration = Duration::from_millis(4);
 
+/// What replication may know of the stored maps before they are loaded.
+fn parked_maps(
+    on_disk: &BTreeMap<MapSid, Option<String>>,
+    digests: &HashMap<MapSid, u64>,
+    policies: &HashMap<MapSid, syncmesh_core::Policy>,
+) -> syncmesh_core::replication::Parked {
+    on_disk
+        .keys()
+        .map(|sid| {
+            let m = syncmesh_core::replication::ParkedMap {
+                digest: digests.get(sid).copied(),
+                policy: policies.get(sid).cloned().unwrap_or_default(),
+            };
+            (sid.clone(), m)
+        })
+        .collect()
+}
+
 pub(crate) fn now() -> Timestamp {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -164,9 +182,9 @@ pub(crate) struct Engine {
     on_disk: BTreeMap<MapSid, Option<String>>,
     /// Next TTL expiry of stored maps that are not loaded: they are loaded when it is due.
     unloaded_expiry: BTreeMap<MapSid, Timestamp>,
-    /// Digests of stored maps that are not loaded, as the store remembers them: anti-entropy
-    /// announces those maps without loading them.
-    pub(crate) stored_digests: HashMap<MapSid, u64>,
+    /// Stored maps that are not loaded, with the digests and permissions the store remembers:
+    /// anti-entropy announces them without loading them.
+    pub(crate) parked: syncmesh_core::replication::Parked,
     /// Loaded maps whose digest the next commit stores (computed after its changes).
     pub(crate) digests_wanted: BTreeSet<MapSid>,
     /// Maps loaded with changes whose signatures peers are asked for (at the next commit).
@@ -237,11 +255,11 @@ impl Engine {
                     .map(|t| (e.sid.clone(), Timestamp::from_millis(t)))
             })
             .collect();
-        let on_disk = catalog_entries
+        let on_disk: BTreeMap<MapSid, Option<String>> = catalog_entries
             .into_iter()
             .map(|e| (e.sid, e.name))
             .collect();
-        let stored_digests = store.map_digests()?.into_iter().collect();
+        let stored_digests: HashMap<MapSid, u64> = store.map_digests()?.into_iter().collect();
         let policies = store
             .map_policies()?
             .into_iter()
@@ -255,6 +273,7 @@ impl Engine {
                 (sid, p)
             })
             .collect();
+        let parked = parked_maps(&on_disk, &stored_digests, &policies);
         // With fsync, the engine waits while one commit is queued and gathers the commands that
         // arrive meanwhile into the next (group commit). Relaxed writes are acknowledged at
         // hand-off, so the engine runs ahead instead and the store writer merges what is queued.
@@ -278,7 +297,7 @@ impl Engine {
             shared,
             on_disk,
             unloaded_expiry,
-            stored_digests,
+            parked,
             digests_wanted: BTreeSet::new(),
             signatures_wanted: BTreeSet::new(),
             forgot_uncommitted: false,
@@ -505,9 +524,12 @@ impl Engine {
             }
             Err(e) => tracing::error!("cannot list the stored maps after a failed commit: {e}"),
         }
-        if let Ok(d) = self.store.map_digests() {
-            self.stored_digests = d.into_iter().collect();
-        }
+        let digests: HashMap<MapSid, u64> = self
+            .store
+            .map_digests()
+            .map(|d| d.into_iter().collect())
+            .unwrap_or_default();
+        self.parked = parked_maps(&self.on_disk, &digests, &self.policies);
         tracing::warn!(
             "a commit failed: maps are read from storage from now on, without what was not stored"
         );
@@ -525,7 +547,7 @@ impl Engine {
         }
         self.unloaded_expiry.remove(sid);
         // Loaded, its digest is computed live (and the stored one dropped with its next change).
-        self.stored_digests.remove(sid);
+        self.parked.remove(sid);
         let Some(stored) = self.store.load_map(sid)? else {
             return Ok(());
         };

@@ -61,4 +61,15 @@ pub use syncmesh_core::{
     OpenMode, Order, Page, PageRequest, Permission, Revision, Timestamp, Ttl, WriteOptions,
 };
 pub use syncmesh_net::{Multiaddr, NetStatus, PeerId, SwarmKey};
+
+/// The network's frame limits, as the replication protocol sets them
+/// (`syncmesh_core::replication::wire`): what a node gives its `syncmesh_net::NetConfig`.
+pub fn wire_limits() -> syncmesh_net::Limits {
+    use syncmesh_core::replication::wire;
+    syncmesh_net::Limits {
+        max_message: wire::MAX_DIRECT_MESSAGE,
+        max_batch: wire::MAX_DIRECT_BATCH,
+        max_count: wire::MAX_DIRECT_COUNT,
+    }
+}
 pub use syncmesh_store::{FileCompaction, StoreError};

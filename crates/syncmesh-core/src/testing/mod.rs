@@ -9,8 +9,15 @@
     clippy::should_implement_trait
 )]
 
+mod driver;
 mod rng;
 pub mod sim;
 pub mod stored_view;
 
+pub use driver::Driver;
 pub use rng::Rng;
+
+/// The time the test drivers pass when a test gives none.
+pub fn sim_epoch() -> crate::Timestamp {
+    crate::Timestamp::from_millis(1_700_000_000_000)
+}

@@ -18,7 +18,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::replication::{MapHost, Replicator};
+use crate::replication::{
+    Grant, Input, Outgoing, Output, Parked, ParkedMap, Replicator, Shelf, Timer,
+};
 use crate::{
     Catalog, DocAddr, Event, EventView, Identity, MapReplica, MapSid, MapSpec, NodeId, StoredDoc,
     Timestamp, WriteOptions,
@@ -82,44 +84,20 @@ pub enum Fault {
     EventIdsFromZero,
 }
 
-/// The host replication sees: the node's catalog, with [`Fault::StaleDigest`] planted when
-/// `stale` is set.
-struct SimHost<'a> {
-    cat: &'a mut Catalog,
-    stale: Option<&'a mut BTreeMap<MapSid, u64>>,
-}
-
-impl MapHost for SimHost<'_> {
-    fn held(&mut self) -> Vec<MapSid> {
-        self.cat.held()
-    }
-    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        MapHost::get(self.cat, sid)
-    }
-    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        self.cat.adopt(sid)
-    }
-    fn touched(&mut self, sid: &MapSid) {
-        self.cat.touched(sid);
-    }
-    fn digest(&mut self, sid: &MapSid) -> Option<crate::Result<u64>> {
-        let d = self.cat.digest(sid)?;
-        match (&mut self.stale, d) {
-            (Some(stale), Ok(d)) => Some(Ok(*stale.entry(sid.clone()).or_insert(d))),
-            (_, d) => Some(d),
-        }
-    }
-}
-
 struct SimNode {
     fault: Fault,
-    stale: BTreeMap<MapSid, u64>,
+    /// The digest each map had when first parked ([`Fault::StaleDigest`] keeps it).
+    first_digest: BTreeMap<MapSid, u64>,
     peer: String,
     signer: crate::Signer,
     index: u8,
     restarts: u8,
     host: Catalog,
-    rep: Replicator,
+    /// Maps in the store only, as the engine knows them after a start or a reload.
+    parked: Parked,
+    rep: Replicator<String>,
+    /// Timers the replicator asked for (anti-entropy fires on the schedule's own ticks).
+    timers: BTreeMap<Timer, i64>,
     stored: Stored,
     up: bool,
 }
@@ -132,28 +110,96 @@ impl SimNode {
         let signer = crate::Signer::new(key);
         SimNode {
             fault,
-            stale: BTreeMap::new(),
+            first_digest: BTreeMap::new(),
             peer: signer.peer_id().to_string(),
             index,
             restarts: 0,
             host: Catalog::new(Self::identity(&signer, index, 0)),
+            parked: Parked::new(),
             signer,
             rep: Replicator::new(false),
+            timers: BTreeMap::new(),
             stored: Stored::default(),
             up: true,
         }
     }
 
-    /// Its replicator, and the host that replicator works on.
-    fn parts(&mut self) -> (&mut Replicator, SimHost<'_>) {
-        let stale = (self.fault == Fault::StaleDigest).then_some(&mut self.stale);
-        (
-            &mut self.rep,
-            SimHost {
-                cat: &mut self.host,
-                stale,
-            },
-        )
+    /// Feeds one input to the replicator and carries out what it says, as the engine does:
+    /// maps it asks for are loaded from the store, timers noted. Returns the messages to send.
+    fn handle(&mut self, input: Input<String>, now: i64) -> Vec<Outgoing<String>> {
+        let mut sent = Vec::new();
+        let mut next = Some(input);
+        while let Some(input) = next.take() {
+            let shelf = Shelf {
+                maps: &mut self.host,
+                parked: &self.parked,
+            };
+            for o in self.rep.handle(shelf, input, t(now)) {
+                match o {
+                    Output::Send(o) => sent.push(o),
+                    Output::Punish { peer, violation } => {
+                        panic!(
+                            "node {} calls {peer} a violator: {}",
+                            self.index, violation.0
+                        )
+                    }
+                    Output::Reload(sid) => panic!("map {sid} was poisoned"),
+                    Output::Load(sids) => {
+                        for sid in &sids {
+                            self.load(sid);
+                        }
+                        next = Some(Input::Loaded(sids));
+                    }
+                    Output::Schedule { timer, at } => {
+                        self.timers.insert(timer, at.millis() - t(0).millis());
+                    }
+                    Output::Changed(_) | Output::Refused(_) | Output::Fetched { .. } => {}
+                }
+            }
+        }
+        sent
+    }
+
+    /// Fires the timers due by `now`, anti-entropy aside.
+    fn fire_due(&mut self, now: i64) -> Vec<Outgoing<String>> {
+        let due: Vec<Timer> = self
+            .timers
+            .iter()
+            .filter(|(k, at)| **k != Timer::AntiEntropy && **at <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        for timer in due {
+            self.timers.remove(&timer);
+            out.extend(self.handle(Input::Timer(timer), now));
+        }
+        out
+    }
+
+    /// Unloads every map (their state is in the store: call after a flush), remembering its
+    /// digest and permissions as the engine does; [`Fault::StaleDigest`] remembers the digest
+    /// a map had when first parked.
+    fn park_all(&mut self) {
+        let sids: Vec<MapSid> = self.host.maps().map(|m| m.sid().clone()).collect();
+        for sid in sids {
+            let Some(mut m) = self.host.remove(&sid) else {
+                continue;
+            };
+            let d = m.digest().expect("digest");
+            let first = *self.first_digest.entry(sid.clone()).or_insert(d);
+            let digest = if self.fault == Fault::StaleDigest {
+                first
+            } else {
+                d
+            };
+            self.parked.insert(
+                sid,
+                ParkedMap {
+                    digest: Some(digest),
+                    policy: m.policy().clone(),
+                },
+            );
+        }
     }
 
     /// A new process writes as a new Automerge actor.
@@ -165,6 +211,55 @@ impl SimNode {
         )
     }
 
+    /// Loads a parked map from the store.
+    fn load(&mut self, sid: &MapSid) {
+        if self.parked.remove(sid).is_none() {
+            return;
+        }
+        let m = self.restore(self.host.identity().clone(), sid);
+        self.host.insert(m);
+    }
+
+    /// Loads every parked map.
+    fn load_all(&mut self) {
+        let sids: Vec<MapSid> = self.parked.keys().cloned().collect();
+        for sid in sids {
+            self.load(&sid);
+        }
+    }
+
+    /// A map as the store holds it.
+    fn restore(&self, id: Identity, sid: &MapSid) -> MapReplica {
+        let docs: Vec<(DocAddr, StoredDoc)> = self
+            .stored
+            .docs
+            .iter()
+            .filter(|((s, _), _)| s == sid)
+            .map(|((_, d), b)| (*d, b.clone()))
+            .collect();
+        let entries = self.stored.view.get(sid).cloned().unwrap_or_default();
+        let last = self
+            .stored
+            .events
+            .iter()
+            .filter(|e| e.map == *sid)
+            .map(|e| e.id)
+            .max()
+            .filter(|_| self.fault != Fault::EventIdsFromZero)
+            .unwrap_or(0);
+        let mut m = MapReplica::restore(id, sid.clone(), docs, entries, last).expect("restore");
+        m.restore_signatures(self.stored.sigs.get(sid).cloned().unwrap_or_default());
+        m.restore_unsigned(
+            self.stored
+                .unsigned
+                .get(sid)
+                .into_iter()
+                .flatten()
+                .filter_map(|(h, i)| i.map(|i| (*h, i))),
+        );
+        m
+    }
+
     /// A crash: nothing in memory survives; the node comes back from its store.
     fn restart(&mut self) {
         self.restarts += 1;
@@ -172,39 +267,12 @@ impl SimNode {
         let mut host = Catalog::new(id.clone());
         let sids: BTreeSet<MapSid> = self.stored.docs.keys().map(|(s, _)| s.clone()).collect();
         for sid in sids {
-            let docs: Vec<(DocAddr, StoredDoc)> = self
-                .stored
-                .docs
-                .iter()
-                .filter(|((s, _), _)| *s == sid)
-                .map(|((_, d), b)| (*d, b.clone()))
-                .collect();
-            let entries = self.stored.view.get(&sid).cloned().unwrap_or_default();
-            let last = self
-                .stored
-                .events
-                .iter()
-                .filter(|e| e.map == sid)
-                .map(|e| e.id)
-                .max()
-                .filter(|_| self.fault != Fault::EventIdsFromZero)
-                .unwrap_or(0);
-            let mut m =
-                MapReplica::restore(id.clone(), sid.clone(), docs, entries, last).expect("restore");
-            m.restore_signatures(self.stored.sigs.get(&sid).cloned().unwrap_or_default());
-            m.restore_unsigned(
-                self.stored
-                    .unsigned
-                    .get(&sid)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(h, i)| i.map(|i| (*h, i))),
-            );
-            host.insert(m);
+            host.insert(self.restore(id.clone(), &sid));
         }
         self.host = host;
+        self.parked.clear();
         self.rep = Replicator::new(false);
-        self.stale.clear();
+        self.timers.clear();
         self.up = true;
     }
 }
@@ -270,9 +338,14 @@ impl Sim {
         }
         for (x, y) in [(a, b), (b, a)] {
             let peer = self.nodes[y].peer.clone();
-            let node = &mut self.nodes[x];
-            let (rep, mut host) = node.parts();
-            let out = rep.peer_up(&peer, &mut host);
+            let now = self.now;
+            let out = self.nodes[x].handle(
+                Input::PeerUp {
+                    peer,
+                    grant: Grant::full(),
+                },
+                now,
+            );
             self.send(x, out);
         }
     }
@@ -283,7 +356,9 @@ impl Sim {
         }
         for (x, y) in [(a, b), (b, a)] {
             let peer = self.nodes[y].peer.clone();
-            self.nodes[x].rep.peer_down(&peer);
+            let now = self.now;
+            let out = self.nodes[x].handle(Input::PeerDown(peer), now);
+            self.send(x, out);
         }
         // A connection's messages in flight are lost with it.
         self.queue
@@ -298,7 +373,7 @@ impl Sim {
         self.nodes[i].up = false;
     }
 
-    fn send(&mut self, from: usize, out: Vec<crate::replication::Outgoing>) {
+    fn send(&mut self, from: usize, out: Vec<Outgoing<String>>) {
         for o in out {
             let Some(to) = self.nodes.iter().position(|n| n.peer == o.peer) else {
                 panic!("a message to an unknown peer {}", o.peer);
@@ -388,19 +463,15 @@ impl Sim {
                 gossip.push((sid, out, sigs));
             }
         }
+        let at = self.now;
         let mut msgs = Vec::new();
-        let (rep, mut host) = node.parts();
         for sid in ask {
-            msgs.extend(rep.ask_signatures(&sid, &mut host));
+            msgs.extend(node.handle(Input::AskSignatures(sid), at));
         }
         for (sid, changes, sigs) in gossip {
-            let (push, too_large) = Replicator::gossip(&sid, changes, &sigs);
-            msgs.extend(rep.push(&sid, &push, None, &mut host));
-            if too_large {
-                msgs.extend(rep.announce(&[sid], &mut host));
-            }
+            msgs.extend(node.handle(Input::Committed { sid, changes, sigs }, at));
         }
-        msgs.extend(rep.take_nudges(&mut host));
+        msgs.extend(node.fire_due(at));
         self.send(i, msgs);
     }
 
@@ -409,14 +480,14 @@ impl Sim {
             return;
         }
         let from = self.nodes[m.from].peer.clone();
-        let now = t(self.now);
-        let node = &mut self.nodes[m.to];
-        let (rep, mut host) = node.parts();
-        let out = match rep.receive(&from, &m.bytes, &mut host, now) {
-            Ok(out) => out,
-            Err(v) => panic!("node {} calls node {} a violator: {}", m.to, m.from, v.0),
-        };
-        assert!(rep.take_poisoned().is_empty(), "a map was poisoned");
+        let now = self.now;
+        let out = self.nodes[m.to].handle(
+            Input::Message {
+                peer: from,
+                bytes: m.bytes,
+            },
+            now,
+        );
         self.send(m.to, out);
         self.flush(m.to);
     }
@@ -443,8 +514,14 @@ impl Sim {
         if !self.nodes[i].up || self.nodes[i].fault == Fault::NoAntiEntropy {
             return;
         }
-        let (rep, mut host) = self.nodes[i].parts();
-        let out = rep.tick(&mut host);
+        // Parked maps answer anti-entropy from their remembered digests (and load when a
+        // peer's differs), as an engine's idle maps do.
+        if self.nodes[i].fault == Fault::StaleDigest || self.rng.chance(30) {
+            self.flush(i);
+            self.nodes[i].park_all();
+        }
+        let now = self.now;
+        let out = self.nodes[i].handle(Input::Timer(Timer::AntiEntropy), now);
         self.send(i, out);
     }
 
@@ -463,6 +540,7 @@ impl Sim {
         let roll = self.rng.below(100);
         let d = data(&mut self.rng);
         let node = &mut self.nodes[i];
+        node.load(&MapSid::for_name(map));
         let Ok((m, _)) = node.host.open(&MapSpec::named(map), [7; 16], now) else {
             return;
         };
@@ -586,6 +664,7 @@ impl Sim {
     }
 
     fn digests(&mut self, i: usize) -> BTreeMap<MapSid, u64> {
+        self.nodes[i].load_all();
         self.nodes[i]
             .host
             .maps_mut()
@@ -640,6 +719,9 @@ impl Sim {
 
     fn check(&mut self, seed: u64) {
         let n = self.nodes.len();
+        for node in &mut self.nodes {
+            node.load_all();
+        }
         for map in MAPS {
             let holders = self.holders(map);
             let Some(&h0) = holders.first() else { continue };

@@ -4,7 +4,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use syncmesh_core::replication::{Outgoing, Replicator};
+use syncmesh_core::replication::Outgoing;
+use syncmesh_core::testing::Driver;
 use syncmesh_core::{
     Catalog, DocAddr, Event, Identity, MapReplica, MapSid, MapSpec, NodeId, Timestamp, WriteOptions,
 };
@@ -19,7 +20,7 @@ pub fn obj(v: serde_json::Value) -> syncmesh_core::JsonObject {
 
 pub struct Node {
     pub host: Catalog,
-    pub rep: Replicator,
+    pub rep: Driver,
     pub events: Vec<Event>,
 }
 
@@ -61,7 +62,7 @@ impl Net {
                 n.to_string(),
                 Node {
                     host: Catalog::new(id),
-                    rep: Replicator::new(hold_all.contains(n)),
+                    rep: Driver::new(hold_all.contains(n)),
                     events: Vec::new(),
                 },
             );
@@ -112,7 +113,7 @@ impl Net {
         self.node(b).rep.peer_down(&ia);
     }
 
-    pub fn send(&mut self, from: &str, out: Vec<Outgoing>) {
+    pub fn send(&mut self, from: &str, out: Vec<Outgoing<String>>) {
         for o in out {
             let to = self.names[&o.peer].clone();
             for h in sync_changes(&o.bytes) {
@@ -154,9 +155,10 @@ impl Net {
                 self.send(&n, out);
             }
             for (sid, changes) in by_map {
-                let (msgs, _) = Replicator::gossip(&sid, changes, &sigs);
                 let node = self.nodes.get_mut(&n).unwrap();
-                let out = node.rep.push(&sid, &msgs, None, &mut node.host);
+                let out = node
+                    .rep
+                    .committed(&sid, changes, sigs.clone(), &mut node.host);
                 for o in out {
                     let to = self.names[&o.peer].clone();
                     self.queue.push_back(Msg::Push(n.clone(), to, o.bytes));

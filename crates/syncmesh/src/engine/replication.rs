@@ -1,10 +1,13 @@
-//! The engine's side of replication: it hosts the maps for the sans-IO [`Replicator`], feeds
-//! it what the network delivers, and hands what it says to the network thread.
+//! The engine's side of replication: it feeds the sans-IO [`Replicator`] what the network
+//! and the node do, and carries out what it answers (messages to the network thread, maps to
+//! load and commit, timers, verdicts on peers, fetches settled).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use syncmesh_core::replication::{MapHost, Outgoing, Replicator};
+use syncmesh_core::replication::{
+    FetchOutcome, Input, Output, ParkedMap, Replicator, Shelf, Timer,
+};
 use syncmesh_core::{DocAddr, MapInfo, MapRef, MapReplica, MapSid, MapSpec, OpenMode, Timestamp};
 use syncmesh_net::{NetEvent, NetHandle, PeerId};
 use tokio::sync::oneshot;
@@ -12,8 +15,6 @@ use tokio::sync::oneshot;
 use super::Engine;
 use crate::error::{Error, Result};
 
-/// How often every peer is sent a Hello with every map's digest (anti-entropy).
-const ANTI_ENTROPY: Duration = Duration::from_secs(10);
 /// How long opening a map that only peers have waits for it to arrive.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -22,17 +23,18 @@ struct Want {
     sid: MapSid,
     spec: MapSpec,
     reply: oneshot::Sender<Result<MapInfo>>,
-    deadline: Instant,
+    deadline: Timestamp,
 }
 
 /// The network part of an engine.
 pub(crate) struct Net {
     pub handle: NetHandle,
     pub rx: syncmesh_net::NetEvents,
-    pub(crate) rep: Option<Replicator>,
+    pub(crate) rep: Replicator<String>,
     /// Trusted peers that are up.
-    pub(crate) peers: HashMap<String, PeerId>,
-    next_tick: Instant,
+    pub(crate) peers: std::collections::HashMap<String, PeerId>,
+    /// Timers the replicator asked for, when each is due.
+    timers: BTreeMap<Timer, Instant>,
     wants: Vec<Want>,
     /// Joins this node asked for, waiting for the inviter.
     pub(crate) joins: Vec<super::trust::PendingJoin>,
@@ -66,9 +68,9 @@ impl Net {
             fetched: Vec::new(),
             handle,
             rx,
-            rep: Some(Replicator::new(hold_all)),
-            peers: HashMap::new(),
-            next_tick: Instant::now() + ANTI_ENTROPY,
+            rep: Replicator::new(hold_all),
+            peers: std::collections::HashMap::new(),
+            timers: BTreeMap::new(),
             wants: Vec::new(),
             joins: Vec::new(),
             joined: Vec::new(),
@@ -94,128 +96,90 @@ impl Net {
         }
     }
 
-    /// When the engine must wake next for the network (anti-entropy, open deadlines).
+    /// When the engine must wake next for the network (the replicator's timers, joins).
     pub(crate) fn next_wake(&self) -> Instant {
-        self.wants
-            .iter()
-            .map(|w| w.deadline)
+        let later = Instant::now() + Duration::from_secs(3600);
+        self.timers
+            .values()
+            .copied()
             .chain(self.joins.iter().map(|j| j.deadline))
             .chain(self.joined.iter().map(|j| j.3))
-            .chain(std::iter::once(self.next_tick))
             .min()
-            .unwrap_or(self.next_tick)
-    }
-}
-
-impl MapHost for Engine {
-    fn held(&mut self) -> Vec<MapSid> {
-        let mut all: Vec<MapSid> = self.on_disk.keys().cloned().collect();
-        all.extend(
-            self.catalog
-                .maps()
-                .map(|m| m.sid().clone())
-                .filter(|s| !self.on_disk.contains_key(s)),
-        );
-        all
-    }
-
-    fn get(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        if !self.catalog.contains(sid) && !self.on_disk.contains_key(sid) {
-            return None;
-        }
-        if let Err(e) = self.ensure_loaded(sid) {
-            tracing::warn!(map = %sid, "cannot load the map for replication: {e}");
-            return None;
-        }
-        self.catalog.by_sid(sid)
-    }
-
-    fn adopt(&mut self, sid: &MapSid) -> Option<&mut MapReplica> {
-        if !self.catalog.contains(sid) {
-            let id = self.catalog.identity().clone();
-            self.catalog.insert(MapReplica::empty(id, sid.clone()));
-        }
-        self.catalog.by_sid(sid)
-    }
-
-    fn touched(&mut self, sid: &MapSid) {
-        self.dirty.insert(sid.clone());
-    }
-
-    fn policy(&mut self, sid: &MapSid) -> Option<syncmesh_core::Policy> {
-        if let Some(m) = self.catalog.get(sid) {
-            return Some(m.policy().clone());
-        }
-        if !self.on_disk.contains_key(sid) {
-            return None;
-        }
-        Some(self.policies.get(sid).cloned().unwrap_or_default())
-    }
-
-    fn unsigned(&mut self, sid: &MapSid) -> Option<Vec<syncmesh_core::ChangeHash>> {
-        // Only loaded maps are asked about: loading every map for this would make each
-        // Hello cost a full load (a map with unsigned changes asks once it is used again).
-        let m = self.catalog.by_sid(sid)?;
-        if !m.has_unsigned() {
-            return None;
-        }
-        let h = m.unsigned(syncmesh_core::replication::MAX_SIGS_ASKED);
-        // What it forgot on the way is stored as gone with the next commit.
-        self.dirty.insert(sid.clone());
-        (!h.is_empty()).then_some(h)
-    }
-
-    fn digest(&mut self, sid: &MapSid) -> Option<syncmesh_core::Result<u64>> {
-        if !self.catalog.contains(sid) {
-            if let Some(d) = self.stored_digests.get(sid) {
-                return Some(Ok(*d));
-            }
-            if self.on_disk.contains_key(sid) {
-                // Unknown (changed since last stored, or never stored): load it once, and keep
-                // its digest for the next start.
-                self.digests_wanted.insert(sid.clone());
-            }
-        }
-        self.get(sid).map(MapReplica::digest)
+            .unwrap_or(later)
     }
 }
 
 impl Engine {
-    /// Runs `f` with the replicator taken out of the engine (it needs the engine as host).
-    fn with_rep<T>(&mut self, f: impl FnOnce(&mut Replicator, &mut Engine) -> T) -> Option<T> {
-        let mut rep = self.net.as_mut()?.rep.take()?;
-        let r = f(&mut rep, self);
-        if let Some(n) = self.net.as_mut() {
-            n.rep = Some(rep);
-        }
-        Some(r)
-    }
-
-    fn send_all(&mut self, out: Vec<Outgoing>) {
-        let Some(n) = &self.net else { return };
-        for o in out {
-            if let Some(p) = n.peers.get(&o.peer) {
-                n.handle.send(*p, o.bytes);
+    /// Feeds one input to the replicator and carries out everything it answers, including
+    /// the inputs those answers lead to (maps loaded, a fetch that must keep waiting).
+    pub(super) fn drive(&mut self, input: Input<String>, now: Timestamp) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            let Some(n) = self.net.as_mut() else { return };
+            let shelf = Shelf {
+                maps: &mut self.catalog,
+                parked: &self.parked,
+            };
+            let outputs = n.rep.handle(shelf, input, now);
+            for o in outputs {
+                match o {
+                    Output::Send(o) => {
+                        if let Some(n) = &self.net {
+                            if let Some(p) = n.peers.get(&o.peer) {
+                                n.handle.send(*p, o.bytes);
+                            }
+                        }
+                    }
+                    Output::Punish { peer, violation } => {
+                        if let Some(n) = self.net.as_mut() {
+                            if let Some(p) = n.peers.remove(&peer) {
+                                n.handle.punish(p, violation.0);
+                            }
+                        }
+                    }
+                    Output::Refused(r) => self.note_refusal(r, now),
+                    Output::Changed(sid) => {
+                        self.dirty.insert(sid);
+                    }
+                    Output::Reload(sid) => self.reload_poisoned(sid),
+                    Output::Load(sids) => {
+                        for sid in &sids {
+                            if self.parked.get(sid).is_some_and(|p| p.digest.is_none()) {
+                                // Unknown until now: kept for the next start.
+                                self.digests_wanted.insert(sid.clone());
+                            }
+                            if let Err(e) = self.ensure_loaded(sid) {
+                                tracing::warn!(map = %sid, "cannot load the map for replication: {e}");
+                            }
+                        }
+                        inputs.push_back(Input::Loaded(sids));
+                    }
+                    Output::Schedule { timer, at } => {
+                        let wait =
+                            u64::try_from(at.millis().saturating_sub(now.millis())).unwrap_or(0);
+                        if let Some(n) = self.net.as_mut() {
+                            n.timers
+                                .insert(timer, Instant::now() + Duration::from_millis(wait));
+                        }
+                    }
+                    Output::Fetched { sid, outcome } => {
+                        if let Some(again) = self.settle_fetch(sid, outcome, now) {
+                            inputs.push_back(again);
+                        }
+                    }
+                }
             }
         }
     }
 
-    /// A map this node just started holding: subscribe, and tell the peers.
+    /// A map this node just started holding: tell the peers.
     pub(super) fn announce(&mut self, sid: &MapSid) {
-        if self.net.is_none() {
-            return;
-        }
-        let sid = sid.clone();
-        if let Some(out) = self.with_rep(|rep, host| rep.announce(&[sid], host)) {
-            self.send_all(out);
-        }
+        self.drive(Input::Announce(vec![sid.clone()]), super::now());
     }
 
     /// Asks peers for the signatures of a map's changes this node holds unsigned.
     pub(super) fn ask_signatures(&mut self, sid: &MapSid) {
-        if let Some(out) = self.with_rep(|rep, host| rep.ask_signatures(sid, host)) {
-            self.send_all(out);
-        }
+        self.drive(Input::AskSignatures(sid.clone()), super::now());
     }
 
     /// Pushes the local changes of one commit of a map to every peer holding it (and allowed
@@ -230,17 +194,12 @@ impl Engine {
         if changes.is_empty() || n.peers.is_empty() {
             return;
         }
-        let (msgs, too_large) = Replicator::gossip(sid, changes.to_vec(), sigs);
-        let out = self
-            .with_rep(|rep, host| rep.push(sid, &msgs, None, host))
-            .unwrap_or_default();
-        self.send_all(out);
-        if too_large {
-            let sid = sid.clone();
-            if let Some(out) = self.with_rep(|rep, host| rep.nudge(&sid, host)) {
-                self.send_all(out);
-            }
-        }
+        let input = Input::Committed {
+            sid: sid.clone(),
+            changes: changes.to_vec(),
+            sigs: sigs.clone(),
+        };
+        self.drive(input, super::now());
     }
 
     /// Handles one network event.
@@ -268,26 +227,16 @@ impl Engine {
                 self.problems.remove(&key);
                 if let Some(n) = self.net.as_mut() {
                     n.peers.insert(key.clone(), p);
-                    if let Some(rep) = n.rep.as_mut() {
-                        // Configured, stored or swarm-wide trust: the network only brings up
-                        // trusted peers; a peer without a record (trust_all, swarm key) gets
-                        // every map.
-                        rep.set_grant(&key, grant);
-                    }
                 }
-                if let Some(out) = self.with_rep(|rep, host| rep.peer_up(&key, host)) {
-                    self.send_all(out);
-                }
+                self.drive(Input::PeerUp { peer: key, grant }, now);
                 self.settle_joined();
             }
             NetEvent::PeerDown(p) => {
                 let key = p.to_string();
                 if let Some(n) = self.net.as_mut() {
                     n.peers.remove(&key);
-                    if let Some(rep) = n.rep.as_mut() {
-                        rep.peer_down(&key);
-                    }
                 }
+                self.drive(Input::PeerDown(key), now);
             }
             NetEvent::Direct { peer, msgs } => {
                 let key = peer.to_string();
@@ -306,27 +255,31 @@ impl Engine {
                 }
                 let mut msgs = VecDeque::from(msgs);
                 while let Some(bytes) = msgs.pop_front() {
-                    if let Some(n) = self.net.as_mut() {
-                        if n.round_bytes >= ROUND_PEER_BYTES {
-                            // The rest waits for the next round (ahead of anything newer).
-                            msgs.push_front(bytes);
-                            n.backlog.push_front(NetEvent::Direct {
-                                peer,
-                                msgs: msgs.into(),
-                            });
-                            break;
-                        }
-                        n.round_bytes += bytes.len();
+                    let Some(n) = self.net.as_mut() else { break };
+                    if n.round_bytes >= ROUND_PEER_BYTES {
+                        // The rest waits for the next round (ahead of anything newer).
+                        msgs.push_front(bytes);
+                        n.backlog.push_front(NetEvent::Direct {
+                            peer,
+                            msgs: msgs.into(),
+                        });
+                        break;
                     }
-                    let r = self.with_rep(|rep, host| rep.receive(&key, &bytes, host, now));
-                    self.reload_poisoned();
-                    match r {
-                        Some(Ok(out)) => self.send_all(out),
-                        Some(Err(v)) => {
-                            self.punish(peer, v.0);
-                            break;
-                        }
-                        None => break,
+                    n.round_bytes += bytes.len();
+                    self.drive(
+                        Input::Message {
+                            peer: key.clone(),
+                            bytes,
+                        },
+                        now,
+                    );
+                    // A punished peer's other messages are not heard.
+                    if !self
+                        .net
+                        .as_ref()
+                        .is_some_and(|n| n.peers.contains_key(&key))
+                    {
+                        break;
                     }
                 }
             }
@@ -334,17 +287,6 @@ impl Engine {
                 peer, id, request, ..
             } => self.on_join_request(peer, id, &request, now),
             NetEvent::JoinAnswer { peer, answer } => self.on_join_answer(peer, answer, now),
-        }
-        self.note_refusals(now);
-    }
-
-    fn punish(&mut self, peer: PeerId, reason: String) {
-        if let Some(n) = self.net.as_mut() {
-            n.handle.punish(peer, reason);
-            n.peers.remove(&peer.to_string());
-            if let Some(rep) = n.rep.as_mut() {
-                rep.peer_down(&peer.to_string());
-            }
         }
     }
 
@@ -364,22 +306,27 @@ impl Engine {
             changed
         });
         self.expire_joins();
-        if let Some(out) = self.with_rep(|rep, host| rep.take_nudges(host)) {
-            self.send_all(out);
-        }
-        let due = self
-            .net
-            .as_ref()
-            .is_some_and(|n| Instant::now() >= n.next_tick);
-        if due {
-            if let Some(n) = self.net.as_mut() {
-                n.next_tick = Instant::now() + ANTI_ENTROPY;
+        // The replicator's timers that are due (the nudge after a round of sync among them).
+        let due: Vec<Timer> = self.net.as_mut().map_or_else(Vec::new, |n| {
+            let t = Instant::now();
+            let due: Vec<Timer> = n
+                .timers
+                .iter()
+                .filter(|(_, at)| **at <= t)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &due {
+                n.timers.remove(k);
             }
-            if let Some(out) = self.with_rep(|rep, host| rep.tick(host)) {
-                self.send_all(out);
-            }
+            due
+        });
+        for timer in due {
+            self.drive(Input::Timer(timer), now);
         }
-        self.settle_wants(now);
+        // Opens whose caller gave up are not waited for.
+        if let Some(n) = self.net.as_mut() {
+            n.wants.retain(|w| !w.reply.is_closed());
+        }
     }
 
     /// Whether an open that found nothing should wait for peers to send the map.
@@ -399,10 +346,7 @@ impl Engine {
         }
         let sid = r.sid();
         // Only peers that may give it to this node are asked.
-        let someone = pending
-            || n.rep
-                .as_ref()
-                .is_some_and(|rep| n.peers.keys().any(|p| rep.grant(p).reads(&sid)));
+        let someone = pending || n.peers.keys().any(|p| n.rep.grant(p).reads(&sid));
         if !someone {
             return None;
         }
@@ -435,109 +379,112 @@ impl Engine {
             let id = self.catalog.identity().clone();
             self.catalog.insert(MapReplica::empty(id, sid.clone()));
         }
-        self.announce(&sid);
-        if let Some(n) = self.net.as_mut() {
-            let deadline = Instant::now() + n.fetch_timeout;
-            n.wants.push(Want {
-                sid,
-                spec,
-                reply,
-                deadline,
-            });
-        }
-    }
-
-    fn settle_wants(&mut self, now: Timestamp) {
+        let now = super::now();
         let Some(n) = self.net.as_mut() else { return };
-        if n.wants.is_empty() {
-            return;
+        let wait = i64::try_from(n.fetch_timeout.as_millis()).unwrap_or(i64::MAX);
+        let deadline = now.plus_millis(wait);
+        n.wants.push(Want {
+            sid: sid.clone(),
+            spec,
+            reply,
+            deadline,
+        });
+        self.drive(Input::Fetch { sid, deadline }, now);
+    }
+
+    /// Answers the opens waiting for a map whose fetch ended. A map nobody has while peers
+    /// the engine has not heard come up yet are connected keeps waiting: returns the input
+    /// that restarts its fetch.
+    fn settle_fetch(
+        &mut self,
+        sid: MapSid,
+        outcome: FetchOutcome,
+        now: Timestamp,
+    ) -> Option<Input<String>> {
+        let n = self.net.as_mut()?;
+        let (wants, rest): (Vec<Want>, Vec<Want>) = std::mem::take(&mut n.wants)
+            .into_iter()
+            .partition(|w| w.sid == sid);
+        n.wants = rest;
+        if wants.is_empty() {
+            self.drop_if_empty(&sid);
+            return None;
         }
-        let wants = std::mem::take(&mut n.wants);
-        let mut keep = Vec::new();
-        for w in wants {
-            let exists = self.catalog.get(&w.sid).is_some_and(MapReplica::exists);
-            let sid = w.sid.clone();
-            let complete = exists
-                && self
-                    .with_rep(|rep, host| rep.caught_up(&sid, host))
-                    .unwrap_or(false);
-            // Every peer said it has none of it: no use waiting for the deadline.
-            let nobody = !exists
-                && !self.peers_pending()
-                && self
-                    .with_rep(|rep, _| rep.nobody_has(&sid))
-                    .unwrap_or(false);
-            let past = Instant::now() >= w.deadline;
-            let id = w.spec.id.clone().unwrap_or_default();
-            if complete {
-                // Whole as a peer described it: answered once it is committed and its events
-                // are published, so a subscriber that starts after the answer sees none of it
-                // again.
-                match self.open(&w.spec, now) {
-                    Ok((info, _)) => {
-                        self.dirty.insert(w.sid.clone());
-                        if let Some(n) = self.net.as_mut() {
-                            n.fetched.push((w.sid.clone(), info, w.reply));
-                        }
-                    }
-                    Err(e) => {
-                        let _ = w.reply.send(Err(e));
-                    }
-                }
-            } else if nobody || past || w.reply.is_closed() {
-                if self
-                    .catalog
-                    .by_sid(&w.sid)
-                    .is_some_and(|m| !m.exists() && m.doc_digests().is_ok_and(|d| d.is_empty()))
-                {
-                    self.catalog.remove(&w.sid);
-                }
-                let e = if nobody {
-                    Error::Map(syncmesh_core::Error::MapNotFound(id))
-                } else {
-                    // Never a part of a map as if it were all of it.
-                    Error::FetchIncomplete {
-                        map: id,
-                        why: if exists {
-                            "only part of it arrived".into()
-                        } else {
-                            "no peer that may have it answered".into()
-                        },
-                    }
-                };
-                let _ = w.reply.send(Err(e));
-            } else {
-                keep.push(w);
+        if outcome == FetchOutcome::NobodyHas && self.peers_pending() {
+            let deadline = wants.iter().map(|w| w.deadline).max()?;
+            if let Some(n) = self.net.as_mut() {
+                n.wants.extend(wants);
             }
+            return Some(Input::Fetch { sid, deadline });
         }
-        if let Some(n) = self.net.as_mut() {
-            n.wants.extend(keep);
+        for w in wants {
+            let id = w.spec.id.clone().unwrap_or_default();
+            let e = match outcome {
+                FetchOutcome::Complete => {
+                    // Whole as a peer described it: answered once it is committed and its
+                    // events are published, so a subscriber that starts after the answer
+                    // sees none of it again.
+                    match self.open(&w.spec, now) {
+                        Ok((info, _)) => {
+                            self.dirty.insert(w.sid.clone());
+                            if let Some(n) = self.net.as_mut() {
+                                n.fetched.push((w.sid.clone(), info, w.reply));
+                            }
+                            continue;
+                        }
+                        Err(e) => e,
+                    }
+                }
+                FetchOutcome::NobodyHas => Error::Map(syncmesh_core::Error::MapNotFound(id)),
+                // Never a part of a map as if it were all of it.
+                FetchOutcome::TimedOut { partial } => Error::FetchIncomplete {
+                    map: id,
+                    why: if partial {
+                        "only part of it arrived".into()
+                    } else {
+                        "no peer that may have it answered".into()
+                    },
+                },
+            };
+            let _ = w.reply.send(Err(e));
+        }
+        if outcome != FetchOutcome::Complete {
+            self.drop_if_empty(&sid);
+        }
+        None
+    }
+
+    /// Forgets the empty replica a fetch that found nothing left behind.
+    fn drop_if_empty(&mut self, sid: &MapSid) {
+        if self
+            .catalog
+            .by_sid(sid)
+            .is_some_and(|m| !m.exists() && m.doc_digests().is_ok_and(|d| d.is_empty()))
+        {
+            self.catalog.remove(sid);
         }
     }
 
-    /// Drops maps whose documents a peer's data may have damaged (Automerge panicked while
+    /// Drops a map whose documents a peer's data may have damaged (Automerge panicked while
     /// merging it). What the store holds is intact: once every queued commit is on disk, the
     /// map is forgotten in memory and reloads from the store on next use. Writes to it since
     /// the last commit are not acknowledged (their epoch is stale).
-    fn reload_poisoned(&mut self) {
-        let Some(sids) = self
-            .net
-            .as_mut()
-            .and_then(|n| n.rep.as_mut())
-            .map(Replicator::take_poisoned)
-        else {
-            return;
-        };
-        if sids.is_empty() {
-            return;
-        }
+    fn reload_poisoned(&mut self, sid: MapSid) {
         self.fence();
-        for sid in sids {
-            tracing::warn!(map = %sid, "reloading the map from storage after a peer's bad data");
-            self.catalog.remove(&sid);
-            self.dirty.remove(&sid);
-            *self.epochs.entry(sid).or_insert(0) += 1;
+        tracing::warn!(map = %sid, "reloading the map from storage after a peer's bad data");
+        self.catalog.remove(&sid);
+        self.dirty.remove(&sid);
+        if self.on_disk.contains_key(&sid) {
+            let policy = self.policies.get(&sid).cloned().unwrap_or_default();
+            self.parked.insert(
+                sid.clone(),
+                ParkedMap {
+                    digest: None,
+                    policy,
+                },
+            );
         }
+        *self.epochs.entry(sid).or_insert(0) += 1;
     }
 
     /// Shuts the network thread down. Its events are dropped first, so a network thread

@@ -111,10 +111,15 @@ impl Engine {
     fn adopt_trust(&mut self, rec: &TrustRecord) {
         let grant = rec.grant();
         let addrs = rec.multiaddrs();
-        let Some(n) = self.net.as_mut() else { return };
-        if let Some(rep) = n.rep.as_mut() {
-            rep.set_grant(&rec.peer_id, grant);
+        if self.net.is_none() {
+            return;
         }
+        let input = syncmesh_core::replication::Input::SetGrant {
+            peer: rec.peer_id.clone(),
+            grant,
+        };
+        self.drive(input, super::now());
+        let Some(n) = self.net.as_mut() else { return };
         if let Ok(p) = rec.peer_id.parse::<PeerId>() {
             n.handle.trust(p, addrs);
         }
@@ -173,12 +178,9 @@ impl Engine {
                         tracing::info!(%peer, "peer no longer trusted: disconnecting it");
                         if let Some(n) = self.net.as_mut() {
                             n.peers.remove(&key);
-                            if let Some(rep) = n.rep.as_mut() {
-                                rep.peer_down(&key);
-                                rep.remove_grant(&key);
-                            }
                             n.handle.untrust(peer);
                         }
+                        self.drive(syncmesh_core::replication::Input::Forget(key), now);
                     }
                     was
                 });
@@ -513,32 +515,27 @@ impl Engine {
     }
 
     /// Counts and logs changes refused from peers without write access.
-    pub(super) fn note_refusals(&mut self, now: Timestamp) {
-        let Some(refusals) = self
-            .net
-            .as_mut()
-            .and_then(|n| n.rep.as_mut())
-            .map(|r| r.take_refusals())
-        else {
-            return;
-        };
-        for r in refusals {
-            *self.refused.entry(r.peer.clone()).or_default() += r.changes;
-            tracing::warn!(
-                peer = %r.peer,
-                map = %r.sid,
-                changes = r.changes,
-                "refused changes from a peer that may not write this map"
-            );
-            self.note_problem(
-                &r.peer,
-                format!(
-                    "refused {} change(s) to map {}: the peer may not write it",
-                    r.changes, r.sid
-                ),
-                now,
-            );
-        }
+    /// Counts and reports changes refused from a peer that may not write a map.
+    pub(super) fn note_refusal(
+        &mut self,
+        r: syncmesh_core::replication::Refusal<String>,
+        now: Timestamp,
+    ) {
+        *self.refused.entry(r.peer.clone()).or_default() += r.changes;
+        tracing::warn!(
+            peer = %r.peer,
+            map = %r.sid,
+            changes = r.changes,
+            "refused changes from a peer that may not write this map"
+        );
+        self.note_problem(
+            &r.peer,
+            format!(
+                "refused {} change(s) to map {}: the peer may not write it",
+                r.changes, r.sid
+            ),
+            now,
+        );
     }
 
     fn note_problem(&mut self, peer: &str, reason: String, now: Timestamp) {

@@ -168,7 +168,7 @@ impl NodeBuilder {
                 None => syncmesh_net::Keypair::generate_ed25519(),
             };
             signer = Some(syncmesh_core::Signer::new(keypair.clone()));
-            let mut cfg = NetConfig::new(keypair);
+            let mut cfg = NetConfig::new(keypair, crate::wire_limits());
             cfg.listen = self.listen.clone();
             cfg.peers = self.peers.clone();
             cfg.mdns = self.mdns.unwrap_or(true);
