@@ -7,8 +7,8 @@
 //! (one moved there by a map removal, when that removal is pruned), so the feed costs a few
 //! bytes per event plus the versions its retained events still name.
 //!
-//! Every row is keyed by a map *number* (4 bytes, given out once per sid and never reused)
-//! rather than by the 34-byte sid.
+//! Every row is keyed by a map *number* (given out once per sid and never reused) rather than
+//! by the 34-byte sid: see `tables`.
 //!
 //! Writes go through a [`Sink`], which can record each write as a plain [`Op`]: a file
 //! rewrite replays those blindly instead of re-deriving them from a copy that may hold some
@@ -16,27 +16,14 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, Table, WriteTransaction};
 use syncmesh_core::{
     entry_data, entry_item, version_entry, Event, EventKind, JsonObject, MapSid, Timestamp,
     ViewChanges,
 };
 
-use crate::{prefix_end, Result, Store};
-
-/// Map numbers: sid → its number (u32 BE), the prefix of its rows in the tables below; the
-/// empty key → the next number to give.
-pub(crate) const MAP_NUMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("map_numbers");
-/// The read view: map number, then the item key (UTF-8) → the id of the event that wrote this
-/// version (LEB128; 0 when unknown: written before schema 7, or with no event), then the view
-/// entry (encoded by the core).
-pub(crate) const VIEW: TableDefinition<&[u8], &[u8]> = TableDefinition::new("view");
-/// The event feed: map number, then the event id (u64 BE) → the event record
-/// ([`encode_record`]).
-pub(crate) const FEED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("feed");
-/// Versions no longer in the view that retained events name: map number, then the id of the
-/// event that wrote the version (u64 BE) → its view entry.
-pub(crate) const VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions");
+use crate::tables::{ids_of, view_of, FEED, MAP_NUMBERS, VERSIONS, VIEW};
+use crate::{Result, Store};
 
 /// Events pruned at a time: retention is kept to within this many events.
 const PRUNE_STEP: u64 = 1024;
@@ -130,40 +117,51 @@ impl FeedEvent {
     }
 }
 
-/// The tables a [`Sink`] writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum T {
-    Numbers,
-    View,
-    Feed,
-    Versions,
-}
-
-/// One write, as recorded for a file rewrite's replay.
+/// One write to the feed's tables, as recorded for a file rewrite's replay.
 #[derive(Debug, Clone)]
 pub(crate) enum Op {
-    Put(T, Vec<u8>, Vec<u8>),
-    Del(T, Vec<u8>),
-    DelRange(T, Vec<u8>, Vec<u8>),
+    /// A map's number (the empty sid: the next number to give).
+    Number { sid: String, num: u32 },
+    /// A view row put (`Some`) or deleted.
+    View {
+        num: u32,
+        key: String,
+        row: Option<Vec<u8>>,
+    },
+    /// Every view row of a map deleted.
+    ViewClear { num: u32 },
+    /// An event record.
+    Event { num: u32, id: u64, record: Vec<u8> },
+    /// A map's events below `below` deleted.
+    EventsBelow { num: u32, below: u64 },
+    /// A version put (`Some`) or deleted.
+    Version {
+        num: u32,
+        id: u64,
+        entry: Option<Vec<u8>>,
+    },
+    /// A map's versions below `below` deleted.
+    VersionsBelow { num: u32, below: u64 },
 }
 
 impl Op {
     pub(crate) fn bytes(&self) -> usize {
         16 + match self {
-            Op::Put(_, k, v) | Op::DelRange(_, k, v) => k.len() + v.len(),
-            Op::Del(_, k) => k.len(),
+            Op::Number { sid, .. } => sid.len() + 4,
+            Op::View { key, row, .. } => key.len() + row.as_ref().map_or(0, Vec::len),
+            Op::Event { record, .. } => 12 + record.len(),
+            Op::Version { entry, .. } => 12 + entry.as_ref().map_or(0, Vec::len),
+            Op::ViewClear { .. } | Op::EventsBelow { .. } | Op::VersionsBelow { .. } => 12,
         }
     }
 }
 
-type BytesTable<'tx> = Table<'tx, &'static [u8], &'static [u8]>;
-
 /// The feed's tables, open in one write transaction.
 pub(crate) struct Tables<'tx> {
-    numbers: BytesTable<'tx>,
-    view: BytesTable<'tx>,
-    feed: BytesTable<'tx>,
-    versions: BytesTable<'tx>,
+    numbers: Table<'tx, &'static str, u32>,
+    view: Table<'tx, (u32, &'static str), &'static [u8]>,
+    feed: Table<'tx, (u32, u64), &'static [u8]>,
+    versions: Table<'tx, (u32, u64), &'static [u8]>,
 }
 
 impl<'tx> Tables<'tx> {
@@ -177,30 +175,86 @@ impl<'tx> Tables<'tx> {
     }
 
     /// The map numbers table.
-    pub(crate) fn numbers(&self) -> &BytesTable<'tx> {
+    pub(crate) fn numbers(&self) -> &Table<'tx, &'static str, u32> {
         &self.numbers
     }
 
-    fn table(&mut self, t: T) -> &mut BytesTable<'tx> {
-        match t {
-            T::Numbers => &mut self.numbers,
-            T::View => &mut self.view,
-            T::Feed => &mut self.feed,
-            T::Versions => &mut self.versions,
-        }
+    /// Puts a map number (the upgrade from schema 7).
+    pub(crate) fn put_number(
+        &mut self,
+        sid: &str,
+        num: u32,
+    ) -> std::result::Result<(), redb::StorageError> {
+        self.numbers.insert(sid, num).map(|_| ())
+    }
+
+    /// Puts a view row (the upgrade from schema 7).
+    pub(crate) fn put_view(
+        &mut self,
+        num: u32,
+        key: &str,
+        row: &[u8],
+    ) -> std::result::Result<(), redb::StorageError> {
+        self.view.insert((num, key), row).map(|_| ())
+    }
+
+    /// Puts an event record (the upgrade from schema 7).
+    pub(crate) fn put_event(
+        &mut self,
+        num: u32,
+        id: u64,
+        record: &[u8],
+    ) -> std::result::Result<(), redb::StorageError> {
+        self.feed.insert((num, id), record).map(|_| ())
+    }
+
+    /// Puts a version (the upgrade from schema 7).
+    pub(crate) fn put_version(
+        &mut self,
+        num: u32,
+        id: u64,
+        entry: &[u8],
+    ) -> std::result::Result<(), redb::StorageError> {
+        self.versions.insert((num, id), entry).map(|_| ())
     }
 
     /// Applies one recorded write.
     pub(crate) fn apply(&mut self, op: &Op) -> std::result::Result<(), redb::StorageError> {
         match op {
-            Op::Put(t, k, v) => self
-                .table(*t)
-                .insert(k.as_slice(), v.as_slice())
+            Op::Number { sid, num } => self.numbers.insert(sid.as_str(), *num).map(|_| ()),
+            Op::View {
+                num,
+                key,
+                row: Some(row),
+            } => self
+                .view
+                .insert((*num, key.as_str()), row.as_slice())
                 .map(|_| ()),
-            Op::Del(t, k) => self.table(*t).remove(k.as_slice()).map(|_| ()),
-            Op::DelRange(t, a, b) => self
-                .table(*t)
-                .retain_in(a.as_slice()..b.as_slice(), |_, _| false),
+            Op::View {
+                num,
+                key,
+                row: None,
+            } => self.view.remove((*num, key.as_str())).map(|_| ()),
+            Op::ViewClear { num } => self.view.retain_in(view_of(*num), |_, _| false),
+            Op::Event { num, id, record } => {
+                self.feed.insert((*num, *id), record.as_slice()).map(|_| ())
+            }
+            Op::EventsBelow { num, below } => {
+                self.feed.retain_in((*num, 0)..(*num, *below), |_, _| false)
+            }
+            Op::Version {
+                num,
+                id,
+                entry: Some(e),
+            } => self.versions.insert((*num, *id), e.as_slice()).map(|_| ()),
+            Op::Version {
+                num,
+                id,
+                entry: None,
+            } => self.versions.remove((*num, *id)).map(|_| ()),
+            Op::VersionsBelow { num, below } => self
+                .versions
+                .retain_in((*num, 0)..(*num, *below), |_, _| false),
         }
     }
 }
@@ -220,42 +274,20 @@ impl Sink<'_, '_> {
         Ok(())
     }
 
-    fn get(&self, t: T, k: &[u8]) -> std::result::Result<Option<Vec<u8>>, redb::StorageError> {
-        let table = match t {
-            T::Numbers => &self.t.numbers,
-            T::View => &self.t.view,
-            T::Feed => &self.t.feed,
-            T::Versions => &self.t.versions,
-        };
-        Ok(table.get(k)?.map(|v| v.value().to_vec()))
+    fn number(&self, sid: &str) -> std::result::Result<Option<u32>, redb::StorageError> {
+        Ok(self.t.numbers.get(sid)?.map(|v| v.value()))
+    }
+
+    fn view_row(
+        &self,
+        num: u32,
+        key: &str,
+    ) -> std::result::Result<Option<Vec<u8>>, redb::StorageError> {
+        Ok(self.t.view.get((num, key))?.map(|v| v.value().to_vec()))
     }
 }
 
 use syncmesh_core::varint::{get as get_varint, put as put_varint};
-
-pub(crate) fn num_prefix(num: u32) -> [u8; 4] {
-    num.to_be_bytes()
-}
-
-fn id_key(num: u32, id: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&num.to_be_bytes());
-    k[4..].copy_from_slice(&id.to_be_bytes());
-    k
-}
-
-fn item_key(num: u32, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + key.len());
-    k.extend_from_slice(&num.to_be_bytes());
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-fn id_of(k: &[u8]) -> Option<u64> {
-    k.get(4..12)
-        .and_then(|b| <[u8; 8]>::try_from(b).ok())
-        .map(u64::from_be_bytes)
-}
 
 /// A view row: the version's event id, then the entry.
 fn view_row(version: u64, entry: &[u8]) -> Vec<u8> {
@@ -369,51 +401,36 @@ struct MapFeed {
 impl Store {
     /// A map's number, given out now if it has none.
     pub(crate) fn number_for(&self, sink: &mut Sink<'_, '_>, sid: &MapSid) -> Result<u32> {
-        let sid_key = sid.as_str().as_bytes();
-        if let Some(v) = sink.get(T::Numbers, sid_key).map_err(|e| self.err(e))? {
-            return self.decode_number(&v);
+        if let Some(n) = sink.number(sid.as_str()).map_err(|e| self.err(e))? {
+            return Ok(n);
         }
-        let next = match sink.get(T::Numbers, b"").map_err(|e| self.err(e))? {
-            Some(v) => self.decode_number(&v)?,
-            None => 1,
-        };
+        let next = sink.number("").map_err(|e| self.err(e))?.unwrap_or(1);
         let after = next
             .checked_add(1)
             .ok_or_else(|| self.corrupt("map number counter (exhausted)"))?;
-        sink.run(Op::Put(
-            T::Numbers,
-            b"".to_vec(),
-            after.to_be_bytes().to_vec(),
-        ))
+        sink.run(Op::Number {
+            sid: String::new(),
+            num: after,
+        })
         .map_err(|e| self.err(e))?;
-        sink.run(Op::Put(
-            T::Numbers,
-            sid_key.to_vec(),
-            next.to_be_bytes().to_vec(),
-        ))
+        sink.run(Op::Number {
+            sid: sid.as_str().to_string(),
+            num: next,
+        })
         .map_err(|e| self.err(e))?;
         Ok(next)
-    }
-
-    fn decode_number(&self, v: &[u8]) -> Result<u32> {
-        <[u8; 4]>::try_from(v)
-            .map(u32::from_be_bytes)
-            .map_err(|_| self.corrupt("map number"))
     }
 
     /// A map's number, if it has one.
     pub(crate) fn number_of(
         &self,
-        numbers: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        numbers: &impl ReadableTable<&'static str, u32>,
         sid: &MapSid,
     ) -> Result<Option<u32>> {
-        match numbers
-            .get(sid.as_str().as_bytes())
+        Ok(numbers
+            .get(sid.as_str())
             .map_err(|e| self.err(e))?
-        {
-            Some(v) => self.decode_number(v.value()).map(Some),
-            None => Ok(None),
-        }
+            .map(|v| v.value()))
     }
 
     /// Writes the view changes and events of the map numbered `num`.
@@ -470,20 +487,20 @@ impl Store {
                 key,
                 prev,
             });
-            sink.run(Op::Put(T::Feed, id_key(num, ev.id).to_vec(), rec))
-                .map_err(|e| self.err(e))?;
+            sink.run(Op::Event {
+                num,
+                id: ev.id,
+                record: rec,
+            })
+            .map_err(|e| self.err(e))?;
             if ev.id % PRUNE_STEP == 0 && ev.id > self.opts.event_retention {
                 prune_below = Some(ev.id - self.opts.event_retention);
             }
         }
         if view.reset {
-            let start = num_prefix(num).to_vec();
-            let end = prefix_end(&start);
-            sink.run(Op::DelRange(T::View, start, end))
-                .map_err(|e| self.err(e))?;
+            sink.run(Op::ViewClear { num }).map_err(|e| self.err(e))?;
         }
         for (key, entry) in &view.entries {
-            let k = item_key(num, key);
             match entry {
                 Some(e) => {
                     let version = match w.touched.get(key) {
@@ -491,15 +508,25 @@ impl Store {
                         Some(None) => 0,
                         None if view.reset || w.cleared => 0,
                         // A view change no event announced (bookkeeping): same version.
-                        None => match sink.get(T::View, &k).map_err(|e| self.err(e))? {
+                        None => match sink.view_row(num, key).map_err(|e| self.err(e))? {
                             Some(row) => split_view_row(&row).map_or(0, |(v, _)| v),
                             None => 0,
                         },
                     };
-                    sink.run(Op::Put(T::View, k, view_row(version, e)))
-                        .map_err(|e| self.err(e))?;
+                    sink.run(Op::View {
+                        num,
+                        key: key.clone(),
+                        row: Some(view_row(version, e)),
+                    })
+                    .map_err(|e| self.err(e))?;
                 }
-                None => sink.run(Op::Del(T::View, k)).map_err(|e| self.err(e))?,
+                None => sink
+                    .run(Op::View {
+                        num,
+                        key: key.clone(),
+                        row: None,
+                    })
+                    .map_err(|e| self.err(e))?,
             }
         }
         if let Some(below) = prune_below {
@@ -521,9 +548,7 @@ impl Store {
         if w.cleared {
             return Ok(None);
         }
-        let row = sink
-            .get(T::View, &item_key(w.num, key))
-            .map_err(|e| self.err(e))?;
+        let row = sink.view_row(w.num, key).map_err(|e| self.err(e))?;
         Ok(row.and_then(|r| split_view_row(&r).map(|(v, e)| (v, e.to_vec()))))
     }
 
@@ -539,8 +564,12 @@ impl Store {
         let fallback = previous.map_or(Prev::None, Prev::Inline);
         match self.current(sink, w, key)? {
             Some((v, entry)) if v > 0 && v < id => {
-                sink.run(Op::Put(T::Versions, id_key(w.num, v).to_vec(), entry))
-                    .map_err(|e| self.err(e))?;
+                sink.run(Op::Version {
+                    num: w.num,
+                    id: v,
+                    entry: Some(entry),
+                })
+                .map_err(|e| self.err(e))?;
                 Ok(Prev::Ref(v))
             }
             _ => Ok(fallback),
@@ -550,17 +579,15 @@ impl Store {
     /// Every item goes at once (the map was removed): the versions retained events still name
     /// move to `versions`, where they stay until a later map removal is pruned.
     fn clear_view(&self, sink: &mut Sink<'_, '_>, w: &mut MapFeed) -> Result<()> {
-        let start = num_prefix(w.num).to_vec();
-        let end = prefix_end(&start);
         let first = sink
             .t
             .feed
-            .range(start.as_slice()..end.as_slice())
+            .range(ids_of(w.num, 0))
             .map_err(|e| self.err(e))?
             .next()
             .transpose()
             .map_err(|e| self.err(e))?
-            .and_then(|(k, _)| id_of(k.value()));
+            .map(|(k, _)| k.value().1);
         let Some(first) = first else {
             // No event is retained: none names a version.
             w.touched.clear();
@@ -575,15 +602,9 @@ impl Store {
             .cloned()
             .collect();
         if !w.cleared {
-            for row in sink
-                .t
-                .view
-                .range(start.as_slice()..end.as_slice())
-                .map_err(|e| self.err(e))?
-            {
+            for row in sink.t.view.range(view_of(w.num)).map_err(|e| self.err(e))? {
                 let (k, v) = row.map_err(|e| self.err(e))?;
-                let key = std::str::from_utf8(&k.value()[4..]).unwrap_or_default();
-                if w.touched.contains_key(key) {
+                if w.touched.contains_key(k.value().1) {
                     continue;
                 }
                 if let Some((version, entry)) = split_view_row(v.value()) {
@@ -594,8 +615,12 @@ impl Store {
             }
         }
         for (version, entry) in keep {
-            sink.run(Op::Put(T::Versions, id_key(w.num, version).to_vec(), entry))
-                .map_err(|e| self.err(e))?;
+            sink.run(Op::Version {
+                num: w.num,
+                id: version,
+                entry: Some(entry),
+            })
+            .map_err(|e| self.err(e))?;
         }
         w.touched.clear();
         w.cleared = true;
@@ -604,38 +629,36 @@ impl Store {
 
     /// Deletes a map's events below `below`, and the versions only they named.
     fn prune(&self, sink: &mut Sink<'_, '_>, num: u32, below: u64) -> Result<()> {
-        let start = id_key(num, 0).to_vec();
-        let end = id_key(num, below).to_vec();
         let mut named = Vec::new();
         let mut removals = Vec::new();
         for row in sink
             .t
             .feed
-            .range(start.as_slice()..end.as_slice())
+            .range((num, 0)..(num, below))
             .map_err(|e| self.err(e))?
         {
             let (k, v) = row.map_err(|e| self.err(e))?;
             match decode_record(v.value()) {
-                Some(r) if r.kind == MAP_REMOVED => removals.extend(id_of(k.value())),
+                Some(r) if r.kind == MAP_REMOVED => removals.push(k.value().1),
                 Some(Record {
                     prev: Prev::Ref(p), ..
                 }) => named.push(p),
                 _ => {}
             }
         }
-        sink.run(Op::DelRange(T::Feed, start, end))
+        sink.run(Op::EventsBelow { num, below })
             .map_err(|e| self.err(e))?;
         for p in named {
-            sink.run(Op::Del(T::Versions, id_key(num, p).to_vec()))
-                .map_err(|e| self.err(e))?;
+            sink.run(Op::Version {
+                num,
+                id: p,
+                entry: None,
+            })
+            .map_err(|e| self.err(e))?;
         }
         if let Some(last) = removals.last() {
-            sink.run(Op::DelRange(
-                T::Versions,
-                id_key(num, 0).to_vec(),
-                id_key(num, *last).to_vec(),
-            ))
-            .map_err(|e| self.err(e))?;
+            sink.run(Op::VersionsBelow { num, below: *last })
+                .map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -647,16 +670,10 @@ impl Store {
         num: u32,
     ) -> Result<Vec<(String, Vec<u8>)>> {
         let view = tx.open_table(VIEW).map_err(|e| self.err(e))?;
-        let start = num_prefix(num).to_vec();
-        let end = prefix_end(&start);
         let mut out = Vec::new();
-        for row in view
-            .range(start.as_slice()..end.as_slice())
-            .map_err(|e| self.err(e))?
-        {
+        for row in view.range(view_of(num)).map_err(|e| self.err(e))? {
             let (k, v) = row.map_err(|e| self.err(e))?;
-            let key = std::str::from_utf8(&k.value()[4..])
-                .map_err(|_| self.corrupt("item key is not UTF-8"))?;
+            let key = k.value().1;
             let (_, entry) = split_view_row(v.value()).ok_or_else(|| self.corrupt("view row"))?;
             out.push((key.to_string(), entry.to_vec()));
         }
@@ -675,16 +692,12 @@ impl Store {
             return Ok(None);
         };
         let feed = tx.open_table(FEED).map_err(|e| self.err(e))?;
-        let start = num_prefix(num).to_vec();
-        let end = prefix_end(&start);
-        let mut rows = feed
-            .range(start.as_slice()..end.as_slice())
-            .map_err(|e| self.err(e))?;
+        let mut rows = feed.range(ids_of(num, 0)).map_err(|e| self.err(e))?;
         let row = if last { rows.next_back() } else { rows.next() };
-        row.transpose()
-            .map_err(|e| self.err(e))?
-            .map(|(k, _)| id_of(k.value()).ok_or_else(|| self.corrupt("event key")))
+        Ok(row
             .transpose()
+            .map_err(|e| self.err(e))?
+            .map(|(k, _)| k.value().1))
     }
 
     /// Events of a map after `after`, oldest first: at most `limit`, and once `max_bytes` are
@@ -704,12 +717,10 @@ impl Store {
         let feed = tx.open_table(FEED).map_err(|e| self.err(e))?;
         let view = tx.open_table(VIEW).map_err(|e| self.err(e))?;
         let versions = tx.open_table(VERSIONS).map_err(|e| self.err(e))?;
-        let start = id_key(num, after.saturating_add(1));
-        let end = prefix_end(&num_prefix(num));
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for row in feed
-            .range(start.as_slice()..end.as_slice())
+            .range(ids_of(num, after.saturating_add(1)))
             .map_err(|e| self.err(e))?
             .take(limit)
         {
@@ -717,7 +728,7 @@ impl Store {
                 break;
             }
             let (k, v) = row.map_err(|e| self.err(e))?;
-            match self.event_at(&view, &versions, num, sid, k.value(), v.value()) {
+            match self.event_at(&view, &versions, num, sid, k.value().1, v.value()) {
                 Ok((event, size)) => {
                     bytes = bytes.saturating_add(size);
                     out.push((event, size));
@@ -736,20 +747,19 @@ impl Store {
     /// One stored event, and the bytes read for it.
     fn event_at(
         &self,
-        view: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
-        versions: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+        view: &redb::ReadOnlyTable<(u32, &'static str), &'static [u8]>,
+        versions: &redb::ReadOnlyTable<(u32, u64), &'static [u8]>,
         num: u32,
         sid: &MapSid,
-        k: &[u8],
+        id: u64,
         v: &[u8],
     ) -> Result<(Event, usize)> {
-        let id = id_of(k).ok_or_else(|| self.corrupt("event key"))?;
         let rec = decode_record(v).ok_or_else(|| self.corrupt("event record"))?;
         let mut size = v.len();
         // The version the event wrote: in the view while current, else kept under its id.
         let mut version = || -> Result<syncmesh_core::Item> {
             let current = view
-                .get(item_key(num, rec.key).as_slice())
+                .get((num, rec.key))
                 .map_err(|e| self.err(e))?
                 .and_then(|r| {
                     split_view_row(r.value())
@@ -759,7 +769,7 @@ impl Store {
             let entry = match current {
                 Some(e) => e,
                 None => versions
-                    .get(id_key(num, id).as_slice())
+                    .get((num, id))
                     .map_err(|e| self.err(e))?
                     .map(|v| v.value().to_vec())
                     .ok_or_else(|| self.missing(sid, id))?,
@@ -795,7 +805,7 @@ impl Store {
     /// The data an event's item had before it.
     fn previous(
         &self,
-        versions: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+        versions: &redb::ReadOnlyTable<(u32, u64), &'static [u8]>,
         num: u32,
         sid: &MapSid,
         id: u64,
@@ -808,7 +818,7 @@ impl Store {
             Prev::Inline(text) => parse(text),
             Prev::Ref(p) => {
                 let row = versions
-                    .get(id_key(num, p).as_slice())
+                    .get((num, p))
                     .map_err(|e| self.err(e))?
                     .ok_or_else(|| self.missing(sid, id))?;
                 parse(entry_data(row.value()).ok_or_else(|| self.corrupt("item version"))?)
@@ -871,6 +881,17 @@ pub(crate) mod tests {
             self.next_id += 1;
             self.events.push(e.clone());
             e
+        }
+
+        /// Commits `rounds` batches of `n` changes over 40 keys.
+        pub(crate) fn commit_rounds(&mut self, s: &Store, rounds: usize, n: usize) {
+            for _ in 0..rounds {
+                s.commit(&crate::Batch {
+                    maps: vec![self.batch(n, 40)],
+                    ..crate::Batch::default()
+                })
+                .unwrap();
+            }
         }
 
         /// One batch of `n` random changes over `keys` keys (a map removal now and then),
@@ -973,11 +994,9 @@ pub(crate) mod tests {
         let numbers = tx.open_table(MAP_NUMBERS).unwrap();
         let num = s.number_of(&numbers, sid).unwrap().unwrap();
         let t = tx.open_table(VERSIONS).unwrap();
-        let start = num_prefix(num).to_vec();
-        let end = prefix_end(&start);
-        t.range(start.as_slice()..end.as_slice())
+        t.range(ids_of(num, 0))
             .unwrap()
-            .map(|r| id_of(r.unwrap().0.value()).unwrap())
+            .map(|r| r.unwrap().0.value().1)
             .collect()
     }
 
@@ -1070,7 +1089,7 @@ pub(crate) mod tests {
             let tx = db.begin_write().unwrap();
             tx.open_table(FEED)
                 .unwrap()
-                .insert(id_key(num, 7).as_slice(), [0xffu8, 1, 2].as_slice())
+                .insert((num, 7), [0xffu8, 1, 2].as_slice())
                 .unwrap();
             tx.commit().unwrap();
         }

@@ -5,22 +5,39 @@ use redb::{ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 use syncmesh_core::{Event, MapSid, ViewChanges};
 
 use crate::feed::{FeedEvent, Sink, Tables};
-use crate::{
-    prefix_end, Result, Store, StoreError, CHANGES, DIGESTS, FEED, INVITES, MAPS, MAP_NUMBERS,
-    META, POLICIES, SCHEMA_VERSION, SIGS, SNAPSHOTS, TRUST, VERSIONS, VIEW,
+use crate::tables::{
+    change_key, doc_of, CHANGES, DIGESTS, INVITES, MAPS, META, POLICIES, SIGS, SNAPSHOTS, TRUST,
 };
+use crate::{Result, Store, StoreError, SCHEMA_VERSION};
 
 /// The oldest schema this build upgrades in place. The history: 3 added the `digests` table,
 /// 4 the `trust`, `invites` and `policies` tables, 5 the `sigs` table; 6 changed no table (its
 /// documents hold items written whole, which older builds would read as empty, so they must
 /// refuse it); 7 replaced `items` and `events` (keyed by sid, events as JSON holding whole
-/// items) by `map_numbers`, `view`, `feed` and `versions`.
+/// items) by `map_numbers`, `view`, `feed` and `versions`, and keyed every per-map row by a
+/// map number; 8 gave those rows typed keys, in tables of new names (`numbers`, `view_rows`,
+/// `event_feed`, `item_versions`, `doc_snapshots`, `doc_changes`, `change_sigs`).
 const OLDEST_UPGRADABLE: u32 = 2;
 
 /// Up to schema 6: sid, then the item key → view entry.
 const OLD_ITEMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("items");
 /// Up to schema 6: sid, then the event id (u64 BE) → the event as JSON.
 const OLD_EVENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("events");
+/// Schema 7: sid → map number (u32 BE); the empty key → the next number.
+const V7_NUMBERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("map_numbers");
+/// Schema 7: map number (u32 BE), then the item key → view row.
+const V7_VIEW: TableDefinition<&[u8], &[u8]> = TableDefinition::new("view");
+/// Schema 7: map number, then the event id (u64 BE) → event record.
+const V7_FEED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("feed");
+/// Schema 7: map number, then an event id (u64 BE) → view entry.
+const V7_VERSIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("versions");
+/// Up to schema 7: a document key (the map's sid up to 6, its number (u32 BE) in 7, then 0 or 1,
+/// the incarnation (u64 BE) and the shard index (u16 BE)) → snapshot.
+const OLD_SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots");
+/// Up to schema 7: a document key, then the sequence number (u64 BE) → change.
+const OLD_CHANGES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("changes");
+/// Up to schema 7: the map's sid (number in 7), then the change hash → signature.
+const OLD_SIGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("sigs");
 
 /// Checks the schema version recorded in the store, upgrades an older one, and makes sure
 /// every table exists.
@@ -54,22 +71,21 @@ pub(crate) fn upgrade(store: &Store, tx: &WriteTransaction) -> Result<()> {
             .map_err(|e| store.err(e))?;
     }
     drop(meta);
-    for t in [
-        MAPS,
-        SNAPSHOTS,
-        CHANGES,
-        INVITES,
-        POLICIES,
-        SIGS,
-        MAP_NUMBERS,
-        VIEW,
-        FEED,
-        VERSIONS,
-    ] {
+    for t in [MAPS, INVITES, POLICIES] {
         tx.open_table(t).map_err(|e| store.err(e))?;
     }
+    drop(Tables::open(tx).map_err(|e| store.err(e))?);
+    tx.open_table(SNAPSHOTS).map_err(|e| store.err(e))?;
+    tx.open_table(CHANGES).map_err(|e| store.err(e))?;
+    tx.open_table(SIGS).map_err(|e| store.err(e))?;
     if from < 7 {
         feed_from_json(store, tx)?;
+    }
+    if from == 7 {
+        feed_from_v7(store, tx)?;
+    }
+    if from < 8 {
+        docs_retyped(store, tx, from)?;
     }
     tx.open_table(DIGESTS).map_err(|e| store.err(e))?;
     tx.open_table(TRUST).map_err(|e| store.err(e))?;
@@ -107,11 +123,8 @@ fn feed_from_json(store: &Store, tx: &WriteTransaction) -> Result<()> {
     for t in [OLD_ITEMS, OLD_EVENTS] {
         tx.delete_table(t).map_err(|e| store.err(e))?;
     }
-    for t in [SNAPSHOTS, CHANGES, SIGS] {
-        moved += rekey(store, tx, t)?;
-    }
     tracing::info!(
-        "store upgraded to schema 7: {moved} rows of {} maps rewritten",
+        "store upgrade: {moved} view entries and events of {} maps rewritten",
         sids.len()
     );
     Ok(())
@@ -126,6 +139,7 @@ fn old_rows(
 ) -> Result<(Vec<(String, Vec<u8>)>, Vec<FeedEvent>)> {
     let start = sid.as_str().as_bytes().to_vec();
     let end = prefix_end(&start);
+
     let mut entries = Vec::new();
     let items = tx.open_table(OLD_ITEMS).map_err(|e| store.err(e))?;
     for row in items
@@ -158,66 +172,182 @@ fn old_rows(
     Ok((entries, events))
 }
 
-/// Schema 7: the rows of a table keyed by a map's sid (34 bytes, `MP` then hex) are keyed by
-/// its number instead, a chunk at a time (numbers stay far below `MP` as big-endian bytes, so
-/// rekeyed rows never fall back into the range still to do).
-fn rekey(
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+/// Every row of an old byte-keyed table, a chunk at a time from `after` on.
+fn chunk_of(
     store: &Store,
     tx: &WriteTransaction,
     def: TableDefinition<&[u8], &[u8]>,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let t = tx.open_table(def).map_err(|e| store.err(e))?;
+    let mut chunk = Vec::new();
+    for row in t.iter().map_err(|e| store.err(e))?.take(4096) {
+        let (k, v) = row.map_err(|e| store.err(e))?;
+        chunk.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    Ok(chunk)
+}
+
+/// Moves every row of an old byte-keyed table through `put` (false: a damaged row, dropped
+/// with a warning), a chunk at a time, then deletes the table. Returns how many rows moved.
+fn drain(
+    store: &Store,
+    tx: &WriteTransaction,
+    def: TableDefinition<&[u8], &[u8]>,
+    mut put: impl FnMut(&[u8], &[u8]) -> Result<bool>,
 ) -> Result<usize> {
-    let mut nums: std::collections::HashMap<Vec<u8>, u32> = Default::default();
     let mut moved = 0;
     loop {
-        let chunk: Vec<(Vec<u8>, Vec<u8>)> = {
-            let t = tx.open_table(def).map_err(|e| store.err(e))?;
-            let rows = t
-                .range(b"MP".as_slice()..b"MQ".as_slice())
-                .map_err(|e| store.err(e))?
-                .take(4096);
-            let mut chunk = Vec::new();
-            for row in rows {
-                let (k, v) = row.map_err(|e| store.err(e))?;
-                chunk.push((k.value().to_vec(), v.value().to_vec()));
-            }
-            chunk
-        };
+        let chunk = chunk_of(store, tx, def)?;
         if chunk.is_empty() {
-            return Ok(moved);
+            break;
         }
-        moved += chunk.len();
-        let mut tables = Tables::open(tx).map_err(|e| store.err(e))?;
+        for (k, v) in &chunk {
+            if put(k, v)? {
+                moved += 1;
+            } else {
+                tracing::warn!("a damaged row of {} was dropped by the upgrade", def.name());
+            }
+        }
         let mut t = tx.open_table(def).map_err(|e| store.err(e))?;
-        for (k, v) in chunk {
-            let sid = k
-                .get(..34)
-                .and_then(|b| std::str::from_utf8(b).ok())
-                .and_then(MapSid::parse);
-            let Some(sid) = sid else {
-                // No map's row (no reader ever found it): dropped rather than left in the
-                // range this loop empties.
-                tracing::warn!("a row of {} keyed by no map sid was dropped", def.name());
-                t.remove(k.as_slice()).map_err(|e| store.err(e))?;
-                continue;
-            };
-            let sid_bytes = sid.as_str().as_bytes();
-            let num = match nums.get(sid_bytes) {
-                Some(n) => *n,
-                None => {
-                    let mut sink = Sink {
-                        t: &mut tables,
-                        record: None,
-                    };
-                    let n = store.number_for(&mut sink, &sid)?;
-                    nums.insert(sid_bytes.to_vec(), n);
-                    n
-                }
-            };
-            let mut nk = num.to_be_bytes().to_vec();
-            nk.extend_from_slice(&k[34..]);
-            t.insert(nk.as_slice(), v.as_slice())
-                .map_err(|e| store.err(e))?;
+        for (k, _) in &chunk {
             t.remove(k.as_slice()).map_err(|e| store.err(e))?;
         }
     }
+    tx.delete_table(def).map_err(|e| store.err(e))?;
+    Ok(moved)
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Schema 8: schema 7's map numbers, view, feed and versions get typed keys.
+fn feed_from_v7(store: &Store, tx: &WriteTransaction) -> Result<()> {
+    let mut t = Tables::open(tx).map_err(|e| store.err(e))?;
+    let mut moved = drain(store, tx, V7_NUMBERS, |k, v| {
+        let (Ok(sid), Ok(num)) = (std::str::from_utf8(k), <[u8; 4]>::try_from(v)) else {
+            return Ok(false);
+        };
+        t.put_number(sid, u32::from_be_bytes(num))
+            .map_err(|e| store.err(e))?;
+        Ok(true)
+    })?;
+    moved += drain(store, tx, V7_VIEW, |k, v| {
+        let (Some(num), Some(Ok(key))) = (u32_at(k, 0), k.get(4..).map(std::str::from_utf8)) else {
+            return Ok(false);
+        };
+        t.put_view(num, key, v).map_err(|e| store.err(e))?;
+        Ok(true)
+    })?;
+    moved += drain(store, tx, V7_FEED, |k, v| {
+        let (Some(num), Some(id), 12) = (u32_at(k, 0), u64_at(k, 4), k.len()) else {
+            return Ok(false);
+        };
+        t.put_event(num, id, v).map_err(|e| store.err(e))?;
+        Ok(true)
+    })?;
+    moved += drain(store, tx, V7_VERSIONS, |k, v| {
+        let (Some(num), Some(id), 12) = (u32_at(k, 0), u64_at(k, 4), k.len()) else {
+            return Ok(false);
+        };
+        t.put_version(num, id, v).map_err(|e| store.err(e))?;
+        Ok(true)
+    })?;
+    tracing::info!("store upgrade: {moved} rows of the event feed given typed keys");
+    Ok(())
+}
+
+/// Schema 8: documents' snapshots, changes and signatures get typed keys (rows of schema 6
+/// and before, keyed by sid, get their map's number on the way).
+fn docs_retyped(store: &Store, tx: &WriteTransaction, from: u32) -> Result<()> {
+    let mut tables = Tables::open(tx).map_err(|e| store.err(e))?;
+    let mut nums: std::collections::HashMap<String, u32> = Default::default();
+    // A row's map number and the rest of its key.
+    let mut split = |k: &[u8]| -> Result<Option<(u32, usize)>> {
+        if from >= 7 {
+            return Ok(u32_at(k, 0).map(|n| (n, 4)));
+        }
+        let Some(sid) = k
+            .get(..34)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(MapSid::parse)
+        else {
+            return Ok(None);
+        };
+        let num = match nums.get(sid.as_str()) {
+            Some(n) => *n,
+            None => {
+                let mut sink = Sink {
+                    t: &mut tables,
+                    record: None,
+                };
+                let n = store.number_for(&mut sink, &sid)?;
+                nums.insert(sid.as_str().to_string(), n);
+                n
+            }
+        };
+        Ok(Some((num, 34)))
+    };
+    let doc = |num: u32, rest: &[u8]| -> Option<(u32, u8, u64, u16)> {
+        let kind = *rest.first()?;
+        let inc = u64_at(rest, 1)?;
+        let index = u16::from_be_bytes(rest.get(9..11)?.try_into().ok()?);
+        let k = (num, kind, inc, index);
+        doc_of(k).map(|_| k)
+    };
+    let mut snaps = tx.open_table(SNAPSHOTS).map_err(|e| store.err(e))?;
+    let mut moved = drain(store, tx, OLD_SNAPSHOTS, |k, v| {
+        let Some((num, at)) = split(k)? else {
+            return Ok(false);
+        };
+        let Some(d) = doc(num, &k[at..]).filter(|_| k.len() == at + 11) else {
+            return Ok(false);
+        };
+        snaps.insert(d, v).map_err(|e| store.err(e))?;
+        Ok(true)
+    })?;
+    let mut changes = tx.open_table(CHANGES).map_err(|e| store.err(e))?;
+    moved += drain(store, tx, OLD_CHANGES, |k, v| {
+        let Some((num, at)) = split(k)? else {
+            return Ok(false);
+        };
+        let (Some(d), Some(seq), true) =
+            (doc(num, &k[at..]), u64_at(k, at + 11), k.len() == at + 19)
+        else {
+            return Ok(false);
+        };
+        changes
+            .insert(change_key(d, seq), v)
+            .map_err(|e| store.err(e))?;
+        Ok(true)
+    })?;
+    let mut sigs = tx.open_table(SIGS).map_err(|e| store.err(e))?;
+    moved += drain(store, tx, OLD_SIGS, |k, v| {
+        let Some((num, at)) = split(k)? else {
+            return Ok(false);
+        };
+        let Some(hash) = k.get(at..).and_then(|h| <[u8; 32]>::try_from(h).ok()) else {
+            return Ok(false);
+        };
+        sigs.insert((num, &hash), v).map_err(|e| store.err(e))?;
+        Ok(true)
+    })?;
+    tracing::info!("store upgrade: {moved} rows of documents given typed keys");
+    Ok(())
 }
