@@ -545,9 +545,21 @@ impl Engine {
         if self.catalog.contains(sid) || !self.on_disk.contains_key(sid) {
             return Ok(());
         }
+        // Loaded, its digest is computed live (and the stored one dropped with its next
+        // change); a map that fails to load stays parked, so it is neither forgotten by
+        // replication nor replaced by an empty one.
+        let parked = self.parked.remove(sid);
+        let r = self.load_stored(sid);
+        if !self.catalog.contains(sid) {
+            if let Some(p) = parked {
+                self.parked.insert(sid.clone(), p);
+            }
+        }
+        r
+    }
+
+    fn load_stored(&mut self, sid: &MapSid) -> Result<()> {
         self.unloaded_expiry.remove(sid);
-        // Loaded, its digest is computed live (and the stored one dropped with its next change).
-        self.parked.remove(sid);
         let Some(stored) = self.store.load_map(sid)? else {
             return Ok(());
         };

@@ -160,6 +160,15 @@ pub enum Input<P> {
         /// When to give up.
         deadline: Timestamp,
     },
+    /// A fetch that ended with [`FetchOutcome::NobodyHas`] goes on waiting, until `deadline`,
+    /// without asking anyone again: the shell knows of peers that connected and are not fed
+    /// in yet (their [`Input::PeerUp`] greets them with the map, held empty).
+    KeepFetching {
+        /// The map.
+        sid: MapSid,
+        /// When to give up.
+        deadline: Timestamp,
+    },
     /// A timer fired.
     Timer(Timer),
     /// The maps asked for by [`Output::Load`] were loaded (those that could not be stay
@@ -311,6 +320,9 @@ impl Host<'_> {
 /// A fetch in progress.
 struct Fetch {
     deadline: Timestamp,
+    /// "Nobody has it" is not reported until the next peer comes up (the shell knows of
+    /// peers connected whose arrival it has not fed in yet: [`Input::KeepFetching`]).
+    await_peer: bool,
 }
 
 /// Replication state with every connected peer.
@@ -441,24 +453,48 @@ impl<P: PeerKey> Replicator<P> {
             }
         };
         match p {
-            Pending::Message { msg, .. } => match msg {
-                Wire::Hello { maps, .. } => maps
-                    .iter()
-                    .filter(|(s, theirs)| {
-                        host.is_parked(s)
-                            && host
-                                .parked
-                                .get(s)
-                                .is_some_and(|m| m.digest != Some(*theirs))
-                    })
-                    .map(|(s, _)| s.clone())
-                    .collect(),
-                Wire::Docs { sid, .. }
-                | Wire::Sync { sid, .. }
-                | Wire::Changes { sid, .. }
-                | Wire::WantSigs { sid, .. }
-                | Wire::Sigs { sid, .. } => parked(sid),
-            },
+            Pending::Message { peer, msg, .. } => {
+                // Only maps the peer may read are loaded for it: a peer given one map cannot
+                // make this node load the others (their permissions are known parked).
+                let grant = self
+                    .peers
+                    .get(peer)
+                    .map_or_else(|| self.grant(peer), |p| p.grant.clone());
+                let readable = |s: &MapSid| {
+                    grant.reads(s)
+                        && host
+                            .parked
+                            .get(s)
+                            .is_some_and(|m| m.policy.reads(peer.as_ref()))
+                };
+                match msg {
+                    Wire::Hello { maps, .. } => maps
+                        .iter()
+                        .filter(|(s, theirs)| {
+                            host.is_parked(s)
+                                && readable(s)
+                                && host
+                                    .parked
+                                    .get(s)
+                                    .is_some_and(|m| m.digest != Some(*theirs))
+                        })
+                        .map(|(s, _)| s.clone())
+                        .collect(),
+                    // Changes are looked at only from a peer that may write the map.
+                    Wire::Changes { sid, .. } if !grant.writes(sid) => Vec::new(),
+                    Wire::Docs { sid, .. }
+                    | Wire::Sync { sid, .. }
+                    | Wire::Changes { sid, .. }
+                    | Wire::WantSigs { sid, .. }
+                    | Wire::Sigs { sid, .. } => {
+                        if readable(sid) {
+                            parked(sid)
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                }
+            }
             Pending::Input(i) => match i {
                 Input::PeerUp { .. } | Input::Timer(Timer::AntiEntropy) => {
                     if self.peers.is_empty() && !matches!(i, Input::PeerUp { .. }) {
@@ -493,6 +529,9 @@ impl<P: PeerKey> Replicator<P> {
             Pending::Input(input) => match input {
                 Input::PeerUp { peer, grant } => {
                     self.set_grant(&peer, grant);
+                    for f in self.fetches.values_mut() {
+                        f.await_peer = false;
+                    }
                     if self.anti_entropy_at.is_none() {
                         let at = now.plus_millis(self.anti_entropy_ms);
                         self.anti_entropy_at = Some(at);
@@ -514,8 +553,7 @@ impl<P: PeerKey> Replicator<P> {
                 Input::Forget(peer) => {
                     self.peers.remove(&peer);
                     self.grants.remove(&peer);
-                    self.waiting
-                        .retain(|w| !matches!(w, Pending::Message { peer: p, .. } if *p == peer));
+                    self.drop_waiting(&peer);
                     Vec::new()
                 }
                 Input::Message { .. } => Vec::new(), // decoded before it gets here
@@ -532,11 +570,24 @@ impl<P: PeerKey> Replicator<P> {
                 }
                 Input::Announce(sids) => self.announce(&sids, host),
                 Input::AskSignatures(sid) => self.ask_signatures(&sid, host),
+                Input::KeepFetching { sid, deadline } => {
+                    let f = self.fetches.entry(sid.clone()).or_insert(Fetch {
+                        deadline,
+                        await_peer: true,
+                    });
+                    f.deadline = f.deadline.max(deadline);
+                    f.await_peer = true;
+                    out.push(Output::Schedule {
+                        timer: Timer::FetchDeadline(sid),
+                        at: f.deadline,
+                    });
+                    Vec::new()
+                }
                 Input::Fetch { sid, deadline } => {
-                    let f = self
-                        .fetches
-                        .entry(sid.clone())
-                        .or_insert(Fetch { deadline });
+                    let f = self.fetches.entry(sid.clone()).or_insert(Fetch {
+                        deadline,
+                        await_peer: false,
+                    });
                     f.deadline = f.deadline.max(deadline);
                     out.push(Output::Schedule {
                         timer: Timer::FetchDeadline(sid.clone()),
@@ -561,8 +612,18 @@ impl<P: PeerKey> Replicator<P> {
                     self.nudge_scheduled = false;
                     self.take_nudges(host)
                 }
-                // Fetches are settled after every input, deadlines included.
-                Input::Timer(Timer::FetchDeadline(_)) | Input::Loaded(_) => Vec::new(),
+                // Fetches are settled after every input; a deadline timer that fired early
+                // (a shell's clock and this `now` may differ) is asked for again.
+                Input::Timer(Timer::FetchDeadline(sid)) => {
+                    if let Some(f) = self.fetches.get(&sid).filter(|f| now < f.deadline) {
+                        out.push(Output::Schedule {
+                            timer: Timer::FetchDeadline(sid),
+                            at: f.deadline,
+                        });
+                    }
+                    Vec::new()
+                }
+                Input::Loaded(_) => Vec::new(),
             },
         };
         out.extend(sent.into_iter().map(Output::Send));
@@ -570,9 +631,18 @@ impl<P: PeerKey> Replicator<P> {
 
     fn punish(&mut self, peer: P, violation: Violation, out: &mut Vec<Output<P>>) {
         self.peers.remove(&peer);
-        self.waiting
-            .retain(|w| !matches!(w, Pending::Message { peer: p, .. } if *p == peer));
+        self.drop_waiting(&peer);
         out.push(Output::Punish { peer, violation });
+    }
+
+    /// Forgets every waiting message of `peer`, decoded or not.
+    fn drop_waiting(&mut self, peer: &P) {
+        self.waiting.retain(|w| match w {
+            Pending::Message { peer: p, .. } | Pending::Input(Input::Message { peer: p, .. }) => {
+                p != peer
+            }
+            Pending::Input(_) => true,
+        });
     }
 
     /// Reports the fetches that ended: complete, refused by every peer, or past deadline.
@@ -585,7 +655,10 @@ impl<P: PeerKey> Replicator<P> {
             let exists = host.maps.get(&sid).is_some_and(MapReplica::exists);
             let outcome = if exists && self.caught_up(&sid, host) {
                 Some(FetchOutcome::Complete)
-            } else if !exists && self.nobody_has(&sid) {
+            } else if !exists
+                && !self.fetches.get(&sid).is_some_and(|f| f.await_peer)
+                && self.nobody_has(&sid)
+            {
                 Some(FetchOutcome::NobodyHas)
             } else if self.fetches.get(&sid).is_some_and(|f| now >= f.deadline) {
                 Some(FetchOutcome::TimedOut { partial: exists })

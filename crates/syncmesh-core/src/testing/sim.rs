@@ -178,8 +178,9 @@ impl SimNode {
 
     /// Unloads every map (their state is in the store: call after a flush), remembering its
     /// digest and permissions as the engine does; [`Fault::StaleDigest`] remembers the digest
-    /// a map had when first parked.
-    fn park_all(&mut self) {
+    /// a map had when first parked. `forget_digests` parks them with none known, as after a
+    /// commit changed them (the machine then asks for them to compare).
+    fn park_all(&mut self, forget_digests: bool) {
         let sids: Vec<MapSid> = self.host.maps().map(|m| m.sid().clone()).collect();
         for sid in sids {
             let Some(mut m) = self.host.remove(&sid) else {
@@ -188,14 +189,14 @@ impl SimNode {
             let d = m.digest().expect("digest");
             let first = *self.first_digest.entry(sid.clone()).or_insert(d);
             let digest = if self.fault == Fault::StaleDigest {
-                first
+                Some(first)
             } else {
-                d
+                (!forget_digests).then_some(d)
             };
             self.parked.insert(
                 sid,
                 ParkedMap {
-                    digest: Some(digest),
+                    digest,
                     policy: m.policy().clone(),
                 },
             );
@@ -518,7 +519,8 @@ impl Sim {
         // peer's differs), as an engine's idle maps do.
         if self.nodes[i].fault == Fault::StaleDigest || self.rng.chance(30) {
             self.flush(i);
-            self.nodes[i].park_all();
+            let forget = self.rng.chance(30);
+            self.nodes[i].park_all(forget);
         }
         let now = self.now;
         let out = self.nodes[i].handle(Input::Timer(Timer::AntiEntropy), now);

@@ -321,7 +321,9 @@ impl Engine {
             due
         });
         for timer in due {
-            self.drive(Input::Timer(timer), now);
+            // Due by the engine's clock: the time fed in is read now, not at the round's
+            // start, so the machine sees it due too.
+            self.drive(Input::Timer(timer), super::now().max(now));
         }
         // Opens whose caller gave up are not waited for.
         if let Some(n) = self.net.as_mut() {
@@ -394,7 +396,7 @@ impl Engine {
 
     /// Answers the opens waiting for a map whose fetch ended. A map nobody has while peers
     /// the engine has not heard come up yet are connected keeps waiting: returns the input
-    /// that restarts its fetch.
+    /// that says so.
     fn settle_fetch(
         &mut self,
         sid: MapSid,
@@ -415,7 +417,7 @@ impl Engine {
             if let Some(n) = self.net.as_mut() {
                 n.wants.extend(wants);
             }
-            return Some(Input::Fetch { sid, deadline });
+            return Some(Input::KeepFetching { sid, deadline });
         }
         for w in wants {
             let id = w.spec.id.clone().unwrap_or_default();
