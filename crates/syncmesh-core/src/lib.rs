@@ -39,6 +39,7 @@ pub mod authorship;
 mod catalog;
 mod error;
 mod event;
+pub mod generation;
 mod ids;
 pub mod json;
 pub mod layout;
