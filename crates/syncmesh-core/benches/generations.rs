@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use automerge::transaction::Transactable;
-use automerge::{ActorId, Automerge, ReadDoc, ScalarValue, ROOT};
+use automerge::{ActorId, Automerge, ScalarValue, ROOT};
 use syncmesh_core::generation;
 
 /// One write of item `i`: its meta record and its whole value (~100 bytes of JSON).
