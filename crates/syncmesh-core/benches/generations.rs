@@ -58,7 +58,14 @@ fn main() {
         let mut cut = None;
         for _ in 0..5 {
             let t = Instant::now();
-            let (g, _) = generation::rebase(b"bench/shard", 1, &doc, &heads).unwrap();
+            let (g, _) = generation::rebase(
+                b"bench/shard",
+                1,
+                &doc,
+                &heads,
+                &generation::automerge_winners,
+            )
+            .unwrap();
             cut_ms.push(t.elapsed().as_secs_f64() * 1e3);
             cut = Some(g);
         }

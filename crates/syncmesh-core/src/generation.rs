@@ -257,6 +257,18 @@ impl Origin {
     }
 }
 
+/// Picks which of a root key's concurrent values (`get_all` order) the genesis writes in its
+/// first change, so that it stays the one Automerge shows; `None` keeps Automerge's own
+/// winner. A document whose readers pair values of different keys by their writer (syncmesh's
+/// item meta record and whole value) picks the value its readers show, so the pair is still
+/// written by one actor after the cut. Called with the document as it was at the cut heads.
+pub type Chooser<'a> = &'a dyn Fn(&Automerge, &str, &[(Value<'_>, ObjId)]) -> Option<usize>;
+
+/// Keeps Automerge's winner for every key.
+pub fn automerge_winners(_: &Automerge, _: &str, _: &[(Value<'_>, ObjId)]) -> Option<usize> {
+    None
+}
+
 /// Generation `gen` of the document named `seed`, built from `source`'s state at `heads`:
 /// a new document holding only the genesis (see the module docs). Returns it and the record
 /// it holds.
@@ -265,6 +277,7 @@ pub fn genesis(
     gen: u64,
     source: &Automerge,
     heads: &[ChangeHash],
+    choose: Chooser<'_>,
 ) -> Result<(Automerge, CutRecord)> {
     let record = CutRecord {
         gen,
@@ -282,17 +295,25 @@ pub fn genesis(
         tx.put(ROOT, CUT_KEY, ScalarValue::Bytes(rec))?;
         for k in &keys {
             let all = source.get_all(ROOT, k.as_str())?;
-            let Some((win, win_id)) = source.get(ROOT, k.as_str())? else {
+            let Some(last) = all.len().checked_sub(1) else {
                 continue;
             };
+            let win = choose(source, k, &all)
+                .filter(|&i| i <= last)
+                .unwrap_or(last);
             let mut rank = 0u32;
-            for (v, id) in all {
-                if id != win_id {
+            let mut winner = None;
+            for (i, (v, id)) in all.into_iter().enumerate() {
+                if i == win {
+                    winner = Some((v, id));
+                } else {
                     losers.push((k.clone(), rank, v.into_owned(), id));
                     rank += 1;
                 }
             }
-            put_copy(tx, &ROOT, k.as_str().into(), source, win, &win_id)?;
+            if let Some((v, id)) = winner {
+                put_copy(tx, &ROOT, k.as_str().into(), source, v, &id)?;
+            }
         }
         Ok(())
     })
@@ -421,8 +442,9 @@ pub fn rebase(
     gen: u64,
     source: &Automerge,
     heads: &[ChangeHash],
+    choose: Chooser<'_>,
 ) -> Result<(Automerge, CutRecord)> {
-    let (mut doc, record) = genesis(seed, gen, source, heads)?;
+    let (mut doc, record) = genesis(seed, gen, source, heads, choose)?;
     let base = genesis_heads(&doc);
     carry_all(&mut doc, source, &base, |c| record.clock.includes_change(c))?;
     Ok((doc, record))

@@ -63,7 +63,7 @@ pub use limits::Ttl;
 pub use map::{
     check_change, check_changes, decode_sync, entry_data, entry_item, needs_manage, version_entry,
     Checked, DecodedSync, DocAddr, Durability, Identity, ItemConflicts, MapReplica, OutgoingChange,
-    StoredDoc, ViewChanges, WriteOptions, MAX_ITEMS_PER_CHANGE,
+    ShardHistory, StoredDoc, ViewChanges, WriteOptions, MAX_ITEMS_PER_CHANGE,
 };
 pub use paging::{Bounds, Order, Page, PageRequest};
 pub use policy::{Permission, Policy};

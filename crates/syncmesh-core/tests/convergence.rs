@@ -323,19 +323,70 @@ fn run_case(seed: u64) {
         net.collect(&mut peers, &mut rng, t(time));
         net.deliver_some(&mut peers, &mut rng, t(time));
     }
-    // Heal: every replica gets everything ever sent, in a shuffled order, until quiet.
     let end = t(time + 200_000);
+    heal(&mut peers, &mut net, &mut rng, end);
+    let snaps = check(&mut peers, &written, whole_only, end);
+
+    // History cuts: every replica cuts every shard at the heads they now share. Nothing a
+    // reader sees changes, no event is emitted, and the replicas go on writing and merging
+    // on the new generations (and reopen from what a store keeps of them).
+    if rng.chance(50) {
+        let sid = MapSid::for_name(MAP);
+        // (A replica may hold an empty document of a shard the others never made.)
+        let cuts: Vec<Vec<_>> = peers
+            .iter_mut()
+            .map(|p| {
+                p.cut_all(&sid, end)
+                    .into_iter()
+                    .filter(|(_, g)| g.is_some())
+                    .collect()
+            })
+            .collect();
+        for (i, c) in cuts.iter().enumerate() {
+            assert_eq!(c, &cuts[0], "replica {i} cut otherwise than replica 0");
+            let after = snapshot(peers[i].map(MAP), end);
+            assert_eq!(
+                after, snaps[i],
+                "replica {i}: the cut changed what it shows"
+            );
+        }
+        // Changes of the old generations are never sent again.
+        net.history = vec![Vec::new(); n];
+        for q in net.queues.iter_mut().flatten() {
+            q.clear();
+        }
+        net.group = vec![0; n];
+        let mut time = time + 200_000;
+        for _ in 0..5 + rng.below(25) {
+            time += rng.below(3_000) as i64;
+            let who = rng.below(n as u64) as usize;
+            if let Some((k, d)) =
+                random_op(&mut rng, &mut peers[who], t(time + skew[who]), whole_only)
+            {
+                written.entry(k).or_default().push(d);
+            }
+            net.collect(&mut peers, &mut rng, t(time));
+            net.deliver_some(&mut peers, &mut rng, t(time));
+        }
+        let end = t(time + 200_000);
+        heal(&mut peers, &mut net, &mut rng, end);
+        check(&mut peers, &written, whole_only, end);
+    }
+}
+
+/// Heal: every replica gets everything ever sent, in a shuffled order, until quiet.
+fn heal(peers: &mut [Peer], net: &mut Net, rng: &mut Rng, end: Timestamp) {
     for _ in 0..4 {
         for p in peers.iter_mut() {
             for m in p.cat.maps_mut() {
                 m.expire(end);
             }
         }
-        net.collect(&mut peers, &mut rng, end);
+        net.collect(peers, rng, end);
         for p in peers.iter_mut() {
             p.pump(end);
         }
-        net.collect(&mut peers, &mut rng, end);
+        net.collect(peers, rng, end);
         let mut all: Vec<OutgoingChange> = net.history.iter().flatten().cloned().collect();
         for i in (1..all.len()).rev() {
             let j = rng.below(i as u64 + 1) as usize;
@@ -345,8 +396,25 @@ fn run_case(seed: u64) {
             p.receive(&all, end);
         }
     }
-    net.collect(&mut peers, &mut rng, end);
+    net.collect(peers, rng, end);
+}
 
+type Snapshot = (
+    bool,
+    u64,
+    Vec<syncmesh_core::Item>,
+    BTreeMap<String, syncmesh_core::ItemConflicts>,
+);
+
+/// Every replica holds the same items, revisions and conflicts; in whole-only cases each item
+/// is one value written whole; each replica's events rebuild its items; what it saves and
+/// what a store kept reopen to the same state. Returns each replica's snapshot.
+fn check(
+    peers: &mut [Peer],
+    written: &BTreeMap<String, Vec<syncmesh_core::JsonObject>>,
+    whole_only: bool,
+    end: Timestamp,
+) -> Vec<Snapshot> {
     let sid = MapSid::for_name(MAP);
     let mut snaps = Vec::new();
     for (i, p) in peers.iter_mut().enumerate() {
@@ -433,6 +501,7 @@ fn run_case(seed: u64) {
             assert_eq!(page.items, snaps[i].2);
         }
     }
+    snaps
 }
 
 #[test]

@@ -94,7 +94,9 @@ impl Replica {
     /// Moves this replica to generation `gen` cut at `heads` of its current generation.
     fn cut(&mut self, gen: u64, heads: &[ChangeHash]) {
         assert_eq!(self.gen + 1, gen);
-        let (mut doc, _) = generation::rebase(SEED, gen, &self.doc, heads).unwrap();
+        let (mut doc, _) =
+            generation::rebase(SEED, gen, &self.doc, heads, &generation::automerge_winners)
+                .unwrap();
         doc.set_actor(self.actor.clone());
         self.doc = doc;
         self.gen = gen;
@@ -189,8 +191,14 @@ fn schedule(seed: u64) {
             }
         }
         let heads = reps[holders[0]].doc.get_heads();
-        let (_, rec): (Automerge, CutRecord) =
-            generation::genesis(SEED, gen, &reps[holders[0]].doc, &heads).unwrap();
+        let (_, rec): (Automerge, CutRecord) = generation::genesis(
+            SEED,
+            gen,
+            &reps[holders[0]].doc,
+            &heads,
+            &generation::automerge_winners,
+        )
+        .unwrap();
         clocks.push(rec.clock);
         // Late writes on the old generation, merges among those still on it, each holder
         // moving on at its own moment.

@@ -127,8 +127,8 @@ fn shared_state() -> (Automerge, Automerge) {
 fn a_genesis_is_the_same_bytes_from_any_history_and_keeps_every_value_and_conflict() {
     let (r1, r2) = shared_state();
     let heads = r1.get_heads();
-    let (g1, rec1) = genesis(b"map/7", 1, &r1, &heads).unwrap();
-    let (g2, rec2) = genesis(b"map/7", 1, &r2, &heads).unwrap();
+    let (g1, rec1) = genesis(b"map/7", 1, &r1, &heads, &automerge_winners).unwrap();
+    let (g2, rec2) = genesis(b"map/7", 1, &r2, &heads, &automerge_winners).unwrap();
     assert_eq!(g1.save(), g2.save(), "the same genesis everywhere");
     assert_eq!(rec1, rec2);
     assert_eq!(CutRecord::of(&g1), Some(rec1.clone()));
@@ -140,9 +140,9 @@ fn a_genesis_is_the_same_bytes_from_any_history_and_keeps_every_value_and_confli
     // One change for the winners, one per losing value.
     assert_eq!(genesis_heads(&g1).len(), 1 + 2 + 1);
     // Another document or generation gets other actors.
-    let (g3, _) = genesis(b"map/8", 1, &r1, &heads).unwrap();
+    let (g3, _) = genesis(b"map/8", 1, &r1, &heads, &automerge_winners).unwrap();
     assert_ne!(g3.get_heads(), g1.get_heads());
-    let (g4, _) = genesis(b"map/7", 2, &r1, &heads).unwrap();
+    let (g4, _) = genesis(b"map/7", 2, &r1, &heads, &automerge_winners).unwrap();
     assert_ne!(g4.get_heads(), g1.get_heads());
 }
 
@@ -153,7 +153,7 @@ fn a_genesis_of_earlier_heads_shows_the_state_then() {
     let early = a.get_heads();
     put(&mut a, "k", "new");
     put(&mut a, "j", "later");
-    let (g, rec) = genesis(b"m", 1, &a, &early).unwrap();
+    let (g, rec) = genesis(b"m", 1, &a, &early, &automerge_winners).unwrap();
     assert_eq!(seen(&g), seen(&a.fork_at(&early).unwrap()));
     assert!(rec.clock.includes(&actor(1), 1));
     assert!(!rec.clock.includes(&actor(1), 2));
@@ -173,8 +173,8 @@ fn late_changes_are_carried_once_in_order_and_alike_by_every_holder() {
     put(&mut a, "k", "2");
     write(&mut a, 5, |tx| tx.delete(ROOT, "j"));
     put(&mut b, "m", "b");
-    let (mut na, _) = rebase(b"m", 1, &a, &cut).unwrap();
-    let (mut nb, _) = rebase(b"m", 1, &b, &cut).unwrap();
+    let (mut na, _) = rebase(b"m", 1, &a, &cut, &automerge_winners).unwrap();
+    let (mut nb, _) = rebase(b"m", 1, &b, &cut, &automerge_winners).unwrap();
     // A change both carried is the same change.
     let shared: BTreeSet<ChangeHash> = crate::am::all_changes(&na)
         .iter()
@@ -203,7 +203,7 @@ fn late_changes_are_carried_once_in_order_and_alike_by_every_holder() {
     // Carrying again changes nothing.
     let before = na.get_heads();
     let base = genesis_heads(&na);
-    let (_, rec) = genesis(b"m", 1, &a, &cut).unwrap();
+    let (_, rec) = genesis(b"m", 1, &a, &cut, &automerge_winners).unwrap();
     carry_all(&mut na, &a, &base, |c| rec.clock.includes_change(c)).unwrap();
     assert_eq!(na.get_heads(), before);
 }
@@ -216,7 +216,7 @@ fn a_carried_change_is_concurrent_with_writes_made_after_the_cut() {
     let mut late = a.clone();
     late.set_actor(actor(9));
     put(&mut late, "y", "late");
-    let (g, _) = genesis(b"m", 1, &a, &cut).unwrap();
+    let (g, _) = genesis(b"m", 1, &a, &cut, &automerge_winners).unwrap();
     // Written on the new generation before the late change arrives.
     let mut after = g.clone();
     after.set_actor(actor(4));
@@ -253,7 +253,7 @@ fn a_carried_change_carried_again_is_the_same_as_carried_once_across_both_cuts()
         tx.put(ROOT, "j", "late j")?;
         tx.delete(ROOT, "j")
     });
-    let (g1, _) = genesis(b"m", 1, &a, &cut1).unwrap();
+    let (g1, _) = genesis(b"m", 1, &a, &cut1, &automerge_winners).unwrap();
     // On generation 1, before the late change is carried: j written, then cut 2 at that.
     let mut g1w = g1.clone();
     g1w.set_actor(actor(2));
@@ -264,11 +264,11 @@ fn a_carried_change_carried_again_is_the_same_as_carried_once_across_both_cuts()
     let mut via = g1w.clone();
     let base1 = genesis_heads(&via);
     carry_all(&mut via, &late, &base1, |c| c.actor_id() != &actor(9)).unwrap();
-    let (mut g2a, rec2) = genesis(b"m", 2, &via, &cut2).unwrap();
+    let (mut g2a, rec2) = genesis(b"m", 2, &via, &cut2, &automerge_winners).unwrap();
     let base2 = genesis_heads(&g2a);
     carry_all(&mut g2a, &via, &base2, |c| rec2.clock.includes_change(c)).unwrap();
     // Path two: a replica that was away carries its generation 0 change onto 2 directly.
-    let (mut g2b, _) = genesis(b"m", 2, &g1w, &cut2).unwrap();
+    let (mut g2b, _) = genesis(b"m", 2, &g1w, &cut2, &automerge_winners).unwrap();
     carry_all(&mut g2b, &late, &base2, |c| c.actor_id() != &actor(9)).unwrap();
     assert_eq!(g2a.get_heads(), g2b.get_heads(), "the same carried change");
     assert_eq!(g2a.save(), g2b.save());

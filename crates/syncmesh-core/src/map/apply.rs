@@ -308,7 +308,13 @@ impl MapReplica {
     }
 
     /// Reads an item back from its shard document into the view, with its event.
-    fn reread_item(&mut self, index: u16, key: String, scan: bool, now: Timestamp) -> Result<()> {
+    pub(super) fn reread_item(
+        &mut self,
+        index: u16,
+        key: String,
+        scan: bool,
+        now: Timestamp,
+    ) -> Result<()> {
         let (fresh, seen_stamp) = {
             let (doc, fields) = self.shard_mut(index).parts()?;
             let st = read_item(doc, &key, scan.then_some(&*fields));

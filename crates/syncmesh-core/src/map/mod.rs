@@ -32,6 +32,7 @@ mod apply;
 mod authz;
 mod check;
 mod expiry;
+mod history;
 mod incarnation;
 mod pending;
 mod persist;
@@ -46,6 +47,7 @@ use shard::*;
 use view::*;
 
 pub use check::{check_change, check_changes, decode_sync, needs_manage, Checked, DecodedSync};
+pub use history::ShardHistory;
 pub use pending::MAX_ITEMS_PER_CHANGE;
 pub(crate) use read::policy_at;
 pub use shard::StoredDoc;

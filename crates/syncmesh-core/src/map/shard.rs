@@ -85,6 +85,9 @@ pub(super) struct Shard {
     /// until it is parked), built on first use ([`field_index`]) and kept up to date by
     /// flushes and merges.
     pub(super) fields: Option<BTreeSet<String>>,
+    /// The document's history generation ([`crate::generation`]), once known: read from its
+    /// genesis when it is first loaded.
+    pub(super) gen: Option<u64>,
 }
 
 impl Shard {
@@ -108,6 +111,7 @@ impl Shard {
             ops: 0,
             cold_heads: None,
             fields: None,
+            gen: None,
         }
     }
 
@@ -132,6 +136,7 @@ impl Shard {
         if let Body::Cold(stored) = &self.body {
             let d = stored.load(&self.actor, "shard document")?;
             self.ops = crate::am::op_count(&d);
+            self.gen = Some(crate::generation::CutRecord::of(&d).map_or(0, |r| r.gen));
             self.body = Body::Live(Box::new(d));
         }
         match &mut self.body {

@@ -109,6 +109,35 @@ impl Peer {
     }
 
     /// Collects events only (no flush).
+    /// Cuts the history of every shard of map `sid` at its own heads, and keeps in place of
+    /// each cut shard's stored changes its new generation's snapshot, as a store does.
+    /// Returns each shard's new generation (`None`: not cut).
+    pub fn cut_all(&mut self, sid: &MapSid, now: Timestamp) -> Vec<(u16, Option<u64>)> {
+        self.pump(now);
+        let m = self.cat.by_sid(sid).expect("map held by this peer");
+        // `receive` stored them already.
+        m.take_received();
+        let inc = m.incarnation();
+        let mut out = Vec::new();
+        for index in m.shard_indices() {
+            let gen = m.cut_shard(index, None, now).expect("cut");
+            if gen.is_some() {
+                let doc = DocAddr::Shard { inc, index };
+                let snapshot = m.snapshot(doc, now).expect("snapshot");
+                self.stored_docs.insert(
+                    (sid.clone(), doc),
+                    StoredDoc {
+                        snapshot,
+                        changes: Vec::new(),
+                    },
+                );
+            }
+            out.push((index, gen));
+        }
+        self.pump(now);
+        out
+    }
+
     pub fn collect_events(&mut self) {
         for m in self.cat.maps_mut() {
             self.events.extend(m.take_events());
