@@ -22,11 +22,15 @@ use syncmesh_core::{
     ViewChanges,
 };
 
-use crate::tables::{ids_of, view_of, FEED, MAP_NUMBERS, VERSIONS, VIEW};
+use crate::tables::{ids_of, view_of, FEED, FEED_BYTES, MAP_NUMBERS, VERSIONS, VIEW};
 use crate::{Result, Store};
 
 /// Events pruned at a time: retention is kept to within this many events.
 const PRUNE_STEP: u64 = 1024;
+
+/// Bytes counted per event record or item version besides its value (its key and the
+/// B-tree's own share), so that a feed of tiny records is bounded in bytes too.
+pub(crate) const ROW_BYTES: u64 = 24;
 
 /// One event as the store keeps it ([`crate::MapWrite::events`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +146,8 @@ pub(crate) enum Op {
     },
     /// A map's versions below `below` deleted.
     VersionsBelow { num: u32, below: u64 },
+    /// The bytes a map's feed takes ([`FEED_BYTES`]).
+    FeedBytes { num: u32, bytes: u64 },
 }
 
 impl Op {
@@ -151,7 +157,10 @@ impl Op {
             Op::View { key, row, .. } => key.len() + row.as_ref().map_or(0, Vec::len),
             Op::Event { record, .. } => 12 + record.len(),
             Op::Version { entry, .. } => 12 + entry.as_ref().map_or(0, Vec::len),
-            Op::ViewClear { .. } | Op::EventsBelow { .. } | Op::VersionsBelow { .. } => 12,
+            Op::ViewClear { .. }
+            | Op::EventsBelow { .. }
+            | Op::VersionsBelow { .. }
+            | Op::FeedBytes { .. } => 12,
         }
     }
 }
@@ -162,6 +171,7 @@ pub(crate) struct Tables<'tx> {
     view: Table<'tx, (u32, &'static str), &'static [u8]>,
     feed: Table<'tx, (u32, u64), &'static [u8]>,
     versions: Table<'tx, (u32, u64), &'static [u8]>,
+    bytes: Table<'tx, u32, u64>,
 }
 
 impl<'tx> Tables<'tx> {
@@ -171,6 +181,7 @@ impl<'tx> Tables<'tx> {
             view: tx.open_table(VIEW)?,
             feed: tx.open_table(FEED)?,
             versions: tx.open_table(VERSIONS)?,
+            bytes: tx.open_table(FEED_BYTES)?,
         })
     }
 
@@ -218,44 +229,78 @@ impl<'tx> Tables<'tx> {
         self.versions.insert((num, id), entry).map(|_| ())
     }
 
-    /// Applies one recorded write.
-    pub(crate) fn apply(&mut self, op: &Op) -> std::result::Result<(), redb::StorageError> {
-        match op {
-            Op::Number { sid, num } => self.numbers.insert(sid.as_str(), *num).map(|_| ()),
+    /// Applies one recorded write. Returns how it changed the bytes its map's feed takes
+    /// (event records and versions: [`ROW_BYTES`] plus the value per row).
+    pub(crate) fn apply(&mut self, op: &Op) -> std::result::Result<i64, redb::StorageError> {
+        let row = |v: &[u8]| (v.len() as u64 + ROW_BYTES) as i64;
+        let mut gone = 0i64;
+        let mut count = |v: &[u8]| {
+            gone += row(v);
+            false
+        };
+        Ok(match op {
+            Op::Number { sid, num } => self.numbers.insert(sid.as_str(), *num).map(|_| 0)?,
             Op::View {
                 num,
                 key,
-                row: Some(row),
+                row: Some(r),
             } => self
                 .view
-                .insert((*num, key.as_str()), row.as_slice())
-                .map(|_| ()),
+                .insert((*num, key.as_str()), r.as_slice())
+                .map(|_| 0)?,
             Op::View {
                 num,
                 key,
                 row: None,
-            } => self.view.remove((*num, key.as_str())).map(|_| ()),
-            Op::ViewClear { num } => self.view.retain_in(view_of(*num), |_, _| false),
+            } => self.view.remove((*num, key.as_str())).map(|_| 0)?,
+            Op::ViewClear { num } => self
+                .view
+                .retain_in(view_of(*num), |_, _| false)
+                .map(|_| 0)?,
             Op::Event { num, id, record } => {
-                self.feed.insert((*num, *id), record.as_slice()).map(|_| ())
+                let old = self.feed.insert((*num, *id), record.as_slice())?;
+                row(record) - old.map_or(0, |o| row(o.value()))
             }
             Op::EventsBelow { num, below } => {
-                self.feed.retain_in((*num, 0)..(*num, *below), |_, _| false)
+                self.feed
+                    .retain_in((*num, 0)..(*num, *below), |_, v| count(v))?;
+                -gone
             }
             Op::Version {
                 num,
                 id,
                 entry: Some(e),
-            } => self.versions.insert((*num, *id), e.as_slice()).map(|_| ()),
+            } => {
+                let old = self.versions.insert((*num, *id), e.as_slice())?;
+                row(e) - old.map_or(0, |o| row(o.value()))
+            }
             Op::Version {
                 num,
                 id,
                 entry: None,
-            } => self.versions.remove((*num, *id)).map(|_| ()),
-            Op::VersionsBelow { num, below } => self
+            } => -self
                 .versions
-                .retain_in((*num, 0)..(*num, *below), |_, _| false),
+                .remove((*num, *id))?
+                .map_or(0, |o| row(o.value())),
+            Op::VersionsBelow { num, below } => {
+                self.versions
+                    .retain_in((*num, 0)..(*num, *below), |_, v| count(v))?;
+                -gone
+            }
+            Op::FeedBytes { num, bytes } => self.bytes.insert(*num, *bytes).map(|_| 0)?,
+        })
+    }
+
+    /// The bytes a map's feed takes, counted row by row.
+    fn count_bytes(&self, num: u32) -> std::result::Result<u64, redb::StorageError> {
+        let mut n = 0;
+        for r in self.feed.range(ids_of(num, 0))? {
+            n += r?.1.value().len() as u64 + ROW_BYTES;
         }
+        for r in self.versions.range(ids_of(num, 0))? {
+            n += r?.1.value().len() as u64 + ROW_BYTES;
+        }
+        Ok(n)
     }
 }
 
@@ -263,11 +308,32 @@ impl<'tx> Tables<'tx> {
 pub(crate) struct Sink<'a, 'tx> {
     pub(crate) t: &'a mut Tables<'tx>,
     pub(crate) record: Option<&'a mut Vec<Op>>,
+    /// How the writes so far changed each map's feed bytes (settled into [`FEED_BYTES`] when
+    /// the map's writes end).
+    delta: HashMap<u32, i64>,
 }
 
-impl Sink<'_, '_> {
+impl<'a, 'tx> Sink<'a, 'tx> {
+    /// Writes to `t`, recorded into `record` if given.
+    pub(crate) fn new(t: &'a mut Tables<'tx>, record: Option<&'a mut Vec<Op>>) -> Self {
+        Sink {
+            t,
+            record,
+            delta: HashMap::new(),
+        }
+    }
+
     fn run(&mut self, op: Op) -> std::result::Result<(), redb::StorageError> {
-        self.t.apply(&op)?;
+        let d = self.t.apply(&op)?;
+        if d != 0 {
+            if let Op::Event { num, .. }
+            | Op::EventsBelow { num, .. }
+            | Op::Version { num, .. }
+            | Op::VersionsBelow { num, .. } = &op
+            {
+                *self.delta.entry(*num).or_default() += d;
+            }
+        }
         if let Some(r) = self.record.as_deref_mut() {
             r.push(op);
         }
@@ -530,6 +596,61 @@ impl Store {
             }
         }
         if let Some(below) = prune_below {
+            self.prune(sink, num, below)?;
+        }
+        let bytes = self.settle_bytes(sink, num)?;
+        if bytes > self.opts.event_retention_bytes {
+            self.prune_bytes(sink, num, bytes)?;
+            self.settle_bytes(sink, num)?;
+        }
+        Ok(())
+    }
+
+    /// Records what a map's feed takes now ([`FEED_BYTES`]: its stored count plus this
+    /// transaction's changes, or counted afresh if it has none) and returns it.
+    fn settle_bytes(&self, sink: &mut Sink<'_, '_>, num: u32) -> Result<u64> {
+        let delta = sink.delta.remove(&num).unwrap_or(0);
+        let stored = sink
+            .t
+            .bytes
+            .get(num)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value());
+        let bytes = match stored {
+            Some(b) => u64::try_from(i64::try_from(b).unwrap_or(i64::MAX).saturating_add(delta))
+                .unwrap_or(0),
+            None => sink.t.count_bytes(num).map_err(|e| self.err(e))?,
+        };
+        if stored != Some(bytes) {
+            sink.run(Op::FeedBytes { num, bytes })
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(bytes)
+    }
+
+    /// Prunes a map's oldest events (and the versions only they name) until its feed takes
+    /// at most three quarters of the byte retention, so it is not pruned again at once.
+    fn prune_bytes(&self, sink: &mut Sink<'_, '_>, num: u32, bytes: u64) -> Result<()> {
+        let target = self.opts.event_retention_bytes / 4 * 3;
+        let mut freed = 0u64;
+        let mut below = None;
+        for row in sink.t.feed.range(ids_of(num, 0)).map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            freed += v.value().len() as u64 + ROW_BYTES;
+            if let Some(Record {
+                prev: Prev::Ref(p), ..
+            }) = decode_record(v.value())
+            {
+                if let Some(e) = sink.t.versions.get((num, p)).map_err(|e| self.err(e))? {
+                    freed += e.value().len() as u64 + ROW_BYTES;
+                }
+            }
+            below = Some(k.value().1 + 1);
+            if bytes.saturating_sub(freed) <= target {
+                break;
+            }
+        }
+        if let Some(below) = below {
             self.prune(sink, num, below)?;
         }
         Ok(())
@@ -1064,6 +1185,76 @@ pub(crate) mod tests {
             // b's items were nearly all written once: the view alone holds those.
             assert_eq!(version_ids(&s, &b.sid), needed_versions(&b, 1));
         }
+    }
+
+    /// A map's feed bytes as recorded, and as counted row by row.
+    fn feed_bytes(s: &Store, sid: &MapSid) -> (Option<u64>, u64) {
+        let db = s.db();
+        let tx = db.begin_read().unwrap();
+        let numbers = tx.open_table(MAP_NUMBERS).unwrap();
+        let num = s.number_of(&numbers, sid).unwrap().unwrap();
+        let recorded = tx
+            .open_table(FEED_BYTES)
+            .unwrap()
+            .get(num)
+            .unwrap()
+            .map(|v| v.value());
+        let mut counted = 0;
+        for t in [FEED, VERSIONS] {
+            for r in tx.open_table(t).unwrap().range(ids_of(num, 0)).unwrap() {
+                counted += r.unwrap().1.value().len() as u64 + ROW_BYTES;
+            }
+        }
+        (recorded, counted)
+    }
+
+    #[test]
+    fn a_feed_stays_within_its_byte_retention_and_its_count_is_exact() {
+        let limit = 24 << 10;
+        let opts = StoreOptions {
+            event_retention: 1500,
+            event_retention_bytes: limit,
+            ..StoreOptions::default()
+        };
+        let s = Store::in_memory(opts).unwrap();
+        // Many keys rewritten (versions kept for retained events), with map removals, and a
+        // map of a few keys whose count bound prunes first.
+        let mut a = Model::new("a", 5);
+        let mut b = Model::new("b", 6);
+        b.removals = false;
+        let mut most = 0;
+        for round in 0..600 {
+            let batch = Batch {
+                maps: vec![a.batch(1 + round % 5, 60), b.batch(3, 4)],
+                ..Batch::default()
+            };
+            s.commit(&batch).unwrap();
+            for m in [&a, &b] {
+                let (recorded, counted) = feed_bytes(&s, &m.sid);
+                assert_eq!(recorded, Some(counted), "round {round}");
+                most = most.max(counted);
+            }
+        }
+        // One batch may take the feed past the bound before it is pruned back.
+        assert!(most <= limit + 4096, "{most}");
+        a.check(&s);
+        b.check(&s);
+        let first = s.first_event_id(&a.sid).unwrap().unwrap();
+        assert!(first > 1500, "pruned for bytes, not only count: {first}");
+        // What is kept is exactly what the retained events need.
+        let mut c = Model::new("c", 7);
+        c.removals = false;
+        for _ in 0..300 {
+            s.commit(&Batch {
+                maps: vec![c.batch(4, 50)],
+                ..Batch::default()
+            })
+            .unwrap();
+        }
+        let first = s.first_event_id(&c.sid).unwrap().unwrap();
+        assert!(first > 1);
+        assert_eq!(version_ids(&s, &c.sid), needed_versions(&c, first));
+        c.check(&s);
     }
 
     #[test]

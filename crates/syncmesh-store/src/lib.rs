@@ -31,8 +31,8 @@ pub use feed::{FeedEvent, FeedKind};
 use feed::{Op, Sink, Tables};
 use tables::{
     change_key, changes_of, changes_of_doc, doc_key, doc_of, docs_of, sigs_of, DocKey, CHANGES,
-    DIGESTS, FEED, INVITES, MAPS, MAP_NUMBERS, META, POLICIES, SIGS, SNAPSHOTS, TRUST, VERSIONS,
-    VIEW,
+    DIGESTS, FEED, FEED_BYTES, INVITES, MAPS, MAP_NUMBERS, META, POLICIES, SIGS, SNAPSHOTS, TRUST,
+    VERSIONS, VIEW,
 };
 
 /// Version of the on-disk layout; bumped on any incompatible change.
@@ -111,9 +111,16 @@ pub struct StoreOptions {
     pub durable: bool,
     /// Events kept per map for resuming subscribers; older ones are pruned.
     pub event_retention: u64,
+    /// Most bytes a map's retained events take (their records and the item versions only they
+    /// still name); past it the oldest are pruned, down to three quarters of it.
+    pub event_retention_bytes: u64,
     /// Most memory the database keeps as its page cache (the OS caches the file as well).
     pub cache_bytes: usize,
 }
+
+/// Default byte bound of a map's retained events: at 100 writes a second of ~100-byte items,
+/// about 8 minutes of them (the count bound, 100,000 events, holds for slower maps).
+pub const DEFAULT_EVENT_RETENTION_BYTES: u64 = 8 << 20;
 
 /// Default page cache: redb's own default (a ceiling; the cache grows only with what is read).
 /// Measured: 16 MiB instead changes neither throughput nor peak RSS of the replication bench.
@@ -124,6 +131,7 @@ impl Default for StoreOptions {
         StoreOptions {
             durable: true,
             event_retention: 100_000,
+            event_retention_bytes: DEFAULT_EVENT_RETENTION_BYTES,
             cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
@@ -912,13 +920,9 @@ impl Store {
             let Some(sid) = &m.sid else { continue };
             let sid_bytes = sid.as_str().as_bytes();
             let num = match &mut seqs {
-                Seqs::Next(_, _, record) => self.number_for(
-                    &mut Sink {
-                        t: &mut feed,
-                        record: record.as_deref_mut(),
-                    },
-                    sid,
-                )?,
+                Seqs::Next(_, _, record) => {
+                    self.number_for(&mut Sink::new(&mut feed, record.as_deref_mut()), sid)?
+                }
                 Seqs::Recorded(..) => self
                     .number_of(feed.numbers(), sid)?
                     .ok_or_else(|| self.corrupt("replayed write of a map without a number"))?,
@@ -965,10 +969,7 @@ impl Store {
                     .map_err(|e| self.err(e))?;
             }
             if let Seqs::Next(_, _, record) = &mut seqs {
-                let mut sink = Sink {
-                    t: &mut feed,
-                    record: record.as_deref_mut(),
-                };
+                let mut sink = Sink::new(&mut feed, record.as_deref_mut());
                 self.write_feed(&mut sink, num, &m.view, &m.events)?;
             }
         }
@@ -1113,13 +1114,9 @@ impl Store {
         let mut record = allocate;
         for d in docs {
             let num = match (&mut record, &d.snapshot) {
-                (Some(rec), Some(_)) => Some(self.number_for(
-                    &mut Sink {
-                        t: &mut tables,
-                        record: rec.as_deref_mut(),
-                    },
-                    &d.sid,
-                )?),
+                (Some(rec), Some(_)) => {
+                    Some(self.number_for(&mut Sink::new(&mut tables, rec.as_deref_mut()), &d.sid)?)
+                }
                 _ => self.number_of(tables.numbers(), &d.sid)?,
             };
             out.push(num);
@@ -1181,7 +1178,7 @@ impl Store {
             })*};
         }
         measure!(META, TRUST, MAPS, SNAPSHOTS, CHANGES, INVITES, POLICIES, SIGS);
-        measure!(MAP_NUMBERS, VIEW, FEED, VERSIONS, DIGESTS);
+        measure!(MAP_NUMBERS, VIEW, FEED, VERSIONS, FEED_BYTES, DIGESTS);
         Ok(out)
     }
 
@@ -1336,6 +1333,7 @@ impl Store {
             VIEW.name(),
             FEED.name(),
             VERSIONS.name(),
+            FEED_BYTES.name(),
             INVITES.name(),
             POLICIES.name(),
             SIGS.name(),
@@ -1368,7 +1366,7 @@ impl Store {
         }
         copy!(META, TRUST);
         copy!(MAPS, SNAPSHOTS, CHANGES, INVITES, POLICIES, SIGS);
-        copy!(MAP_NUMBERS, VIEW, FEED, VERSIONS);
+        copy!(MAP_NUMBERS, VIEW, FEED, VERSIONS, FEED_BYTES);
         copy!(DIGESTS);
         Ok(Some(new))
     }

@@ -109,10 +109,7 @@ fn feed_from_json(store: &Store, tx: &WriteTransaction) -> Result<()> {
         let (entries, events) = old_rows(store, tx, sid)?;
         moved += entries.len() + events.len();
         let mut tables = Tables::open(tx).map_err(|e| store.err(e))?;
-        let mut sink = Sink {
-            t: &mut tables,
-            record: None,
-        };
+        let mut sink = Sink::new(&mut tables, None);
         let view = ViewChanges {
             reset: false,
             entries: entries.into_iter().map(|(k, e)| (k, Some(e))).collect(),
@@ -293,10 +290,7 @@ fn docs_retyped(store: &Store, tx: &WriteTransaction, from: u32) -> Result<()> {
         let num = match nums.get(sid.as_str()) {
             Some(n) => *n,
             None => {
-                let mut sink = Sink {
-                    t: &mut tables,
-                    record: None,
-                };
+                let mut sink = Sink::new(&mut tables, None);
                 let n = store.number_for(&mut sink, &sid)?;
                 nums.insert(sid.as_str().to_string(), n);
                 n

@@ -29,6 +29,11 @@ pub(crate) const INVITES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("
 /// the sid.
 pub(crate) const POLICIES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("policies");
 
+/// `feed_bytes`: map number → bytes its event records and item versions take (each value plus
+/// a fixed cost per row, `feed::ROW_BYTES`), written in the same transaction as they are, so
+/// the feed can be bounded in bytes; absent until the map's first write that counts them.
+pub(crate) const FEED_BYTES: TableDefinition<u32, u64> = TableDefinition::new("feed_bytes");
+
 /// Map numbers: sid → its number; the empty key → the next number to give.
 pub(crate) const MAP_NUMBERS: TableDefinition<&str, u32> = TableDefinition::new("numbers");
 /// The read view: (map number, item key) → the id of the event that wrote this version

@@ -48,6 +48,9 @@ const MAX_QUEUED_BYTES: usize = 32 << 20;
 const EVENT_ID_BLOCK: u64 = 4096;
 /// Stored changes of one document after which it is replaced by a snapshot.
 const COMPACT_AFTER_CHANGES: u32 = 1000;
+/// Bytes of stored changes of one document after which it is replaced by a snapshot, however
+/// few they are (a log of large changes would otherwise grow to 1,000 of them).
+const COMPACT_AFTER_BYTES: u64 = 1 << 20;
 /// How often idle shard documents are parked: a shard untouched for a whole period leaves
 /// memory (kept as its saved bytes) and is reloaded on next use.
 const PARK_PERIOD: Duration = Duration::from_secs(30);
@@ -196,7 +199,8 @@ pub(crate) struct Engine {
     commit_seq: u64,
     /// Per map changed lately, the number of the commit that carries its last change.
     last_commit: HashMap<MapSid, u64>,
-    changes_since_snapshot: HashMap<(MapSid, DocAddr), u32>,
+    /// Per document, the changes stored since its snapshot and their bytes.
+    changes_since_snapshot: HashMap<(MapSid, DocAddr), (u32, u64)>,
     pending_compactions: Vec<StoreJob>,
     shutdown: Option<oneshot::Sender<Result<()>>>,
     /// Documents to snapshot at the next commit (from [`Cmd::Compact`]).
@@ -568,7 +572,9 @@ impl Engine {
         for (addr, doc) in &stored.docs {
             let n = u32::try_from(doc.changes.len()).unwrap_or(u32::MAX);
             if n > 0 {
-                self.changes_since_snapshot.insert((sid.clone(), *addr), n);
+                let bytes = doc.changes.iter().map(|c| c.len() as u64).sum();
+                self.changes_since_snapshot
+                    .insert((sid.clone(), *addr), (n, bytes));
             }
         }
         let mut m = MapReplica::restore(

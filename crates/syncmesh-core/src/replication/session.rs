@@ -7,7 +7,9 @@ use automerge::sync;
 use automerge::Change;
 
 use super::peer::{PeerKey, PeerState};
-use super::wire::{Bytes, Sigs, Wire, MAX_DIRECT_MESSAGE, SYNC_BATCH_BYTES};
+use super::wire::{
+    Bytes, Sigs, Wire, MAX_DIRECT_MESSAGE, MAX_OFFERED_REMEMBERED, SYNC_BATCH_BYTES,
+};
 use super::Outgoing;
 use crate::ids::{MapSid, Timestamp};
 use crate::map::{DocAddr, MapReplica};
@@ -51,12 +53,29 @@ pub(crate) fn offers_something_new(
     let Ok(m) = sync::Message::decode(msg) else {
         return false;
     };
+    let hashes = m
+        .changes
+        .iter()
+        .filter_map(|chunk| Change::from_bytes(chunk.to_vec()).ok())
+        .map(|c| c.hash());
+    note_offered(offered, sid, hashes)
+}
+
+/// Notes changes offered to a peer; true if one was not offered before. What is remembered
+/// is bounded ([`MAX_OFFERED_REMEMBERED`] per map): past it the memory starts afresh, at the
+/// cost of offering a change again, rather than growing with every write of a long session.
+fn note_offered(
+    offered: &mut HashMap<MapSid, HashSet<automerge::ChangeHash>>,
+    sid: &MapSid,
+    hashes: impl IntoIterator<Item = automerge::ChangeHash>,
+) -> bool {
     let seen = offered.entry(sid.clone()).or_default();
     let mut new = false;
-    for chunk in m.changes.iter() {
-        if let Ok(c) = Change::from_bytes(chunk.to_vec()) {
-            new |= seen.insert(c.hash());
+    for h in hashes {
+        if seen.len() >= MAX_OFFERED_REMEMBERED && !seen.contains(&h) {
+            seen.clear();
         }
+        new |= seen.insert(h);
     }
     new
 }
@@ -227,4 +246,29 @@ pub(crate) fn batch_sync<P: PeerKey>(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_was_offered_to_a_peer_is_remembered_within_a_bound() {
+        let mut offered = HashMap::new();
+        let sid = MapSid::for_name("m");
+        let hash = |i: u32| {
+            let mut h = [0u8; 32];
+            h[..4].copy_from_slice(&i.to_le_bytes());
+            automerge::ChangeHash(h)
+        };
+        assert!(note_offered(&mut offered, &sid, [hash(1)]));
+        assert!(
+            !note_offered(&mut offered, &sid, [hash(1)]),
+            "offered before"
+        );
+        for i in 0..(MAX_OFFERED_REMEMBERED as u32 * 3) {
+            note_offered(&mut offered, &sid, [hash(i)]);
+            assert!(offered[&sid].len() <= MAX_OFFERED_REMEMBERED);
+        }
+    }
 }

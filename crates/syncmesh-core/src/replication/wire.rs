@@ -84,6 +84,11 @@ pub enum Wire {
     },
 }
 
+/// Changes remembered per map as offered to a peer that may not write it (so a reply goes
+/// only with something new); past this the memory starts afresh rather than growing with
+/// every write of a long session.
+pub const MAX_OFFERED_REMEMBERED: usize = 16_384;
+
 /// Most signatures asked for in one [`Wire::WantSigs`].
 pub const MAX_SIGS_ASKED: usize = 1024;
 

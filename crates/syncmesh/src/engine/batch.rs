@@ -88,14 +88,12 @@ impl Engine {
                 out.extend(resend);
                 to_gossip.push((sid.clone(), out, sigs));
             }
-            for (doc, _) in &changes {
+            for (doc, bytes) in &changes {
                 let n = self
                     .changes_since_snapshot
                     .entry((sid.clone(), *doc))
-                    .or_insert(0);
-                *n += 1;
-                if *n >= COMPACT_AFTER_CHANGES {
-                    *n = 0;
+                    .or_insert((0, 0));
+                if stored_one(n, bytes.len()) {
                     compactions.push(*doc);
                 }
             }
@@ -351,5 +349,43 @@ mod mark_tests {
         let signer = syncmesh_core::Signer::new(syncmesh_net::Keypair::generate_ed25519());
         let sig = signer.sign(&syncmesh_core::ChangeHash([3; 32])).unwrap();
         assert_eq!(read_unsigned_mark(&sig.encode()), None);
+    }
+}
+
+/// Counts one more change of `bytes` stored for a document (changes, bytes since its
+/// snapshot); true when the document is due for a snapshot, and then counts from zero.
+fn stored_one(n: &mut (u32, u64), bytes: usize) -> bool {
+    n.0 += 1;
+    n.1 += bytes as u64;
+    let due = n.0 >= COMPACT_AFTER_CHANGES || n.1 >= COMPACT_AFTER_BYTES;
+    if due {
+        *n = (0, 0);
+    }
+    due
+}
+
+#[cfg(test)]
+mod compaction_tests {
+    use super::*;
+
+    #[test]
+    fn a_document_is_snapshotted_after_a_thousand_changes_or_a_mebibyte_of_them() {
+        let count = |size: usize| {
+            let mut n = (0, 0);
+            (1..=2_000).find(|_| stored_one(&mut n, size)).unwrap_or(0)
+        };
+        assert_eq!(count(100), 1000);
+        assert_eq!(
+            count(16 << 10),
+            64,
+            "16 KiB changes: 1 MiB after 64 of them"
+        );
+        assert_eq!(count(2 << 20), 1, "one change past the bound");
+        let mut n = (0, 0);
+        for _ in 0..999 {
+            assert!(!stored_one(&mut n, 10));
+        }
+        assert!(stored_one(&mut n, 10));
+        assert_eq!(n, (0, 0), "counting starts afresh");
     }
 }

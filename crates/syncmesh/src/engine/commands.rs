@@ -209,8 +209,8 @@ impl Engine {
                     return;
                 }
                 for ((sid, doc), n) in self.changes_since_snapshot.iter_mut() {
-                    if *n > 0 {
-                        *n = 0;
+                    if n.0 > 0 {
+                        *n = (0, 0);
                         self.compact_queue.push((sid.clone(), *doc));
                     }
                 }

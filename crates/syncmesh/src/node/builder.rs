@@ -8,6 +8,7 @@ pub struct NodeBuilder {
     data_dir: Option<PathBuf>,
     durability: Durability,
     event_retention: Option<u64>,
+    event_retention_bytes: Option<u64>,
     cache_bytes: Option<usize>,
     subscriber_buffer: Option<usize>,
     fetch_timeout: Option<std::time::Duration>,
@@ -44,6 +45,15 @@ impl NodeBuilder {
     /// Events retained per map for resuming subscribers (default 100,000).
     pub fn event_retention(mut self, n: u64) -> Self {
         self.event_retention = Some(n);
+        self
+    }
+
+    /// Most bytes a map's retained events take on disk (their records and the item versions
+    /// only they still name; default 8 MiB): past it the oldest are pruned, as past
+    /// [`Self::event_retention`] events. A subscriber resuming from a pruned event gets the
+    /// error it gets for any pruned event.
+    pub fn event_retention_bytes(mut self, bytes: u64) -> Self {
+        self.event_retention_bytes = Some(bytes);
         self
     }
 
@@ -147,6 +157,9 @@ impl NodeBuilder {
             event_retention: self
                 .event_retention
                 .unwrap_or(StoreOptions::default().event_retention),
+            event_retention_bytes: self
+                .event_retention_bytes
+                .unwrap_or(StoreOptions::default().event_retention_bytes),
             cache_bytes: self
                 .cache_bytes
                 .unwrap_or(StoreOptions::default().cache_bytes),

@@ -346,9 +346,9 @@ impl Node {
     }
 
     /// Replaces every document's stored change log by a snapshot (what a background
-    /// compaction does after 1,000 changes to a document), then rewrites the database file
-    /// so the space this and earlier pruning freed goes back to the file system (the file
-    /// otherwise keeps its largest size and reuses free space inside). Resolves when that is
+    /// compaction does after 1,000 changes or 1 MiB of them to a document), then rewrites the
+    /// database file so the space this and earlier pruning freed goes back to the file system
+    /// (the file otherwise keeps its largest size and reuses free space inside). Resolves when that is
     /// on disk, with what the file compaction did: [`FileCompaction::Busy`] when writes
     /// outpaced the rewrite, the disk lacked room for a copy, or the node was closing (the
     /// file is left as it is until the next call).
