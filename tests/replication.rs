@@ -448,7 +448,14 @@ async fn peers_sending_garbage_are_dropped_while_the_others_keep_syncing() {
         // Shard 0 is not where these keys live.
         let (msgs, _) = changes_messages(
             &sid,
-            vec![(DocAddr::Shard { inc: 0, index: 0 }, change)],
+            vec![(
+                DocAddr::Shard {
+                    gen: 0,
+                    inc: 0,
+                    index: 0,
+                },
+                change,
+            )],
             &Default::default(),
         );
         h2.send(a_peer2, msgs[0].clone());

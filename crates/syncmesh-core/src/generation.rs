@@ -330,6 +330,26 @@ pub fn genesis(
     Ok((doc, record))
 }
 
+/// How a generation is addressed ([`crate::DocAddr`]'s `gen`): its number in the high 32 bits,
+/// and 32 bits of a hash of its first changes in the low ones, so that two generations of one
+/// number built from different cuts are two documents and never merge. 0: never cut.
+pub fn gen_id(doc: &Automerge) -> u64 {
+    let Some(record) = CutRecord::of(doc) else {
+        return 0;
+    };
+    let mut h = sha2::Sha256::new();
+    for head in genesis_heads(doc) {
+        h.update(head.0);
+    }
+    let d = h.finalize();
+    (record.gen << 32) | u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
+}
+
+/// The generation number of a [`gen_id`].
+pub fn gen_number(id: u64) -> u64 {
+    id >> 32
+}
+
 /// The first changes of a generation: those without dependencies.
 pub fn genesis_heads(doc: &Automerge) -> Vec<ChangeHash> {
     let mut out = Vec::new();

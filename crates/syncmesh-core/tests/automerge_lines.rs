@@ -36,7 +36,11 @@ fn documents_and_changes_cross_between_the_lines() {
     m.flush(now()).unwrap();
     let mut docs = 0;
     for index in 0..syncmesh_core::layout::SHARDS {
-        let addr = DocAddr::Shard { index, inc: 0 };
+        let addr = DocAddr::Shard {
+            gen: 0,
+            index,
+            inc: 0,
+        };
         let Ok(Some(saved)) = m.snapshot(addr, now()) else {
             continue;
         };

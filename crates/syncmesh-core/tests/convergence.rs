@@ -182,7 +182,7 @@ fn foreign_change(rng: &mut Rng, inc: u64) -> OutgoingChange {
         .expect("one change");
     OutgoingChange {
         map: MapSid::for_name(MAP),
-        doc: syncmesh_core::DocAddr::Shard { inc, index },
+        doc: syncmesh_core::DocAddr::Shard { gen: 0, inc, index },
         bytes,
     }
 }

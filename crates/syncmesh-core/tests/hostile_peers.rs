@@ -255,6 +255,7 @@ fn sync_messages_for_documents_not_synced_keep_no_sessions() {
             .map(|i| {
                 (
                     DocAddr::Shard {
+                        gen: 0,
                         inc: 1_000 + round * 10_000 + i,
                         index: 0,
                     },
@@ -317,7 +318,11 @@ fn changes_for_a_future_incarnation_are_bounded_in_bytes() {
             sigs: Vec::new(),
             sid: sid.clone(),
             docs: vec![(
-                DocAddr::Shard { inc: 7, index },
+                DocAddr::Shard {
+                    gen: 0,
+                    inc: 7,
+                    index,
+                },
                 vec![syncmesh_core::replication::Bytes(c)],
             )],
         }
@@ -657,6 +662,7 @@ fn a_change_naming_an_unlisted_actor_is_refused_without_a_panic() {
     let bytes = change_naming_an_unlisted_actor();
     let change = automerge::Change::from_bytes(bytes.clone()).expect("Automerge parses it");
     let doc = DocAddr::Shard {
+        gen: 0,
         inc: 0,
         index: syncmesh_core::layout::shard_of("k"),
     };

@@ -44,7 +44,15 @@ fn r1_peer_root_key_with_multibyte_first_char_panics() {
     let m = p.open("m", t(0));
     let bytes = foreign_change(&[("é1:a", automerge::ScalarValue::Int(1))]);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        m.apply_changes(DocAddr::Shard { inc: 0, index: 0 }, &bytes, t(1))
+        m.apply_changes(
+            DocAddr::Shard {
+                gen: 0,
+                inc: 0,
+                index: 0,
+            },
+            &bytes,
+            t(1),
+        )
     }));
     assert!(r.is_ok(), "apply_changes panicked on a peer's root key");
 }
@@ -135,11 +143,29 @@ fn r5_meta_slot_in_the_wrong_shard_diverges_replicas() {
     ]);
     // replica A: real change first (it made it), then the stray one
     a.cat
-        .apply_changes(&sid, DocAddr::Shard { inc: 0, index: 0 }, &stray, t(2))
+        .apply_changes(
+            &sid,
+            DocAddr::Shard {
+                gen: 0,
+                inc: 0,
+                index: 0,
+            },
+            &stray,
+            t(2),
+        )
         .unwrap();
     // replica B: stray first, then the real one
     b.cat
-        .apply_changes(&sid, DocAddr::Shard { inc: 0, index: 0 }, &stray, t(2))
+        .apply_changes(
+            &sid,
+            DocAddr::Shard {
+                gen: 0,
+                inc: 0,
+                index: 0,
+            },
+            &stray,
+            t(2),
+        )
         .unwrap();
     b.receive(&real, t(2));
     let ga = a.map("m").get("david", t(3)).map(|i| i.data);
@@ -166,7 +192,16 @@ fn r5b_wrong_shard_duplicate_makes_expire_loop_forever_after_reload() {
         automerge::ScalarValue::Bytes(meta_bytes(1, T0, T0, Some(T0 + 5_000), 9)),
     )]);
     a.cat
-        .apply_changes(&sid, DocAddr::Shard { inc: 0, index: 0 }, &stray, t(1))
+        .apply_changes(
+            &sid,
+            DocAddr::Shard {
+                gen: 0,
+                inc: 0,
+                index: 0,
+            },
+            &stray,
+            t(1),
+        )
         .unwrap();
     let docs = a.map("m").save_all(t(1)).unwrap();
     let mut loaded = MapReplica::load(a.cat.identity().clone(), sid, &docs, t(1)).unwrap();
@@ -191,7 +226,16 @@ fn r6_orphan_field_slot_from_a_peer_diverges_after_a_local_create() {
     let orphan = foreign_change(&[("f1:zghost", automerge::ScalarValue::Int(1))]);
     for p in peers.iter_mut() {
         p.cat
-            .apply_changes(&sid, DocAddr::Shard { inc: 0, index: idx }, &orphan, t(1))
+            .apply_changes(
+                &sid,
+                DocAddr::Shard {
+                    gen: 0,
+                    inc: 0,
+                    index: idx,
+                },
+                &orphan,
+                t(1),
+            )
             .unwrap();
     }
     peers[0]
@@ -516,7 +560,11 @@ fn r14_a_change_sent_for_another_document_hid_the_genuine_one() {
             unreachable!()
         };
         // a peer addresses the change to a later incarnation of the same shard first
-        let elsewhere = DocAddr::Shard { inc: 5, index };
+        let elsewhere = DocAddr::Shard {
+            gen: 0,
+            inc: 5,
+            index,
+        };
         b.cat
             .apply_changes(&sid, elsewhere, std::slice::from_ref(&c.bytes), t(1))
             .unwrap();

@@ -227,7 +227,14 @@ fn hostile_input_is_a_violation_and_changes_nothing() {
     let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
     let (msgs, _) = changes_messages(
         &sid,
-        vec![(DocAddr::Shard { inc: 0, index: 3 }, change.clone())],
+        vec![(
+            DocAddr::Shard {
+                gen: 0,
+                inc: 0,
+                index: 3,
+            },
+            change.clone(),
+        )],
         &Default::default(),
     );
     let err = node
@@ -1194,6 +1201,7 @@ fn shard_changes_for_an_incarnation_not_seen_yet_wait_for_it() {
         sid: sid.clone(),
         docs: vec![(
             DocAddr::Shard {
+                gen: 0,
                 inc: inc + 1,
                 index,
             },
@@ -1417,6 +1425,7 @@ fn gossip_for_an_unknown_incarnation_costs_one_map_document_exchange() {
             sid: sid.clone(),
             docs: vec![(
                 DocAddr::Shard {
+                    gen: 0,
                     inc: inc + 1 + i,
                     index,
                 },

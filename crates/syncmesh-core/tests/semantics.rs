@@ -633,8 +633,16 @@ fn items_written_by_the_field_per_slot_layout_read_the_same_and_are_upgraded_by_
         .map(|c| c.raw_bytes().to_vec())
         .collect();
     let index = syncmesh_core::layout::shard_of(key);
-    m.apply_changes(DocAddr::Shard { inc: 0, index }, &bytes, t(3))
-        .unwrap();
+    m.apply_changes(
+        DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index,
+        },
+        &bytes,
+        t(3),
+    )
+    .unwrap();
     let item = m.get(key, t(3)).unwrap();
     assert_eq!(item.data, obj(json!({"name": "Ada", "tags": ["x"]})));
     assert_eq!(item.date_created, t(1_000));
@@ -934,7 +942,11 @@ fn garbage_from_a_peer_is_refused_and_changes_nothing() {
     m.set("k", obj(json!({"v": 1})), &none(), t(0)).unwrap();
     m.flush(t(0)).unwrap();
     let before = m.all_items(t(0));
-    let shard = DocAddr::Shard { inc: 0, index: 3 };
+    let shard = DocAddr::Shard {
+        gen: 0,
+        inc: 0,
+        index: 3,
+    };
     for junk in [vec![], vec![0u8; 10], b"\x85\x6f\x4a\x83garbage".to_vec()] {
         let err = m
             .apply_changes(shard, std::slice::from_ref(&junk), t(1))
@@ -945,6 +957,7 @@ fn garbage_from_a_peer_is_refused_and_changes_nothing() {
     let err = m
         .apply_changes(
             DocAddr::Shard {
+                gen: 0,
                 inc: 0,
                 index: 9999,
             },
@@ -967,8 +980,16 @@ fn garbage_from_a_peer_is_refused_and_changes_nothing() {
         .map(|c| c.raw_bytes().to_vec())
         .collect();
     let idx = syncmesh_core::layout::shard_of("z");
-    m.apply_changes(DocAddr::Shard { inc: 0, index: idx }, &bytes, t(1))
-        .unwrap();
+    m.apply_changes(
+        DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index: idx,
+        },
+        &bytes,
+        t(1),
+    )
+    .unwrap();
     assert_eq!(m.all_items(t(1)), before);
     assert!(m.get("z", t(1)).is_err());
 }

@@ -11,10 +11,11 @@ use libp2p::request_response;
 use libp2p::StreamProtocol;
 
 /// The direct-message protocol.
-/// Version 3 carries change signatures; version 2 answered with a status byte but sent no
-/// signatures, version 1 (before trust) neither: a peer running either fails to negotiate,
-/// which is logged as an older protocol.
-pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/direct/5");
+/// Version 6 addresses a shard document with its history generation; version 3 carries
+/// change signatures; version 2 answered with a status byte but sent no signatures, version 1
+/// (before trust) neither: a peer running an older one fails to negotiate, which is logged as
+/// an older protocol.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/direct/6");
 /// The join protocol (an invitee proves it holds a ticket).
 pub const JOIN_PROTOCOL: StreamProtocol = StreamProtocol::new("/syncmesh/join/1");
 /// Largest join request or answer.

@@ -1545,7 +1545,11 @@ mod tests {
     #[test]
     fn roundtrip_on_disk_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let shard = DocAddr::Shard { inc: 0, index: 7 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index: 7,
+        };
         {
             let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
             write(
@@ -1613,7 +1617,16 @@ mod tests {
             next_expiry: Some(events.first().copied().unwrap_or(0) as i64),
             changes: changes
                 .into_iter()
-                .map(|c| (DocAddr::Shard { inc: 0, index: 1 }, c.to_vec()))
+                .map(|c| {
+                    (
+                        DocAddr::Shard {
+                            gen: 0,
+                            inc: 0,
+                            index: 1,
+                        },
+                        c.to_vec(),
+                    )
+                })
                 .collect(),
             view: ViewChanges {
                 reset,
@@ -1769,7 +1782,16 @@ mod tests {
         let big = vec![7u8; 4000];
         for round in 0..50u16 {
             let changes = (0..50u16)
-                .map(|i| (DocAddr::Shard { inc: 0, index: i }, big.clone()))
+                .map(|i| {
+                    (
+                        DocAddr::Shard {
+                            gen: 0,
+                            inc: 0,
+                            index: i,
+                        },
+                        big.clone(),
+                    )
+                })
                 .collect();
             write(
                 &s,
@@ -1779,8 +1801,16 @@ mod tests {
             );
         }
         for i in 0..50u16 {
-            s.compact_doc(&sid(), DocAddr::Shard { inc: 0, index: i }, b"snap")
-                .unwrap();
+            s.compact_doc(
+                &sid(),
+                DocAddr::Shard {
+                    gen: 0,
+                    inc: 0,
+                    index: i,
+                },
+                b"snap",
+            )
+            .unwrap();
         }
         let before = s.disk_bytes();
         // A reader holding a transaction neither stops the rewrite nor loses its snapshot.
@@ -1833,7 +1863,11 @@ mod tests {
             )
             .unwrap(),
         );
-        let shard = DocAddr::Shard { inc: 0, index: 1 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index: 1,
+        };
         let big = vec![1u8; 2000];
         for i in 0..3000u32 {
             write(
@@ -1901,7 +1935,11 @@ mod tests {
     fn a_snapshot_stored_after_later_changes_keeps_them() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let shard = DocAddr::Shard { inc: 0, index: 2 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index: 2,
+        };
         write(
             &s,
             vec![(shard, b"c1".to_vec()), (shard, b"c2".to_vec())],
@@ -1927,7 +1965,11 @@ mod tests {
     #[test]
     fn a_change_stored_after_an_emptied_log_survives_a_replacement_queued_before_it() {
         let dir = tempfile::tempdir().unwrap();
-        let shard = DocAddr::Shard { inc: 0, index: 4 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index: 4,
+        };
         {
             let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
             write(
@@ -1979,7 +2021,11 @@ mod tests {
     fn a_digest_is_kept_until_the_map_changes() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let shard = DocAddr::Shard { inc: 0, index: 3 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index: 3,
+        };
         write(&s, vec![(shard, b"c1".to_vec())], vec![], vec![]);
         assert!(s.map_digests().unwrap().is_empty());
         // Changes and the digest of the state with them, in one batch: the digest stays.
@@ -2172,7 +2218,11 @@ mod tests {
         assert_eq!(v, SCHEMA_VERSION.to_le_bytes());
         model.check(&s);
         let m = s.load_map(&model.sid).unwrap().unwrap();
-        let shard = DocAddr::Shard { inc: 0, index: 5 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 0,
+            index: 5,
+        };
         let doc = &m.docs.iter().find(|(d, _)| *d == shard).unwrap().1;
         assert_eq!(doc.snapshot.as_deref(), Some(b"old-snap".as_slice()));
         assert_eq!(doc.changes, vec![b"old-change".to_vec()]);
@@ -2194,7 +2244,11 @@ mod tests {
             ..StoreOptions::default()
         };
         let mut model = feed::tests::Model::new("seven", 3);
-        let shard = DocAddr::Shard { inc: 2, index: 9 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 2,
+            index: 9,
+        };
         {
             let s = Store::open(dir.path(), opts()).unwrap();
             model.commit_rounds(&s, 400, 3);
@@ -2355,7 +2409,11 @@ mod tests {
     #[test]
     fn signatures_are_kept_through_compaction_and_reopening() {
         let dir = tempfile::tempdir().unwrap();
-        let shard = DocAddr::Shard { inc: 1, index: 3 };
+        let shard = DocAddr::Shard {
+            gen: 0,
+            inc: 1,
+            index: 3,
+        };
         {
             let s = Store::open(dir.path(), StoreOptions::default()).unwrap();
             let batch = Batch {

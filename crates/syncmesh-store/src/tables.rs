@@ -66,7 +66,7 @@ pub(crate) type ChangeKey = (u32, u8, u64, u16, u64);
 pub(crate) fn doc_key(num: u32, doc: DocAddr) -> DocKey {
     match doc {
         DocAddr::Meta => (num, 0, 0, 0),
-        DocAddr::Shard { inc, index } => (num, 1, inc, index),
+        DocAddr::Shard { inc, index, .. } => (num, 1, inc, index),
     }
 }
 
@@ -75,6 +75,7 @@ pub(crate) fn doc_of(k: DocKey) -> Option<DocAddr> {
     match k.1 {
         0 => Some(DocAddr::Meta),
         1 => Some(DocAddr::Shard {
+            gen: 0,
             inc: k.2,
             index: k.3,
         }),

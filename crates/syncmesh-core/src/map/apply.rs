@@ -120,12 +120,14 @@ impl MapReplica {
         }
         match doc {
             DocAddr::Meta => Ok(crate::am::has_change(&self.meta_doc, hash)),
-            DocAddr::Shard { inc, index } => {
+            DocAddr::Shard { inc, index, gen } => {
                 if inc != self.state.inc || !self.state.exists() {
                     return Ok(false);
                 }
                 match self.shards.get_mut(&index) {
-                    Some(sh) => Ok(crate::am::has_change(sh.doc()?, hash)),
+                    Some(sh) => {
+                        Ok(sh.generation()? == gen && crate::am::has_change(sh.doc()?, hash))
+                    }
                     None => Ok(false),
                 }
             }
@@ -183,7 +185,7 @@ impl MapReplica {
                 self.refresh_map_state(false, now);
                 r
             }
-            DocAddr::Shard { index, .. } => {
+            DocAddr::Shard { index, gen, .. } => {
                 if index >= SHARDS {
                     return Err(Error::InvalidChange(format!(
                         "shard {index} out of range (0..{SHARDS})"
@@ -214,6 +216,10 @@ impl MapReplica {
                         }
                         return Ok(());
                     }
+                }
+                if self.shard_gen(index)? != gen {
+                    // Another generation of the shard: another document, not held here.
+                    return Ok(());
                 }
                 self.apply_to_shard(index, changes, now)
             }

@@ -363,8 +363,22 @@ impl MapReplica {
         let mut docs: Vec<(DocAddr, &mut Automerge)> = vec![(DocAddr::Meta, &mut self.meta_doc)];
         let mut failed = false;
         for (index, sh) in self.shards.iter_mut() {
+            let gen = match sh.generation() {
+                Ok(g) => g,
+                Err(_) => {
+                    failed = true;
+                    continue;
+                }
+            };
             match sh.doc() {
-                Ok(d) => docs.push((DocAddr::Shard { inc, index: *index }, d)),
+                Ok(d) => docs.push((
+                    DocAddr::Shard {
+                        inc,
+                        index: *index,
+                        gen,
+                    },
+                    d,
+                )),
                 Err(_) => failed = true,
             }
         }

@@ -229,10 +229,12 @@ mod tests {
         doc.commit();
         let change = crate::am::all_changes(doc.document()).remove(0);
         let here = DocAddr::Shard {
+            gen: 0,
             inc: 0,
             index: home,
         };
         let elsewhere = DocAddr::Shard {
+            gen: 0,
             inc: 0,
             index: (home + 1) % SHARDS,
         };

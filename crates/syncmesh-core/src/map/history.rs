@@ -9,7 +9,7 @@
 //! made at earlier heads are re-read like a peer's changes (events where an item changed).
 
 use super::*;
-use crate::generation::{self, CutRecord};
+use crate::generation;
 use automerge::ObjId;
 
 /// What a shard document holds of its history.
@@ -41,14 +41,26 @@ fn shard_chooser(doc: &Automerge, key: &str, values: &[(Value<'_>, ObjId)]) -> O
 }
 
 impl Shard {
-    /// The document's generation, loading it if it is parked and its generation unknown.
+    /// The document's generation ([`generation::gen_id`]), loading it if it is parked and its
+    /// generation unknown.
     pub(super) fn generation(&mut self) -> Result<u64> {
         if let Some(g) = self.gen {
             return Ok(g);
         }
-        let g = CutRecord::of(self.doc()?).map_or(0, |r| r.gen);
+        let g = generation::gen_id(self.doc()?);
         self.gen = Some(g);
         Ok(g)
+    }
+}
+
+impl MapReplica {
+    /// The generation of shard `index` ([`generation::gen_id`]; 0 for a shard never cut or
+    /// not held).
+    pub fn shard_gen(&mut self, index: u16) -> Result<u64> {
+        match self.shards.get_mut(&index) {
+            Some(sh) => sh.generation(),
+            None => Ok(0),
+        }
     }
 }
 
@@ -74,7 +86,7 @@ impl MapReplica {
         let Some(sh) = self.shards.get_mut(&index) else {
             return Ok(None);
         };
-        let gen = sh.generation()?;
+        let gen = generation::gen_number(sh.generation()?);
         let doc = sh.doc()?;
         Ok(Some(ShardHistory {
             gen,
@@ -117,7 +129,7 @@ impl MapReplica {
         let seed = self.shard_seed(index);
         let actor = self.actor.clone();
         let sh = self.shard_mut(index);
-        let gen = sh.generation()?;
+        let gen = generation::gen_number(sh.generation()?);
         let doc = sh.doc()?;
         if !doc.get_missing_deps(&[]).is_empty() {
             return Ok(None);
@@ -142,10 +154,11 @@ impl MapReplica {
             }
         });
         sh.ops = crate::am::op_count(&new);
+        let id = generation::gen_id(&new);
         sh.body = Body::Live(Box::new(new));
         sh.fields = None;
         sh.cold_heads = None;
-        sh.gen = Some(record.gen);
+        sh.gen = Some(id);
         // What was kept about single changes of the old generation means nothing now.
         self.queued_hashes.retain(|(d, _)| !of_shard(d));
         self.wanted.retain(|(d, _)| !of_shard(d));

@@ -42,6 +42,14 @@ impl MapReplica {
             return Ok(());
         }
         let pending = std::mem::take(&mut sh.pending);
+        let gen = match sh.generation() {
+            Ok(g) => g,
+            Err(e) => {
+                sh.pending = pending;
+                self.dirty.insert(index);
+                return Err(e);
+            }
+        };
         let (doc, fields) = match sh.parts() {
             Ok(d) => d,
             Err(e) => {
@@ -89,6 +97,7 @@ impl MapReplica {
                         doc: DocAddr::Shard {
                             inc: self.state.inc,
                             index,
+                            gen,
                         },
                         bytes,
                     });

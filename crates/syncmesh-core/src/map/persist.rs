@@ -12,7 +12,7 @@ impl MapReplica {
     pub fn snapshot(&mut self, doc: DocAddr, now: Timestamp) -> Result<Option<Vec<u8>>> {
         match doc {
             DocAddr::Meta => Ok(Some(self.meta_doc.save())),
-            DocAddr::Shard { inc, index } => {
+            DocAddr::Shard { inc, index, .. } => {
                 if inc != self.state.inc || index >= SHARDS {
                     return Ok(None);
                 }
@@ -64,7 +64,7 @@ impl MapReplica {
         for (addr, bytes) in docs {
             match addr {
                 DocAddr::Meta => m.meta_doc = bytes.load(&m.actor, "map document")?,
-                DocAddr::Shard { inc, index } => shard_docs.push((inc, index, bytes)),
+                DocAddr::Shard { inc, index, .. } => shard_docs.push((inc, index, bytes)),
             }
         }
         m.state = read_map_state(&m.meta_doc);
@@ -78,7 +78,8 @@ impl MapReplica {
             if waiting {
                 // Changes that arrived before their map document: they wait again, as they
                 // did before the restart.
-                let doc = DocAddr::Shard { inc, index };
+                // Waiting for a map document, so of its first generation.
+                let doc = DocAddr::Shard { inc, index, gen: 0 };
                 for c in bytes.decode_changes("waiting shard document")? {
                     if m.future_hashes.insert((doc, c.hash())) {
                         m.future.push((doc, c));
@@ -121,7 +122,15 @@ impl MapReplica {
         let mut out = vec![(DocAddr::Meta, self.meta_doc.save())];
         let inc = self.state.inc;
         for (i, s) in self.shards.iter_mut() {
-            out.push((DocAddr::Shard { inc, index: *i }, s.saved()?));
+            let gen = s.generation()?;
+            out.push((
+                DocAddr::Shard {
+                    inc,
+                    index: *i,
+                    gen,
+                },
+                s.saved()?,
+            ));
         }
         Ok(out)
     }
@@ -148,7 +157,7 @@ impl MapReplica {
             return Ok(m);
         }
         for (addr, bytes) in docs {
-            if let DocAddr::Shard { inc, index } = *addr {
+            if let DocAddr::Shard { inc, index, .. } = *addr {
                 if inc != m.state.inc || index >= SHARDS {
                     continue;
                 }

@@ -20,7 +20,15 @@ impl MapReplica {
             for (i, sh) in self.shards.iter_mut() {
                 let h = sh.heads()?;
                 if !h.is_empty() {
-                    out.push((DocAddr::Shard { inc, index: *i }, heads_digest(h)));
+                    let gen = sh.generation()?;
+                    out.push((
+                        DocAddr::Shard {
+                            inc,
+                            index: *i,
+                            gen,
+                        },
+                        heads_digest(h),
+                    ));
                 }
             }
         }
@@ -50,12 +58,17 @@ impl MapReplica {
     }
 
     /// Whether a document is one this replica syncs now (the map document, or a shard of the
-    /// current incarnation of a map not removed).
+    /// current incarnation of a map not removed, in the shard's current generation as far as
+    /// it is known without loading the shard).
     pub fn syncs(&self, doc: DocAddr) -> bool {
         match doc {
             DocAddr::Meta => true,
-            DocAddr::Shard { inc, index } => {
-                index < SHARDS && inc == self.state.inc && self.state.live_or_expired()
+            DocAddr::Shard { inc, index, gen } => {
+                let same_gen = match self.shards.get(&index) {
+                    Some(sh) => sh.gen.is_none_or(|g| g == gen),
+                    None => gen == 0,
+                };
+                index < SHARDS && inc == self.state.inc && self.state.live_or_expired() && same_gen
             }
         }
     }

@@ -136,7 +136,7 @@ impl Shard {
         if let Body::Cold(stored) = &self.body {
             let d = stored.load(&self.actor, "shard document")?;
             self.ops = crate::am::op_count(&d);
-            self.gen = Some(crate::generation::CutRecord::of(&d).map_or(0, |r| r.gen));
+            self.gen = Some(crate::generation::gen_id(&d));
             self.body = Body::Live(Box::new(d));
         }
         match &mut self.body {

@@ -22,6 +22,15 @@ pub fn obj(v: Value) -> JsonObject {
     v.as_object().cloned().expect("test data is an object")
 }
 
+/// A document as a store keys it: a shard by incarnation and index, whatever its generation
+/// (a cut replaces the stored document).
+pub fn store_addr(doc: DocAddr) -> DocAddr {
+    match doc {
+        DocAddr::Shard { inc, index, .. } => DocAddr::Shard { inc, index, gen: 0 },
+        d => d,
+    }
+}
+
 /// A replica of one catalog plus everything it has sent and every event it has emitted, and
 /// what a store would hold for it (every change it made or received, per document, and the
 /// view entries from `take_view_changes`).
@@ -64,7 +73,7 @@ impl Peer {
             let out = m.take_outgoing();
             for c in &out {
                 self.stored_docs
-                    .entry((c.map.clone(), c.doc))
+                    .entry((c.map.clone(), store_addr(c.doc)))
                     .or_default()
                     .changes
                     .push(c.bytes.clone());
@@ -122,7 +131,7 @@ impl Peer {
         for index in m.shard_indices() {
             let gen = m.cut_shard(index, None, now).expect("cut");
             if gen.is_some() {
-                let doc = DocAddr::Shard { inc, index };
+                let doc = DocAddr::Shard { gen: 0, inc, index };
                 let snapshot = m.snapshot(doc, now).expect("snapshot");
                 self.stored_docs.insert(
                     (sid.clone(), doc),
@@ -147,7 +156,7 @@ impl Peer {
     pub fn receive(&mut self, changes: &[OutgoingChange], now: Timestamp) {
         for c in changes {
             self.stored_docs
-                .entry((c.map.clone(), c.doc))
+                .entry((c.map.clone(), store_addr(c.doc)))
                 .or_default()
                 .changes
                 .push(c.bytes.clone());
