@@ -115,6 +115,11 @@ impl Clock {
         self.0.get(actor).is_some_and(|&s| s >= seq)
     }
 
+    /// Whether every change `other` counts is counted here too.
+    pub fn covers(&self, other: &Clock) -> bool {
+        other.0.iter().all(|(a, s)| self.includes(a, *s))
+    }
+
     /// Whether `c` is among the changes counted.
     pub fn includes_change(&self, c: &Change) -> bool {
         self.includes(c.actor_id(), c.seq())

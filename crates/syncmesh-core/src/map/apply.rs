@@ -64,6 +64,21 @@ impl MapReplica {
         if fate == Fate::Dead {
             return Ok(()); // its items are gone for good: nothing to apply or store
         }
+        if let (Fate::Current, DocAddr::Shard { index, gen, .. }) = (fate, doc) {
+            if self.shards.contains_key(&index) && self.shard_gen(index)? != gen {
+                // Another generation than the shard's: changes of a newer one being taken
+                // from a peer go into it (nothing is stored until this replica moves to it);
+                // any other is not this replica's document.
+                if self.staged.get(&index).is_some_and(|(g, _)| *g == gen) {
+                    if let Some(d) = self.generation_doc(index, gen, now)? {
+                        d.apply_changes(changes)
+                            .map_err(|e| Error::InvalidChange(e.to_string()))?;
+                    }
+                    return self.adopt_staged(index, now);
+                }
+                return Ok(());
+            }
+        }
         let mut fresh = Vec::with_capacity(changes.len());
         let mut seen = HashSet::with_capacity(changes.len());
         for c in changes {
@@ -217,8 +232,12 @@ impl MapReplica {
                         return Ok(());
                     }
                 }
+                if !self.shards.contains_key(&index) && gen != 0 {
+                    // Nothing held of the shard: the peer's generation is simply the shard.
+                    self.generation_doc(index, gen, now)?;
+                }
                 if self.shard_gen(index)? != gen {
-                    // Another generation of the shard: another document, not held here.
+                    // Another generation of the shard: another document (see `apply_remote`).
                     return Ok(());
                 }
                 self.apply_to_shard(index, changes, now)
@@ -359,7 +378,7 @@ impl MapReplica {
     /// Reads every item of a shard back (after a batch Automerge applied only in part): the
     /// field-slot index is rebuilt, and items the view has there but the document no longer
     /// holds are removed.
-    fn reread_shard(&mut self, index: u16, now: Timestamp) -> Result<()> {
+    pub(super) fn reread_shard(&mut self, index: u16, now: Timestamp) -> Result<()> {
         let sh = self.shard_mut(index);
         sh.fields = None;
         let (doc, _) = sh.parts()?;

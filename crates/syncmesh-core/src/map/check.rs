@@ -55,8 +55,12 @@ pub fn check_changes(doc: DocAddr, changes: &[Change]) -> Result<Checked> {
             };
             let ok = match doc {
                 DocAddr::Meta => is_meta_key(k),
-                DocAddr::Shard { index, .. } => {
+                DocAddr::Shard { index, gen, .. } => {
                     layout::parse_slot(k).is_some_and(|s| layout::belongs(s.key(), index))
+                        // A generation's first change records its cut.
+                        || (k == crate::generation::CUT_KEY
+                            && gen != 0
+                            && change.deps().is_empty())
                 }
             };
             if !ok {

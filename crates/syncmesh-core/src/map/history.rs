@@ -54,6 +54,158 @@ impl Shard {
 }
 
 impl MapReplica {
+    /// Whether generation `gen` of a shard now at `current` is one to take from a peer: a
+    /// higher number, or the same number cut elsewhere (which of the two stays is decided
+    /// once its first changes are here, see [`Self::adopt_staged`]). Maps with permission
+    /// entries are not cut (their signed history would go), so never take one.
+    pub(super) fn may_stage(&self, current: u64, gen: u64) -> bool {
+        self.state.policy.is_open()
+            && gen != current
+            && generation::gen_number(gen) >= generation::gen_number(current)
+    }
+
+    /// The document of generation `gen` of shard `index`: the shard's own if it is that
+    /// generation (queued writes flushed), else a staged one if `gen` is newer (made empty if
+    /// need be), else `None`.
+    pub(super) fn generation_doc(
+        &mut self,
+        index: u16,
+        gen: u64,
+        now: Timestamp,
+    ) -> Result<Option<&mut Automerge>> {
+        let current = self.shard_gen(index)?;
+        if current == gen || !self.shards.contains_key(&index) {
+            if !self.shards.contains_key(&index) && gen != 0 {
+                // Nothing here yet: the peer's generation is simply the shard.
+                let mut doc = Automerge::new();
+                doc.set_actor(self.actor.clone());
+                let sh = self.shard_mut(index);
+                sh.body = Body::Live(Box::new(doc));
+                sh.gen = Some(gen);
+            }
+            self.flush_shard(index, now)?;
+            return Ok(Some(self.shard_mut(index).doc()?));
+        }
+        if !self.may_stage(current, gen) {
+            return Ok(None);
+        }
+        let actor = self.actor.clone();
+        let slot = self
+            .staged
+            .entry(index)
+            .or_insert_with(|| (gen, Automerge::new()));
+        if slot.0 != gen {
+            *slot = (gen, Automerge::new());
+        }
+        slot.1.set_actor(actor);
+        Ok(Some(&mut slot.1))
+    }
+
+    /// Moves shard `index` to the generation staged for it once its first changes are here,
+    /// if it is the one to keep: a higher number, or of the same number the one whose cut
+    /// included more (two cuts of one number from peers that all agreed on heads are nested;
+    /// else the higher id). Every change of the shard's own generation that the new one does
+    /// not include is carried onto it and goes out as this replica's change; items are read
+    /// again (events where one now reads otherwise).
+    pub fn adopt_staged(&mut self, index: u16, now: Timestamp) -> Result<()> {
+        let Some((gen, doc)) = self.staged.get(&index) else {
+            return Ok(());
+        };
+        let gen = *gen;
+        let Some(theirs) = generation::CutRecord::of(doc) else {
+            return Ok(()); // its first changes are not here yet
+        };
+        self.flush_shard(index, now)?;
+        let current = self.shard_gen(index)?;
+        let ours = self
+            .shards
+            .get_mut(&index)
+            .map(|sh| sh.doc().map(|d| generation::CutRecord::of(d)))
+            .transpose()?
+            .flatten();
+        let n = generation::gen_number(current);
+        let take = match theirs.gen.cmp(&n) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => match &ours {
+                Some(o) if o.clock.covers(&theirs.clock) && o.clock != theirs.clock => false,
+                Some(o) if theirs.clock.covers(&o.clock) && o.clock != theirs.clock => true,
+                _ => gen > current,
+            },
+        };
+        let Some((_, mut target)) = self.staged.remove(&index) else {
+            return Ok(());
+        };
+        if !take {
+            return Ok(());
+        }
+        if theirs.gen > n + 1 {
+            tracing::warn!(
+                map = %self.sid,
+                "shard {index} moves from generation {n} to {}: changes of its own it made meanwhile cannot be told from those the cuts it missed included, and are not carried",
+                theirs.gen
+            );
+        }
+        target.set_actor(self.actor.clone());
+        let before: HashSet<ChangeHash> = crate::am::all_changes(&target)
+            .iter()
+            .map(Change::hash)
+            .collect();
+        let base = generation::genesis_heads(&target);
+        if theirs.gen <= n + 1 {
+            let source = self.shard_mut(index).doc()?;
+            let same_number = theirs.gen == n;
+            generation::carry_all(&mut target, source, &base, |c| {
+                if !same_number {
+                    return theirs.clock.includes_change(c);
+                }
+                // Of the same number: our own first changes hold what their cut included
+                // too (cuts of one number are nested); a carried change is included if its
+                // origin is.
+                if c.deps().is_empty() {
+                    return true;
+                }
+                let o = generation::Origin::of(c);
+                o.hash != c.hash() && theirs.clock.includes(&o.actor, o.seq)
+            })?;
+        }
+        let inc = self.state.inc;
+        for c in crate::am::all_changes(&target) {
+            if !before.contains(&c.hash()) {
+                self.outbox.push(OutgoingChange {
+                    map: self.sid.clone(),
+                    doc: DocAddr::Shard { inc, index, gen },
+                    bytes: c.raw_bytes().to_vec(),
+                });
+            }
+        }
+        let of_shard = |d: &DocAddr| matches!(d, DocAddr::Shard { index: i, .. } if *i == index);
+        let sh = self.shard_mut(index);
+        sh.ops = crate::am::op_count(&target);
+        sh.body = Body::Live(Box::new(target));
+        sh.fields = None;
+        sh.cold_heads = None;
+        sh.gen = Some(gen);
+        self.queued_hashes.retain(|(d, _)| !of_shard(d));
+        self.wanted.retain(|(d, _)| !of_shard(d));
+        self.replaced.insert(index);
+        self.reread_shard(index, now)
+    }
+
+    /// Takes the shards whose document became another generation since the last call: a
+    /// store replaces everything it keeps of each by [`Self::snapshot`] of it.
+    pub fn take_replaced(&mut self) -> Vec<DocAddr> {
+        let inc = self.state.inc;
+        std::mem::take(&mut self.replaced)
+            .into_iter()
+            .map(|index| DocAddr::Shard {
+                inc,
+                index,
+                gen: self.shards.get(&index).and_then(|s| s.gen).unwrap_or(0),
+            })
+            .collect()
+    }
+
     /// The generation of shard `index` ([`generation::gen_id`]; 0 for a shard never cut or
     /// not held).
     pub fn shard_gen(&mut self, index: u16) -> Result<u64> {
@@ -128,6 +280,7 @@ impl MapReplica {
         }
         let seed = self.shard_seed(index);
         let actor = self.actor.clone();
+        let inc_now = self.state.inc;
         let sh = self.shard_mut(index);
         let gen = generation::gen_number(sh.generation()?);
         let doc = sh.doc()?;
@@ -155,10 +308,28 @@ impl MapReplica {
         });
         sh.ops = crate::am::op_count(&new);
         let id = generation::gen_id(&new);
+        // Carried changes are new to peers: they go out like writes.
+        let carried: Vec<Vec<u8>> = crate::am::all_changes(&new)
+            .iter()
+            .filter(|c| !c.deps().is_empty())
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
         sh.body = Body::Live(Box::new(new));
         sh.fields = None;
         sh.cold_heads = None;
         sh.gen = Some(id);
+        for bytes in carried {
+            self.outbox.push(OutgoingChange {
+                map: self.sid.clone(),
+                doc: DocAddr::Shard {
+                    inc: inc_now,
+                    index,
+                    gen: id,
+                },
+                bytes,
+            });
+        }
+        self.replaced.insert(index);
         // What was kept about single changes of the old generation means nothing now.
         self.queued_hashes.retain(|(d, _)| !of_shard(d));
         self.wanted.retain(|(d, _)| !of_shard(d));
@@ -278,6 +449,96 @@ mod tests {
         .unwrap();
         assert_eq!(seen(&mut back, t(61)), seen(&mut a, t(61)));
         assert_eq!(back.shard_history(x).unwrap().unwrap().gen, held.gen + 2);
+    }
+
+    /// Runs Automerge sync between two replicas, document by document (as the replication
+    /// machine does: every document either lists that the other may sync), until quiet.
+    fn sync_pair(a: &mut MapReplica, b: &mut MapReplica, now: Timestamp) {
+        let mut states: BTreeMap<(bool, DocAddr), sync::State> = BTreeMap::new();
+        for _ in 0..30 {
+            let mut docs: BTreeSet<DocAddr> = BTreeSet::new();
+            docs.extend(a.doc_digests().unwrap().into_iter().map(|(d, _)| d));
+            docs.extend(b.doc_digests().unwrap().into_iter().map(|(d, _)| d));
+            let mut quiet = true;
+            for doc in docs {
+                for from_a in [true, false] {
+                    let (x, y) = if from_a {
+                        (&mut *a, &mut *b)
+                    } else {
+                        (&mut *b, &mut *a)
+                    };
+                    if !x.syncs(doc) || !y.syncs(doc) {
+                        continue;
+                    }
+                    let st = states.entry((from_a, doc)).or_default();
+                    if let Some(msg) = x.sync_generate(doc, st, now).unwrap() {
+                        quiet = false;
+                        let st = states.entry((!from_a, doc)).or_default();
+                        let m = decode_sync(doc, &msg).unwrap();
+                        y.sync_apply(doc, st, m, now).unwrap();
+                    }
+                }
+            }
+            if quiet {
+                return;
+            }
+        }
+        panic!("sync did not settle");
+    }
+
+    #[test]
+    fn a_replica_takes_a_peers_newer_generation_and_carries_its_late_writes_onto_it() {
+        let opts = WriteOptions::default();
+        let mut a = replica(1);
+        let mut b = blank(2);
+        for round in 0..10 {
+            for k in ["k", "j"] {
+                a.set(k, obj(serde_json::json!({ "v": round })), &opts, t(round))
+                    .unwrap();
+            }
+            a.flush(t(round)).unwrap();
+        }
+        send(&mut a, &mut b, t(10));
+        // B writes k while A cuts: B's write is late for A's cut.
+        b.set("k", obj(serde_json::json!({"v": "late"})), &opts, t(11))
+            .unwrap();
+        b.flush(t(11)).unwrap();
+        b.take_outgoing();
+        b.take_received();
+        b.take_events();
+        a.take_received();
+        let index = layout::shard_of("k");
+        assert!(a.cut_shard(index, None, t(12)).unwrap().is_some());
+        assert_eq!(a.take_replaced().len(), 1);
+        a.take_outgoing();
+        let a_gen = a.shard_gen(index).unwrap();
+        assert_eq!(generation::gen_number(a_gen), 1);
+        sync_pair(&mut a, &mut b, t(13));
+        // B moved to A's generation, carried its write, and both converge.
+        assert_eq!(b.shard_gen(index).unwrap(), a_gen);
+        assert_eq!(b.take_replaced().len(), 1, "the store replaces B's shard");
+        let carried = b.take_outgoing();
+        assert_eq!(carried.len(), 1, "B's late write, carried, goes out");
+        for c in carried {
+            a.apply_changes(c.doc, &[c.bytes], t(14)).unwrap();
+        }
+        assert_eq!(a.get("k", t(14)).unwrap().data["v"], "late");
+        assert_eq!(seen(&mut a, t(14)), seen(&mut b, t(14)));
+        // What B showed did not change by moving: no event.
+        assert!(b.take_events().is_empty());
+        a.take_received();
+        // The old generation's changes are another document now: not applied, not stored.
+        let mut old = replica(3);
+        old.set("k", obj(serde_json::json!({"v": "old gen"})), &opts, t(15))
+            .unwrap();
+        old.flush(t(15)).unwrap();
+        for c in old.take_outgoing() {
+            if matches!(c.doc, DocAddr::Shard { .. }) {
+                a.apply_changes(c.doc, &[c.bytes], t(15)).unwrap();
+            }
+        }
+        assert!(a.take_received().is_empty());
+        assert_eq!(a.get("k", t(15)).unwrap().data["v"], "late");
     }
 
     #[test]

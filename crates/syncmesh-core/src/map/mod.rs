@@ -278,6 +278,12 @@ pub struct MapReplica {
     /// not endorse (shard index by hash): their signatures are asked of peers
     /// ([`MapReplica::unsigned`]).
     unsigned: HashMap<ChangeHash, u16>,
+    /// Newer generations of shards learnt from peers, being filled by sync before this
+    /// replica moves to them (see `history`): by shard, the generation and its document.
+    staged: BTreeMap<u16, (u64, Automerge)>,
+    /// Shards whose document was replaced by another generation since the last
+    /// [`MapReplica::take_replaced`]: the store must replace what it keeps of them.
+    replaced: BTreeSet<u16>,
     /// Changes to `unsigned` since the last [`MapReplica::take_unsigned_marks`], for storage
     /// (`None`: forgotten).
     new_unsigned: Vec<(ChangeHash, Option<u16>)>,
@@ -334,6 +340,8 @@ impl MapReplica {
             wanted: HashSet::new(),
             resend: Vec::new(),
             unsigned: HashMap::new(),
+            staged: BTreeMap::new(),
+            replaced: BTreeSet::new(),
             new_unsigned: Vec::new(),
         }
     }

@@ -64,11 +64,12 @@ impl MapReplica {
         match doc {
             DocAddr::Meta => true,
             DocAddr::Shard { inc, index, gen } => {
-                let same_gen = match self.shards.get(&index) {
-                    Some(sh) => sh.gen.is_none_or(|g| g == gen),
-                    None => gen == 0,
+                // This shard's generation, or a newer one to take from the peer.
+                let ok_gen = match self.shards.get(&index).and_then(|sh| sh.gen) {
+                    Some(g) => g == gen || self.may_stage(g, gen),
+                    None => true,
                 };
-                index < SHARDS && inc == self.state.inc && self.state.live_or_expired() && same_gen
+                index < SHARDS && inc == self.state.inc && self.state.live_or_expired() && ok_gen
             }
         }
     }
@@ -100,10 +101,10 @@ impl MapReplica {
         }
         let d = match doc {
             DocAddr::Meta => &mut self.meta_doc,
-            DocAddr::Shard { index, .. } => {
-                self.flush_shard(index, now)?;
-                self.shard_mut(index).doc()?
-            }
+            DocAddr::Shard { index, gen, .. } => match self.generation_doc(index, gen, now)? {
+                Some(d) => d,
+                None => return Ok(None),
+            },
         };
         if !need.is_empty() {
             state.in_flight = false;
@@ -138,6 +139,22 @@ impl MapReplica {
         if !self.syncs(doc) {
             // Another incarnation: nothing of it is kept.
             return Ok(());
+        }
+        if let DocAddr::Shard { index, gen, .. } = doc {
+            if self.staged.get(&index).is_some_and(|(g, _)| *g == gen)
+                || (self.shard_gen(index)? != gen && self.shards.contains_key(&index))
+            {
+                // A newer generation being taken from the peer: filled without events until
+                // this replica moves to it.
+                let Some(d) = self.generation_doc(index, gen, now)? else {
+                    return Ok(());
+                };
+                d.apply_changes(changes)
+                    .map_err(|e| Error::InvalidChange(e.to_string()))?;
+                d.receive_sync_message(state, msg)
+                    .map_err(|e| Error::InvalidChange(format!("sync message: {e}")))?;
+                return self.adopt_staged(index, now);
+            }
         }
         self.apply_checked(doc, changes, checked, now)?;
         if !self.syncs(doc) {
