@@ -55,3 +55,11 @@ fn event_ids_reused_after_a_restart_are_caught() {
         "event ids from 1 after a restart caught by schedule {seed}"
     ));
 }
+
+#[test]
+fn cuts_without_agreement_on_heads_are_caught() {
+    let seed = caught(Fault::CutWithoutAgreement, 400).expect("no schedule caught it");
+    report(&format!(
+        "history cuts without agreement caught by schedule {seed}"
+    ));
+}

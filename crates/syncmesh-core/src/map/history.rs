@@ -318,6 +318,11 @@ impl MapReplica {
         sh.fields = None;
         sh.cold_heads = None;
         sh.gen = Some(id);
+        // A generation staged from a peer is this one, or one this cut decides against
+        // again when it is complete (see `adopt_staged`).
+        if self.staged.get(&index).is_some_and(|(g, _)| *g == id) {
+            self.staged.remove(&index);
+        }
         for bytes in carried {
             self.outbox.push(OutgoingChange {
                 map: self.sid.clone(),

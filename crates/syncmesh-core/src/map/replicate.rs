@@ -141,9 +141,7 @@ impl MapReplica {
             return Ok(());
         }
         if let DocAddr::Shard { index, gen, .. } = doc {
-            if self.staged.get(&index).is_some_and(|(g, _)| *g == gen)
-                || (self.shard_gen(index)? != gen && self.shards.contains_key(&index))
-            {
+            if self.shards.contains_key(&index) && self.shard_gen(index)? != gen {
                 // A newer generation being taken from the peer: filled without events until
                 // this replica moves to it.
                 let Some(d) = self.generation_doc(index, gen, now)? else {

@@ -169,6 +169,17 @@ pub enum Input<P> {
         /// When to give up.
         deadline: Timestamp,
     },
+    /// Cut the history of these shards of a loaded map ([`MapReplica::cut_shard`]), the shell
+    /// having judged that they hold enough history and that every peer it trusts is
+    /// connected: each is cut only if every connected peer holding the map last said it holds
+    /// this replica's very generation and heads of it; those peers are then told, and take
+    /// the new generation from this node.
+    Cut {
+        /// The map.
+        sid: MapSid,
+        /// Its shards to cut.
+        shards: Vec<u16>,
+    },
     /// A timer fired.
     Timer(Timer),
     /// The maps asked for by [`Output::Load`] were loaded (those that could not be stay
@@ -503,7 +514,7 @@ impl<P: PeerKey> Replicator<P> {
                     unknown(&mut host.parked.keys())
                 }
                 Input::Announce(sids) => unknown(&mut sids.iter()),
-                Input::Committed { sid, .. } => parked(sid),
+                Input::Committed { sid, .. } | Input::Cut { sid, .. } => parked(sid),
                 _ => Vec::new(),
             },
         }
@@ -569,6 +580,7 @@ impl<P: PeerKey> Replicator<P> {
                     sent
                 }
                 Input::Announce(sids) => self.announce(&sids, host),
+                Input::Cut { sid, shards } => self.cut(&sid, &shards, host, now),
                 Input::AskSignatures(sid) => self.ask_signatures(&sid, host),
                 Input::KeepFetching { sid, deadline } => {
                     let f = self.fetches.entry(sid.clone()).or_insert(Fetch {

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use automerge::sync;
 use automerge::{Change, ChangeHash};
 
-use super::peer::{Grant, PeerKey};
+use super::peer::{Grant, PeerKey, PeerState};
 use super::session::{batch_sync, meta_digest, offers_something_new, start_sessions};
 use super::validate::{authorize, decode_changes, decode_sync_messages, keep_sigs};
 use super::wire::{
@@ -400,6 +400,7 @@ impl<P: PeerKey> Replicator<P> {
             };
             // Only maps this node holds are remembered: the set is bounded by them.
             p.held.insert(sid.clone());
+            p.their_digest.insert(sid.clone(), theirs);
             if readable && theirs != 0 && !p.asked_sigs.contains(&sid) {
                 if let Some(ask) = host.unsigned(&sid).and_then(|h| want_sigs(&sid, h)) {
                     p.asked_sigs.insert(sid.clone());
@@ -429,6 +430,73 @@ impl<P: PeerKey> Replicator<P> {
             }
         }
         out
+    }
+
+    /// Cuts the history of shards of map `sid` where every connected peer holding the map last
+    /// said it holds this replica's very generation and heads of the shard (its whole map
+    /// equal, or that document): cuts made at heads all holders reported are the same
+    /// everywhere, or nested (see `docs/semantics.md`, "History"). The peers are then told of
+    /// the new generations, which they take from this node.
+    pub(crate) fn cut(
+        &mut self,
+        sid: &MapSid,
+        shards: &[u16],
+        host: &mut Host<'_>,
+        now: Timestamp,
+    ) -> Vec<Outgoing<P>> {
+        let Some(m) = host.get(sid) else {
+            return Vec::new();
+        };
+        let (Ok(digest), Ok(ours)) = (m.digest(), m.doc_digests()) else {
+            return Vec::new();
+        };
+        let holders: Vec<&PeerState> = self
+            .peers
+            .values()
+            .filter(|p| p.held.contains(sid) || p.their_docs.contains_key(sid))
+            .collect();
+        let mut cut = false;
+        for &index in shards {
+            let Some(mine) = ours
+                .iter()
+                .find(|(d, _)| matches!(d, DocAddr::Shard { index: i, .. } if *i == index))
+            else {
+                continue;
+            };
+            let agreed = holders.iter().all(|h| {
+                h.their_digest.get(sid) == Some(&digest)
+                    || h.their_docs.get(sid).is_some_and(|t| t.contains(mine))
+            });
+            if !agreed {
+                continue;
+            }
+            match m.cut_shard(index, None, now) {
+                Ok(Some(_)) => cut = true,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(map = %sid, "cutting shard {index}'s history failed: {e}"),
+            }
+        }
+        if !cut {
+            return Vec::new();
+        }
+        let docs = m.doc_digests();
+        host.touched(sid);
+        let Ok(docs) = docs else {
+            return Vec::new();
+        };
+        let bytes = Wire::Docs {
+            sid: sid.clone(),
+            docs,
+        }
+        .encode();
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.held.contains(sid))
+            .map(|(peer, _)| Outgoing {
+                peer: peer.clone(),
+                bytes: bytes.clone(),
+            })
+            .collect()
     }
 
     /// Asks every peer holding `sid` (and allowed to read it) for the signatures of the

@@ -82,6 +82,9 @@ pub enum Fault {
     StaleDigest,
     /// A restarted node numbers its events from 1 again: event ids repeat.
     EventIdsFromZero,
+    /// Nodes cut their shards' history whenever they like, without their peers agreeing on
+    /// the heads: generations of one number from different cuts meet.
+    CutWithoutAgreement,
 }
 
 struct SimNode {
@@ -278,6 +281,14 @@ impl SimNode {
     }
 }
 
+/// A document as a store keys it: a shard whatever its generation (one is kept per shard).
+fn store_addr(doc: DocAddr) -> DocAddr {
+    match doc {
+        DocAddr::Shard { inc, index, .. } => DocAddr::Shard { inc, index, gen: 0 },
+        d => d,
+    }
+}
+
 struct Msg {
     at: i64,
     seq: u64,
@@ -431,10 +442,21 @@ impl Sim {
             for (doc, bytes) in local.iter().chain(received.iter()) {
                 node.stored
                     .docs
-                    .entry((sid.clone(), *doc))
+                    .entry((sid.clone(), store_addr(*doc)))
                     .or_default()
                     .changes
                     .push(bytes.clone());
+            }
+            // A shard now of another generation: the store keeps its snapshot alone.
+            for doc in m.take_replaced() {
+                let snapshot = m.snapshot(doc, now).expect("snapshot");
+                node.stored.docs.insert(
+                    (sid.clone(), store_addr(doc)),
+                    StoredDoc {
+                        snapshot,
+                        changes: Vec::new(),
+                    },
+                );
             }
             let mut out = local;
             out.extend(m.take_resend());
@@ -587,10 +609,45 @@ impl Sim {
         self.flush(i);
     }
 
+    /// A node cuts the history of every shard of a map, as a node's housekeeping does: only
+    /// when every other node (all trust each other here) is connected to it; the machine then
+    /// cuts the shards every peer holding the map agrees on.
+    fn cut(&mut self) {
+        let n = self.nodes.len();
+        let i = self.rng.below(n as u64) as usize;
+        let all_linked = (0..n).all(|j| j == i || self.links.contains(&Self::key(i, j)));
+        let anyway = self.nodes[i].fault == Fault::CutWithoutAgreement;
+        if !self.nodes[i].up || !(all_linked || anyway) {
+            return;
+        }
+        let sid = MapSid::for_name(*self.rng.pick(MAPS));
+        let now = t(self.now);
+        let node = &mut self.nodes[i];
+        node.load(&sid);
+        let Some(m) = node.host.by_sid(&sid) else {
+            return;
+        };
+        let shards = m.shard_indices();
+        if anyway {
+            // Stored and sent first, as a cut needs; then cut with nobody asked.
+            self.flush(i);
+            if let Some(m) = self.nodes[i].host.by_sid(&sid) {
+                for s in shards {
+                    let _ = m.cut_shard(s, None, now);
+                }
+            }
+            self.flush(i);
+            return;
+        }
+        let out = node.handle(Input::Cut { sid, shards }, self.now);
+        self.send(i, out);
+        self.flush(i);
+    }
+
     /// One step of a schedule.
     fn step(&mut self) {
         let n = self.nodes.len();
-        match self.rng.below(100) {
+        match self.rng.below(104) {
             0..=44 => self.operate(),
             45..=69 => {
                 let until = self.now + self.rng.below(30) as i64;
@@ -614,7 +671,8 @@ impl Sim {
                 );
                 self.connect(a, b);
             }
-            96..=97 => {
+            96 | 100.. => self.cut(),
+            97 => {
                 let i = self.rng.below(n as u64) as usize;
                 if self.nodes[i].up {
                     self.crash(i);
@@ -849,12 +907,15 @@ pub fn env(name: &str, default: u64) -> u64 {
 /// Schedules that found bugs, run first: an endless exchange with a peer whose changes were
 /// refused (3342784234598768517), signatures the simulator did not keep across a restart
 /// (12709539762987140329), a map-document change waiting for a dependency its sender never
-/// sent (14841439859161857798), and that request's hashes out of order (3169914140378322500).
+/// sent (14841439859161857798), that request's hashes out of order (3169914140378322500),
+/// and a peer's generation staged by a node that then cut the same one itself, whose later
+/// changes went into the shard without updating its items (16178349895340391372).
 const FOUND: &[u64] = &[
     3_342_784_234_598_768_517,
     12_709_539_762_987_140_329,
     14_841_439_859_161_857_798,
     3_169_914_140_378_322_500,
+    16_178_349_895_340_391_372,
 ];
 
 /// The seeds of `count` schedules (`salt` tells test runs apart; `SYNCMESH_SEED` gives one
