@@ -620,7 +620,7 @@ impl Sim {
         if !self.nodes[i].up || !(all_linked || anyway) {
             return;
         }
-        let name: &str = self.rng.pick(MAPS);
+        let name: &&str = self.rng.pick(MAPS);
         let sid = MapSid::for_name(name);
         let now = t(self.now);
         let node = &mut self.nodes[i];
