@@ -981,3 +981,42 @@ async fn a_live_subscription_starts_after_every_answered_write() {
         node.close().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_alone_cuts_history_and_keeps_its_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::builder()
+        .data_dir(dir.path())
+        .history(8)
+        .open()
+        .await
+        .unwrap();
+    let m = node.map("m").await.unwrap();
+    for r in 0..50 {
+        m.set("k", json!({ "r": r })).await.unwrap();
+    }
+    let history = || async {
+        let h = node.history().await.unwrap();
+        h.into_iter()
+            .find(|m| m.name.as_deref() == Some("m"))
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while history().await.generation == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cut within the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = history().await;
+    assert!(h.ops < 20, "{h:?}");
+    assert_eq!(m.get("k").await.unwrap().data["r"], 49);
+    node.close().await.unwrap();
+    let node = Node::open(dir.path()).await.unwrap();
+    let m = node.open_existing("m").await.unwrap();
+    assert_eq!(m.get("k").await.unwrap().data["r"], 49);
+    m.update("k", json!({"more": 1})).await.unwrap();
+    assert_eq!(m.get("k").await.unwrap().data["r"], 49);
+    node.close().await.unwrap();
+}

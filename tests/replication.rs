@@ -763,3 +763,74 @@ async fn a_snapshot_and_its_stream_show_every_key_exactly_once_under_concurrent_
         total - snap.items.len()
     );
 }
+
+/// The highest history generation of map `name` on a node (0: never cut).
+async fn generation(n: &Node, name: &str) -> u64 {
+    n.history()
+        .await
+        .unwrap()
+        .iter()
+        .find(|m| m.name.as_deref() == Some(name))
+        .map_or(0, |m| m.generation)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_cut_history_together_then_keep_writing_and_merging() {
+    let dir = tempfile::tempdir().unwrap();
+    let builder = || {
+        Node::builder()
+            .listen(local())
+            .mdns(false)
+            .trust_all(true)
+            .history(8)
+    };
+    let a = builder().data_dir(dir.path()).open().await.unwrap();
+    let a_addr = addr(&a).await;
+    let b = builder().peer(a_addr).open().await.unwrap();
+    connected(&a, 1).await;
+    let ma = a.map("m").await.unwrap();
+    let mb = b.map("m").await.unwrap();
+    for r in 0..40 {
+        ma.set("k", json!({ "r": r })).await.unwrap();
+        mb.set("j", json!({ "r": r })).await.unwrap();
+    }
+    same_items(&[&ma, &mb], 2).await;
+    // Far past 8 operations of history: once they agree on the shards, both end on a cut
+    // generation (one cuts, the other takes it).
+    wait_for("both nodes cut the map's history", || async {
+        generation(&a, "m").await >= 1 && generation(&b, "m").await >= 1
+    })
+    .await;
+    for n in [&a, &b] {
+        let h = n.history().await.unwrap();
+        let m = h.iter().find(|m| m.name.as_deref() == Some("m")).unwrap();
+        assert!(m.ops < 40, "history was cut: {m:?}");
+    }
+    assert_eq!(ma.get("k").await.unwrap().data["r"], 39);
+    assert_eq!(mb.get("j").await.unwrap().data["r"], 39);
+    // Writes go on, on both, concurrently, and merge on the new generation.
+    let (x, y) = tokio::join!(
+        ma.set("k", json!({"after": "a"})),
+        mb.set("j", json!({"after": "b"}))
+    );
+    x.unwrap();
+    y.unwrap();
+    same_items(&[&ma, &mb], 2).await;
+    assert_eq!(mb.get("k").await.unwrap().data["after"], "a");
+    assert_eq!(ma.get("j").await.unwrap().data["after"], "b");
+    b.close().await.unwrap();
+    // What the store keeps of a cut map reopens to the same items.
+    let before = items(&ma).await;
+    a.close().await.unwrap();
+    let a = Node::open(dir.path()).await.unwrap();
+    let ma = a.open_existing("m").await.unwrap();
+    assert_eq!(items(&ma).await, before);
+    // (A write loads the shard documents it touches.)
+    ma.update("k", json!({"again": true})).await.unwrap();
+    ma.update("j", json!({"again": true})).await.unwrap();
+    assert!(
+        generation(&a, "m").await >= 1,
+        "the cut generation was stored"
+    );
+    a.close().await.unwrap();
+}

@@ -21,6 +21,7 @@ use syncmesh_store::{Batch, FeedEvent, FileCompaction, MapWrite, Store, StoreErr
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::node::MapHistory;
 
 mod batch;
 mod commands;
@@ -48,6 +49,9 @@ const MAX_QUEUED_BYTES: usize = 32 << 20;
 const EVENT_ID_BLOCK: u64 = 4096;
 /// Stored changes of one document after which it is replaced by a snapshot.
 const COMPACT_AFTER_CHANGES: u32 = 1000;
+/// Operations of history a shard document may hold beyond its live state (and at least as
+/// many as that state holds) before its history is cut ([`crate::NodeBuilder::history`]).
+pub(crate) const DEFAULT_HISTORY: u64 = 64;
 /// Bytes of stored changes of one document after which it is replaced by a snapshot, however
 /// few they are (a log of large changes would otherwise grow to 1,000 of them).
 const COMPACT_AFTER_BYTES: u64 = 1 << 20;
@@ -56,6 +60,8 @@ const COMPACT_AFTER_BYTES: u64 = 1 << 20;
 const PARK_PERIOD: Duration = Duration::from_secs(30);
 /// Default memory for live shard documents ([`crate::NodeBuilder::document_budget`]).
 pub(crate) const DOCUMENT_BUDGET: u64 = 64 * 1024 * 1024;
+/// How often loaded shard documents are measured against [`Engine::history`].
+const HISTORY_CHECK: Duration = Duration::from_secs(5);
 /// How often the live documents are measured against the budget.
 const BUDGET_CHECK: Duration = Duration::from_millis(50);
 /// Time an engine round spends at most on parking shards over the budget.
@@ -211,6 +217,9 @@ pub(crate) struct Engine {
     /// Use marks taken at the last parking round, per map.
     park_marks: HashMap<MapSid, u64>,
     next_park: std::time::Instant,
+    /// History a shard document keeps before it is cut ([`DEFAULT_HISTORY`]).
+    history: u64,
+    next_history_check: std::time::Instant,
     /// Memory for live shard documents, all maps together.
     budget: u64,
     next_budget_check: std::time::Instant,
@@ -316,6 +325,8 @@ impl Engine {
             park_marks: HashMap::new(),
             next_park: std::time::Instant::now() + PARK_PERIOD,
             budget: DOCUMENT_BUDGET,
+            history: DEFAULT_HISTORY,
+            next_history_check: std::time::Instant::now() + HISTORY_CHECK,
             next_budget_check: std::time::Instant::now(),
             budget_marks: HashMap::new(),
             over_budget_warned: false,
@@ -350,7 +361,7 @@ impl Engine {
             loop {
                 // Wake for TTLs, for parking, for the network's timers, and for the fsync
                 // that relaxed writes wait on.
-                let mut wake = self.next_park;
+                let mut wake = self.next_park.min(self.next_history_check);
                 if let Some(n) = &self.net {
                     wake = wake.min(n.next_wake());
                 }
@@ -426,6 +437,12 @@ impl Engine {
                 if std::time::Instant::now() >= self.next_park {
                     self.park_idle(now);
                 }
+                if std::time::Instant::now() >= self.next_history_check {
+                    self.next_history_check = std::time::Instant::now() + HISTORY_CHECK;
+                    if self.write_stop().is_none() {
+                        self.cut_history(now);
+                    }
+                }
                 if std::time::Instant::now() >= self.next_budget_check {
                     self.next_budget_check = std::time::Instant::now() + BUDGET_CHECK;
                     self.keep_to_budget(now);
@@ -468,6 +485,12 @@ impl Engine {
     /// Sets the memory for live shard documents.
     pub(crate) fn document_budget(mut self, bytes: u64) -> Self {
         self.budget = bytes;
+        self
+    }
+
+    /// Sets the history a shard document keeps before it is cut.
+    pub(crate) fn history(mut self, ops: u64) -> Self {
+        self.history = ops;
         self
     }
 

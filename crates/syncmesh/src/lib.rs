@@ -50,7 +50,7 @@ mod node;
 pub mod trust;
 
 pub use error::{Error, Result};
-pub use node::{Durability, EventStream, Map, MapOpen, Node, NodeBuilder, Snapshot};
+pub use node::{Durability, EventStream, Map, MapHistory, MapOpen, Node, NodeBuilder, Snapshot};
 /// The Sync Maps limits (sizes, lengths, page sizes) every node enforces.
 pub use syncmesh_core::limits;
 /// The map rules an operation can break (not found, revision mismatch, limits, ...), inside

@@ -232,6 +232,47 @@ impl MapReplica {
         self.shards.keys().copied().collect()
     }
 
+    /// The history of every shard held in memory (parked ones are not loaded for this).
+    pub fn live_history(&mut self) -> Vec<(u16, ShardHistory)> {
+        self.shards
+            .iter_mut()
+            .filter_map(|(i, sh)| {
+                let Body::Live(doc) = &sh.body else {
+                    return None;
+                };
+                let slots = doc.length(ROOT) as u64;
+                let gen = match sh.gen {
+                    Some(g) => g,
+                    None => generation::gen_id(doc),
+                };
+                Some((
+                    *i,
+                    ShardHistory {
+                        gen: generation::gen_number(gen),
+                        ops: sh.ops,
+                        slots,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Loaded shards whose documents hold more than `history` operations beyond their live
+    /// slots, and at least as many as those (so a shard's history may always be as large as
+    /// its state): the shards to cut.
+    pub fn shards_with_history(&mut self, history: u64) -> Vec<u16> {
+        self.shards
+            .iter_mut()
+            .filter_map(|(i, sh)| {
+                let Body::Live(doc) = &sh.body else {
+                    return None;
+                };
+                let slots = doc.length(ROOT) as u64;
+                (sh.ops > slots + history.max(slots)).then_some(*i)
+            })
+            .collect()
+    }
+
     /// The history shard `index` holds; `None` if the map has no such shard document. Loads a
     /// parked shard.
     pub fn shard_history(&mut self, index: u16) -> Result<Option<ShardHistory>> {

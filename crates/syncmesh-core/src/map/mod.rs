@@ -64,7 +64,7 @@ pub enum DocAddr {
         inc: u64,
         /// Shard index, below [`SHARDS`].
         index: u16,
-        /// The shard's history generation ([`crate::generation::Gen`]): 0 until its history
+        /// The shard's history generation ([`crate::generation::gen_id`]): 0 until its history
         /// is first cut. Two generations are two documents.
         gen: u64,
     },

@@ -91,7 +91,7 @@ impl Engine {
             for (doc, bytes) in &changes {
                 let n = self
                     .changes_since_snapshot
-                    .entry((sid.clone(), *doc))
+                    .entry((sid.clone(), stored_doc(*doc)))
                     .or_insert((0, 0));
                 if stored_one(n, bytes.len()) {
                     compactions.push(*doc);
@@ -118,6 +118,13 @@ impl Engine {
                 .insert(sid.clone(), m.unique_name().map(str::to_string));
             let name = Some(m.unique_name().unwrap_or("").to_string());
             let next_expiry = m.next_expiry().map(Timestamp::millis);
+            // A shard cut or moved to a peer's generation: the store keeps the new one alone.
+            for doc in m.take_replaced().into_iter().map(stored_doc) {
+                self.changes_since_snapshot.remove(&(sid.clone(), doc));
+                if !compactions.contains(&doc) {
+                    compactions.push(doc);
+                }
+            }
             let mut snapshots = Vec::new();
             for doc in compactions.drain(..) {
                 match m.snapshot(doc, now) {
@@ -349,6 +356,15 @@ mod mark_tests {
         let signer = syncmesh_core::Signer::new(syncmesh_net::Keypair::generate_ed25519());
         let sig = signer.sign(&syncmesh_core::ChangeHash([3; 32])).unwrap();
         assert_eq!(read_unsigned_mark(&sig.encode()), None);
+    }
+}
+
+/// A document as the store keys it: a shard by incarnation and index, one generation at a
+/// time (a new one replaces what is stored).
+pub(super) fn stored_doc(doc: DocAddr) -> DocAddr {
+    match doc {
+        DocAddr::Shard { inc, index, .. } => DocAddr::Shard { inc, index, gen: 0 },
+        d => d,
     }
 }
 

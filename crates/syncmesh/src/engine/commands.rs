@@ -134,6 +134,10 @@ pub(crate) enum Cmd {
     LiveDocuments {
         reply: oneshot::Sender<Result<(u64, usize)>>,
     },
+    /// The history held by loaded maps.
+    History {
+        reply: oneshot::Sender<Result<Vec<MapHistory>>>,
+    },
     /// Invitations, joins, trust.
     Trust(TrustCmd),
 }
@@ -199,6 +203,24 @@ impl Engine {
                 let bytes = self.catalog.maps().map(MapReplica::live_bytes).sum();
                 let docs = self.catalog.maps().map(MapReplica::live_shards).sum();
                 let _ = reply.send(Ok((bytes, docs)));
+            }
+            Cmd::History { reply } => {
+                let out = self
+                    .catalog
+                    .maps_mut()
+                    .map(|m| {
+                        let shards = m.live_history();
+                        MapHistory {
+                            sid: m.sid().clone(),
+                            name: m.unique_name().map(str::to_string),
+                            generation: shards.iter().map(|(_, h)| h.gen).max().unwrap_or(0),
+                            shards: shards.len(),
+                            ops: shards.iter().map(|(_, h)| h.ops).sum(),
+                            slots: shards.iter().map(|(_, h)| h.slots).sum(),
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(Ok(out));
             }
             Cmd::Shutdown { reply } => self.shutdown = Some(reply),
             Cmd::Trust(c) => self.on_trust_cmd(c, now),

@@ -25,6 +25,56 @@ impl Engine {
         }
     }
 
+    /// Cuts the history of loaded shard documents holding more than [`Engine::history`]
+    /// beyond their live items: at once without a network; with one, only while every
+    /// trusted peer is connected, and then where the connected peers agree on the shard
+    /// (`Input::Cut`). What a cut changes is committed with the next batch.
+    pub(super) fn cut_history(&mut self, now: Timestamp) {
+        let history = self.history;
+        let wanted: Vec<(MapSid, Vec<u16>)> = self
+            .catalog
+            .maps_mut()
+            .filter_map(|m| {
+                let shards = m.shards_with_history(history);
+                (!shards.is_empty()).then(|| (m.sid().clone(), shards))
+            })
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        let Some(n) = &self.net else {
+            for (sid, shards) in wanted {
+                let Some(m) = self.catalog.by_sid(&sid) else {
+                    continue;
+                };
+                for index in shards {
+                    if let Err(e) = m.cut_shard(index, None, now) {
+                        tracing::warn!(map = %sid, "cutting shard {index}'s history failed: {e}");
+                    }
+                }
+                self.dirty.insert(sid);
+            }
+            return;
+        };
+        let away: Vec<String> = self
+            .trust
+            .trusted()
+            .iter()
+            .filter(|r| !n.peers.contains_key(&r.peer_id))
+            .map(|r| r.peer_id.clone())
+            .collect();
+        if !away.is_empty() {
+            tracing::debug!(
+                "history not cut while trusted peers are away ({})",
+                away.join(", ")
+            );
+            return;
+        }
+        for (sid, shards) in wanted {
+            self.drive(syncmesh_core::replication::Input::Cut { sid, shards }, now);
+        }
+    }
+
     /// Parks shard documents no command touched since the previous round.
     pub(super) fn park_idle(&mut self, now: Timestamp) {
         self.next_park = std::time::Instant::now() + PARK_PERIOD;

@@ -13,6 +13,7 @@ pub struct NodeBuilder {
     subscriber_buffer: Option<usize>,
     fetch_timeout: Option<std::time::Duration>,
     document_budget: Option<u64>,
+    history: Option<u64>,
     listen: Vec<Multiaddr>,
     peers: Vec<Multiaddr>,
     mdns: Option<bool>,
@@ -125,6 +126,16 @@ impl NodeBuilder {
         self
     }
 
+    /// How much history a shard document of a map keeps, in Automerge operations beyond those
+    /// of its live items (default 64; it may always keep as many as its live items hold):
+    /// past it the history is cut (see "History" in `docs/semantics.md`), so memory and disk
+    /// follow the live data rather than the number of writes. A node with peers cuts only
+    /// while every peer it trusts is connected and all agree on the shard's state.
+    pub fn history(mut self, ops: u64) -> Self {
+        self.history = Some(ops);
+        self
+    }
+
     /// Trust this peer (every map, read and write) for as long as this node runs; not stored
     /// (use [`Node::trust`] or an invitation for trust that survives restarts). A node
     /// exchanges maps only with peers it trusts.
@@ -224,6 +235,7 @@ impl NodeBuilder {
             self.fetch_timeout.unwrap_or(crate::engine::FETCH_TIMEOUT),
             self.document_budget
                 .unwrap_or(crate::engine::DOCUMENT_BUDGET),
+            self.history.unwrap_or(crate::engine::DEFAULT_HISTORY),
         )
     }
 }

@@ -98,6 +98,7 @@ impl Node {
         subscriber_buffer: usize,
         fetch_timeout: std::time::Duration,
         document_budget: u64,
+        history: u64,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
@@ -142,8 +143,9 @@ impl Node {
         });
         let handle = net.as_ref().map(|(h, _)| h.clone());
         let net = net.map(|(h, rx)| Net::new(h, rx, hold_all, fetch_timeout));
-        let engine =
-            Engine::new(identity, shared.clone(), net, book)?.document_budget(document_budget);
+        let engine = Engine::new(identity, shared.clone(), net, book)?
+            .document_budget(document_budget)
+            .history(history);
         let (cmds, rx) = mpsc::channel(COMMAND_QUEUE);
         let thread = std::thread::Builder::new()
             .name("syncmesh-engine".into())
@@ -371,6 +373,11 @@ impl Node {
         self.call(|reply| Cmd::LiveDocuments { reply }).await
     }
 
+    /// The history each loaded map holds in memory ([`NodeBuilder::history`] bounds it).
+    pub async fn history(&self) -> Result<Vec<MapHistory>> {
+        self.call(|reply| Cmd::History { reply }).await
+    }
+
     /// Commits everything queued, stops the engine and waits for it. Every clone of this
     /// node and every [`Map`] handle sees [`Error::Closed`] afterwards.
     pub async fn close(self) -> Result<()> {
@@ -418,4 +425,21 @@ where
     let h = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
     h.spawn(f);
     Ok(())
+}
+
+/// The history one loaded map holds in memory ([`Node::history`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapHistory {
+    /// The map.
+    pub sid: MapSid,
+    /// Its unique name, if it has one.
+    pub name: Option<String>,
+    /// The highest history generation of its shards in memory (0: never cut).
+    pub generation: u64,
+    /// Its shard documents in memory.
+    pub shards: usize,
+    /// Automerge operations they hold, history included.
+    pub ops: u64,
+    /// Slots they show now (what a cut brings the operations back to).
+    pub slots: u64,
 }
