@@ -11,7 +11,9 @@
 //! `cargo build --release -p syncmesh-cli` first, or `SYNCMESH_BIN=<path>`), peered over
 //! libp2p with `--trust-all` on 127.0.0.1, and the writer goes through their HTTP API too
 //! (form-encoded `POST .../Items` then `POST .../Items/<key>`, one keep-alive connection per
-//! node): the setup of issue 18's measurement.
+//! node): the setup of issue 18's measurement, and of issue 17's soak: each daemon's RSS and
+//! data directory are sampled every 10 s, and their second-half slopes printed
+//! (`cargo bench -p syncmesh-server --bench sse -- processes 600`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench code: a panic is the report
 
@@ -98,6 +100,77 @@ async fn subscribe(addr: std::net::SocketAddr, until: Instant) -> Vec<u64> {
             }
             Err(_) => partial = line,
         }
+    }
+}
+
+/// A process's resident memory (VmRSS), in bytes; 0 if unknown.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Disk blocks taken by the files under `dir`.
+fn tree_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => tree_bytes(&e.path()),
+                    Ok(m) => m.blocks() * 512,
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Per node: RSS and disk at the start, half way and the end, and their slopes over the
+/// second half (least squares over its samples), in MB and MB/min.
+fn soak_report(samples: &[(f64, Vec<(u64, u64)>)]) {
+    let Some((end, _)) = samples.last() else {
+        return;
+    };
+    let half: Vec<&(f64, Vec<(u64, u64)>)> =
+        samples.iter().filter(|(t, _)| *t >= end / 2.0).collect();
+    let slope = |pts: &[(f64, f64)]| {
+        let n = pts.len() as f64;
+        let (mx, my) = (
+            pts.iter().map(|p| p.0).sum::<f64>() / n,
+            pts.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let num: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let den: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        if den > 0.0 {
+            num / den
+        } else {
+            0.0
+        }
+    };
+    for node in 0..NODES {
+        let mb = |v: u64| v as f64 / 1e6;
+        let at = |i: usize| samples[i].1[node];
+        let mid = half.first().map_or((0, 0), |s| s.1[node]);
+        let rss: Vec<(f64, f64)> = half.iter().map(|(t, r)| (*t, mb(r[node].0))).collect();
+        let disk: Vec<(f64, f64)> = half.iter().map(|(t, r)| (*t, mb(r[node].1))).collect();
+        println!(
+            "  node {node}: RSS {:.1} -> {:.1} -> {:.1} MB, second-half slope {:.2} MB/min; disk {:.1} -> {:.1} -> {:.1} MB, slope {:.2} MB/min",
+            mb(at(0).0),
+            mb(mid.0),
+            mb(at(samples.len() - 1).0),
+            slope(&rss),
+            mb(at(0).1),
+            mb(mid.1),
+            mb(at(samples.len() - 1).1),
+            slope(&disk)
+        );
     }
 }
 
@@ -214,10 +287,13 @@ async fn daemons(dirs: &[tempfile::TempDir]) -> (Daemons, Vec<std::net::SocketAd
     let mut conns = Vec::new();
     for a in &addrs {
         loop {
-            assert!(
-                Instant::now() < deadline,
-                "a daemon did not start (see its log)"
-            );
+            if Instant::now() >= deadline {
+                for d in dirs {
+                    let log = std::fs::read_to_string(d.path().join("log")).unwrap_or_default();
+                    eprintln!("--- {}:\n{log}", d.path().display());
+                }
+                panic!("a daemon did not start (its log above)");
+            }
             if tokio::net::TcpStream::connect(a).await.is_ok() {
                 break;
             }
@@ -278,7 +354,30 @@ fn main() {
             for a in &addrs {
                 conns.push(Http::connect(*a).await);
             }
+            // Each daemon's RSS and data directory, every 10 s while the load runs.
+            let pids: Vec<u32> = daemons.0.iter().map(std::process::Child::id).collect();
+            let paths: Vec<std::path::PathBuf> =
+                dirs.iter().map(|d| d.path().to_path_buf()).collect();
+            let sampler = tokio::spawn(async move {
+                let start = Instant::now();
+                let mut samples: Vec<(f64, Vec<(u64, u64)>)> = Vec::new();
+                loop {
+                    let at = start.elapsed().as_secs_f64() / 60.0;
+                    let row = pids
+                        .iter()
+                        .zip(&paths)
+                        .map(|(pid, dir)| (rss_bytes(*pid), tree_bytes(dir)))
+                        .collect();
+                    samples.push((at, row));
+                    if start.elapsed() >= Duration::from_secs(secs) {
+                        return samples;
+                    }
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            });
             measure("4 daemon processes", &addrs, Writer::Http(conns), secs).await;
+            let samples = sampler.await.unwrap();
+            soak_report(&samples);
             drop(daemons);
             return;
         }

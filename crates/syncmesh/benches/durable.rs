@@ -165,6 +165,25 @@ struct Fill {
     compact_secs: f64,
 }
 
+/// A closed store's bytes per table, values then the pages around them, each divided by
+/// `per` and shown with `digits` decimals.
+fn table_parts(dir: &std::path::Path, per: f64, digits: usize) -> Vec<String> {
+    let store = syncmesh_store::Store::open(dir, syncmesh_store::StoreOptions::default()).unwrap();
+    store
+        .table_bytes()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, stored, _)| *stored > 0)
+        .map(|(name, stored, pages)| {
+            format!(
+                "{name} {:.digits$}+{:.digits$}",
+                stored as f64 / per,
+                pages as f64 / per
+            )
+        })
+        .collect()
+}
+
 /// Issue 17's overwrite run on one node: `keys` items written once, then `rounds` more times
 /// each (64 writers); disk after `Node::compact` and heap, after the first round and at the end.
 async fn overwrite(keys: usize, rounds: usize) {
@@ -188,6 +207,20 @@ async fn overwrite(keys: usize, rounds: usize) {
         for t in tasks {
             t.await.unwrap();
         }
+        if round == rounds {
+            // Cuts run every few seconds: let the last round's history be cut (at most 30 s).
+            let settled = || async {
+                node.history()
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|h| h.ops <= h.slots * 2 + 64 * h.shards as u64)
+            };
+            let start = std::time::Instant::now();
+            while !settled().await && start.elapsed() < std::time::Duration::from_secs(30) {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
         if round == 0 || round == rounds {
             node.compact().await.unwrap();
             at.push((round, dir_bytes(dir.path()), heap()));
@@ -202,6 +235,11 @@ async fn overwrite(keys: usize, rounds: usize) {
         );
     }
     node.close().await.unwrap();
+    // Where the bytes are at the end: stored bytes per table.
+    println!(
+        "  per table, MB stored + pages: {}",
+        table_parts(dir.path(), 1e6, 2).join(", ")
+    );
 }
 
 async fn open_time(label: &str, maps: usize, items: usize) {
@@ -223,22 +261,7 @@ async fn open_time(label: &str, maps: usize, items: usize) {
     );
     {
         // Where the bytes are: per table, keys and values, then the pages around them.
-        let store =
-            syncmesh_store::Store::open(dir.path(), syncmesh_store::StoreOptions::default())
-                .unwrap();
-        let parts: Vec<String> = store
-            .table_bytes()
-            .unwrap()
-            .into_iter()
-            .filter(|(_, stored, _)| *stored > 0)
-            .map(|(name, stored, pages)| {
-                format!(
-                    "{name} {:.0}+{:.0}",
-                    stored as f64 / n as f64,
-                    pages as f64 / n as f64
-                )
-            })
-            .collect();
+        let parts = table_parts(dir.path(), n as f64, 0);
         println!(
             "  {label}: bytes/item per table (data+pages): {}",
             parts.join(", ")

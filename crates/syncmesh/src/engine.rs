@@ -51,7 +51,7 @@ const EVENT_ID_BLOCK: u64 = 4096;
 const COMPACT_AFTER_CHANGES: u32 = 1000;
 /// Operations of history a shard document may hold beyond its live state (and at least as
 /// many as that state holds) before its history is cut ([`crate::NodeBuilder::history`]).
-pub(crate) const DEFAULT_HISTORY: u64 = 64;
+pub(crate) const DEFAULT_HISTORY: u64 = 16;
 /// Bytes of stored changes of one document after which it is replaced by a snapshot, however
 /// few they are (a log of large changes would otherwise grow to 1,000 of them).
 const COMPACT_AFTER_BYTES: u64 = 1 << 20;

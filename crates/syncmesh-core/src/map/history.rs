@@ -261,15 +261,10 @@ impl MapReplica {
     /// slots, and at least as many as those (so a shard's history may always be as large as
     /// its state): the shards to cut.
     pub fn shards_with_history(&mut self, history: u64) -> Vec<u16> {
-        self.shards
-            .iter_mut()
-            .filter_map(|(i, sh)| {
-                let Body::Live(doc) = &sh.body else {
-                    return None;
-                };
-                let slots = doc.length(ROOT) as u64;
-                (sh.ops > slots + history.max(slots)).then_some(*i)
-            })
+        self.live_history()
+            .into_iter()
+            .filter(|(_, h)| h.ops > h.slots + history.max(h.slots))
+            .map(|(i, _)| i)
             .collect()
     }
 

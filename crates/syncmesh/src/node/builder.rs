@@ -127,7 +127,7 @@ impl NodeBuilder {
     }
 
     /// How much history a shard document of a map keeps, in Automerge operations beyond those
-    /// of its live items (default 64; it may always keep as many as its live items hold):
+    /// of its live items (default 16; it may always keep as many as its live items hold):
     /// past it the history is cut (see "History" in `docs/semantics.md`), so memory and disk
     /// follow the live data rather than the number of writes. A node with peers cuts only
     /// while every peer it trusts is connected and all agree on the shard's state.
