@@ -70,6 +70,8 @@ pub struct Config {
     pub fetch_timeout: Option<u64>,
     /// Megabytes of memory for live Automerge documents (least recently used ones are parked).
     pub document_budget: Option<u64>,
+    /// Operations of history a shard document keeps before it is cut (unset: never cut).
+    pub history: Option<u64>,
     /// What clients may take of the node (`[limits]`).
     #[serde(default)]
     pub limits: LimitArgs,
@@ -244,6 +246,7 @@ impl Config {
             limits: self.limits.overridden_by(flags.limits),
             fetch_timeout: flags.fetch_timeout.or(self.fetch_timeout),
             document_budget: flags.document_budget.or(self.document_budget),
+            history: flags.history.or(self.history),
         }
     }
 }
@@ -353,6 +356,9 @@ pub async fn run(cfg: Config, ready_file: Option<PathBuf>) -> anyhow::Result<()>
             bail!("--document-budget must be at least 1 (MB)");
         }
         builder = builder.document_budget(mb.saturating_mul(1024 * 1024));
+    }
+    if let Some(ops) = cfg.history {
+        builder = builder.history(ops);
     }
     if let Some(b) = cfg.limits.subscriber_buffer {
         if b == 0 {

@@ -266,6 +266,11 @@ struct NodeArgs {
     /// recently used are parked as their saved bytes and reloaded on use [default: 64].
     #[arg(long, value_name = "MB")]
     document_budget: Option<u64>,
+    /// Cut a shard document's history once it holds this many Automerge operations beyond its
+    /// live items (16 keeps memory and disk near the live data); not set: history is kept
+    /// (for now: see "History" in docs/semantics.md).
+    #[arg(long, value_name = "OPS")]
+    history: Option<u64>,
     /// Write {"http_addr", "node_id", "data_dir"} as JSON to this file once serving.
     #[arg(long, value_name = "FILE")]
     ready_file: Option<PathBuf>,
@@ -299,6 +304,7 @@ impl NodeArgs {
             limits: self.limits.clone(),
             fetch_timeout: self.fetch_timeout,
             document_budget: self.document_budget,
+            history: self.history,
         }))
     }
 }

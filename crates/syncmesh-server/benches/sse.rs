@@ -271,7 +271,13 @@ async fn daemons(dirs: &[tempfile::TempDir]) -> (Daemons, Vec<std::net::SocketAd
             .arg(d.path())
             .args(["--http", &http.to_string()])
             .args(["--listen", &format!("/ip4/127.0.0.1/tcp/{}", p2p[i])])
-            .args(["--trust-all", "--no-mdns", "--hold-all-maps"])
+            .args([
+                "--trust-all",
+                "--no-mdns",
+                "--hold-all-maps",
+                "--history",
+                "16",
+            ])
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(d.path().join("log")).unwrap());
         if i > 0 {

@@ -188,7 +188,12 @@ fn table_parts(dir: &std::path::Path, per: f64, digits: usize) -> Vec<String> {
 /// each (64 writers); disk after `Node::compact` and heap, after the first round and at the end.
 async fn overwrite(keys: usize, rounds: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::open(dir.path()).await.unwrap();
+    let node = Node::builder()
+        .data_dir(dir.path())
+        .history(16)
+        .open()
+        .await
+        .unwrap();
     let m = node.map("users").await.unwrap();
     let mut at = Vec::new();
     for round in 0..=rounds {

@@ -49,9 +49,6 @@ const MAX_QUEUED_BYTES: usize = 32 << 20;
 const EVENT_ID_BLOCK: u64 = 4096;
 /// Stored changes of one document after which it is replaced by a snapshot.
 const COMPACT_AFTER_CHANGES: u32 = 1000;
-/// Operations of history a shard document may hold beyond its live state (and at least as
-/// many as that state holds) before its history is cut ([`crate::NodeBuilder::history`]).
-pub(crate) const DEFAULT_HISTORY: u64 = 16;
 /// Bytes of stored changes of one document after which it is replaced by a snapshot, however
 /// few they are (a log of large changes would otherwise grow to 1,000 of them).
 const COMPACT_AFTER_BYTES: u64 = 1 << 20;
@@ -217,8 +214,9 @@ pub(crate) struct Engine {
     /// Use marks taken at the last parking round, per map.
     park_marks: HashMap<MapSid, u64>,
     next_park: std::time::Instant,
-    /// History a shard document keeps before it is cut ([`DEFAULT_HISTORY`]).
-    history: u64,
+    /// History a shard document keeps before it is cut ([`crate::NodeBuilder::history`];
+    /// `None`: never cut).
+    history: Option<u64>,
     next_history_check: std::time::Instant,
     /// Memory for live shard documents, all maps together.
     budget: u64,
@@ -325,7 +323,7 @@ impl Engine {
             park_marks: HashMap::new(),
             next_park: std::time::Instant::now() + PARK_PERIOD,
             budget: DOCUMENT_BUDGET,
-            history: DEFAULT_HISTORY,
+            history: None,
             next_history_check: std::time::Instant::now() + HISTORY_CHECK,
             next_budget_check: std::time::Instant::now(),
             budget_marks: HashMap::new(),
@@ -488,8 +486,8 @@ impl Engine {
         self
     }
 
-    /// Sets the history a shard document keeps before it is cut.
-    pub(crate) fn history(mut self, ops: u64) -> Self {
+    /// Sets the history a shard document keeps before it is cut (`None`: never cut).
+    pub(crate) fn history(mut self, ops: Option<u64>) -> Self {
         self.history = ops;
         self
     }

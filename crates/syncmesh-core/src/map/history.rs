@@ -19,9 +19,11 @@ pub struct ShardHistory {
     pub gen: u64,
     /// Operations it holds, history included.
     pub ops: u64,
-    /// Root slots it shows now (an item's meta record, whole value and updated fields): what
-    /// a cut brings the operations back to, plus one for the cut record.
+    /// Root slots it shows now (an item's meta record, whole value and updated fields).
     pub slots: u64,
+    /// Operations its current generation began with (its state's own, nested values
+    /// included): what a cut brings the operations back to.
+    pub base: u64,
 }
 
 /// Which of a shard slot's concurrent values a new generation writes as the winner: the one
@@ -115,6 +117,11 @@ impl MapReplica {
         let Some(theirs) = generation::CutRecord::of(doc) else {
             return Ok(()); // its first changes are not here yet
         };
+        // All of its first changes, and the generation it was addressed as: until then the
+        // changes carried onto it would stand on other dependencies than elsewhere.
+        if generation::gen_id(doc) != gen {
+            return Ok(());
+        }
         self.flush_shard(index, now)?;
         let current = self.shard_gen(index)?;
         let ours = self
@@ -182,6 +189,7 @@ impl MapReplica {
         let of_shard = |d: &DocAddr| matches!(d, DocAddr::Shard { index: i, .. } if *i == index);
         let sh = self.shard_mut(index);
         sh.ops = crate::am::op_count(&target);
+        sh.base_ops = Some(sh.ops);
         sh.body = Body::Live(Box::new(target));
         sh.fields = None;
         sh.cold_heads = None;
@@ -251,6 +259,7 @@ impl MapReplica {
                         gen: generation::gen_number(gen),
                         ops: sh.ops,
                         slots,
+                        base: sh.base_ops.unwrap_or(slots),
                     },
                 ))
             })
@@ -263,7 +272,7 @@ impl MapReplica {
     pub fn shards_with_history(&mut self, history: u64) -> Vec<u16> {
         self.live_history()
             .into_iter()
-            .filter(|(_, h)| h.ops > h.slots + history.max(h.slots))
+            .filter(|(_, h)| h.ops > h.base.max(h.slots) + history.max(h.slots))
             .map(|(i, _)| i)
             .collect()
     }
@@ -276,10 +285,12 @@ impl MapReplica {
         };
         let gen = generation::gen_number(sh.generation()?);
         let doc = sh.doc()?;
+        let slots = doc.length(ROOT) as u64;
         Ok(Some(ShardHistory {
             gen,
             ops: crate::am::op_count(doc),
-            slots: doc.length(ROOT) as u64,
+            slots,
+            base: sh.base_ops.unwrap_or(slots),
         }))
     }
 
@@ -343,6 +354,7 @@ impl MapReplica {
             }
         });
         sh.ops = crate::am::op_count(&new);
+        sh.base_ops = Some(sh.ops);
         let id = generation::gen_id(&new);
         // Carried changes are new to peers: they go out like writes.
         let carried: Vec<Vec<u8>> = crate::am::all_changes(&new)
@@ -580,6 +592,44 @@ mod tests {
         }
         assert!(a.take_received().is_empty());
         assert_eq!(a.get("k", t(15)).unwrap().data["v"], "late");
+    }
+
+    #[test]
+    fn a_shard_of_nested_values_is_not_cut_again_until_it_holds_new_history() {
+        let mut a = replica(1);
+        let opts = WriteOptions::default();
+        let tags: Vec<u32> = (0..40).collect();
+        for r in 0..20 {
+            a.update(
+                "k",
+                obj(serde_json::json!({ "tags": tags, "r": r })),
+                &opts,
+                t(r),
+            )
+            .unwrap();
+            a.flush(t(r)).unwrap();
+        }
+        a.take_outgoing();
+        let index = layout::shard_of("k");
+        assert_eq!(a.shards_with_history(16), vec![index]);
+        assert!(a.cut_shard(index, None, t(30)).unwrap().is_some());
+        // The nested values' own operations are the new generation's state, not history.
+        assert!(
+            a.shards_with_history(16).is_empty(),
+            "{:?}",
+            a.live_history()
+        );
+        for r in 0..20 {
+            a.update(
+                "k",
+                obj(serde_json::json!({ "r": r + 100 })),
+                &opts,
+                t(40 + r),
+            )
+            .unwrap();
+            a.flush(t(40 + r)).unwrap();
+        }
+        assert_eq!(a.shards_with_history(16), vec![index], "new history counts");
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub(super) struct Shard {
     /// The document's history generation ([`crate::generation`]), once known: read from its
     /// genesis when it is first loaded.
     pub(super) gen: Option<u64>,
+    /// Operations the document held when it became this generation or was loaded (what
+    /// history is counted from); `None` for a document never cut nor loaded.
+    pub(super) base_ops: Option<u64>,
 }
 
 impl Shard {
@@ -112,6 +115,7 @@ impl Shard {
             cold_heads: None,
             fields: None,
             gen: None,
+            base_ops: None,
         }
     }
 
@@ -137,6 +141,9 @@ impl Shard {
             let d = stored.load(&self.actor, "shard document")?;
             self.ops = crate::am::op_count(&d);
             self.gen = Some(crate::generation::gen_id(&d));
+            if self.gen != Some(0) {
+                self.base_ops.get_or_insert(self.ops);
+            }
             self.body = Body::Live(Box::new(d));
         }
         match &mut self.body {

@@ -80,6 +80,8 @@ pub(crate) struct PeerState {
     pub(crate) their_docs: HashMap<MapSid, Vec<(DocAddr, u64)>>,
     /// The peer's latest digest of each map it holds (from its Hello).
     pub(crate) their_digest: HashMap<MapSid, u64>,
+    /// Whether its Hello (the maps it holds) has come on this connection.
+    pub(crate) greeted: bool,
     /// Maps whose unsigned changes' signatures were asked of the peer on this connection.
     pub(crate) asked_sigs: BTreeSet<MapSid>,
     /// Maps whose [`Wire::Sigs`](super::Wire::Sigs) answer is awaited from the peer (one answer per ask).

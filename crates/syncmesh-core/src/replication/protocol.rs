@@ -361,6 +361,7 @@ impl<P: PeerKey> Replicator<P> {
             return out;
         };
         p.hold_all = hold_all;
+        p.greeted = true;
         let grant = p.grant.clone();
         let mut adopted = 0;
         let mut not_here = 0;
@@ -447,6 +448,14 @@ impl<P: PeerKey> Replicator<P> {
         let Some(m) = host.get(sid) else {
             return Vec::new();
         };
+        // A peer whose Hello has not come may hold the map with other heads: no cut yet.
+        if self
+            .peers
+            .values()
+            .any(|p| p.grant.reads(sid) && !p.greeted)
+        {
+            return Vec::new();
+        }
         let (Ok(digest), Ok(ours)) = (m.digest(), m.doc_digests()) else {
             return Vec::new();
         };

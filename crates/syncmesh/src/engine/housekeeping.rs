@@ -30,7 +30,9 @@ impl Engine {
     /// trusted peer is connected, and then where the connected peers agree on the shard
     /// (`Input::Cut`). What a cut changes is committed with the next batch.
     pub(super) fn cut_history(&mut self, now: Timestamp) {
-        let history = self.history;
+        let Some(history) = self.history else {
+            return;
+        };
         let wanted: Vec<(MapSid, Vec<u16>)> = self
             .catalog
             .maps_mut()

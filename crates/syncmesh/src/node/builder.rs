@@ -127,10 +127,13 @@ impl NodeBuilder {
     }
 
     /// How much history a shard document of a map keeps, in Automerge operations beyond those
-    /// of its live items (default 16; it may always keep as many as its live items hold):
-    /// past it the history is cut (see "History" in `docs/semantics.md`), so memory and disk
-    /// follow the live data rather than the number of writes. A node with peers cuts only
-    /// while every peer it trusts is connected and all agree on the shard's state.
+    /// of its live items (it may always keep as many as its live items hold): past it the
+    /// history is cut (see "History" in `docs/semantics.md`), so memory and disk follow the
+    /// live data rather than the number of writes; 16 keeps them close. A node with peers
+    /// cuts only while every peer it trusts is connected and all agree on the shard's state.
+    ///
+    /// Not set, history is kept (the default for now: a crash between a cut and the store
+    /// replacing the shard's document can still lose the writes made in between).
     pub fn history(mut self, ops: u64) -> Self {
         self.history = Some(ops);
         self
@@ -235,7 +238,7 @@ impl NodeBuilder {
             self.fetch_timeout.unwrap_or(crate::engine::FETCH_TIMEOUT),
             self.document_budget
                 .unwrap_or(crate::engine::DOCUMENT_BUDGET),
-            self.history.unwrap_or(crate::engine::DEFAULT_HISTORY),
+            self.history,
         )
     }
 }

@@ -98,7 +98,7 @@ impl Node {
         subscriber_buffer: usize,
         fetch_timeout: std::time::Duration,
         document_budget: u64,
-        history: u64,
+        history: Option<u64>,
     ) -> Result<Node> {
         let stored_id = match store.get_meta("node_id")? {
             Some(b) => Some(NodeId::from_slice(&b).ok_or_else(|| {
