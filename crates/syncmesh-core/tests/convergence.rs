@@ -216,6 +216,12 @@ impl Net {
         }
     }
 
+    /// What each step does after its operation: collect what was sent, deliver some of it.
+    fn round(&mut self, peers: &mut [Peer], rng: &mut Rng, now: Timestamp) {
+        self.collect(peers, rng, now);
+        self.deliver_some(peers, rng, now);
+    }
+
     fn deliver_some(&mut self, peers: &mut [Peer], rng: &mut Rng, now: Timestamp) {
         let n = peers.len();
         for _ in 0..rng.below(6) {
@@ -320,8 +326,7 @@ fn run_case(seed: u64) {
                 written.entry(k).or_default().push(d);
             }
         }
-        net.collect(&mut peers, &mut rng, t(time));
-        net.deliver_some(&mut peers, &mut rng, t(time));
+        net.round(&mut peers, &mut rng, t(time));
     }
     let end = t(time + 200_000);
     heal(&mut peers, &mut net, &mut rng, end);
@@ -365,8 +370,7 @@ fn run_case(seed: u64) {
             {
                 written.entry(k).or_default().push(d);
             }
-            net.collect(&mut peers, &mut rng, t(time));
-            net.deliver_some(&mut peers, &mut rng, t(time));
+            net.round(&mut peers, &mut rng, t(time));
         }
         let end = t(time + 200_000);
         heal(&mut peers, &mut net, &mut rng, end);

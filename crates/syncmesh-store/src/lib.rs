@@ -2210,6 +2210,7 @@ mod tests {
             tx.delete_table(VIEW).unwrap();
             tx.delete_table(FEED).unwrap();
             tx.delete_table(VERSIONS).unwrap();
+            tx.delete_table(FEED_BYTES).unwrap();
             tx.delete_table(MAP_NUMBERS).unwrap();
             tx.commit().unwrap();
         }
@@ -2343,6 +2344,7 @@ mod tests {
             tx.delete_table(VIEW).unwrap();
             tx.delete_table(FEED).unwrap();
             tx.delete_table(VERSIONS).unwrap();
+            tx.delete_table(FEED_BYTES).unwrap();
             tx.delete_table(SNAPSHOTS).unwrap();
             tx.delete_table(CHANGES).unwrap();
             tx.delete_table(SIGS).unwrap();
